@@ -1,0 +1,13 @@
+"""rlloss: fused Triton kernels for the losses of RL post-training of language models.
+
+Public names are exported here and only here; see docs/ for the API and MATH.md-style formulas.
+"""
+from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TokenLogprobs",
+    "logprobs_from_logits",
+    "token_logprobs",
+]

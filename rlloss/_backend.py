@@ -1,0 +1,73 @@
+"""Backend choice shared by every op (see docs/backends.md).
+
+``triton``     the compiled kernels, CUDA tensors only.
+``interpret``  the same kernels under Triton's interpreter (CPU tensors, ``TRITON_INTERPRET=1`` set before
+               rlloss is imported): slow, for tests on machines without a GPU.
+``torch``      the same algorithm in chunked PyTorch: any device, the default off CUDA.
+``reference``  the naive formulas of ``rlloss.reference``: the oracle, float64-capable.
+
+An explicit ``backend=`` argument wins over the ``RLLOSS_BACKEND`` environment variable, which wins over the
+automatic choice from the inputs' device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("triton", "interpret", "torch", "reference")
+ENV_VAR = "RLLOSS_BACKEND"
+
+
+def triton_import_error() -> Optional[str]:
+    """Why the Triton kernels cannot be imported here, or None when they can."""
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError as exc:  # no triton wheel for this platform
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def kernels_interpreted() -> bool:
+    """True when the kernels were built under Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    from . import kernels
+
+    return kernels.INTERPRETED
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """Pick the backend for inputs on ``device`` and check that it can run there.
+
+    Raises:
+        ValueError: unknown backend name, or a backend that cannot run on ``device``.
+        RuntimeError: the Triton kernels cannot be used in this process.
+    """
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    source = "backend=" if backend is not None else f"{ENV_VAR}="
+    if name is None:
+        return "triton" if device.type == "cuda" and triton_import_error() is None else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"{source}{name!r} is not a backend; expected one of {BACKENDS}")
+    if name in ("triton", "interpret"):
+        err = triton_import_error()
+        if err is not None:
+            raise RuntimeError(f"{source}{name!r} needs Triton, which failed to import ({err})")
+        interpreted = kernels_interpreted()
+        if name == "triton":
+            if device.type != "cuda":
+                raise ValueError(f"{source}'triton' needs CUDA tensors, got tensors on {device}")
+            if interpreted:
+                raise RuntimeError(
+                    f"{source}'triton' cannot run: TRITON_INTERPRET=1 was set when rlloss was imported, "
+                    "so the kernels were built for the interpreter"
+                )
+        else:
+            if device.type != "cpu":
+                raise ValueError(f"{source}'interpret' runs on CPU tensors, got tensors on {device}")
+            if not interpreted:
+                raise RuntimeError(
+                    f"{source}'interpret' needs TRITON_INTERPRET=1 in the environment before rlloss is "
+                    "imported (Triton decides at import whether its kernels are interpreted)"
+                )
+    return name

@@ -1,0 +1,65 @@
+"""Host-side input checks shared by every op: each error names the argument, what was expected and what
+was given, and is raised before anything is launched."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def dtype_in(name: str, x: Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if x.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in ({_names(allowed)}), got {str(x.dtype).replace('torch.', '')}")
+
+
+def ndim(name: str, x: Tensor, expected: int, shape_doc: str) -> None:
+    if x.ndim != expected:
+        raise ValueError(f"{name} must be {expected}-D {shape_doc}, got shape {tuple(x.shape)}")
+
+
+def same_device(**tensors: Optional[Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def positive_finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Every target in [0, V) or equal to ignore_index (one host sync)."""
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if targets.numel() and bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(
+            f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"{int(bad.sum())} do not, e.g. {first}"
+        )

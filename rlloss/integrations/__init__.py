@@ -1,0 +1,1 @@
+"""Integrations with trainers and model libraries (transformers, TRL, verl)."""

@@ -1,0 +1,24 @@
+"""Packaging for rlloss.
+
+The top-level folder ``kernels/`` holds the Triton device code and is installed as the subpackage
+``rlloss.kernels``, so no top-level module named ``kernels`` is installed.
+"""
+from setuptools import setup
+
+setup(
+    name="rlloss",
+    version="0.1.0",
+    description="Fused Triton kernels for the losses of RL post-training of language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["rlloss", "rlloss.integrations", "rlloss.kernels"],
+    package_dir={"rlloss.kernels": "kernels"},
+    # Triton ships Linux wheels only; elsewhere the torch backend runs.
+    install_requires=["torch>=2.4", "numpy", "triton>=3.2; platform_system == 'Linux'"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.56"],
+        "bench": ["pytest-benchmark>=4"],
+    },
+    license="Apache-2.0",
+)

@@ -1,0 +1,29 @@
+"""Test set-up: without CUDA, kernel tests run through Triton's interpreter.
+
+TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before rlloss is imported, so it is set
+here at collection time. Kernel tests then use the ``interpret`` backend on CPU and ``triton`` on CUDA.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# The backend that runs the Triton kernels on this machine.
+KERNEL_BACKEND = "triton" if HAS_CUDA else "interpret"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
