@@ -63,3 +63,11 @@ def token_logprobs(
     hidden = torch.where(valid, hidden, torch.zeros((), dtype=hidden.dtype))
     logits = logits_from_hidden(hidden, weight, bias, temperature=temperature, softcap=softcap)
     return logprobs_from_logits(logits, targets, ignore_index=ignore_index)
+
+
+# --- MATH.md §2: group advantages ---------------------------------------------------------------------
+# (advantages section: owned by the group_advantages work)
+
+
+# --- MATH.md §3–§6: ratios, policy losses, KL, rollout correction, aggregation ---------------------------
+# (policy section: owned by the policy_loss work)
