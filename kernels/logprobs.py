@@ -317,12 +317,32 @@ def _num_programs_target(device: torch.device) -> int:
     return 4
 
 
-def _linear_blocks(dtype: torch.dtype, device: torch.device) -> dict:
-    if device.type != "cuda":  # the interpreter: big blocks mean fewer (slow) Python-level steps
-        return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+# Block shapes per kernel. The backward kernels read-modify-write a float32 accumulator slice of D once per
+# inner tile, so their arithmetic intensity is about (inner block)/2 FLOP per byte: the dimension they loop
+# over (vocabulary for dhidden, tokens for dweight) gets the wide block. Untuned on hardware yet; see
+# docs/design/logprobs.md.
+_GPU_BLOCKS_16BIT = {
+    "stats": dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
+    "grad_hidden": dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64, num_warps=8, num_stages=2),
+    "grad_weight": dict(BLOCK_N=256, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=2),
+}
+_GPU_BLOCKS_FP32 = {
+    "stats": dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
+    "grad_hidden": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=32, num_warps=4, num_stages=2),
+    "grad_weight": dict(BLOCK_N=128, BLOCK_V=32, BLOCK_D=32, num_warps=4, num_stages=2),
+}
+# Under the interpreter each block step is a Python-level numpy call: large blocks mean fewer steps.
+_INTERPRETER_BLOCKS = {
+    "stats": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64),
+    "grad_hidden": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64),
+    "grad_weight": dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64),
+}
+
+
+def _linear_blocks(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return _INTERPRETER_BLOCKS[kernel]
+    return (_GPU_BLOCKS_FP32 if dtype == torch.float32 else _GPU_BLOCKS_16BIT)[kernel]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -355,7 +375,7 @@ def linear_stats(
     """
     N, D = hidden.shape
     V = weight.shape[0]
-    cfg = _linear_blocks(hidden.dtype, hidden.device)
+    cfg = _linear_blocks("stats", hidden.dtype, hidden.device)
     n_row_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     if vocab_splits is None:
@@ -374,9 +394,11 @@ def linear_stats(
     return stats
 
 
-def _slabs(total: int, row_bytes: int, min_rows: int):
-    """Row ranges [begin, end) whose float32 scratch fits GRAD_SCRATCH_BYTES (at least min_rows each)."""
-    step = max(min_rows, (GRAD_SCRATCH_BYTES // row_bytes) // min_rows * min_rows)
+def _slabs(total: int, row_bytes: int, block_rows: int, device: torch.device):
+    """Row ranges [begin, end) whose float32 scratch fits GRAD_SCRATCH_BYTES, but never fewer rows than one
+    wave of programs (a slab that leaves SMs idle costs more time than its scratch saves memory)."""
+    min_rows = block_rows * max(1, _num_programs_target(device) // 2)
+    step = max(min_rows, (GRAD_SCRATCH_BYTES // row_bytes) // block_rows * block_rows)
     return [(b, min(total, b + step)) for b in range(0, total, step)]
 
 
@@ -384,14 +406,14 @@ def _accumulate_rows(out: torch.Tensor, block_rows: int, launch) -> None:
     """Run ``launch(begin, end, buffer)`` over row slabs of ``out`` with a float32 accumulator.
 
     A float32 contiguous ``out`` is accumulated in place; otherwise each slab is accumulated in a bounded
-    float32 scratch and cast once into ``out``.
+    float32 scratch (see _slabs) and cast once into ``out``.
     """
     total, width = out.shape
     if out.dtype == torch.float32 and out.is_contiguous():
         out.zero_()
         launch(0, total, out)
         return
-    slabs = _slabs(total, 4 * width, block_rows)
+    slabs = _slabs(total, 4 * width, block_rows, out.device)
     scratch = torch.empty((slabs[0][1] - slabs[0][0], width), dtype=torch.float32, device=out.device)
     for begin, end in slabs:
         buf = scratch[: end - begin]
@@ -424,7 +446,6 @@ def linear_backward(
     """
     N, D = hidden.shape
     V = weight.shape[0]
-    cfg = _linear_blocks(hidden.dtype, hidden.device)
     dummy = lse
     common = dict(
         ignore_index=ignore_index,
@@ -435,7 +456,6 @@ def linear_backward(
         HAS_LOGP_GRAD=grad_logprobs is not None,
         HAS_ENTROPY_GRAD=grad_entropy is not None,
         DOT_PRECISION=_dot_precision(hidden.dtype),
-        **cfg,
     )
     args = (
         hidden, weight, bias if bias is not None else dummy, targets, lse, mean_logit,
@@ -445,27 +465,29 @@ def linear_backward(
     grad_hidden = grad_weight = grad_bias = None
     if need_hidden:
         grad_hidden = torch.empty_like(hidden)
+        cfg_dh = _linear_blocks("grad_hidden", hidden.dtype, hidden.device)
 
         def launch_dh(begin, end, buf):
-            grid = (triton.cdiv(end - begin, cfg["BLOCK_N"]),)
+            grid = (triton.cdiv(end - begin, cfg_dh["BLOCK_N"]),)
             _linear_grad_hidden_kernel[grid](
-                *args, buf, begin, end, V, D, hidden.stride(0), weight.stride(0), **common
+                *args, buf, begin, end, V, D, hidden.stride(0), weight.stride(0), **common, **cfg_dh
             )
 
-        _accumulate_rows(grad_hidden, cfg["BLOCK_N"], launch_dh)
+        _accumulate_rows(grad_hidden, cfg_dh["BLOCK_N"], launch_dh)
     if need_weight or need_bias:
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.empty((V,), dtype=torch.float32, device=hidden.device) if need_bias else dummy
+        cfg_dw = _linear_blocks("grad_weight", hidden.dtype, hidden.device)
 
         def launch_dw(begin, end, buf):
-            grid = (triton.cdiv(end - begin, cfg["BLOCK_V"]),)
+            grid = (triton.cdiv(end - begin, cfg_dw["BLOCK_V"]),)
             _linear_grad_weight_kernel[grid](
                 *args, buf, grad_bias, begin, end, N, D, hidden.stride(0), weight.stride(0),
-                COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, **common,
+                COMPUTE_DW=need_weight, COMPUTE_DB=need_bias, **common, **cfg_dw,
             )
 
         if need_weight:
-            _accumulate_rows(grad_weight, cfg["BLOCK_V"], launch_dw)
+            _accumulate_rows(grad_weight, cfg_dw["BLOCK_V"], launch_dw)
         else:  # bias only: one pass over every vocabulary row, nothing to accumulate into
             launch_dw(0, V, dummy)
         if not need_bias:
