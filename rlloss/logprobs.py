@@ -201,51 +201,78 @@ def _kernels():
     return kernels
 
 
+class LinearSaved(NamedTuple):
+    """What the backward of the hidden-state path needs: the inputs (no copies) and two floats per token."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    targets: Tensor
+    lse: Tensor
+    mean_logit: Tensor
+
+
+def linear_forward(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, backend):
+    """(logprobs, entropy, saved) for hidden [N, D], weight [V, D], targets [N], outside autograd.
+
+    Shared by the autograd function below and by fused losses that feed their own upstream gradients
+    into :func:`linear_backward` (no second autograd graph).
+    """
+    live = targets != ignore_index
+    if hidden.shape[0] == 0:
+        stats = torch.zeros((4, 1, 0), dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+    elif backend == "torch":
+        stats = _torch_linear_stats(hidden, weight, bias, targets, live, 1.0 / temperature, softcap)
+    else:
+        stats = _kernels().linear_stats(hidden, weight, bias, targets, ignore_index=ignore_index,
+                                        temperature=temperature, softcap=softcap)
+    logprobs, entropy, lse, mean_logit = _finalize(stats, live)
+    return logprobs, entropy, LinearSaved(hidden, weight, bias, targets, lse, mean_logit)
+
+
+def linear_backward(saved: LinearSaved, g_logp, g_ent, needs, *, temperature, softcap, ignore_index, backend):
+    """(dhidden, dweight, dbias) in the inputs' dtypes for upstream gradients of the log-probs and the
+    entropy (None = zero); ``needs`` says which of the three are wanted (the others come back None)."""
+    hidden, weight, bias, targets, lse, mean_logit = saved
+    needs = (needs[0], needs[1], bias is not None and needs[2])
+    if (g_logp is None and g_ent is None) or hidden.shape[0] == 0:
+        zeros = (torch.zeros_like(hidden), torch.zeros_like(weight),
+                 torch.zeros_like(bias) if bias is not None else None)
+        return tuple(z if n else None for z, n in zip(zeros, needs))
+    g_logp = g_logp.contiguous() if g_logp is not None else None
+    g_ent = g_ent.contiguous() if g_ent is not None else None
+    if backend == "torch":
+        dh, dw, db = _torch_linear_backward(hidden, weight, bias, targets, targets != ignore_index, lse,
+                                            mean_logit, g_logp, g_ent, 1.0 / temperature, softcap, needs)
+    else:
+        dh, dw, db = _kernels().linear_backward(
+            hidden, weight, bias, targets, lse, mean_logit, g_logp, g_ent, ignore_index=ignore_index,
+            temperature=temperature, softcap=softcap, need_hidden=needs[0], need_weight=needs[1],
+            need_bias=needs[2],
+        )
+    return (dh.to(hidden.dtype) if dh is not None else None,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None)
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """(logprobs, entropy) [N] from hidden [N, D], weight [V, D], bias [V] | None, targets [N]."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index, backend):
-        live = targets != ignore_index
-        if hidden.shape[0] == 0:
-            stats = torch.zeros((4, 1, 0), dtype=_compute_dtype(hidden.dtype), device=hidden.device)
-        elif backend == "torch":
-            stats = _torch_linear_stats(hidden, weight, bias, targets, live, 1.0 / temperature, softcap)
-        else:
-            stats = _kernels().linear_stats(hidden, weight, bias, targets, ignore_index=ignore_index,
-                                            temperature=temperature, softcap=softcap)
-        logprobs, entropy, lse, mean_logit = _finalize(stats, live)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, mean_logit)
-        ctx.config = (temperature, softcap, ignore_index, backend)
+        options = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
+        logprobs, entropy, saved = linear_forward(hidden, weight, bias, targets, **options)
+        ctx.save_for_backward(*saved)
+        ctx.options = options
         ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, lse, mean_logit = ctx.saved_tensors
-        temperature, softcap, ignore_index, backend = ctx.config
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if (g_logp is None and g_ent is None) or hidden.shape[0] == 0:
-            zeros = (torch.zeros_like(hidden), torch.zeros_like(weight),
-                     torch.zeros_like(bias) if bias is not None else None)
-            return (*(z if n else None for z, n in zip(zeros, needs)), None, None, None, None, None)
-        g_logp = g_logp.contiguous() if g_logp is not None else None
-        g_ent = g_ent.contiguous() if g_ent is not None else None
-        if backend == "torch":
-            live = targets != ignore_index
-            dh, dw, db = _torch_linear_backward(hidden, weight, bias, targets, live, lse, mean_logit, g_logp,
-                                                g_ent, 1.0 / temperature, softcap, needs)
-        else:
-            dh, dw, db = _kernels().linear_backward(
-                hidden, weight, bias, targets, lse, mean_logit, g_logp, g_ent, ignore_index=ignore_index,
-                temperature=temperature, softcap=softcap, need_hidden=needs[0], need_weight=needs[1],
-                need_bias=needs[2],
-            )
-        dh = dh.to(hidden.dtype) if dh is not None else None
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(bias.dtype) if db is not None else None
-        return dh, dw, db, None, None, None, None, None
+        saved = LinearSaved(*ctx.saved_tensors)
+        grads = linear_backward(saved, g_logp, g_ent, ctx.needs_input_grad[:3], **ctx.options)
+        return (*grads, None, None, None, None, None)
 
 
 class _LogitsLogprobs(torch.autograd.Function):
@@ -277,8 +304,8 @@ class _LogitsLogprobs(torch.autograd.Function):
         g_logp = g_logp.contiguous() if g_logp is not None else None
         g_ent = g_ent.contiguous() if g_ent is not None else None
         if logits.shape[0] == 0:
-            pass
-        elif backend == "torch":
+            return out, None, None, None, None, None
+        if backend == "torch":
             _torch_logits_backward(logits, targets, targets != ignore_index, lse, mean_logit, g_logp, g_ent,
                                    1.0 / temperature, out)
         else:
