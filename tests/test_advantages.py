@@ -172,6 +172,26 @@ def test_zero_denominator_gives_zero(backend):
     assert torch.all(out[:4] == 0) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ADVANTAGE_MODES)
+def test_every_output_is_written(mode, backend, monkeypatch):
+    # Poison every fresh float buffer with NaN: an element the backend forgot to write shows up.
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def make_poisoned(*args, **kwargs):
+            out = make(*args, **kwargs)
+            return out.fill_(float("nan")) if out.is_floating_point() else out
+        return make_poisoned
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+    sizes = [3, 1, 4, 2]
+    rewards = _rewards(sum(sizes))
+    out = rlloss.group_advantages(rewards, group_sizes=sizes, mode=mode, backend=backend)
+    assert torch.isfinite(out).all()
+
+
 def test_result_is_detached():
     rewards = torch.randn(8, requires_grad=True)
     out = rlloss.group_advantages(rewards, group_size=4)
