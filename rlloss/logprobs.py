@@ -426,8 +426,9 @@ def token_logprobs(
         logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
         w = weight if weight.stride(1) == 1 else weight.contiguous()
+        b = bias.contiguous() if bias is not None else None  # the kernels index bias with unit stride
         logprobs, entropy = _LinearLogprobs.apply(
-            _rows(hidden, D), w, bias, targets.reshape(-1), temperature, softcap, ignore_index, name
+            _rows(hidden, D), w, b, targets.reshape(-1), temperature, softcap, ignore_index, name
         )
         logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
