@@ -1,0 +1,222 @@
+"""Configuration of the policy loss (MATH.md §3–§6): one frozen dataclass and the named presets.
+
+Every field is validated on construction, so a bad value fails where it is written, not inside a kernel.
+``LossConfig.preset(name, **overrides)`` gives the settings of a trainer's named loss; docs/presets.md maps
+each preset to the TRL / verl options it reproduces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS"]
+
+LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
+IS_LEVELS = ("token", "sequence", "sequence_token")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+AGGREGATIONS = (
+    "seq_mean_token_mean",
+    "token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_sum_norm",
+    "token_sum",
+)
+
+# verl's numerical guard on the token log-ratio (core_algos: clamp(log_prob − old_log_prob, −20, 20)).
+VERL_LOG_RATIO_CLAMP = 20.0
+# verl's guard on the GSPO token-form log-ratio (clamp(log ρ, max=10)).
+VERL_GSPO_LOG_RATIO_MAX = 10.0
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"LossConfig.{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"LossConfig.{name} must be finite, got {value}")
+    return float(value)
+
+
+def _choice(name: str, value: object, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Settings of :func:`rlloss.policy_loss` (MATH.md §3–§6). Defaults are TRL's ``GRPOConfig`` defaults
+    (ε = 0.2 both sides, β = 0, ``loss_type="dapo"`` i.e. token-mean); prefer :meth:`preset`.
+
+    Policy term (MATH.md §4):
+        loss_mode: "ppo_clip" (clipped surrogate, optionally with ``delta`` and ``dual_clip``),
+            "cispo_trl" (−sg(min(ρ, ε_hi))·A·ℓ, ε_hi an absolute cap), "cispo_verl" (−sg(clip(ρ, 1−ε_lo,
+            1+ε_hi))·A·ℓ), "gpg" (−A·ℓ, REINFORCE), "sapo" (soft gate −(4/τ)·σ(τ(ρ−1))·A).
+        epsilon_low, epsilon_high: clip range [1 − ε_lo, 1 + ε_hi] (``cispo_trl``: ε_hi is the cap itself).
+            Also used for the clip-fraction metrics of every mode.
+        delta: TRL's upper cap on the unclipped ratio, ρ̃ = min(ρ, δ) (INTELLECT-2 two-sided clipping); > 1.
+        dual_clip: verl's dual-clip constant c > 1 (``clip_ratio_c``): for A < 0, L = min(L, −c·A).
+        sapo_tau_pos, sapo_tau_neg: SAPO temperatures for A > 0 and A ≤ 0.
+    Ratios (MATH.md §3):
+        importance_sampling_level: "token" (ρ_t = exp(ℓ_t − ℓ°_t)), "sequence" (GSPO, ρ = s_i with the
+            gradient flowing through s_i to every token), "sequence_token" (GSPO-token, log ρ_t = ℓ_t − sg(ℓ_t)
+            + sg(log s_i)).
+        log_ratio_min, log_ratio_max: clamp of the log importance ratio before exp (token: ℓ − ℓ°; sequence
+            levels: log s_i) — zero gradient outside. verl: ±20 (token), max 10 (GSPO). None = no clamp.
+    KL to the reference (MATH.md §4), added as +β·KL_t:
+        beta: β ≥ 0 (needs ``ref_logprobs`` when ≠ 0).
+        kl_estimator: "k1", "abs", "k2", "k3", "k3+" (value of k3, gradient of k2).
+        kl_ratio_weighted: KL_t·ρ_t (TRL ``use_bias_correction_kl``), ρ carrying its gradient.
+        kl_clamp: verl's guards on k3/k3+ values: x = ℓʳ − ℓ clamped to ±20, the value to ±10.
+    Entropy (MATH.md §4):
+        entropy_coef: c_H, adds −c_H·H_t (needs ``entropy`` when ≠ 0).
+    Rollout correction (MATH.md §5), a detached weight on the policy term:
+        rollout_correction: None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask".
+        rollout_threshold_low, rollout_threshold_high: [C_min, C_max]; C_min None = no lower bound.
+    Aggregation (MATH.md §6):
+        aggregation: "seq_mean_token_mean", "token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
+            "token_sum".
+        max_completion_length: L_norm of "seq_mean_token_sum_norm" (required there).
+    """
+
+    loss_mode: str = "ppo_clip"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: Optional[float] = None
+    dual_clip: Optional[float] = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    importance_sampling_level: str = "token"
+    log_ratio_min: Optional[float] = None
+    log_ratio_max: Optional[float] = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    kl_ratio_weighted: bool = False
+    kl_clamp: bool = False
+    entropy_coef: float = 0.0
+    rollout_correction: Optional[str] = None
+    rollout_threshold_low: Optional[float] = None
+    rollout_threshold_high: float = 2.0
+    aggregation: str = "token_mean"
+    max_completion_length: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _choice("loss_mode", self.loss_mode, LOSS_MODES)
+        _choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        if self.rollout_correction is not None:
+            _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
+        for name in ("kl_ratio_weighted", "kl_clamp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LossConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+
+        eps_lo, eps_hi = _finite("epsilon_low", self.epsilon_low), _finite("epsilon_high", self.epsilon_high)
+        if not 0.0 <= eps_lo <= 1.0:
+            raise ValueError(f"LossConfig.epsilon_low must lie in [0, 1], got {eps_lo}")
+        if eps_hi < 0.0 or (self.loss_mode == "cispo_trl" and eps_hi <= 0.0):
+            raise ValueError(
+                f"LossConfig.epsilon_high must be >= 0 (> 0 for loss_mode='cispo_trl', where it is the absolute "
+                f"cap on the ratio), got {eps_hi}"
+            )
+        if self.delta is not None:
+            if self.loss_mode != "ppo_clip":
+                raise ValueError(f"LossConfig.delta applies to loss_mode='ppo_clip' only, got {self.loss_mode!r}")
+            if _finite("delta", self.delta) <= 1.0:
+                raise ValueError(f"LossConfig.delta must be > 1 (TRL recommends > 1 + ε), got {self.delta}")
+        if self.dual_clip is not None:
+            if self.loss_mode != "ppo_clip":
+                raise ValueError(
+                    f"LossConfig.dual_clip applies to loss_mode='ppo_clip' only, got {self.loss_mode!r}"
+                )
+            if _finite("dual_clip", self.dual_clip) <= 1.0:
+                raise ValueError(f"LossConfig.dual_clip must be > 1 (verl clip_ratio_c), got {self.dual_clip}")
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            if _finite(name, getattr(self, name)) <= 0.0:
+                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
+        lo = None if self.log_ratio_min is None else _finite("log_ratio_min", self.log_ratio_min)
+        hi = None if self.log_ratio_max is None else _finite("log_ratio_max", self.log_ratio_max)
+        if lo is not None and hi is not None and not lo < hi:
+            raise ValueError(f"LossConfig.log_ratio_min must be < log_ratio_max, got {lo} and {hi}")
+        if _finite("beta", self.beta) < 0.0:
+            raise ValueError(f"LossConfig.beta must be >= 0, got {self.beta}")
+        _finite("entropy_coef", self.entropy_coef)
+        c_max = _finite("rollout_threshold_high", self.rollout_threshold_high)
+        if c_max <= 0.0:
+            raise ValueError(f"LossConfig.rollout_threshold_high must be > 0, got {c_max}")
+        if self.rollout_threshold_low is not None:
+            c_min = _finite("rollout_threshold_low", self.rollout_threshold_low)
+            if not 0.0 <= c_min < c_max:
+                raise ValueError(
+                    f"LossConfig.rollout_threshold_low must lie in [0, rollout_threshold_high = {c_max}), "
+                    f"got {c_min}"
+                )
+        if self.max_completion_length is not None:
+            if isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int):
+                raise TypeError(
+                    f"LossConfig.max_completion_length must be an int, got "
+                    f"{type(self.max_completion_length).__name__}"
+                )
+            if self.max_completion_length <= 0:
+                raise ValueError(
+                    f"LossConfig.max_completion_length must be > 0, got {self.max_completion_length}"
+                )
+        if self.aggregation == "seq_mean_token_sum_norm" and self.max_completion_length is None:
+            raise ValueError(
+                "LossConfig.aggregation='seq_mean_token_sum_norm' needs max_completion_length (the constant "
+                "L_norm of Dr. GRPO), got None"
+            )
+
+    @property
+    def sequence_level(self) -> bool:
+        """True when the importance ratio is the sequence ratio s_i (GSPO, either form)."""
+        return self.importance_sampling_level != "token"
+
+    def replace(self, **changes) -> "LossConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LossConfig":
+        """The settings of a named loss, with ``overrides`` applied on top (see docs/presets.md).
+
+        TRL flavours: "grpo", "dapo", "dr_grpo" (needs ``max_completion_length=``), "bnpo", "gspo", "cispo",
+        "sapo", "gpg". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
+        "verl_gspo", "verl_cispo", "verl_sapo".
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LossConfig field(s) in overrides: {sorted(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_VERL_RATIO = dict(log_ratio_min=-VERL_LOG_RATIO_CLAMP, log_ratio_max=VERL_LOG_RATIO_CLAMP)
+
+# Each preset is a set of LossConfig fields; defaults not listed. Sources in docs/presets.md.
+PRESETS = {
+    # TRL GRPOConfig(loss_type=...): ε = 0.2 (epsilon_high defaults to epsilon), β = 0, k3 KL.
+    "grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_mean"),
+    "dapo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.28, aggregation="token_mean"),
+    "dr_grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_sum_norm"),
+    "bnpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean"),
+    "gspo": dict(loss_mode="ppo_clip", epsilon_low=3e-4, epsilon_high=4e-4, importance_sampling_level="sequence",
+                 aggregation="seq_mean_token_mean"),
+    "cispo": dict(loss_mode="cispo_trl", epsilon_low=0.2, epsilon_high=5.0, aggregation="token_mean"),
+    "sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean"),
+    "gpg": dict(loss_mode="gpg", aggregation="token_mean"),
+    # verl actor.policy_loss.loss_mode=... with its numerical guards.
+    "verl_grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0, beta=0.001,
+                      kl_estimator="k3", kl_clamp=True, aggregation="token_mean", **_VERL_RATIO),
+    "verl_dapo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0,
+                      aggregation="token_mean", **_VERL_RATIO),
+    "verl_gspo": dict(loss_mode="ppo_clip", epsilon_low=3e-4, epsilon_high=4e-4,
+                      importance_sampling_level="sequence_token", log_ratio_max=VERL_GSPO_LOG_RATIO_MAX,
+                      aggregation="seq_mean_token_mean"),
+    "verl_cispo": dict(loss_mode="cispo_verl", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean",
+                       **_VERL_RATIO),
+    "verl_sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean",
+                      **_VERL_RATIO),
+}
