@@ -121,4 +121,164 @@ def group_advantages(rewards: Tensor, group_sizes, *, mode: str = "grpo", eps: f
 
 
 # --- MATH.md §3–§6: ratios, policy losses, KL, rollout correction, aggregation ---------------------------
-# (policy section: owned by the policy_loss work)
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    config,
+    ref_logprobs: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    num_items_in_batch=None,
+    num_sequences_in_batch=None,
+) -> Tuple[Tensor, dict]:
+    """(loss, metrics) of MATH.md §3–§6 by plain autograd, in logprobs' dtype; ``config`` is a LossConfig.
+
+    Differentiable w.r.t. logprobs and entropy; stop-gradients are ``.detach()``. Masked tokens are replaced
+    by 0 before any arithmetic (torch.where), so their inputs never reach the loss or a gradient.
+    """
+    dt = logprobs.dtype
+    m = mask if mask.dtype == torch.bool else mask != 0
+    mf = m.to(dt)
+    zero = torch.zeros((), dtype=dt, device=logprobs.device)
+    B, T = logprobs.shape
+
+    def clean(x):
+        return torch.where(m, x.to(dt), zero)
+
+    lp = clean(logprobs)
+    old = lp.detach() if old_logprobs is None else clean(old_logprobs)
+    A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    n = mf.sum(-1)
+
+    # §3 ratios; the optional clamp of the log-ratio (verl) stops the gradient outside its range
+    clamp = dict(min=config.log_ratio_min, max=config.log_ratio_max)
+    has_clamp = clamp["min"] is not None or clamp["max"] is not None
+    if config.importance_sampling_level == "token":
+        log_w = lp - old
+    else:
+        log_s = ((lp - old) * mf).sum(-1) / n.clamp(min=1.0)
+        if config.importance_sampling_level == "sequence":
+            log_w = log_s[:, None].expand(B, T)
+        else:  # GSPO-token: log ρ_t = ℓ_t − sg(ℓ_t) + sg(log s_i)
+            log_w = lp - lp.detach() + log_s.detach()[:, None]
+    if has_clamp:
+        log_w = torch.clamp(log_w, **clamp)
+    rho = torch.exp(log_w)
+
+    # §4 policy term
+    eps_lo, eps_hi = config.epsilon_low, config.epsilon_high
+    dual_active = torch.zeros_like(m)
+    if config.loss_mode == "ppo_clip":
+        unclipped = rho if config.delta is None else torch.clamp(rho, max=config.delta)
+        clipped = torch.clamp(rho, 1.0 - eps_lo, 1.0 + eps_hi)
+        L = -torch.minimum(unclipped * A, clipped * A)
+        if config.dual_clip is not None:
+            cap = -config.dual_clip * A
+            dual_active = (A < 0) & (L > cap)
+            L = torch.where(A < 0, torch.minimum(L, cap), L)
+    elif config.loss_mode == "cispo_trl":
+        L = -torch.clamp(rho, max=eps_hi).detach() * A * lp
+    elif config.loss_mode == "cispo_verl":
+        L = -torch.clamp(rho, 1.0 - eps_lo, 1.0 + eps_hi).detach() * A * lp
+    elif config.loss_mode == "gpg":
+        L = -A * lp
+    else:  # sapo
+        tau = torch.where(A > 0, torch.full_like(A, config.sapo_tau_pos), torch.full_like(A, config.sapo_tau_neg))
+        L = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * A
+
+    # §5 rollout correction: a detached weight on the policy term
+    metrics = {}
+    if rollout_logprobs is not None:
+        d = clean(old - rollout_logprobs.to(dt)).detach()
+        metrics["sampling/sampling_logp_difference/mean"] = _masked_mean(d.abs(), mf)
+        metrics["sampling/sampling_logp_difference/max"] = d.abs().max() if d.numel() else zero
+        if config.rollout_correction is not None:
+            token_level = config.rollout_correction.startswith("token")
+            w = torch.exp(d) if token_level else torch.exp((d * mf).sum(-1))
+            c_min = 0.0 if config.rollout_threshold_low is None else config.rollout_threshold_low
+            c_max = config.rollout_threshold_high
+            if config.rollout_correction.endswith("truncate"):
+                w = torch.clamp(w, c_min, c_max)
+            else:
+                w = torch.where((w >= c_min) & (w <= c_max), w, zero)
+            values = w[m] if token_level else w
+            some = values.numel() > 0
+            metrics["sampling/importance_sampling_ratio/min"] = values.min() if some else zero
+            metrics["sampling/importance_sampling_ratio/mean"] = values.mean() if some else zero
+            metrics["sampling/importance_sampling_ratio/max"] = values.max() if some else zero
+            L = L * (w if token_level else w[:, None])
+
+    # §4 KL to the reference, added after the rollout weight; x = ℓʳ − ℓ
+    if ref_logprobs is not None:
+        x = clean(ref_logprobs) - lp
+        est = config.kl_estimator
+        if est == "k1":
+            kl = -x
+        elif est == "abs":
+            kl = x.abs()
+        elif est == "k2":
+            kl = 0.5 * x ** 2
+        else:
+            if config.kl_clamp:
+                xc = torch.clamp(x, -20.0, 20.0)
+                kl = torch.clamp(torch.exp(xc) - xc - 1.0, -10.0, 10.0)
+            else:
+                kl = torch.exp(x) - x - 1.0
+            if est == "k3+":  # value of k3, gradient of k2
+                k2 = 0.5 * x ** 2
+                kl = k2 - k2.detach() + kl.detach()
+        if config.kl_ratio_weighted:
+            kl = kl * rho
+        metrics["kl"] = _masked_mean(kl.detach(), mf)
+        L = L + config.beta * kl
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(clean(entropy).detach(), mf)
+        L = L - config.entropy_coef * clean(entropy)
+
+    # §6 aggregation
+    seq_sums = (L * mf).sum(-1)
+    sequences = B if num_sequences_in_batch is None else num_sequences_in_batch
+    agg = config.aggregation
+    if agg == "seq_mean_token_mean":
+        loss = (seq_sums / n.clamp(min=1.0)).sum() / sequences
+    elif agg == "token_mean":
+        tokens = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dt)
+        loss = seq_sums.sum() / torch.clamp(tokens, min=1.0)
+    elif agg == "seq_mean_token_sum":
+        loss = seq_sums.sum() / sequences
+    elif agg == "seq_mean_token_sum_norm":
+        loss = seq_sums.sum() / (sequences * config.max_completion_length)
+    else:  # token_sum
+        loss = seq_sums.sum()
+
+    # metrics: masked token means (TRL names where TRL has them)
+    rho_d, A_d = rho.detach(), A.detach()
+    if config.loss_mode == "cispo_trl":
+        lower, upper = float("-inf"), eps_hi
+    else:
+        lower, upper = 1.0 - eps_lo, 1.0 + eps_hi
+    low = ((rho_d < lower) & (A_d < 0)).to(dt)
+    high = ((rho_d > upper) & (A_d > 0)).to(dt)
+    out = {
+        "clip_ratio/low_mean": _masked_mean(low, mf),
+        "clip_ratio/high_mean": _masked_mean(high, mf),
+        "clip_ratio/region_mean": _masked_mean(low + high, mf),
+        "clip_ratio/dual_mean": _masked_mean(dual_active.detach().to(dt), mf),
+        "ratio/mean": _masked_mean(rho_d, mf),
+        "ppo_kl": _masked_mean((old - lp).detach(), mf),
+    }
+    for key in ("kl", "entropy", "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+                "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                "sampling/importance_sampling_ratio/max"):
+        if key in metrics:
+            out[key] = metrics[key].detach()
+    return loss, out
