@@ -4,12 +4,17 @@ Public names are exported here and only here; see docs/ for the API and MATH.md-
 """
 from .advantages import group_advantages
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
+from .config import LossConfig
+from .policy import PolicyLossOutput, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LossConfig",
+    "PolicyLossOutput",
     "TokenLogprobs",
     "group_advantages",
     "logprobs_from_logits",
+    "policy_loss",
     "token_logprobs",
 ]

@@ -1,0 +1,428 @@
+"""Triton kernel for the policy loss (MATH.md §3–§6): value, per-token gradients and metric partial sums in
+one launch, one program per sequence.
+
+Each program owns one row (sequence) i and walks its T tokens in blocks of BLOCK_T:
+
+    pass 1  row reductions, only when needed: n_i = Σ m, Σ m·(ℓ − ℓ°) for the GSPO ratio s_i and
+            Σ m·(ℓ° − ℓˢ) for a sequence-level rollout weight;
+    pass 2  per token: ratio ρ, policy term, rollout weight, KL and entropy terms, the aggregation weight
+            c_it = m_it/D (/ max(n_i, 1) for seq_mean_token_mean), the loss contribution c·L and the gradients
+            d(loss)/dℓ and d(loss)/dH written to [B, T] buffers; per-row partial sums of the loss and of every
+            metric written to a [B, NUM_STATS] buffer;
+    pass 3  only for the pure sequence ratio (GSPO), whose gradient reaches every token through s_i:
+            dℓ_t += (m_t/n_i)·s_i·Σ_t' c_t'·∂L_t'/∂ρ.
+
+The global normaliser D (token_mean's N, the seq-means' B, B·L_norm) is read from a device scalar, so the
+gradients come out already scaled and the caller's final loss is a plain sum over rows: deterministic, no
+atomics. Masked tokens are never loaded (they read as 0), so whatever they hold never reaches an output, and
+their gradient is exactly 0.
+
+This module imports nothing from rlloss: it takes tensors and returns tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Column order of the per-row statistics: each is a sum over the row's live tokens unless noted.
+STAT_NAMES = (
+    "loss",            # Σ_t c_t·L_t, the row's share of the scalar loss
+    "tokens",          # n_i
+    "clip_low",        # ρ < lower bound and A < 0
+    "clip_high",       # ρ > upper bound and A > 0
+    "clip_dual",       # the dual-clip cap −c·A is active (A < 0)
+    "ratio",           # ρ
+    "ppo_kl",          # ℓ° − ℓ
+    "kl",              # the KL term as it enters the loss (times ρ when kl_ratio_weighted)
+    "entropy",         # H
+    "is_sum",          # rollout weight w: over live tokens, or w_i once per row for sequence modes
+    "is_count",        # how many weights is_sum holds
+    "is_min",          # min of w (+inf when none)
+    "is_max",          # max of w (−inf when none)
+    "logp_diff_sum",   # |ℓ° − ℓˢ|
+    "logp_diff_max",   # max |ℓ° − ℓˢ| (0 when none)
+)
+NUM_STATS = len(STAT_NAMES)
+
+LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
+IS_LEVELS = ("token", "sequence", "sequence_token")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
+
+# Largest block of tokens one program holds at once (tests lower it to exercise the block loop).
+MAX_BLOCK_T = 1024
+MIN_BLOCK_T = 16
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_neg,
+                 LOSS_MODE: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
+    """Per-token policy term P (MATH.md §4) of one block and its derivatives.
+
+    Returns (P, ∂P/∂ρ, ∂P/∂ℓ through ℓ itself, dual-clip active). Clamps pass the gradient on the closed
+    interval, as torch.clamp does.
+    """
+    zero = tl.zeros_like(rho)
+    dual = zero != 0.0
+    d_rho = zero
+    d_logp = zero
+    if LOSS_MODE == 0:  # ppo_clip: −min(ρ̃·A, clip(ρ, 1−ε_lo, 1+ε_hi)·A), ρ̃ = min(ρ, δ)
+        unclipped = rho
+        d_unclipped = zero + 1.0
+        if HAS_DELTA:
+            unclipped = tl.minimum(rho, delta)
+            d_unclipped = tl.where(rho <= delta, 1.0, 0.0)
+        lo = 1.0 - eps_low
+        hi = 1.0 + eps_high
+        clipped = _clamp(rho, lo, hi)
+        d_clipped = tl.where((rho >= lo) & (rho <= hi), 1.0, 0.0)
+        surr1 = unclipped * adv
+        surr2 = clipped * adv
+        take1 = surr1 <= surr2
+        P = -tl.where(take1, surr1, surr2)
+        d_rho = -adv * tl.where(take1, d_unclipped, d_clipped)
+        if HAS_DUAL:  # verl dual clip: for A < 0 the loss is capped at −c·A
+            cap = -dual_c * adv
+            dual = (adv < 0.0) & (P > cap)
+            P = tl.where(dual, cap, P)
+            d_rho = tl.where(dual, 0.0, d_rho)
+    elif LOSS_MODE == 1:  # cispo (TRL): −sg(min(ρ, ε_hi))·A·ℓ
+        weight = tl.minimum(rho, eps_high)
+        P = -weight * adv * logp
+        d_logp = -weight * adv
+    elif LOSS_MODE == 2:  # cispo (verl): −sg(clip(ρ, 1−ε_lo, 1+ε_hi))·A·ℓ
+        weight = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
+        P = -weight * adv * logp
+        d_logp = -weight * adv
+    elif LOSS_MODE == 3:  # gpg / reinforce: −A·ℓ
+        P = -adv * logp
+        d_logp = -adv
+    else:  # sapo: −(4/τ)·σ(τ(ρ−1))·A, τ = τ_pos if A > 0 else τ_neg
+        tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+        gate = 1.0 / (1.0 + tl.exp(-tau * (rho - 1.0)))
+        P = -(4.0 / tau) * gate * adv
+        d_rho = -4.0 * gate * (1.0 - gate) * adv
+    return P, d_rho, d_logp, dual
+
+
+@triton.jit
+def _kl_term(x, KL_ESTIMATOR: tl.constexpr, KL_CLAMP: tl.constexpr):
+    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (MATH.md §4): k1, abs, k2, k3, k3+ (value of k3, gradient of k2)."""
+    if KL_ESTIMATOR == 0:
+        K = -x
+        dK = tl.zeros_like(x) + 1.0
+    elif KL_ESTIMATOR == 1:
+        K = tl.abs(x)
+        dK = tl.where(x > 0.0, -1.0, tl.where(x < 0.0, 1.0, 0.0))
+    elif KL_ESTIMATOR == 2:
+        K = 0.5 * x * x
+        dK = -x
+    else:
+        if KL_CLAMP:  # verl: x clamped to ±20 before exp, the value to ±10
+            xc = _clamp(x, -20.0, 20.0)
+            e = tl.exp(xc)
+            K = e - xc - 1.0
+            dK = tl.where((x >= -20.0) & (x <= 20.0), 1.0 - e, 0.0)
+            dK = tl.where((K >= -10.0) & (K <= 10.0), dK, 0.0)
+            K = _clamp(K, -10.0, 10.0)
+        else:
+            e = tl.exp(x)
+            K = e - x - 1.0
+            dK = 1.0 - e
+        if KL_ESTIMATOR == 4:  # k3+: straight-through, gradient of k2
+            dK = -x
+    return K, dK
+
+
+@triton.jit
+def _rollout_weight(w, rollout_min, rollout_max, TRUNCATE: tl.constexpr):
+    """Truncate: clamp(w, C_min, C_max); mask: w where C_min ≤ w ≤ C_max, else 0 (w may be inf)."""
+    if TRUNCATE:
+        w = _clamp(w, rollout_min, rollout_max)
+    else:
+        w = tl.where((w >= rollout_min) & (w <= rollout_max), w, 0.0)
+    return w
+
+
+@triton.jit
+def _policy_loss_kernel(
+    logp_ptr, old_ptr, adv_ptr, live_ptr, ref_ptr, roll_ptr, ent_ptr,
+    grad_logp_ptr, grad_ent_ptr, stats_ptr, norm_ptr,
+    T, stride_logp, stride_old, stride_adv, stride_live, stride_ref, stride_roll, stride_ent,
+    eps_low, eps_high, delta, dual_c, tau_pos, tau_neg, log_ratio_min, log_ratio_max, beta, entropy_coef,
+    rollout_min, rollout_max, clip_metric_low, clip_metric_high,
+    LOSS_MODE: tl.constexpr, IS_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
+    KL_WEIGHTED: tl.constexpr, KL_CLAMP: tl.constexpr, HAS_ENTROPY: tl.constexpr, WRITE_GRAD_ENT: tl.constexpr,
+    HAS_ROLLOUT: tl.constexpr, TOKEN_ROLLOUT: tl.constexpr, SEQ_ROLLOUT: tl.constexpr, TRUNCATE: tl.constexpr,
+    PER_SEQUENCE_MEAN: tl.constexpr, ROW_PASS: tl.constexpr, N_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    logp_row = logp_ptr + row * stride_logp
+    old_row = old_ptr + row * stride_old
+    adv_row = adv_ptr + row * stride_adv
+    live_row = live_ptr + row * stride_live
+    ref_row = ref_ptr + row * stride_ref
+    roll_row = roll_ptr + row * stride_roll
+    ent_row = ent_ptr + row * stride_ent
+    grad_row = grad_logp_ptr + row * T
+    grad_ent_row = grad_ent_ptr + row * T
+
+    # pass 1: n_i, Σ m·(ℓ − ℓ°) and Σ m·(ℓ° − ℓˢ)
+    n_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    u_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    d_acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    if ROW_PASS:
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs
+            inb = t < T
+            live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
+            logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
+            old = logp
+            if HAS_OLD:
+                old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+            n_acc += tl.where(live, 1.0, 0.0)
+            u_acc += logp - old
+            if SEQ_ROLLOUT:
+                d_acc += old - tl.load(roll_row + t, mask=live, other=0.0).to(tl.float32)
+    n_safe = tl.maximum(tl.sum(n_acc, axis=0), 1.0)
+
+    # per-row scalars: GSPO ratio s_i = exp(clamp(Σ m(ℓ−ℓ°)/n_i)), sequence rollout weight, aggregation weight
+    log_s = tl.sum(u_acc, axis=0) / n_safe
+    s_in = (log_s >= log_ratio_min) & (log_s <= log_ratio_max)
+    s = tl.exp(_clamp(log_s, log_ratio_min, log_ratio_max))
+    ds = tl.where(s_in, s, 0.0)
+    w_row = tl.exp(tl.sum(d_acc, axis=0))
+    if SEQ_ROLLOUT:
+        w_row = _rollout_weight(w_row, rollout_min, rollout_max, TRUNCATE)
+    row_weight = 1.0 / tl.load(norm_ptr).to(tl.float32)
+    if PER_SEQUENCE_MEAN:
+        row_weight = row_weight / n_safe
+    adv_scalar = 0.0
+    if not ADV_PER_TOKEN:
+        adv_scalar = tl.load(adv_row).to(tl.float32)
+
+    # pass 2: per-token loss, gradients and metric sums
+    zeros = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    loss_acc = zeros
+    tok_acc = zeros
+    low_acc = zeros
+    high_acc = zeros
+    dual_acc = zeros
+    ratio_acc = zeros
+    pkl_acc = zeros
+    kl_acc = zeros
+    ent_acc = zeros
+    is_acc = zeros
+    is_cnt = zeros
+    is_min = zeros + float("inf")
+    is_max = zeros - float("inf")
+    ld_acc = zeros
+    ld_max = zeros
+    seq_acc = zeros  # Σ c·∂L/∂ρ, for the pure sequence ratio
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs
+        inb = t < T
+        live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
+        logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
+        old = logp
+        if HAS_OLD:
+            old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+        if ADV_PER_TOKEN:
+            adv = tl.load(adv_row + t, mask=live, other=0.0).to(tl.float32)
+        else:
+            adv = tl.where(live, adv_scalar, 0.0)
+        u = logp - old
+
+        # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
+        if IS_LEVEL == 0:
+            rho = tl.exp(_clamp(u, log_ratio_min, log_ratio_max))
+            d_rho = tl.where((u >= log_ratio_min) & (u <= log_ratio_max), rho, 0.0)
+        else:  # s_i; for "sequence_token" log ρ_t = ℓ_t − sg(ℓ_t) + sg(log s_i) gives dρ_t/dℓ_t = s_i
+            rho = zeros + s
+            d_rho = zeros + ds
+
+        P, dP_drho, dP_dlogp, dual = _policy_term(
+            rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_neg, LOSS_MODE, HAS_DELTA, HAS_DUAL
+        )
+
+        # rollout correction (MATH.md §5): a detached weight on the policy term only
+        w = zeros + 1.0
+        if HAS_ROLLOUT:
+            d = tl.where(live, old - tl.load(roll_row + t, mask=live, other=0.0).to(tl.float32), 0.0)
+            ld_acc += tl.abs(d)
+            ld_max = tl.maximum(ld_max, tl.abs(d))
+            if TOKEN_ROLLOUT:
+                w = _rollout_weight(tl.exp(d), rollout_min, rollout_max, TRUNCATE)
+                is_acc += tl.where(live, w, 0.0)
+                is_cnt += tl.where(live, 1.0, 0.0)
+                is_min = tl.minimum(is_min, tl.where(live, w, float("inf")))
+                is_max = tl.maximum(is_max, tl.where(live, w, -float("inf")))
+        if SEQ_ROLLOUT:
+            w = zeros + w_row
+        loss_t = w * P
+        direct = w * dP_dlogp
+        via_ratio = w * dP_drho
+
+        if HAS_REF:  # + β·KL_t (times ρ when kl_ratio_weighted)
+            ref = tl.load(ref_row + t, mask=live, other=0.0).to(tl.float32)
+            K, dK = _kl_term(ref - logp, KL_ESTIMATOR, KL_CLAMP)
+            if KL_WEIGHTED:
+                direct += beta * dK * rho
+                via_ratio += beta * K
+                K = K * rho
+            else:
+                direct += beta * dK
+            loss_t += beta * K
+            kl_acc += tl.where(live, K, 0.0)
+        if HAS_ENTROPY:  # − c_H·H_t
+            ent = tl.load(ent_row + t, mask=live, other=0.0).to(tl.float32)
+            loss_t -= entropy_coef * ent
+            ent_acc += ent
+
+        coef = tl.where(live, row_weight, 0.0)
+        loss_acc += coef * loss_t
+        if IS_LEVEL == 1:
+            grad = coef * direct
+            seq_acc += coef * via_ratio
+        else:
+            grad = coef * (direct + via_ratio * d_rho)
+        tl.store(grad_row + t, grad, mask=inb)
+        if WRITE_GRAD_ENT:
+            tl.store(grad_ent_row + t, -entropy_coef * coef, mask=inb)
+
+        tok_acc += tl.where(live, 1.0, 0.0)
+        low_acc += tl.where(live & (rho < clip_metric_low) & (adv < 0.0), 1.0, 0.0)
+        high_acc += tl.where(live & (rho > clip_metric_high) & (adv > 0.0), 1.0, 0.0)
+        dual_acc += tl.where(live & dual, 1.0, 0.0)
+        ratio_acc += tl.where(live, rho, 0.0)
+        pkl_acc -= u
+
+    # pass 3 (pure sequence ratio): every token of the row gets (m_t/n_i)·s_i·Σ c·∂L/∂ρ
+    if IS_LEVEL == 1:
+        tl.debug_barrier()  # pass 3 re-reads the gradients pass 2 wrote
+        seq_grad = tl.sum(seq_acc, axis=0) * ds / n_safe
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + offs
+            inb = t < T
+            live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
+            grad = tl.load(grad_row + t, mask=inb, other=0.0)
+            tl.store(grad_row + t, grad + tl.where(live, seq_grad, 0.0), mask=inb)
+
+    if SEQ_ROLLOUT:
+        is_acc = tl.where(offs == 0, w_row, 0.0)
+        is_cnt = tl.where(offs == 0, 1.0, 0.0)
+        is_min = zeros + w_row
+        is_max = zeros + w_row
+    out = stats_ptr + row * N_STATS  # columns in STAT_NAMES order
+    tl.store(out + 0, tl.sum(loss_acc, axis=0))
+    tl.store(out + 1, tl.sum(tok_acc, axis=0))
+    tl.store(out + 2, tl.sum(low_acc, axis=0))
+    tl.store(out + 3, tl.sum(high_acc, axis=0))
+    tl.store(out + 4, tl.sum(dual_acc, axis=0))
+    tl.store(out + 5, tl.sum(ratio_acc, axis=0))
+    tl.store(out + 6, tl.sum(pkl_acc, axis=0))
+    tl.store(out + 7, tl.sum(kl_acc, axis=0))
+    tl.store(out + 8, tl.sum(ent_acc, axis=0))
+    tl.store(out + 9, tl.sum(is_acc, axis=0))
+    tl.store(out + 10, tl.sum(is_cnt, axis=0))
+    tl.store(out + 11, tl.min(is_min, axis=0))
+    tl.store(out + 12, tl.max(is_max, axis=0))
+    tl.store(out + 13, tl.sum(ld_acc, axis=0))
+    tl.store(out + 14, tl.max(ld_max, axis=0))
+
+
+def _bound(x: Optional[float], default: float) -> float:
+    return default if x is None else float(x)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def policy_loss_rows(
+    logprobs: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    live: torch.Tensor,
+    ref_logprobs: Optional[torch.Tensor],
+    rollout_logprobs: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    normaliser: torch.Tensor,
+    *,
+    loss_mode: str,
+    importance_sampling_level: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: Optional[float],
+    dual_clip: Optional[float],
+    sapo_tau_pos: float,
+    sapo_tau_neg: float,
+    log_ratio_min: Optional[float],
+    log_ratio_max: Optional[float],
+    beta: float,
+    kl_estimator: str,
+    kl_ratio_weighted: bool,
+    kl_clamp: bool,
+    entropy_coef: float,
+    rollout_correction: Optional[str],
+    rollout_threshold_low: Optional[float],
+    rollout_threshold_high: float,
+    per_sequence_mean: bool,
+    clip_metric_low: float,
+    clip_metric_high: float,
+    write_grad_entropy: bool,
+):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None), all float32.
+
+    logprobs, old_logprobs, ref_logprobs, rollout_logprobs, entropy: [B, T] (any float dtype, any row stride;
+    None where absent). advantages: [B] or [B, T]. live: [B, T] bool. normaliser: 1-element tensor holding the
+    aggregation denominator D. The loss is ``stats[:, 0].sum()``.
+    """
+    B, T = logprobs.shape
+    device = logprobs.device
+    stats = torch.empty((B, NUM_STATS), dtype=torch.float32, device=device)
+    grad_logp = torch.empty((B, T), dtype=torch.float32, device=device)
+    grad_ent = torch.empty((B, T), dtype=torch.float32, device=device) if write_grad_entropy else grad_logp
+    if B == 0:
+        return stats, grad_logp, (grad_ent if write_grad_entropy else None)
+    logprobs = _row_major(logprobs)
+    old = _row_major(old_logprobs) if old_logprobs is not None else logprobs
+    adv = _row_major(advantages)
+    live_u8 = _row_major(live).view(torch.uint8)
+    ref = _row_major(ref_logprobs) if ref_logprobs is not None else logprobs
+    roll = _row_major(rollout_logprobs) if rollout_logprobs is not None else logprobs
+    ent = _row_major(entropy) if entropy is not None else logprobs
+    norm = normaliser.reshape(1).to(torch.float32)
+    token_rollout = rollout_correction in ("token_truncate", "token_mask")
+    seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
+    block = max(MIN_BLOCK_T, min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T))
+    _policy_loss_kernel[(B,)](
+        logprobs, old, adv, live_u8, ref, roll, ent, grad_logp, grad_ent, stats, norm,
+        T, logprobs.stride(0), old.stride(0), adv.stride(0),
+        live_u8.stride(0), ref.stride(0), roll.stride(0), ent.stride(0),
+        float(epsilon_low), float(epsilon_high), _bound(delta, 1.0), _bound(dual_clip, 1.0),
+        float(sapo_tau_pos), float(sapo_tau_neg), _bound(log_ratio_min, -math.inf), _bound(log_ratio_max, math.inf),
+        float(beta), float(entropy_coef), _bound(rollout_threshold_low, 0.0), float(rollout_threshold_high),
+        float(clip_metric_low), float(clip_metric_high),
+        LOSS_MODE=LOSS_MODES.index(loss_mode), IS_LEVEL=IS_LEVELS.index(importance_sampling_level),
+        HAS_OLD=old_logprobs is not None, ADV_PER_TOKEN=advantages.ndim == 2,
+        HAS_DELTA=delta is not None, HAS_DUAL=dual_clip is not None, HAS_REF=ref_logprobs is not None,
+        KL_ESTIMATOR=KL_ESTIMATORS.index(kl_estimator), KL_WEIGHTED=bool(kl_ratio_weighted),
+        KL_CLAMP=bool(kl_clamp), HAS_ENTROPY=entropy is not None, WRITE_GRAD_ENT=bool(write_grad_entropy),
+        HAS_ROLLOUT=rollout_logprobs is not None, TOKEN_ROLLOUT=token_rollout, SEQ_ROLLOUT=seq_rollout,
+        TRUNCATE=rollout_correction is not None and rollout_correction.endswith("truncate"),
+        PER_SEQUENCE_MEAN=bool(per_sequence_mean),
+        ROW_PASS=importance_sampling_level != "token" or seq_rollout or bool(per_sequence_mean),
+        N_STATS=NUM_STATS, BLOCK_T=block,
+        num_warps=4,
+    )
+    return stats, grad_logp, (grad_ent if write_grad_entropy else None)

@@ -1,0 +1,538 @@
+"""Policy losses of the GRPO family (MATH.md §3–§6): ratios, clipped / CISPO / SAPO / GPG surrogates, KL to a
+reference, entropy bonus, rollout (sampler) correction and aggregation to a scalar, with the TRL-style metrics.
+
+Layout of this module: the aggregation normaliser and metric bookkeeping shared by every backend, the torch
+backend (the kernel's algorithm, vectorised), :func:`policy_loss_and_grads` (value AND analytic gradients in
+one pass, the function a fused log-prob + loss path calls), the autograd Function, and the public API. The
+Triton kernel lives in ``rlloss.kernels.policy``; the naive autograd oracle in ``rlloss.reference``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _checks
+from . import reference
+from ._backend import resolve_backend
+from .config import LossConfig
+
+__all__ = ["PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser", "metric_names"]
+
+# Column order of the per-row statistics both backends produce (kernels.policy.STAT_NAMES holds the same).
+STAT_NAMES = (
+    "loss", "tokens", "clip_low", "clip_high", "clip_dual", "ratio", "ppo_kl", "kl", "entropy",
+    "is_sum", "is_count", "is_min", "is_max", "logp_diff_sum", "logp_diff_max",
+)
+_S = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+class PolicyLossOutput(NamedTuple):
+    """Result of :func:`policy_loss`.
+
+    loss:    0-d tensor, float32 (float64 for float64 log-probs), differentiable w.r.t. logprobs and entropy.
+    metrics: dict of detached 0-d tensors (see :func:`metric_names` and docs/api/policy_loss.md).
+    """
+
+    loss: Tensor
+    metrics: Dict[str, Tensor]
+
+
+# --- shared bookkeeping -----------------------------------------------------------------------------------
+
+
+def metric_names(config: LossConfig, has_ref: bool, has_entropy: bool, has_rollout: bool) -> Tuple[str, ...]:
+    """Names of the metrics :func:`policy_loss` returns for these inputs, in order."""
+    names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual_mean",
+             "ratio/mean", "ppo_kl"]
+    if has_ref:
+        names.append("kl")
+    if has_entropy:
+        names.append("entropy")
+    if has_rollout:
+        names += ["sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max"]
+        if config.rollout_correction is not None:
+            names += ["sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                      "sampling/importance_sampling_ratio/max"]
+    return tuple(names)
+
+
+def clip_metric_bounds(config: LossConfig) -> Tuple[float, float]:
+    """(lower, upper) bounds of the ratio used by the clip-fraction metrics: [1 − ε_lo, 1 + ε_hi], except
+    CISPO (TRL) whose only bound is the absolute cap ε_hi."""
+    if config.loss_mode == "cispo_trl":
+        return -math.inf, config.epsilon_high
+    return 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+
+
+def _positive_count(name: str, value, device: torch.device) -> Tensor:
+    """A global count given as an int or a 0-d tensor, checked > 0, as a float64 0-d tensor on ``device``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.ndim > 1:
+            raise ValueError(f"{name} must be an int or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")
+        count = value.reshape(()).to(device=device, dtype=torch.float64)
+        if not bool(count > 0):  # one host sync
+            raise ValueError(f"{name} must be > 0, got {count.item()}")
+        return count
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
+
+
+def aggregation_normaliser(
+    config: LossConfig,
+    live: Tensor,
+    num_items_in_batch: Union[int, Tensor, None] = None,
+    num_sequences_in_batch: Union[int, Tensor, None] = None,
+) -> Tensor:
+    """The denominator D of the aggregation (MATH.md §6) as a float64 0-d tensor on ``live``'s device.
+
+    token_mean: N = ``num_items_in_batch`` (global) or the local Σ mask, at least 1; seq_mean_token_mean and
+    seq_mean_token_sum: B = ``num_sequences_in_batch`` or the local batch size; seq_mean_token_sum_norm:
+    B·L_norm; token_sum: 1. The loss is then Σ_i Σ_t m·L (/ max(n_i, 1) for seq_mean_token_mean) / D.
+    """
+    device = live.device
+    agg = config.aggregation
+    if agg == "token_mean":
+        if num_items_in_batch is None:
+            return live.sum().to(torch.float64).clamp(min=1.0)
+        return _positive_count("num_items_in_batch", num_items_in_batch, device)
+    if agg == "token_sum":
+        return torch.ones((), dtype=torch.float64, device=device)
+    if num_sequences_in_batch is None:
+        sequences = torch.tensor(float(max(live.shape[0], 1)), dtype=torch.float64, device=device)
+    else:
+        sequences = _positive_count("num_sequences_in_batch", num_sequences_in_batch, device)
+    if agg == "seq_mean_token_sum_norm":
+        return sequences * float(config.max_completion_length)
+    return sequences
+
+
+def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tensor]:
+    """Reduce per-row statistics [B, NUM_STATS] to the named metrics (deterministic sums over rows)."""
+    total = stats.sum(0)
+    tokens = total[_S["tokens"]].clamp(min=1.0)
+    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+
+    def mean(key):
+        return total[_S[key]] / tokens
+
+    values = {
+        "clip_ratio/low_mean": mean("clip_low"),
+        "clip_ratio/high_mean": mean("clip_high"),
+        "clip_ratio/region_mean": (total[_S["clip_low"]] + total[_S["clip_high"]]) / tokens,
+        "clip_ratio/dual_mean": mean("clip_dual"),
+        "ratio/mean": mean("ratio"),
+        "ppo_kl": mean("ppo_kl"),
+    }
+    if "kl" in names:
+        values["kl"] = mean("kl")
+    if "entropy" in names:
+        values["entropy"] = mean("entropy")
+    if "sampling/sampling_logp_difference/mean" in names:
+        values["sampling/sampling_logp_difference/mean"] = mean("logp_diff_sum")
+        values["sampling/sampling_logp_difference/max"] = (
+            stats[:, _S["logp_diff_max"]].max() if stats.shape[0] else zero
+        )
+    if "sampling/importance_sampling_ratio/mean" in names:
+        count = total[_S["is_count"]]
+        some = count > 0
+        values["sampling/importance_sampling_ratio/min"] = (
+            torch.where(some, stats[:, _S["is_min"]].min(), zero) if stats.shape[0] else zero
+        )
+        values["sampling/importance_sampling_ratio/mean"] = total[_S["is_sum"]] / count.clamp(min=1.0)
+        values["sampling/importance_sampling_ratio/max"] = (
+            torch.where(some, stats[:, _S["is_max"]].max(), zero) if stats.shape[0] else zero
+        )
+    return {name: values[name].detach() for name in names}
+
+
+# --- torch backend: the kernel's algorithm, vectorised over [B, T] --------------------------------------
+
+
+def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor):
+    """(P, ∂P/∂ρ, ∂P/∂ℓ direct, dual-clip active) of MATH.md §4; clamps pass the gradient on the closed
+    interval, as torch.clamp does."""
+    zero = torch.zeros_like(rho)
+    dual = torch.zeros_like(rho, dtype=torch.bool)
+    mode = config.loss_mode
+    if mode == "ppo_clip":
+        unclipped, d_unclipped = rho, torch.ones_like(rho)
+        if config.delta is not None:
+            unclipped = rho.clamp(max=config.delta)
+            d_unclipped = (rho <= config.delta).to(rho.dtype)
+        lo, hi = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+        clipped = rho.clamp(lo, hi)
+        d_clipped = ((rho >= lo) & (rho <= hi)).to(rho.dtype)
+        surr1, surr2 = unclipped * adv, clipped * adv
+        take1 = surr1 <= surr2
+        P = -torch.where(take1, surr1, surr2)
+        d_rho = -adv * torch.where(take1, d_unclipped, d_clipped)
+        if config.dual_clip is not None:
+            cap = -config.dual_clip * adv
+            dual = (adv < 0) & (P > cap)
+            P = torch.where(dual, cap, P)
+            d_rho = torch.where(dual, zero, d_rho)
+        return P, d_rho, zero, dual
+    if mode in ("cispo_trl", "cispo_verl"):
+        if mode == "cispo_trl":
+            weight = rho.clamp(max=config.epsilon_high)
+        else:
+            weight = rho.clamp(1.0 - config.epsilon_low, 1.0 + config.epsilon_high)
+        return -weight * adv * logp, zero, -weight * adv, dual
+    if mode == "gpg":
+        return -adv * logp, zero, -adv, dual
+    # sapo
+    tau = torch.where(adv > 0, torch.full_like(rho, config.sapo_tau_pos), torch.full_like(rho, config.sapo_tau_neg))
+    gate = torch.sigmoid(tau * (rho - 1.0))
+    return -(4.0 / tau) * gate * adv, -4.0 * gate * (1.0 - gate) * adv, zero, dual
+
+
+def _kl_term(config: LossConfig, x: Tensor):
+    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (MATH.md §4)."""
+    est = config.kl_estimator
+    if est == "k1":
+        return -x, torch.ones_like(x)
+    if est == "abs":
+        return x.abs(), -torch.sign(x)
+    if est == "k2":
+        return 0.5 * x * x, -x
+    if config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
+        xc = x.clamp(-20.0, 20.0)
+        e = torch.exp(xc)
+        K = e - xc - 1.0
+        dK = torch.where((x >= -20.0) & (x <= 20.0), 1.0 - e, torch.zeros_like(x))
+        dK = torch.where((K >= -10.0) & (K <= 10.0), dK, torch.zeros_like(x))
+        K = K.clamp(-10.0, 10.0)
+    else:
+        e = torch.exp(x)
+        K, dK = e - x - 1.0, 1.0 - e
+    if est == "k3+":
+        dK = -x
+    return K, dK
+
+
+def _rollout_weight(config: LossConfig, w: Tensor) -> Tensor:
+    c_min = 0.0 if config.rollout_threshold_low is None else config.rollout_threshold_low
+    c_max = config.rollout_threshold_high
+    if config.rollout_correction.endswith("truncate"):
+        return w.clamp(c_min, c_max)
+    return torch.where((w >= c_min) & (w <= c_max), w, torch.zeros_like(w))
+
+
+def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
+                normaliser, write_grad_entropy):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
+    cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    B, T = logprobs.shape
+    zero = torch.zeros((), dtype=cd, device=logprobs.device)
+    mf = live.to(cd)
+
+    def load(x):  # masked tokens read as 0, whatever they hold
+        return torch.where(live, x.to(cd), zero)
+
+    logp = load(logprobs)
+    old = logp if old_logprobs is None else load(old_logprobs)
+    adv = load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    n_safe = mf.sum(1).clamp(min=1.0)
+    u = logp - old
+    lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
+    hi = math.inf if config.log_ratio_max is None else config.log_ratio_max
+
+    # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
+    if config.importance_sampling_level == "token":
+        rho = torch.exp(u.clamp(lo, hi))
+        d_rho = torch.where((u >= lo) & (u <= hi), rho, zero)
+        ds = None
+    else:
+        log_s = (u * mf).sum(1) / n_safe
+        s = torch.exp(log_s.clamp(lo, hi))
+        ds = torch.where((log_s >= lo) & (log_s <= hi), s, zero)
+        rho = s[:, None].expand(B, T)
+        d_rho = ds[:, None].expand(B, T)
+
+    P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv)
+
+    stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logprobs.device)
+    w = None
+    if rollout_logprobs is not None:  # MATH.md §5: a detached weight on the policy term only
+        d = torch.where(live, old - rollout_logprobs.to(cd), zero)
+        stats[:, _S["logp_diff_sum"]] = d.abs().sum(1)
+        stats[:, _S["logp_diff_max"]] = d.abs().amax(1) if T else 0.0
+        if config.rollout_correction is not None:
+            if config.rollout_correction.startswith("token"):
+                w = _rollout_weight(config, torch.exp(d))
+                stats[:, _S["is_sum"]] = (w * mf).sum(1)
+                stats[:, _S["is_count"]] = mf.sum(1)
+                stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
+                stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
+            else:
+                w_row = _rollout_weight(config, torch.exp(d.sum(1)))
+                stats[:, _S["is_sum"]] = w_row
+                stats[:, _S["is_count"]] = 1.0
+                stats[:, _S["is_min"]] = w_row
+                stats[:, _S["is_max"]] = w_row
+                w = w_row[:, None].expand(B, T)
+    if w is None:
+        loss_t, direct, via_ratio = P, dP_dlogp, dP_drho
+    else:
+        loss_t, direct, via_ratio = w * P, w * dP_dlogp, w * dP_drho
+
+    if ref_logprobs is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
+        K, dK = _kl_term(config, load(ref_logprobs) - logp)
+        if config.kl_ratio_weighted:
+            direct = direct + config.beta * dK * rho
+            via_ratio = via_ratio + config.beta * K
+            K = K * rho
+        else:
+            direct = direct + config.beta * dK
+        loss_t = loss_t + config.beta * K
+        stats[:, _S["kl"]] = (K * mf).sum(1)
+    if entropy is not None:  # − c_H·H_t
+        ent = load(entropy)
+        loss_t = loss_t - config.entropy_coef * ent
+        stats[:, _S["entropy"]] = ent.sum(1)
+
+    # aggregation weight c_it = m_it / D (/ max(n_i, 1) for seq_mean_token_mean)
+    row_weight = (1.0 / normaliser.to(cd)).expand(B)
+    if config.aggregation == "seq_mean_token_mean":
+        row_weight = row_weight / n_safe
+    coef = mf * row_weight[:, None]
+    if config.importance_sampling_level == "sequence":  # s_i reaches every token: dℓ_t += (m_t/n_i)·s_i·Σ c·∂L/∂ρ
+        seq = (coef * via_ratio).sum(1) * ds / n_safe
+        grad = coef * direct + mf * seq[:, None]
+    else:
+        grad = coef * (direct + via_ratio * d_rho)
+    grad_ent = -config.entropy_coef * coef if write_grad_entropy else None
+
+    low, high = clip_metric_bounds(config)
+    stats[:, _S["loss"]] = (coef * loss_t).sum(1)
+    stats[:, _S["tokens"]] = mf.sum(1)
+    stats[:, _S["clip_low"]] = (live & (rho < low) & (adv < 0)).to(cd).sum(1)
+    stats[:, _S["clip_high"]] = (live & (rho > high) & (adv > 0)).to(cd).sum(1)
+    stats[:, _S["clip_dual"]] = (live & dual).to(cd).sum(1)
+    stats[:, _S["ratio"]] = (rho * mf).sum(1)
+    stats[:, _S["ppo_kl"]] = (-u).sum(1)
+    return stats, grad, grad_ent
+
+
+# --- value and gradients in one pass -------------------------------------------------------------------
+
+
+def _kernels():
+    from .kernels import policy as kernels
+
+    return kernels
+
+
+def policy_loss_and_grads(
+    logprobs: Tensor,
+    entropy: Optional[Tensor],
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Optional[Tensor],
+    rollout_logprobs: Optional[Tensor],
+    config: LossConfig,
+    normaliser: Tensor,
+    backend: str,
+) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Optional[Tensor]]:
+    """The policy loss, its metrics and its analytic gradients, computed together (no autograd).
+
+    Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
+    [B, T]); ``mask`` bool; ``normaliser`` the 0-d aggregation denominator from :func:`aggregation_normaliser`;
+    ``backend`` "torch", "triton" or "interpret". Nothing here builds an autograd graph.
+
+    Returns:
+        (loss, metrics, grad_logprobs, grad_entropy): the 0-d loss (float32, float64 for float64 log-probs on the
+        torch backend), the metric dict of :func:`metric_names`, d(loss)/d(logprobs) [B, T] in logprobs' dtype,
+        and d(loss)/d(entropy) [B, T] in entropy's dtype, or None when entropy is None or entropy_coef is 0.
+        Multiply both gradients by the upstream gradient of the loss.
+    """
+    write_grad_entropy = entropy is not None and config.entropy_coef != 0.0
+    if backend == "torch" or logprobs.numel() == 0:
+        stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
+                                            rollout_logprobs, config, normaliser, write_grad_entropy)
+    else:
+        low, high = clip_metric_bounds(config)
+        stats, grad, grad_ent = _kernels().policy_loss_rows(
+            logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy, normaliser,
+            loss_mode=config.loss_mode, importance_sampling_level=config.importance_sampling_level,
+            epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, delta=config.delta,
+            dual_clip=config.dual_clip, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
+            log_ratio_min=config.log_ratio_min, log_ratio_max=config.log_ratio_max, beta=config.beta,
+            kl_estimator=config.kl_estimator, kl_ratio_weighted=config.kl_ratio_weighted,
+            kl_clamp=config.kl_clamp, entropy_coef=config.entropy_coef,
+            rollout_correction=config.rollout_correction, rollout_threshold_low=config.rollout_threshold_low,
+            rollout_threshold_high=config.rollout_threshold_high,
+            per_sequence_mean=config.aggregation == "seq_mean_token_mean",
+            clip_metric_low=low, clip_metric_high=high, write_grad_entropy=write_grad_entropy,
+        )
+    names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
+    metrics = _metrics_from_stats(stats, names)
+    loss = stats[:, _S["loss"]].sum()
+    grad = grad.to(logprobs.dtype)
+    grad_ent = grad_ent.to(entropy.dtype) if grad_ent is not None else None
+    return loss, metrics, grad, grad_ent
+
+
+# --- autograd -----------------------------------------------------------------------------------------
+
+
+class _PolicyLoss(torch.autograd.Function):
+    """(loss, packed metrics) from the policy-loss inputs; gradients w.r.t. logprobs and entropy only."""
+
+    @staticmethod
+    def forward(ctx, logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
+                normaliser, backend):
+        loss, metrics, grad, grad_ent = policy_loss_and_grads(
+            logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, normaliser,
+            backend,
+        )
+        ctx.save_for_backward(grad, grad_ent)
+        packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
+        ctx.mark_non_differentiable(packed)
+        ctx.set_materialize_grads(False)
+        return loss, packed
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, g_metrics):
+        grad, grad_ent = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 10
+        g_logp = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        g_ent = None
+        if ctx.needs_input_grad[1] and grad_ent is not None:
+            g_ent = grad_ent * g_loss.to(grad_ent.dtype)
+        return g_logp, g_ent, None, None, None, None, None, None, None, None
+
+
+# --- public API ---------------------------------------------------------------------------------------
+
+
+def _same_shape(name: str, x: object, shape: torch.Size) -> Tensor:
+    x = _checks.tensor(name, x)
+    _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
+    return x
+
+
+def _check_mask(mask: object, shape: torch.Size) -> Tensor:
+    mask = _checks.tensor("mask", mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or a real 0/1 tensor, got dtype {mask.dtype}")
+    bad = (mask != 0) & (mask != 1)
+    if mask.numel() and bool(bad.any()):  # one host sync
+        raise ValueError(f"mask must hold only 0 and 1 (or be bool), got e.g. {mask[bad][0].item()}")
+    return mask != 0
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    config: LossConfig,
+    ref_logprobs: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    num_items_in_batch: Union[int, Tensor, None] = None,
+    num_sequences_in_batch: Union[int, Tensor, None] = None,
+    backend: Optional[str] = None,
+) -> PolicyLossOutput:
+    """The policy loss of the GRPO family (MATH.md §3–§6) as one scalar, with TRL-style metrics.
+
+    Per token: L_t = w_t·P_t + β·KL_t − c_H·H_t, where P is the surrogate of ``config.loss_mode`` on the ratio
+    of ``config.importance_sampling_level``, w the detached rollout weight, KL the chosen estimator against
+    ``ref_logprobs``; then aggregated by ``config.aggregation``. Differentiable w.r.t. ``logprobs`` and
+    ``entropy``; gradients are computed analytically in the same pass as the value.
+
+    Args:
+        logprobs: [B, T] log-probs of the sampled tokens under the current policy (float32; float64 too on the
+            ``torch`` and ``reference`` backends; float16/bfloat16 on the kernel backends).
+        old_logprobs: [B, T] log-probs under the policy that sampled the batch (ℓ°), or None for on-policy
+            (ℓ° = sg(ℓ), ratio 1 with the gradient of ρ).
+        advantages: [B] per sequence or [B, T] per token.
+        mask: [B, T] bool or 0/1 number: the completion tokens that count. Masked tokens contribute exactly 0
+            and get exactly zero gradient whatever their inputs hold (inf and NaN included).
+        config: a :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
+        ref_logprobs: [B, T] reference-model log-probs; required when ``config.beta`` ≠ 0.
+        entropy: [B, T] token entropies; required when ``config.entropy_coef`` ≠ 0; differentiable.
+        rollout_logprobs: [B, T] log-probs from the inference engine (ℓˢ); required when
+            ``config.rollout_correction`` is set (without it, only its divergence metrics are reported).
+        num_items_in_batch: global token count N for ``token_mean`` (int or 0-d tensor, > 0); None = local
+            Σ mask. Under DDP gradient averaging pass N_global / world_size, as TRL does.
+        num_sequences_in_batch: global sequence count B for the ``seq_mean_*`` aggregations; None = local B.
+        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    Returns:
+        :class:`PolicyLossOutput` (loss, metrics).
+
+    Raises:
+        TypeError: non-tensor arguments, non-floating dtypes, a config that is not a LossConfig.
+        ValueError: wrong shapes, a missing ref_logprobs / entropy / rollout_logprobs the config needs, a
+            non-0/1 mask, non-positive global counts, tensors on different devices, an unusable backend.
+    """
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+    logprobs = _checks.tensor("logprobs", logprobs)
+    _checks.ndim("logprobs", logprobs, 2, "[B, T]")
+    shape = logprobs.shape
+    B = shape[0]
+    if old_logprobs is not None:
+        old_logprobs = _same_shape("old_logprobs", old_logprobs, shape)
+    advantages = _checks.tensor("advantages", advantages)
+    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
+    if advantages.shape != (B,) and advantages.shape != shape:
+        raise ValueError(
+            f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
+        )
+    mask = _check_mask(mask, shape)
+    if ref_logprobs is not None:
+        ref_logprobs = _same_shape("ref_logprobs", ref_logprobs, shape)
+    elif config.beta != 0.0:
+        raise ValueError(f"ref_logprobs is required when config.beta = {config.beta} ≠ 0, got None")
+    if entropy is not None:
+        entropy = _same_shape("entropy", entropy, shape)
+    elif config.entropy_coef != 0.0:
+        raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
+    if rollout_logprobs is not None:
+        rollout_logprobs = _same_shape("rollout_logprobs", rollout_logprobs, shape)
+    elif config.rollout_correction is not None:
+        raise ValueError(
+            f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
+        )
+    _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
+                        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs)
+    name = resolve_backend(backend, logprobs.device)
+    allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
+    _checks.dtype_in("logprobs", logprobs, allowed)
+
+    if name == "reference":
+        out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+        loss, metrics = reference.policy_loss(
+            logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
+            rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
+            num_sequences_in_batch=num_sequences_in_batch,
+        )
+        return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
+
+    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch)
+    loss, packed = _PolicyLoss.apply(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
+                                     rollout_logprobs, config, normaliser, name)
+    names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
+    return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
