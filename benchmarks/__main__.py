@@ -1,0 +1,75 @@
+"""``python -m benchmarks``: run the benchmark suites on this machine's device and write their reports.
+
+On a machine without a GPU every suite runs its embedded CPU default (small sizes: memory and equality); on a
+CUDA machine the GPU comparison. Reports go to ``docs/benchmarks/<device-slug>/<suite>.{json,md}``.
+Exit status 1 when an rlloss case failed with an error (an out-of-memory case or a failing peer is recorded,
+not fatal).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import _harness as harness
+from ._registry import available_suites
+
+
+def _parser(suite_names: List[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmarks of rlloss. Without a GPU each suite runs its CPU default; with CUDA the GPU "
+        "comparison against the naive baseline and other libraries.",
+    )
+    parser.add_argument("--suite", action="append", metavar="NAME", choices=suite_names,
+                        help=f"suite to run, repeatable (default: all of {', '.join(suite_names)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes; reports are written as <suite>-quick.{json,md}")
+    parser.add_argument("--out", metavar="DIR", type=Path,
+                        help="output folder (default: docs/benchmarks/<device-slug>/ in the repository)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="run the CPU default or the GPU comparison (default: CUDA when present)")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    return parser
+
+
+def _subject_failed(report: harness.SuiteReport) -> bool:
+    return any(r.get("role") == "subject" and r.get("status") == "error" for r in report.records)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    suites = available_suites()
+    args = _parser(sorted(suites)).parse_args(argv)
+    if args.list:
+        for name, suite in suites.items():
+            print(f"{name:<16} {suite.description}")
+        return 0
+
+    device = harness.detect_device(args.device)
+    out_dir = args.out if args.out is not None else harness.DEFAULT_OUT_ROOT / device.slug
+    env = harness.environment(device)
+    ctx = harness.RunContext(device=device, quick=args.quick, progress=lambda line: print(line, flush=True))
+    selected = args.suite or sorted(suites)
+    print(f"rlloss benchmarks on {device.type} ({device.name}); suites: {', '.join(selected)}"
+          f"{' (quick)' if args.quick else ''}; writing to {out_dir}", flush=True)
+
+    failed = False
+    for name in selected:
+        start = time.perf_counter()
+        report = suites[name].run(ctx)
+        wall_time_s = time.perf_counter() - start
+        json_path, md_path = harness.write_report(report, {**env, "suite_wall_time_s": wall_time_s}, out_dir,
+                                                  args.quick)
+        print(f"\n{report.title} ({wall_time_s:.1f} s)\n")
+        print(harness.markdown_table(report.records, report.columns))
+        for skip in report.skips:
+            print(f"skipped {skip['impl']}: {skip['reason']}")
+        print(f"\nwrote {json_path}\nwrote {md_path}", flush=True)
+        failed |= _subject_failed(report)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

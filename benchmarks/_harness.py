@@ -1,0 +1,431 @@
+"""What every suite shares: the device, the environment record, timing and peak-memory probes (CPU and
+CUDA), running a case in a fresh process, and writing the JSON + markdown report.
+
+CUDA-only pieces import Triton and touch ``torch.cuda`` inside the functions that need them, so this module
+imports and its CPU half runs on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT_ROOT = REPO_ROOT / "docs" / "benchmarks"
+REPORT_SCHEMA_VERSION = 1
+MIB = 1 << 20
+GIB = 1 << 30
+KIB = 1 << 10
+
+# A case run in its own process may take this long before it is killed and recorded as an error.
+ISOLATED_CASE_TIMEOUT_S = 900
+
+
+# --- device and environment ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a run happens. ``type`` is "cpu" or "cuda"; ``slug`` names the results folder."""
+
+    type: str
+    name: str
+    slug: str
+
+
+def slugify(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def detect_device(requested: str = "auto") -> Device:
+    """The device of this run: CUDA when present (or asked for), else the CPU.
+
+    Raises:
+        ValueError: ``requested`` is not "auto", "cpu" or "cuda", or "cuda" without a CUDA device.
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+    use_cuda = torch.cuda.is_available() if requested == "auto" else requested == "cuda"
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+        name = torch.cuda.get_device_name()
+        return Device("cuda", name, slugify(name))
+    return Device("cpu", _cpu_model(), "cpu")
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def environment(device: Device) -> Dict[str, Any]:
+    """Everything needed to tell two runs apart: commit, device, library versions, threads, time."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env = {
+        "commit": _git("rev-parse", "HEAD"),
+        "commit_dirty": bool(status) if status is not None else None,
+        "device_type": device.type,
+        "device_name": device.name,
+        "device_slug": device.slug,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # Other work on the machine slows CPU timings: the 1-minute load average when the run started.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+    }
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        env["cuda"] = torch.version.cuda
+        env["compute_capability"] = f"{major}.{minor}"
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+    return env
+
+
+# --- the context a suite runs in and the report it returns -------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    """What ``python -m benchmarks`` hands a suite."""
+
+    device: Device
+    quick: bool
+    progress: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the markdown table: a header and how to render it from a record."""
+
+    header: str
+    render: Callable[[Dict[str, Any]], str]
+
+
+@dataclass
+class SuiteReport:
+    """What a suite measured.
+
+    mode: which set of cases ran ("cpu-default", "gpu-peers", ...).
+    config: the sizes, dtypes and repeat counts of the run (goes to the JSON as is).
+    records: one flat dict per (implementation, shape): plots group and filter on its keys.
+    skips: ``{"impl": ..., "reason": ...}`` for every implementation that could not run at all.
+    notes: methodology lines for the markdown (memory method, FLOP convention, ...).
+    """
+
+    suite: str
+    mode: str
+    title: str
+    config: Dict[str, Any]
+    records: List[Dict[str, Any]]
+    columns: Sequence[Column] = field(repr=False)
+    skips: List[Dict[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def markdown_table(records: Sequence[Dict[str, Any]], columns: Sequence[Column]) -> str:
+    rows = [[column.header for column in columns], ["---"] * len(columns)]
+    rows += [[column.render(record).replace("|", "\\|") for column in columns] for record in records]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def report_stem(suite: str, quick: bool) -> str:
+    """File stem of a suite's report: quick runs never overwrite the full results."""
+    return f"{suite}-quick" if quick else suite
+
+
+def report_json(report: SuiteReport, env: Dict[str, Any], quick: bool) -> Dict[str, Any]:
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "suite": report.suite,
+        "mode": report.mode,
+        "quick": quick,
+        "environment": env,
+        "config": report.config,
+        "notes": report.notes,
+        "skips": report.skips,
+        "records": report.records,
+    }
+
+
+def report_markdown(report: SuiteReport, env: Dict[str, Any], quick: bool) -> str:
+    commit = (env.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if env.get("commit_dirty") else "")
+    lines = [
+        f"# {report.title}",
+        "",
+        f"Device: {env['device_name']}. Commit `{commit}`, torch {env['torch']}, triton {env['triton']}, "
+        f"Python {env['python']}, {env['torch_threads']} torch threads, {env['timestamp_utc']}.",
+        f"Command: `{env['command']}`" + (" (quick sizes)" if quick else "")
+        + (f", suite wall time {env['suite_wall_time_s']:.0f} s" if "suite_wall_time_s" in env else "") + ".",
+        "Generated by the benchmark run; numbers are measured, never edited by hand. "
+        "The JSON beside this file holds every field.",
+        "",
+        markdown_table(report.records, report.columns),
+        "",
+    ]
+    if report.skips:
+        lines += ["Skipped:", ""] + [f"- `{skip['impl']}`: {skip['reason']}" for skip in report.skips] + [""]
+    if report.notes:
+        lines += ["How it was measured:", ""] + [f"- {note}" for note in report.notes] + [""]
+    return "\n".join(lines)
+
+
+def write_report(report: SuiteReport, env: Dict[str, Any], out_dir: Path, quick: bool) -> Tuple[Path, Path]:
+    """Write ``<suite>.json`` and ``<suite>.md`` (``<suite>-quick.*`` for quick runs) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = report_stem(report.suite, quick)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(report_json(report, env, quick), indent=1, default=str) + "\n")
+    md_path.write_text(report_markdown(report, env, quick))
+    return json_path, md_path
+
+
+# --- formatting -------------------------------------------------------------------------------------------
+
+
+def fmt_ms(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3f}"
+
+
+def fmt_mib(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value / MIB:.1f}"
+
+
+def fmt_gib(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value / GIB:.2f}"
+
+
+def fmt_err(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.1e}"
+
+
+def fmt_num(value: Optional[float], digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+# --- timing -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A time distribution: the median and a spread (min/max of CPU repeats, 20th/80th percentile on CUDA)."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    samples: int
+    method: str
+
+    def as_record(self) -> Dict[str, Any]:
+        return {"time_ms": self.median_ms, "time_low_ms": self.low_ms, "time_high_ms": self.high_ms,
+                "time_samples": self.samples, "time_method": self.method}
+
+
+def cpu_time(fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
+    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return Timing(statistics.median(samples), min(samples), max(samples), repeats,
+                  f"time.perf_counter, median of {repeats} calls after {warmup} warm-up")
+
+
+# triton.testing.do_bench budgets in milliseconds (it picks the call counts from a first estimate) and the
+# quantiles it reports: the median and a spread.
+DO_BENCH_WARMUP_MS = 25
+DO_BENCH_REP_MS = 100
+DO_BENCH_QUANTILES = (0.2, 0.5, 0.8)
+
+
+def cuda_time(fn: Callable[[], Any]) -> Timing:
+    """Median CUDA time of ``fn`` by ``triton.testing.do_bench`` (L2 flushed before every call)."""
+    from triton.testing import do_bench
+
+    low, median, high = do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=DO_BENCH_REP_MS,
+                                 quantiles=list(DO_BENCH_QUANTILES))
+    return Timing(median, low, high, 0,
+                  f"triton.testing.do_bench(warmup={DO_BENCH_WARMUP_MS} ms, rep={DO_BENCH_REP_MS} ms), "
+                  "median; low/high are the 20th/80th percentiles")
+
+
+# Square size of the bf16 matmul whose rate is the GPU's reference peak in this run.
+MATMUL_REFERENCE_SIZE = 8192
+
+
+def cuda_matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = MATMUL_REFERENCE_SIZE) -> float:
+    """Measured rate of a large ``torch.matmul`` on this GPU, in TFLOP/s (2·size³ FLOPs per call)."""
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    timing = cuda_time(lambda: torch.matmul(a, b))
+    return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+# --- peak memory ------------------------------------------------------------------------------------------
+
+# glibc malloc keeps freed blocks below its (adaptive) mmap threshold in its heap, so peak RSS would count
+# what the allocator caches, which depends on history. Pinning the threshold maps every block of at least
+# this size on allocation and unmaps it on free: RSS then follows the live tensors, as
+# torch.cuda.max_memory_allocated does on a GPU. Only the memory-measuring process runs with it.
+MALLOC_MMAP_THRESHOLD_BYTES = 128 * KIB
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD_BYTES)}
+
+CPU_MEMORY_METHOD = (
+    "CPU peak memory: each case's memory is measured in a fresh Python process of its own. After the inputs "
+    "are built (and a tiny-shape call has started the thread pools) the kernel's peak-RSS counter is reset "
+    "(`/proc/self/clear_refs` ← 5) and the RSS read; one full-size forward + backward follows, and the figure "
+    "is the peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) minus that RSS. That process runs with glibc's "
+    f"mmap threshold pinned at {MALLOC_MMAP_THRESHOLD_BYTES // KIB} KiB (`MALLOC_MMAP_THRESHOLD_`), so every "
+    "tensor is mapped when allocated and unmapped when freed and RSS follows the live tensors (as "
+    "`torch.cuda.max_memory_allocated` does on a GPU) rather than what malloc keeps cached; timing runs in "
+    "another process with the default allocator. The figure includes the input gradients the call returns."
+)
+
+CUDA_MEMORY_METHOD = (
+    "CUDA peak memory: `torch.cuda.max_memory_allocated()` during one forward+backward (after warm-up and "
+    "`reset_peak_memory_stats`) minus `memory_allocated()` just before it, inputs and upstream gradients "
+    "already allocated; it includes the input gradients the call returns."
+)
+
+
+def _proc_status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def current_rss_bytes() -> int:
+    kib = _proc_status_kib("VmRSS")
+    if kib is None:  # no procfs: fall back to the peak, the best lower bound the OS offers
+        return peak_rss_bytes()
+    return kib * KIB
+
+
+def peak_rss_bytes() -> int:
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * KIB  # bytes on macOS, KiB on Linux
+
+
+def cpu_peak_memory(fn: Callable[[], Any]) -> Tuple[int, bool, Any]:
+    """(peak RSS during ``fn`` minus RSS before it, whether the peak counter could be reset, fn's result)."""
+    was_reset = reset_peak_rss()
+    before = current_rss_bytes()
+    result = fn()
+    return max(0, peak_rss_bytes() - before), was_reset, result
+
+
+def cuda_peak_memory(fn: Callable[[], Any]) -> Tuple[int, Any]:
+    """(peak CUDA memory allocated during ``fn`` minus what was allocated before it, fn's result)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, result
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom_type) or "out of memory" in str(exc).lower()
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first_line}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def free_device_memory(device_type: str) -> None:
+    import gc
+
+    gc.collect()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- running a case in a fresh process -------------------------------------------------------------------
+
+
+def run_isolated(function: str, payload: Dict[str, Any], env_overrides: Optional[Dict[str, str]] = None,
+                 timeout_s: float = ISOLATED_CASE_TIMEOUT_S) -> Dict:
+    """Call ``function`` ("package.module:name", taking and returning a JSON-able dict) in a fresh Python
+    process, with ``env_overrides`` added to its environment, and return its result.
+
+    Raises:
+        RuntimeError: the process failed or timed out (the message ends with its stderr).
+    """
+    with tempfile.TemporaryDirectory(prefix="rlloss-bench-") as tmp:
+        payload_path, result_path = Path(tmp) / "payload.json", Path(tmp) / "result.json"
+        payload_path.write_text(json.dumps(payload))
+        env = {**os.environ, **(env_overrides or {})}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", "benchmarks._worker", function, str(payload_path), str(result_path)]
+        try:
+            done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{function} ran past {timeout_s:.0f} s") from exc
+        if done.returncode != 0 or not result_path.exists():
+            tail = "\n".join(done.stderr.strip().splitlines()[-20:])
+            raise RuntimeError(f"{function} failed in its own process (exit {done.returncode}):\n{tail}")
+        return json.loads(result_path.read_text())
+

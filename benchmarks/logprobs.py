@@ -1,0 +1,642 @@
+"""Suite ``logprobs``: ``rlloss.token_logprobs`` (log-probs and entropy straight from hidden states and the
+lm_head weight), forward + backward with both outputs and random upstream gradients.
+
+CPU default (no GPU): the chunked ``torch`` backend against the naive materialised baseline (full [N, V]
+float32 logits, log_softmax, gather, entropy, autograd) at N=2048, D=256, V=32000, float32. Each case runs
+in a fresh process so its peak RSS is its own; both are held against the float64 reference.
+
+GPU: bfloat16 at N ∈ {2048, 8192, 32768}, D=4096, V ∈ {32000, 131072, 151936}: the ``triton`` backend against
+the naive baseline (bf16 logits, float32 log_softmax), ``torch.compile`` of it, Cut Cross-Entropy and
+Liger-Kernel's fused linear cross-entropy (each peer only where it imports), timed by
+``triton.testing.do_bench``, with peak memory, achieved TFLOP/s and its fraction of the measured bf16 matmul
+rate; every peer's log-probs are checked against rlloss's so a wrong peer shows.
+"""
+from __future__ import annotations
+
+import itertools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import rlloss
+from rlloss import reference
+
+from . import _harness as harness
+from ._registry import Suite
+
+# --- sizes and settings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """N tokens, hidden size D, vocabulary V."""
+
+    N: int
+    D: int
+    V: int
+
+    def __str__(self) -> str:
+        return f"N={self.N} D={self.D} V={self.V}"
+
+
+CPU_DEFAULT_SHAPE = Shape(N=2048, D=256, V=32000)
+CPU_QUICK_SHAPE = Shape(N=1024, D=128, V=16384)
+CPU_DTYPE = torch.float32
+CPU_WARMUP_CALLS = 1
+CPU_TIMED_CALLS = 5
+# Tiny shape run once before the inputs are built, so thread pools exist before memory is measured.
+THREAD_POOL_WARMUP_SHAPE = Shape(N=64, D=32, V=1000)
+
+GPU_HIDDEN = 4096
+GPU_TOKENS = (2048, 8192, 32768)
+GPU_VOCABS = (32000, 131072, 151936)
+GPU_TOKENS_QUICK = (2048, 8192)
+GPU_VOCABS_QUICK = (32000, 151936)
+GPU_DTYPE = torch.bfloat16
+# Rows of every GPU case checked against a float32 materialised reference (cheap: [rows, V]).
+GPU_REFERENCE_ROWS = 256
+
+# Nominal FLOPs of forward + backward per (token, hidden, vocab) triple: logits 2, dh 2, dW 2 and one logit
+# recompute 2. The same count is used for every implementation (naive does 6, rlloss's kernels 10), so
+# TFLOP/s is a rescaled speed that compares across implementations and with the matmul peak.
+FLOPS_PER_NDV = 8
+
+# Random inputs: weight scaled so the logits have this standard deviation (a peaked distribution, as a trained
+# model's is, rather than a flat one); fixed seed so every process builds the same tensors.
+LOGIT_STD = 2.0
+SEED = 0
+
+
+def gpu_shapes(quick: bool) -> List[Shape]:
+    tokens, vocabs = (GPU_TOKENS_QUICK, GPU_VOCABS_QUICK) if quick else (GPU_TOKENS, GPU_VOCABS)
+    return [Shape(N, GPU_HIDDEN, V) for V, N in itertools.product(vocabs, tokens)]
+
+
+def nominal_flops(shape: Shape) -> int:
+    return FLOPS_PER_NDV * shape.N * shape.D * shape.V
+
+
+# --- inputs and one forward + backward ---------------------------------------------------------------------
+
+
+class Inputs(NamedTuple):
+    hidden: Tensor  # [N, D], requires grad
+    weight: Tensor  # [V, D], requires grad
+    targets: Tensor  # [N] int64
+    grad_logprobs: Tensor  # [N] float32 upstream gradient of the log-probs
+    grad_entropy: Tensor  # [N] float32 upstream gradient of the entropy
+
+
+class Outputs(NamedTuple):
+    logprobs: Tensor
+    entropy: Optional[Tensor]
+    grad_hidden: Tensor
+    grad_weight: Tensor
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = SEED) -> Inputs:
+    """Random inputs, identical in every process for the same (shape, dtype, device, seed)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size: int) -> Tensor:
+        return torch.randn(*size, generator=gen, device=device, dtype=torch.float32)
+
+    hidden = randn(shape.N, shape.D).to(dtype).requires_grad_()
+    weight = (randn(shape.V, shape.D) * (LOGIT_STD / shape.D**0.5)).to(dtype).requires_grad_()
+    targets = torch.randint(0, shape.V, (shape.N,), generator=gen, device=device)
+    return Inputs(hidden, weight, targets, randn(shape.N), randn(shape.N))
+
+
+Forward = Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Optional[Tensor]]]
+
+
+def fwd_bwd_step(forward: Forward, inputs: Inputs, nll_sum_backward: bool = False) -> Callable[[], Outputs]:
+    """One forward + backward through ``forward`` with the inputs' upstream gradients (the entropy's only
+    where the implementation returns one); input gradients are reset first, so calls do not accumulate.
+
+    nll_sum_backward: the upstream gradient of the log-probs is −1 everywhere (``nll.sum().backward()``),
+    for implementations whose per-token backward only takes a uniform upstream gradient.
+    """
+    grad_logprobs = -torch.ones_like(inputs.grad_logprobs) if nll_sum_backward else inputs.grad_logprobs
+
+    def step() -> Outputs:
+        inputs.hidden.grad = None
+        inputs.weight.grad = None
+        logprobs, entropy = forward(inputs.hidden, inputs.weight, inputs.targets)
+        tensors, grads = [logprobs], [grad_logprobs.to(logprobs.dtype)]
+        if entropy is not None:
+            tensors.append(entropy)
+            grads.append(inputs.grad_entropy.to(entropy.dtype))
+        torch.autograd.backward(tensors, grads)
+        return Outputs(logprobs.detach(), None if entropy is None else entropy.detach(),
+                       inputs.hidden.grad, inputs.weight.grad)
+
+    return step
+
+
+# --- implementations --------------------------------------------------------------------------------------
+
+
+def naive_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """The materialised baseline: full [N, V] logits in the input dtype, float32 log_softmax, gather,
+    entropy, autograd through all of it."""
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    return logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One contender.
+
+    role: "subject" (rlloss), "baseline" (naive materialised) or "peer" (another library).
+    make_forward: called once per case, so e.g. torch.compile starts from a fresh cache for every shape.
+    unavailable: why it cannot run here (a missing package), or None.
+    has_entropy: whether it returns the entropy (peers computing cross-entropy do not).
+    nll_sum_backward: see :func:`fwd_bwd_step`.
+    """
+
+    name: str
+    role: str
+    label: str
+    make_forward: Callable[[], Forward]
+    unavailable: Callable[[], Optional[str]] = lambda: None
+    has_entropy: bool = True
+    nll_sum_backward: bool = False
+    note: str = ""
+
+
+def rlloss_implementation(backend: str) -> Implementation:
+    def make_forward() -> Forward:
+        def forward(hidden, weight, targets):
+            out = rlloss.token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+            return out.logprobs, out.entropy
+
+        return forward
+
+    return Implementation(f"rlloss-{backend}", "subject", f"rlloss.token_logprobs, backend={backend!r}",
+                          make_forward)
+
+
+def naive_implementation(dtype: torch.dtype) -> Implementation:
+    logits = "float32 logits" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')} logits → float32"
+    return Implementation("naive", "baseline", f"materialised [N, V] {logits} log_softmax, autograd",
+                          lambda: naive_logprobs)
+
+
+def _compiled_naive() -> Forward:
+    import torch._dynamo
+
+    torch._dynamo.reset()  # fresh graph cache per shape: no recompile limit, no fallback to eager
+    return torch.compile(naive_logprobs, dynamic=False)
+
+
+COMPILED_NAIVE = Implementation(
+    "naive-compile", "baseline", "torch.compile(naive), dynamic=False", _compiled_naive,
+    note="compile and autotuning happen in the untimed warm-up call",
+)
+
+
+def _import_error(module: str, pip_name: str) -> Callable[[], Optional[str]]:
+    def unavailable() -> Optional[str]:
+        try:
+            __import__(module)
+        except Exception as exc:  # ImportError, or a peer whose own import breaks on this stack
+            return f"`import {module}` failed ({harness.describe_error(exc, 160)}); pip install {pip_name}"
+        return None
+
+    return unavailable
+
+
+def _cce_forward(impl: str) -> Callable[[], Forward]:
+    def make_forward() -> Forward:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def forward(hidden, weight, targets):
+            nll = linear_cross_entropy(hidden, weight, targets, reduction="none", impl=impl)
+            return -nll, None
+
+        return forward
+
+    return make_forward
+
+
+CCE_NOTE = "returns −log p only (no entropy)"
+CCE = Implementation(
+    "cce", "peer", "cut_cross_entropy.linear_cross_entropy(impl='cce')", _cce_forward("cce"),
+    _import_error("cut_cross_entropy", "cut-cross-entropy"), has_entropy=False,
+    note=CCE_NOTE + "; gradient filtering on (filter_eps='auto'): approximate gradients",
+)
+CCE_EXACT = Implementation(
+    "cce-exact", "peer", "cut_cross_entropy.linear_cross_entropy(impl='cce_exact')", _cce_forward("cce_exact"),
+    _import_error("cut_cross_entropy", "cut-cross-entropy"), has_entropy=False,
+    note=CCE_NOTE + "; no gradient filtering",
+)
+
+
+def _liger_forward() -> Forward:
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+    def forward(hidden, weight, targets):
+        out = loss_fn(weight, hidden, targets)  # Liger takes the weight first
+        if hasattr(out, "loss"):  # a CrossEntropyOutput when extra outputs are asked for
+            out = out.loss
+        elif isinstance(out, tuple):
+            out = out[0]
+        return -out, None
+
+    return forward
+
+
+LIGER = Implementation(
+    "liger", "peer", "liger_kernel LigerFusedLinearCrossEntropyLoss(reduction='none')", _liger_forward,
+    _import_error("liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel"), has_entropy=False,
+    nll_sum_backward=True,
+    note="returns −log p only (no entropy); computes its gradients inside the forward; backward is "
+    "nll.sum().backward() (uniform upstream gradient), because Liger's reduction='none' backward has scaled "
+    "its precomputed gradients by a single upstream value in released versions",
+)
+
+CPU_IMPLEMENTATIONS = (rlloss_implementation("torch"), naive_implementation(CPU_DTYPE))
+GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), naive_implementation(GPU_DTYPE), COMPILED_NAIVE,
+                       CCE, CCE_EXACT, LIGER)
+
+
+def split_available(impls: Sequence[Implementation]) -> Tuple[List[Implementation], List[Dict[str, str]]]:
+    """(implementations that can run here, ``{"impl", "reason"}`` for the others)."""
+    ready, skips = [], []
+    for impl in impls:
+        reason = impl.unavailable()
+        if reason is None:
+            ready.append(impl)
+        else:
+            skips.append({"impl": impl.name, "reason": reason})
+    return ready, skips
+
+
+# --- comparing outputs ------------------------------------------------------------------------------------
+
+
+def max_abs_diff(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[float]:
+    if a is None or b is None:
+        return None
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def output_diffs(outputs: Outputs, expected: Outputs, prefix: str) -> Dict[str, Optional[float]]:
+    """``{prefix_logprobs: max|Δ|, ...}`` for every output both sides have."""
+    return {f"{prefix}_{name}": max_abs_diff(getattr(outputs, name), getattr(expected, name))
+            for name in Outputs._fields}
+
+
+def float64_reference(inputs: Inputs) -> Outputs:
+    """Ground truth: ``rlloss.reference`` on float64 copies of the inputs, the same upstream gradients."""
+    hidden = inputs.hidden.detach().double().requires_grad_()
+    weight = inputs.weight.detach().double().requires_grad_()
+    logprobs, entropy = reference.token_logprobs(hidden, weight, inputs.targets)
+    torch.autograd.backward([logprobs, entropy], [inputs.grad_logprobs.double(), inputs.grad_entropy.double()])
+    return Outputs(logprobs.detach(), entropy.detach(), hidden.grad, weight.grad)
+
+
+def float32_reference_rows(inputs: Inputs, rows: int) -> Tuple[Tensor, Tensor]:
+    """(log-probs, entropy) of the first ``rows`` tokens from float32 logits of the (rounded) inputs."""
+    with torch.no_grad():
+        logits = inputs.hidden[:rows].float() @ inputs.weight.float().T
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(1, inputs.targets[:rows, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+
+# --- records ----------------------------------------------------------------------------------------------
+
+
+def base_record(impl: Implementation, shape: Shape, dtype: torch.dtype, device: str) -> Dict[str, Any]:
+    return {
+        "impl": impl.name, "role": impl.role, "label": impl.label, "note": impl.note,
+        "N": shape.N, "D": shape.D, "V": shape.V, "dtype": str(dtype).replace("torch.", ""), "device": device,
+        "outputs": "logprobs+entropy" if impl.has_entropy else "logprobs only",
+        "upstream_grad": "uniform (nll.sum())" if impl.nll_sum_backward else "random",
+        "flops": nominal_flops(shape), "status": "ok", "error": None,
+    }
+
+
+def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
+    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
+    record["error"] = harness.describe_error(exc)
+    return record
+
+
+# --- CPU default --------------------------------------------------------------------------------------------
+
+_CPU_IMPLEMENTATIONS_BY_NAME = {impl.name: impl for impl in CPU_IMPLEMENTATIONS}
+
+
+def _cpu_case_step(payload: Dict[str, Any]) -> Callable[[], Outputs]:
+    """The case's forward + backward on its inputs, after a tiny-shape call that starts the thread pools."""
+    impl = _CPU_IMPLEMENTATIONS_BY_NAME[payload["impl"]]
+    forward = impl.make_forward()
+    fwd_bwd_step(forward, make_inputs(THREAD_POOL_WARMUP_SHAPE, CPU_DTYPE, "cpu"), impl.nll_sum_backward)()
+    return fwd_bwd_step(forward, make_inputs(Shape(**payload["shape"]), CPU_DTYPE, "cpu"), impl.nll_sum_backward)
+
+
+def measure_cpu_memory(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """In a fresh process (``harness.run_isolated``): peak memory of the first full-size forward + backward;
+    saves its outputs for the parent to compare."""
+    peak, peak_was_reset, outputs = harness.cpu_peak_memory(_cpu_case_step(payload))
+    torch.save(outputs._asdict(), payload["outputs_path"])
+    return {"peak_memory_bytes": peak, "peak_counter_reset": peak_was_reset}
+
+
+def measure_cpu_time(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """In a fresh process: median time of the forward + backward."""
+    return harness.cpu_time(_cpu_case_step(payload), CPU_WARMUP_CALLS, CPU_TIMED_CALLS).as_record()
+
+
+def _cpu_columns() -> List[harness.Column]:
+    C = harness.Column
+    return [
+        C("impl", lambda r: f"`{r['impl']}`"),
+        C("N × D × V", lambda r: f"{r['N']} × {r['D']} × {r['V']}"),
+        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
+        C("min–max ms", lambda r: "—" if r.get("time_ms") is None
+          else f"{harness.fmt_ms(r['time_low_ms'])}–{harness.fmt_ms(r['time_high_ms'])}"),
+        C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
+        C("= [N, V] tensors", lambda r: harness.fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
+        C("max abs diff logprobs", lambda r: harness.fmt_err(r.get("diff_logprobs"))),
+        C("entropy", lambda r: harness.fmt_err(r.get("diff_entropy"))),
+        C("d hidden", lambda r: harness.fmt_err(r.get("diff_grad_hidden"))),
+        C("d weight", lambda r: harness.fmt_err(r.get("diff_grad_weight"))),
+    ]
+
+
+def _cpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
+    head = f"[{index}/{total}] logprobs {record['impl']:<14} N={record['N']} D={record['D']} V={record['V']} " \
+           f"{record['dtype']} fwd+bwd"
+    if record["status"] != "ok":
+        return f"{head}: {record['status']}: {record['error']}"
+    return f"{head}: {harness.fmt_ms(record['time_ms'])} ms, peak +{harness.fmt_mib(record['peak_memory_bytes'])} MiB"
+
+
+def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
+    shape = CPU_QUICK_SHAPE if ctx.quick else CPU_DEFAULT_SHAPE
+    dtype_name = str(CPU_DTYPE).replace("torch.", "")
+    itemsize = torch.empty((), dtype=CPU_DTYPE).element_size()
+    records, saved = [], {}
+    with tempfile.TemporaryDirectory(prefix="rlloss-bench-logprobs-") as tmp:
+        for index, impl in enumerate(CPU_IMPLEMENTATIONS, start=1):
+            record = base_record(impl, shape, CPU_DTYPE, "cpu")
+            outputs_path = Path(tmp) / f"{impl.name}.pt"
+            payload = {"impl": impl.name, "shape": vars(shape), "outputs_path": str(outputs_path)}
+            try:
+                record.update(harness.run_isolated(f"{__name__}:measure_cpu_memory", payload,
+                                                   harness.LIVE_MEMORY_ENV))
+                saved[impl.name] = outputs_path
+                record.update(harness.run_isolated(f"{__name__}:measure_cpu_time", payload))
+                record["gflops_per_s"] = record["flops"] / (record["time_ms"] * 1e-3) / 1e9
+            except RuntimeError as exc:
+                failure(record, exc)
+            ctx.progress(_cpu_progress(index, len(CPU_IMPLEMENTATIONS), record))
+            records.append(record)
+
+        ctx.progress("float64 reference (rlloss.reference, autograd) for the max-abs-diff columns")
+        expected = float64_reference(make_inputs(shape, CPU_DTYPE, "cpu"))
+        for record in records:
+            if record["impl"] in saved:
+                outputs = Outputs(**torch.load(saved[record["impl"]]))
+                record.update(output_diffs(outputs, expected, "diff"))
+
+    logits_bytes = shape.N * shape.V * itemsize
+    for record in records:
+        if record.get("peak_memory_bytes") is not None:
+            record["peak_memory_in_logits_tensors"] = record["peak_memory_bytes"] / logits_bytes
+    return harness.SuiteReport(
+        suite="logprobs", mode="cpu-default",
+        title=f"logprobs — CPU default: {shape}, {dtype_name}, forward + backward, logprobs and entropy",
+        config={
+            "shape": vars(shape), "dtype": dtype_name, "warmup_calls": CPU_WARMUP_CALLS,
+            "timed_calls": CPU_TIMED_CALLS, "seed": SEED, "logit_std": LOGIT_STD,
+            "logits_tensor_bytes": logits_bytes,
+            "input_bytes": (shape.N * shape.D + shape.V * shape.D) * itemsize + shape.N * 8 + 2 * shape.N * 4,
+            "input_grad_bytes": (shape.N * shape.D + shape.V * shape.D) * itemsize,
+            "nominal_flops": nominal_flops(shape), "diff_reference": "float64 rlloss.reference, autograd",
+        },
+        records=records, columns=_cpu_columns(),
+        notes=[
+            f"Both implementations run forward + backward of (logprobs, entropy) with random upstream gradients; "
+            f"`rlloss-torch` is the chunked torch backend (never an [N, V] tensor), `naive` materialises "
+            f"[N, V] logits and autograd keeps several [N, V] tensors. One {dtype_name} [N, V] tensor here is "
+            f"{harness.fmt_mib(logits_bytes)} MiB; the input gradients both return are "
+            f"{harness.fmt_mib((shape.N + shape.V) * shape.D * itemsize)} MiB.",
+            harness.CPU_MEMORY_METHOD,
+            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call in a fresh process "
+            f"with the default allocator, {torch.get_num_threads()} torch threads; the JSON's "
+            "`load_average_1min` tells whether other work shared the machine.",
+            "max abs diff: against `rlloss.reference` evaluated in float64 on the same inputs and upstream "
+            "gradients (logprobs, entropy, d hidden, d weight).",
+            f"Random inputs: hidden ~ N(0, 1), weight scaled for logits of std {LOGIT_STD}, uniform targets, "
+            f"seed {SEED}.",
+        ],
+    )
+
+
+# --- GPU comparison -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probes:
+    """How a case is timed and its memory measured (CUDA in a real run; CPU stand-ins in the smoke test)."""
+
+    time: Callable[[Callable[[], Any]], harness.Timing]
+    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
+
+
+CUDA_PROBES = Probes(time=harness.cuda_time, peak_memory=harness.cuda_peak_memory)
+
+
+def measure_case(impl: Implementation, inputs: Inputs, probes: Probes) -> Tuple[Dict[str, Any], Outputs]:
+    """Warm-up call (compiles, autotunes), one call for peak memory and outputs, then the timing."""
+    step = fwd_bwd_step(impl.make_forward(), inputs, impl.nll_sum_backward)
+    step()
+    peak, outputs = probes.peak_memory(step)
+    timing = probes.time(step)
+    return {"peak_memory_bytes": peak, **timing.as_record()}, outputs
+
+
+def compare_implementations(
+    shapes: Sequence[Shape], dtype: torch.dtype, device: str, impls: Sequence[Implementation], probes: Probes,
+    progress: Callable[[str], None], matmul_tflops: Optional[float] = None,
+) -> List[Dict[str, Any]]:
+    """Every implementation on every shape; the first ``subject`` is the anchor the others are checked
+    against, and every one is checked on its first rows against a float32 materialised reference."""
+    records, total, index = [], len(shapes) * len(impls), 0
+    for shape in shapes:
+        try:
+            inputs = make_inputs(shape, dtype, device)
+            reference_rows = float32_reference_rows(inputs, GPU_REFERENCE_ROWS)
+        except Exception as exc:  # the inputs themselves do not fit: every case of this shape fails alike
+            for impl in impls:
+                index += 1
+                records.append(failure(base_record(impl, shape, dtype, device), exc))
+                progress(_gpu_progress(index, total, records[-1]))
+            harness.free_device_memory(device)
+            continue
+        anchor: Optional[Outputs] = None
+        for impl in impls:
+            index += 1
+            record = base_record(impl, shape, dtype, device)
+            try:
+                measured, outputs = measure_case(impl, inputs, probes)
+            except Exception as exc:  # OOM, a peer's unsupported option, a compile failure: record, go on
+                failure(record, exc)
+            else:
+                record.update(measured)
+                tflops = record["flops"] / (record["time_ms"] * 1e-3) / 1e12
+                record["tflops"] = tflops
+                record["matmul_fraction"] = tflops / matmul_tflops if matmul_tflops else None
+                rows = GPU_REFERENCE_ROWS
+                record["diff_ref_rows_logprobs"] = max_abs_diff(outputs.logprobs[:rows], reference_rows[0])
+                record["diff_ref_rows_entropy"] = max_abs_diff(
+                    None if outputs.entropy is None else outputs.entropy[:rows], reference_rows[1])
+                if anchor is None and impl.role == "subject":
+                    anchor = Outputs(outputs.logprobs, outputs.entropy, None, None)
+                elif anchor is not None:
+                    record["diff_rlloss_logprobs"] = max_abs_diff(outputs.logprobs, anchor.logprobs)
+                    record["diff_rlloss_entropy"] = max_abs_diff(outputs.entropy, anchor.entropy)
+                del outputs
+            inputs.hidden.grad, inputs.weight.grad = None, None
+            harness.free_device_memory(device)
+            progress(_gpu_progress(index, total, record))
+            records.append(record)
+        del inputs, anchor
+        harness.free_device_memory(device)
+    return records
+
+
+def _gpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
+    head = f"[{index}/{total}] logprobs {record['impl']:<14} N={record['N']:<6} V={record['V']:<7}"
+    if record["status"] != "ok":
+        return f"{head}: {record['status']}: {record['error']}"
+    fraction = record.get("matmul_fraction")
+    text = (f"{head}: {harness.fmt_ms(record['time_ms'])} ms, {record['tflops']:.1f} TFLOP/s"
+            + (f" ({100 * fraction:.0f}% of matmul)" if fraction else "")
+            + f", peak {harness.fmt_gib(record['peak_memory_bytes'])} GiB")
+    if record.get("diff_rlloss_logprobs") is not None:
+        text += f", max|Δlogp| vs rlloss {record['diff_rlloss_logprobs']:.1e}"
+    return text
+
+
+def _gpu_columns() -> List[harness.Column]:
+    C = harness.Column
+    return [
+        C("impl", lambda r: f"`{r['impl']}`"),
+        C("N", lambda r: str(r["N"])),
+        C("V", lambda r: str(r["V"])),
+        C("outputs", lambda r: r["outputs"]),
+        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        C("fwd+bwd ms", lambda r: harness.fmt_ms(r.get("time_ms"))),
+        C("TFLOP/s (8·N·D·V)", lambda r: harness.fmt_num(r.get("tflops"))),
+        C("% of bf16 matmul", lambda r: "—" if r.get("matmul_fraction") is None
+          else f"{100 * r['matmul_fraction']:.0f}"),
+        C("peak memory (GiB)", lambda r: harness.fmt_gib(r.get("peak_memory_bytes"))),
+        C("max abs diff logprobs vs rlloss", lambda r: harness.fmt_err(r.get("diff_rlloss_logprobs"))),
+        C("entropy vs rlloss", lambda r: harness.fmt_err(r.get("diff_rlloss_entropy"))),
+        C(f"logprobs vs fp32 ref ({GPU_REFERENCE_ROWS} rows)",
+          lambda r: harness.fmt_err(r.get("diff_ref_rows_logprobs"))),
+    ]
+
+
+def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
+    shapes = gpu_shapes(ctx.quick)
+    dtype_name = str(GPU_DTYPE).replace("torch.", "")
+    matmul_tflops = harness.cuda_matmul_tflops(GPU_DTYPE)
+    ctx.progress(f"bf16 torch.matmul {harness.MATMUL_REFERENCE_SIZE}³: {matmul_tflops:.0f} TFLOP/s (reference peak)")
+    impls, skips = split_available(GPU_IMPLEMENTATIONS)
+    for skip in skips:
+        ctx.progress(f"skip {skip['impl']}: {skip['reason']}")
+    records = compare_implementations(shapes, GPU_DTYPE, "cuda", impls, CUDA_PROBES, ctx.progress, matmul_tflops)
+    return harness.SuiteReport(
+        suite="logprobs", mode="gpu-peers",
+        title=f"logprobs — {ctx.device.name}: {dtype_name}, D={GPU_HIDDEN}, forward + backward",
+        config={
+            "shapes": [vars(shape) for shape in shapes], "dtype": dtype_name, "seed": SEED, "logit_std": LOGIT_STD,
+            "matmul_tflops": matmul_tflops, "matmul_size": harness.MATMUL_REFERENCE_SIZE,
+            "flops_convention": f"{FLOPS_PER_NDV}·N·D·V per forward + backward",
+            "reference_rows": GPU_REFERENCE_ROWS,
+            "implementations": {impl.name: {"label": impl.label, "note": impl.note} for impl in GPU_IMPLEMENTATIONS},
+        },
+        records=records, columns=_gpu_columns(), skips=skips,
+        notes=[
+            "Each case: one untimed warm-up call (kernel compilation, torch.compile, autotuning), one call for "
+            "peak memory and the outputs, then timing. Forward + backward with random upstream gradients of "
+            "every output the implementation returns (peers: log-probs only).",
+            harness.CUDA_MEMORY_METHOD,
+            f"Time: `triton.testing.do_bench` median (L2 cache flushed before every call; warm-up "
+            f"{harness.DO_BENCH_WARMUP_MS} ms, repetitions {harness.DO_BENCH_REP_MS} ms); the JSON also holds "
+            "the 20th/80th percentiles.",
+            f"TFLOP/s counts {FLOPS_PER_NDV}·N·D·V FLOPs for forward + backward for every implementation (logits, "
+            "d hidden, d weight and one logit recompute, 2·N·D·V each; naive really does 6, rlloss's kernels 10), so "
+            f"it is a rescaled speed. The fraction is of a bf16 torch.matmul of {harness.MATMUL_REFERENCE_SIZE}³ "
+            f"measured in the same run: {matmul_tflops:.0f} TFLOP/s.",
+            "Peers compute cross-entropy, so their output is −log p (negated here) and they have no entropy; "
+            "'vs rlloss' is the max abs difference of their log-probs from rlloss's over all tokens. "
+            f"'vs fp32 ref' checks the first {GPU_REFERENCE_ROWS} tokens of every implementation against float32 "
+            "logits of the same bf16 inputs.",
+        ] + [f"`{impl.name}`: {impl.note}" for impl in GPU_IMPLEMENTATIONS if impl.note],
+    )
+
+
+# --- pytest-benchmark cases (benchmarks/test_logprobs_bench.py) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    impl: Implementation
+    shape: Shape
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.impl.name}-N{self.shape.N}-D{self.shape.D}-V{self.shape.V}"
+
+
+def bench_cases(device: str, quick: bool) -> List[BenchCase]:
+    """The cases ``pytest benchmarks/ --benchmark-only`` times: the CPU default (or quick) sizes on CPU, the
+    smallest GPU shape on CUDA."""
+    if device == "cuda":
+        return [BenchCase(impl, gpu_shapes(quick=True)[0], GPU_DTYPE, device) for impl in GPU_IMPLEMENTATIONS]
+    shape = CPU_QUICK_SHAPE if quick else CPU_DEFAULT_SHAPE
+    return [BenchCase(impl, shape, CPU_DTYPE, device) for impl in CPU_IMPLEMENTATIONS]
+
+
+def bench_step(case: BenchCase) -> Callable[[], None]:
+    """One synchronised forward + backward of ``case``, after an untimed warm-up call."""
+    step = fwd_bwd_step(case.impl.make_forward(), make_inputs(case.shape, case.dtype, case.device),
+                        case.impl.nll_sum_backward)
+    synchronize = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
+
+    def synchronised_step() -> None:
+        step()
+        synchronize()
+
+    synchronised_step()
+    return synchronised_step
+
+
+# --- the suite ----------------------------------------------------------------------------------------------
+
+
+def run(ctx: harness.RunContext) -> harness.SuiteReport:
+    return run_gpu_peers(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
+
+
+SUITE = Suite(
+    name="logprobs",
+    description="token_logprobs fwd+bwd (logprobs + entropy): CPU torch backend vs naive; GPU triton vs peers",
+    run=run,
+)
