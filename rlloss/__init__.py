@@ -5,11 +5,12 @@ Public names are exported here and only here; see docs/ for the API and MATH.md-
 from .advantages import group_advantages
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
-from .policy import PolicyLossOutput, policy_loss
+from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedPolicyLoss",
     "LossConfig",
     "PolicyLossOutput",
     "TokenLogprobs",

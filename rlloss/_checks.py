@@ -54,12 +54,12 @@ def integer(name: str, value: object) -> int:
     return value
 
 
-def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Every target in [0, V) or equal to ignore_index (one host sync)."""
-    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: Optional[int]) -> None:
+    """Every target in [0, V) or equal to ignore_index (None: no exception) — one host sync."""
+    bad = (targets < 0) | (targets >= vocab_size)
+    if ignore_index is not None:
+        bad &= targets != ignore_index
     if targets.numel() and bool(bad.any()):
         first = targets[bad][0].item()
-        raise ValueError(
-            f"targets must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"{int(bad.sum())} do not, e.g. {first}"
-        )
+        allowed = f" or equal ignore_index={ignore_index}" if ignore_index is not None else " where they count"
+        raise ValueError(f"targets must lie in [0, {vocab_size}){allowed}; {int(bad.sum())} do not, e.g. {first}")

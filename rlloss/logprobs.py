@@ -343,6 +343,58 @@ def _rows(x: Tensor, width: int) -> Tensor:
     return x if x.stride(1) == 1 or x.shape[0] == 0 else x.contiguous()
 
 
+class LinearInputs(NamedTuple):
+    """Checked inputs of the hidden-state path (see :func:`check_linear_inputs`)."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    bias: Optional[Tensor]
+    temperature: float
+    softcap: Optional[float]
+    ignore_index: int
+    backend: str
+
+
+def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, *,
+                        check_range: bool = True) -> LinearInputs:
+    """Check the arguments of :func:`token_logprobs` (host side, before any launch) and resolve the backend.
+
+    ``check_range=False`` skips the one check that syncs with the device (targets within [0, V)) for callers
+    that have checked the targets themselves.
+    """
+    hidden = _checks.tensor("hidden", hidden)
+    weight = _checks.tensor("weight", weight)
+    if hidden.ndim < 1:
+        raise ValueError("hidden must be [..., D], got a 0-D tensor")
+    _checks.ndim("weight", weight, 2, "[V, D]")
+    targets = _check_targets(targets, hidden.shape[:-1], "hidden")
+    if bias is not None:
+        bias = _checks.tensor("bias", bias)
+        _checks.ndim("bias", bias, 1, "[V]")
+    _checks.same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    name = resolve_backend(backend, hidden.device)
+    _check_float_dtype("hidden", hidden, name)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    V, D = weight.shape
+    if V == 0:
+        raise ValueError("weight must have at least one vocabulary row, got V = 0")
+    if hidden.shape[-1] != D:
+        raise ValueError(f"hidden's last dim must equal weight's D = {D}, got hidden shape {tuple(hidden.shape)}")
+    if bias is not None:
+        _checks.dtype_in("bias", bias, _checks.FLOAT_DTYPES)
+        if bias.shape[0] != V:
+            raise ValueError(f"bias must be [V] with V = {V}, got shape {tuple(bias.shape)}")
+    temperature = _checks.positive_finite("temperature", temperature)
+    if softcap is not None:
+        softcap = _checks.positive_finite("softcap", softcap)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    if check_range:
+        _checks.targets_in_range(targets, V, ignore_index)
+    return LinearInputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, name)
+
+
 def token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -390,35 +442,10 @@ def token_logprobs(
         >>> out.logprobs.shape, out.entropy.shape
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
-    hidden = _checks.tensor("hidden", hidden)
-    weight = _checks.tensor("weight", weight)
-    if hidden.ndim < 1:
-        raise ValueError(f"hidden must be [..., D], got a 0-D tensor")
-    _checks.ndim("weight", weight, 2, "[V, D]")
-    targets = _check_targets(targets, hidden.shape[:-1], "hidden")
-    if bias is not None:
-        bias = _checks.tensor("bias", bias)
-        _checks.ndim("bias", bias, 1, "[V]")
-    _checks.same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    name = resolve_backend(backend, hidden.device)
-    _check_float_dtype("hidden", hidden, name)
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
-    V, D = weight.shape
-    if V == 0:
-        raise ValueError("weight must have at least one vocabulary row, got V = 0")
-    if hidden.shape[-1] != D:
-        raise ValueError(f"hidden's last dim must equal weight's D = {D}, got hidden shape {tuple(hidden.shape)}")
-    if bias is not None:
-        _checks.dtype_in("bias", bias, _checks.FLOAT_DTYPES)
-        if bias.shape[0] != V:
-            raise ValueError(f"bias must be [V] with V = {V}, got shape {tuple(bias.shape)}")
-    temperature = _checks.positive_finite("temperature", temperature)
-    if softcap is not None:
-        softcap = _checks.positive_finite("softcap", softcap)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
-    _checks.targets_in_range(targets, V, ignore_index)
-
+    hidden, weight, targets, bias, temperature, softcap, ignore_index, name = check_linear_inputs(
+        hidden, weight, targets, bias, temperature, softcap, ignore_index, backend
+    )
+    D = weight.shape[1]
     if name == "reference":
         logprobs, entropy = reference.token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                                      softcap=softcap, ignore_index=ignore_index)

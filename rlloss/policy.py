@@ -19,8 +19,12 @@ from . import _checks
 from . import reference
 from ._backend import resolve_backend
 from .config import LossConfig
+from .logprobs import LinearSaved, check_linear_inputs, linear_backward, linear_forward
 
-__all__ = ["PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser", "metric_names"]
+# Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
+_NOT_COUNTED = -100
+
+__all__ = ["FusedPolicyLoss", "PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser", "metric_names"]
 
 # Column order of the per-row statistics both backends produce (kernels.policy.STAT_NAMES holds the same).
 STAT_NAMES = (
@@ -440,6 +444,34 @@ def _check_mask(mask: object, shape: torch.Size) -> Tensor:
     return mask != 0
 
 
+def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config):
+    """Check the per-token inputs of a policy loss over [B, T] = ``shape`` against ``config`` (host side).
+
+    Returns (old_logprobs, advantages, mask as bool, ref_logprobs, rollout_logprobs).
+    """
+    B = shape[0]
+    if old_logprobs is not None:
+        old_logprobs = _same_shape("old_logprobs", old_logprobs, shape)
+    advantages = _checks.tensor("advantages", advantages)
+    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
+    if advantages.shape != (B,) and advantages.shape != shape:
+        raise ValueError(
+            f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
+        )
+    mask = _check_mask(mask, shape)
+    if ref_logprobs is not None:
+        ref_logprobs = _same_shape("ref_logprobs", ref_logprobs, shape)
+    elif config.beta != 0.0:
+        raise ValueError(f"ref_logprobs is required when config.beta = {config.beta} ≠ 0, got None")
+    if rollout_logprobs is not None:
+        rollout_logprobs = _same_shape("rollout_logprobs", rollout_logprobs, shape)
+    elif config.rollout_correction is not None:
+        raise ValueError(
+            f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
+        )
+    return old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -492,30 +524,13 @@ def policy_loss(
     logprobs = _checks.tensor("logprobs", logprobs)
     _checks.ndim("logprobs", logprobs, 2, "[B, T]")
     shape = logprobs.shape
-    B = shape[0]
-    if old_logprobs is not None:
-        old_logprobs = _same_shape("old_logprobs", old_logprobs, shape)
-    advantages = _checks.tensor("advantages", advantages)
-    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
-    if advantages.shape != (B,) and advantages.shape != shape:
-        raise ValueError(
-            f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
-    mask = _check_mask(mask, shape)
-    if ref_logprobs is not None:
-        ref_logprobs = _same_shape("ref_logprobs", ref_logprobs, shape)
-    elif config.beta != 0.0:
-        raise ValueError(f"ref_logprobs is required when config.beta = {config.beta} ≠ 0, got None")
+    old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
+        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config
+    )
     if entropy is not None:
         entropy = _same_shape("entropy", entropy, shape)
     elif config.entropy_coef != 0.0:
         raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
-    if rollout_logprobs is not None:
-        rollout_logprobs = _same_shape("rollout_logprobs", rollout_logprobs, shape)
-    elif config.rollout_correction is not None:
-        raise ValueError(
-            f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
-        )
     _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                         ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs)
     name = resolve_backend(backend, logprobs.device)
@@ -536,3 +551,154 @@ def policy_loss(
                                      rollout_logprobs, config, normaliser, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
+
+
+# --- hidden states to loss in one call ----------------------------------------------------------------
+
+
+class _FusedPolicyLoss(torch.autograd.Function):
+    """(loss, packed metrics) from hidden [N, D], weight, bias, targets [N] and the policy inputs.
+
+    Forward: the log-prob kernel's forward (statistics only), then the policy loss with its analytic
+    gradients w.r.t. the log-probs and entropy. Backward: those gradients, scaled by the upstream gradient,
+    go straight into the log-prob kernel's backward. No [N, V] tensor and no inner autograd graph.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, policy_inputs, config, normaliser, linear_options):
+        old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = policy_inputs
+        logprobs, entropy, saved = linear_forward(hidden, weight, bias, targets, **linear_options)
+        shape = mask.shape
+        loss, metrics, grad, grad_ent = policy_loss_and_grads(
+            logprobs.view(shape), entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
+            rollout_logprobs, config, normaliser, linear_options["backend"],
+        )
+        ctx.save_for_backward(*saved, grad, grad_ent)
+        ctx.linear_options = linear_options
+        packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
+        ctx.mark_non_differentiable(packed)
+        ctx.set_materialize_grads(False)
+        return loss, packed
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, g_metrics):
+        *saved, grad, grad_ent = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 8
+        g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
+        g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if grad_ent is not None else None
+        grads = linear_backward(LinearSaved(*saved), g_logp, g_ent, ctx.needs_input_grad[:3], **ctx.linear_options)
+        return (*grads, None, None, None, None, None)
+
+
+class FusedPolicyLoss(torch.nn.Module):
+    """Hidden states to the scalar policy loss in one call: :func:`rlloss.token_logprobs` (log-probs and
+    entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`.
+
+    The loss kernel forms d(loss)/d(log-prob) and d(loss)/d(entropy) in the same pass as the value; the
+    backward feeds them directly into the log-prob kernel's backward, so there is no second autograd graph.
+    The value and gradients equal ``policy_loss(token_logprobs(hidden, weight, targets).logprobs, ...)``.
+
+    Args:
+        config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
+        softcap: optional logit soft-cap c (``c·tanh(x/c)`` before the temperature), as in token_logprobs.
+        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    Example:
+        >>> loss_fn = FusedPolicyLoss(LossConfig.preset("dapo"))
+        >>> out = loss_fn(hidden, lm_head.weight, completion_ids, completion_mask, advantages,
+        ...               old_logprobs=old_logprobs)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, config: LossConfig, *, softcap: Optional[float] = None, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(config, LossConfig):
+            raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+        self.config = config
+        self.softcap = softcap
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"config={self.config!r}, softcap={self.softcap}, backend={self.backend!r}"
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        mask: Tensor,
+        advantages: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        old_logprobs: Optional[Tensor] = None,
+        ref_logprobs: Optional[Tensor] = None,
+        rollout_logprobs: Optional[Tensor] = None,
+        temperature: float = 1.0,
+        num_items_in_batch: Union[int, Tensor, None] = None,
+        num_sequences_in_batch: Union[int, Tensor, None] = None,
+    ) -> PolicyLossOutput:
+        """The policy loss of the completion tokens.
+
+        Args:
+            hidden: [B, T, D] final hidden states at the positions that predict each completion token
+                (float16, bfloat16, float32; float64 on the torch/reference backends).
+            weight: [V, D] lm_head weight, hidden's dtype. bias: optional [V].
+            targets: [B, T] int64 completion token ids; must lie in [0, V) where ``mask`` is 1 (anything
+                elsewhere: those positions are never read).
+            mask: [B, T] bool or 0/1: the tokens that count.
+            advantages: [B] or [B, T].
+            old_logprobs, ref_logprobs, rollout_logprobs, num_items_in_batch, num_sequences_in_batch: as in
+                :func:`policy_loss`.
+            temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
+
+        Returns:
+            :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
+            The loss is differentiable w.r.t. hidden, weight and bias.
+        """
+        config = self.config
+        hidden = _checks.tensor("hidden", hidden)
+        _checks.ndim("hidden", hidden, 3, "[B, T, D]")
+        targets = _checks.tensor("targets", targets)
+        shape = hidden.shape[:2]
+        if targets.shape != shape:
+            raise ValueError(f"targets must be [B, T] = {tuple(shape)}, got {tuple(targets.shape)}")
+        old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
+            shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config
+        )
+        _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
+                            mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs)
+        linear = check_linear_inputs(hidden, weight, targets, bias, temperature, self.softcap, _NOT_COUNTED,
+                                     self.backend, check_range=False)
+        V = linear.weight.shape[0]
+        # Positions outside the mask become ignored tokens: the kernels never read their hidden rows.
+        counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
+        _checks.targets_in_range(counted_targets, V, ignore_index=None)
+        kernel_targets = torch.where(mask, linear.targets, torch.full_like(linear.targets, _NOT_COUNTED))
+
+        if linear.backend == "reference":
+            logprobs, entropy = reference.token_logprobs(
+                linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=linear.temperature,
+                softcap=linear.softcap, ignore_index=_NOT_COUNTED,
+            )
+            return policy_loss(logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs,
+                               entropy=entropy, rollout_logprobs=rollout_logprobs,
+                               num_items_in_batch=num_items_in_batch,
+                               num_sequences_in_batch=num_sequences_in_batch, backend="reference")
+
+        D = linear.weight.shape[1]
+        hidden_rows = linear.hidden.reshape(-1, D)
+        if hidden_rows.stride(1) != 1:
+            hidden_rows = hidden_rows.contiguous()
+        weight = linear.weight if linear.weight.stride(1) == 1 else linear.weight.contiguous()
+        bias = linear.bias.contiguous() if linear.bias is not None else None
+        normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch)
+        linear_options = dict(temperature=linear.temperature, softcap=linear.softcap, ignore_index=_NOT_COUNTED,
+                              backend=linear.backend)
+        loss, packed = _FusedPolicyLoss.apply(
+            hidden_rows, weight, bias, kernel_targets.reshape(-1),
+            (old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs), config, normaliser, linear_options,
+        )
+        names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
+        return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
