@@ -337,6 +337,10 @@ def _check_float_dtype(name: str, x: Tensor, backend: str) -> None:
     _checks.dtype_in(name, x, allowed)
 
 
+def _needs_graph(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _rows(x: Tensor, width: int) -> Tensor:
     """[..., width] → [n, width] with unit stride along width (copies only when it must)."""
     x = x.reshape(-1, width)
@@ -428,7 +432,9 @@ def token_logprobs(
 
     Returns:
         :class:`TokenLogprobs` whose tensors have targets' shape, float32 (float64 for float64 inputs).
-        Both are differentiable w.r.t. hidden, weight and bias for any upstream gradients.
+        Both are differentiable w.r.t. hidden, weight and bias for any upstream gradients. When no input
+        requires a gradient (or under ``torch.no_grad()``) the call is forward-only: no autograd node is
+        built and nothing is saved — the cheap path for teacher and old-policy log-probs.
 
     Raises:
         TypeError: non-tensor arguments, non-floating or mismatched dtypes, targets not int64.
@@ -454,9 +460,12 @@ def token_logprobs(
     else:
         w = weight if weight.stride(1) == 1 else weight.contiguous()
         b = bias.contiguous() if bias is not None else None  # the kernels index bias with unit stride
-        logprobs, entropy = _LinearLogprobs.apply(
-            _rows(hidden, D), w, b, targets.reshape(-1), temperature, softcap, ignore_index, name
-        )
+        args = (_rows(hidden, D), w, b, targets.reshape(-1))
+        if _needs_graph(hidden, weight, bias):
+            logprobs, entropy = _LinearLogprobs.apply(*args, temperature, softcap, ignore_index, name)
+        else:  # forward only (e.g. teacher or old-policy passes): no autograd node, nothing kept alive
+            logprobs, entropy, _ = linear_forward(*args, temperature=temperature, softcap=softcap,
+                                                  ignore_index=ignore_index, backend=name)
         logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
 
