@@ -6,6 +6,7 @@ from .advantages import group_advantages
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
+from .prefix_attention import SharedPrefixLayout, shared_prefix_attention
 
 __version__ = "0.1.0"
 
@@ -13,9 +14,11 @@ __all__ = [
     "FusedPolicyLoss",
     "LossConfig",
     "PolicyLossOutput",
+    "SharedPrefixLayout",
     "TokenLogprobs",
     "group_advantages",
     "logprobs_from_logits",
     "policy_loss",
+    "shared_prefix_attention",
     "token_logprobs",
 ]

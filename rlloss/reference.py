@@ -282,3 +282,19 @@ def policy_loss(
         if key in metrics:
             out[key] = metrics[key].detach()
     return loss, out
+
+
+# --- MATH.md §8: shared-prefix attention --------------------------------------------------------------
+
+
+def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, scale: float) -> Tensor:
+    """Dense masked attention: q [T, Hq, d], k/v [T, Hkv, d], ``allowed`` [T, T] bool (query, key).
+
+    Grouped-query heads are expanded by repetition; every query sees at least its own key.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)

@@ -1,0 +1,288 @@
+"""Shared-prefix attention (Prefix Grouper, MATH.md §8): a group of completions shares one copy of its prompt.
+
+A packed token stream is a forest of *segments* stored in stream order: a prompt segment is a root, each of
+its completions a child. A query at local position j of segment s attends to every key of s's ancestors and
+to the keys of s at local positions ≤ j — nothing else. Deeper trees (a completion that is itself the prefix
+of later turns) are the same structure with longer ancestor chains, so the kernels take ancestor and
+descendant lists, not a two-level special case.
+
+Layout of this module: :class:`SharedPrefixLayout` (host-built once per batch, device tables for the
+kernels), the ``torch`` backend, and the public :func:`shared_prefix_attention`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from ._backend import resolve_backend
+
+__all__ = ["SharedPrefixLayout", "shared_prefix_attention"]
+
+
+def _csr(lists: Sequence[Sequence[int]], device) -> Tuple[Tensor, Tensor]:
+    """(ptr [len+1], values) int32 tensors of a list of int lists."""
+    ptr = [0]
+    for items in lists:
+        ptr.append(ptr[-1] + len(items))
+    values = [v for items in lists for v in items]
+    return (torch.tensor(ptr, dtype=torch.int32, device=device),
+            torch.tensor(values if values else [0], dtype=torch.int32, device=device))
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPrefixLayout:
+    """Segments of a packed stream of ``total_tokens`` tokens, stored in stream order.
+
+    Host fields (tuples of ints): ``starts``, ``lengths``, ``parents`` (-1 for a root), one entry per segment;
+    every parent precedes its children. Build with :meth:`from_groups` (one prompt + its completions per
+    group) or :meth:`from_tree` (any forest). Device tables for the kernels come from :meth:`tables`.
+    """
+
+    starts: Tuple[int, ...]
+    lengths: Tuple[int, ...]
+    parents: Tuple[int, ...]
+    device: torch.device = torch.device("cpu")
+    _cache: Dict[tuple, Dict[str, Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tree(cls, lengths: Sequence[int], parents: Sequence[int], device=None) -> "SharedPrefixLayout":
+        """A forest of segments in stream order: segment i has ``lengths[i]`` ≥ 1 tokens and parent
+        ``parents[i]`` (< i, or -1 for a root)."""
+        lengths, parents = [int(n) for n in lengths], [int(p) for p in parents]
+        if len(lengths) != len(parents):
+            raise ValueError(f"lengths and parents must have one entry per segment, got {len(lengths)} and "
+                             f"{len(parents)}")
+        if not lengths:
+            raise ValueError("a layout needs at least one segment, got none")
+        for i, (n, p) in enumerate(zip(lengths, parents)):
+            if n < 1:
+                raise ValueError(f"every segment needs at least one token, segment {i} has length {n}")
+            if not -1 <= p < i:
+                raise ValueError(f"parents[{i}] must be -1 or an earlier segment (< {i}), got {p}")
+        starts, total = [], 0
+        for n in lengths:
+            starts.append(total)
+            total += n
+        return cls(tuple(starts), tuple(lengths), tuple(parents), torch.device(device or "cpu"))
+
+    @classmethod
+    def from_groups(cls, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]],
+                    device=None) -> "SharedPrefixLayout":
+        """Groups packed as ``[prompt_g | c_g1 | … | c_gG]``, one after another (MATH.md §8).
+
+        Args:
+            prompt_lengths: P_g ≥ 1 per group.
+            completion_lengths: per group, the lengths S_gi ≥ 1 of its G_g ≥ 1 completions.
+        """
+        if len(prompt_lengths) != len(completion_lengths):
+            raise ValueError(f"prompt_lengths and completion_lengths must have one entry per group, got "
+                             f"{len(prompt_lengths)} and {len(completion_lengths)}")
+        lengths, parents = [], []
+        for g, (p_len, comps) in enumerate(zip(prompt_lengths, completion_lengths)):
+            if len(comps) == 0:
+                raise ValueError(f"group {g} has no completions; every group needs at least one")
+            root = len(lengths)
+            lengths.append(p_len)
+            parents.append(-1)
+            for s_len in comps:
+                lengths.append(s_len)
+                parents.append(root)
+        return cls.from_tree(lengths, parents, device)
+
+    def to(self, device) -> "SharedPrefixLayout":
+        """The same layout with its device tables on ``device``."""
+        return SharedPrefixLayout(self.starts, self.lengths, self.parents, torch.device(device))
+
+    # --- derived host facts ---------------------------------------------------------------------------
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.starts[-1] + self.lengths[-1]
+
+    def ancestors(self, segment: int) -> List[int]:
+        """Ancestors of ``segment``, root first."""
+        chain = []
+        p = self.parents[segment]
+        while p != -1:
+            chain.append(p)
+            p = self.parents[p]
+        return chain[::-1]
+
+    def descendants(self, segment: int) -> List[int]:
+        """Every segment below ``segment``, in stream order."""
+        below, inside = [], {segment}
+        for s in range(segment + 1, self.num_segments):
+            if self.parents[s] in inside:
+                below.append(s)
+                inside.add(s)
+        return below
+
+    def position_ids(self) -> Tensor:
+        """[total_tokens] int64: a token's position in its own root-to-segment sequence (each completion
+        restarts at its prompt's length)."""
+        pieces = []
+        for s in range(self.num_segments):
+            offset = sum(self.lengths[a] for a in self.ancestors(s))
+            pieces.append(torch.arange(offset, offset + self.lengths[s]))
+        return torch.cat(pieces).to(self.device)
+
+    def dense_mask(self) -> Tensor:
+        """[T, T] bool: mask[i, j] = query i may attend to key j. For tests and the reference only."""
+        T = self.total_tokens
+        mask = torch.zeros(T, T, dtype=torch.bool)
+        for s in range(self.num_segments):
+            rows = slice(self.starts[s], self.starts[s] + self.lengths[s])
+            for a in self.ancestors(s):
+                mask[rows, self.starts[a]: self.starts[a] + self.lengths[a]] = True
+            n = self.lengths[s]
+            mask[rows, rows] = torch.ones(n, n, dtype=torch.bool).tril()
+        return mask.to(self.device)
+
+    def attention_flops(self, head_dim: int, num_heads: int) -> int:
+        """Forward FLOPs of the visible (query, key) pairs: 4·d·H per pair (QKᵀ and PV)."""
+        pairs = 0
+        for s in range(self.num_segments):
+            n = self.lengths[s]
+            pairs += n * sum(self.lengths[a] for a in self.ancestors(s)) + n * (n + 1) // 2
+        return 4 * head_dim * num_heads * pairs
+
+    # --- device tables for the kernels ----------------------------------------------------------------
+
+    def tables(self, block: int) -> Dict[str, Tensor]:
+        """int32 device tables for kernels that tile each segment into blocks of ``block`` tokens (blocks
+        never cross a segment boundary). Cached per block size.
+
+        ``seg_start``, ``seg_len`` [S]; ``block_segment``, ``block_start`` [num_blocks] (the segment of each
+        block and its first token); ``anc_ptr`` [S+1] / ``anc`` (CSR: ancestors of each segment, whose keys
+        a query sees in full); ``desc_ptr`` [S+1] / ``desc`` (CSR: descendants, whose queries see a key in
+        full).
+        """
+        key = (block, str(self.device))
+        if key not in self._cache:
+            block_segment, block_start = [], []
+            for s in range(self.num_segments):
+                for b in range(self.starts[s], self.starts[s] + self.lengths[s], block):
+                    block_segment.append(s)
+                    block_start.append(b)
+            anc_ptr, anc = _csr([self.ancestors(s) for s in range(self.num_segments)], self.device)
+            desc_ptr, desc = _csr([self.descendants(s) for s in range(self.num_segments)], self.device)
+            as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
+            self._cache[key] = dict(
+                seg_start=as_tensor(self.starts), seg_len=as_tensor(self.lengths),
+                block_segment=as_tensor(block_segment), block_start=as_tensor(block_start),
+                anc_ptr=anc_ptr, anc=anc, desc_ptr=desc_ptr, desc=desc,
+            )
+        return self._cache[key]
+
+
+# --- torch backend ------------------------------------------------------------------------------------
+
+
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout, scale: float) -> Tensor:
+    """Per segment: its queries against [ancestor keys | own keys (causal)], through autograd.
+
+    The prompt's K/V are sliced, never repeated in memory; autograd sums their gradients over every query
+    that saw them. Computed in float32 (float64 for float64 inputs).
+    """
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    pieces = []
+    for s in range(layout.num_segments):
+        begin, n = layout.starts[s], layout.lengths[s]
+        visible = [slice(layout.starts[a], layout.starts[a] + layout.lengths[a]) for a in layout.ancestors(s)]
+        visible.append(slice(begin, begin + n))
+        keys = torch.cat([k[r] for r in visible]).to(cd).repeat_interleave(group, dim=1)  # [Lk, Hq, d]
+        values = torch.cat([v[r] for r in visible]).to(cd).repeat_interleave(group, dim=1)
+        queries = q[begin: begin + n].to(cd)                                                  # [n, Hq, d]
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
+        prefix = keys.shape[0] - n
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=q.device), causal], dim=1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        pieces.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(q.dtype))
+    return torch.cat(pieces)
+
+
+# --- public API ---------------------------------------------------------------------------------------
+
+
+_HEAD_DIMS = (64, 80, 96, 128)
+
+
+def _kernels():
+    from .kernels import prefix_attention as kernels
+
+    return kernels
+
+
+def shared_prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: SharedPrefixLayout,
+    *,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention over a packed stream of prompts and their completions, each prompt held once (MATH.md §8).
+
+    A query at position j of a completion attends to all keys of its prompt (and, in deeper trees, of every
+    ancestor segment) and to the keys of its own completion at positions ≤ j; prompt queries attend causally
+    within the prompt. The result and the gradients equal running every ``[prompt | completion]`` sequence
+    separately through causal attention; the prompt's K/V gradient is the sum over every query that saw it.
+
+    Args:
+        q: [T, Hq, d] queries, T = ``layout.total_tokens``; float16, bfloat16, float32 (float64 on
+            ``torch``/``reference``).
+        k, v: [T, Hkv, d] keys and values, q's dtype; Hq a multiple of Hkv (grouped-query attention).
+        layout: the :class:`SharedPrefixLayout` of the stream.
+        scale: softmax scale, default 1/√d.
+        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    Returns:
+        [T, Hq, d] in q's dtype, differentiable w.r.t. q, k and v.
+    """
+    q, k, v = (_checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
+    if not isinstance(layout, SharedPrefixLayout):
+        raise TypeError(f"layout must be a rlloss.SharedPrefixLayout, got {type(layout).__name__}")
+    _checks.ndim("q", q, 3, "[T, Hq, d]")
+    _checks.ndim("k", k, 3, "[T, Hkv, d]")
+    _checks.ndim("v", v, 3, "[T, Hkv, d]")
+    T, Hq, d = q.shape
+    if T != layout.total_tokens:
+        raise ValueError(f"q must have layout.total_tokens = {layout.total_tokens} rows, got {T}")
+    if k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
+        raise ValueError(f"k and v must both be [T, Hkv, d] = [{T}, Hkv, {d}], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if Hq % k.shape[1] != 0:
+        raise ValueError(f"q's heads Hq = {Hq} must be a multiple of k's heads Hkv = {k.shape[1]}")
+    _checks.same_device(q=q, k=k, v=v)
+    name = resolve_backend(backend, q.device)
+    allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
+    _checks.dtype_in("q", q, allowed)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    if name in ("triton", "interpret") and d not in _HEAD_DIMS:
+        raise ValueError(f"head dim d must be one of {_HEAD_DIMS} on the kernel backends, got {d}")
+    scale = 1.0 / math.sqrt(d) if scale is None else _checks.positive_finite("scale", scale)
+    if layout.device != q.device:
+        layout = layout.to(q.device)
+
+    if name == "reference":
+        from . import reference
+
+        return reference.shared_prefix_attention(q, k, v, layout.dense_mask(), scale=scale)
+    if name == "torch":
+        return _torch_attention(q, k, v, layout, scale)
+    return _kernels().shared_prefix_attention(q, k, v, layout.tables, scale=scale)
