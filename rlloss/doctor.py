@@ -1,0 +1,268 @@
+"""``python -m rlloss.doctor``: what this machine has, and whether rlloss computes the right numbers here.
+
+Prints an environment report (Python, torch, Triton, transformers, the GPU and its driver, the backend each
+op will use) and then runs every op once on this machine against the float64 reference, printing the error
+it measured next to the tolerance it must meet. Exits with status 1 when any check fails, so it can gate a
+job on a new cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from . import reference
+from ._backend import ENV_VAR, resolve_backend, triton_import_error
+
+
+@dataclass
+class CheckResult:
+    name: str
+    backend: str
+    error: Optional[float]
+    tolerance: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error is not None and self.error <= self.tolerance
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception as exc:  # absent or broken: say which
+        return f"not available ({type(exc).__name__})"
+
+
+def environment_report(device: torch.device) -> List[str]:
+    """Lines describing this machine and the backend each op will use on ``device``."""
+    lines = [
+        f"python        {sys.version.split()[0]} ({platform.platform()})",
+        f"torch         {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})",
+        f"triton        {_version('triton')}",
+        f"transformers  {_version('transformers')}",
+        f"rlloss        {_version('rlloss')}",
+    ]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        driver = getattr(torch._C, "_cuda_getDriverVersion", lambda: None)()
+        lines.append(f"GPU           {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                     f"compute capability {props.major}.{props.minor}, {props.multi_processor_count} SMs"
+                     + (f", driver API {driver}" if driver else ""))
+    else:
+        lines.append("GPU           none (CUDA not available)")
+    err = triton_import_error()
+    lines.append(f"kernels       {'importable' if err is None else 'unavailable: ' + err}"
+                 f"{'; TRITON_INTERPRET=1 (interpreter)' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
+    forced = os.environ.get(ENV_VAR)
+    try:
+        chosen = resolve_backend(None, device)
+    except (ValueError, RuntimeError) as exc:
+        chosen = f"unusable ({exc})"
+    lines.append(f"backend       {chosen} for tensors on {device}"
+                 + (f" (forced by {ENV_VAR}={forced})" if forced else " (automatic)"))
+    return lines
+
+
+# --- self-test ----------------------------------------------------------------------------------------
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| / max(|want|, tiny)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-30))
+
+
+def _check_token_logprobs(device, backend, dtype):
+    from .logprobs import token_logprobs
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, d, v = 257, 64, 5003
+    hidden = torch.randn(n, d, generator=g).to(device, dtype)
+    weight = (0.1 * torch.randn(v, d, generator=g)).to(device, dtype)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    targets[::7] = -100
+    g_logp = torch.randn(n, generator=g).to(device)
+    g_ent = torch.randn(n, generator=g).to(device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = token_logprobs(h, w, targets, return_entropy=True, backend=backend)
+    torch.autograd.backward([out.logprobs, out.entropy], [g_logp, g_ent])
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp, ent = reference.token_logprobs(h64, w64, targets)
+    torch.autograd.backward([lp, ent], [g_logp.double(), g_ent.double()])
+    return max(_rel(out.logprobs, lp), _rel(out.entropy, ent), _rel(h.grad, h64.grad), _rel(w.grad, w64.grad))
+
+
+def _check_logits(device, backend, dtype):
+    from .logprobs import logprobs_from_logits
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    logits = (3 * torch.randn(129, 3001, generator=g)).to(device, dtype)
+    targets = torch.randint(0, 3001, (129,), generator=g).to(device)
+    z = logits.clone().requires_grad_()
+    out = logprobs_from_logits(z, targets, return_entropy=True, temperature=0.8, backend=backend)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    z64 = logits.double().requires_grad_()
+    lp, ent = reference.logprobs_from_logits(z64 / 0.8, targets)
+    (lp.sum() + ent.sum()).backward()
+    return max(_rel(out.logprobs, lp), _rel(out.entropy, ent), _rel(z.grad, z64.grad))
+
+
+def _check_advantages(device, backend, dtype):
+    from .advantages import ADVANTAGE_MODES, group_advantages
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+    sizes = [1, 5, 16, 3, 70]
+    rewards = torch.randn(sum(sizes), generator=g).round(decimals=1).to(device, dtype)
+    worst = 0.0
+    for mode in ADVANTAGE_MODES:
+        got = group_advantages(rewards, group_sizes=sizes, mode=mode, backend=backend)
+        want = reference.group_advantages(rewards.double(), sizes, mode=mode)
+        worst = max(worst, float((got.double() - want).abs().max()))
+    return worst
+
+
+def _policy_batch(device, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    b, t = 4, 77
+    mask = torch.rand(b, t, generator=g) > 0.2
+    make = lambda: (torch.randn(b, t, generator=g) * 0.3 - 2.0).to(device, dtype)  # noqa: E731
+    return dict(mask=mask.to(device), old=make(), ref=make(), adv=torch.randn(b, generator=g).to(device, dtype))
+
+
+def _check_policy(device, backend, dtype):
+    from .config import LossConfig
+    from .policy import policy_loss
+
+    worst = 0.0
+    for preset in ("dapo", "gspo", "grpo"):
+        config = LossConfig.preset(preset, beta=0.04, entropy_coef=0.01)
+        batch = _policy_batch(device, dtype, seed=3)
+        logprobs = (batch["old"] + 0.1 * torch.randn_like(batch["old"])).detach()
+        entropy = torch.rand_like(logprobs)
+        lp, ent = logprobs.clone().requires_grad_(), entropy.clone().requires_grad_()
+        out = policy_loss(lp, batch["old"], batch["adv"], batch["mask"], config=config, ref_logprobs=batch["ref"],
+                          entropy=ent, backend=backend)
+        out.loss.backward()
+        lp64, ent64 = logprobs.double().requires_grad_(), entropy.double().requires_grad_()
+        loss, _ = reference.policy_loss(lp64, batch["old"].double(), batch["adv"].double(), batch["mask"],
+                                        config=config, ref_logprobs=batch["ref"].double(), entropy=ent64)
+        loss.backward()
+        worst = max(worst, _rel(out.loss, loss), _rel(lp.grad, lp64.grad), _rel(ent.grad, ent64.grad))
+    return worst
+
+
+def _check_fused_policy(device, backend, dtype):
+    from .config import LossConfig
+    from .policy import FusedPolicyLoss
+
+    g = torch.Generator(device="cpu").manual_seed(4)
+    b, t, d, v = 3, 45, 64, 2001
+    hidden = torch.randn(b, t, d, generator=g).to(device, dtype)
+    weight = (0.1 * torch.randn(v, d, generator=g)).to(device, dtype)
+    targets = torch.randint(0, v, (b, t), generator=g).to(device)
+    batch = _policy_batch(device, torch.float32, seed=4)
+    mask = batch["mask"][:b, :t]
+    adv, old = batch["adv"][:b], batch["old"][:b, :t] - 5.0
+    config = LossConfig.preset("dapo", entropy_coef=0.01)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = FusedPolicyLoss(config, backend=backend)(h, w, targets, mask, adv, old_logprobs=old)
+    out.loss.backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp, ent = reference.token_logprobs(h64, w64, torch.where(mask, targets, -100))
+    loss, _ = reference.policy_loss(lp, old.double(), adv.double(), mask, config=config, entropy=ent)
+    loss.backward()
+    return max(_rel(out.loss, loss), _rel(h.grad, h64.grad), _rel(w.grad, w64.grad))
+
+
+def _check_prefix_attention(device, backend, dtype):
+    from .prefix_attention import SharedPrefixLayout, shared_prefix_attention
+
+    layout = SharedPrefixLayout.from_groups([19, 1], [[5, 1, 12], [7, 3]], device=device)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    T, hq, hkv, d = layout.total_tokens, 4, 2, 64
+    q, k, v = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
+    grad_out = torch.randn(T, hq, d, generator=g).to(device)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = shared_prefix_attention(*leaves, layout, backend=backend)
+    out.backward(grad_out.to(out.dtype))
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
+    want = reference.shared_prefix_attention(*leaves64, layout.dense_mask(), scale=d ** -0.5)
+    want.backward(grad_out.double())
+    return max([_rel(out, want)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, leaves64)])
+
+
+# (name, check, tolerance for float32 inputs)
+CHECKS: List[tuple] = [
+    ("token_logprobs (fwd + bwd)", _check_token_logprobs, 1e-4),
+    ("logprobs_from_logits (fwd + bwd)", _check_logits, 1e-4),
+    ("group_advantages (every mode)", _check_advantages, 1e-4),
+    ("policy_loss (dapo, gspo, grpo + KL + entropy)", _check_policy, 1e-4),
+    ("FusedPolicyLoss (fwd + bwd)", _check_fused_policy, 1e-4),
+    ("shared_prefix_attention (fwd + bwd)", _check_prefix_attention, 1e-4),
+]
+
+
+def self_test(device: torch.device, backends: List[str]) -> List[CheckResult]:
+    """Run every check on every backend in ``backends`` with float32 inputs on ``device``."""
+    results = []
+    for backend in backends:
+        for name, check, tolerance in CHECKS:
+            try:
+                error = check(device, backend, torch.float32)
+                results.append(CheckResult(name, backend, error, tolerance))
+            except Exception as exc:  # a crash is a failed check, reported with its cause
+                note = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                if os.environ.get("RLLOSS_DOCTOR_TRACEBACK"):
+                    traceback.print_exc()
+                results.append(CheckResult(name, backend, None, tolerance, note))
+    return results
+
+
+def _default_backends(device: torch.device) -> List[str]:
+    backends = [resolve_backend(None, device)]
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_import_error() is None:
+        backends.append("interpret")
+    if device.type == "cuda" and "torch" not in backends:
+        backends.append("torch")
+    return backends
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlloss.doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", action="append", choices=["triton", "interpret", "torch"],
+                        help="backend(s) to self-test (default: the automatic one, plus torch on CUDA and "
+                             "interpret when TRITON_INTERPRET=1)")
+    parser.add_argument("--device", default=None, help="device to test on (default: cuda if available)")
+    parser.add_argument("--no-self-test", action="store_true", help="print the environment report only")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    print("rlloss doctor — environment")
+    for line in environment_report(device):
+        print("  " + line)
+    if args.no_self_test:
+        return 0
+    backends = args.backend or _default_backends(device)
+    print(f"\nself-test on {device}, float32 inputs against the float64 reference (backends: {', '.join(backends)})")
+    results = self_test(device, backends)
+    width = max(len(r.name) for r in results)
+    for r in results:
+        status = "PASS" if r.passed else "FAIL"
+        measured = f"error {r.error:.2e}" if r.error is not None else r.note
+        print(f"  {status}  {r.backend:<9} {r.name:<{width}}  {measured} (tolerance {r.tolerance:.0e})")
+    failed = [r for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
