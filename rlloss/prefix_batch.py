@@ -1,0 +1,211 @@
+"""Packing groups of completions that share a prompt into one shared-prefix stream (MATH.md §8).
+
+:class:`SharedPrefixBatch` lays out every prompt once, followed by its completions, as a ``[1, T]`` batch
+for a model whose attention runs :func:`rlloss.shared_prefix_attention` (see
+``rlloss.integrations.transformers``), and gathers from the model's output, for every completion token, the
+hidden state that predicts it — so the lm_head (and the loss) never runs on prompt positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .prefix_attention import SharedPrefixLayout
+
+__all__ = ["SharedPrefixBatch"]
+
+# Target id of the padding in ``SharedPrefixBatch.targets``: ignored by token_logprobs and cross-entropy.
+IGNORE_INDEX = -100
+
+
+def _token_ids(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor of token ids, got {type(x).__name__}")
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(x.shape)}")
+    if x.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype int64, got {str(x.dtype).replace('torch.', '')}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty; every prompt and completion needs at least one token")
+    return x
+
+
+def _sequence(name: str, x: object) -> Sequence:
+    if isinstance(x, Tensor) or not isinstance(x, (list, tuple)):
+        raise TypeError(f"{name} must be a list of 1-D tensors, got {type(x).__name__}")
+    return x
+
+
+@dataclass(frozen=True, eq=False)
+class SharedPrefixBatch:
+    """Groups ``[prompt_g | c_g1 | … | c_gG]`` packed one after another into one stream of T tokens.
+
+    Build with :meth:`pack`. Fields (all on one device):
+
+    - ``input_ids``, ``position_ids``: ``[1, T]`` int64; each completion's positions restart at its prompt's
+      length, as if it were run as its own ``[prompt | completion]`` sequence.
+    - ``layout``: the :class:`~rlloss.SharedPrefixLayout` of the stream.
+    - ``predictor_index``: ``[C, S_max]`` int64 — for completion c's token j, the stream row whose hidden
+      state predicts it: the prompt's last row for j = 0, row j − 1 of the same completion otherwise.
+    - ``token_index``: ``[C, S_max]`` int64 — the stream row of completion c's token j.
+    - ``targets``: ``[C, S_max]`` int64 completion token ids, ``-100`` on padding.
+    - ``mask``: ``[C, S_max]`` bool, True on the S_c real tokens of each completion.
+
+    C is the number of completions (in stream order: group 0's, then group 1's, …) and S_max the longest.
+    Index entries on padding point at row 0.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    layout: SharedPrefixLayout
+    prompt_lengths: Tuple[int, ...]
+    completion_lengths: Tuple[Tuple[int, ...], ...]
+    predictor_index: Tensor
+    token_index: Tensor
+    targets: Tensor
+    mask: Tensor
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def pack(cls, prompt_ids: Sequence[Tensor], completion_ids: Sequence[Sequence[Tensor]], *,
+             device=None) -> "SharedPrefixBatch":
+        """Pack prompts and their completions.
+
+        Args:
+            prompt_ids: one 1-D int64 tensor of token ids per prompt (no padding), each non-empty.
+            completion_ids: per prompt, a non-empty list of 1-D int64 tensors, one per completion (no
+                padding), each non-empty.
+            device: where the packed tensors live; default the inputs' device.
+
+        Raises:
+            TypeError: a container is not a list/tuple, an id tensor is not a tensor or not int64.
+            ValueError: a prompt without completions, an empty or non-1-D id tensor, mismatched list
+                lengths, id tensors on different devices.
+        """
+        prompts = _sequence("prompt_ids", prompt_ids)
+        groups = _sequence("completion_ids", completion_ids)
+        if len(prompts) == 0:
+            raise ValueError("prompt_ids is empty; pack needs at least one prompt")
+        if len(groups) != len(prompts):
+            raise ValueError(f"completion_ids must hold one list per prompt: {len(prompts)} prompts, got "
+                             f"{len(groups)} lists")
+        pieces: List[Tensor] = []
+        prompt_lengths, completion_lengths = [], []
+        for g, (prompt, completions) in enumerate(zip(prompts, groups)):
+            pieces.append(_token_ids(f"prompt_ids[{g}]", prompt))
+            completions = _sequence(f"completion_ids[{g}]", completions)
+            if len(completions) == 0:
+                raise ValueError(f"completion_ids[{g}] is empty; every prompt needs at least one completion")
+            pieces += [_token_ids(f"completion_ids[{g}][{i}]", c) for i, c in enumerate(completions)]
+            prompt_lengths.append(prompt.numel())
+            completion_lengths.append(tuple(c.numel() for c in completions))
+        devices = {x.device for x in pieces}
+        if len(devices) > 1:
+            raise ValueError(f"all prompt and completion ids must be on one device, got "
+                             f"{sorted(str(d) for d in devices)}")
+        input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
+        device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
+        layout = SharedPrefixLayout.from_groups(prompt_lengths, completion_lengths, device=device)
+        predictor, token, mask = _gather_tables(layout)
+        predictor, token, mask = predictor.to(device), token.to(device), mask.to(device)
+        targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
+        return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
+                   prompt_lengths=tuple(prompt_lengths), completion_lengths=tuple(completion_lengths),
+                   predictor_index=predictor, token_index=token, targets=targets, mask=mask)
+
+    def to(self, device) -> "SharedPrefixBatch":
+        """The same batch with every tensor (and the layout) on ``device``."""
+        input_ids = self.input_ids.to(device)
+        device = input_ids.device
+        return SharedPrefixBatch(
+            input_ids=input_ids, position_ids=self.position_ids.to(device),
+            layout=self.layout.to(device), prompt_lengths=self.prompt_lengths,
+            completion_lengths=self.completion_lengths, predictor_index=self.predictor_index.to(device),
+            token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device))
+
+    # --- sizes ----------------------------------------------------------------------------------------
+
+    @property
+    def total_tokens(self) -> int:
+        """T, the length of the packed stream."""
+        return self.layout.total_tokens
+
+    @property
+    def num_completions(self) -> int:
+        """C, the number of completions of all groups together."""
+        return self.mask.shape[0]
+
+    @property
+    def group_sizes(self) -> Tuple[int, ...]:
+        """Completions per prompt: the ``group_sizes`` of :func:`rlloss.group_advantages`."""
+        return tuple(len(lengths) for lengths in self.completion_lengths)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Σ S_c, e.g. the ``num_items_in_batch`` of a token-mean loss over this batch alone."""
+        return sum(sum(lengths) for lengths in self.completion_lengths)
+
+    # --- model inputs and outputs ---------------------------------------------------------------------
+
+    def model_inputs(self) -> Dict[str, object]:
+        """Keyword arguments of a model call with shared-prefix attention enabled:
+        ``model(**batch.model_inputs())`` passes ``input_ids``, ``position_ids`` and ``shared_prefix``."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "shared_prefix": self.layout}
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """For every completion token, the row of ``hidden`` that predicts it.
+
+        Args:
+            hidden: ``[1, T, ...]`` or ``[T, ...]`` per-position outputs of the packed run (final hidden states,
+                or anything else laid out along the stream, e.g. logits).
+
+        Returns:
+            ``[C, S_max, ...]``: row ``[c, j]`` is the stream row ``predictor_index[c, j]``; padding rows (where
+            ``mask`` is False) hold a copy of row 0 and must be masked out. Differentiable (``index_select``:
+            the prompt's last row receives the sum of the gradients of every completion's first token).
+        """
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        T = self.total_tokens
+        if hidden.ndim >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == T:
+            hidden = hidden[0]
+        elif hidden.ndim < 1 or hidden.shape[0] != T:
+            raise ValueError(f"hidden must be [1, T, ...] or [T, ...] with T = {T} packed tokens, got shape "
+                             f"{tuple(hidden.shape)}")
+        if hidden.device != self.predictor_index.device:
+            raise ValueError(f"hidden is on {hidden.device}, the batch on {self.predictor_index.device}; move "
+                             f"one of them (batch.to(device))")
+        rows = hidden.index_select(0, self.predictor_index.flatten())
+        return rows.view(*self.predictor_index.shape, *hidden.shape[1:])
+
+    def unpack(self, values: Tensor) -> List[List[Tensor]]:
+        """Split per-completion results ``[C, S_max, ...]`` (e.g. per-token log-probs of the gathered hidden
+        states) into one list per prompt of ``[S_c, ...]`` views, padding dropped."""
+        if not isinstance(values, Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        if values.ndim < 2 or tuple(values.shape[:2]) != tuple(self.mask.shape):
+            raise ValueError(f"values must be [C, S_max, ...] = {list(self.mask.shape)} + [...], got shape "
+                             f"{tuple(values.shape)}")
+        out, c = [], 0
+        for lengths in self.completion_lengths:
+            out.append([values[c + i, :n] for i, n in enumerate(lengths)])
+            c += len(lengths)
+        return out
+
+
+def _gather_tables(layout: SharedPrefixLayout) -> Tuple[Tensor, Tensor, Tensor]:
+    """(predictor_index, token_index, mask), each [C, S_max], built on the host from a two-level layout."""
+    completions = [s for s in range(layout.num_segments) if layout.parents[s] != -1]
+    starts = torch.tensor([layout.starts[s] for s in completions], dtype=torch.int64)
+    lengths = torch.tensor([layout.lengths[s] for s in completions], dtype=torch.int64)
+    prompt_last = torch.tensor([layout.starts[layout.parents[s]] + layout.lengths[layout.parents[s]] - 1
+                                for s in completions], dtype=torch.int64)
+    j = torch.arange(int(lengths.max()), dtype=torch.int64)
+    mask = j < lengths[:, None]
+    token = starts[:, None] + j
+    predictor = torch.where(j == 0, prompt_last[:, None], token - 1)
+    return predictor.masked_fill(~mask, 0), token.masked_fill(~mask, 0), mask
