@@ -7,7 +7,8 @@ of later turns) are the same structure with longer ancestor chains, so the kerne
 descendant lists, not a two-level special case.
 
 Layout of this module: :class:`SharedPrefixLayout` (host-built once per batch, device tables for the
-kernels), the ``torch`` backend, and the public :func:`shared_prefix_attention`.
+kernels), the ``torch`` backend, the autograd function over the Triton kernels of
+``rlloss.kernels.prefix_attention``, and the public :func:`shared_prefix_attention`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._backend import resolve_backend
@@ -97,8 +99,9 @@ class SharedPrefixLayout:
         return cls.from_tree(lengths, parents, device)
 
     def to(self, device) -> "SharedPrefixLayout":
-        """The same layout with its device tables on ``device``."""
-        return SharedPrefixLayout(self.starts, self.lengths, self.parents, torch.device(device))
+        """The same layout with its device tables on ``device``. The copy shares this layout's table cache
+        (keyed by device), so moving a layout every step builds its tables only once per device."""
+        return SharedPrefixLayout(self.starts, self.lengths, self.parents, torch.device(device), self._cache)
 
     # --- derived host facts ---------------------------------------------------------------------------
 
@@ -166,22 +169,37 @@ class SharedPrefixLayout:
         ``seg_start``, ``seg_len`` [S]; ``block_segment``, ``block_start`` [num_blocks] (the segment of each
         block and its first token); ``anc_ptr`` [S+1] / ``anc`` (CSR: ancestors of each segment, whose keys
         a query sees in full); ``desc_ptr`` [S+1] / ``desc`` (CSR: descendants, whose queries see a key in
-        full).
+        full); ``query_block_order`` / ``key_block_order`` [num_blocks]: the block indices sorted by the
+        work of a block of queries (keys it sees) / of keys (queries that see them), heaviest first, so the
+        kernels start the long programs — a prompt's key blocks — first.
         """
         key = (block, str(self.device))
         if key not in self._cache:
-            block_segment, block_start = [], []
+            ancestors = [self.ancestors(s) for s in range(self.num_segments)]
+            descendants = [[] for _ in range(self.num_segments)]
+            for s in range(self.num_segments):  # stream order: each list comes out in stream order
+                for a in ancestors[s]:
+                    descendants[a].append(s)
+            block_segment, block_start, query_work, key_work = [], [], [], []
             for s in range(self.num_segments):
-                for b in range(self.starts[s], self.starts[s] + self.lengths[s], block):
+                start, end = self.starts[s], self.starts[s] + self.lengths[s]
+                above = sum(self.lengths[a] for a in ancestors[s])
+                below = sum(self.lengths[c] for c in descendants[s])
+                for b in range(start, end, block):
                     block_segment.append(s)
                     block_start.append(b)
-            anc_ptr, anc = _csr([self.ancestors(s) for s in range(self.num_segments)], self.device)
-            desc_ptr, desc = _csr([self.descendants(s) for s in range(self.num_segments)], self.device)
+                    query_work.append(above + min(b + block, end) - start)
+                    key_work.append(end - b + below)
+            heaviest_first = lambda work: sorted(range(len(work)), key=lambda i: -work[i])  # noqa: E731
             as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
+            anc_ptr, anc = _csr(ancestors, self.device)
+            desc_ptr, desc = _csr(descendants, self.device)
             self._cache[key] = dict(
                 seg_start=as_tensor(self.starts), seg_len=as_tensor(self.lengths),
                 block_segment=as_tensor(block_segment), block_start=as_tensor(block_start),
                 anc_ptr=anc_ptr, anc=anc, desc_ptr=desc_ptr, desc=desc,
+                query_block_order=as_tensor(heaviest_first(query_work)),
+                key_block_order=as_tensor(heaviest_first(key_work)),
             )
         return self._cache[key]
 
@@ -214,16 +232,38 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout
     return torch.cat(pieces)
 
 
-# --- public API ---------------------------------------------------------------------------------------
-
-
-_HEAD_DIMS = (64, 80, 96, 128)
+# --- autograd over the kernels ------------------------------------------------------------------------
 
 
 def _kernels():
     from .kernels import prefix_attention as kernels
 
     return kernels
+
+
+class _SharedPrefixAttention(torch.autograd.Function):
+    """O [T, Hq, d] from q [T, Hq, d], k, v [T, Hkv, d] on the Triton kernels. Saves the inputs (no copies),
+    O and the per-row lse [Hq, T] float32; the backward recomputes the attention weights from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale):
+        o, lse = _kernels().attention_forward(q, k, v, layout.tables, scale=scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _kernels().attention_backward(do, q, k, v, o, lse, ctx.layout.tables, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# --- public API ---------------------------------------------------------------------------------------
+
+# Head dims the kernels take: one register tile of the next power of two ≥ 16 (padded lanes masked).
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128
 
 
 def shared_prefix_attention(
@@ -273,8 +313,9 @@ def shared_prefix_attention(
     _checks.dtype_in("q", q, allowed)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
-    if name in ("triton", "interpret") and d not in _HEAD_DIMS:
-        raise ValueError(f"head dim d must be one of {_HEAD_DIMS} on the kernel backends, got {d}")
+    if name in ("triton", "interpret") and not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+        raise ValueError(f"head dim d must be in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}] on the kernel backends "
+                         f"(e.g. 64, 80, 96, 128), got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else _checks.positive_finite("scale", scale)
     if layout.device != q.device:
         layout = layout.to(q.device)
@@ -285,4 +326,4 @@ def shared_prefix_attention(
         return reference.shared_prefix_attention(q, k, v, layout.dense_mask(), scale=scale)
     if name == "torch":
         return _torch_attention(q, k, v, layout, scale)
-    return _kernels().shared_prefix_attention(q, k, v, layout.tables, scale=scale)
+    return _SharedPrefixAttention.apply(q, k, v, layout, scale)
