@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS"]
+__all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS",
+           "CREDIT_MODES"]
 
 LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
@@ -24,6 +25,7 @@ AGGREGATIONS = (
     "seq_mean_token_sum_norm",
     "token_sum",
 )
+CREDIT_MODES = ("cepo", "rlsd")
 
 # verl's numerical guard on the token log-ratio (core_algos: clamp(log_prob − old_log_prob, −20, 20)).
 VERL_LOG_RATIO_CLAMP = 20.0
@@ -78,6 +80,13 @@ class LossConfig:
         aggregation: "seq_mean_token_mean", "token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
             "token_sum".
         max_completion_length: L_norm of "seq_mean_token_sum_norm" (required there).
+    Contrastive-teacher token credit (MATH.md §7), formed inside the loss from teacher log-probs:
+        credit: None, "cepo" (Δ = ℓ⁺ − ℓ⁻, needs ``pos_logprobs`` and ``neg_logprobs``) or "rlsd"
+            (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy).
+            Â_t = A·((1−λ) + λ·clip(exp(sign(A)·Δ_t), 1−ε_w, 1+ε_w)) replaces A.
+        credit_lambda: λ ∈ [0, 1] (0 = plain GRPO). A schedule is the trainer's: ``config.replace(
+            credit_lambda=rlloss.LinearDecay(0.5, 25)(step))`` at each step.
+        credit_eps_w: ε_w ∈ [0, 1), the clip of the token weight w.
     """
 
     loss_mode: str = "ppo_clip"
@@ -100,6 +109,9 @@ class LossConfig:
     rollout_threshold_high: float = 2.0
     aggregation: str = "token_mean"
     max_completion_length: Optional[int] = None
+    credit: Optional[str] = None
+    credit_lambda: float = 0.5
+    credit_eps_w: float = 0.2
 
     def __post_init__(self) -> None:
         _choice("loss_mode", self.loss_mode, LOSS_MODES)
@@ -162,6 +174,14 @@ class LossConfig:
                 raise ValueError(
                     f"LossConfig.max_completion_length must be > 0, got {self.max_completion_length}"
                 )
+        if self.credit is not None:
+            _choice("credit", self.credit, (None,) + CREDIT_MODES)
+        lam = _finite("credit_lambda", self.credit_lambda)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"LossConfig.credit_lambda must lie in [0, 1], got {lam}")
+        eps_w = _finite("credit_eps_w", self.credit_eps_w)
+        if not 0.0 <= eps_w < 1.0:
+            raise ValueError(f"LossConfig.credit_eps_w must lie in [0, 1), got {eps_w}")
         if self.aggregation == "seq_mean_token_sum_norm" and self.max_completion_length is None:
             raise ValueError(
                 "LossConfig.aggregation='seq_mean_token_sum_norm' needs max_completion_length (the constant "
