@@ -6,16 +6,23 @@ from .advantages import group_advantages
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
+from . import credit
+from .credit import LinearDecay, contrastive_credit
 from .prefix_attention import SharedPrefixLayout, shared_prefix_attention
+from .prefix_batch import SharedPrefixBatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedPolicyLoss",
+    "LinearDecay",
     "LossConfig",
     "PolicyLossOutput",
+    "SharedPrefixBatch",
     "SharedPrefixLayout",
     "TokenLogprobs",
+    "contrastive_credit",
+    "credit",
     "group_advantages",
     "logprobs_from_logits",
     "policy_loss",

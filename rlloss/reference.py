@@ -139,11 +139,14 @@ def policy_loss(
     rollout_logprobs: Optional[Tensor] = None,
     num_items_in_batch=None,
     num_sequences_in_batch=None,
+    pos_logprobs: Optional[Tensor] = None,
+    neg_logprobs: Optional[Tensor] = None,
 ) -> Tuple[Tensor, dict]:
     """(loss, metrics) of MATH.md §3–§6 by plain autograd, in logprobs' dtype; ``config`` is a LossConfig.
 
     Differentiable w.r.t. logprobs and entropy; stop-gradients are ``.detach()``. Masked tokens are replaced
-    by 0 before any arithmetic (torch.where), so their inputs never reach the loss or a gradient.
+    by 0 before any arithmetic (torch.where), so their inputs never reach the loss or a gradient. With
+    ``config.credit`` set, A is replaced by the §7 credit :func:`contrastive_credit` (RLSD's base: ℓ°).
     """
     dt = logprobs.dtype
     m = mask if mask.dtype == torch.bool else mask != 0
@@ -157,6 +160,10 @@ def policy_loss(
     lp = clean(logprobs)
     old = lp.detach() if old_logprobs is None else clean(old_logprobs)
     A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    if config.credit is not None:  # §7: Â replaces A
+        base = {"neg_logprobs": neg_logprobs} if config.credit == "cepo" else {"base_logprobs": old}
+        A = contrastive_credit(A, m, pos_logprobs, lam=config.credit_lambda, eps_w=config.credit_eps_w,
+                               mode=config.credit, **base).to(dt)
     n = mf.sum(-1)
 
     # §3 ratios; the optional clamp of the log-ratio (verl) stops the gradient outside its range
@@ -298,3 +305,39 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *,
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+# --- MATH.md §7: contrastive-teacher credit -----------------------------------------------------------------
+
+
+def contrastive_credit(
+    advantages: Tensor,
+    mask: Tensor,
+    pos_logprobs: Tensor,
+    *,
+    neg_logprobs: Optional[Tensor] = None,
+    base_logprobs: Optional[Tensor] = None,
+    lam: float = 0.5,
+    eps_w: float = 0.2,
+    mode: str = "cepo",
+) -> Tensor:
+    """Â [B, T] in float64, detached: the formula of MATH.md §7 as written.
+
+    Δ = ℓ⁺ − ℓ⁻ ("cepo") or ℓ⁺ − ℓ° ("rlsd", ℓ° = ``base_logprobs``); s = sign(A);
+    w = clip(exp(s·Δ), 1 − ε_w, 1 + ε_w); Â = A·((1 − λ) + λ·w)·m. ``advantages`` is [B] or [B, T]. The clip
+    is taken after exp (exp overflows to inf and clips to 1 + ε_w, which is still exact); masked tokens are
+    zeroed before any arithmetic.
+    """
+    m = mask if mask.dtype == torch.bool else mask != 0
+    B, T = m.shape
+    f64 = torch.float64
+    zero = torch.zeros((), dtype=f64, device=m.device)
+
+    def clean(x):
+        return torch.where(m, x.detach().to(f64), zero)
+
+    A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    other = neg_logprobs if mode == "cepo" else base_logprobs
+    delta = clean(pos_logprobs) - clean(other)
+    w = torch.clamp(torch.exp(torch.sign(A) * delta), 1.0 - eps_w, 1.0 + eps_w)
+    return A * ((1.0 - lam) + lam * w) * m.to(f64)

@@ -1,0 +1,504 @@
+"""Contrastive-teacher token credit (MATH.md §7): CEPO and RLSD.
+
+The model itself, shown the correct answer r⁺ between the prompt and its own response, is the teacher:
+tokens it favours more than the same model shown a wrong answer r⁻ (CEPO) — or than the plain policy (RLSD) —
+get a larger share of the sequence advantage when the rollout was right, a smaller one when it was wrong:
+
+    Δ_t = sg(ℓ⁺_t − ℓ⁻_t)  (CEPO)   or   sg(ℓ⁺_t − ℓ°_t)  (RLSD),      s_i = sign(A_i)
+    w_t = clip(exp(s_i·Δ_t), 1 − ε_w, 1 + ε_w)   (clipped in log space: no overflow for any Δ)
+    Â_it = A_i·((1 − λ) + λ·w_t)·m_t
+
+Layout of this module: the per-token formula (torch twin of ``rlloss.kernels.credit.credit_advantage``, also
+called by the torch backend of the policy loss), :func:`contrastive_credit`, the λ schedule
+:class:`LinearDecay`, and :func:`build_teacher_inputs`, which lays out the two teacher contexts of every
+rollout as a right-padded batch for one causal-LM forward each. The same credit is available inside the
+policy loss (``LossConfig(credit=...)``), so the fused path forms Â in its own kernel, with no [B, T] pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from . import reference
+from ._backend import resolve_backend
+
+__all__ = ["LinearDecay", "TeacherInputs", "build_teacher_inputs", "contrastive_credit", "credit_advantage"]
+
+CREDIT_MODES = ("cepo", "rlsd")
+FALLBACKS = ("grpo", "rlsd")
+
+
+# --- the per-token formula --------------------------------------------------------------------------------
+
+
+def credit_advantage(adv: Tensor, delta: Tensor, lam: float, eps_w: float) -> Tensor:
+    """Â = A·((1 − λ) + λ·w), w = exp(clip(sign(A)·Δ, log(1 − ε_w), log(1 + ε_w))), elementwise.
+
+    The torch twin of the kernels' ``credit_advantage``: A = 0 gives exactly 0 whatever Δ holds, and the clip
+    happens before exp, so |Δ| = 1e4 (or inf) gives the bound, never inf or NaN.
+    """
+    log_w = (torch.sign(adv) * delta).clamp(math.log1p(-eps_w), math.log1p(eps_w))
+    scaled = adv * ((1.0 - lam) + lam * torch.exp(log_w))
+    return torch.where(adv != 0, scaled, torch.zeros((), dtype=scaled.dtype, device=scaled.device))
+
+
+def check_credit_params(lam: object, eps_w: object, lam_name: str = "lam", eps_name: str = "eps_w") -> Tuple[float, float]:
+    """λ ∈ [0, 1] and ε_w ∈ [0, 1) as floats (so the multiplier stays in [1 − λε_w, 1 + λε_w] ⊂ (0, 2))."""
+    values = []
+    for name, value in ((lam_name, lam), (eps_name, eps_w)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        values.append(float(value))
+    lam, eps_w = values
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"{lam_name} must lie in [0, 1], got {lam}")
+    if not 0.0 <= eps_w < 1.0:
+        raise ValueError(f"{eps_name} must lie in [0, 1), got {eps_w}")
+    return lam, eps_w
+
+
+# --- contrastive_credit -----------------------------------------------------------------------------------
+
+
+def _logprobs_arg(name: str, x: object, shape: torch.Size) -> Tensor:
+    x = _checks.tensor(name, x)
+    _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have mask's shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
+    return x
+
+
+def contrastive_credit(
+    advantages: Tensor,
+    mask: Tensor,
+    pos_logprobs: Tensor,
+    *,
+    neg_logprobs: Optional[Tensor] = None,
+    base_logprobs: Optional[Tensor] = None,
+    lam: float = 0.5,
+    eps_w: float = 0.2,
+    mode: str = "cepo",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Per-token advantages Â [B, T] from sequence (or token) advantages and teacher log-probs (MATH.md §7).
+
+    ``Â_t = A·((1 − λ) + λ·clip(exp(sign(A)·Δ_t), 1 − ε_w, 1 + ε_w))·m_t`` with Δ = ℓ⁺ − ℓ⁻ (``mode="cepo"``)
+    or Δ = ℓ⁺ − ℓ° (``mode="rlsd"``). The clip is applied to s·Δ in log space, so no Δ overflows. sign(Â) =
+    sign(A), the multiplier lies in [1 − λε_w, 1 + λε_w], and Δ = 0 (or λ = 0) gives Â = A·m: plain GRPO.
+    Nothing here is differentiable: Δ is a stop-gradient, and the result is an advantage.
+
+    Args:
+        advantages: [B] per sequence (e.g. :func:`rlloss.group_advantages`) or [B, T] per token (the sign is
+            then taken per token).
+        mask: [B, T] bool or 0/1: the completion tokens that count; Â is exactly 0 elsewhere, whatever the
+            other inputs hold there.
+        pos_logprobs: [B, T] ℓ⁺, log-probs of each rollout's own tokens under the model shown r⁺.
+        neg_logprobs: [B, T] ℓ⁻, the same shown r⁻; required for "cepo", not allowed for "rlsd".
+        base_logprobs: [B, T] ℓ°, the policy's (old) log-probs; required for "rlsd", not allowed for "cepo".
+        lam: λ ∈ [0, 1], the weight of the credit (see :class:`LinearDecay` for the usual schedule).
+        eps_w: ε_w ∈ [0, 1), the clip of the token weight.
+        mode: "cepo" or "rlsd".
+        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    Returns:
+        [B, T] float32 (float64 when an input is float64 on the ``torch`` / ``reference`` backends), detached.
+
+    Raises:
+        TypeError: non-tensors, non-floating dtypes, λ / ε_w not numbers.
+        ValueError: wrong shapes, an unknown mode, the log-probs a mode needs missing (or the other mode's
+            given), λ ∉ [0, 1], ε_w ∉ [0, 1), a non-0/1 mask, tensors on different devices.
+    """
+    from .policy import _check_mask  # the policy loss's mask rules (policy imports this module)
+
+    if mode not in CREDIT_MODES:
+        raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
+    lam, eps_w = check_credit_params(lam, eps_w)
+    mask = _checks.tensor("mask", mask)
+    _checks.ndim("mask", mask, 2, "[B, T]")
+    shape = mask.shape
+    mask = _check_mask(mask, shape)
+    advantages = _checks.tensor("advantages", advantages)
+    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
+    if advantages.shape != shape[:1] and advantages.shape != shape:
+        raise ValueError(f"advantages must be [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, "
+                         f"got {tuple(advantages.shape)}")
+    pos_logprobs = _logprobs_arg("pos_logprobs", pos_logprobs, shape)
+    if mode == "cepo":
+        if neg_logprobs is None:
+            raise ValueError("mode='cepo' needs neg_logprobs (ℓ⁻, the teacher shown a wrong answer), got None")
+        if base_logprobs is not None:
+            raise ValueError("base_logprobs is the denominator of mode='rlsd'; mode='cepo' uses neg_logprobs")
+        base = _logprobs_arg("neg_logprobs", neg_logprobs, shape)
+    else:
+        if base_logprobs is None:
+            raise ValueError("mode='rlsd' needs base_logprobs (ℓ°, the policy's own log-probs), got None")
+        if neg_logprobs is not None:
+            raise ValueError("neg_logprobs is for mode='cepo'; mode='rlsd' contrasts with base_logprobs")
+        base = _logprobs_arg("base_logprobs", base_logprobs, shape)
+    _checks.same_device(advantages=advantages, mask=mask, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
+                        base_logprobs=base_logprobs)
+    name = resolve_backend(backend, mask.device)
+    if name in ("triton", "interpret"):
+        for arg, x in (("advantages", advantages), ("pos_logprobs", pos_logprobs),
+                       ("neg_logprobs" if mode == "cepo" else "base_logprobs", base)):
+            _checks.dtype_in(arg, x, _checks.KERNEL_DTYPES)
+    advantages, pos_logprobs, base = advantages.detach(), pos_logprobs.detach(), base.detach()
+    wide = any(x.dtype == torch.float64 for x in (advantages, pos_logprobs, base))
+    out_dtype = torch.float64 if wide else torch.float32
+
+    if name == "reference":
+        kwargs = {"neg_logprobs": base} if mode == "cepo" else {"base_logprobs": base}
+        return reference.contrastive_credit(advantages, mask, pos_logprobs, lam=lam, eps_w=eps_w, mode=mode,
+                                            **kwargs).to(out_dtype)
+    if name == "torch":
+        B, T = shape
+        zero = torch.zeros((), dtype=out_dtype, device=mask.device)
+
+        def load(x):  # masked tokens read as 0, whatever they hold
+            return torch.where(mask, x.to(out_dtype), zero)
+
+        adv = load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+        return credit_advantage(adv, load(pos_logprobs) - load(base), lam, eps_w)
+    from .kernels import credit as kernels
+
+    return kernels.credit_rows(advantages, mask, pos_logprobs, base, lam=lam, eps_w=eps_w)
+
+
+# --- the λ schedule ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearDecay:
+    """λ(step): ``start`` at step 0, decreasing linearly to 0 at ``steps``, then 0 — the schedule of the CEPO
+    reference code (start 0.5 over 25 steps).
+
+    The loss config holds a number; a trainer sets it each optimizer step::
+
+        decay = rlloss.LinearDecay(0.5, 25)
+        config = config.replace(credit_lambda=decay(step))   # or contrastive_credit(..., lam=decay(step))
+
+    Args:
+        start: λ at step 0, in [0, 1].
+        steps: number of steps to reach 0 (an int ≥ 0; 0 means λ = 0 from the start).
+    """
+
+    start: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)):
+            raise TypeError(f"LinearDecay.start must be a number, got {type(self.start).__name__}")
+        if not (math.isfinite(self.start) and 0.0 <= self.start <= 1.0):
+            raise ValueError(f"LinearDecay.start must lie in [0, 1], got {self.start}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise TypeError(f"LinearDecay.steps must be an int, got {type(self.steps).__name__}")
+        if self.steps < 0:
+            raise ValueError(f"LinearDecay.steps must be >= 0, got {self.steps}")
+
+    def __call__(self, step: int) -> float:
+        """λ at optimizer step ``step`` (an int ≥ 0): start·(1 − step/steps) before ``steps``, then 0."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step >= self.steps:
+            return 0.0
+        return float(self.start) * (1.0 - step / self.steps)
+
+
+# --- teacher inputs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherInputs:
+    """The teacher contexts of a batch of rollouts, ready for one causal-LM forward (see
+    :func:`build_teacher_inputs`). R teacher rows, contexts right-padded to L, completions padded to T.
+
+    input_ids, attention_mask, position_ids: [R, L] int64, as a Hugging Face causal LM takes them
+        (``model(**teacher.model_inputs())``); position ids count 0, 1, … along each row.
+    logprob_positions: [R, T] int64, the position whose output predicts completion token j (0 past the end).
+    targets: [R, T] int64, completion token j, ``ignore_index`` past each completion's end.
+    rollout: [R] int64, the rollout (row of the policy batch) a teacher row belongs to.
+    positive: [R] bool, True for a [prompt | r⁺ | completion] row, False for [prompt | r⁻ | completion].
+    skipped: [B] bool, rollouts with no teacher row (zero advantage, or no wrong answer with
+        ``fallback="grpo"``): Δ = 0 for them, i.e. plain GRPO.
+    rlsd: [B] bool, rollouts with a positive row only (``mode="rlsd"``, or ``fallback="rlsd"`` in a group
+        without a wrong answer): their ℓ⁻ is the base (policy) log-prob, see :meth:`split`.
+    negative_source: [G] int64, per group the rollout whose answer is r⁻, or −1 when there is none.
+    ignore_index: the filler of ``targets``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    logprob_positions: Tensor
+    targets: Tensor
+    rollout: Tensor
+    positive: Tensor
+    skipped: Tensor
+    rlsd: Tensor
+    negative_source: Tensor
+    ignore_index: int = -100
+
+    @property
+    def num_rows(self) -> int:
+        """R, the number of teacher contexts (0 when every rollout was skipped: no forward needed)."""
+        return self.input_ids.shape[0]
+
+    def model_inputs(self) -> Dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` and ``position_ids`` as keyword arguments of a causal LM."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """[R, L, D] final hidden states → [R, T, D], the rows that predict each completion token; pass them
+        with :attr:`targets` to :func:`rlloss.token_logprobs`."""
+        hidden = _checks.tensor("hidden", hidden)
+        R, L = self.input_ids.shape
+        if hidden.ndim != 3 or hidden.shape[:2] != (R, L):
+            raise ValueError(f"hidden must be [R, L, D] = [{R}, {L}, D], got {tuple(hidden.shape)}")
+        index = self.logprob_positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2])
+        return hidden.gather(1, index)
+
+    def split(self, logprobs: Tensor, *, base_logprobs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(pos_logprobs, neg_logprobs), each [B, T] in the policy batch's row order, from the teacher
+        log-probs [R, T] of every row (``token_logprobs(teacher.gather_hidden(h), W, teacher.targets)``).
+
+        Skipped rollouts get 0 in both (Δ = 0). RLSD rollouts get ``base_logprobs`` ([B, T]: the old
+        log-probs, or the policy's own computed under no_grad) as their ℓ⁻, so Δ = ℓ⁺ − ℓ° for them; it is
+        required when any rollout is RLSD. Feed the pair to ``LossConfig(credit="cepo")`` or
+        :func:`contrastive_credit` with ``mode="cepo"``.
+        """
+        logprobs = _checks.tensor("logprobs", logprobs)
+        R, T = self.targets.shape
+        B = self.skipped.shape[0]
+        if logprobs.shape != (R, T):
+            raise ValueError(f"logprobs must be [R, T] = [{R}, {T}] (one row per teacher context), "
+                             f"got {tuple(logprobs.shape)}")
+        device = logprobs.device
+        rollout, positive = self.rollout.to(device), self.positive.to(device)
+        pos = torch.zeros((B, T), dtype=logprobs.dtype, device=device)
+        neg = torch.zeros((B, T), dtype=logprobs.dtype, device=device)
+        pos[rollout[positive]] = logprobs[positive]
+        neg[rollout[~positive]] = logprobs[~positive]
+        if bool(self.rlsd.any()):
+            if base_logprobs is None:
+                rows = self.rlsd.nonzero().flatten().tolist()
+                raise ValueError(f"rollouts {rows[:8]} use RLSD (no wrong answer in their group, or mode='rlsd'): "
+                                 "pass base_logprobs=[B, T] policy log-probs for their ℓ⁻")
+            base_logprobs = _checks.tensor("base_logprobs", base_logprobs)
+            if base_logprobs.shape != (B, T):
+                raise ValueError(f"base_logprobs must be [B, T] = [{B}, {T}], got {tuple(base_logprobs.shape)}")
+            rlsd = self.rlsd.to(device)
+            neg[rlsd] = base_logprobs.detach().to(device=device, dtype=logprobs.dtype)[rlsd]
+        return pos, neg
+
+
+def _token_list(name: str, values: object, length: int, *, optional: bool = False) -> List[Optional[Tensor]]:
+    """A list of ``length`` 1-D int64 tensors (None entries allowed when ``optional``)."""
+    if isinstance(values, Tensor) or not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a list of 1-D int64 tensors, got {type(values).__name__}")
+    if len(values) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(values)}")
+    out = []
+    for k, x in enumerate(values):
+        if x is None and optional:
+            out.append(None)
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor{' or None' if optional else ''}, "
+                            f"got {type(x).__name__}")
+        if x.dtype != torch.int64 or x.ndim != 1:
+            raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} "
+                            f"of shape {tuple(x.shape)}")
+        out.append(x.detach().cpu())
+    return out
+
+
+def _optional_ids(name: str, x: Optional[Tensor]) -> Tensor:
+    if x is None:
+        return torch.zeros(0, dtype=torch.int64)
+    x = _checks.tensor(name, x)
+    if x.dtype != torch.int64 or x.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
+                        f"{tuple(x.shape)}")
+    return x.detach().cpu()
+
+
+def build_teacher_inputs(
+    prompt_ids: Sequence[Tensor],
+    completion_ids: Sequence[Tensor],
+    rewards: Union[Tensor, Sequence[float]],
+    group_sizes: Sequence[int],
+    answer_ids: Sequence[Tensor],
+    wrong_answer_ids: Optional[Sequence[Optional[Tensor]]],
+    *,
+    advantages: Optional[Tensor] = None,
+    mode: str = "cepo",
+    fallback: str = "grpo",
+    reject_below: float = 0.5,
+    answer_prefix_ids: Optional[Tensor] = None,
+    answer_suffix_ids: Optional[Tensor] = None,
+    completion_length: Optional[int] = None,
+    pad_token_id: int = 0,
+    ignore_index: int = -100,
+    device: Union[str, torch.device, None] = None,
+) -> TeacherInputs:
+    """The teacher contexts ``[prompt | prefix | r± | suffix | completion]`` of every rollout, as one
+    right-padded causal-LM batch, and where each completion token's teacher log-prob is read (MATH.md §7).
+
+    Token level and tokenizer-agnostic: every argument is token ids. The B rollouts form consecutive groups
+    (the completions of one prompt) of sizes ``group_sizes``.
+
+    Args:
+        prompt_ids: G 1-D int64 tensors, the prompt of each group (unpadded; the chat template applied).
+        completion_ids: B 1-D int64 tensors, each rollout's completion exactly as its log-probs are scored
+            (unpadded, EOS included if the loss counts it). Completion j of the batch is row j of the
+            policy batch whose [B, T] log-probs the credit multiplies.
+        rewards: [B] scores; a rollout is rejected when its score < ``reject_below``.
+        group_sizes: G ints ≥ 1 summing to B.
+        answer_ids: G non-empty 1-D int64 tensors, r⁺ of each group (e.g. the tokens of "42").
+        wrong_answer_ids: B entries, the boxed answer extracted from each rollout as token ids, or None (or an
+            empty tensor) when a rollout has no answer. Unused (may be None) with ``mode="rlsd"``.
+        advantages: optional [B]; when given, rollouts with A = 0 get no teacher rows (their Â is 0 anyway).
+            Without it a group is skipped when all its rewards are equal (A = 0 in every §2 mode).
+        mode: "cepo" (a positive and a negative context per rollout) or "rlsd" (positive only).
+        fallback: for a "cepo" group without a usable wrong answer: "grpo" (r⁻ = r⁺, i.e. Δ = 0: no teacher
+            rows) or "rlsd" (positive rows only, Δ = ℓ⁺ − ℓ°).
+        reject_below: the score under which a rollout is rejected (MATH.md §7: 0.5).
+        answer_prefix_ids, answer_suffix_ids: optional 1-D int64 tokens placed around r± in both contexts
+            (e.g. "The correct answer is \\boxed{" and "}.\\n"), so the two contexts differ in the answer only.
+        completion_length: T of the outputs (≥ the longest completion; default the longest), to match the
+            policy batch's padded length.
+        pad_token_id: filler of ``input_ids`` past each context (masked out by ``attention_mask``).
+        ignore_index: filler of ``targets`` past each completion.
+        device: where the tensors go (default: the device of ``completion_ids[0]``).
+
+    r⁻ of a group is the answer of its lowest-scoring rejected rollout that has one (score < reject_below,
+    answer not None, not empty and not equal to r⁺); ties go to the first in batch order. It is shared by
+    every rollout of the group.
+
+    Returns:
+        :class:`TeacherInputs`: positive rows of the non-skipped rollouts in batch order, then their negative
+        rows in batch order.
+    """
+    if mode not in CREDIT_MODES:
+        raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    from .advantages import _check_group_sizes, _check_rewards
+
+    if not isinstance(rewards, Tensor):
+        rewards = torch.tensor(list(rewards), dtype=torch.float64)
+    rewards = _check_rewards(rewards).detach().to("cpu", torch.float64)
+    B = rewards.shape[0]
+    sizes = [int(s) for s in _check_group_sizes(group_sizes, B).tolist()]
+    G = len(sizes)
+    prompts = _token_list("prompt_ids", prompt_ids, G)
+    completions = _token_list("completion_ids", completion_ids, B)
+    answers = _token_list("answer_ids", answer_ids, G)
+    for g in range(G):
+        if answers[g].numel() == 0:
+            raise ValueError(f"answer_ids[{g}] must hold at least one token (r⁺), got an empty tensor")
+    if mode == "cepo":
+        if wrong_answer_ids is None:
+            raise ValueError("mode='cepo' needs wrong_answer_ids (B entries, None where a rollout has no answer)")
+        wrong = _token_list("wrong_answer_ids", wrong_answer_ids, B, optional=True)
+    else:
+        wrong = [None] * B
+    if advantages is not None:
+        advantages = _checks.tensor("advantages", advantages)
+        if advantages.shape != (B,):
+            raise ValueError(f"advantages must be [B] = ({B},), got {tuple(advantages.shape)}")
+        advantages = advantages.detach().cpu()
+    if isinstance(reject_below, bool) or not isinstance(reject_below, (int, float)) or not math.isfinite(reject_below):
+        raise TypeError(f"reject_below must be a finite number, got {reject_below!r}")
+    prefix = _optional_ids("answer_prefix_ids", answer_prefix_ids)
+    suffix = _optional_ids("answer_suffix_ids", answer_suffix_ids)
+    longest = max((c.numel() for c in completions), default=0)
+    if completion_length is None:
+        T = longest
+    else:
+        T = _checks.integer("completion_length", completion_length)
+        if T < longest:
+            raise ValueError(f"completion_length must be >= the longest completion ({longest}), got {T}")
+    if device is None:
+        device = completion_ids[0].device if B else torch.device("cpu")
+
+    skipped = torch.zeros(B, dtype=torch.bool)
+    rlsd = torch.zeros(B, dtype=torch.bool)
+    negative_source = torch.full((G,), -1, dtype=torch.int64)
+    negative_answer: List[Optional[Tensor]] = [None] * G
+    group_of = []
+    begin = 0
+    for g, size in enumerate(sizes):
+        members = range(begin, begin + size)
+        group_of += [g] * size
+        r = rewards[begin : begin + size]
+        if advantages is not None:
+            for i in members:
+                skipped[i] = bool(advantages[i] == 0)
+        elif bool((r == r[0]).all()):
+            skipped[begin : begin + size] = True
+        if bool(skipped[begin : begin + size].all()):  # no teacher compute for this group at all
+            begin += size
+            continue
+        if mode == "rlsd":
+            rlsd[begin : begin + size] = ~skipped[begin : begin + size]
+        else:
+            candidates = [i for i in members if float(rewards[i]) < reject_below and wrong[i] is not None
+                          and wrong[i].numel() > 0 and not torch.equal(wrong[i], answers[g])]
+            if candidates:
+                source = min(candidates, key=lambda i: (float(rewards[i]), i))
+                negative_source[g] = source
+                negative_answer[g] = wrong[source]
+            elif fallback == "grpo":
+                skipped[begin : begin + size] = True
+            else:
+                rlsd[begin : begin + size] = ~skipped[begin : begin + size]
+        begin += size
+
+    rows = []  # (rollout, positive, answer tokens)
+    for i in range(B):
+        if not skipped[i]:
+            rows.append((i, True, answers[group_of[i]]))
+    for i in range(B):
+        if not skipped[i] and not rlsd[i]:
+            rows.append((i, False, negative_answer[group_of[i]]))
+
+    contexts, starts = [], []
+    for i, _, answer in rows:
+        head = torch.cat([prompts[group_of[i]], prefix, answer, suffix])
+        contexts.append(torch.cat([head, completions[i]]))
+        starts.append(head.numel())
+    R = len(rows)
+    L = max((c.numel() for c in contexts), default=0)
+    input_ids = torch.full((R, L), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((R, L), dtype=torch.int64)
+    positions = torch.zeros((R, T), dtype=torch.int64)
+    targets = torch.full((R, T), ignore_index, dtype=torch.int64)
+    for k, ((i, _, _), context, start) in enumerate(zip(rows, contexts, starts)):
+        n = completions[i].numel()
+        input_ids[k, : context.numel()] = context
+        attention_mask[k, : context.numel()] = 1
+        positions[k, :n] = torch.arange(start - 1, start - 1 + n)  # the output at p predicts token p + 1
+        targets[k, :n] = completions[i]
+    position_ids = torch.arange(L, dtype=torch.int64).expand(R, L).contiguous()
+
+    def to(x):
+        return x.to(device)
+
+    return TeacherInputs(
+        input_ids=to(input_ids), attention_mask=to(attention_mask), position_ids=to(position_ids),
+        logprob_positions=to(positions), targets=to(targets),
+        rollout=to(torch.tensor([i for i, _, _ in rows], dtype=torch.int64)),
+        positive=to(torch.tensor([p for _, p, _ in rows], dtype=torch.bool)),
+        skipped=to(skipped), rlsd=to(rlsd), negative_source=to(negative_source), ignore_index=ignore_index,
+    )
