@@ -5,7 +5,8 @@ Each program owns one row (sequence) i and walks its T tokens in blocks of BLOCK
 
     pass 1  row reductions, only when needed: n_i = Σ m, Σ m·(ℓ − ℓ°) for the GSPO ratio s_i and
             Σ m·(ℓ° − ℓˢ) for a sequence-level rollout weight;
-    pass 2  per token: ratio ρ, policy term, rollout weight, KL and entropy terms, the aggregation weight
+    pass 2  per token: the advantage (times the contrastive-teacher credit of MATH.md §7 when on), ratio ρ,
+            policy term, rollout weight, KL and entropy terms, the aggregation weight
             c_it = m_it/D (/ max(n_i, 1) for seq_mean_token_mean), the loss contribution c·L and the gradients
             d(loss)/dℓ and d(loss)/dH written to [B, T] buffers; per-row partial sums of the loss and of every
             metric written to a [B, NUM_STATS] buffer;
@@ -27,6 +28,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .credit import credit_advantage, log_weight_bounds
 
 # Column order of the per-row statistics: each is a sum over the row's live tokens unless noted.
 STAT_NAMES = (
@@ -51,6 +54,7 @@ NUM_STATS = len(STAT_NAMES)
 LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
 IS_LEVELS = ("token", "sequence", "sequence_token")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
+CREDIT_MODES = (None, "cepo", "rlsd")
 
 # Largest block of tokens one program holds at once (tests lower it to exercise the block loop).
 MAX_BLOCK_T = 1024
@@ -153,12 +157,13 @@ def _rollout_weight(w, rollout_min, rollout_max, TRUNCATE: tl.constexpr):
 
 @triton.jit
 def _policy_loss_kernel(
-    logp_ptr, old_ptr, adv_ptr, live_ptr, ref_ptr, roll_ptr, ent_ptr,
+    logp_ptr, old_ptr, adv_ptr, live_ptr, ref_ptr, roll_ptr, ent_ptr, pos_ptr, neg_ptr,
     grad_logp_ptr, grad_ent_ptr, stats_ptr, norm_ptr,
-    T, stride_logp, stride_old, stride_adv, stride_live, stride_ref, stride_roll, stride_ent,
+    T, stride_logp, stride_old, stride_adv, stride_live, stride_ref, stride_roll, stride_ent, stride_pos,
+    stride_neg,
     eps_low, eps_high, delta, dual_c, tau_pos, tau_neg, log_ratio_min, log_ratio_max, beta, entropy_coef,
-    rollout_min, rollout_max, clip_metric_low, clip_metric_high,
-    LOSS_MODE: tl.constexpr, IS_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
+    rollout_min, rollout_max, clip_metric_low, clip_metric_high, credit_lambda, log_w_low, log_w_high,
+    LOSS_MODE: tl.constexpr, CREDIT: tl.constexpr, IS_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
     KL_WEIGHTED: tl.constexpr, KL_CLAMP: tl.constexpr, HAS_ENTROPY: tl.constexpr, WRITE_GRAD_ENT: tl.constexpr,
     HAS_ROLLOUT: tl.constexpr, TOKEN_ROLLOUT: tl.constexpr, SEQ_ROLLOUT: tl.constexpr, TRUNCATE: tl.constexpr,
@@ -173,6 +178,8 @@ def _policy_loss_kernel(
     ref_row = ref_ptr + row * stride_ref
     roll_row = roll_ptr + row * stride_roll
     ent_row = ent_ptr + row * stride_ent
+    pos_row = pos_ptr + row * stride_pos
+    neg_row = neg_ptr + row * stride_neg
     grad_row = grad_logp_ptr + row * T
     grad_ent_row = grad_ent_ptr + row * T
 
@@ -240,6 +247,13 @@ def _policy_loss_kernel(
             adv = tl.load(adv_row + t, mask=live, other=0.0).to(tl.float32)
         else:
             adv = tl.where(live, adv_scalar, 0.0)
+        if CREDIT != 0:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ (CEPO) or ℓ⁺ − ℓ° (RLSD), no gradient
+            pos = tl.load(pos_row + t, mask=live, other=0.0).to(tl.float32)
+            if CREDIT == 1:
+                base = tl.load(neg_row + t, mask=live, other=0.0).to(tl.float32)
+            else:
+                base = old
+            adv = credit_advantage(adv, pos - base, credit_lambda, log_w_low, log_w_high)
         u = logp - old
 
         # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
@@ -380,12 +394,18 @@ def policy_loss_rows(
     clip_metric_low: float,
     clip_metric_high: float,
     write_grad_entropy: bool,
+    credit: Optional[str] = None,
+    credit_lambda: float = 0.0,
+    credit_eps_w: float = 0.0,
+    pos_logprobs: Optional[torch.Tensor] = None,
+    neg_logprobs: Optional[torch.Tensor] = None,
 ):
     """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None), all float32.
 
     logprobs, old_logprobs, ref_logprobs, rollout_logprobs, entropy: [B, T] (any float dtype, any row stride;
     None where absent). advantages: [B] or [B, T]. live: [B, T] bool. normaliser: 1-element tensor holding the
-    aggregation denominator D. The loss is ``stats[:, 0].sum()``.
+    aggregation denominator D. credit: None, "cepo" (reads pos_logprobs and neg_logprobs) or "rlsd" (reads
+    pos_logprobs; the base is old_logprobs, or logprobs when that is None). The loss is ``stats[:, 0].sum()``.
     """
     B, T = logprobs.shape
     device = logprobs.device
@@ -401,19 +421,22 @@ def policy_loss_rows(
     ref = _row_major(ref_logprobs) if ref_logprobs is not None else logprobs
     roll = _row_major(rollout_logprobs) if rollout_logprobs is not None else logprobs
     ent = _row_major(entropy) if entropy is not None else logprobs
+    pos = _row_major(pos_logprobs) if pos_logprobs is not None else logprobs
+    neg = _row_major(neg_logprobs) if neg_logprobs is not None else logprobs
+    log_w_low, log_w_high = log_weight_bounds(credit_eps_w)
     norm = normaliser.reshape(1).to(torch.float32)
     token_rollout = rollout_correction in ("token_truncate", "token_mask")
     seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
     block = max(MIN_BLOCK_T, min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T))
     _policy_loss_kernel[(B,)](
-        logprobs, old, adv, live_u8, ref, roll, ent, grad_logp, grad_ent, stats, norm,
+        logprobs, old, adv, live_u8, ref, roll, ent, pos, neg, grad_logp, grad_ent, stats, norm,
         T, logprobs.stride(0), old.stride(0), adv.stride(0),
-        live_u8.stride(0), ref.stride(0), roll.stride(0), ent.stride(0),
+        live_u8.stride(0), ref.stride(0), roll.stride(0), ent.stride(0), pos.stride(0), neg.stride(0),
         float(epsilon_low), float(epsilon_high), _bound(delta, 1.0), _bound(dual_clip, 1.0),
         float(sapo_tau_pos), float(sapo_tau_neg), _bound(log_ratio_min, -math.inf), _bound(log_ratio_max, math.inf),
         float(beta), float(entropy_coef), _bound(rollout_threshold_low, 0.0), float(rollout_threshold_high),
-        float(clip_metric_low), float(clip_metric_high),
-        LOSS_MODE=LOSS_MODES.index(loss_mode), IS_LEVEL=IS_LEVELS.index(importance_sampling_level),
+        float(clip_metric_low), float(clip_metric_high), float(credit_lambda), log_w_low, log_w_high,
+        LOSS_MODE=LOSS_MODES.index(loss_mode), CREDIT=CREDIT_MODES.index(credit), IS_LEVEL=IS_LEVELS.index(importance_sampling_level),
         HAS_OLD=old_logprobs is not None, ADV_PER_TOKEN=advantages.ndim == 2,
         HAS_DELTA=delta is not None, HAS_DUAL=dual_clip is not None, HAS_REF=ref_logprobs is not None,
         KL_ESTIMATOR=KL_ESTIMATORS.index(kl_estimator), KL_WEIGHTED=bool(kl_ratio_weighted),

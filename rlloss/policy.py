@@ -19,12 +19,14 @@ from . import _checks
 from . import reference
 from ._backend import resolve_backend
 from .config import LossConfig
+from .credit import credit_advantage
 from .logprobs import LinearSaved, check_linear_inputs, linear_backward, linear_forward
 
 # Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
 _NOT_COUNTED = -100
 
-__all__ = ["FusedPolicyLoss", "PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser", "metric_names"]
+__all__ = ["FusedPolicyLoss", "PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser",
+           "metric_names", "check_credit_inputs"]
 
 # Column order of the per-row statistics both backends produce (kernels.policy.STAT_NAMES holds the same).
 STAT_NAMES = (
@@ -232,7 +234,7 @@ def _rollout_weight(config: LossConfig, w: Tensor) -> Tensor:
 
 
 def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy):
+                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None):
     """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
     cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     B, T = logprobs.shape
@@ -245,6 +247,9 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     logp = load(logprobs)
     old = logp if old_logprobs is None else load(old_logprobs)
     adv = load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    if config.credit is not None:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ or ℓ⁺ − ℓ°, no gradient
+        base = load(neg_logprobs) if config.credit == "cepo" else old
+        adv = credit_advantage(adv, load(pos_logprobs) - base, config.credit_lambda, config.credit_eps_w)
     n_safe = mf.sum(1).clamp(min=1.0)
     u = logp - old
     lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
@@ -347,12 +352,15 @@ def policy_loss_and_grads(
     config: LossConfig,
     normaliser: Tensor,
     backend: str,
+    pos_logprobs: Optional[Tensor] = None,
+    neg_logprobs: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Optional[Tensor]]:
     """The policy loss, its metrics and its analytic gradients, computed together (no autograd).
 
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
     [B, T]); ``mask`` bool; ``normaliser`` the 0-d aggregation denominator from :func:`aggregation_normaliser`;
-    ``backend`` "torch", "triton" or "interpret". Nothing here builds an autograd graph.
+    ``backend`` "torch", "triton" or "interpret"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
+    ``config.credit`` (see :func:`check_credit_inputs`). Nothing here builds an autograd graph.
 
     Returns:
         (loss, metrics, grad_logprobs, grad_entropy): the 0-d loss (float32, float64 for float64 log-probs on the
@@ -363,7 +371,8 @@ def policy_loss_and_grads(
     write_grad_entropy = entropy is not None and config.entropy_coef != 0.0
     if backend == "torch" or logprobs.numel() == 0:
         stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                            rollout_logprobs, config, normaliser, write_grad_entropy)
+                                            rollout_logprobs, config, normaliser, write_grad_entropy,
+                                            pos_logprobs, neg_logprobs)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = _kernels().policy_loss_rows(
@@ -378,6 +387,8 @@ def policy_loss_and_grads(
             rollout_threshold_high=config.rollout_threshold_high,
             per_sequence_mean=config.aggregation == "seq_mean_token_mean",
             clip_metric_low=low, clip_metric_high=high, write_grad_entropy=write_grad_entropy,
+            credit=config.credit, credit_lambda=config.credit_lambda, credit_eps_w=config.credit_eps_w,
+            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
         )
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     metrics = _metrics_from_stats(stats, names)
@@ -395,10 +406,10 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
-                normaliser, backend):
+                normaliser, backend, pos_logprobs, neg_logprobs):
         loss, metrics, grad, grad_ent = policy_loss_and_grads(
             logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, normaliser,
-            backend,
+            backend, pos_logprobs, neg_logprobs,
         )
         ctx.save_for_backward(grad, grad_ent)
         packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
@@ -411,12 +422,12 @@ class _PolicyLoss(torch.autograd.Function):
     def backward(ctx, g_loss, g_metrics):
         grad, grad_ent = ctx.saved_tensors
         if g_loss is None:
-            return (None,) * 10
+            return (None,) * 12
         g_logp = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
         g_ent = None
         if ctx.needs_input_grad[1] and grad_ent is not None:
             g_ent = grad_ent * g_loss.to(grad_ent.dtype)
-        return g_logp, g_ent, None, None, None, None, None, None, None, None
+        return g_logp, g_ent, None, None, None, None, None, None, None, None, None, None
 
 
 # --- public API ---------------------------------------------------------------------------------------
@@ -472,6 +483,34 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
     return old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs
 
 
+def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
+    """Check the teacher log-probs of ``config.credit`` (MATH.md §7) over [B, T] = ``shape`` (host side).
+
+    "cepo" needs ``pos_logprobs`` and ``neg_logprobs``; "rlsd" needs ``pos_logprobs`` only (its base is
+    old_logprobs, or sg(ℓ) on-policy); without a credit mode neither may be given. Returns (pos, neg), detached.
+    """
+    mode = config.credit
+    if mode is None:
+        for name, x in (("pos_logprobs", pos_logprobs), ("neg_logprobs", neg_logprobs)):
+            if x is not None:
+                raise ValueError(f"{name} was given but config.credit is None; set LossConfig(credit='cepo' or "
+                                 "'rlsd') to use the contrastive-teacher credit")
+        return None, None
+    if pos_logprobs is None:
+        raise ValueError(f"pos_logprobs (ℓ⁺, the teacher shown the correct answer) is required when "
+                         f"config.credit = {mode!r}, got None")
+    pos_logprobs = _same_shape("pos_logprobs", pos_logprobs, shape).detach()
+    if mode == "cepo":
+        if neg_logprobs is None:
+            raise ValueError("neg_logprobs (ℓ⁻, the teacher shown a wrong answer) is required when "
+                             "config.credit = 'cepo', got None")
+        neg_logprobs = _same_shape("neg_logprobs", neg_logprobs, shape).detach()
+    elif neg_logprobs is not None:
+        raise ValueError("neg_logprobs is not used when config.credit = 'rlsd' (its base is old_logprobs, or "
+                         "sg(logprobs) on-policy); use credit='cepo' to contrast with a wrong answer")
+    return pos_logprobs, neg_logprobs
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -484,6 +523,8 @@ def policy_loss(
     rollout_logprobs: Optional[Tensor] = None,
     num_items_in_batch: Union[int, Tensor, None] = None,
     num_sequences_in_batch: Union[int, Tensor, None] = None,
+    pos_logprobs: Optional[Tensor] = None,
+    neg_logprobs: Optional[Tensor] = None,
     backend: Optional[str] = None,
 ) -> PolicyLossOutput:
     """The policy loss of the GRPO family (MATH.md §3–§6) as one scalar, with TRL-style metrics.
@@ -509,6 +550,10 @@ def policy_loss(
         num_items_in_batch: global token count N for ``token_mean`` (int or 0-d tensor, > 0); None = local
             Σ mask. Under DDP gradient averaging pass N_global / world_size, as TRL does.
         num_sequences_in_batch: global sequence count B for the ``seq_mean_*`` aggregations; None = local B.
+        pos_logprobs: [B, T] teacher log-probs ℓ⁺ (the model shown the correct answer); required when
+            ``config.credit`` is set, which then replaces A by Â of MATH.md §7 inside the loss.
+        neg_logprobs: [B, T] teacher log-probs ℓ⁻ (shown a wrong answer); required for ``credit="cepo"``.
+            With ``credit="rlsd"`` the base is ``old_logprobs``, or sg(ℓ) when that is None.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
 
     Returns:
@@ -516,8 +561,9 @@ def policy_loss(
 
     Raises:
         TypeError: non-tensor arguments, non-floating dtypes, a config that is not a LossConfig.
-        ValueError: wrong shapes, a missing ref_logprobs / entropy / rollout_logprobs the config needs, a
-            non-0/1 mask, non-positive global counts, tensors on different devices, an unusable backend.
+        ValueError: wrong shapes, a missing ref_logprobs / entropy / rollout_logprobs / pos_logprobs /
+            neg_logprobs the config needs (or teacher log-probs given without ``config.credit``), a non-0/1
+            mask, non-positive global counts, tensors on different devices, an unusable backend.
     """
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
@@ -527,12 +573,14 @@ def policy_loss(
     old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
         shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config
     )
+    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
     if entropy is not None:
         entropy = _same_shape("entropy", entropy, shape)
     elif config.entropy_coef != 0.0:
         raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
     _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs)
+                        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
+                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs)
     name = resolve_backend(backend, logprobs.device)
     allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
     _checks.dtype_in("logprobs", logprobs, allowed)
@@ -542,13 +590,13 @@ def policy_loss(
         loss, metrics = reference.policy_loss(
             logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
             rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
-            num_sequences_in_batch=num_sequences_in_batch,
+            num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
         )
         return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
     normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch)
     loss, packed = _PolicyLoss.apply(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                     rollout_logprobs, config, normaliser, name)
+                                     rollout_logprobs, config, normaliser, name, pos_logprobs, neg_logprobs)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
@@ -566,12 +614,12 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, policy_inputs, config, normaliser, linear_options):
-        old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = policy_inputs
+        old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs = policy_inputs
         logprobs, entropy, saved = linear_forward(hidden, weight, bias, targets, **linear_options)
         shape = mask.shape
         loss, metrics, grad, grad_ent = policy_loss_and_grads(
             logprobs.view(shape), entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
-            rollout_logprobs, config, normaliser, linear_options["backend"],
+            rollout_logprobs, config, normaliser, linear_options["backend"], pos_logprobs, neg_logprobs,
         )
         ctx.save_for_backward(*saved, grad, grad_ent)
         ctx.linear_options = linear_options
@@ -635,6 +683,8 @@ class FusedPolicyLoss(torch.nn.Module):
         old_logprobs: Optional[Tensor] = None,
         ref_logprobs: Optional[Tensor] = None,
         rollout_logprobs: Optional[Tensor] = None,
+        pos_logprobs: Optional[Tensor] = None,
+        neg_logprobs: Optional[Tensor] = None,
         temperature: float = 1.0,
         num_items_in_batch: Union[int, Tensor, None] = None,
         num_sequences_in_batch: Union[int, Tensor, None] = None,
@@ -651,6 +701,8 @@ class FusedPolicyLoss(torch.nn.Module):
             advantages: [B] or [B, T].
             old_logprobs, ref_logprobs, rollout_logprobs, num_items_in_batch, num_sequences_in_batch: as in
                 :func:`policy_loss`.
+            pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (MATH.md §7), as in
+                :func:`policy_loss`: the credit Â is formed inside the loss kernel from them.
             temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
 
         Returns:
@@ -667,8 +719,10 @@ class FusedPolicyLoss(torch.nn.Module):
         old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
             shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config
         )
+        pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
         _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
-                            mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs)
+                            mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs)
         linear = check_linear_inputs(hidden, weight, targets, bias, temperature, self.softcap, _NOT_COUNTED,
                                      self.backend, check_range=False)
         V = linear.weight.shape[0]
@@ -685,7 +739,8 @@ class FusedPolicyLoss(torch.nn.Module):
             return policy_loss(logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs,
                                entropy=entropy, rollout_logprobs=rollout_logprobs,
                                num_items_in_batch=num_items_in_batch,
-                               num_sequences_in_batch=num_sequences_in_batch, backend="reference")
+                               num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs,
+                               neg_logprobs=neg_logprobs, backend="reference")
 
         D = linear.weight.shape[1]
         hidden_rows = linear.hidden.reshape(-1, D)
@@ -698,7 +753,8 @@ class FusedPolicyLoss(torch.nn.Module):
                               backend=linear.backend)
         loss, packed = _FusedPolicyLoss.apply(
             hidden_rows, weight, bias, kernel_targets.reshape(-1),
-            (old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs), config, normaliser, linear_options,
+            (old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs), config,
+            normaliser, linear_options,
         )
         names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
         return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
