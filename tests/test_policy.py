@@ -45,6 +45,8 @@ def _inputs(b=B, t=T, *, per_token=False, scale=0.3, ref_scale=0.5, rollout_scal
         entropy=torch.rand(b, t, dtype=torch.float64) * 2,
         rollout_logprobs=logp + scale * torch.randn(b, t, dtype=torch.float64)
         + rollout_scale * torch.randn(b, t, dtype=torch.float64),
+        pos_logprobs=logp + torch.randn(b, t, dtype=torch.float64),  # teacher log-probs (MATH.md §7)
+        neg_logprobs=logp + torch.randn(b, t, dtype=torch.float64),
     )
 
 
@@ -56,7 +58,7 @@ def _poisoned(x, mask, value):
 
 
 POISON = dict(logprobs=math.nan, old_logprobs=math.inf, advantages=math.nan, ref_logprobs=-math.inf,
-              entropy=math.nan, rollout_logprobs=math.nan)
+              entropy=math.nan, rollout_logprobs=math.nan, pos_logprobs=math.nan, neg_logprobs=-math.inf)
 
 
 def _run(backend, config, inp, dtype, *, poison=True, use=("old", "ref", "entropy", "rollout"), **kwargs):
@@ -73,7 +75,9 @@ def _run(backend, config, inp, dtype, *, poison=True, use=("old", "ref", "entrop
     out = policy_loss(
         logp, args["old_logprobs"] if "old" in use else None, args["advantages"], mask, config=config,
         ref_logprobs=args["ref_logprobs"] if "ref" in use else None, entropy=ent,
-        rollout_logprobs=args["rollout_logprobs"] if "rollout" in use else None, backend=backend, **kwargs,
+        rollout_logprobs=args["rollout_logprobs"] if "rollout" in use else None,
+        pos_logprobs=args["pos_logprobs"] if config.credit else None,
+        neg_logprobs=args["neg_logprobs"] if config.credit == "cepo" else None, backend=backend, **kwargs,
     )
     assert out.loss.ndim == 0 and not out.loss.isnan()
     assert all(v.ndim == 0 and not v.requires_grad for v in out.metrics.values())
@@ -172,6 +176,11 @@ COMBOS = {
                           aggregation="seq_mean_token_mean"),
     "sapo_all_terms": dict(loss_mode="sapo", sapo_tau_pos=2.0, sapo_tau_neg=0.5, beta=0.05, kl_estimator="abs",
                            entropy_coef=0.03, rollout_correction="sequence_mask", rollout_threshold_high=3.0),
+    "credit_cepo": dict(credit="cepo"),
+    "credit_cepo_dual_clip_kl": dict(credit="cepo", credit_lambda=1.0, credit_eps_w=0.5, dual_clip=3.0, beta=0.05),
+    "credit_rlsd": dict(credit="rlsd", credit_lambda=0.3, entropy_coef=0.01),
+    "credit_rlsd_sequence_cispo": dict(credit="rlsd", loss_mode="cispo_verl", importance_sampling_level="sequence",
+                                       rollout_correction="token_truncate"),
 }
 
 
@@ -249,6 +258,8 @@ def _configs(draw):
         fields["dual_clip"] = draw(st.sampled_from([None, 1.5, 3.0]))
     if draw(st.booleans()):
         fields["log_ratio_min"], fields["log_ratio_max"] = -0.3, 0.3
+    fields["credit"] = draw(st.sampled_from([None, "cepo", "rlsd"]))
+    fields["credit_lambda"] = draw(st.sampled_from([0.0, 0.5, 1.0]))
     return LossConfig(**fields)
 
 
@@ -703,6 +714,9 @@ def test_policy_loss_and_grads_is_the_same_function():
     (dict(log_ratio_min=1.0, log_ratio_max=-1.0), "log_ratio_min"),
     (dict(rollout_threshold_high=0.0), "rollout_threshold_high"),
     (dict(rollout_threshold_low=3.0, rollout_threshold_high=2.0), "rollout_threshold_low"),
+    (dict(credit="contrastive"), "credit"),
+    (dict(credit_lambda=1.5), "credit_lambda"),
+    (dict(credit_eps_w=1.0), "credit_eps_w"),
 ])
 def test_config_errors(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -760,6 +774,12 @@ def _call(**overrides):
     (dict(num_sequences_in_batch=0, config=LossConfig(aggregation="seq_mean_token_mean")), ValueError,
      "num_sequences_in_batch"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(config=LossConfig(credit="cepo")), ValueError, "pos_logprobs"),
+    (dict(config=LossConfig(credit="cepo"), pos_logprobs=torch.zeros(B, T, dtype=torch.float64)), ValueError,
+     "neg_logprobs"),
+    (dict(config=LossConfig(credit="rlsd"), pos_logprobs=torch.zeros(B, T + 1, dtype=torch.float64)), ValueError,
+     "pos_logprobs"),
+    (dict(pos_logprobs=torch.zeros(B, T, dtype=torch.float64)), ValueError, "config.credit"),
 ])
 def test_input_errors(overrides, error, match):
     with pytest.raises(error, match=match):
