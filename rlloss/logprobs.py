@@ -384,6 +384,8 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ign
     V, D = weight.shape
     if V == 0:
         raise ValueError("weight must have at least one vocabulary row, got V = 0")
+    if D == 0:
+        raise ValueError("weight must have a hidden size D of at least 1, got D = 0")
     if hidden.shape[-1] != D:
         raise ValueError(f"hidden's last dim must equal weight's D = {D}, got hidden shape {tuple(hidden.shape)}")
     if bias is not None:

@@ -220,7 +220,7 @@ def test_zero_advantages_give_zero_gradient():
     assert torch.all(grads["hidden"].nan_to_num(0.0) == 0) and torch.all(grads["weight"] == 0)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     preset=st.sampled_from(PRESETS),
     beta=st.sampled_from([0.0, 0.05]),
@@ -325,17 +325,3 @@ def test_gpu_bf16_realistic(preset):
     for got, want in ((hidden.grad, h64.grad), (weight.grad, w64.grad)):
         rel = (got.double() - want).norm() / want.norm()
         assert rel < 2e-2, rel
-
-
-def test_forward_only_token_logprobs_builds_no_graph():
-    """Teacher / old-policy passes: without inputs that need a gradient, no autograd node is built."""
-    hidden, weight = torch.randn(5, 8), torch.randn(20, 8)
-    targets = torch.randint(0, 20, (5,))
-    out = rlloss.token_logprobs(hidden, weight, targets, return_entropy=True, backend="torch")
-    assert out.logprobs.grad_fn is None and out.entropy.grad_fn is None
-    with torch.no_grad():
-        out_ng = rlloss.token_logprobs(hidden.requires_grad_(), weight, targets, backend="torch")
-    assert out_ng.logprobs.grad_fn is None
-    torch.testing.assert_close(out_ng.logprobs, out.logprobs)
-    with_graph = rlloss.token_logprobs(hidden, weight, targets, backend="torch")
-    assert with_graph.logprobs.grad_fn is not None

@@ -1027,3 +1027,22 @@ def test_gpu_deterministic_realistic():
     second = run_api(hidden, weight, None, targets, "both", g=g, backend="triton")
     for a, b in zip(first[2][:2], second[2][:2]):
         assert torch.equal(a, b)
+
+
+def test_forward_only_token_logprobs_builds_no_graph():
+    """Teacher / old-policy passes: without inputs that need a gradient, no autograd node is built."""
+    hidden, weight = torch.randn(5, 8), torch.randn(20, 8)
+    targets = torch.randint(0, 20, (5,))
+    out = rlloss.token_logprobs(hidden, weight, targets, return_entropy=True, backend="torch")
+    assert out.logprobs.grad_fn is None and out.entropy.grad_fn is None
+    with torch.no_grad():
+        out_ng = rlloss.token_logprobs(hidden.requires_grad_(), weight, targets, backend="torch")
+    assert out_ng.logprobs.grad_fn is None
+    torch.testing.assert_close(out_ng.logprobs, out.logprobs)
+    with_graph = rlloss.token_logprobs(hidden, weight, targets, backend="torch")
+    assert with_graph.logprobs.grad_fn is not None
+
+
+def test_zero_hidden_size_is_rejected():
+    with pytest.raises(ValueError, match="hidden size D of at least 1, got D = 0"):
+        rlloss.token_logprobs(torch.randn(3, 0), torch.randn(5, 0), torch.randint(0, 5, (3,)), backend="torch")
