@@ -7,11 +7,12 @@ hidden state that predicts it — so the lm_head (and the loss) never runs on pr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .prefix_attention import SharedPrefixLayout
 
@@ -67,6 +68,7 @@ class SharedPrefixBatch:
     token_index: Tensor
     targets: Tensor
     mask: Tensor
+    _plan: "_GatherPlan" = field(repr=False)
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -110,12 +112,12 @@ class SharedPrefixBatch:
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
         layout = SharedPrefixLayout.from_groups(prompt_lengths, completion_lengths, device=device)
-        predictor, token, mask = _gather_tables(layout)
-        predictor, token, mask = predictor.to(device), token.to(device), mask.to(device)
+        predictor, token, mask, plan = _gather_tables(layout)
+        predictor, token, mask, plan = predictor.to(device), token.to(device), mask.to(device), plan.to(device)
         targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
         return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
                    prompt_lengths=tuple(prompt_lengths), completion_lengths=tuple(completion_lengths),
-                   predictor_index=predictor, token_index=token, targets=targets, mask=mask)
+                   predictor_index=predictor, token_index=token, targets=targets, mask=mask, _plan=plan)
 
     def to(self, device) -> "SharedPrefixBatch":
         """The same batch with every tensor (and the layout) on ``device``."""
@@ -125,7 +127,8 @@ class SharedPrefixBatch:
             input_ids=input_ids, position_ids=self.position_ids.to(device),
             layout=self.layout.to(device), prompt_lengths=self.prompt_lengths,
             completion_lengths=self.completion_lengths, predictor_index=self.predictor_index.to(device),
-            token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device))
+            token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device),
+            _plan=self._plan.to(device))
 
     # --- sizes ----------------------------------------------------------------------------------------
 
@@ -165,8 +168,10 @@ class SharedPrefixBatch:
 
         Returns:
             ``[C, S_max, ...]``: row ``[c, j]`` is the stream row ``predictor_index[c, j]``; padding rows (where
-            ``mask`` is False) hold a copy of row 0 and must be masked out. Differentiable (``index_select``:
-            the prompt's last row receives the sum of the gradients of every completion's first token).
+            ``mask`` is False) are 0 and pass no gradient. Differentiable: the forward is one
+            ``index_select``; the backward writes every stream row once (each completion row predicts one
+            token) and forms the prompt's last row — which predicts the first token of each of its G
+            completions — as a fixed-order sum over its group, so the gradient is deterministic (no atomics).
         """
         if not isinstance(hidden, Tensor):
             raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -179,7 +184,7 @@ class SharedPrefixBatch:
         if hidden.device != self.predictor_index.device:
             raise ValueError(f"hidden is on {hidden.device}, the batch on {self.predictor_index.device}; move "
                              f"one of them (batch.to(device))")
-        rows = hidden.index_select(0, self.predictor_index.flatten())
+        rows = _GatherPredictors.apply(hidden, self._plan)
         return rows.view(*self.predictor_index.shape, *hidden.shape[1:])
 
     def unpack(self, values: Tensor) -> List[List[Tensor]]:
@@ -197,15 +202,67 @@ class SharedPrefixBatch:
         return out
 
 
-def _gather_tables(layout: SharedPrefixLayout) -> Tuple[Tensor, Tensor, Tensor]:
-    """(predictor_index, token_index, mask), each [C, S_max], built on the host from a two-level layout."""
+class _GatherPlan(NamedTuple):
+    """Index tensors of :func:`SharedPrefixBatch.gather_hidden`, over the flattened ``[C·S_max]`` slots."""
+
+    predictor: Tensor    # [C·S_max] stream row of every slot (0 on padding)
+    padding: Tensor      # [C·S_max] bool, True on padding slots
+    inner_slots: Tensor  # slots of tokens j ≥ 1: each reads its own stream row, no row read twice ...
+    inner_rows: Tensor   # ... namely these rows (completion rows)
+    first_slots: Tensor  # [C] slot of each completion's first token (j = 0)
+    group_slots: Tensor  # [C] place of each completion in a [num_groups · G_max] grid: g·G_max + i
+    prompt_last: Tensor  # [num_groups] the stream row of each prompt's last token
+    max_group: int       # G_max
+
+    def to(self, device) -> "_GatherPlan":
+        return _GatherPlan(*(x.to(device) if isinstance(x, Tensor) else x for x in self))
+
+
+class _GatherPredictors(torch.autograd.Function):
+    """``hidden[predictor]`` with zeros on padding; a deterministic backward (see ``gather_hidden``)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, plan: _GatherPlan) -> Tensor:
+        ctx.plan, ctx.rows = plan, hidden.shape[0]
+        rows = hidden.index_select(0, plan.predictor)
+        return rows.masked_fill_(plan.padding.view(-1, *([1] * (hidden.ndim - 1))), 0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        plan = ctx.plan
+        grad_hidden = grad.new_zeros(ctx.rows, *grad.shape[1:])
+        grad_hidden.index_copy_(0, plan.inner_rows, grad.index_select(0, plan.inner_slots))
+        num_groups = plan.prompt_last.numel()
+        first = grad.new_zeros(num_groups * plan.max_group, *grad.shape[1:])
+        first.index_copy_(0, plan.group_slots, grad.index_select(0, plan.first_slots))
+        per_prompt = first.view(num_groups, plan.max_group, *grad.shape[1:]).sum(1)
+        grad_hidden.index_copy_(0, plan.prompt_last, per_prompt)
+        return grad_hidden, None
+
+
+def _gather_tables(layout: SharedPrefixLayout) -> Tuple[Tensor, Tensor, Tensor, _GatherPlan]:
+    """(predictor_index, token_index, mask, plan), the first three [C, S_max], built on the host from a
+    two-level layout."""
     completions = [s for s in range(layout.num_segments) if layout.parents[s] != -1]
+    roots = [s for s in range(layout.num_segments) if layout.parents[s] == -1]
+    group_of = {root: g for g, root in enumerate(roots)}
     starts = torch.tensor([layout.starts[s] for s in completions], dtype=torch.int64)
     lengths = torch.tensor([layout.lengths[s] for s in completions], dtype=torch.int64)
-    prompt_last = torch.tensor([layout.starts[layout.parents[s]] + layout.lengths[layout.parents[s]] - 1
-                                for s in completions], dtype=torch.int64)
-    j = torch.arange(int(lengths.max()), dtype=torch.int64)
+    prompt_last = torch.tensor([layout.starts[r] + layout.lengths[r] - 1 for r in roots], dtype=torch.int64)
+    groups = torch.tensor([group_of[layout.parents[s]] for s in completions], dtype=torch.int64)
+    S_max = int(lengths.max())
+    j = torch.arange(S_max, dtype=torch.int64)
     mask = j < lengths[:, None]
     token = starts[:, None] + j
-    predictor = torch.where(j == 0, prompt_last[:, None], token - 1)
-    return predictor.masked_fill(~mask, 0), token.masked_fill(~mask, 0), mask
+    predictor = torch.where(j == 0, prompt_last[groups][:, None], token - 1).masked_fill(~mask, 0)
+
+    inner = (mask & (j >= 1)).flatten()
+    slots = torch.arange(mask.numel(), dtype=torch.int64)
+    rank_in_group = torch.cat([torch.arange(n) for n in torch.bincount(groups).tolist()])
+    max_group = int(torch.bincount(groups).max())
+    plan = _GatherPlan(
+        predictor=predictor.flatten(), padding=~mask.flatten(), inner_slots=slots[inner],
+        inner_rows=predictor.flatten()[inner], first_slots=slots.view(mask.shape)[:, 0].clone(),
+        group_slots=groups * max_group + rank_in_group, prompt_last=prompt_last, max_group=max_group)
+    return predictor, token.masked_fill(~mask, 0), mask, plan

@@ -81,22 +81,39 @@ def test_gather_hidden_values_and_gradients():
     gathered = batch.gather_hidden(hidden)
     assert gathered.shape == (4, 3, D)
     assert torch.equal(gathered[batch.mask], hidden[0][batch.predictor_index[batch.mask]])
+    assert (gathered[~batch.mask] == 0).all()
     assert torch.equal(batch.gather_hidden(hidden[0]), gathered)  # [T, D] works as [1, T, D]
-    upstream = torch.randn_like(gathered) * batch.mask[..., None]
+    upstream = torch.randn_like(gathered)  # padding slots too: they are constants and pass nothing back
     gathered.backward(upstream)
-    expected = torch.zeros(T, D)
-    expected.index_add_(0, batch.predictor_index.flatten(), upstream.reshape(-1, D))
+    expected = torch.zeros(T, D).index_add_(0, batch.predictor_index.flatten(),
+                                            (upstream * batch.mask[..., None]).reshape(-1, D))
     torch.testing.assert_close(hidden.grad[0], expected, rtol=0, atol=1e-6)
     # the prompt's last row predicts the first token of each of its 3 completions
     torch.testing.assert_close(hidden.grad[0, 2], upstream[:3, 0].sum(0), rtol=0, atol=1e-6)
     assert (hidden.grad[0, [3, 5, 8, 11]] == 0).all()  # each completion's last token predicts nothing
 
 
+def test_gather_hidden_gradcheck():
+    batch = SharedPrefixBatch.pack([ids(1, 2), ids(3, 4, 5)], [[ids(6, 7, 8), ids(9)], [ids(1), ids(2, 3), ids(4)]])
+    hidden = torch.randn(batch.total_tokens, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(batch.gather_hidden, (hidden,))
+
+
+def test_gather_hidden_backward_is_deterministic():
+    prompts, completions = [ids(*range(5))] * 3, [[ids(*range(s)) for s in (4, 1, 7, 2)]] * 3
+    batch = SharedPrefixBatch.pack(prompts, completions)
+    hidden = torch.randn(batch.total_tokens, 64, requires_grad=True)
+    upstream = torch.randn(*batch.mask.shape, 64)
+    first = torch.autograd.grad(batch.gather_hidden(hidden), hidden, upstream)[0]
+    for _ in range(3):
+        assert torch.equal(torch.autograd.grad(batch.gather_hidden(hidden), hidden, upstream)[0], first)
+
+
 def test_gather_works_on_any_trailing_shape():
     batch = SharedPrefixBatch.pack([ids(1, 2)], [[ids(3, 4), ids(5)]])
     logits = torch.randn(1, batch.total_tokens, 4, 7)
     assert batch.gather_hidden(logits).shape == (2, 2, 4, 7)
-    assert batch.gather_hidden(torch.arange(batch.total_tokens)).tolist() == [[1, 2], [1, 0]]
+    assert batch.gather_hidden(torch.arange(batch.total_tokens)).tolist() == [[1, 2], [1, 0]]  # 0: padding
 
 
 def test_unpack_drops_padding():
