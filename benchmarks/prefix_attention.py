@@ -69,8 +69,8 @@ GPU_HEADS = (32, 8)
 GPU_HEAD_DIM = 128
 GPU_DTYPE = torch.bfloat16
 
-CPU_DEFAULT_SHAPE = Shape(G=4, P=256, S=64, Hq=4, Hkv=2, d=64)
-CPU_QUICK_SHAPE = Shape(G=4, P=64, S=16, Hq=4, Hkv=2, d=64)
+CPU_DEFAULT_SHAPE = Shape(G=4, P=128, S=32, Hq=4, Hkv=2, d=64)
+CPU_QUICK_SHAPE = Shape(G=4, P=32, S=8, Hq=4, Hkv=2, d=64)
 CPU_DTYPE = torch.float32
 CPU_WARMUP_CALLS = 1
 CPU_TIMED_CALLS = 5
