@@ -443,7 +443,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                        lse: torch.Tensor, tables: Tables, *,
                        scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV) in the inputs' dtypes for the upstream gradient ``do`` [T, Hq, d] of the forward's O."""
-    do, q, k, v, o = (_unit_last(x) for x in (do, q, k, v, o))
+    do, q, k, v, o = (_unit_last(x) for x in (do.to(q.dtype), q, k, v, o))
     T, Hq, d = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
