@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rlloss
-from conftest import HAS_CUDA, KERNEL_BACKEND
+from conftest import KERNEL_BACKEND
 from rlloss import SharedPrefixLayout, reference
-from rlloss import prefix_attention as api
 from rlloss.kernels import prefix_attention as kernels
 
 DEVICE = "cuda" if KERNEL_BACKEND == "triton" else "cpu"
