@@ -265,8 +265,12 @@ def test_wrong_layout_or_positions_are_errors(enabled_llama):
 
 def test_attention_mask_is_an_error(enabled_llama):
     model, batch = enabled_llama
-    with pytest.raises(ValueError, match="pass no attention_mask"):
-        model(**batch.model_inputs(), attention_mask=torch.ones_like(batch.input_ids))
+    for forward in (model, model.model):
+        with pytest.raises(ValueError, match="pass no attention_mask"):
+            forward(**batch.model_inputs(), attention_mask=torch.ones_like(batch.input_ids))
+    disable_shared_prefix(model)
+    with torch.no_grad():  # the hooks are gone with it
+        model(input_ids=batch.input_ids, attention_mask=torch.ones_like(batch.input_ids))
 
 
 def test_sliding_window_narrower_than_a_sequence_is_an_error():

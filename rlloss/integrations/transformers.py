@@ -269,8 +269,10 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
                              f"attn_implementation={name!r} (its attention does not go through "
                              "transformers' AttentionInterface)")
     setattr(model, _PREVIOUS, previous)
-    if getattr(model, _HOOK, None) is None:
-        setattr(model, _HOOK, model.register_forward_pre_hook(_reject_attention_mask, with_kwargs=True))
+    if not getattr(model, _HOOK, None):  # on the model and its inner models (model.model(...) is a common call)
+        models = [m for m in model.modules() if isinstance(m, _transformers().PreTrainedModel)] or [model]
+        setattr(model, _HOOK, [m.register_forward_pre_hook(_reject_attention_mask, with_kwargs=True)
+                               for m in models])
     return model
 
 
@@ -281,8 +283,7 @@ def disable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
     if previous is None:
         return model
     _set_implementation(model, previous)
-    hook = getattr(model, _HOOK, None)
-    if hook is not None:
+    for hook in getattr(model, _HOOK, None) or ():
         hook.remove()
     delattr(model, _PREVIOUS)
     setattr(model, _HOOK, None)
