@@ -25,6 +25,8 @@ DEVICE = "cuda" if KERNEL_BACKEND == "triton" else "cpu"
 # Tolerances: absolute on outputs (|O| ≤ max |v| ~ 3), on gradients relative to the largest reference entry.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# (output, gradient) bounds of the GPU tests at realistic sizes.
+GPU_TOL = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
 # A gradient can vanish (a lone token's dq is 0): relative errors are taken against at least this.
 GRAD_FLOOR = 0.1
 
@@ -128,17 +130,19 @@ def _separate_runs(q, k, v, do, layout, scale=None):
     return (out, *grads)
 
 
-def _assert_close(got, expected, dtype, what=""):
+def _assert_close(got, expected, dtype, what="", tol=None, grad_tol=None):
     names = ("out", "dq", "dk", "dv")
+    tol = TOL[dtype] if tol is None else tol
+    grad_tol = GRAD_TOL[dtype] if grad_tol is None else grad_tol
     for name, a, b in zip(names, got, expected):
         assert a.shape == b.shape, (what, name)
         assert torch.isfinite(a).all(), (what, name)
         err = (a - b).abs().max().item()
         if name == "out":
-            assert err <= TOL[dtype], (what, name, err)
+            assert err <= tol, (what, name, err)
         else:
             rel = err / max(b.abs().max().item(), GRAD_FLOOR)
-            assert rel <= GRAD_TOL[dtype], (what, name, rel)
+            assert rel <= grad_tol, (what, name, rel)
 
 
 # --- against the dense float64 reference ------------------------------------------------------------------
@@ -426,7 +430,10 @@ def test_gpu_matches_float64_reference(dtype, d):
     layout, q, k, v, do = _gpu_case(dtype, d)
     got = _run(q, k, v, do, layout, dtype, "triton")
     rounded = [x.to(dtype).double() for x in (q, k, v)]
-    _assert_close(got, _dense_reference(*rounded, do, layout), dtype, f"{dtype} d={d}")
+    # Realistic sizes: the probabilities and dS are rounded to the input dtype before their matmuls (as in
+    # flash attention) and the prompt's dK/dV sum ~1000 rows, so the bounds are wider than at test sizes.
+    tol, grad_tol = GPU_TOL[dtype]
+    _assert_close(got, _dense_reference(*rounded, do, layout), dtype, f"{dtype} d={d}", tol, grad_tol)
 
 
 @pytest.mark.gpu
