@@ -696,3 +696,37 @@ def test_tiny_llama_end_to_end(tiny_llama, backend, dtype):
         neg_logprobs=neg).loss.backward()
     assert not torch.allclose(model.lm_head.weight.grad, fused_grads["lm_head.weight"])
     model.float()
+
+
+# --- GPU: realistic sizes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("credit", ["cepo", "rlsd"])
+def test_gpu_realistic_sizes(credit, dtype):
+    inp = _inputs(64, 2049, seed=10)
+    config = LossConfig.preset("verl_dapo", credit=credit)
+    inp["advantages"] = inp["advantages"].float().double()
+    cuda = {k: (v.to(torch.float32 if k == "advantages" else dtype) if v.is_floating_point() else v).cuda()
+            for k, v in inp.items()}
+    teacher = dict(pos_logprobs=cuda["pos_logprobs"], neg_logprobs=cuda["neg_logprobs"] if credit == "cepo" else None)
+    logp = cuda["logprobs"].clone().requires_grad_()
+    out = policy_loss(logp, cuda["old_logprobs"], cuda["advantages"], cuda["mask"], config=config, backend="triton",
+                      **teacher)
+    out.loss.backward()
+    rounded = {k: (v.to(dtype).double() if v.is_floating_point() and k != "advantages" else v) for k, v in inp.items()}
+    ref_logp = rounded["logprobs"].clone().requires_grad_()
+    ref_loss, _ = reference.policy_loss(ref_logp, rounded["old_logprobs"], rounded["advantages"], inp["mask"],
+                                        config=config, pos_logprobs=rounded["pos_logprobs"],
+                                        neg_logprobs=rounded["neg_logprobs"])
+    ref_loss.backward()
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss.detach(), rtol=1e-4, atol=1e-6)
+    scale = ref_logp.grad.abs().max()
+    torch.testing.assert_close(logp.grad.double().cpu() / scale, ref_logp.grad / scale, rtol=0, atol=1e-2)
+    if dtype == torch.float32:  # the standalone kernel on CUDA tensors
+        mask = inp["mask"].cuda()
+        args = {k: inp[k].float().cuda() for k in ("advantages", "pos_logprobs", "neg_logprobs", "old_logprobs")}
+        other = {"neg_logprobs": args["neg_logprobs"]} if credit == "cepo" else {"base_logprobs": args["old_logprobs"]}
+        got = contrastive_credit(args["advantages"], mask, args["pos_logprobs"], mode=credit, backend="triton", **other)
+        torch.testing.assert_close(got.double().cpu(), _reference_credit(inp, credit, torch.float32), **_tol(torch.float32))
