@@ -60,8 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         start = time.perf_counter()
         report = suites[name].run(ctx)
         wall_time_s = time.perf_counter() - start
-        json_path, md_path = harness.write_report(report, {**env, "suite_wall_time_s": wall_time_s}, out_dir,
-                                                  args.quick)
+        suite_env = {**env, "suite_wall_time_s": wall_time_s, "load_average_1min_after": harness.load_average()}
+        json_path, md_path = harness.write_report(report, suite_env, out_dir, args.quick)
         print(f"\n{report.title} ({wall_time_s:.1f} s)\n")
         print(harness.markdown_table(report.records, report.columns))
         for skip in report.skips:

@@ -95,6 +95,11 @@ def _triton_version() -> Optional[str]:
     return triton.__version__
 
 
+def load_average() -> Optional[float]:
+    """The 1-minute load average (other work on the machine slows CPU timings), where the OS has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def environment(device: Device) -> Dict[str, Any]:
     """Everything needed to tell two runs apart: commit, device, library versions, threads, time."""
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -110,8 +115,7 @@ def environment(device: Device) -> Dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # Other work on the machine slows CPU timings: the 1-minute load average when the run started.
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min": load_average(),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
     }
@@ -262,17 +266,26 @@ class Timing:
                 "time_samples": self.samples, "time_method": self.method}
 
 
+def cpu_times_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, Timing]:
+    """Like :func:`cpu_time` for several functions, their calls interleaved round by round, so that load
+    from other processes that comes and goes slows each of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    method = f"time.perf_counter, median of {repeats} calls after {warmup} warm-up" + (
+        ", calls of " + " / ".join(fns) + " interleaved" if len(fns) > 1 else "")
+    return {name: Timing(statistics.median(s), min(s), max(s), repeats, method) for name, s in samples.items()}
+
+
 def cpu_time(fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
     """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return Timing(statistics.median(samples), min(samples), max(samples), repeats,
-                  f"time.perf_counter, median of {repeats} calls after {warmup} warm-up")
+    return cpu_times_interleaved({"fn": fn}, warmup, repeats)["fn"]
 
 
 # triton.testing.do_bench budgets in milliseconds (it picks the call counts from a first estimate) and the

@@ -47,7 +47,7 @@ CPU_DEFAULT_SHAPE = Shape(N=2048, D=256, V=32000)
 CPU_QUICK_SHAPE = Shape(N=1024, D=128, V=16384)
 CPU_DTYPE = torch.float32
 CPU_WARMUP_CALLS = 1
-CPU_TIMED_CALLS = 5
+CPU_TIMED_CALLS = 3
 # Tiny shape run once before the inputs are built, so thread pools exist before memory is measured.
 THREAD_POOL_WARMUP_SHAPE = Shape(N=64, D=32, V=1000)
 
@@ -335,25 +335,34 @@ def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
 _CPU_IMPLEMENTATIONS_BY_NAME = {impl.name: impl for impl in CPU_IMPLEMENTATIONS}
 
 
-def _cpu_case_step(payload: Dict[str, Any]) -> Callable[[], Outputs]:
-    """The case's forward + backward on its inputs, after a tiny-shape call that starts the thread pools."""
-    impl = _CPU_IMPLEMENTATIONS_BY_NAME[payload["impl"]]
-    forward = impl.make_forward()
-    fwd_bwd_step(forward, make_inputs(THREAD_POOL_WARMUP_SHAPE, CPU_DTYPE, "cpu"), impl.nll_sum_backward)()
-    return fwd_bwd_step(forward, make_inputs(Shape(**payload["shape"]), CPU_DTYPE, "cpu"), impl.nll_sum_backward)
+def _cpu_steps(impl_names: Sequence[str], shape: Shape) -> Dict[str, Callable[[], Outputs]]:
+    """Forward + backward of each named implementation on the same inputs, each after a tiny-shape call that
+    starts the thread pools."""
+    inputs = make_inputs(shape, CPU_DTYPE, "cpu")
+    steps = {}
+    for name in impl_names:
+        impl = _CPU_IMPLEMENTATIONS_BY_NAME[name]
+        forward = impl.make_forward()
+        fwd_bwd_step(forward, make_inputs(THREAD_POOL_WARMUP_SHAPE, CPU_DTYPE, "cpu"), impl.nll_sum_backward)()
+        steps[name] = fwd_bwd_step(forward, inputs, impl.nll_sum_backward)
+    return steps
 
 
 def measure_cpu_memory(payload: Dict[str, Any]) -> Dict[str, Any]:
-    """In a fresh process (``harness.run_isolated``): peak memory of the first full-size forward + backward;
-    saves its outputs for the parent to compare."""
-    peak, peak_was_reset, outputs = harness.cpu_peak_memory(_cpu_case_step(payload))
+    """In a fresh process (``harness.run_isolated``): peak memory of one implementation's first full-size
+    forward + backward; saves its outputs for the parent to compare."""
+    (step,) = _cpu_steps([payload["impl"]], Shape(**payload["shape"])).values()
+    peak, peak_was_reset, outputs = harness.cpu_peak_memory(step)
     torch.save(outputs._asdict(), payload["outputs_path"])
     return {"peak_memory_bytes": peak, "peak_counter_reset": peak_was_reset}
 
 
-def measure_cpu_time(payload: Dict[str, Any]) -> Dict[str, Any]:
-    """In a fresh process: median time of the forward + backward."""
-    return harness.cpu_time(_cpu_case_step(payload), CPU_WARMUP_CALLS, CPU_TIMED_CALLS).as_record()
+def measure_cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """In a fresh process: the time of every implementation, calls interleaved so that other load on the
+    machine slows them alike."""
+    steps = _cpu_steps(payload["impls"], Shape(**payload["shape"]))
+    timings = harness.cpu_times_interleaved(steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
+    return {name: timing.as_record() for name, timing in timings.items()}
 
 
 def _cpu_columns() -> List[harness.Column]:
@@ -388,20 +397,34 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
     itemsize = torch.empty((), dtype=CPU_DTYPE).element_size()
     records, saved = [], {}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-logprobs-") as tmp:
-        for index, impl in enumerate(CPU_IMPLEMENTATIONS, start=1):
+        for impl in CPU_IMPLEMENTATIONS:
             record = base_record(impl, shape, CPU_DTYPE, "cpu")
             outputs_path = Path(tmp) / f"{impl.name}.pt"
             payload = {"impl": impl.name, "shape": vars(shape), "outputs_path": str(outputs_path)}
+            ctx.progress(f"logprobs {impl.name}: peak memory in a fresh process")
             try:
                 record.update(harness.run_isolated(f"{__name__}:measure_cpu_memory", payload,
                                                    harness.LIVE_MEMORY_ENV))
                 saved[impl.name] = outputs_path
-                record.update(harness.run_isolated(f"{__name__}:measure_cpu_time", payload))
-                record["gflops_per_s"] = record["flops"] / (record["time_ms"] * 1e-3) / 1e9
             except RuntimeError as exc:
                 failure(record, exc)
-            ctx.progress(_cpu_progress(index, len(CPU_IMPLEMENTATIONS), record))
             records.append(record)
+
+        timed = [record for record in records if record["status"] == "ok"]
+        ctx.progress(f"logprobs {', '.join(r['impl'] for r in timed)}: {CPU_TIMED_CALLS} interleaved timed calls "
+                     "each in one fresh process")
+        try:
+            times = harness.run_isolated(f"{__name__}:measure_cpu_times",
+                                         {"impls": [r["impl"] for r in timed], "shape": vars(shape)})
+        except RuntimeError as exc:
+            for record in timed:
+                failure(record, exc)
+        else:
+            for record in timed:
+                record.update(times[record["impl"]])
+                record["gflops_per_s"] = record["flops"] / (record["time_ms"] * 1e-3) / 1e9
+        for index, record in enumerate(records, start=1):
+            ctx.progress(_cpu_progress(index, len(records), record))
 
         ctx.progress("float64 reference (rlloss.reference, autograd) for the max-abs-diff columns")
         expected = float64_reference(make_inputs(shape, CPU_DTYPE, "cpu"))
@@ -433,9 +456,10 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             f"{harness.fmt_mib(logits_bytes)} MiB; the input gradients both return are "
             f"{harness.fmt_mib((shape.N + shape.V) * shape.D * itemsize)} MiB.",
             harness.CPU_MEMORY_METHOD,
-            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call in a fresh process "
-            f"with the default allocator, {torch.get_num_threads()} torch threads; the JSON's "
-            "`load_average_1min` tells whether other work shared the machine.",
+            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, in one fresh process "
+            "with the default allocator, the implementations' calls interleaved (A B A B ...) so that other "
+            f"load on the machine slows them alike; {torch.get_num_threads()} torch threads. The JSON's "
+            "`load_average_1min*` fields tell whether other work shared the machine.",
             "max abs diff: against `rlloss.reference` evaluated in float64 on the same inputs and upstream "
             "gradients (logprobs, entropy, d hidden, d weight).",
             f"Random inputs: hidden ~ N(0, 1), weight scaled for logits of std {LOGIT_STD}, uniform targets, "
