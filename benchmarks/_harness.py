@@ -30,6 +30,8 @@ MIB = 1 << 20
 GIB = 1 << 30
 KIB = 1 << 10
 
+# What a benchmark number depends on: an uncommitted change here makes the recorded commit inexact.
+MEASURED_CODE_PATHS = ("rlloss", "kernels", "benchmarks", "setup.py", "pyproject.toml")
 # A case run in its own process may take this long before it is killed and recorded as an error.
 ISOLATED_CASE_TIMEOUT_S = 900
 
@@ -102,7 +104,8 @@ def load_average() -> Optional[float]:
 
 def environment(device: Device) -> Dict[str, Any]:
     """Everything needed to tell two runs apart: commit, device, library versions, threads, time."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Uncommitted changes to the measured code only (documentation edits do not change a number).
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE_PATHS)
     env = {
         "commit": _git("rev-parse", "HEAD"),
         "commit_dirty": bool(status) if status is not None else None,
@@ -194,7 +197,8 @@ def report_json(report: SuiteReport, env: Dict[str, Any], quick: bool) -> Dict[s
 
 
 def report_markdown(report: SuiteReport, env: Dict[str, Any], quick: bool) -> str:
-    commit = (env.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if env.get("commit_dirty") else "")
+    commit = (env.get("commit") or "unknown")[:12] + (
+        " with uncommitted changes to the measured code" if env.get("commit_dirty") else "")
     lines = [
         f"# {report.title}",
         "",
