@@ -17,8 +17,11 @@ setup(
     # Triton ships Linux wheels only; elsewhere the torch backend runs.
     install_requires=["torch>=2.4", "numpy", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.56"],
+        # The test suite also builds the documentation site (tests/test_docs.py), hence the docs tools here.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.56",
+                 "mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0"],
         "bench": ["pytest-benchmark>=4"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0"],
     },
     license="Apache-2.0",
 )
