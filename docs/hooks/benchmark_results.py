@@ -68,8 +68,8 @@ def on_page_markdown(markdown, page, config, files, **kwargs):
             "`docs/benchmarks/<gpu-slug>/` folder. No GPU number is quoted anywhere in these docs until it is "
             "measured; [the offline GPU guide](offline_gpu.md) says how to produce one on a machine without internet.\n"
         )
-    if not any("png" in by_ext for suites in reports.values() for by_ext in suites.values()):
-        sections.insert(0, "No plot is committed yet: the reports below are the JSON and markdown of each run.\n")
     if not reports:
         sections.insert(0, "No benchmark report is committed yet.\n")
+    elif not any("png" in by_ext for suites in reports.values() for by_ext in suites.values()):
+        sections.insert(0, "No plot is committed yet: the reports below are the JSON and markdown of each run.\n")
     return markdown.replace(MARKER, "\n\n".join(sections))
