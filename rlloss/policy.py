@@ -401,6 +401,14 @@ def policy_loss_and_grads(
 # --- autograd -----------------------------------------------------------------------------------------
 
 
+def _pack_metrics(ctx, loss: Tensor, metrics: Dict[str, Tensor]) -> Tensor:
+    """The metrics as one non-differentiable tensor output of an autograd function (in metric_names order)."""
+    packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
+    ctx.mark_non_differentiable(packed)
+    ctx.set_materialize_grads(False)
+    return packed
+
+
 class _PolicyLoss(torch.autograd.Function):
     """(loss, packed metrics) from the policy-loss inputs; gradients w.r.t. logprobs and entropy only."""
 
@@ -412,10 +420,7 @@ class _PolicyLoss(torch.autograd.Function):
             backend, pos_logprobs, neg_logprobs,
         )
         ctx.save_for_backward(grad, grad_ent)
-        packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
-        ctx.mark_non_differentiable(packed)
-        ctx.set_materialize_grads(False)
-        return loss, packed
+        return loss, _pack_metrics(ctx, loss, metrics)
 
     @staticmethod
     @once_differentiable
@@ -623,10 +628,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(*saved, grad, grad_ent)
         ctx.linear_options = linear_options
-        packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
-        ctx.mark_non_differentiable(packed)
-        ctx.set_materialize_grads(False)
-        return loss, packed
+        return loss, _pack_metrics(ctx, loss, metrics)
 
     @staticmethod
     @once_differentiable
