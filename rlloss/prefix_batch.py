@@ -8,7 +8,7 @@ hidden state that predicts it — so the lm_head (and the loss) never runs on pr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -173,19 +173,8 @@ class SharedPrefixBatch:
             token) and forms the prompt's last row — which predicts the first token of each of its G
             completions — as a fixed-order sum over its group, so the gradient is deterministic (no atomics).
         """
-        if not isinstance(hidden, Tensor):
-            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
-        T = self.total_tokens
-        if hidden.ndim >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == T:
-            hidden = hidden[0]
-        elif hidden.ndim < 1 or hidden.shape[0] != T:
-            raise ValueError(f"hidden must be [1, T, ...] or [T, ...] with T = {T} packed tokens, got shape "
-                             f"{tuple(hidden.shape)}")
-        if hidden.device != self.predictor_index.device:
-            raise ValueError(f"hidden is on {hidden.device}, the batch on {self.predictor_index.device}; move "
-                             f"one of them (batch.to(device))")
-        rows = _GatherPredictors.apply(hidden, self._plan)
-        return rows.view(*self.predictor_index.shape, *hidden.shape[1:])
+        return gather_predictors(hidden, self._plan, tuple(self.predictor_index.shape), self.total_tokens,
+                                 hint="batch.to(device)")
 
     def unpack(self, values: Tensor) -> List[List[Tensor]]:
         """Split per-completion results ``[C, S_max, ...]`` (e.g. per-token log-probs of the gathered hidden
@@ -202,17 +191,36 @@ class SharedPrefixBatch:
         return out
 
 
+def gather_predictors(hidden: Tensor, plan: "_GatherPlan", shape: Tuple[int, ...], total_tokens: int, *,
+                      hint: str) -> Tensor:
+    """``hidden`` [1, T, ...] or [T, ...] of a packed stream → [*shape, ...], the rows ``plan`` names (see
+    :meth:`SharedPrefixBatch.gather_hidden`); ``hint`` says how to move the index tables to another device."""
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    T = total_tokens
+    if hidden.ndim >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == T:
+        hidden = hidden[0]
+    elif hidden.ndim < 1 or hidden.shape[0] != T:
+        raise ValueError(f"hidden must be [1, T, ...] or [T, ...] with T = {T} packed tokens, got shape "
+                         f"{tuple(hidden.shape)}")
+    if hidden.device != plan.predictor.device:
+        raise ValueError(f"hidden is on {hidden.device}, the index tables on {plan.predictor.device}; move one of "
+                         f"them ({hint})")
+    rows = _GatherPredictors.apply(hidden, plan)
+    return rows.view(*shape, *hidden.shape[1:])
+
+
 class _GatherPlan(NamedTuple):
     """Index tensors of :func:`SharedPrefixBatch.gather_hidden`, over the flattened ``[C·S_max]`` slots."""
 
     predictor: Tensor    # [C·S_max] stream row of every slot (0 on padding)
     padding: Tensor      # [C·S_max] bool, True on padding slots
     inner_slots: Tensor  # slots of tokens j ≥ 1: each reads its own stream row, no row read twice ...
-    inner_rows: Tensor   # ... namely these rows (completion rows)
-    first_slots: Tensor  # [C] slot of each completion's first token (j = 0)
-    group_slots: Tensor  # [C] place of each completion in a [num_groups · G_max] grid: g·G_max + i
-    prompt_last: Tensor  # [num_groups] the stream row of each prompt's last token
-    max_group: int       # G_max
+    inner_rows: Tensor   # ... namely these rows (rows of the scored segments)
+    first_slots: Tensor  # [C'] slot of each non-empty row's first token (j = 0)
+    group_slots: Tensor  # [C'] place of each such row in a [num_parents · G_max] grid: parent·G_max + rank
+    parent_last: Tensor  # [num_parents] the stream row of each parent's last token (a prompt's, two levels)
+    max_group: int       # G_max, the most rows under one parent
 
     def to(self, device) -> "_GatherPlan":
         return _GatherPlan(*(x.to(device) if isinstance(x, Tensor) else x for x in self))
@@ -233,36 +241,61 @@ class _GatherPredictors(torch.autograd.Function):
         plan = ctx.plan
         grad_hidden = grad.new_zeros(ctx.rows, *grad.shape[1:])
         grad_hidden.index_copy_(0, plan.inner_rows, grad.index_select(0, plan.inner_slots))
-        num_groups = plan.prompt_last.numel()
-        first = grad.new_zeros(num_groups * plan.max_group, *grad.shape[1:])
+        num_parents = plan.parent_last.numel()
+        first = grad.new_zeros(num_parents * plan.max_group, *grad.shape[1:])
         first.index_copy_(0, plan.group_slots, grad.index_select(0, plan.first_slots))
-        per_prompt = first.view(num_groups, plan.max_group, *grad.shape[1:]).sum(1)
-        grad_hidden.index_copy_(0, plan.prompt_last, per_prompt)
+        per_parent = first.view(num_parents, plan.max_group, *grad.shape[1:]).sum(1)
+        grad_hidden.index_copy_(0, plan.parent_last, per_parent)
         return grad_hidden, None
 
 
-def _gather_tables(layout: SharedPrefixLayout) -> Tuple[Tensor, Tensor, Tensor, _GatherPlan]:
-    """(predictor_index, token_index, mask, plan), the first three [C, S_max], built on the host from a
-    two-level layout."""
-    completions = [s for s in range(layout.num_segments) if layout.parents[s] != -1]
-    roots = [s for s in range(layout.num_segments) if layout.parents[s] == -1]
-    group_of = {root: g for g, root in enumerate(roots)}
-    starts = torch.tensor([layout.starts[s] for s in completions], dtype=torch.int64)
-    lengths = torch.tensor([layout.lengths[s] for s in completions], dtype=torch.int64)
-    prompt_last = torch.tensor([layout.starts[r] + layout.lengths[r] - 1 for r in roots], dtype=torch.int64)
-    groups = torch.tensor([group_of[layout.parents[s]] for s in completions], dtype=torch.int64)
-    S_max = int(lengths.max())
-    j = torch.arange(S_max, dtype=torch.int64)
+def _gather_tables(layout: SharedPrefixLayout, segments: Optional[Sequence[Optional[int]]] = None,
+                   width: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, _GatherPlan]:
+    """(predictor_index, token_index, mask, plan), the first three [C, width], built on the host.
+
+    One row per scored segment of ``segments`` (default: every non-root segment in stream order — the
+    completions of a two-level layout; ``None`` gives a row of padding only). Token j ≥ 1 of segment s is
+    predicted by its row j − 1, token 0 by the last row of s's parent; ``width`` defaults to the longest.
+    Each scored segment appears once and is no other scored segment's parent, so every stream row is read by
+    at most one slot, except a parent's last row, which the gather's backward sums over its children.
+    """
+    if segments is None:
+        segments = [s for s in range(layout.num_segments) if layout.parents[s] != -1]
+    C = len(segments)
+    starts = torch.tensor([layout.starts[s] if s is not None else 0 for s in segments], dtype=torch.int64)
+    lengths = torch.tensor([layout.lengths[s] if s is not None else 0 for s in segments], dtype=torch.int64)
+    parent_index: Dict[int, int] = {}  # parent segment → its place in parent_last, in order of first use
+    row_parent, group_slots, first_rows, counts = [], [], [], []
+    for c, s in enumerate(segments):
+        if s is None:
+            row_parent.append(0)
+            continue
+        p = layout.parents[s]
+        if p == -1:
+            raise ValueError(f"segment {s} is a root: its first token has no predictor")
+        if p not in parent_index:
+            parent_index[p] = len(parent_index)
+            counts.append(0)
+        row_parent.append(layout.starts[p] + layout.lengths[p] - 1)
+        first_rows.append(c)
+        group_slots.append((parent_index[p], counts[parent_index[p]]))
+        counts[parent_index[p]] += 1
+    S_max = int(lengths.max()) if C else 0
+    width = S_max if width is None else width
+    j = torch.arange(width, dtype=torch.int64)
     mask = j < lengths[:, None]
     token = starts[:, None] + j
-    predictor = torch.where(j == 0, prompt_last[groups][:, None], token - 1).masked_fill(~mask, 0)
+    predictor = torch.where(j == 0, torch.tensor(row_parent, dtype=torch.int64)[:, None], token - 1)
+    predictor = predictor.masked_fill(~mask, 0)
 
     inner = (mask & (j >= 1)).flatten()
     slots = torch.arange(mask.numel(), dtype=torch.int64)
-    rank_in_group = torch.cat([torch.arange(n) for n in torch.bincount(groups).tolist()])
-    max_group = int(torch.bincount(groups).max())
+    max_group = max(counts, default=1)
     plan = _GatherPlan(
         predictor=predictor.flatten(), padding=~mask.flatten(), inner_slots=slots[inner],
-        inner_rows=predictor.flatten()[inner], first_slots=slots.view(mask.shape)[:, 0].clone(),
-        group_slots=groups * max_group + rank_in_group, prompt_last=prompt_last, max_group=max_group)
+        inner_rows=predictor.flatten()[inner],
+        first_slots=torch.tensor(first_rows, dtype=torch.int64) * width,
+        group_slots=torch.tensor([g * max_group + r for g, r in group_slots], dtype=torch.int64),
+        parent_last=torch.tensor([layout.starts[p] + layout.lengths[p] - 1 for p in parent_index], dtype=torch.int64),
+        max_group=max_group)
     return predictor, token.masked_fill(~mask, 0), mask, plan
