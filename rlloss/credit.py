@@ -11,13 +11,16 @@ get a larger share of the sequence advantage when the rollout was right, a small
 Layout of this module: the per-token formula (torch twin of ``rlloss.kernels.credit.credit_advantage``, also
 called by the torch backend of the policy loss), :func:`contrastive_credit`, the λ schedule
 :class:`LinearDecay`, and :func:`build_teacher_inputs`, which lays out the two teacher contexts of every
-rollout as a right-padded batch for one causal-LM forward each. The same credit is available inside the
-policy loss (``LossConfig(credit=...)``), so the fused path forms Â in its own kernel, with no [B, T] pass.
+rollout as a right-padded batch for one causal-LM forward (:class:`TeacherInputs`) or, with ``packed=True``,
+as one shared-prefix stream holding each group's prompt and answers once (:class:`PackedTeacherInputs`,
+MATH.md §8); both give the same rows and the same :meth:`~TeacherInputs.split`. The same credit is available
+inside the policy loss (``LossConfig(credit=...)``), so the fused path forms Â in its own kernel, with no
+[B, T] pass.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,8 +29,11 @@ from torch import Tensor
 from . import _checks
 from . import reference
 from ._backend import resolve_backend
+from .prefix_attention import SharedPrefixLayout
+from .prefix_batch import _GatherPlan, _gather_tables, gather_predictors
 
-__all__ = ["LinearDecay", "TeacherInputs", "build_teacher_inputs", "contrastive_credit", "credit_advantage"]
+__all__ = ["LinearDecay", "PackedTeacherInputs", "TeacherInputs", "build_teacher_inputs", "contrastive_credit",
+           "credit_advantage"]
 
 CREDIT_MODES = ("cepo", "rlsd")
 FALLBACKS = ("grpo", "rlsd")
@@ -216,56 +222,20 @@ class LinearDecay:
 # --- teacher inputs ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TeacherInputs:
-    """The teacher contexts of a batch of rollouts, ready for one causal-LM forward (see
-    :func:`build_teacher_inputs`). R teacher rows, contexts right-padded to L, completions padded to T.
+class _TeacherRows:
+    """What both teacher layouts share: R teacher rows (positive rows of the non-skipped rollouts in batch
+    order, then their negative rows), each scoring one rollout's completion against ``targets`` [R, T]."""
 
-    input_ids, attention_mask, position_ids: [R, L] int64, as a Hugging Face causal LM takes them
-        (``model(**teacher.model_inputs())``); position ids count 0, 1, … along each row.
-    logprob_positions: [R, T] int64, the position whose output predicts completion token j (0 past the end).
-    targets: [R, T] int64, completion token j, ``ignore_index`` past each completion's end.
-    rollout: [R] int64, the rollout (row of the policy batch) a teacher row belongs to.
-    positive: [R] bool, True for a [prompt | r⁺ | completion] row, False for [prompt | r⁻ | completion].
-    skipped: [B] bool, rollouts with no teacher row (zero advantage, or no wrong answer with
-        ``fallback="grpo"``): Δ = 0 for them, i.e. plain GRPO.
-    rlsd: [B] bool, rollouts with a positive row only (``mode="rlsd"``, or ``fallback="rlsd"`` in a group
-        without a wrong answer): their ℓ⁻ is the base (policy) log-prob, see :meth:`split`.
-    negative_source: [G] int64, per group the rollout whose answer is r⁻, or −1 when there is none.
-    ignore_index: the filler of ``targets``.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    logprob_positions: Tensor
     targets: Tensor
     rollout: Tensor
     positive: Tensor
     skipped: Tensor
     rlsd: Tensor
-    negative_source: Tensor
-    ignore_index: int = -100
 
     @property
     def num_rows(self) -> int:
         """R, the number of teacher contexts (0 when every rollout was skipped: no forward needed)."""
-        return self.input_ids.shape[0]
-
-    def model_inputs(self) -> Dict[str, Tensor]:
-        """``input_ids``, ``attention_mask`` and ``position_ids`` as keyword arguments of a causal LM."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
-
-    def gather_hidden(self, hidden: Tensor) -> Tensor:
-        """[R, L, D] final hidden states → [R, T, D], the rows that predict each completion token; pass them
-        with :attr:`targets` to :func:`rlloss.token_logprobs`."""
-        hidden = _checks.tensor("hidden", hidden)
-        R, L = self.input_ids.shape
-        if hidden.ndim != 3 or hidden.shape[:2] != (R, L):
-            raise ValueError(f"hidden must be [R, L, D] = [{R}, {L}, D], got {tuple(hidden.shape)}")
-        index = self.logprob_positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2])
-        return hidden.gather(1, index)
+        return self.targets.shape[0]
 
     def split(self, logprobs: Tensor, *, base_logprobs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(pos_logprobs, neg_logprobs), each [B, T] in the policy batch's row order, from the teacher
@@ -299,6 +269,113 @@ class TeacherInputs:
             rlsd = self.rlsd.to(device)
             neg[rlsd] = base_logprobs.detach().to(device=device, dtype=logprobs.dtype)[rlsd]
         return pos, neg
+
+
+@dataclass(frozen=True)
+class TeacherInputs(_TeacherRows):
+    """The teacher contexts of a batch of rollouts, ready for one causal-LM forward (see
+    :func:`build_teacher_inputs`). R teacher rows, contexts right-padded to L, completions padded to T.
+
+    input_ids, attention_mask, position_ids: [R, L] int64, as a Hugging Face causal LM takes them
+        (``model(**teacher.model_inputs())``); position ids count 0, 1, … along each row.
+    logprob_positions: [R, T] int64, the position whose output predicts completion token j (0 past the end).
+    targets: [R, T] int64, completion token j, ``ignore_index`` past each completion's end.
+    rollout: [R] int64, the rollout (row of the policy batch) a teacher row belongs to.
+    positive: [R] bool, True for a [prompt | r⁺ | completion] row, False for [prompt | r⁻ | completion].
+    skipped: [B] bool, rollouts with no teacher row (zero advantage, or no wrong answer with
+        ``fallback="grpo"``): Δ = 0 for them, i.e. plain GRPO.
+    rlsd: [B] bool, rollouts with a positive row only (``mode="rlsd"``, or ``fallback="rlsd"`` in a group
+        without a wrong answer): their ℓ⁻ is the base (policy) log-prob, see :meth:`split`.
+    negative_source: [G] int64, per group the rollout whose answer is r⁻, or −1 when there is none.
+    ignore_index: the filler of ``targets``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    logprob_positions: Tensor
+    targets: Tensor
+    rollout: Tensor
+    positive: Tensor
+    skipped: Tensor
+    rlsd: Tensor
+    negative_source: Tensor
+    ignore_index: int = -100
+
+    def model_inputs(self) -> Dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` and ``position_ids`` as keyword arguments of a causal LM."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """[R, L, D] final hidden states → [R, T, D], the rows that predict each completion token; pass them
+        with :attr:`targets` to :func:`rlloss.token_logprobs`."""
+        hidden = _checks.tensor("hidden", hidden)
+        R, L = self.input_ids.shape
+        if hidden.ndim != 3 or hidden.shape[:2] != (R, L):
+            raise ValueError(f"hidden must be [R, L, D] = [{R}, {L}, D], got {tuple(hidden.shape)}")
+        index = self.logprob_positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2])
+        return hidden.gather(1, index)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTeacherInputs(_TeacherRows):
+    """The teacher contexts of a batch of rollouts packed into one shared-prefix stream (see
+    :func:`build_teacher_inputs` with ``packed=True``): per group one prompt segment, its answer segments r⁺
+    and r⁻ as children, and every rollout's completion under each answer it is scored with, so a group's
+    prompt and answers are encoded once for its 2·G teacher contexts (MATH.md §8).
+
+    input_ids, position_ids: [1, N] int64, the stream; a token's position is its place in its own
+        ``[prompt | prefix | r± | suffix | completion]`` context, as in :class:`TeacherInputs`.
+    layout: the :class:`~rlloss.SharedPrefixLayout` of the stream (None when there are no rows).
+    row_segments: R ints, the layout segment holding each row's completion (−1 for an empty completion).
+    logprob_positions: [R, T] int64, the stream position whose output predicts completion token j — the last
+        token of the row's answer segment for j = 0, token j − 1 of the completion otherwise (0 past the end).
+    targets, rollout, positive, skipped, rlsd, negative_source, ignore_index: as in :class:`TeacherInputs`
+        (the same rows in the same order, so :meth:`split` gives the same pair).
+    unpacked_tokens: Σ of the R contexts' lengths, the tokens :class:`TeacherInputs` runs (without padding);
+        ``total_tokens / unpacked_tokens`` is the token count the packing keeps.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    layout: Optional[SharedPrefixLayout]
+    row_segments: Tuple[int, ...]
+    logprob_positions: Tensor
+    targets: Tensor
+    rollout: Tensor
+    positive: Tensor
+    skipped: Tensor
+    rlsd: Tensor
+    negative_source: Tensor
+    unpacked_tokens: int
+    ignore_index: int = -100
+    _plan: Optional[_GatherPlan] = field(default=None, repr=False)
+
+    @property
+    def total_tokens(self) -> int:
+        """N, the length of the packed stream (0 when there are no rows)."""
+        return self.input_ids.shape[1]
+
+    def _nonempty(self, what: str) -> None:
+        if self.layout is None:
+            raise ValueError(f"no teacher rows (every rollout was skipped): there is no stream to {what}; call "
+                             "split on a [0, T] tensor")
+
+    def model_inputs(self) -> Dict[str, object]:
+        """``input_ids``, ``position_ids`` and ``shared_prefix`` (the layout) as keyword arguments of a model
+        with shared-prefix attention enabled (``rlloss.integrations.transformers.enable_shared_prefix``)."""
+        self._nonempty("run")
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "shared_prefix": self.layout}
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """[1, N, D] (or [N, D]) final hidden states of the packed stream → [R, T, D], the rows that predict
+        each completion token (0 past each completion's end); pass them with :attr:`targets` to
+        :func:`rlloss.token_logprobs`. Differentiable, with the deterministic backward of
+        :meth:`rlloss.SharedPrefixBatch.gather_hidden` (an answer's last row sums over its completions)."""
+        self._nonempty("gather from")
+        return gather_predictors(hidden, self._plan, tuple(self.targets.shape), self.total_tokens,
+                                 hint="build_teacher_inputs(..., device=...)")
 
 
 def _token_list(name: str, values: object, length: int, *, optional: bool = False) -> List[Optional[Tensor]]:
@@ -350,9 +427,11 @@ def build_teacher_inputs(
     pad_token_id: int = 0,
     ignore_index: int = -100,
     device: Union[str, torch.device, None] = None,
-) -> TeacherInputs:
+    packed: bool = False,
+) -> Union[TeacherInputs, PackedTeacherInputs]:
     """The teacher contexts ``[prompt | prefix | r± | suffix | completion]`` of every rollout, as one
-    right-padded causal-LM batch, and where each completion token's teacher log-prob is read (MATH.md §7).
+    right-padded causal-LM batch — or, with ``packed=True``, as one shared-prefix stream holding each group's
+    prompt and answers once — and where each completion token's teacher log-prob is read (MATH.md §7, §8).
 
     Token level and tokenizer-agnostic: every argument is token ids. The B rollouts form consecutive groups
     (the completions of one prompt) of sizes ``group_sizes``.
@@ -377,18 +456,29 @@ def build_teacher_inputs(
             (e.g. "The correct answer is \\boxed{" and "}.\\n"), so the two contexts differ in the answer only.
         completion_length: T of the outputs (≥ the longest completion; default the longest), to match the
             policy batch's padded length.
-        pad_token_id: filler of ``input_ids`` past each context (masked out by ``attention_mask``).
+        pad_token_id: filler of ``input_ids`` past each context (masked out by ``attention_mask``); unused
+            with ``packed=True``.
         ignore_index: filler of ``targets`` past each completion.
         device: where the tensors go (default: the device of ``completion_ids[0]``).
+        packed: False for :class:`TeacherInputs` (right-padded rows, any causal LM); True for
+            :class:`PackedTeacherInputs`: per group that is not skipped, the segments ``[prompt | prefix]``
+            (the root), ``[r⁺ | suffix]`` and ``[r⁻ | suffix]`` (its children; r⁻ only when some rollout needs
+            it) and each rollout's completion under each answer it is scored with, in stream order
+            ``prompt, r⁺, c_1 … c_G, r⁻, c_1 … c_G``, one ``[1, N]`` stream for a model with shared-prefix
+            attention. An empty ``[prompt | prefix]`` makes the answers roots; an empty completion gets no
+            segment (its row is padding only).
 
     r⁻ of a group is the answer of its lowest-scoring rejected rollout that has one (score < reject_below,
     answer not None, not empty and not equal to r⁺); ties go to the first in batch order. It is shared by
     every rollout of the group.
 
     Returns:
-        :class:`TeacherInputs`: positive rows of the non-skipped rollouts in batch order, then their negative
-        rows in batch order.
+        :class:`TeacherInputs` (or :class:`PackedTeacherInputs`): positive rows of the non-skipped rollouts in
+        batch order, then their negative rows in batch order — the same rows, ``targets`` and
+        :meth:`~TeacherInputs.split` in both layouts, so their log-probs are interchangeable.
     """
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
     if mode not in CREDIT_MODES:
         raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
     if fallback not in FALLBACKS:
@@ -473,9 +563,13 @@ def build_teacher_inputs(
         if not skipped[i] and not rlsd[i]:
             rows.append((i, False, negative_answer[group_of[i]]))
 
+    heads = [torch.cat([prompts[group_of[i]], prefix, answer, suffix]) for i, _, answer in rows]
+    if packed:
+        return _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions,
+                                  group_of, skipped, rlsd, negative_source, T, ignore_index, device)
+
     contexts, starts = [], []
-    for i, _, answer in rows:
-        head = torch.cat([prompts[group_of[i]], prefix, answer, suffix])
+    for (i, _, _), head in zip(rows, heads):
         contexts.append(torch.cat([head, completions[i]]))
         starts.append(head.numel())
     R = len(rows)
@@ -502,3 +596,60 @@ def build_teacher_inputs(
         positive=to(torch.tensor([p for _, p, _ in rows], dtype=torch.bool)),
         skipped=to(skipped), rlsd=to(rlsd), negative_source=to(negative_source), ignore_index=ignore_index,
     )
+
+
+def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions, group_of,
+                       skipped, rlsd, negative_source, T, ignore_index, device) -> PackedTeacherInputs:
+    """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``)."""
+    lengths: List[int] = []
+    parents: List[int] = []
+    pieces: List[Tensor] = []
+
+    def segment(tokens: Tensor, parent: int) -> int:
+        lengths.append(tokens.numel())
+        parents.append(parent)
+        pieces.append(tokens)
+        return len(lengths) - 1
+
+    members_of: List[List[int]] = [[] for _ in prompts]  # the rollouts with rows, per group
+    for i, g in enumerate(group_of):
+        if not skipped[i]:
+            members_of[g].append(i)
+    completion_segment: Dict[Tuple[int, bool], int] = {}
+    for g, members in enumerate(members_of):
+        if not members:
+            continue
+        head = torch.cat([prompts[g], prefix])
+        root = segment(head, -1) if head.numel() else -1
+        for positive in (True, False):
+            scored = [i for i in members if positive or not rlsd[i]]
+            if not scored:
+                continue
+            answer = answers[g] if positive else negative_answer[g]
+            parent = segment(torch.cat([answer, suffix]), root)
+            for i in scored:
+                if completions[i].numel():
+                    completion_segment[(i, positive)] = segment(completions[i], parent)
+    row_segments = [completion_segment.get((i, positive), -1) for i, positive, _ in rows]
+    unpacked = sum(head.numel() + completions[i].numel() for (i, _, _), head in zip(rows, heads))
+
+    targets = torch.full((len(rows), T), ignore_index, dtype=torch.int64)
+    for k, (i, _, _) in enumerate(rows):
+        targets[k, : completions[i].numel()] = completions[i]
+    tensors = dict(targets=targets, rollout=torch.tensor([i for i, _, _ in rows], dtype=torch.int64),
+                   positive=torch.tensor([p for _, p, _ in rows], dtype=torch.bool), skipped=skipped, rlsd=rlsd,
+                   negative_source=negative_source)
+    if not rows:
+        empty = torch.zeros((1, 0), dtype=torch.int64, device=device)
+        return PackedTeacherInputs(input_ids=empty, position_ids=empty, layout=None, row_segments=(),
+                                   logprob_positions=torch.zeros((0, T), dtype=torch.int64, device=device),
+                                   unpacked_tokens=0, ignore_index=ignore_index,
+                                   **{name: x.to(device) for name, x in tensors.items()})
+    input_ids = torch.cat(pieces).to(device)
+    device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal the hidden's
+    layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
+    predictor, _, _, plan = _gather_tables(layout, [s if s >= 0 else None for s in row_segments], width=T)
+    return PackedTeacherInputs(
+        input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
+        row_segments=tuple(row_segments), logprob_positions=predictor.to(device), unpacked_tokens=unpacked,
+        ignore_index=ignore_index, _plan=plan.to(device), **{name: x.to(device) for name, x in tensors.items()})
