@@ -97,19 +97,27 @@ def _torch_logits(h: Tensor, w: Tensor, b: Optional[Tensor], inv_temperature: fl
 
 
 def _torch_dlogits(z, t, local_targets, live, lse, mean_logit, g_logp, g_ent, inv_temperature):
-    """dz through /T and the soft-cap for a tile (MATH.md §1), zero on rows that are not live."""
-    p = torch.exp(z - lse[:, None])
-    dz = torch.zeros_like(z)
-    if g_logp is not None:
-        dz -= g_logp[:, None] * p
+    """dz through /T and the soft-cap for a tile (MATH.md §1), zero on rows that are not live.
+
+    Consumes ``z`` and ``t`` (updated in place): at most two tiles are alive at once.
+    """
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    # Per-row factors, zero on rows that are not live (their logits are finite: their hidden rows are zeros).
+    row_scale = torch.where(live, torch.full_like(lse, inv_temperature), zero)[:, None]
+    p = torch.sub(z, lse[:, None]).exp_()
+    if g_ent is not None:  # −g_H·p·(z − Σp·z)
+        dz = z.sub_(mean_logit[:, None]).mul_(p).mul_(torch.where(live, -g_ent, zero)[:, None])
+        if g_logp is not None:
+            dz.addcmul_(p, torch.where(live, g_logp, zero)[:, None], value=-1)
+    else:
+        dz = p.mul_(torch.where(live, -g_logp, zero)[:, None])
+    if g_logp is not None:  # + g_ℓ·1[v = y]
         inside = (local_targets >= 0) & (local_targets < z.shape[1]) & live
         rows = inside.nonzero().squeeze(1)
         dz[rows, local_targets[rows]] += g_logp[rows].to(dz.dtype)
-    if g_ent is not None:
-        dz -= g_ent[:, None] * p * (z - mean_logit[:, None])
-    dz = torch.where(live[:, None], dz * inv_temperature, torch.zeros((), dtype=dz.dtype, device=dz.device))
+    dz.mul_(row_scale)
     if t is not None:
-        dz = dz * (1 - t * t)
+        dz.mul_(t.mul_(t).neg_().add_(1))
     return dz
 
 
