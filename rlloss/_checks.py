@@ -63,3 +63,12 @@ def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: Optional[in
         first = targets[bad][0].item()
         allowed = f" or equal ignore_index={ignore_index}" if ignore_index is not None else " where they count"
         raise ValueError(f"targets must lie in [0, {vocab_size}){allowed}; {int(bad.sum())} do not, e.g. {first}")
+
+
+def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
+    """A floating tensor of exactly ``shape`` (the shape of the argument named ``like``)."""
+    x = tensor(name, x)
+    dtype_in(name, x, FLOAT_DTYPES)
+    if x.shape != shape:
+        raise ValueError(f"{name} must have {like}'s shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
+    return x

@@ -73,14 +73,6 @@ def check_credit_params(lam: object, eps_w: object, lam_name: str = "lam", eps_n
 # --- contrastive_credit -----------------------------------------------------------------------------------
 
 
-def _logprobs_arg(name: str, x: object, shape: torch.Size) -> Tensor:
-    x = _checks.tensor(name, x)
-    _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
-    if x.shape != shape:
-        raise ValueError(f"{name} must have mask's shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
-    return x
-
-
 def contrastive_credit(
     advantages: Tensor,
     mask: Tensor,
@@ -135,19 +127,19 @@ def contrastive_credit(
     if advantages.shape != shape[:1] and advantages.shape != shape:
         raise ValueError(f"advantages must be [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, "
                          f"got {tuple(advantages.shape)}")
-    pos_logprobs = _logprobs_arg("pos_logprobs", pos_logprobs, shape)
+    pos_logprobs = _checks.float_like("pos_logprobs", pos_logprobs, shape, "mask")
     if mode == "cepo":
         if neg_logprobs is None:
             raise ValueError("mode='cepo' needs neg_logprobs (ℓ⁻, the teacher shown a wrong answer), got None")
         if base_logprobs is not None:
             raise ValueError("base_logprobs is the denominator of mode='rlsd'; mode='cepo' uses neg_logprobs")
-        base = _logprobs_arg("neg_logprobs", neg_logprobs, shape)
+        base = _checks.float_like("neg_logprobs", neg_logprobs, shape, "mask")
     else:
         if base_logprobs is None:
             raise ValueError("mode='rlsd' needs base_logprobs (ℓ°, the policy's own log-probs), got None")
         if neg_logprobs is not None:
             raise ValueError("neg_logprobs is for mode='cepo'; mode='rlsd' contrasts with base_logprobs")
-        base = _logprobs_arg("base_logprobs", base_logprobs, shape)
+        base = _checks.float_like("base_logprobs", base_logprobs, shape, "mask")
     _checks.same_device(advantages=advantages, mask=mask, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
                         base_logprobs=base_logprobs)
     name = resolve_backend(backend, mask.device)

@@ -438,14 +438,6 @@ class _PolicyLoss(torch.autograd.Function):
 # --- public API ---------------------------------------------------------------------------------------
 
 
-def _same_shape(name: str, x: object, shape: torch.Size) -> Tensor:
-    x = _checks.tensor(name, x)
-    _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
-    if x.shape != shape:
-        raise ValueError(f"{name} must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
-    return x
-
-
 def _check_mask(mask: object, shape: torch.Size) -> Tensor:
     mask = _checks.tensor("mask", mask)
     if mask.shape != shape:
@@ -467,7 +459,7 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
     """
     B = shape[0]
     if old_logprobs is not None:
-        old_logprobs = _same_shape("old_logprobs", old_logprobs, shape)
+        old_logprobs = _checks.float_like("old_logprobs", old_logprobs, shape, "logprobs")
     advantages = _checks.tensor("advantages", advantages)
     _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
     if advantages.shape != (B,) and advantages.shape != shape:
@@ -476,11 +468,11 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
         )
     mask = _check_mask(mask, shape)
     if ref_logprobs is not None:
-        ref_logprobs = _same_shape("ref_logprobs", ref_logprobs, shape)
+        ref_logprobs = _checks.float_like("ref_logprobs", ref_logprobs, shape, "logprobs")
     elif config.beta != 0.0:
         raise ValueError(f"ref_logprobs is required when config.beta = {config.beta} ≠ 0, got None")
     if rollout_logprobs is not None:
-        rollout_logprobs = _same_shape("rollout_logprobs", rollout_logprobs, shape)
+        rollout_logprobs = _checks.float_like("rollout_logprobs", rollout_logprobs, shape, "logprobs")
     elif config.rollout_correction is not None:
         raise ValueError(
             f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
@@ -504,12 +496,12 @@ def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
     if pos_logprobs is None:
         raise ValueError(f"pos_logprobs (ℓ⁺, the teacher shown the correct answer) is required when "
                          f"config.credit = {mode!r}, got None")
-    pos_logprobs = _same_shape("pos_logprobs", pos_logprobs, shape).detach()
+    pos_logprobs = _checks.float_like("pos_logprobs", pos_logprobs, shape, "logprobs").detach()
     if mode == "cepo":
         if neg_logprobs is None:
             raise ValueError("neg_logprobs (ℓ⁻, the teacher shown a wrong answer) is required when "
                              "config.credit = 'cepo', got None")
-        neg_logprobs = _same_shape("neg_logprobs", neg_logprobs, shape).detach()
+        neg_logprobs = _checks.float_like("neg_logprobs", neg_logprobs, shape, "logprobs").detach()
     elif neg_logprobs is not None:
         raise ValueError("neg_logprobs is not used when config.credit = 'rlsd' (its base is old_logprobs, or "
                          "sg(logprobs) on-policy); use credit='cepo' to contrast with a wrong answer")
@@ -580,7 +572,7 @@ def policy_loss(
     )
     pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
     if entropy is not None:
-        entropy = _same_shape("entropy", entropy, shape)
+        entropy = _checks.float_like("entropy", entropy, shape, "logprobs")
     elif config.entropy_coef != 0.0:
         raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
     _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
