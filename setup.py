@@ -20,7 +20,8 @@ setup(
         # The test suite also builds the documentation site (tests/test_docs.py), hence the docs tools here.
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.56",
                  "mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0"],
-        "bench": ["pytest-benchmark>=4"],
+        # matplotlib draws the PNG plots of `python -m benchmarks` (skipped with a message when it is missing).
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0"],
     },
     license="Apache-2.0",

@@ -1,7 +1,9 @@
 """``python -m benchmarks``: run the benchmark suites on this machine's device and write their reports.
 
 On a machine without a GPU every suite runs its embedded CPU default (small sizes: memory and equality); on a
-CUDA machine the GPU comparison. Reports go to ``docs/benchmarks/<device-slug>/<suite>.{json,md}``.
+CUDA machine the GPU comparison. Reports go to ``docs/benchmarks/<device-slug>/<suite>.{json,md}``, with a PNG
+plot of each drawn from its JSON (``benchmarks.plots``; skipped with the reason when matplotlib is missing).
+A progress line is printed per case, each suite's table after it, and a table across the suites at the end.
 Exit status 1 when an rlloss case failed with an error (an out-of-memory case or a failing peer is recorded,
 not fatal).
 """
@@ -11,10 +13,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from collections import Counter
+from typing import Any, Dict, List, Optional
 
 from . import _harness as harness
 from ._registry import available_suites
+from .plots import plot_reports
 
 
 def _parser(suite_names: List[str]) -> argparse.ArgumentParser:
@@ -56,10 +60,13 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{' (quick)' if args.quick else ''}; writing to {out_dir}", flush=True)
 
     failed = False
+    summary: List[Dict[str, Any]] = []
+    run_start = time.perf_counter()
     for name in selected:
         start = time.perf_counter()
         report = suites[name].run(ctx)
         wall_time_s = time.perf_counter() - start
+        summary.append(_summary_row(report, wall_time_s))
         suite_env = {**env, "suite_wall_time_s": wall_time_s, "load_average_1min_after": harness.load_average()}
         json_path, md_path = harness.write_report(report, suite_env, out_dir, args.quick)
         print(f"\n{report.title} ({wall_time_s:.1f} s)\n")
@@ -67,8 +74,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         for skip in report.skips:
             print(f"skipped {skip['impl']}: {skip['reason']}")
         print(f"\nwrote {json_path}\nwrote {md_path}", flush=True)
+        summary[-1]["files"] = f"{json_path.name}, {md_path.name}"
+        for png in plot_reports([json_path], log=lambda line: print(line, flush=True)):
+            summary[-1]["files"] += f", {png.name}"
         failed |= _subject_failed(report)
+    print(f"\nAll suites ({time.perf_counter() - run_start:.1f} s in all)\n")
+    print(harness.markdown_table(summary, _SUMMARY_COLUMNS), flush=True)
     return 1 if failed else 0
+
+
+def _summary_row(report: harness.SuiteReport, wall_time_s: float) -> Dict[str, Any]:
+    statuses = Counter(record.get("status", "?") for record in report.records)
+    return {"suite": report.suite, "mode": report.mode, "cases": len(report.records),
+            "statuses": ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "none",
+            "skipped": ", ".join(skip["impl"] for skip in report.skips) or "—", "wall_time_s": wall_time_s,
+            "files": ""}
+
+
+_SUMMARY_COLUMNS = (
+    harness.Column("suite", lambda r: r["suite"]),
+    harness.Column("mode", lambda r: r["mode"]),
+    harness.Column("cases", lambda r: str(r["cases"])),
+    harness.Column("status", lambda r: r["statuses"]),
+    harness.Column("skipped peers", lambda r: r["skipped"]),
+    harness.Column("wall time (s)", lambda r: f"{r['wall_time_s']:.1f}"),
+    harness.Column("files", lambda r: r["files"]),
+)
 
 
 if __name__ == "__main__":

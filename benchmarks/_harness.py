@@ -171,9 +171,15 @@ class SuiteReport:
     notes: List[str] = field(default_factory=list)
 
 
+def markdown_cell(text: Any) -> str:
+    """One markdown table cell: pipes escaped (a "|Δloss|" header or an error message would otherwise split the
+    row) and line breaks folded. Every generated table cell, headers included, goes through here."""
+    return " ".join(str(text).replace("|", "\\|").split())
+
+
 def markdown_table(records: Sequence[Dict[str, Any]], columns: Sequence[Column]) -> str:
-    rows = [[column.header for column in columns], ["---"] * len(columns)]
-    rows += [[column.render(record).replace("|", "\\|") for column in columns] for record in records]
+    rows = [[markdown_cell(column.header) for column in columns], ["---"] * len(columns)]
+    rows += [[markdown_cell(column.render(record)) for column in columns] for record in records]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -346,7 +352,8 @@ CPU_MEMORY_METHOD = (
     "CPU peak memory: each case's memory is measured in a fresh Python process of its own. After the inputs "
     "are built (and a tiny-shape call has started the thread pools) the kernel's peak-RSS counter is reset "
     "(`/proc/self/clear_refs` ← 5) and the RSS read; one full-size forward + backward follows, and the figure "
-    "is the peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) minus that RSS. That process runs with glibc's "
+    "is the peak RSS (`VmHWM` of `/proc/self/status`, which that reset lowers; not `ru_maxrss`, which a child "
+    "inherits from its parent) minus that RSS. That process runs with glibc's "
     f"mmap threshold pinned at {MALLOC_MMAP_THRESHOLD_BYTES // KIB} KiB (`MALLOC_MMAP_THRESHOLD_`), so every "
     "tensor is mapped when allocated and unmapped when freed and RSS follows the live tensors (as "
     "`torch.cuda.max_memory_allocated` does on a GPU) rather than what malloc keeps cached; timing runs in "
@@ -389,6 +396,14 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS: ``VmHWM`` (which ``/proc/self/clear_refs`` resets) where procfs has it.
+
+    Not ``getrusage``'s ``ru_maxrss`` on Linux: a process started by fork + exec inherits its parent's peak
+    there and no reset lowers it, so a child of a process that once held more would report the parent's peak.
+    """
+    hwm_kib = _proc_status_kib("VmHWM")
+    if hwm_kib is not None:
+        return hwm_kib * KIB
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss if sys.platform == "darwin" else maxrss * KIB  # bytes on macOS, KiB on Linux
 

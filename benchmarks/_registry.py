@@ -2,7 +2,7 @@
 
 Adding a suite (policy loss, advantages, shared-prefix attention, ...) means adding that one file; nothing
 here or in ``__main__`` changes. Discovery skips modules whose names start with ``_`` (helpers) or ``test_``
-(pytest-benchmark files) and ``conftest``.
+(pytest-benchmark files), ``conftest`` and ``plots`` (``python -m benchmarks.plots``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Callable, Dict, List
 
 from ._harness import RunContext, SuiteReport
 
-_NOT_SUITES = ("_", "test_", "conftest")
+_NOT_SUITE_PREFIXES = ("_", "test_")
+# Modules of the package that are not suites: pytest's options and the plotting entry point.
+_NOT_SUITE_NAMES = ("conftest", "plots")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ def _suite_modules() -> List[str]:
     from . import __path__ as package_path
 
     return sorted(
-        info.name for info in pkgutil.iter_modules(package_path) if not info.name.startswith(_NOT_SUITES)
+        info.name for info in pkgutil.iter_modules(package_path)
+        if not info.name.startswith(_NOT_SUITE_PREFIXES) and info.name not in _NOT_SUITE_NAMES
     )
 
 

@@ -1,7 +1,7 @@
 """mkdocs hook: list and embed the committed benchmark reports in benchmarks.md at build time.
 
-``python -m benchmarks`` writes ``docs/benchmarks/<device-slug>/<suite>.{json,md}`` (and PNG plots where a
-suite draws them). The marker ``<!-- benchmark-results -->`` in a page is replaced by one section per device
+``python -m benchmarks`` writes ``docs/benchmarks/<device-slug>/<suite>.{json,md}`` and ``<suite>.png``, a plot
+drawn from the JSON by ``benchmarks.plots`` (where matplotlib was installed). The marker ``<!-- benchmark-results -->`` in a page is replaced by one section per device
 folder that exists in the build (so only committed files on a clean checkout), embedding each report's
 markdown with its headings demoted and linking the report and its JSON. Nothing is computed or edited here:
 what the site shows is what the benchmark run wrote.
@@ -52,7 +52,7 @@ def _section(device: str, suites, page_dir: str) -> str:
         if "md" in by_ext:
             out += [_demote(Path(by_ext["md"].abs_src_path).read_text(encoding="utf-8")), ""]
         if "png" in by_ext:
-            out += [f"![{stem} ({device})]({link(by_ext['png'])})", ""]
+            out += [f"![{stem} ({device}): plot drawn from {stem}.json]({link(by_ext['png'])})", ""]
     return "\n".join(out)
 
 
