@@ -1,5 +1,6 @@
 """What every suite shares: the device, the environment record, timing and peak-memory probes (CPU and
-CUDA), running a case in a fresh process, and writing the JSON + markdown report.
+CUDA), running a case in a fresh process, records, contenders and the columns every table has, and writing the
+JSON + markdown report. A suite module holds only its shapes, its contenders and its report columns.
 
 CUDA-only pieces import Triton and touch ``torch.cuda`` inside the functions that need them, so this module
 imports and its CPU half runs on a machine without a GPU.
@@ -128,6 +129,26 @@ def environment(device: Device) -> Dict[str, Any]:
         env["compute_capability"] = f"{major}.{minor}"
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
     return env
+
+
+# --- shapes ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """B sequences of T completion tokens, hidden size D, vocabulary V (the policy and credit suites)."""
+
+    B: int
+    T: int
+    D: int
+    V: int
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    def __str__(self) -> str:
+        return f"B×T={self.B}×{self.T} D={self.D} V={self.V}"
 
 
 # --- the context a suite runs in and the report it returns -------------------------------------------------
@@ -269,6 +290,22 @@ def fmt_num(value: Optional[float], digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 → 'bfloat16'."""
+    return str(dtype).replace("torch.", "")
+
+
+# Columns every suite's table has: the implementation and the case's status (with its error, if any), and the
+# spread of a time distribution (min–max of CPU repeats, 20th–80th percentile on CUDA).
+IMPL_COLUMN = Column("impl", lambda r: f"`{r['impl']}`")
+STATUS_COLUMN = Column("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}")
+
+
+def time_spread_column(header: str = "min–max ms") -> Column:
+    return Column(header, lambda r: "—" if r.get("time_ms") is None
+                  else f"{fmt_ms(r['time_low_ms'])}–{fmt_ms(r['time_high_ms'])}")
+
+
 # --- timing -----------------------------------------------------------------------------------------------
 
 
@@ -314,6 +351,9 @@ def cpu_time(fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
 DO_BENCH_WARMUP_MS = 25
 DO_BENCH_REP_MS = 100
 DO_BENCH_QUANTILES = (0.2, 0.5, 0.8)
+# The timing note of a GPU report.
+CUDA_TIME_NOTE = (f"Time: `triton.testing.do_bench` median (L2 flushed before every call; warm-up "
+                  f"{DO_BENCH_WARMUP_MS} ms, repetitions {DO_BENCH_REP_MS} ms).")
 
 
 def cuda_time(fn: Callable[[], Any]) -> Timing:
@@ -337,6 +377,21 @@ def cuda_matmul_tflops(dtype: torch.dtype = torch.bfloat16, size: int = MATMUL_R
     b = torch.randn(size, size, device="cuda", dtype=dtype)
     timing = cuda_time(lambda: torch.matmul(a, b))
     return 2 * size**3 / (timing.median_ms * 1e-3) / 1e12
+
+
+def reference_matmul_tflops(ctx: "RunContext", dtype: torch.dtype = torch.bfloat16) -> float:
+    """:func:`cuda_matmul_tflops`, announced on the run's progress."""
+    matmul_tflops = cuda_matmul_tflops(dtype)
+    ctx.progress(f"bf16 torch.matmul {MATMUL_REFERENCE_SIZE}³: {matmul_tflops:.0f} TFLOP/s (reference peak)")
+    return matmul_tflops
+
+
+def add_rates(record: Dict[str, Any], matmul_tflops: Optional[float]) -> None:
+    """Achieved TFLOP/s of a timed record (its nominal ``flops`` over its median time) and its fraction of the
+    reference matmul rate."""
+    tflops = record["flops"] / (record["time_ms"] * 1e-3) / 1e12
+    record["tflops"] = tflops
+    record["matmul_fraction"] = tflops / matmul_tflops if matmul_tflops else None
 
 
 # --- peak memory ------------------------------------------------------------------------------------------
@@ -426,6 +481,29 @@ def cuda_peak_memory(fn: Callable[[], Any]) -> Tuple[int, Any]:
     return torch.cuda.max_memory_allocated() - before, result
 
 
+@dataclass(frozen=True)
+class Probes:
+    """How a case is timed and its memory measured: CUDA in a real run, CPU stand-ins in a smoke run or test."""
+
+    time: Callable[[Callable[[], Any]], Timing]
+    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
+
+
+CUDA_PROBES = Probes(time=cuda_time, peak_memory=cuda_peak_memory)
+
+
+def cpu_probes(warmup: int, repeats: int) -> Probes:
+    """CPU stand-ins: :func:`cpu_time` and no memory figure (the call's result, peak None)."""
+    return Probes(time=lambda fn: cpu_time(fn, warmup, repeats), peak_memory=lambda fn: (None, fn()))
+
+
+def add_memory_in_logits_tensors(records: Sequence[Dict[str, Any]], logits_bytes: int) -> None:
+    """Each measured peak as a multiple of one [N, V] tensor (``peak_memory_in_logits_tensors``)."""
+    for record in records:
+        if record.get("peak_memory_bytes") is not None:
+            record["peak_memory_in_logits_tensors"] = record["peak_memory_bytes"] / logits_bytes
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
     return isinstance(exc, oom_type) or "out of memory" in str(exc).lower()
@@ -437,12 +515,79 @@ def describe_error(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
+    """Mark ``record`` as failed by ``exc`` ("oom" or "error", with the error's first line) and return it."""
+    record["status"] = "oom" if is_out_of_memory(exc) else "error"
+    record["error"] = describe_error(exc)
+    return record
+
+
 def free_device_memory(device_type: str) -> None:
     import gc
 
     gc.collect()
     if device_type == "cuda":
         torch.cuda.empty_cache()
+
+
+def synchronised(step: Callable[[], Any], device: str) -> Callable[[], None]:
+    """``step`` followed by a CUDA synchronisation on ``device`` "cuda" (what pytest-benchmark times), after one
+    untimed warm-up call."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def synchronised_step() -> None:
+        step()
+        synchronize()
+
+    synchronised_step()
+    return synchronised_step
+
+
+# --- comparing outputs ------------------------------------------------------------------------------------
+
+
+def max_abs_diff(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[float]:
+    """max |a − b| in float64 (0 for empty tensors); None where either side is missing."""
+    if a is None or b is None:
+        return None
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def output_diffs(outputs: Tuple, expected: Tuple, prefix: str) -> Dict[str, Optional[float]]:
+    """``{prefix_<field>: max|Δ|}`` for every field of two NamedTuples of tensors of the same type."""
+    return {f"{prefix}_{name}": max_abs_diff(getattr(outputs, name), getattr(expected, name))
+            for name in type(expected)._fields}
+
+
+# --- contenders -------------------------------------------------------------------------------------------
+
+
+def import_error(module: str, pip_name: str) -> Callable[[], Optional[str]]:
+    """An implementation's ``unavailable``: why ``module`` does not import here, or None."""
+    def unavailable() -> Optional[str]:
+        try:
+            __import__(module)
+        except Exception as exc:  # ImportError, or a peer whose own import breaks on this stack
+            return f"`import {module}` failed ({describe_error(exc, 160)}); pip install {pip_name}"
+        return None
+
+    return unavailable
+
+
+def split_available(impls: Sequence[Any], progress: Optional[Callable[[str], None]] = None,
+                    ) -> Tuple[List[Any], List[Dict[str, str]]]:
+    """(implementations that can run here, ``{"impl", "reason"}`` for the others, each said on ``progress``).
+    An implementation has ``name`` and ``unavailable() -> Optional[str]``."""
+    ready, skips = [], []
+    for impl in impls:
+        reason = impl.unavailable()
+        if reason is None:
+            ready.append(impl)
+        else:
+            skips.append({"impl": impl.name, "reason": reason})
+    for skip in skips if progress is not None else ():
+        progress(f"skip {skip['impl']}: {skip['reason']}")
+    return ready, skips
 
 
 # --- running a case in a fresh process -------------------------------------------------------------------
