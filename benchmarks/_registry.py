@@ -24,12 +24,18 @@ class Suite:
 
     name: what ``--suite`` selects; also the stem of the files it writes.
     description: one line for ``--list``.
-    run: runs every case for ``ctx.device`` (the CPU default or the GPU comparison) and returns the report.
+    run_cpu: the CPU default (small sizes: memory and equality), run on a machine without CUDA.
+    run_gpu: the GPU comparison, run on a CUDA device.
     """
 
     name: str
     description: str
-    run: Callable[[RunContext], SuiteReport]
+    run_cpu: Callable[[RunContext], SuiteReport]
+    run_gpu: Callable[[RunContext], SuiteReport]
+
+    def run(self, ctx: RunContext) -> SuiteReport:
+        """Every case for ``ctx.device``: the GPU comparison on CUDA, else the CPU default."""
+        return self.run_gpu(ctx) if ctx.device.type == "cuda" else self.run_cpu(ctx)
 
 
 def _suite_modules() -> List[str]:

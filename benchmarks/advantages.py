@@ -190,22 +190,12 @@ def cuda_copy_bandwidth(elements: int = COPY_ELEMENTS) -> float:
     return 2 * elements * 4 / (timing.median_ms * 1e-3)
 
 
-def max_abs_diff(a: Tensor, b: Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def base_record(impl: Implementation, batch: Batch, mode: str, device: str) -> Dict[str, Any]:
     return {
         "impl": impl.name, "role": impl.role, "label": impl.label, "mode": mode, "grouping": batch.grouping.name,
         "rewards": batch.rewards.numel(), "groups": batch.sizes.numel(), "dtype": "float32", "device": device,
         "bytes_moved": bytes_moved(batch), "status": "ok", "error": None,
     }
-
-
-def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
-    record["error"] = harness.describe_error(exc)
-    return record
 
 
 Timer = Callable[[Dict[str, Callable[[], Any]]], Dict[str, harness.Timing]]
@@ -231,14 +221,14 @@ def compare(num_rewards: int, device: str, impls: Sequence[Implementation], time
                 try:
                     outputs[impl.name] = impl.run(batch, mode)
                 except Exception as exc:
-                    failure(record, exc)
+                    harness.failure(record, exc)
             ready = {name: (lambda impl=impl: impl.run(batch, mode)) for impl in impls
                      if (name := impl.name) in outputs}
             try:
                 timings = timer(ready)
             except Exception as exc:
                 for name in ready:
-                    failure(rows[name], exc)
+                    harness.failure(rows[name], exc)
                 timings = {}
             first = next(iter(outputs), None)
             for impl in impls:
@@ -250,9 +240,9 @@ def compare(num_rewards: int, device: str, impls: Sequence[Implementation], time
                         record["bandwidth_fraction"] = record["bandwidth_bytes_per_s"] / copy_bandwidth
                 if impl.name in outputs:
                     if expected is not None:
-                        record["diff_reference"] = max_abs_diff(outputs[impl.name].cpu(), expected)
+                        record["diff_reference"] = harness.max_abs_diff(outputs[impl.name].cpu(), expected)
                     if impl.name != first:
-                        record["diff_subject"] = max_abs_diff(outputs[impl.name], outputs[first])
+                        record["diff_subject"] = harness.max_abs_diff(outputs[impl.name], outputs[first])
                 index += 1
                 records.append(record)
                 progress(_progress_line(index, total, record))
@@ -281,10 +271,10 @@ def _progress_line(index: int, total: int, record: Dict[str, Any]) -> str:
 def _columns(gpu: bool) -> List[harness.Column]:
     C = harness.Column
     columns = [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("groups", lambda r: r["grouping"]),
         C("mode", lambda r: r["mode"]),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
         C("time / rlloss", lambda r: harness.fmt_num(r.get("time_vs_subject"), 2)),
         C("GB/s", lambda r: harness.fmt_num(None if r.get("bandwidth_bytes_per_s") is None
@@ -335,8 +325,7 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
                 "plot": {"facet": "grouping", "series": ["impl"], "category": "mode"}},
         records=records, columns=_columns(gpu=True),
         notes=_notes(num_rewards) + [
-            f"Time: `triton.testing.do_bench` median (L2 flushed before every call; warm-up "
-            f"{harness.DO_BENCH_WARMUP_MS} ms, repetitions {harness.DO_BENCH_REP_MS} ms).",
+            harness.CUDA_TIME_NOTE,
             f"% of copy bandwidth: GB/s over this GPU's copy bandwidth measured in the same run "
             f"({copy_bandwidth / 1e9:.0f} GB/s: read + write of a {COPY_ELEMENTS * 4 >> 30} GiB float32 "
             "`copy_`, timed by do_bench). At 1M rewards a call moves 8 MB, a few microseconds at full "
@@ -386,14 +375,12 @@ def bench_cases(device: str, quick: bool) -> List[Tuple[Implementation, Grouping
     return [(impl, grouping, mode, num_rewards) for grouping in GROUPINGS for mode in ("grpo", "rank_gaussian")
             for impl in impls]
 
-
-def run(ctx: harness.RunContext) -> harness.SuiteReport:
-    return run_gpu(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
+# --- the suite ------------------------------------------------------------------------------------------------
 
 
 SUITE = Suite(
     name="advantages",
     description="group_advantages, every mode, equal and varying group sizes: rlloss vs naive torch "
                 "(GPU: fraction of copy bandwidth)",
-    run=run,
+    run_cpu=run_cpu_default, run_gpu=run_gpu,
 )

@@ -19,12 +19,9 @@ backend, ``triton.testing.do_bench`` and ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -38,21 +35,7 @@ from ._registry import Suite
 # --- sizes and settings -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Shape:
-    """B sequences of T completion tokens, hidden size D, vocabulary V."""
-
-    B: int
-    T: int
-    D: int
-    V: int
-
-    @property
-    def N(self) -> int:
-        return self.B * self.T
-
-    def __str__(self) -> str:
-        return f"B×T={self.B}×{self.T} D={self.D} V={self.V}"
+Shape = harness.BatchShape
 
 
 # The torch backend streams over [rows, vocab] tiles of 2²² elements: the teacher shape holds several, so the
@@ -75,10 +58,6 @@ LOGIT_STD = 2.0  # weight scaled so the logits have this standard deviation
 TEACHER_SPREAD = 0.5  # std of ℓ± − ℓ° in the random teacher log-probs: the clip is hit on some tokens
 SEED = 0
 LOSS_PRESET = "verl_dapo"  # the CEPO setting of MATH.md §7: ε 0.2 / 0.28, dual clip 3, token-mean, no KL
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
@@ -215,36 +194,25 @@ def float64_teacher_reference(inputs: TeacherInputs, rows: Optional[int] = None)
     return logprobs
 
 
-def _max_abs_diff(a: Tensor, b: Tensor) -> float:
-    return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
-
-
 # --- records ----------------------------------------------------------------------------------------------
 
 
 def base_record(case: str, impl: str, role: str, label: str, shape: Shape, dtype: torch.dtype,
                 device: str) -> Dict[str, Any]:
     return {"case": case, "impl": impl, "role": role, "label": label, "B": shape.B, "T": shape.T, "N": shape.N,
-            "D": shape.D, "V": shape.V, "dtype": _dtype_name(dtype), "device": device, "status": "ok",
+            "D": shape.D, "V": shape.V, "dtype": harness.dtype_name(dtype), "device": device, "status": "ok",
             "error": None}
-
-
-def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
-    record["error"] = harness.describe_error(exc)
-    return record
 
 
 def _columns() -> List[harness.Column]:
     C = harness.Column
     return [
         C("case", lambda r: "teacher pass (fwd only)" if r["case"] == "teacher" else "policy loss fwd+bwd"),
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("B×T, D, V", lambda r: f"{r['B']}×{r['T']}, {r['D']}, {r['V']}"),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
-        C("low–high ms", lambda r: "—" if r.get("time_ms") is None
-          else f"{harness.fmt_ms(r['time_low_ms'])}–{harness.fmt_ms(r['time_high_ms'])}"),
+        harness.time_spread_column("low–high ms"),
         C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
         C("= [N, V] fp32 tensors", lambda r: harness.fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
         C("max abs diff vs reference", lambda r: harness.fmt_err(r.get("diff_reference"))),
@@ -270,22 +238,10 @@ def measure_cpu_teacher_memory(payload: Dict[str, Any]) -> Dict[str, Any]:
     return {"peak_memory_bytes": peak, "peak_counter_reset": was_reset}
 
 
-def interleaved_cpu_times(steps: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, Any]:
-    """Median wall time of each step, their calls interleaved round by round, so that load from other
-    processes that comes and goes slows each of them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    method = (f"time.perf_counter, median of {repeats} calls after {warmup} warm-up, calls of "
-              + " / ".join(steps) + " interleaved")
-    return {name: harness.Timing(statistics.median(s), min(s), max(s), repeats, method).as_record()
-            for name, s in samples.items()}
+def interleaved_cpu_times(steps: Dict[str, Callable[[], Any]]) -> Dict[str, Dict[str, Any]]:
+    """The time records of ``steps``, their calls interleaved round by round."""
+    timings = harness.cpu_times_interleaved(steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
+    return {name: timing.as_record() for name, timing in timings.items()}
 
 
 def measure_cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
@@ -294,14 +250,14 @@ def measure_cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
     a child process's peak-RSS counter starts from its parent's, so the parent stays small)."""
     teacher_steps = {f"teacher/{impl}": _cpu_teacher_step({"impl": impl, "shape": payload["teacher_shape"]})
                      for impl in TEACHER_IMPLS}
-    results = interleaved_cpu_times(teacher_steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
+    results = interleaved_cpu_times(teacher_steps)
     del teacher_steps
     expected = float64_teacher_reference(make_teacher_inputs(Shape(**payload["teacher_shape"]), CPU_DTYPE, "cpu"))
     for impl, saved in payload["outputs_paths"].items():
-        results[f"teacher/{impl}"]["diff_reference"] = _max_abs_diff(torch.load(saved), expected)
+        results[f"teacher/{impl}"]["diff_reference"] = harness.max_abs_diff(torch.load(saved), expected)
     inputs = make_loss_inputs(Shape(**payload["loss_shape"]), CPU_DTYPE, "cpu", "torch")
     loss_steps = {f"loss/{impl}": loss_step(impl, inputs, "torch") for impl in LOSS_IMPLS}
-    results.update(interleaved_cpu_times(loss_steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS))
+    results.update(interleaved_cpu_times(loss_steps))
     for key, step in loss_steps.items():
         results[key]["loss"] = float(step())
     results["reference_loss"] = reference_loss(inputs)
@@ -329,7 +285,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                                                    harness.LIVE_MEMORY_ENV))
                 outputs_paths[impl] = str(outputs_path)
             except RuntimeError as exc:
-                failure(record, exc)
+                harness.failure(record, exc)
             ctx.progress(f"credit teacher {record['impl']}: peak "
                          f"+{harness.fmt_mib(record.get('peak_memory_bytes'))} MiB, status {record['status']}")
         try:
@@ -338,7 +294,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
         except RuntimeError as exc:
             for record in records.values():
                 if record["status"] == "ok":
-                    failure(record, exc)
+                    harness.failure(record, exc)
         else:
             for key, record in records.items():
                 record.update({k: v for k, v in timings[key].items() if k != "loss"})
@@ -348,9 +304,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                         record["diff_reference"] = abs(timings[key]["loss"] - timings["reference_loss"])
                 ctx.progress(f"credit {record['case']} {record['impl']}: {harness.fmt_ms(record.get('time_ms'))} ms")
     logits_bytes = shape.N * shape.V * 4
-    for record in records.values():
-        if record.get("peak_memory_bytes") is not None:
-            record["peak_memory_in_logits_tensors"] = record["peak_memory_bytes"] / logits_bytes
+    harness.add_memory_in_logits_tensors(list(records.values()), logits_bytes)
     return harness.SuiteReport(
         suite="credit", mode="cpu-default",
         title="credit — CPU default: float32, teacher read-out and policy loss with credit",
@@ -379,18 +333,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
 # --- GPU --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Probes:
-    """How a case is timed and its peak memory measured: CUDA in a real run, CPU stand-ins in a smoke run."""
-
-    time: Callable[[Callable[[], Any]], harness.Timing]
-    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
-
-
-CUDA_PROBES = Probes(time=harness.cuda_time, peak_memory=harness.cuda_peak_memory)
-
-
-def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: str, probes: Probes,
+def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: str, probes: harness.Probes,
                       progress: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Every teacher and loss case at ``shape``; a failing case (OOM included) is recorded, not raised."""
     records: List[Dict[str, Any]] = []
@@ -402,7 +345,7 @@ def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: st
     except Exception as exc:  # the inputs themselves do not fit
         inputs = None
         for impl, (role, label) in TEACHER_IMPLS.items():
-            records.append(failure(base_record("teacher", impl, role, label, shape, dtype, device), exc))
+            records.append(harness.failure(base_record("teacher", impl, role, label, shape, dtype, device), exc))
     anchor = None
     if inputs is not None:
         for impl, (role, label) in TEACHER_IMPLS.items():
@@ -414,14 +357,14 @@ def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: st
                 peak, logprobs = probes.peak_memory(lambda: fn(inputs))
                 record["peak_memory_bytes"] = peak
                 record.update(probes.time(lambda: fn(inputs)).as_record())
-                record["diff_reference"] = _max_abs_diff(logprobs[:GPU_REFERENCE_ROWS], expected_rows)
+                record["diff_reference"] = harness.max_abs_diff(logprobs[:GPU_REFERENCE_ROWS], expected_rows)
                 if anchor is None:
                     anchor = logprobs
                 else:
-                    record["diff_rlloss"] = _max_abs_diff(logprobs, anchor)
+                    record["diff_rlloss"] = harness.max_abs_diff(logprobs, anchor)
                 del logprobs
             except Exception as exc:
-                failure(record, exc)
+                harness.failure(record, exc)
             harness.free_device_memory(device)
             progress(f"credit teacher {name}: {harness.fmt_ms(record.get('time_ms'))} ms, peak "
                      f"{harness.fmt_gib(record.get('peak_memory_bytes'))} GiB, {record['status']}")
@@ -435,7 +378,7 @@ def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: st
     except Exception as exc:
         loss_inputs = None
         for impl, (role, label) in LOSS_IMPLS.items():
-            records.append(failure(base_record("loss", impl, role, label, shape, dtype, device), exc))
+            records.append(harness.failure(base_record("loss", impl, role, label, shape, dtype, device), exc))
     if loss_inputs is not None:
         values = {}
         for impl, (role, label) in LOSS_IMPLS.items():
@@ -448,7 +391,7 @@ def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: st
                 record.update(probes.time(step).as_record())
                 record["loss"] = values[impl] = float(loss)
             except Exception as exc:
-                failure(record, exc)
+                harness.failure(record, exc)
             harness.free_device_memory(device)
             progress(f"credit loss {impl}: {harness.fmt_ms(record.get('time_ms'))} ms, peak "
                      f"{harness.fmt_gib(record.get('peak_memory_bytes'))} GiB, {record['status']}")
@@ -460,22 +403,19 @@ def compare_on_device(shape: Shape, dtype: torch.dtype, device: str, backend: st
         del loss_inputs
         harness.free_device_memory(device)
 
-    logits_bytes = shape.N * shape.V * 4
-    for record in records:
-        if record.get("peak_memory_bytes") is not None:
-            record["peak_memory_in_logits_tensors"] = record["peak_memory_bytes"] / logits_bytes
+    harness.add_memory_in_logits_tensors(records, shape.N * shape.V * 4)
     return records
 
 
 def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
     shape = GPU_QUICK_SHAPE if ctx.quick else GPU_SHAPE
     dtype = GPU_DTYPE
-    records = compare_on_device(shape, dtype, "cuda", "triton", CUDA_PROBES, ctx.progress)
+    records = compare_on_device(shape, dtype, "cuda", "triton", harness.CUDA_PROBES, ctx.progress)
     logits_bytes = shape.N * shape.V * 4
     return harness.SuiteReport(
         suite="credit", mode="gpu",
-        title=f"credit — {ctx.device.name}: {shape}, {_dtype_name(dtype)}, teacher read-out and loss with credit",
-        config={"shape": vars(shape), "dtype": _dtype_name(dtype), "seed": SEED, "logit_std": LOGIT_STD,
+        title=f"credit — {ctx.device.name}: {shape}, {harness.dtype_name(dtype)}, teacher read-out and loss with credit",
+        config={"shape": vars(shape), "dtype": harness.dtype_name(dtype), "seed": SEED, "logit_std": LOGIT_STD,
                 "teacher_spread": TEACHER_SPREAD, "loss_preset": LOSS_PRESET, "reference_rows": GPU_REFERENCE_ROWS,
                 "logits_tensor_bytes_fp32": logits_bytes},
         records=records, columns=_columns(),
@@ -497,12 +437,8 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
 # --- the suite ----------------------------------------------------------------------------------------------
 
 
-def run(ctx: harness.RunContext) -> harness.SuiteReport:
-    return run_gpu(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
-
-
 SUITE = Suite(
     name="credit",
     description="contrastive credit: teacher read-out (streaming vs materialised logits); loss with vs without credit",
-    run=run,
+    run_cpu=run_cpu_default, run_gpu=run_gpu,
 )

@@ -200,17 +200,6 @@ COMPILED_NAIVE = Implementation(
 )
 
 
-def _import_error(module: str, pip_name: str) -> Callable[[], Optional[str]]:
-    def unavailable() -> Optional[str]:
-        try:
-            __import__(module)
-        except Exception as exc:  # ImportError, or a peer whose own import breaks on this stack
-            return f"`import {module}` failed ({harness.describe_error(exc, 160)}); pip install {pip_name}"
-        return None
-
-    return unavailable
-
-
 def _cce_forward(impl: str) -> Callable[[], Forward]:
     def make_forward() -> Forward:
         from cut_cross_entropy import linear_cross_entropy
@@ -227,12 +216,12 @@ def _cce_forward(impl: str) -> Callable[[], Forward]:
 CCE_NOTE = "returns −log p only (no entropy)"
 CCE = Implementation(
     "cce", "peer", "cut_cross_entropy.linear_cross_entropy(impl='cce')", _cce_forward("cce"),
-    _import_error("cut_cross_entropy", "cut-cross-entropy"), has_entropy=False,
+    harness.import_error("cut_cross_entropy", "cut-cross-entropy"), has_entropy=False,
     note=CCE_NOTE + "; gradient filtering on (filter_eps='auto'): approximate gradients",
 )
 CCE_EXACT = Implementation(
     "cce-exact", "peer", "cut_cross_entropy.linear_cross_entropy(impl='cce_exact')", _cce_forward("cce_exact"),
-    _import_error("cut_cross_entropy", "cut-cross-entropy"), has_entropy=False,
+    harness.import_error("cut_cross_entropy", "cut-cross-entropy"), has_entropy=False,
     note=CCE_NOTE + "; no gradient filtering",
 )
 
@@ -255,7 +244,7 @@ def _liger_forward() -> Forward:
 
 LIGER = Implementation(
     "liger", "peer", "liger_kernel LigerFusedLinearCrossEntropyLoss(reduction='none')", _liger_forward,
-    _import_error("liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel"), has_entropy=False,
+    harness.import_error("liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel"), has_entropy=False,
     nll_sum_backward=True,
     note="returns −log p only (no entropy); computes its gradients inside the forward; backward is "
     "nll.sum().backward() (uniform upstream gradient), because Liger's reduction='none' backward has scaled "
@@ -267,31 +256,7 @@ GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), naive_implementation(GPU
                        CCE, CCE_EXACT, LIGER)
 
 
-def split_available(impls: Sequence[Implementation]) -> Tuple[List[Implementation], List[Dict[str, str]]]:
-    """(implementations that can run here, ``{"impl", "reason"}`` for the others)."""
-    ready, skips = [], []
-    for impl in impls:
-        reason = impl.unavailable()
-        if reason is None:
-            ready.append(impl)
-        else:
-            skips.append({"impl": impl.name, "reason": reason})
-    return ready, skips
-
-
 # --- comparing outputs ------------------------------------------------------------------------------------
-
-
-def max_abs_diff(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[float]:
-    if a is None or b is None:
-        return None
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def output_diffs(outputs: Outputs, expected: Outputs, prefix: str) -> Dict[str, Optional[float]]:
-    """``{prefix_logprobs: max|Δ|, ...}`` for every output both sides have."""
-    return {f"{prefix}_{name}": max_abs_diff(getattr(outputs, name), getattr(expected, name))
-            for name in Outputs._fields}
 
 
 def float64_reference(inputs: Inputs) -> Outputs:
@@ -317,17 +282,11 @@ def float32_reference_rows(inputs: Inputs, rows: int) -> Tuple[Tensor, Tensor]:
 def base_record(impl: Implementation, shape: Shape, dtype: torch.dtype, device: str) -> Dict[str, Any]:
     return {
         "impl": impl.name, "role": impl.role, "label": impl.label, "note": impl.note,
-        "N": shape.N, "D": shape.D, "V": shape.V, "dtype": str(dtype).replace("torch.", ""), "device": device,
+        "N": shape.N, "D": shape.D, "V": shape.V, "dtype": harness.dtype_name(dtype), "device": device,
         "outputs": "logprobs+entropy" if impl.has_entropy else "logprobs only",
         "upstream_grad": "uniform (nll.sum())" if impl.nll_sum_backward else "random",
         "flops": nominal_flops(shape), "status": "ok", "error": None,
     }
-
-
-def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
-    record["error"] = harness.describe_error(exc)
-    return record
 
 
 # --- CPU default --------------------------------------------------------------------------------------------
@@ -368,12 +327,11 @@ def measure_cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
 def _cpu_columns() -> List[harness.Column]:
     C = harness.Column
     return [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("N × D × V", lambda r: f"{r['N']} × {r['D']} × {r['V']}"),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
-        C("min–max ms", lambda r: "—" if r.get("time_ms") is None
-          else f"{harness.fmt_ms(r['time_low_ms'])}–{harness.fmt_ms(r['time_high_ms'])}"),
+        harness.time_spread_column("min–max ms"),
         C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
         C("= [N, V] tensors", lambda r: harness.fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
         C("max abs diff logprobs", lambda r: harness.fmt_err(r.get("diff_logprobs"))),
@@ -393,7 +351,7 @@ def _cpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
 
 def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
     shape = CPU_QUICK_SHAPE if ctx.quick else CPU_DEFAULT_SHAPE
-    dtype_name = str(CPU_DTYPE).replace("torch.", "")
+    dtype_name = harness.dtype_name(CPU_DTYPE)
     itemsize = torch.empty((), dtype=CPU_DTYPE).element_size()
     records, saved = [], {}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-logprobs-") as tmp:
@@ -407,7 +365,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                                                    harness.LIVE_MEMORY_ENV))
                 saved[impl.name] = outputs_path
             except RuntimeError as exc:
-                failure(record, exc)
+                harness.failure(record, exc)
             records.append(record)
 
         timed = [record for record in records if record["status"] == "ok"]
@@ -418,7 +376,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                                          {"impls": [r["impl"] for r in timed], "shape": vars(shape)})
         except RuntimeError as exc:
             for record in timed:
-                failure(record, exc)
+                harness.failure(record, exc)
         else:
             for record in timed:
                 record.update(times[record["impl"]])
@@ -431,12 +389,10 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
         for record in records:
             if record["impl"] in saved:
                 outputs = Outputs(**torch.load(saved[record["impl"]]))
-                record.update(output_diffs(outputs, expected, "diff"))
+                record.update(harness.output_diffs(outputs, expected, "diff"))
 
     logits_bytes = shape.N * shape.V * itemsize
-    for record in records:
-        if record.get("peak_memory_bytes") is not None:
-            record["peak_memory_in_logits_tensors"] = record["peak_memory_bytes"] / logits_bytes
+    harness.add_memory_in_logits_tensors(records, logits_bytes)
     return harness.SuiteReport(
         suite="logprobs", mode="cpu-default",
         title=f"logprobs — CPU default: {shape}, {dtype_name}, forward + backward, logprobs and entropy",
@@ -471,18 +427,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
 # --- GPU comparison -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Probes:
-    """How a case is timed and its memory measured (CUDA in a real run; CPU stand-ins in the smoke test)."""
-
-    time: Callable[[Callable[[], Any]], harness.Timing]
-    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
-
-
-CUDA_PROBES = Probes(time=harness.cuda_time, peak_memory=harness.cuda_peak_memory)
-
-
-def measure_case(impl: Implementation, inputs: Inputs, probes: Probes) -> Tuple[Dict[str, Any], Outputs]:
+def measure_case(impl: Implementation, inputs: Inputs, probes: harness.Probes) -> Tuple[Dict[str, Any], Outputs]:
     """Warm-up call (compiles, autotunes), one call for peak memory and the outputs (log-probs and entropy;
     its gradients are dropped, so the timing runs without a second set alive), then the timing."""
     step = fwd_bwd_step(impl.make_forward(), inputs, impl.nll_sum_backward)
@@ -494,7 +439,7 @@ def measure_case(impl: Implementation, inputs: Inputs, probes: Probes) -> Tuple[
 
 
 def compare_implementations(
-    shapes: Sequence[Shape], dtype: torch.dtype, device: str, impls: Sequence[Implementation], probes: Probes,
+    shapes: Sequence[Shape], dtype: torch.dtype, device: str, impls: Sequence[Implementation], probes: harness.Probes,
     progress: Callable[[str], None], matmul_tflops: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """Every implementation on every shape; the first ``subject`` is the anchor the others are checked
@@ -508,7 +453,7 @@ def compare_implementations(
             inputs = None
             for impl in impls:
                 index += 1
-                records.append(failure(base_record(impl, shape, dtype, device), exc))
+                records.append(harness.failure(base_record(impl, shape, dtype, device), exc))
                 progress(_gpu_progress(index, total, records[-1]))
             harness.free_device_memory(device)
             continue
@@ -519,21 +464,19 @@ def compare_implementations(
             try:
                 measured, outputs = measure_case(impl, inputs, probes)
             except Exception as exc:  # OOM, a peer's unsupported option, a compile failure: record, go on
-                failure(record, exc)
+                harness.failure(record, exc)
             else:
                 record.update(measured)
-                tflops = record["flops"] / (record["time_ms"] * 1e-3) / 1e12
-                record["tflops"] = tflops
-                record["matmul_fraction"] = tflops / matmul_tflops if matmul_tflops else None
+                harness.add_rates(record, matmul_tflops)
                 rows = GPU_REFERENCE_ROWS
-                record["diff_ref_rows_logprobs"] = max_abs_diff(outputs.logprobs[:rows], reference_rows[0])
-                record["diff_ref_rows_entropy"] = max_abs_diff(
+                record["diff_ref_rows_logprobs"] = harness.max_abs_diff(outputs.logprobs[:rows], reference_rows[0])
+                record["diff_ref_rows_entropy"] = harness.max_abs_diff(
                     None if outputs.entropy is None else outputs.entropy[:rows], reference_rows[1])
                 if anchor is None and impl.role == "subject":
                     anchor = outputs
                 elif anchor is not None:
-                    record["diff_rlloss_logprobs"] = max_abs_diff(outputs.logprobs, anchor.logprobs)
-                    record["diff_rlloss_entropy"] = max_abs_diff(outputs.entropy, anchor.entropy)
+                    record["diff_rlloss_logprobs"] = harness.max_abs_diff(outputs.logprobs, anchor.logprobs)
+                    record["diff_rlloss_entropy"] = harness.max_abs_diff(outputs.entropy, anchor.entropy)
                 del outputs
             inputs.hidden.grad, inputs.weight.grad = None, None
             harness.free_device_memory(device)
@@ -560,11 +503,11 @@ def _gpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
 def _gpu_columns() -> List[harness.Column]:
     C = harness.Column
     return [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("N", lambda r: str(r["N"])),
         C("V", lambda r: str(r["V"])),
         C("outputs", lambda r: r["outputs"]),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms", lambda r: harness.fmt_ms(r.get("time_ms"))),
         C("TFLOP/s (8·N·D·V)", lambda r: harness.fmt_num(r.get("tflops"))),
         C("% of bf16 matmul", lambda r: "—" if r.get("matmul_fraction") is None
@@ -579,13 +522,11 @@ def _gpu_columns() -> List[harness.Column]:
 
 def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
     shapes = gpu_shapes(ctx.quick)
-    dtype_name = str(GPU_DTYPE).replace("torch.", "")
-    matmul_tflops = harness.cuda_matmul_tflops(GPU_DTYPE)
-    ctx.progress(f"bf16 torch.matmul {harness.MATMUL_REFERENCE_SIZE}³: {matmul_tflops:.0f} TFLOP/s (reference peak)")
-    impls, skips = split_available(GPU_IMPLEMENTATIONS)
-    for skip in skips:
-        ctx.progress(f"skip {skip['impl']}: {skip['reason']}")
-    records = compare_implementations(shapes, GPU_DTYPE, "cuda", impls, CUDA_PROBES, ctx.progress, matmul_tflops)
+    dtype_name = harness.dtype_name(GPU_DTYPE)
+    matmul_tflops = harness.reference_matmul_tflops(ctx, GPU_DTYPE)
+    impls, skips = harness.split_available(GPU_IMPLEMENTATIONS, ctx.progress)
+    records = compare_implementations(shapes, GPU_DTYPE, "cuda", impls, harness.CUDA_PROBES, ctx.progress,
+                                      matmul_tflops)
     return harness.SuiteReport(
         suite="logprobs", mode="gpu-peers",
         title=f"logprobs — {ctx.device.name}: {dtype_name}, D={GPU_HIDDEN}, forward + backward",
@@ -645,25 +586,14 @@ def bench_step(case: BenchCase) -> Callable[[], None]:
     """One synchronised forward + backward of ``case``, after an untimed warm-up call."""
     step = fwd_bwd_step(case.impl.make_forward(), make_inputs(case.shape, case.dtype, case.device),
                         case.impl.nll_sum_backward)
-    synchronize = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
-
-    def synchronised_step() -> None:
-        step()
-        synchronize()
-
-    synchronised_step()
-    return synchronised_step
+    return harness.synchronised(step, case.device)
 
 
 # --- the suite ----------------------------------------------------------------------------------------------
 
 
-def run(ctx: harness.RunContext) -> harness.SuiteReport:
-    return run_gpu_peers(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
-
-
 SUITE = Suite(
     name="logprobs",
     description="token_logprobs fwd+bwd (logprobs + entropy): CPU torch backend vs naive; GPU triton vs peers",
-    run=run,
+    run_cpu=run_cpu_default, run_gpu=run_gpu_peers,
 )

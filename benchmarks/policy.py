@@ -45,21 +45,7 @@ from ._registry import Suite
 # --- sizes and settings -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Shape:
-    """B sequences of T completion tokens, hidden size D, vocabulary V."""
-
-    B: int
-    T: int
-    D: int
-    V: int
-
-    @property
-    def N(self) -> int:
-        return self.B * self.T
-
-    def __str__(self) -> str:
-        return f"B×T={self.B}×{self.T} D={self.D} V={self.V}"
+Shape = harness.BatchShape
 
 
 @dataclass(frozen=True)
@@ -110,10 +96,6 @@ def loss_config(preset: str, variant: Variant) -> rlloss.LossConfig:
 
 def nominal_flops(shape: Shape) -> int:
     return FLOPS_PER_NDV * shape.N * shape.D * shape.V
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
@@ -263,17 +245,6 @@ def liger_loss(compiled: bool) -> Callable[[], LossFn]:
     return make
 
 
-def _import_error(module: str, pip_name: str) -> Callable[[], Optional[str]]:
-    def unavailable() -> Optional[str]:
-        try:
-            __import__(module)
-        except Exception as exc:  # ImportError, or a peer whose own import breaks on this stack
-            return f"`import {module}` failed ({harness.describe_error(exc, 160)}); pip install {pip_name}"
-        return None
-
-    return unavailable
-
-
 @dataclass(frozen=True)
 class Implementation:
     """One contender. role: "subject" (FusedPolicyLoss), "rlloss" (other rlloss paths), "baseline"
@@ -308,7 +279,7 @@ TRL_STYLE = Implementation(
 def liger_implementation(compiled: bool = True) -> Implementation:
     return Implementation(
         "liger", "peer", f"liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(compiled={compiled}, chunk_size=1)",
-        liger_loss(compiled), _import_error("liger_kernel.chunked_loss", "liger-kernel"),
+        liger_loss(compiled), harness.import_error("liger_kernel.chunked_loss", "liger-kernel"),
         differs=lambda config: liger_settings(config)[1],
         note="dapo → loss_type='dapo' (token-mean over the local mask), gspo → loss_type='grpo' with "
              "importance_sampling_level='sequence'; ε_low/ε_high as the preset; KL: beta, use_ref_model=True, "
@@ -321,17 +292,6 @@ def liger_implementation(compiled: bool = True) -> Implementation:
 CPU_IMPLEMENTATIONS = (fused_implementation("torch"), TRL_STYLE, unfused_implementation("torch"))
 GPU_IMPLEMENTATIONS = (fused_implementation("triton"), unfused_implementation("triton"), TRL_STYLE,
                        liger_implementation(compiled=True))
-
-
-def split_available(impls: Sequence[Implementation]) -> Tuple[List[Implementation], List[Dict[str, str]]]:
-    ready, skips = [], []
-    for impl in impls:
-        reason = impl.unavailable()
-        if reason is None:
-            ready.append(impl)
-        else:
-            skips.append({"impl": impl.name, "reason": reason})
-    return ready, skips
 
 
 # --- one forward + backward -------------------------------------------------------------------------------
@@ -414,16 +374,10 @@ def base_record(impl: Implementation, shape: Shape, dtype: torch.dtype, device: 
         "preset": preset, "variant": variant.name if variant else None,
         "beta": variant.beta if variant else None, "entropy_coef": variant.entropy_coef if variant else None,
         "B": shape.B, "T": shape.T, "N": shape.N, "D": shape.D, "V": shape.V, "tokens": shape.N,
-        "dtype": _dtype_name(dtype), "device": device, "flops": nominal_flops(shape),
+        "dtype": harness.dtype_name(dtype), "device": device, "flops": nominal_flops(shape),
         "differs": "; ".join(impl.differs(config)) if config is not None else "",
         "status": "ok", "error": None,
     }
-
-
-def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
-    record["error"] = harness.describe_error(exc)
-    return record
 
 
 LOGPROBS_ONLY = Implementation("token_logprobs", "floor",
@@ -434,18 +388,7 @@ LOGPROBS_ONLY = Implementation("token_logprobs", "floor",
 # --- GPU comparison (runs on CPU stand-ins in benchmarks/test_policy_bench.py) ----------------------------
 
 
-@dataclass(frozen=True)
-class Probes:
-    """How a case is timed and its memory measured (CUDA in a real run; CPU stand-ins in the smoke test)."""
-
-    time: Callable[[Callable[[], Any]], harness.Timing]
-    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
-
-
-CUDA_PROBES = Probes(time=harness.cuda_time, peak_memory=harness.cuda_peak_memory)
-
-
-def _measure(step: Callable[[], Result], probes: Probes) -> Tuple[Dict[str, Any], Result]:
+def _measure(step: Callable[[], Result], probes: harness.Probes) -> Tuple[Dict[str, Any], Result]:
     """Warm-up call (compiles, autotunes), one call for peak memory and the result, then the timing."""
     step()
     peak, result = probes.peak_memory(step)
@@ -453,15 +396,9 @@ def _measure(step: Callable[[], Result], probes: Probes) -> Tuple[Dict[str, Any]
     return {"peak_memory_bytes": peak, **timing.as_record()}, result
 
 
-def _add_rates(record: Dict[str, Any], matmul_tflops: Optional[float]) -> None:
-    tflops = record["flops"] / (record["time_ms"] * 1e-3) / 1e12
-    record["tflops"] = tflops
-    record["matmul_fraction"] = tflops / matmul_tflops if matmul_tflops else None
-
-
 def compare_implementations(
     shapes: Sequence[Shape], presets: Sequence[str], variants: Sequence[Variant], dtype: torch.dtype, device: str,
-    backend: str, impls: Sequence[Implementation], probes: Probes, progress: Callable[[str], None],
+    backend: str, impls: Sequence[Implementation], probes: harness.Probes, progress: Callable[[str], None],
     matmul_tflops: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """Per shape: token_logprobs alone, then every implementation for every (preset, variant); the first
@@ -479,19 +416,19 @@ def compare_implementations(
         try:
             inputs = make_inputs(shape, dtype, device, backend)
         except Exception as exc:  # the inputs themselves do not fit: every case of this shape fails alike
-            done(failure(floor_record, exc))
+            done(harness.failure(floor_record, exc))
             for preset in presets:
                 for variant in variants:
                     for impl in impls:
-                        done(failure(base_record(impl, shape, dtype, device, preset, variant), exc))
+                        done(harness.failure(base_record(impl, shape, dtype, device, preset, variant), exc))
             harness.free_device_memory(device)
             continue
         try:
             measured, _ = _measure(logprobs_step(inputs, backend), probes)
             floor_record.update(measured)
-            _add_rates(floor_record, matmul_tflops)
+            harness.add_rates(floor_record, matmul_tflops)
         except Exception as exc:
-            failure(floor_record, exc)
+            harness.failure(floor_record, exc)
         inputs.hidden.grad, inputs.weight.grad = None, None
         harness.free_device_memory(device)
         done(floor_record)
@@ -507,11 +444,11 @@ def compare_implementations(
                     try:
                         measured, result = _measure(loss_step(impl.make(), inputs, config), probes)
                     except Exception as exc:  # OOM, a peer's unsupported option: record, go on
-                        failure(record, exc)
+                        harness.failure(record, exc)
                     else:
                         record.update(measured)
                         record["loss"] = float(result.loss)
-                        _add_rates(record, matmul_tflops)
+                        harness.add_rates(record, matmul_tflops)
                         if anchor is None and impl.role == "subject":
                             anchor, anchor_record = result, record
                             if floor_ms:
@@ -554,11 +491,11 @@ def _gpu_columns() -> List[harness.Column]:
     C = harness.Column
     pct = lambda value: "—" if value is None else f"{100 * value:.0f}"  # noqa: E731
     return [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("B×T", lambda r: f"{r['B']}×{r['T']}"),
         C("preset", lambda r: r["preset"] or "—"),
         C("variant", lambda r: r["variant"] or "—"),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms", lambda r: harness.fmt_ms(r.get("time_ms"))),
         C("time / fused", lambda r: harness.fmt_num(r.get("time_vs_fused"), 2)),
         C("fused / token_logprobs", lambda r: harness.fmt_num(r.get("time_vs_token_logprobs"), 2)),
@@ -601,14 +538,11 @@ def _targets(records: Sequence[Dict[str, Any]]) -> List[str]:
 def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
     shapes = gpu_shapes(ctx.quick)
     variants = VARIANTS
-    matmul_tflops = harness.cuda_matmul_tflops(GPU_DTYPE)
-    ctx.progress(f"bf16 torch.matmul {harness.MATMUL_REFERENCE_SIZE}³: {matmul_tflops:.0f} TFLOP/s (reference peak)")
-    impls, skips = split_available(GPU_IMPLEMENTATIONS)
-    for skip in skips:
-        ctx.progress(f"skip {skip['impl']}: {skip['reason']}")
-    records = compare_implementations(shapes, PRESETS, variants, GPU_DTYPE, "cuda", "triton", impls, CUDA_PROBES,
-                                      ctx.progress, matmul_tflops)
-    dtype_name = _dtype_name(GPU_DTYPE)
+    matmul_tflops = harness.reference_matmul_tflops(ctx, GPU_DTYPE)
+    impls, skips = harness.split_available(GPU_IMPLEMENTATIONS, ctx.progress)
+    records = compare_implementations(shapes, PRESETS, variants, GPU_DTYPE, "cuda", "triton", impls,
+                                      harness.CUDA_PROBES, ctx.progress, matmul_tflops)
+    dtype_name = harness.dtype_name(GPU_DTYPE)
     return harness.SuiteReport(
         suite="policy", mode="gpu-peers",
         title=f"policy — {ctx.device.name}: FusedPolicyLoss vs Liger, TRL-style and unfused, {dtype_name}, "
@@ -691,12 +625,11 @@ def measure_cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
 def _cpu_columns() -> List[harness.Column]:
     C = harness.Column
     return [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("B×T, D, V", lambda r: f"{r['B']}×{r['T']}, {r['D']}, {r['V']}"),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
-        C("min–max ms", lambda r: "—" if r.get("time_ms") is None
-          else f"{harness.fmt_ms(r['time_low_ms'])}–{harness.fmt_ms(r['time_high_ms'])}"),
+        harness.time_spread_column("min–max ms"),
         C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
         C("= [N, V] tensors", lambda r: harness.fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
         C("|Δloss| vs fused", lambda r: harness.fmt_err(r.get("diff_fused_loss"))),
@@ -710,7 +643,7 @@ def _cpu_columns() -> List[harness.Column]:
 
 def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
     shape = CPU_QUICK_SHAPE if ctx.quick else CPU_SHAPE
-    dtype_name = _dtype_name(CPU_DTYPE)
+    dtype_name = harness.dtype_name(CPU_DTYPE)
     itemsize = torch.empty((), dtype=CPU_DTYPE).element_size()
     records, saved = [], {}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-policy-") as tmp:
@@ -723,7 +656,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                                                    harness.LIVE_MEMORY_ENV))
                 saved[impl.name] = str(path)
             except RuntimeError as exc:
-                failure(record, exc)
+                harness.failure(record, exc)
             ctx.progress(f"policy {impl.name}: peak memory in a fresh process: "
                          f"+{harness.fmt_mib(record.get('peak_memory_bytes'))} MiB, {record['status']}")
             records.append(record)
@@ -736,15 +669,14 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                                             "outputs_paths": saved})
         except RuntimeError as exc:
             for record in timed:
-                failure(record, exc)
+                harness.failure(record, exc)
         else:
             for record in timed:
                 record.update(results[record["impl"]])
     logits_bytes = shape.N * shape.V * itemsize
+    harness.add_memory_in_logits_tensors(records, logits_bytes)
     anchor = next((r for r in records if r["impl"] == "fused" and r.get("time_ms")), None)
     for index, record in enumerate(records, start=1):
-        if record.get("peak_memory_bytes") is not None:
-            record["peak_memory_in_logits_tensors"] = record["peak_memory_bytes"] / logits_bytes
         if anchor is not None and record is not anchor and record.get("time_ms"):
             record["time_vs_fused"] = record["time_ms"] / anchor["time_ms"]
             if record.get("peak_memory_bytes"):
@@ -811,25 +743,14 @@ def bench_step(case: BenchCase) -> Callable[[], None]:
     backend = "triton" if case.device == "cuda" else "torch"
     step = loss_step(case.impl.make(), make_inputs(case.shape, case.dtype, case.device, backend),
                      loss_config(case.preset, case.variant))
-    synchronize = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
-
-    def synchronised_step() -> None:
-        step()
-        synchronize()
-
-    synchronised_step()
-    return synchronised_step
+    return harness.synchronised(step, case.device)
 
 
 # --- the suite ----------------------------------------------------------------------------------------------
 
 
-def run(ctx: harness.RunContext) -> harness.SuiteReport:
-    return run_gpu(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
-
-
 SUITE = Suite(
     name="policy",
     description="FusedPolicyLoss fwd+bwd (dapo/gspo, ±KL+entropy): CPU vs TRL-style and unfused; GPU also vs Liger",
-    run=run,
+    run_cpu=run_cpu_default, run_gpu=run_gpu,
 )

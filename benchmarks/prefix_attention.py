@@ -301,17 +301,6 @@ SDPA_REPEATED_CPU = Implementation(
 )
 
 
-def _import_error(module: str, pip_name: str) -> Callable[[], Optional[str]]:
-    def unavailable() -> Optional[str]:
-        try:
-            __import__(module)
-        except Exception as exc:  # ImportError, or a peer whose own import breaks on this stack
-            return f"`import {module}` failed ({harness.describe_error(exc, 160)}); pip install {pip_name}"
-        return None
-
-    return unavailable
-
-
 def _segment_tables(shape: Shape, device) -> Tuple[Tensor, Tensor]:
     """(segment id [T], parent segment of each segment [S], −2 for the prompt) of the packed stream."""
     lengths = [shape.P] + [shape.S] * shape.G
@@ -364,7 +353,7 @@ def _flex(inputs: Inputs) -> Prepared:
 
 FLEX = Implementation(
     "flex", "peer", "torch.compile(flex_attention) on the packed stream [1, Hq, T, d], block mask of the same "
-    "visibility, enable_gqa", _flex, _import_error("torch.nn.attention.flex_attention", "torch>=2.5"),
+    "visibility, enable_gqa", _flex, harness.import_error("torch.nn.attention.flex_attention", "torch>=2.5"),
     note="compile and autotuning happen in the untimed warm-up call; block-mask construction is the setup time",
 )
 
@@ -434,35 +423,14 @@ def _prefix_grouper_note() -> str:
 
 PREFIX_GROUPER = Implementation(
     "prefix-grouper", "peer", "prefix_grouper.PrefixGrouper.forward on the packed stream [1, Hq, T, d]",
-    _prefix_grouper, _import_error("prefix_grouper", "prefix_grouper"),
+    _prefix_grouper, harness.import_error("prefix_grouper", "prefix_grouper"),
 )
 
 CPU_IMPLEMENTATIONS = (rlloss_implementation("torch"), SDPA_REPEATED_CPU)
 GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), SDPA_REPEATED, FLEX, PREFIX_GROUPER)
 
 
-def split_available(impls: Sequence[Implementation]) -> Tuple[List[Implementation], List[Dict[str, str]]]:
-    """(implementations that can run here, ``{"impl", "reason"}`` for the others)."""
-    ready, skips = [], []
-    for impl in impls:
-        reason = impl.unavailable()
-        if reason is None:
-            ready.append(impl)
-        else:
-            skips.append({"impl": impl.name, "reason": reason})
-    return ready, skips
-
-
 # --- comparing outputs and records -----------------------------------------------------------------------------
-
-
-def max_abs_diff(a: Tensor, b: Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def output_diffs(outputs: Outputs, expected: Outputs, prefix: str) -> Dict[str, float]:
-    return {f"{prefix}_{name}": max_abs_diff(getattr(outputs, name), getattr(expected, name))
-            for name in Outputs._fields}
 
 
 def float64_reference(inputs: Inputs) -> Outputs:
@@ -478,15 +446,9 @@ def float64_reference(inputs: Inputs) -> Outputs:
 def base_record(impl: Implementation, shape: Shape, dtype: torch.dtype, device: str) -> Dict[str, Any]:
     return {
         "impl": impl.name, "role": impl.role, "label": impl.label, "note": impl.note, **vars(shape), "T": shape.T,
-        "dtype": str(dtype).replace("torch.", ""), "device": device, "useful_flops": useful_flops(shape),
+        "dtype": harness.dtype_name(dtype), "device": device, "useful_flops": useful_flops(shape),
         "ideal_attention_ratio": ideal_attention_ratio(shape), "status": "ok", "error": None,
     }
-
-
-def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
-    record["error"] = harness.describe_error(exc)
-    return record
 
 
 def add_speedups(records: Sequence[Dict[str, Any]]) -> None:
@@ -514,17 +476,16 @@ def measure_cpu_case(impl: Implementation, shape: Shape, expected: Outputs) -> D
     prepared = impl.prepare(make_inputs(shape, CPU_DTYPE, "cpu"))
     timing = harness.cpu_time(prepared.step, CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
     return {**timing.as_record(), "setup_ms": prepared.setup_ms,
-            **output_diffs(prepared.collect(), expected, "diff")}
+            **harness.output_diffs(prepared.collect(), expected, "diff")}
 
 
 def _cpu_columns() -> List[harness.Column]:
     C = harness.Column
     return [
-        C("impl", lambda r: f"`{r['impl']}`"),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.IMPL_COLUMN,
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
-        C("min–max ms", lambda r: "—" if r.get("time_ms") is None
-          else f"{harness.fmt_ms(r['time_low_ms'])}–{harness.fmt_ms(r['time_high_ms'])}"),
+        harness.time_spread_column("min–max ms"),
         C("speed-up vs sdpa-repeated", lambda r: harness.fmt_num(r.get("speedup_vs_sdpa"), 2)),
         C("ideal (FLOP ratio)", lambda r: harness.fmt_num(r["ideal_attention_ratio"], 2)),
         C("max abs diff out vs float64", lambda r: harness.fmt_err(r.get("diff_out"))),
@@ -544,10 +505,10 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
         try:
             record.update(measure_cpu_case(impl, shape, expected))
         except Exception as exc:  # record, go on
-            failure(record, exc)
+            harness.failure(record, exc)
         records.append(record)
     add_speedups(records)
-    dtype_name = str(CPU_DTYPE).replace("torch.", "")
+    dtype_name = harness.dtype_name(CPU_DTYPE)
     return harness.SuiteReport(
         suite="prefix_attention", mode="cpu-default",
         title=f"prefix_attention — CPU default: {shape}, {dtype_name}, forward + backward",
@@ -573,19 +534,8 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
 # --- GPU comparison -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Probes:
-    """How a case is timed and its memory measured (CUDA in a real run; CPU stand-ins in a smoke test)."""
-
-    time: Callable[[Callable[[], Any]], harness.Timing]
-    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
-
-
-CUDA_PROBES = Probes(time=harness.cuda_time, peak_memory=harness.cuda_peak_memory)
-
-
 def compare_implementations(shapes: Sequence[Shape], dtype: torch.dtype, device: str,
-                            impls: Sequence[Implementation], probes: Probes,
+                            impls: Sequence[Implementation], probes: harness.Probes,
                             progress: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Every implementation on every shape: a warm-up call (compiles), one call for peak memory and the
     outputs, then the timing; every output is compared with the first subject's."""
@@ -596,7 +546,7 @@ def compare_implementations(shapes: Sequence[Shape], dtype: torch.dtype, device:
         except Exception as exc:  # the inputs themselves do not fit
             for impl in impls:
                 index += 1
-                records.append(failure(base_record(impl, shape, dtype, device), exc))
+                records.append(harness.failure(base_record(impl, shape, dtype, device), exc))
                 progress(_gpu_progress(index, total, records[-1]))
             harness.free_device_memory(device)
             continue
@@ -613,7 +563,7 @@ def compare_implementations(shapes: Sequence[Shape], dtype: torch.dtype, device:
                 outputs = prepared.collect()
                 timing = probes.time(prepared.step)
             except Exception as exc:  # OOM, a peer's unsupported option, a compile failure: record, go on
-                failure(record, exc)
+                harness.failure(record, exc)
             else:
                 record.update(peak_memory_bytes=peak, setup_ms=prepared.setup_ms, **(prepared.info or {}),
                               **timing.as_record())
@@ -621,7 +571,7 @@ def compare_implementations(shapes: Sequence[Shape], dtype: torch.dtype, device:
                 if anchor is None and impl.role == "subject":
                     anchor = outputs
                 elif anchor is not None:
-                    record.update(output_diffs(outputs, anchor, "diff_rlloss"))
+                    record.update(harness.output_diffs(outputs, anchor, "diff_rlloss"))
                 del outputs
             del prepared
             harness.free_device_memory(device)
@@ -648,11 +598,11 @@ def _gpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
 def _gpu_columns() -> List[harness.Column]:
     C = harness.Column
     return [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("G", lambda r: str(r["G"])),
         C("P", lambda r: str(r["P"])),
         C("S", lambda r: str(r["S"])),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms", lambda r: harness.fmt_ms(r.get("time_ms"))),
         C("speed-up vs sdpa-repeated", lambda r: harness.fmt_num(r.get("speedup_vs_sdpa"), 2)),
         C("ideal (FLOP ratio)", lambda r: harness.fmt_num(r["ideal_attention_ratio"], 2)),
@@ -670,11 +620,9 @@ def _gpu_columns() -> List[harness.Column]:
 
 def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
     shapes = gpu_shapes(ctx.quick)
-    dtype_name = str(GPU_DTYPE).replace("torch.", "")
-    impls, skips = split_available(GPU_IMPLEMENTATIONS)
-    for skip in skips:
-        ctx.progress(f"skip {skip['impl']}: {skip['reason']}")
-    records = compare_implementations(shapes, GPU_DTYPE, "cuda", impls, CUDA_PROBES, ctx.progress)
+    dtype_name = harness.dtype_name(GPU_DTYPE)
+    impls, skips = harness.split_available(GPU_IMPLEMENTATIONS, ctx.progress)
+    records = compare_implementations(shapes, GPU_DTYPE, "cuda", impls, harness.CUDA_PROBES, ctx.progress)
     notes = {impl.name: impl.note for impl in GPU_IMPLEMENTATIONS if impl.note}
     if not any(skip["impl"] == PREFIX_GROUPER.name for skip in skips):
         notes[PREFIX_GROUPER.name] = _prefix_grouper_note()
@@ -698,8 +646,7 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
             "stream (a prompt's summed over its copies), which the diff columns compare with rlloss's.",
             harness.CUDA_MEMORY_METHOD + " The repeated batch's inputs (G copies of the prompt) are allocated "
             "before the measurement; the gradients each call returns are inside it.",
-            f"Time: `triton.testing.do_bench` median (L2 flushed before every call; warm-up "
-            f"{harness.DO_BENCH_WARMUP_MS} ms, repetitions {harness.DO_BENCH_REP_MS} ms).",
+            harness.CUDA_TIME_NOTE,
             "speed-up vs sdpa-repeated: its time over this row's. ideal: the attention FLOP ratio of MATH.md §8, "
             "G(P+S)² / (P² + G·S(2P+S)) — the speed-up a kernel as fast per FLOP as flash attention would reach; "
             "fraction of ideal = speed-up / ideal (the issue's target for rlloss: ≥ 0.8). speed-up vs flex: the "
@@ -715,13 +662,9 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
 # --- the suite ------------------------------------------------------------------------------------------------
 
 
-def run(ctx: harness.RunContext) -> harness.SuiteReport:
-    return run_gpu_peers(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
-
-
 SUITE = Suite(
     name="prefix_attention",
     description="shared_prefix_attention fwd+bwd: CPU torch backend vs repeated-prompt SDPA; GPU triton vs "
                 "SDPA flash, FlexAttention, PrefixGrouper",
-    run=run,
+    run_cpu=run_cpu_default, run_gpu=run_gpu_peers,
 )

@@ -26,7 +26,7 @@ CPU default (no GPU): a smoke run of a tiny float32 model — ``packed`` on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -235,17 +235,7 @@ def output_diffs(outputs: Outputs, anchor: Outputs) -> Dict[str, Any]:
 # --- measuring ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Probes:
-    """How a case is timed and its memory measured (CUDA in a real run; CPU stand-ins on a CPU)."""
-
-    time: Callable[[Callable[[], Any]], harness.Timing]
-    peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
-
-
-CUDA_PROBES = Probes(time=harness.cuda_time, peak_memory=harness.cuda_peak_memory)
-CPU_PROBES = Probes(time=lambda fn: harness.cpu_time(fn, CPU_WARMUP_CALLS, CPU_TIMED_CALLS),
-                    peak_memory=lambda fn: (None, fn()))
+CPU_PROBES = harness.cpu_probes(CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
 
 
 def base_record(case: Case, model_shape: ModelShape, group: GroupShape, dtype: torch.dtype,
@@ -255,14 +245,8 @@ def base_record(case: Case, model_shape: ModelShape, group: GroupShape, dtype: t
         "checkpointing": case.checkpointing, "model": model_shape.name, **vars(group),
         "tokens": group.packed_tokens if case.packed else group.repeated_tokens,
         "completion_tokens": group.G * group.S, "ideal_tokenwise_speedup": ideal_tokenwise_speedup(group),
-        "dtype": str(dtype).replace("torch.", ""), "device": device, "status": "ok", "error": None,
+        "dtype": harness.dtype_name(dtype), "device": device, "status": "ok", "error": None,
     }
-
-
-def failure(record: Dict[str, Any], exc: BaseException) -> Dict[str, Any]:
-    record["status"] = "oom" if harness.is_out_of_memory(exc) else "error"
-    record["error"] = harness.describe_error(exc)
-    return record
 
 
 def add_speedups(records: Sequence[Dict[str, Any]]) -> None:
@@ -279,7 +263,7 @@ def add_speedups(records: Sequence[Dict[str, Any]]) -> None:
 
 
 def compare_cases(model_shape: ModelShape, group: GroupShape, dtype: torch.dtype, device: str,
-                  cases: Sequence[Case], probes: Probes, progress: Callable[[str], None]) -> List[Dict[str, Any]]:
+                  cases: Sequence[Case], probes: harness.Probes, progress: Callable[[str], None]) -> List[Dict[str, Any]]:
     """Every case on one model: a warm-up call (compiles), one call for peak memory and the outputs, then the
     timing; loss and gradients compared with the first subject's."""
     records = []
@@ -288,7 +272,7 @@ def compare_cases(model_shape: ModelShape, group: GroupShape, dtype: torch.dtype
         inputs = make_inputs(group, model_shape.vocab, device)
     except Exception as exc:  # the model itself does not fit
         for case in cases:
-            records.append(failure(base_record(case, model_shape, group, dtype, device), exc))
+            records.append(harness.failure(base_record(case, model_shape, group, dtype, device), exc))
         return records
     anchor: Optional[Outputs] = None
     for index, case in enumerate(cases, start=1):
@@ -303,7 +287,7 @@ def compare_cases(model_shape: ModelShape, group: GroupShape, dtype: torch.dtype
             outputs = collect(model, loss)
             timing = probes.time(step)
         except Exception as exc:  # OOM above all: record it and go on
-            failure(record, exc)
+            harness.failure(record, exc)
         else:
             record.update(peak_memory_bytes=peak, loss=float(outputs.loss), **timing.as_record())
             record["completion_tokens_per_s"] = record["completion_tokens"] / (record["time_ms"] * 1e-3)
@@ -337,9 +321,9 @@ def _progress(index: int, total: int, record: Dict[str, Any]) -> str:
 def _columns(with_memory: bool) -> List[harness.Column]:
     C = harness.Column
     columns = [
-        C("impl", lambda r: f"`{r['impl']}`"),
+        harness.IMPL_COLUMN,
         C("tokens", lambda r: str(r["tokens"])),
-        C("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"),
+        harness.STATUS_COLUMN,
         C("fwd+bwd ms", lambda r: harness.fmt_ms(r.get("time_ms"))),
         C("speed-up vs repeated", lambda r: harness.fmt_num(r.get("speedup_vs_repeated"), 2)),
         C("ideal (token ratio)", lambda r: harness.fmt_num(r["ideal_tokenwise_speedup"], 2)),
@@ -394,8 +378,8 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
 def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
     model_shape = QWEN2_05B_QUICK if ctx.quick else QWEN2_05B
     group = GPU_GROUP_QUICK if ctx.quick else GPU_GROUP
-    dtype_name = str(GPU_DTYPE).replace("torch.", "")
-    records = compare_cases(model_shape, group, GPU_DTYPE, "cuda", GPU_CASES, CUDA_PROBES, ctx.progress)
+    dtype_name = harness.dtype_name(GPU_DTYPE)
+    records = compare_cases(model_shape, group, GPU_DTYPE, "cuda", GPU_CASES, harness.CUDA_PROBES, ctx.progress)
     return harness.SuiteReport(
         suite="prefix_model", mode="gpu",
         title=f"prefix_model — {ctx.device.name}: {model_shape}, {group}, {dtype_name}, forward + backward",
@@ -408,8 +392,7 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
             "disable_shared_prefix, gradient checkpointing on or off).",
             harness.CUDA_MEMORY_METHOD + " The model's weights are allocated before; its parameter gradients are "
             "dropped before every call, so each call's peak includes allocating them.",
-            f"Time: `triton.testing.do_bench` median (L2 flushed before every call; warm-up "
-            f"{harness.DO_BENCH_WARMUP_MS} ms, repetitions {harness.DO_BENCH_REP_MS} ms).",
+            harness.CUDA_TIME_NOTE,
             "speed-up and memory vs repeated: against the repeated batch with the same checkpointing mode.",
         ],
     )
@@ -418,13 +401,9 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
 # --- the suite ------------------------------------------------------------------------------------------------
 
 
-def run(ctx: harness.RunContext) -> harness.SuiteReport:
-    return run_gpu(ctx) if ctx.device.type == "cuda" else run_cpu_default(ctx)
-
-
 SUITE = Suite(
     name="prefix_model",
     description="whole-model fwd+bwd, G completions of one prompt: packed shared-prefix vs repeated-prompt SDPA "
                 "(GPU: Qwen2-0.5B shape, G=16 P=4096 S=512)",
-    run=run,
+    run_cpu=run_cpu_default, run_gpu=run_gpu,
 )

@@ -25,13 +25,7 @@ def pytest_generate_tests(metafunc):
 def test_group_advantages(benchmark, bench_case):
     impl, grouping, mode, num_rewards = bench_case
     batch = advantages.make_batch(num_rewards, grouping, DEVICE)
-    synchronize = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-
-    def step():
-        impl.run(batch, mode)
-        synchronize()
-
-    step()
+    step = harness.synchronised(lambda: impl.run(batch, mode), DEVICE)
     benchmark.extra_info.update(impl=impl.name, mode=mode, grouping=grouping.name, rewards=num_rewards)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 

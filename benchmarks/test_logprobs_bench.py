@@ -33,7 +33,7 @@ def test_logprobs_fwd_bwd(benchmark, bench_case):
 
 def test_gpu_comparison_path_on_cpu_stand_ins():
     """``compare_implementations`` end to end at tiny sizes, with CPU timing and no memory probe."""
-    probes = logprobs.Probes(time=lambda fn: harness.cpu_time(fn, 0, 1), peak_memory=lambda fn: (None, fn()))
+    probes = harness.cpu_probes(0, 1)
 
     def broken_forward(hidden, weight, targets):
         raise NotImplementedError("this peer does not support reduction='none'")

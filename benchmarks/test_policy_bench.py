@@ -31,7 +31,7 @@ def test_policy_fwd_bwd(benchmark, bench_case):
     benchmark.pedantic(policy.bench_step(bench_case), rounds=ROUNDS, warmup_rounds=0, iterations=1)
 
 
-STAND_IN_PROBES = policy.Probes(time=lambda fn: harness.cpu_time(fn, 0, 1), peak_memory=lambda fn: (None, fn()))
+STAND_IN_PROBES = harness.cpu_probes(0, 1)
 
 
 def test_gpu_comparison_path_on_cpu_stand_ins():

@@ -33,14 +33,7 @@ def test_prefix_attention_fwd_bwd(benchmark, bench_case):
     reason = impl.unavailable()
     if reason is not None:
         pytest.skip(reason)
-    prepared = impl.prepare(suite.make_inputs(shape, dtype, DEVICE))
-    synchronize = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-
-    def step():
-        prepared.step()
-        synchronize()
-
-    step()
+    step = harness.synchronised(impl.prepare(suite.make_inputs(shape, dtype, DEVICE)).step, DEVICE)
     benchmark.extra_info.update(impl=impl.name, dtype=str(dtype), device=DEVICE, **vars(shape))
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=0, iterations=1)
 
@@ -48,7 +41,7 @@ def test_prefix_attention_fwd_bwd(benchmark, bench_case):
 def test_gpu_comparison_path_on_cpu_stand_ins():
     """``compare_implementations`` end to end at tiny sizes: the repeated batch's output and gradients, mapped
     onto the packed stream, must equal rlloss's; a failing implementation is recorded, not fatal."""
-    probes = suite.Probes(time=lambda fn: harness.cpu_time(fn, 0, 1), peak_memory=lambda fn: (None, fn()))
+    probes = harness.cpu_probes(0, 1)
 
     def broken(inputs):
         raise NotImplementedError("this peer does not support grouped-query attention")
