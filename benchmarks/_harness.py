@@ -306,6 +306,15 @@ def time_spread_column(header: str = "min–max ms") -> Column:
                   else f"{fmt_ms(r['time_low_ms'])}–{fmt_ms(r['time_high_ms'])}")
 
 
+# A CPU default's time and isolated peak memory (with ``peak_memory_in_logits_tensors``).
+CPU_TIME_MEMORY_COLUMNS = (
+    Column("fwd+bwd ms (median)", lambda r: fmt_ms(r.get("time_ms"))),
+    time_spread_column("min–max ms"),
+    Column("peak memory beyond inputs (MiB)", lambda r: fmt_mib(r.get("peak_memory_bytes"))),
+    Column("= [N, V] tensors", lambda r: fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
+)
+
+
 # --- timing -----------------------------------------------------------------------------------------------
 
 
@@ -616,4 +625,26 @@ def run_isolated(function: str, payload: Dict[str, Any], env_overrides: Optional
             tail = "\n".join(done.stderr.strip().splitlines()[-20:])
             raise RuntimeError(f"{function} failed in its own process (exit {done.returncode}):\n{tail}")
         return json.loads(result_path.read_text())
+
+
+def measure_memory_isolated(record: Dict[str, Any], function: str, payload: Dict[str, Any]) -> bool:
+    """:func:`run_isolated` of a CPU memory measurement (glibc's mmap threshold pinned, ``LIVE_MEMORY_ENV``),
+    its result merged into ``record``; a failure is recorded on it instead. True where it ran."""
+    try:
+        record.update(run_isolated(function, payload, LIVE_MEMORY_ENV))
+    except RuntimeError as exc:
+        failure(record, exc)
+        return False
+    return True
+
+
+def run_isolated_or_fail(function: str, payload: Dict[str, Any],
+                         records: Sequence[Dict[str, Any]]) -> Optional[Dict]:
+    """:func:`run_isolated`'s result, or None with every one of ``records`` marked failed by its error."""
+    try:
+        return run_isolated(function, payload)
+    except RuntimeError as exc:
+        for record in records:
+            failure(record, exc)
+        return None
 

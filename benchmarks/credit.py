@@ -280,22 +280,14 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             record = records[f"teacher/{impl}"]
             outputs_path = Path(tmp) / f"{impl}.pt"
             payload = {"impl": impl, "shape": vars(shape), "outputs_path": str(outputs_path)}
-            try:
-                record.update(harness.run_isolated(f"{__name__}:measure_cpu_teacher_memory", payload,
-                                                   harness.LIVE_MEMORY_ENV))
+            if harness.measure_memory_isolated(record, f"{__name__}:measure_cpu_teacher_memory", payload):
                 outputs_paths[impl] = str(outputs_path)
-            except RuntimeError as exc:
-                harness.failure(record, exc)
             ctx.progress(f"credit teacher {record['impl']}: peak "
                          f"+{harness.fmt_mib(record.get('peak_memory_bytes'))} MiB, status {record['status']}")
-        try:
-            timings = harness.run_isolated(f"{__name__}:measure_cpu_times", {
-                "teacher_shape": vars(shape), "loss_shape": vars(loss_shape), "outputs_paths": outputs_paths})
-        except RuntimeError as exc:
-            for record in records.values():
-                if record["status"] == "ok":
-                    harness.failure(record, exc)
-        else:
+        timings = harness.run_isolated_or_fail(f"{__name__}:measure_cpu_times", {
+            "teacher_shape": vars(shape), "loss_shape": vars(loss_shape), "outputs_paths": outputs_paths},
+            [record for record in records.values() if record["status"] == "ok"])
+        if timings is not None:
             for key, record in records.items():
                 record.update({k: v for k, v in timings[key].items() if k != "loss"})
                 if record["case"] == "loss":

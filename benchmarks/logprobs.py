@@ -330,10 +330,7 @@ def _cpu_columns() -> List[harness.Column]:
         harness.IMPL_COLUMN,
         C("N × D × V", lambda r: f"{r['N']} × {r['D']} × {r['V']}"),
         harness.STATUS_COLUMN,
-        C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
-        harness.time_spread_column("min–max ms"),
-        C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
-        C("= [N, V] tensors", lambda r: harness.fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
+        *harness.CPU_TIME_MEMORY_COLUMNS,
         C("max abs diff logprobs", lambda r: harness.fmt_err(r.get("diff_logprobs"))),
         C("entropy", lambda r: harness.fmt_err(r.get("diff_entropy"))),
         C("d hidden", lambda r: harness.fmt_err(r.get("diff_grad_hidden"))),
@@ -360,24 +357,16 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             outputs_path = Path(tmp) / f"{impl.name}.pt"
             payload = {"impl": impl.name, "shape": vars(shape), "outputs_path": str(outputs_path)}
             ctx.progress(f"logprobs {impl.name}: peak memory in a fresh process")
-            try:
-                record.update(harness.run_isolated(f"{__name__}:measure_cpu_memory", payload,
-                                                   harness.LIVE_MEMORY_ENV))
+            if harness.measure_memory_isolated(record, f"{__name__}:measure_cpu_memory", payload):
                 saved[impl.name] = outputs_path
-            except RuntimeError as exc:
-                harness.failure(record, exc)
             records.append(record)
 
         timed = [record for record in records if record["status"] == "ok"]
         ctx.progress(f"logprobs {', '.join(r['impl'] for r in timed)}: {CPU_TIMED_CALLS} interleaved timed calls "
                      "each in one fresh process")
-        try:
-            times = harness.run_isolated(f"{__name__}:measure_cpu_times",
-                                         {"impls": [r["impl"] for r in timed], "shape": vars(shape)})
-        except RuntimeError as exc:
-            for record in timed:
-                harness.failure(record, exc)
-        else:
+        times = harness.run_isolated_or_fail(f"{__name__}:measure_cpu_times",
+                                             {"impls": [r["impl"] for r in timed], "shape": vars(shape)}, timed)
+        if times is not None:
             for record in timed:
                 record.update(times[record["impl"]])
                 record["gflops_per_s"] = record["flops"] / (record["time_ms"] * 1e-3) / 1e9

@@ -628,10 +628,7 @@ def _cpu_columns() -> List[harness.Column]:
         harness.IMPL_COLUMN,
         C("B×T, D, V", lambda r: f"{r['B']}×{r['T']}, {r['D']}, {r['V']}"),
         harness.STATUS_COLUMN,
-        C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
-        harness.time_spread_column("min–max ms"),
-        C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
-        C("= [N, V] tensors", lambda r: harness.fmt_num(r.get("peak_memory_in_logits_tensors"), 2)),
+        *harness.CPU_TIME_MEMORY_COLUMNS,
         C("|Δloss| vs fused", lambda r: harness.fmt_err(r.get("diff_fused_loss"))),
         C("max abs Δ d hidden vs fused", lambda r: harness.fmt_err(r.get("diff_fused_grad_hidden"))),
         C("d weight vs fused", lambda r: harness.fmt_err(r.get("diff_fused_grad_weight"))),
@@ -650,27 +647,19 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
         for impl in CPU_IMPLEMENTATIONS:
             record = base_record(impl, shape, CPU_DTYPE, "cpu", CPU_PRESET, CPU_VARIANT)
             path = Path(tmp) / f"{impl.name}.pt"
-            try:
-                record.update(harness.run_isolated(f"{__name__}:measure_cpu_memory",
-                                                   {"impl": impl.name, "shape": vars(shape), "outputs_path": str(path)},
-                                                   harness.LIVE_MEMORY_ENV))
+            if harness.measure_memory_isolated(record, f"{__name__}:measure_cpu_memory",
+                                               {"impl": impl.name, "shape": vars(shape), "outputs_path": str(path)}):
                 saved[impl.name] = str(path)
-            except RuntimeError as exc:
-                harness.failure(record, exc)
             ctx.progress(f"policy {impl.name}: peak memory in a fresh process: "
                          f"+{harness.fmt_mib(record.get('peak_memory_bytes'))} MiB, {record['status']}")
             records.append(record)
         timed = [r for r in records if r["status"] == "ok"]
         ctx.progress(f"policy {', '.join(r['impl'] for r in timed)}: {CPU_TIMED_CALLS} interleaved timed calls "
                      "each, then the float64 reference, in one fresh process")
-        try:
-            results = harness.run_isolated(f"{__name__}:measure_cpu_times",
-                                           {"impls": [r["impl"] for r in timed], "shape": vars(shape),
-                                            "outputs_paths": saved})
-        except RuntimeError as exc:
-            for record in timed:
-                harness.failure(record, exc)
-        else:
+        results = harness.run_isolated_or_fail(f"{__name__}:measure_cpu_times",
+                                               {"impls": [r["impl"] for r in timed], "shape": vars(shape),
+                                                "outputs_paths": saved}, timed)
+        if results is not None:
             for record in timed:
                 record.update(results[record["impl"]])
     logits_bytes = shape.N * shape.V * itemsize
