@@ -1,0 +1,542 @@
+"""Compile every Triton kernel of rlloss.kernels for an H100 (sm_90) without a GPU.
+
+The test suite runs the kernels through Triton's interpreter, which is lenient: it does not type-check
+loop-carried values, reject unsupported ops or constexpr misuse, or enforce tl.dot's shape rules. This script
+runs the real compiler (``triton.compile`` on an ``ASTSource``, target ``GPUTarget("cuda", 90, 32)``) on the
+constexpr variants and CUDA block configurations the launchers in ``kernels/`` really use, down to PTX and,
+when Triton's bundled ptxas is found, to cubin.
+
+Run it WITHOUT TRITON_INTERPRET (kernels decorated under the interpreter cannot be compiled):
+
+    python tests/compile_kernels.py [--ptx-only] [--jobs N] [-k SUBSTRING] [--list] [--verbose]
+
+Exit status 0 when every case compiles, 1 otherwise (each failure is printed with its error). Every case also
+reports its shared memory (``metadata.shared``, against the H100's 227 KiB per block) and, from ptxas's log,
+its registers and spill bytes: those are reported, not failed on.
+
+The signatures mirror the launchers: pointer dtypes, int32 scalars, float32 scalars, the constexprs, and
+Triton's specialisations of a launch (16-byte aligned pointers; integer arguments equal to 1, such as the
+stride of a [B] advantage vector or a GQA group of 1, become constexprs). Block sizes, num_warps and
+num_stages are read from the kernel modules' own CUDA tables, so a retuned table is checked as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("compile_kernels: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+# Triton 3.9 warns when this is unset; 1 is the default of every release so far (and of the launchers).
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from rlloss.kernels import advantages as adv_k  # noqa: E402
+from rlloss.kernels import credit as credit_k  # noqa: E402
+from rlloss.kernels import logprobs as lp_k  # noqa: E402
+from rlloss.kernels import policy as pol_k  # noqa: E402
+from rlloss.kernels import prefix_attention as pa_k  # noqa: E402
+
+TARGET_ARCH = 90
+H100_SHARED_PER_BLOCK = 227 * 1024  # 228 KiB per SM, of which 227 KiB are available to one block
+DEFAULT_NUM_WARPS = 4
+DEFAULT_NUM_STAGES = 3  # Triton's CUDA default, what a launch without num_stages gets
+
+_TORCH_TO_TL = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
+
+
+@dataclass
+class Case:
+    name: str
+    kernel: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    attrs: Dict[Tuple[int, ...], list]
+    options: Dict[str, object]
+    quick: bool = True  # part of the --quick subset (the test's)
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+    shared: Optional[int] = None
+    registers: Optional[int] = None
+    spill_stores: Optional[int] = None
+    spill_loads: Optional[int] = None
+    stack: Optional[int] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def make_case(name, kernel, *, ptrs, const, floats=(), i64=(), aligned_ints=(), num_warps=DEFAULT_NUM_WARPS,
+              num_stages=DEFAULT_NUM_STAGES, quick=True) -> Case:
+    """A compile case from the kernel's own parameter list.
+
+    ptrs: {pointer arg: element type}; const: {arg: value} for the constexpr parameters and for plain
+    arguments a launch specialises to a constant (an int equal to 1); floats: float32 scalars; i64: int64
+    scalars; every other argument is an int32 scalar. aligned_ints: int32 arguments that are multiples of 16
+    in real launches (Triton marks those divisible by 16). Every parameter must be accounted for, so a
+    signature drifting from the kernel fails here rather than silently compiling something else.
+    """
+    params = kernel.params
+    names = [p.name for p in params]
+    unknown = (set(ptrs) | set(const) | set(floats) | set(i64) | set(aligned_ints)) - set(names)
+    if unknown:
+        raise ValueError(f"{name}: not parameters of {kernel.__name__}: {sorted(unknown)}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(params):
+        if p.is_constexpr:
+            if p.name not in const:
+                raise ValueError(f"{name}: constexpr {p.name} of {kernel.__name__} has no value")
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = const[p.name]
+        elif p.name in const:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = const[p.name]
+        elif p.name in ptrs:
+            signature[p.name] = "*" + _TORCH_TO_TL.get(ptrs[p.name], ptrs[p.name])
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name.endswith("_ptr"):
+            raise ValueError(f"{name}: pointer {p.name} of {kernel.__name__} has no dtype")
+        elif p.name in floats:
+            signature[p.name] = "fp32"
+        elif p.name in i64:
+            signature[p.name] = "i64"
+        else:
+            signature[p.name] = "i32"
+            if p.name in aligned_ints:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return Case(name, kernel, signature, constexprs, attrs, dict(num_warps=num_warps, num_stages=num_stages),
+                quick)
+
+
+# --- logprobs ------------------------------------------------------------------------------------------
+
+def logprobs_cases() -> List[Case]:
+    cases = []
+    floats = ("inv_temperature", "softcap")
+    for dt in ("fp16", "bf16", "fp32"):
+        blocks = lp_k._GPU_BLOCKS_FP32 if dt == "fp32" else lp_k._GPU_BLOCKS_16BIT
+        precision = "ieee" if dt == "fp32" else "tf32"
+        assert precision == lp_k._dot_precision({"fp32": lp_k.torch.float32, "fp16": lp_k.torch.float16,
+                                                 "bf16": lp_k.torch.bfloat16}[dt])
+        aligned = ("D", "stride_h", "stride_w")
+
+        def cfg(kernel):
+            c = dict(blocks[kernel])
+            return c.pop("num_warps"), c.pop("num_stages"), c
+
+        # linear_stats: the bias pointer is the hidden tensor when there is no bias.
+        nw, ns, blk = cfg("stats")
+        for i, (bias, cap) in enumerate(((False, False), (True, True), (True, False), (False, True))):
+            cases.append(make_case(
+                f"logprobs.linear_stats[{dt},bias={int(bias)},softcap={int(cap)}]", lp_k._linear_stats_kernel,
+                ptrs=dict(h_ptr=dt, w_ptr=dt, b_ptr=dt, tgt_ptr="i64", stats_ptr="fp32"),
+                floats=floats, aligned_ints=aligned, num_warps=nw, num_stages=ns,
+                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, DOT_PRECISION=precision, **blk),
+                quick=dt == "bf16" or i in (0, 1),
+            ))
+        # linear_backward: absent bias / upstream gradients are the float32 lse tensor.
+        grads = [  # (bias, softcap, logp grad, entropy grad)
+            (True, True, True, True), (False, False, True, False), (False, False, False, True),
+            (True, False, True, False), (False, True, False, True),
+        ]
+        nw, ns, blk = cfg("grad_hidden")
+        for i, (bias, cap, gl, ge) in enumerate(grads):
+            cases.append(make_case(
+                f"logprobs.linear_grad_hidden[{dt},bias={int(bias)},softcap={int(cap)},"
+                f"logp_grad={int(gl)},ent_grad={int(ge)}]", lp_k._linear_grad_hidden_kernel,
+                ptrs=dict(h_ptr=dt, w_ptr=dt, b_ptr=dt if bias else "fp32", tgt_ptr="i64", lse_ptr="fp32",
+                          mean_ptr="fp32", glogp_ptr="fp32", gent_ptr="fp32", dh_ptr="fp32"),
+                floats=floats, aligned_ints=aligned, num_warps=nw, num_stages=ns,
+                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_LOGP_GRAD=gl, HAS_ENTROPY_GRAD=ge,
+                           DOT_PRECISION=precision, **blk),
+                quick=dt == "bf16" or i in (0, 1),
+            ))
+        nw, ns, blk = cfg("grad_weight")
+        for i, ((bias, cap, gl, ge), (dw, db)) in enumerate(zip(grads, ((True, True), (True, False), (True, False),
+                                                                       (False, True), (True, True)))):
+            cases.append(make_case(
+                f"logprobs.linear_grad_weight[{dt},bias={int(bias)},softcap={int(cap)},"
+                f"logp_grad={int(gl)},ent_grad={int(ge)},dw={int(dw)},db={int(db)}]",
+                lp_k._linear_grad_weight_kernel,
+                ptrs=dict(h_ptr=dt, w_ptr=dt, b_ptr=dt if bias else "fp32", tgt_ptr="i64", lse_ptr="fp32",
+                          mean_ptr="fp32", glogp_ptr="fp32", gent_ptr="fp32", dw_ptr="fp32", db_ptr="fp32"),
+                floats=floats, aligned_ints=aligned, num_warps=nw, num_stages=ns,
+                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_LOGP_GRAD=gl, HAS_ENTROPY_GRAD=ge,
+                           COMPUTE_DW=dw, COMPUTE_DB=db, DOT_PRECISION=precision, **blk),
+                quick=dt == "bf16" or i in (0, 3),
+            ))
+        # from logits
+        c = dict(lp_k._logits_blocks(lp_k.torch.device("cuda")))
+        nw = c.pop("num_warps", DEFAULT_NUM_WARPS)
+        ns = c.pop("num_stages", DEFAULT_NUM_STAGES)
+        cases.append(make_case(
+            f"logprobs.logits_stats[{dt}]", lp_k._logits_stats_kernel,
+            ptrs=dict(z_ptr=dt, tgt_ptr="i64", stats_ptr="fp32"), floats=("inv_temperature",),
+            aligned_ints=("stride_z",), num_warps=nw, num_stages=ns, const=dict(**c),
+        ))
+        for gl, ge in ((True, True), (True, False), (False, True)):
+            cases.append(make_case(
+                f"logprobs.logits_grad[{dt},logp_grad={int(gl)},ent_grad={int(ge)}]", lp_k._logits_grad_kernel,
+                ptrs=dict(z_ptr=dt, tgt_ptr="i64", lse_ptr="fp32", mean_ptr="fp32", glogp_ptr="fp32",
+                          gent_ptr="fp32", dz_ptr=dt),
+                floats=("inv_temperature",), aligned_ints=("stride_z", "stride_dz"), num_warps=nw,
+                num_stages=ns, const=dict(HAS_LOGP_GRAD=gl, HAS_ENTROPY_GRAD=ge, **c),
+            ))
+    return cases
+
+
+# --- policy --------------------------------------------------------------------------------------------
+
+def policy_cases() -> List[Case]:
+    """A covering set: every loss mode, IS level, KL estimator (with and without verl's clamp and ratio
+    weighting), credit mode and rollout correction appears at least once, with the block sizes' extremes."""
+    P = pol_k
+    variants = [
+        # loss, IS level, KL, credit, rollout, per-seq mean, adv per token, has old, delta, dual, ent, block, dtype
+        dict(loss="ppo_clip", isl="token", kl="k1", credit=None, roll=None, psm=False, apt=False, old=True,
+             delta=True, dual=True, ent=True, kl_w=False, kl_clamp=False, block=P.MAX_BLOCK_T, dt="fp32"),
+        dict(loss="ppo_clip", isl="sequence", kl="k3", credit="cepo", roll="sequence_truncate", psm=True,
+             apt=True, old=True, delta=False, dual=False, ent=False, kl_w=True, kl_clamp=True, block=P.MIN_BLOCK_T,
+             dt="bf16"),
+        dict(loss="cispo_trl", isl="sequence_token", kl="k2", credit="rlsd", roll="token_mask", psm=False,
+             apt=False, old=True, delta=False, dual=False, ent=True, kl_w=False, kl_clamp=False, block=256,
+             dt="fp32"),
+        dict(loss="cispo_verl", isl="token", kl="abs", credit=None, roll="token_truncate", psm=True, apt=True,
+             old=True, delta=True, dual=False, ent=False, kl_w=True, kl_clamp=False, block=P.MAX_BLOCK_T,
+             dt="bf16"),
+        dict(loss="gpg", isl="token", kl="k3+", credit="rlsd", roll=None, psm=False, apt=False, old=False,
+             delta=False, dual=False, ent=True, kl_w=False, kl_clamp=True, block=64, dt="fp32"),
+        dict(loss="sapo", isl="sequence", kl="k3", credit=None, roll="sequence_mask", psm=False, apt=True,
+             old=True, delta=False, dual=False, ent=True, kl_w=False, kl_clamp=False, block=P.MAX_BLOCK_T,
+             dt="fp32"),
+        dict(loss="sapo", isl="token", kl=None, credit="cepo", roll=None, psm=False, apt=False, old=True,
+             delta=False, dual=False, ent=False, kl_w=False, kl_clamp=False, block=P.MAX_BLOCK_T, dt="fp16"),
+        dict(loss="ppo_clip", isl="sequence_token", kl="k3+", credit=None, roll="token_mask", psm=True,
+             apt=True, old=True, delta=True, dual=True, ent=True, kl_w=True, kl_clamp=False, block=128,
+             dt="fp32"),
+    ]
+    covered = {k: {v[k] for v in variants} for k in ("loss", "isl", "kl", "credit", "roll")}
+    assert covered["loss"] >= set(P.LOSS_MODES) and covered["isl"] >= set(P.IS_LEVELS)
+    assert covered["kl"] >= set(P.KL_ESTIMATORS) and covered["credit"] >= set(P.CREDIT_MODES)
+    cases = []
+    floats = ("eps_low", "eps_high", "delta", "dual_c", "tau_pos", "tau_neg", "log_ratio_min", "log_ratio_max",
+              "beta", "entropy_coef", "rollout_min", "rollout_max", "clip_metric_low", "clip_metric_high",
+              "credit_lambda", "log_w_low", "log_w_high")
+    for v in variants:
+        dt = v["dt"]
+        token_rollout = v["roll"] in ("token_truncate", "token_mask")
+        seq_rollout = v["roll"] in ("sequence_truncate", "sequence_mask")
+        const = dict(
+            LOSS_MODE=P.LOSS_MODES.index(v["loss"]), CREDIT=P.CREDIT_MODES.index(v["credit"]),
+            IS_LEVEL=P.IS_LEVELS.index(v["isl"]), HAS_OLD=v["old"], ADV_PER_TOKEN=v["apt"],
+            HAS_DELTA=v["delta"], HAS_DUAL=v["dual"], HAS_REF=v["kl"] is not None,
+            KL_ESTIMATOR=P.KL_ESTIMATORS.index(v["kl"] or "k3"), KL_WEIGHTED=v["kl_w"], KL_CLAMP=v["kl_clamp"],
+            HAS_ENTROPY=v["ent"], WRITE_GRAD_ENT=v["ent"], HAS_ROLLOUT=v["roll"] is not None,
+            TOKEN_ROLLOUT=token_rollout, SEQ_ROLLOUT=seq_rollout,
+            TRUNCATE=v["roll"] is not None and v["roll"].endswith("truncate"), PER_SEQUENCE_MEAN=v["psm"],
+            ROW_PASS=v["isl"] != "token" or seq_rollout or v["psm"], N_STATS=P.NUM_STATS, BLOCK_T=v["block"],
+        )
+        if not v["apt"]:
+            const["stride_adv"] = 1  # a contiguous [B] advantage vector: Triton specialises a stride of 1
+        name = (f"policy[{v['loss']},{v['isl']},kl={v['kl']},credit={v['credit']},rollout={v['roll']},"
+                f"{dt},BLOCK_T={v['block']}]")
+        cases.append(make_case(
+            name, P._policy_loss_kernel,
+            ptrs=dict(logp_ptr=dt, old_ptr=dt, adv_ptr="fp32", live_ptr="u8", ref_ptr=dt, roll_ptr=dt,
+                      ent_ptr=dt, pos_ptr=dt, neg_ptr=dt, grad_logp_ptr="fp32", grad_ent_ptr="fp32",
+                      stats_ptr="fp32", norm_ptr="fp32"),
+            floats=floats, const=const,
+        ))
+    return cases
+
+
+# --- advantages ----------------------------------------------------------------------------------------
+
+def advantages_cases() -> List[Case]:
+    A = adv_k
+    modes = ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian")
+    cases = []
+    for rewards, compute in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
+        cdt = "fp64" if compute == tl.float64 else "fp32"
+        for mode in modes:
+            cap = A.ORDER_BLOCK_MAX_CUDA if mode in A.ORDER_MODES else A.MEAN_BLOCK_MAX
+            blocks = (A._block(1, cap), cap) if rewards == "fp32" else (cap,)
+            for block in blocks:
+                cases.append(make_case(
+                    f"advantages.group[{mode},{rewards},BLOCK={block}]", A._group_advantages_kernel,
+                    ptrs=dict(rewards_ptr=rewards, out_ptr=cdt, offsets_ptr="i64", scalars_ptr=cdt),
+                    const=dict(MODE=mode, BLOCK=block, COMPUTE=compute), num_warps=4,
+                ))
+        cases.append(make_case(
+            f"advantages.batch_std[{rewards}]", A._batch_std_kernel,
+            ptrs=dict(rewards_ptr=rewards, scalars_ptr=cdt), const=dict(BLOCK=A.BATCH_BLOCK, COMPUTE=compute),
+        ))
+    # B = 1 arrives as the constexpr 1 (the kernel counts rather than casts B for this reason).
+    cases.append(make_case(
+        "advantages.batch_std[fp32,B=1]", A._batch_std_kernel, ptrs=dict(rewards_ptr="fp32", scalars_ptr="fp32"),
+        const=dict(B=1, BLOCK=A.BATCH_BLOCK, COMPUTE=tl.float32),
+    ))
+    return cases
+
+
+# --- credit --------------------------------------------------------------------------------------------
+
+def credit_cases() -> List[Case]:
+    cases = []
+    for apt, dt in ((True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "fp16")):
+        const = dict(ADV_PER_TOKEN=apt, BLOCK=credit_k.BLOCK_T)
+        if not apt:
+            const["stride_adv"] = 1
+        cases.append(make_case(
+            f"credit[adv_per_token={int(apt)},{dt}]", credit_k._credit_kernel,
+            ptrs=dict(adv_ptr="fp32", live_ptr="u8", pos_ptr=dt, base_ptr=dt, out_ptr="fp32"),
+            floats=("lam", "log_w_low", "log_w_high"), const=const, num_warps=4,
+        ))
+    return cases
+
+
+# --- prefix attention ----------------------------------------------------------------------------------
+
+def prefix_attention_cases() -> List[Case]:
+    cases = []
+    tables = ("order_ptr", "block_segment_ptr", "block_start_ptr", "seg_start_ptr", "seg_len_ptr")
+    for dt in ("bf16", "fp16", "fp32"):
+        configs = pa_k._GPU_CONFIGS_FP32 if dt == "fp32" else pa_k._GPU_CONFIGS_16BIT
+        precision = "ieee" if dt == "fp32" else "tf32"
+        for d in (64, 80, 96, 128):
+            block_d = pa_k._block_d(d)
+            head = dict(HEAD_DIM=d, BLOCK_D=block_d)
+            for group in (4, 1):  # GQA, and MHA where the launch's GROUP = 1 becomes a constexpr
+                if group == 1 and d not in (64, 128):
+                    continue
+                extra = dict(GROUP=1) if group == 1 else {}
+                tag = f"{dt},d={d}" + (",group=1" if group == 1 else "")
+                for kind, kernel in (("fwd", pa_k._fwd_kernel), ("dq", pa_k._dq_kernel),
+                                     ("dkdv", pa_k._dkdv_kernel)):
+                    c = dict(configs[kind])
+                    nw, ns = c.pop("num_warps"), c.pop("num_stages")
+                    ptrs = {n: "i32" for n in tables}
+                    if kind == "dkdv":
+                        ptrs.update(desc_ptr_ptr="i32", desc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, do_ptr=dt,
+                                    lse_ptr="fp32", delta_ptr="fp32", dk_ptr=dt, dv_ptr=dt)
+                    elif kind == "dq":
+                        ptrs.update(anc_ptr_ptr="i32", anc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, do_ptr=dt,
+                                    lse_ptr="fp32", delta_ptr="fp32", dq_ptr=dt)
+                    else:
+                        ptrs.update(anc_ptr_ptr="i32", anc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, o_ptr=dt,
+                                    lse_ptr="fp32")
+                    strides = [p.name for p in kernel.params if p.name.startswith("stride_")]
+                    # --quick: every head dim, dtype, padding and GROUP specialisation once per kernel (fp32's
+                    # IEEE dots unroll into FMA loops that take 5-15 s each to lower: d = 64 only).
+                    quick = (dt, d, group) in (("bf16", 64, 4), ("bf16", 80, 4), ("bf16", 128, 1), ("fp16", 96, 4),
+                                               ("fp32", 64, 4))
+                    cases.append(make_case(
+                        f"prefix_attention.{kind}[{tag}]", kernel, ptrs=ptrs,
+                        floats=("qk_scale",) if kind == "fwd" else ("scale", "qk_scale"), aligned_ints=strides, num_warps=nw, num_stages=ns,
+                        const=dict(PAD_D=block_d != d, DOT_PRECISION=precision, **head, **c, **extra),
+                        quick=quick,
+                    ))
+            cases.append(make_case(
+                f"prefix_attention.preprocess[{dt},d={d}]", pa_k._delta_kernel,
+                ptrs=dict(o_ptr=dt, do_ptr=dt, delta_ptr="fp32"),
+                aligned_ints=("stride_ot", "stride_oh", "stride_dot", "stride_doh"),
+                const=dict(BLOCK_M=pa_k._DELTA_BLOCK_M, **head),
+            ))
+    return cases
+
+
+def all_cases() -> List[Case]:
+    return logprobs_cases() + policy_cases() + advantages_cases() + credit_cases() + prefix_attention_cases()
+
+
+# --- compiling -----------------------------------------------------------------------------------------
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _drop_cubin_stage(*args):
+    """add_stages_inspection_hook for --ptx-only: stop after PTX (the cubin stage yields empty bytes)."""
+    if not args:  # called for the cache key
+        return "ptx-only", "ptx-only"
+    _backend, stages = args[0], args[1]
+    stages["cubin"] = lambda src, metadata: b""
+
+
+def compile_case(case: Case, ptx_only: bool) -> Result:
+    from triton.backends.compiler import GPUTarget
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # set both ways: forked workers inherit the parent's knobs
+        knobs.runtime.add_stages_inspection_hook = _drop_cubin_stage if ptx_only else None
+        knobs.nvidia.dump_ptxas_log = not ptx_only  # ptxas -v's report, printed on stdout
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        src = triton.compiler.ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs,
+                                        attrs=case.attrs)
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=case.options)
+    except Exception as e:  # noqa: BLE001 - every failure is a finding
+        msg = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return Result(case.name, False, time.perf_counter() - start, error=msg + _tail(log.getvalue()))
+    res = Result(case.name, True, time.perf_counter() - start, shared=compiled.metadata.shared)
+    if "ptx" not in compiled.asm:
+        res.ok, res.error = False, "no PTX produced"
+    text = log.getvalue()
+    regs = _PTXAS_REGS.findall(text)
+    spill = _PTXAS_SPILL.findall(text)
+    if regs:
+        res.registers = int(regs[-1])
+    if spill:
+        res.stack, res.spill_stores, res.spill_loads = (int(x) for x in spill[-1])
+    if res.shared is not None and res.shared > H100_SHARED_PER_BLOCK:
+        res.notes.append(f"shared memory {res.shared} B exceeds the H100's {H100_SHARED_PER_BLOCK} B per block")
+    if res.spill_stores:
+        res.notes.append(f"register spills: {res.spill_stores} B stores, {res.spill_loads} B loads")
+    return res
+
+
+def _tail(text: str, n: int = 3000) -> str:
+    text = text.strip()
+    return ("\n" + text[-n:]) if text else ""
+
+
+def _worker(args):
+    index, ptx_only, cache_dir = args
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    return compile_case(_CASES[index], ptx_only)
+
+
+_CASES: List[Case] = []
+
+
+def _cost_hint(name: str) -> int:
+    if name.startswith("prefix_attention.") and "preprocess" not in name:
+        return 3 if "fp32" in name else 2
+    return 1 if name.startswith("logprobs.linear") else 0
+
+
+@triton.jit
+def _loop_type_change_kernel(out_ptr, n):
+    # int32 before the loop, float32 inside: the interpreter runs this, the compiler must reject it.
+    acc = tl.zeros((16,), dtype=tl.int32)
+    for i in range(n):
+        acc = acc + 0.5
+    tl.store(out_ptr + tl.arange(0, 16), acc)
+
+
+def bundled_ptxas() -> Optional[str]:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            return get_ptxas(TARGET_ARCH).path
+        except TypeError:  # older signature without the arch
+            return get_ptxas().path
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main(argv=None) -> int:
+    global _CASES
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ptx-only", action="store_true", help="stop at PTX (skip ptxas)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the covering subset the test suite compiles (every kernel, dtype, head dim and "
+                             "constexpr value at least once)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    parser.add_argument("-k", dest="filter", default="", help="only cases whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--verbose", action="store_true", help="one line per case, not just the problems")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="use Triton's usual cache (default: a fresh one, so everything really compiles)")
+    args = parser.parse_args(argv)
+
+    _CASES = [c for c in all_cases() if args.filter in c.name and (c.quick or not args.quick)]
+    if args.list:
+        for c in _CASES:
+            print(c.name, c.options)
+        return 0
+    if not _CASES:
+        print("no cases match", args.filter)
+        return 1
+    ptxas = bundled_ptxas()
+    ptx_only = args.ptx_only or ptxas is None
+    print(f"triton {triton.__version__}, target sm_{TARGET_ARCH}, {len(_CASES)} cases{' (quick)' * args.quick}, "
+          f"{'PTX only' if ptx_only else 'PTX + cubin (ptxas ' + str(ptxas) + ')'}, {args.jobs} jobs")
+
+    cache_dir = os.environ.get("TRITON_CACHE_DIR", "") if args.keep_cache else tempfile.mkdtemp(
+        prefix="rlloss-compile-")
+    start = time.perf_counter()
+    try:
+        # The harness must catch what the interpreter lets through: a kernel with a loop-carried value that
+        # changes type has to fail to compile, or nothing below means anything.
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+        control = compile_case(make_case("self-check (must fail)", _loop_type_change_kernel,
+                                         ptrs=dict(out_ptr="fp32"), const={}), ptx_only=True)
+        if control.ok or "Loop-carried" not in control.error:
+            print("FAIL self-check: a kernel with a loop-carried type change did not fail as it must; the harness "
+                  "is not really compiling\n     " + (control.error or "it compiled"))
+            return 1
+        # Longest first (fp32 attention takes 10x the rest), so the pool finishes together.
+        order = sorted(range(len(_CASES)), key=lambda i: -_cost_hint(_CASES[i].name))
+        work = [(i, ptx_only, cache_dir) for i in order]
+        if args.jobs > 1:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+                done = dict(zip(order, pool.map(_worker, work)))
+        else:
+            done = dict(zip(order, map(_worker, work)))
+        results = [done[i] for i in range(len(_CASES))]
+    finally:
+        if not args.keep_cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    wall = time.perf_counter() - start
+
+    failed = [r for r in results if not r.ok]
+    for r in results:
+        flag = "FAIL" if not r.ok else ("WARN" if r.notes else "ok  ")
+        if args.verbose or not r.ok or r.notes:
+            res = ""
+            if r.ok:
+                res = f" shared={r.shared}B"
+                if r.registers is not None:
+                    res += f" regs={r.registers} spill={r.spill_stores}/{r.spill_loads}B stack={r.stack}B"
+            print(f"{flag} {r.name} ({r.seconds:.1f}s){res}")
+            for note in r.notes:
+                print(f"     {note}")
+            if not r.ok:
+                print("     " + r.error.replace("\n", "\n     "))
+    ok = [r for r in results if r.ok]
+    if ok:
+        top = max(ok, key=lambda r: r.shared or 0)
+        print(f"max shared memory: {top.shared} B ({top.name}); limit {H100_SHARED_PER_BLOCK} B per block")
+        with_regs = [r for r in ok if r.registers is not None]
+        if with_regs:
+            top = max(with_regs, key=lambda r: r.registers)
+            print(f"max registers: {top.registers} ({top.name}); "
+                  f"{sum(1 for r in with_regs if r.spill_stores)} case(s) spill")
+    print(f"{len(ok)}/{len(results)} compiled in {wall:.1f}s wall "
+          f"({sum(r.seconds for r in results):.1f}s of compile time)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
