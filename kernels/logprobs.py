@@ -86,6 +86,21 @@ def _online_update(m, a, c, zy, z, cols, col_mask, targets):
 
 
 @triton.jit
+def _stats_program(tgt_ptr, split, N, V, tiles_per_split, ignore_index,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A statistics program's tokens (rows, masks, targets), its empty statistics and its vocabulary range."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    targets = tl.load(tgt_ptr + rows, mask=row_mask, other=ignore_index)
+    live = row_mask & (targets != ignore_index)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    return rows, row_mask, targets, live, m, zero, zero, zero, v_begin, v_end
+
+
+@triton.jit
 def _store_stats(stats_ptr, split, n_splits, N, rows, row_mask, m, a, c, zy):
     base = stats_ptr + split.to(tl.int64) * N + rows
     plane = n_splits.to(tl.int64) * N  # one [n_splits, N] plane per statistic
@@ -145,16 +160,9 @@ def _linear_stats_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    targets = tl.load(tgt_ptr + rows, mask=row_mask, other=ignore_index)
-    live = row_mask & (targets != ignore_index)
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    a = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    c = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+    rows, row_mask, targets, live, m, a, c, zy, v_begin, v_end = _stats_program(
+        tgt_ptr, split, N, V, tiles_per_split, ignore_index, BLOCK_N, BLOCK_V
+    )
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -263,17 +271,10 @@ def _logits_stats_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    targets = tl.load(tgt_ptr + rows, mask=row_mask, other=ignore_index)
-    live = row_mask & (targets != ignore_index)
+    rows, row_mask, targets, live, m, a, c, zy, v_begin, v_end = _stats_program(
+        tgt_ptr, split, N, V, tiles_per_split, ignore_index, BLOCK_N, BLOCK_V
+    )
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    a = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    c = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    v_begin = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
