@@ -43,6 +43,10 @@ class SharedPrefixLayout:
     Host fields (tuples of ints): ``starts``, ``lengths``, ``parents`` (-1 for a root), one entry per segment;
     every parent precedes its children. Build with :meth:`from_groups` (one prompt + its completions per
     group) or :meth:`from_tree` (any forest). Device tables for the kernels come from :meth:`tables`.
+
+    Checked on construction, however built: ints only (no float is rounded), lengths ≥ 1, starts packed back
+    to back from 0, every parent -1 or an earlier segment (so no cycles); else TypeError / ValueError naming
+    the entry.
     """
 
     starts: Tuple[int, ...]
@@ -51,28 +55,92 @@ class SharedPrefixLayout:
     device: torch.device = torch.device("cpu")
     _cache: Dict[tuple, Dict[str, Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Every host fact and device table is derived from these three tuples, so a bad entry would surface
+        # far from here: an IndexError, a cycle that ``ancestors`` never leaves, or a silently wrong mask.
+        lengths = self._ints("lengths", self.lengths, minimum=1, why="every segment needs at least one token")
+        starts = self._ints("starts", self.starts, minimum=0, why="an offset into the stream")
+        parents = self._ints("parents", self.parents)
+        if not lengths:
+            raise ValueError("a layout needs at least one segment, got none (lengths is empty)")
+        if len(starts) != len(lengths) or len(parents) != len(lengths):
+            raise ValueError(f"starts, lengths and parents must have one entry per segment, got {len(starts)}, "
+                             f"{len(lengths)} and {len(parents)}")
+        total = 0
+        for i, (start, n) in enumerate(zip(starts, lengths)):
+            if start != total:
+                raise ValueError(f"starts[{i}] must be {total}: segments are packed back to back from 0 "
+                                 f"(starts[i] = lengths[0] + … + lengths[i-1]), got {start}")
+            total += n
+        self._check_parents(parents)
+        try:
+            device = torch.device(self.device)
+        except (TypeError, RuntimeError):
+            raise TypeError(f"device must be a torch.device or a device string, got {self.device!r}") from None
+        for name, value in (("starts", starts), ("lengths", lengths), ("parents", parents), ("device", device)):
+            object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _ints(name: str, values: object, minimum: Optional[int] = None, why: str = "") -> Tuple[int, ...]:
+        """``values`` as a tuple of ints: a list or tuple of ints (NumPy or 0-d integer tensor scalars too), or a
+        1-D integer tensor or NumPy array; never a float rounded to an int. Each ≥ ``minimum`` when given."""
+        array = hasattr(values, "tolist") and hasattr(values, "ndim")  # a tensor or a NumPy array
+        if isinstance(values, (str, bytes)) or not (array or isinstance(values, Sequence)):
+            raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+        if array:
+            if values.ndim != 1:
+                raise ValueError(f"{name} must be 1-D (one entry per segment), got shape {tuple(values.shape)}")
+            values = values.tolist()  # float or bool entries come back as Python floats / bools: rejected below
+        out = []
+        for k, x in enumerate(values):
+            if isinstance(x, bool) or (isinstance(x, Tensor) and x.dtype == torch.bool):
+                raise TypeError(f"{name}[{k}] must be an int, got bool {x!r}")
+            try:
+                value = x.__index__()  # exact integers only: 3.5 or 3.0 is an error, not 3
+            except (AttributeError, TypeError, ValueError):
+                raise TypeError(f"{name}[{k}] must be an int, got {type(x).__name__} {x!r}") from None
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{name}[{k}] must be >= {minimum} ({why}), got {value}")
+            out.append(value)
+        return tuple(out)
+
+    @staticmethod
+    def _check_parents(parents: Tuple[int, ...]) -> None:
+        """Each parent is -1 (a root) or an earlier segment: the segments form a forest in stream order."""
+        S = len(parents)
+        for i, p in enumerate(parents):
+            if not -1 <= p < S:
+                raise ValueError(f"parents[{i}] must be -1 (a root) or a segment index in [0, {S}), got {p}")
+        for i, p in enumerate(parents):
+            if p < i:
+                continue
+            chain, q = [i], p  # follow the parents from i: a segment seen again closes a cycle
+            while q != -1 and q not in chain:
+                chain.append(q)
+                q = parents[q]
+            if q != -1:
+                cycle = " → ".join(str(s) for s in chain[chain.index(q):] + [q])
+                raise ValueError(f"parents[{i}] must be -1 or an earlier segment (< {i}), got {p}: the parents "
+                                 f"form a cycle {cycle} (each segment → its parent)")
+            raise ValueError(f"parents[{i}] must be -1 or an earlier segment (< {i}), got {p}: every parent "
+                             f"precedes its children in stream order")
+
     # --- construction ---------------------------------------------------------------------------------
 
     @classmethod
     def from_tree(cls, lengths: Sequence[int], parents: Sequence[int], device=None) -> "SharedPrefixLayout":
         """A forest of segments in stream order: segment i has ``lengths[i]`` ≥ 1 tokens and parent
         ``parents[i]`` (< i, or -1 for a root)."""
-        lengths, parents = [int(n) for n in lengths], [int(p) for p in parents]
+        lengths = cls._ints("lengths", lengths, minimum=1, why="every segment needs at least one token")
+        parents = cls._ints("parents", parents)
         if len(lengths) != len(parents):
             raise ValueError(f"lengths and parents must have one entry per segment, got {len(lengths)} and "
                              f"{len(parents)}")
-        if not lengths:
-            raise ValueError("a layout needs at least one segment, got none")
-        for i, (n, p) in enumerate(zip(lengths, parents)):
-            if n < 1:
-                raise ValueError(f"every segment needs at least one token, segment {i} has length {n}")
-            if not -1 <= p < i:
-                raise ValueError(f"parents[{i}] must be -1 or an earlier segment (< {i}), got {p}")
         starts, total = [], 0
         for n in lengths:
             starts.append(total)
             total += n
-        return cls(tuple(starts), tuple(lengths), tuple(parents), torch.device(device or "cpu"))
+        return cls(tuple(starts), lengths, parents, torch.device(device or "cpu"))
 
     @classmethod
     def from_groups(cls, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]],
@@ -83,11 +151,18 @@ class SharedPrefixLayout:
             prompt_lengths: P_g ≥ 1 per group.
             completion_lengths: per group, the lengths S_gi ≥ 1 of its G_g ≥ 1 completions.
         """
+        at_least_one = "every prompt needs at least one token"
+        prompt_lengths = cls._ints("prompt_lengths", prompt_lengths, minimum=1, why=at_least_one)
+        if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence):
+            raise TypeError(f"completion_lengths must be a sequence of sequences of ints, got "
+                            f"{type(completion_lengths).__name__}")
         if len(prompt_lengths) != len(completion_lengths):
             raise ValueError(f"prompt_lengths and completion_lengths must have one entry per group, got "
                              f"{len(prompt_lengths)} and {len(completion_lengths)}")
         lengths, parents = [], []
         for g, (p_len, comps) in enumerate(zip(prompt_lengths, completion_lengths)):
+            comps = cls._ints(f"completion_lengths[{g}]", comps, minimum=1,
+                              why="every completion needs at least one token")
             if len(comps) == 0:
                 raise ValueError(f"group {g} has no completions; every group needs at least one")
             root = len(lengths)

@@ -34,6 +34,15 @@ def _token_ids(name: str, x: object) -> Tensor:
     return x
 
 
+def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor]) -> None:
+    """Raise naming the first id tensor that holds a negative id (-100 and the like are padding, not tokens)."""
+    for name, x in zip(names, pieces):
+        negative = x < 0
+        if bool(negative.any()):
+            raise ValueError(f"{name} must hold token ids >= 0 (no padding or ignore_index values), got "
+                             f"{int(x[negative][0])} at position {int(negative.nonzero()[0, 0])}")
+
+
 def _sequence(name: str, x: object) -> Sequence:
     if isinstance(x, Tensor) or not isinstance(x, (list, tuple)):
         raise TypeError(f"{name} must be a list of 1-D tensors, got {type(x).__name__}")
@@ -78,15 +87,15 @@ class SharedPrefixBatch:
         """Pack prompts and their completions.
 
         Args:
-            prompt_ids: one 1-D int64 tensor of token ids per prompt (no padding), each non-empty.
+            prompt_ids: one 1-D int64 tensor of token ids (≥ 0) per prompt (no padding), each non-empty.
             completion_ids: per prompt, a non-empty list of 1-D int64 tensors, one per completion (no
                 padding), each non-empty.
             device: where the packed tensors live; default the inputs' device.
 
         Raises:
             TypeError: a container is not a list/tuple, an id tensor is not a tensor or not int64.
-            ValueError: a prompt without completions, an empty or non-1-D id tensor, mismatched list
-                lengths, id tensors on different devices.
+            ValueError: a prompt without completions, an empty or non-1-D id tensor, a negative id, mismatched
+                list lengths, id tensors on different devices.
         """
         prompts = _sequence("prompt_ids", prompt_ids)
         groups = _sequence("completion_ids", completion_ids)
@@ -96,13 +105,16 @@ class SharedPrefixBatch:
             raise ValueError(f"completion_ids must hold one list per prompt: {len(prompts)} prompts, got "
                              f"{len(groups)} lists")
         pieces: List[Tensor] = []
+        names: List[str] = []
         prompt_lengths, completion_lengths = [], []
         for g, (prompt, completions) in enumerate(zip(prompts, groups)):
-            pieces.append(_token_ids(f"prompt_ids[{g}]", prompt))
+            names.append(f"prompt_ids[{g}]")
+            pieces.append(_token_ids(names[-1], prompt))
             completions = _sequence(f"completion_ids[{g}]", completions)
             if len(completions) == 0:
                 raise ValueError(f"completion_ids[{g}] is empty; every prompt needs at least one completion")
-            pieces += [_token_ids(f"completion_ids[{g}][{i}]", c) for i, c in enumerate(completions)]
+            names += [f"completion_ids[{g}][{i}]" for i in range(len(completions))]
+            pieces += [_token_ids(name, c) for name, c in zip(names[-len(completions):], completions)]
             prompt_lengths.append(prompt.numel())
             completion_lengths.append(tuple(c.numel() for c in completions))
         devices = {x.device for x in pieces}
@@ -110,6 +122,8 @@ class SharedPrefixBatch:
             raise ValueError(f"all prompt and completion ids must be on one device, got "
                              f"{sorted(str(d) for d in devices)}")
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
+        if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
+            _no_negative_ids(names, pieces)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
         layout = SharedPrefixLayout.from_groups(prompt_lengths, completion_lengths, device=device)
         predictor, token, mask, plan = _gather_tables(layout)
