@@ -9,6 +9,6 @@ from . import prefix_attention
 
 # Triton decides at decoration time whether a kernel is compiled or run by its interpreter
 # (TRITON_INTERPRET=1); the backend selector needs to know which one this process got.
-INTERPRETED = type(logprobs._linear_stats_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(logprobs._stats_kernel).__name__ == "InterpretedFunction"
 
 __all__ = ["INTERPRETED", "logprobs"]

@@ -479,9 +479,9 @@ def build_teacher_inputs(
 
     if not isinstance(rewards, Tensor):
         rewards = torch.tensor(list(rewards), dtype=torch.float64)
-    rewards = _check_rewards(rewards).detach().to("cpu", torch.float64)
+    rewards = _check_rewards(rewards, True).detach().to("cpu", torch.float64)
     B = rewards.shape[0]
-    sizes = [int(s) for s in _check_group_sizes(group_sizes, B).tolist()]
+    sizes = [int(s) for s in _check_group_sizes(group_sizes, B, True).tolist()]
     G = len(sizes)
     prompts = _token_list("prompt_ids", prompt_ids, G)
     completions = _token_list("completion_ids", completion_ids, B)

@@ -19,9 +19,15 @@ from . import reference
 
 __all__ = ["TokenLogprobs", "token_logprobs", "logprobs_from_logits", "merge_stats"]
 
-# Elements of one [tokens, vocab] tile of the torch backend (float32: 16 MiB).
-TORCH_TILE_ELEMENTS = 1 << 22
-TORCH_VOCAB_CHUNK = 8192
+# Default bound on the logit scratch of one chunk of tokens (see docs/design/logprobs.md): 256 MiB holds
+# 294 tokens × 151936 vocabulary entries of float32 logits plus their bfloat16 gradient.
+DEFAULT_MAX_SCRATCH_BYTES = 256 << 20
+# Tokens per chunk in batch-invariant mode: a constant, so every GEMM and pass has the same shape whatever N
+# is (wide enough that the GEMMs stay compute-bound).
+BATCH_INVARIANT_ROWS = 256
+# Logits below this count as this: e^{floor − M} is exactly 0 and (floor − M)·0 = 0, so masked vocabulary
+# entries (−inf) never produce −inf·0. The kernels use the same value (kernels/logprobs.py).
+LOGIT_FLOOR = -1e30
 
 
 class TokenLogprobs(NamedTuple):
@@ -38,169 +44,355 @@ class TokenLogprobs(NamedTuple):
 # --- statistics (MATH.md §1, online form shifted by the max) --------------------------------------------
 
 
-def tile_stats(z: Tensor, local_targets: Tensor) -> Tensor:
-    """Statistics [4, n] (M, A, C, z_y) of one logit tile z [n, v]; ``local_targets`` index into the tile,
-    out-of-tile targets contribute z_y = 0. C is shifted by the max: C = Σ (z − M)·e^{z−M}."""
-    m = z.amax(dim=1)
-    shift = z - m[:, None]
-    e = shift.exp()
-    inside = (local_targets >= 0) & (local_targets < z.shape[1])
-    zy = z.gather(1, local_targets.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
-    return torch.stack([m, e.sum(1), (shift * e).sum(1), torch.where(inside, zy, torch.zeros_like(zy))])
+class RowStats(NamedTuple):
+    """Per-token statistics of z (each [N]): ``shift`` M = max z, ``total`` A = Σ e^{z−M},
+    ``ratio`` C/A = Σ p·(z − M), ``target`` z_y − M. Everything else follows without cancellation:
+    log p_y = (z_y − M) − log A, H = log A − C/A, lse = M + log A."""
+
+    shift: Tensor
+    total: Tensor
+    ratio: Tensor
+    target: Tensor
+
+    def logprobs(self) -> Tensor:
+        return self.target - self.total.log()
+
+    def entropy(self) -> Tensor:
+        return self.total.log() - self.ratio
 
 
-def merge_stats(stats: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def merge_stats(stats: Tensor) -> RowStats:
     """Merge partial statistics over vocabulary splits exactly.
 
     Args:
-        stats: [4, S, N] planes (M, A, C, z_y) of S disjoint vocabulary splits (kernel programs, torch
-            chunks or tensor-parallel ranks), C shifted by its own split's M.
+        stats: [4, S, N] planes (M, A, C, z_y) of S disjoint vocabulary splits (kernel programs or
+            tensor-parallel ranks), C = Σ (z − M)·e^{z−M} shifted by its own split's M, z_y unshifted (0 in
+            the splits that do not hold the target).
     Returns:
-        (lse, mean_logit, entropy, target_logit), each [N]: lse = M + log A, Σ p·z = M + C/A,
-        H = log A − C/A (no cancellation between large terms), z_y.
+        :class:`RowStats` over the whole vocabulary.
     """
     m, a, c, zy = stats.unbind(0)
     top = m.amax(dim=0)
     scale = torch.exp(m - top)
     total = (a * scale).sum(0)
     shifted = (scale * (c + (m - top) * a)).sum(0)
-    ratio = shifted / total
-    log_total = total.log()
-    return top + log_total, top + ratio, log_total - ratio, zy.sum(0)
+    return RowStats(top, total, shifted / total, zy.sum(0) - top)
 
 
-def _finalize(stats: Tensor, live: Tensor):
-    """(logprobs, entropy, lse, mean_logit) from merged statistics; not-live tokens give exactly 0."""
-    lse, mean_logit, entropy, target_logit = merge_stats(stats)
-    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    logprobs = torch.where(live, target_logit - lse, zero)
-    return logprobs, torch.where(live, entropy, zero), lse, mean_logit
+def dz_coefficients(stats: RowStats, g_logp: Optional[Tensor], g_ent: Optional[Tensor], live: Tensor,
+                    inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M (MATH.md §1).
+
+    From dℓ_y/dz_v = 1[v=y] − p_v and dH/dz_v = −p_v·(z_v − Σp·z) with p_v = e^{s_v}/A and
+    z_v − Σp·z = s_v − C/A: a = −g_H/A, b = (g_H·C/A − g_ℓ)/A, g = g_ℓ, each times 1/T (the soft-cap factor
+    is applied per element by the passes), and exactly 0 on rows that are not live whatever the upstream
+    gradients hold. The one place this formula is written; both executors consume it.
+    """
+    zero = torch.zeros((), dtype=stats.total.dtype, device=stats.total.device)
+    inv_total = inv_temperature / stats.total
+    a = b = g = torch.zeros_like(stats.total)
+    if g_ent is not None:
+        g_ent = g_ent.to(stats.total.dtype)
+        a = -g_ent * inv_total
+        b = g_ent * stats.ratio * inv_total
+    if g_logp is not None:
+        g_logp = g_logp.to(stats.total.dtype)
+        b = b - g_logp * inv_total
+        g = g_logp * inv_temperature
+    return torch.where(live, a, zero), torch.where(live, b, zero), torch.where(live, g, zero)
 
 
-# --- torch backend: the kernels' algorithm in chunked PyTorch ------------------------------------------
+# --- the chunked executor: GEMMs in the vendor BLAS, one elementwise pass between them ------------------
+
+
+class LinearOptions(NamedTuple):
+    """How a hidden-state (or logits) pass runs; checked by the public functions."""
+
+    temperature: float
+    softcap: Optional[float]
+    ignore_index: int
+    backend: str
+    max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES
+    batch_invariant: bool = False
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _torch_logits(h: Tensor, w: Tensor, b: Optional[Tensor], inv_temperature: float, softcap: Optional[float]):
-    """(z, tanh(x/c) or None) for a tile, in the compute dtype of h."""
-    x = h @ w.to(h.dtype).T
-    if b is not None:
-        x = x + b.to(h.dtype)
-    t = None
-    if softcap is not None:
-        t = torch.tanh(x / softcap)
-        x = softcap * t
-    return x * inv_temperature, t
+def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str, softcap: Optional[float]) -> int:
+    """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus e^s on the torch backend
+    (and the soft-cap factor), or the gradient in the input dtype on the kernels when that is 16-bit."""
+    size = _compute_dtype(dtype).itemsize
+    if backend == "torch":
+        return size * (3 if softcap is not None else 2)
+    return size + (dtype.itemsize if dtype.itemsize < size else 0)
 
 
-def _torch_dlogits(z, t, local_targets, live, lse, mean_logit, g_logp, g_ent, inv_temperature):
-    """dz through /T and the soft-cap for a tile (MATH.md §1), zero on rows that are not live.
+def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, options: LinearOptions) -> int:
+    """Tokens per chunk: as many as ``max_scratch_bytes`` allows (at least 1, at most N), or the constant
+    BATCH_INVARIANT_ROWS in batch-invariant mode."""
+    if options.batch_invariant:
+        return BATCH_INVARIANT_ROWS
+    per_row = vocab * _scratch_bytes_per_logit(dtype, options.backend, options.softcap)
+    return max(1, min(n_tokens, options.max_scratch_bytes // per_row))
 
-    Consumes ``z`` and ``t`` (updated in place): at most two tiles are alive at once.
-    """
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    # Per-row factors, zero on rows that are not live (their logits are finite: their hidden rows are zeros).
-    row_scale = torch.where(live, torch.full_like(lse, inv_temperature), zero)[:, None]
-    p = torch.sub(z, lse[:, None]).exp_()
-    if g_ent is not None:  # −g_H·p·(z − Σp·z)
-        dz = z.sub_(mean_logit[:, None]).mul_(p).mul_(torch.where(live, -g_ent, zero)[:, None])
-        if g_logp is not None:
-            dz.addcmul_(p, torch.where(live, g_logp, zero)[:, None], value=-1)
+
+_OUT_DTYPE_GEMM: dict = {}
+
+
+def _cuda_out_dtype_gemm(device: torch.device) -> bool:
+    """Whether cuBLAS 16-bit GEMMs with float32 output (``torch.mm(..., out_dtype=)``, torch ≥ 2.8) work here."""
+    key = str(device)
+    if key not in _OUT_DTYPE_GEMM:
+        try:
+            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+            acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
+            torch.mm(a, a, torch.float32, out=acc)
+            torch.addmm(acc, a, a, torch.float32, out=acc)
+            _OUT_DTYPE_GEMM[key] = bool(acc[0, 0] == 4.0)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_GEMM[key] = False
+    return _OUT_DTYPE_GEMM[key]
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
+    """out (+)= a @ b with float32 accumulation; ``out`` may be float32 while a and b are 16-bit."""
+    if a.dtype != out.dtype:
+        if a.is_cuda and _cuda_out_dtype_gemm(a.device):
+            if accumulate:
+                torch.addmm(out, a, b, out.dtype, out=out)
+            else:
+                torch.mm(a, b, out.dtype, out=out)
+            return
+        a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        out.addmm_(a, b)
     else:
-        dz = p.mul_(torch.where(live, -g_logp, zero)[:, None])
-    if g_logp is not None:  # + g_ℓ·1[v = y]
-        inside = (local_targets >= 0) & (local_targets < z.shape[1]) & live
-        rows = inside.nonzero().squeeze(1)
-        dz[rows, local_targets[rows]] += g_logp[rows].to(dz.dtype)
-    dz.mul_(row_scale)
-    if t is not None:
-        dz.mul_(t.mul_(t).neg_().add_(1))
+        torch.mm(a, b, out=out)
+
+
+def _torch_prepare(z: Tensor, bias, options: LinearOptions, shift: Optional[Tensor], e: Tensor, floor: bool):
+    """Turn raw logits x (a chunk, in place) into s = z − M with z = cap(x + b)/T, and e^s into ``e``.
+
+    Returns (M, soft-cap factor 1 − tanh² or None). ``shift`` is M when known (a recompute), else the row max.
+    """
+    if bias is not None:
+        z.add_(bias.to(z.dtype))
+    factor = None
+    if options.softcap is not None:
+        z.div_(options.softcap).tanh_()
+        factor = torch.mul(z, z).neg_().add_(1)
+        z.mul_(options.softcap)
+    if options.temperature != 1.0:
+        z.mul_(1.0 / options.temperature)
+    if floor:
+        z.clamp_(min=LOGIT_FLOOR)
+    if shift is None:
+        shift = z.amax(dim=1)
+    z.sub_(shift[:, None])
+    torch.exp(z, out=e)
+    return shift, factor
+
+
+def _torch_stats(s: Tensor, e: Tensor, shift: Tensor, safe_targets: Tensor) -> RowStats:
+    total = e.sum(1)
+    shifted_sum = torch.bmm(s.unsqueeze(1), e.unsqueeze(2)).view(-1)  # Σ s·e^s, row by row, no temporary
+    return RowStats(shift, total, shifted_sum / total, s.gather(1, safe_targets[:, None]).squeeze(1))
+
+
+def _torch_dlogits(s: Tensor, e: Tensor, coef, safe_targets: Tensor, factor: Optional[Tensor]) -> Tensor:
+    """dz = e^s·(a·s + b) + g·1[v = y] (· soft-cap factor), written over s."""
+    a, b, g = coef
+    dz = s.mul_(a[:, None]).add_(b[:, None]).mul_(e)
+    dz.scatter_add_(1, safe_targets[:, None], g[:, None])
+    if factor is not None:
+        dz.mul_(factor)
     return dz
 
 
-def _row_chunk(width: int) -> int:
-    return max(1, TORCH_TILE_ELEMENTS // width)
+class PassResult(NamedTuple):
+    """What :func:`run_pass` returns: per-token outputs when it computed statistics, gradients when asked."""
+
+    logprobs: Optional[Tensor]
+    entropy: Optional[Tensor]
+    stats: Optional[RowStats]
+    grad_input: Optional[Tensor]
+    grad_weight: Optional[Tensor]
+    grad_bias: Optional[Tensor]
 
 
-def _torch_live_rows(hidden: Tensor, live: Tensor, cd: torch.dtype) -> Tensor:
-    return torch.where(live[:, None], hidden.to(cd), torch.zeros((), dtype=cd, device=hidden.device))
+def run_pass(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    targets: Tensor,
+    options: LinearOptions,
+    *,
+    stats: Optional[RowStats] = None,
+    upstream=None,
+    needs: Tuple[bool, bool, bool] = (False, False, False),
+    grad_out: Optional[Tensor] = None,
+) -> PassResult:
+    """The one chunked algorithm behind every log-prob job (docs/design/logprobs.md).
+
+    ``x`` is hidden [N, D] with ``weight`` [V, D] (logits z = h·Wᵀ per chunk, a GEMM), or logits [N, V] with
+    ``weight`` None. For each chunk of C tokens (C from :func:`chunk_rows`): the chunk's float32 logits go to
+    a bounded scratch; one elementwise pass (Triton kernel, or torch on the ``torch`` backend) forms the
+    statistics and, when upstream gradients are known, d(loss)/dz in place; then dh_c = dz·W and
+    dW += dzᵀ·h_c (GEMMs, float32 accumulation) or, for logits, dz is the gradient.
+
+    Jobs:
+      - ``stats`` None: compute the statistics (log-probs and entropy come back).
+      - ``upstream`` (g_logp, g_ent) [N] tensors (None = zero) with ``stats`` from a forward: the recompute
+        backward.
+      - ``upstream`` a callable ``(begin, end, logprobs, entropy) -> (g_logp, g_ent)`` with ``stats`` None:
+        the one-pass fused loss, gradients formed in the same pass as the statistics.
+    ``needs`` = which of (grad of x, grad of weight, grad of bias) to form; ``grad_out`` an optional [N, V]
+    buffer for the logits gradient (the logits themselves for an in-place backward).
+    """
+    N = x.shape[0]
+    linear = weight is not None
+    V = weight.shape[0] if linear else x.shape[1]
+    device, backend = x.device, options.backend
+    cd = _compute_dtype(x.dtype)
+    live = targets != options.ignore_index
+    safe_targets = torch.where(live, targets, torch.zeros_like(targets)).clamp_(0, V - 1)
+    inv_t = 1.0 / options.temperature
+    wants_grad = upstream is not None
+    floor = bias is not None or not linear  # a GEMM of finite rows gives finite logits
+
+    out_logp = out_ent = None
+    parts = None
+    if stats is None:
+        out_logp = torch.zeros(N, dtype=cd, device=device)
+        out_ent = torch.zeros(N, dtype=cd, device=device)
+        parts = [torch.empty(N, dtype=cd, device=device) for _ in range(4)]
+    grad_x = grad_w = grad_b = None
+    if wants_grad and needs[0]:
+        grad_x = grad_out if grad_out is not None else torch.empty_like(x)
+    accumulate_dtype = torch.float32 if linear and weight.dtype.itemsize < 4 else (weight.dtype if linear else cd)
+    if wants_grad and linear and needs[1]:
+        grad_w = torch.zeros(weight.shape, dtype=accumulate_dtype, device=device)
+    if wants_grad and bias is not None and needs[2]:
+        grad_b = torch.zeros(V, dtype=cd, device=device)
+    if N == 0:
+        return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias, live)
+
+    rows = chunk_rows(N, V, x.dtype, options)
+    kernel_path = backend != "torch"
+    on_cuda_16bit = x.is_cuda and x.dtype.itemsize < 4 and linear and _cuda_out_dtype_gemm(device)
+    w_gemm = None
+    if linear:
+        w_gemm = weight if (on_cuda_16bit or weight.dtype == cd) else weight.to(cd)
+    scratch = torch.empty((rows, V), dtype=cd, device=device)
+    e_buf = torch.empty((rows, V), dtype=cd, device=device) if not kernel_path else None
+    dz_buf = None
+    if kernel_path and wants_grad and linear and x.dtype != cd:
+        dz_buf = torch.empty((rows, V), dtype=x.dtype, device=device)  # the gradient GEMMs' 16-bit operand
+    h_buf = None
+    if linear and options.batch_invariant:
+        h_buf = torch.zeros((rows, x.shape[1]), dtype=w_gemm.dtype, device=device)
+
+    for begin in range(0, N, rows):
+        end = min(N, begin + rows)
+        n = end - begin
+        live_c, tgt_c, safe_c = live[begin:end], targets[begin:end], safe_targets[begin:end]
+        # -- logits of the chunk, float32 (compute dtype) -------------------------------------------------
+        if linear:
+            h = torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device))
+            h = h.to(w_gemm.dtype)
+            if h_buf is not None:  # batch-invariant: every GEMM has exactly `rows` rows
+                h_buf[:n].copy_(h)
+                h_buf[n:].zero_()
+                _mm(h_buf, w_gemm.T, scratch)
+                z = scratch[:n]
+            else:
+                z = scratch[:n]
+                _mm(h, w_gemm.T, z)
+        elif kernel_path:
+            z = x[begin:end]  # the kernels read the trainer's logits directly
+        else:
+            z = scratch[:n]
+            z.copy_(torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device)))
+        bias_in_pass = bias if kernel_path else None
+        # -- statistics ---------------------------------------------------------------------------------
+        factor = None
+        if kernel_path:
+            if stats is None:
+                partial = _kernels().logits_stats(z, bias, tgt_c, ignore_index=options.ignore_index,
+                                                  temperature=options.temperature, softcap=options.softcap,
+                                                  batch_invariant=options.batch_invariant)
+                chunk_stats = merge_stats(partial.to(cd))
+            else:
+                chunk_stats = RowStats(*(t[begin:end] for t in stats))
+        else:
+            e = e_buf[:n]
+            known = stats.shift[begin:end] if stats is not None else None
+            shift, factor = _torch_prepare(z, bias, options, known, e, floor)
+            if stats is None:
+                chunk_stats = _torch_stats(z, e, shift, safe_c)
+            else:
+                chunk_stats = RowStats(*(t[begin:end] for t in stats))
+        if stats is None:
+            for part, value in zip(parts, chunk_stats):
+                part[begin:end] = value
+            logp_c = torch.where(live_c, chunk_stats.logprobs(), torch.zeros((), dtype=cd, device=device))
+            ent_c = torch.where(live_c, chunk_stats.entropy(), torch.zeros((), dtype=cd, device=device))
+            out_logp[begin:end] = logp_c
+            out_ent[begin:end] = ent_c
+        if not wants_grad:
+            continue
+        # -- gradient of the chunk's logits, then the two products ---------------------------------------
+        if callable(upstream):
+            g_logp, g_ent = upstream(begin, end, logp_c, ent_c)
+        else:
+            g_logp = upstream[0][begin:end] if upstream[0] is not None else None
+            g_ent = upstream[1][begin:end] if upstream[1] is not None else None
+        coef = dz_coefficients(chunk_stats, g_logp, g_ent, live_c, inv_t)
+        if kernel_path:
+            if linear:
+                target_buf = dz_buf[:n] if dz_buf is not None else z
+            else:
+                target_buf = grad_x[begin:end]
+            dz = _kernels().dlogits(z, bias, tgt_c, chunk_stats.shift.float(), *(c.float() for c in coef),
+                                    ignore_index=options.ignore_index, temperature=options.temperature,
+                                    softcap=options.softcap, out=target_buf)
+        else:
+            dz = _torch_dlogits(z, e, coef, safe_c, factor)
+            if not linear and grad_x is not None:
+                grad_x[begin:end] = dz
+        if linear:
+            if grad_x is not None:  # dh_c = dz·W, in dz's dtype (float32 accumulation inside the GEMM)
+                w_dz = weight if weight.dtype == dz.dtype else w_gemm
+                if grad_x.dtype == dz.dtype:
+                    torch.mm(dz, w_dz, out=grad_x[begin:end])
+                else:
+                    grad_x[begin:end] = dz @ w_dz
+            if grad_w is not None:  # dW += dzᵀ·h_c, accumulated in float32
+                _mm(dz.T, h, grad_w, accumulate=True)
+        if grad_b is not None:
+            grad_b += dz.sum(0).to(cd)
+    return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias, live)
 
 
-def _torch_linear_stats(hidden, weight, bias, targets, live, inv_temperature, softcap) -> Tensor:
-    N, V = hidden.shape[0], weight.shape[0]
-    cd = _compute_dtype(hidden.dtype)
-    vchunk = min(V, TORCH_VOCAB_CHUNK)
-    starts = range(0, V, vchunk)
-    stats = torch.empty((4, len(starts), N), dtype=cd, device=hidden.device)
-    step = _row_chunk(vchunk)
-    for n0 in range(0, N, step):
-        h = _torch_live_rows(hidden[n0 : n0 + step], live[n0 : n0 + step], cd)
-        for k, v0 in enumerate(starts):
-            b = bias[v0 : v0 + vchunk] if bias is not None else None
-            z, _ = _torch_logits(h, weight[v0 : v0 + vchunk], b, inv_temperature, softcap)
-            stats[:, k, n0 : n0 + step] = tile_stats(z, targets[n0 : n0 + step] - v0)
-    return stats
-
-
-def _torch_linear_backward(hidden, weight, bias, targets, live, lse, mean_logit, g_logp, g_ent,
-                           inv_temperature, softcap, needs):
-    N, V = hidden.shape[0], weight.shape[0]
-    cd = _compute_dtype(hidden.dtype)
-    dh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device) if needs[0] else None
-    dw = torch.zeros(weight.shape, dtype=cd, device=hidden.device) if needs[1] else None
-    db = torch.zeros((V,), dtype=cd, device=hidden.device) if needs[2] else None
-    vchunk = min(V, TORCH_VOCAB_CHUNK)
-    step = _row_chunk(vchunk)
-    for n0 in range(0, N, step):
-        rows = slice(n0, n0 + step)
-        h = _torch_live_rows(hidden[rows], live[rows], cd)
-        gl = g_logp[rows] if g_logp is not None else None
-        ge = g_ent[rows] if g_ent is not None else None
-        for v0 in range(0, V, vchunk):
-            cols = slice(v0, v0 + vchunk)
-            w = weight[cols].to(cd)
-            z, t = _torch_logits(h, w, bias[cols] if bias is not None else None, inv_temperature, softcap)
-            dx = _torch_dlogits(z, t, targets[rows] - v0, live[rows], lse[rows], mean_logit[rows], gl, ge,
-                                inv_temperature)
-            if dh is not None:
-                dh[rows] += dx @ w
-            if dw is not None:
-                dw[cols] += dx.T @ h
-            if db is not None:
-                db[cols] += dx.sum(0)
-    return dh, dw, db
-
-
-def _torch_logits_stats(logits, targets, live, inv_temperature) -> Tensor:
-    N, V = logits.shape
-    cd = _compute_dtype(logits.dtype)
-    stats = torch.empty((4, 1, N), dtype=cd, device=logits.device)
-    step = _row_chunk(V)
-    for n0 in range(0, N, step):
-        rows = slice(n0, n0 + step)
-        z = _torch_live_rows(logits[rows], live[rows], cd) * inv_temperature
-        stats[:, 0, rows] = tile_stats(z, targets[rows])
-    return stats
-
-
-def _torch_logits_backward(logits, targets, live, lse, mean_logit, g_logp, g_ent, inv_temperature, out):
-    N, V = logits.shape
-    cd = _compute_dtype(logits.dtype)
-    step = _row_chunk(V)
-    for n0 in range(0, N, step):
-        rows = slice(n0, n0 + step)
-        z = _torch_live_rows(logits[rows], live[rows], cd) * inv_temperature
-        gl = g_logp[rows] if g_logp is not None else None
-        ge = g_ent[rows] if g_ent is not None else None
-        out[rows] = _torch_dlogits(z, None, targets[rows], live[rows], lse[rows], mean_logit[rows], gl, ge,
-                                   inv_temperature)
-    return out
+def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias, live) -> PassResult:
+    if stats is None:
+        stats = RowStats(*parts)
+    if grad_w is not None and grad_w.dtype != weight.dtype:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None and grad_b.dtype != bias.dtype:
+        grad_b = grad_b.to(bias.dtype)
+    if grad_x is not None and grad_x.dtype != x.dtype:
+        grad_x = grad_x.to(x.dtype)
+    return PassResult(out_logp, out_ent, stats, grad_x, grad_w, grad_b)
 
 
 # --- autograd -----------------------------------------------------------------------------------------
+
+
+def _linear_logprobs(h, w, b, t, options):
+    return _LinearLogprobs.apply(h, w, b, t, options)
 
 
 def _kernels():
@@ -209,117 +401,59 @@ def _kernels():
     return kernels
 
 
-class LinearSaved(NamedTuple):
-    """What the backward of the hidden-state path needs: the inputs (no copies) and two floats per token."""
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Optional[Tensor]
-    targets: Tensor
-    lse: Tensor
-    mean_logit: Tensor
-
-
-def linear_forward(hidden, weight, bias, targets, *, temperature, softcap, ignore_index, backend):
-    """(logprobs, entropy, saved) for hidden [N, D], weight [V, D], targets [N], outside autograd.
-
-    Shared by the autograd function below and by fused losses that feed their own upstream gradients
-    into :func:`linear_backward` (no second autograd graph).
-    """
-    live = targets != ignore_index
-    if hidden.shape[0] == 0:
-        stats = torch.zeros((4, 1, 0), dtype=_compute_dtype(hidden.dtype), device=hidden.device)
-    elif backend == "torch":
-        stats = _torch_linear_stats(hidden, weight, bias, targets, live, 1.0 / temperature, softcap)
-    else:
-        stats = _kernels().linear_stats(hidden, weight, bias, targets, ignore_index=ignore_index,
-                                        temperature=temperature, softcap=softcap)
-    logprobs, entropy, lse, mean_logit = _finalize(stats, live)
-    return logprobs, entropy, LinearSaved(hidden, weight, bias, targets, lse, mean_logit)
-
-
-def linear_backward(saved: LinearSaved, g_logp, g_ent, needs, *, temperature, softcap, ignore_index, backend):
-    """(dhidden, dweight, dbias) in the inputs' dtypes for upstream gradients of the log-probs and the
-    entropy (None = zero); ``needs`` says which of the three are wanted (the others come back None)."""
-    hidden, weight, bias, targets, lse, mean_logit = saved
-    needs = (needs[0], needs[1], bias is not None and needs[2])
-    if (g_logp is None and g_ent is None) or hidden.shape[0] == 0:
-        zeros = (torch.zeros_like(hidden), torch.zeros_like(weight),
-                 torch.zeros_like(bias) if bias is not None else None)
-        return tuple(z if n else None for z, n in zip(zeros, needs))
-    g_logp = g_logp.contiguous() if g_logp is not None else None
-    g_ent = g_ent.contiguous() if g_ent is not None else None
-    if backend == "torch":
-        dh, dw, db = _torch_linear_backward(hidden, weight, bias, targets, targets != ignore_index, lse,
-                                            mean_logit, g_logp, g_ent, 1.0 / temperature, softcap, needs)
-    else:
-        dh, dw, db = _kernels().linear_backward(
-            hidden, weight, bias, targets, lse, mean_logit, g_logp, g_ent, ignore_index=ignore_index,
-            temperature=temperature, softcap=softcap, need_hidden=needs[0], need_weight=needs[1],
-            need_bias=needs[2],
-        )
-    return (dh.to(hidden.dtype) if dh is not None else None,
-            dw.to(weight.dtype) if dw is not None else None,
-            db.to(bias.dtype) if db is not None else None)
-
-
 class _LinearLogprobs(torch.autograd.Function):
-    """(logprobs, entropy) [N] from hidden [N, D], weight [V, D], bias [V] | None, targets [N]."""
+    """(logprobs, entropy) [N] from hidden [N, D], weight [V, D], bias [V] | None, targets [N].
+
+    Forward: statistics only (2·N·D·V FLOPs); backward: one recompute of the chunk's logits and the two
+    gradient products (6·N·D·V FLOPs).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, ignore_index, backend):
-        options = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend)
-        logprobs, entropy, saved = linear_forward(hidden, weight, bias, targets, **options)
-        ctx.save_for_backward(*saved)
+    def forward(ctx, hidden, weight, bias, targets, options):
+        result = run_pass(hidden, weight, bias, targets, options)
+        ctx.save_for_backward(hidden, weight, bias, targets, *result.stats[:3])
         ctx.options = options
         ctx.set_materialize_grads(False)
-        return logprobs, entropy
+        return result.logprobs, result.entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_ent):
-        saved = LinearSaved(*ctx.saved_tensors)
-        grads = linear_backward(saved, g_logp, g_ent, ctx.needs_input_grad[:3], **ctx.options)
-        return (*grads, None, None, None, None, None)
+        hidden, weight, bias, targets, shift, total, ratio = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if g_logp is None and g_ent is None:
+            zeros = (torch.zeros_like(hidden), torch.zeros_like(weight),
+                     torch.zeros_like(bias) if bias is not None else None)
+            return (*(z if n else None for z, n in zip(zeros, needs)), None, None)
+        stats = RowStats(shift, total, ratio, shift)  # the target statistic is not needed here
+        result = run_pass(hidden, weight, bias, targets, ctx.options, stats=stats, upstream=(g_logp, g_ent),
+                          needs=needs)
+        return result.grad_input, result.grad_weight, result.grad_bias, None, None
 
 
 class _LogitsLogprobs(torch.autograd.Function):
     """(logprobs, entropy) [N] from logits [N, V] and targets [N]."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, backend, inplace_backward):
-        live = targets != ignore_index
-        if logits.shape[0] == 0:
-            stats = torch.zeros((4, 1, 0), dtype=_compute_dtype(logits.dtype), device=logits.device)
-        elif backend == "torch":
-            stats = _torch_logits_stats(logits, targets, live, 1.0 / temperature)
-        else:
-            stats = _kernels().logits_stats(logits, targets, ignore_index=ignore_index, temperature=temperature)
-        logprobs, entropy, lse, mean_logit = _finalize(stats, live)
-        ctx.save_for_backward(logits, targets, lse, mean_logit)
-        ctx.config = (temperature, ignore_index, backend, inplace_backward)
+    def forward(ctx, logits, targets, options, inplace_backward):
+        result = run_pass(logits, None, None, targets, options)
+        ctx.save_for_backward(logits, targets, *result.stats[:3])
+        ctx.options = options
+        ctx.inplace_backward = inplace_backward
         ctx.set_materialize_grads(False)
-        return logprobs, entropy
+        return result.logprobs, result.entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_ent):
-        logits, targets, lse, mean_logit = ctx.saved_tensors
-        temperature, ignore_index, backend, inplace_backward = ctx.config
-        out = logits if inplace_backward else torch.empty_like(logits)
+        logits, targets, shift, total, ratio = ctx.saved_tensors
+        out = logits if ctx.inplace_backward else torch.empty_like(logits)
         if g_logp is None and g_ent is None:
-            return out.zero_(), None, None, None, None, None
-        g_logp = g_logp.contiguous() if g_logp is not None else None
-        g_ent = g_ent.contiguous() if g_ent is not None else None
-        if logits.shape[0] == 0:
-            return out, None, None, None, None, None
-        if backend == "torch":
-            _torch_logits_backward(logits, targets, targets != ignore_index, lse, mean_logit, g_logp, g_ent,
-                                   1.0 / temperature, out)
-        else:
-            _kernels().logits_backward(logits, targets, lse, mean_logit, g_logp, g_ent,
-                                       ignore_index=ignore_index, temperature=temperature, out=out)
-        return out, None, None, None, None, None
+            return out.zero_(), None, None, None
+        stats = RowStats(shift, total, ratio, shift)
+        run_pass(logits, None, None, targets, ctx.options, stats=stats, upstream=(g_logp, g_ent),
+                 needs=(True, False, False), grad_out=out)
+        return out, None, None, None
 
 
 # --- public API ---------------------------------------------------------------------------------------
@@ -362,18 +496,31 @@ class LinearInputs(NamedTuple):
     weight: Tensor
     targets: Tensor
     bias: Optional[Tensor]
-    temperature: float
-    softcap: Optional[float]
-    ignore_index: int
-    backend: str
+    options: LinearOptions
 
 
-def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, backend, *,
+def check_options(temperature, softcap, ignore_index, backend_name: str, max_scratch_bytes,
+                  batch_invariant) -> LinearOptions:
+    """Check the scalar options shared by the log-prob functions and FusedPolicyLoss (host side, no sync)."""
+    temperature = _checks.positive_finite("temperature", temperature)
+    if softcap is not None:
+        softcap = _checks.positive_finite("softcap", softcap)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    max_scratch_bytes = _checks.integer("max_scratch_bytes", max_scratch_bytes)
+    if max_scratch_bytes <= 0:
+        raise ValueError(f"max_scratch_bytes must be a positive number of bytes, got {max_scratch_bytes}")
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+    return LinearOptions(temperature, softcap, ignore_index, backend_name, max_scratch_bytes, batch_invariant)
+
+
+def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, ignore_index, backend,
+                        max_scratch_bytes=DEFAULT_MAX_SCRATCH_BYTES, batch_invariant=False,
                         check_range: bool = True) -> LinearInputs:
     """Check the arguments of :func:`token_logprobs` (host side, before any launch) and resolve the backend.
 
-    ``check_range=False`` skips the one check that syncs with the device (targets within [0, V)) for callers
-    that have checked the targets themselves.
+    ``check_range=False`` skips the one check that reads device values (targets within [0, V)): no host
+    synchronisation, for ``check_inputs=False`` and for callers that check the targets themselves.
     """
     hidden = _checks.tensor("hidden", hidden)
     weight = _checks.tensor("weight", weight)
@@ -400,13 +547,18 @@ def check_linear_inputs(hidden, weight, targets, bias, temperature, softcap, ign
         _checks.dtype_in("bias", bias, _checks.FLOAT_DTYPES)
         if bias.shape[0] != V:
             raise ValueError(f"bias must be [V] with V = {V}, got shape {tuple(bias.shape)}")
-    temperature = _checks.positive_finite("temperature", temperature)
-    if softcap is not None:
-        softcap = _checks.positive_finite("softcap", softcap)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
+    options = check_options(temperature, softcap, ignore_index, name, max_scratch_bytes, batch_invariant)
     if check_range:
-        _checks.targets_in_range(targets, V, ignore_index)
-    return LinearInputs(hidden, weight, targets, bias, temperature, softcap, ignore_index, name)
+        _checks.targets_in_range(targets, V, options.ignore_index)
+    return LinearInputs(hidden, weight, targets, bias, options)
+
+
+def prepare_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """(hidden [N, D], weight, bias, targets [N]) with the unit strides the passes and GEMMs want."""
+    D = inputs.weight.shape[1]
+    weight = inputs.weight if inputs.weight.stride(1) == 1 else inputs.weight.contiguous()
+    bias = inputs.bias.contiguous() if inputs.bias is not None else None  # the kernels index bias with unit stride
+    return _rows(inputs.hidden, D), weight, bias, inputs.targets.reshape(-1)
 
 
 def token_logprobs(
@@ -419,6 +571,9 @@ def token_logprobs(
     softcap: Optional[float] = None,
     return_entropy: bool = False,
     ignore_index: int = -100,
+    max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES,
+    batch_invariant: bool = False,
+    check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> TokenLogprobs:
     """Log-prob of each target token (and the entropy of each token's distribution) straight from the final
@@ -426,6 +581,11 @@ def token_logprobs(
 
     With z = cap(h·Wᵀ + b)/T, cap(x) = c·tanh(x/c) when ``softcap`` is c (MATH.md §1):
     ``logprobs = z_y − logsumexp(z)`` and ``entropy = logsumexp(z) − Σ_v softmax(z)_v·z_v``.
+
+    The tokens are processed in chunks whose float32 logits fit ``max_scratch_bytes``: each chunk's logits
+    are one GEMM (cuBLAS / the CPU BLAS), followed by one elementwise pass; the backward recomputes the
+    chunk's logits once and issues the two gradient GEMMs (8·N·D·V FLOPs for forward and backward; see
+    docs/design/logprobs.md).
 
     Args:
         hidden: [..., D] float16, bfloat16 or float32 (float64 too on the ``torch``/``reference`` backends).
@@ -437,6 +597,15 @@ def token_logprobs(
         return_entropy: also return the entropy (otherwise ``entropy`` is None).
         ignore_index: target value whose tokens give 0 and receive exactly zero gradient, even when their
             hidden rows hold inf or NaN.
+        max_scratch_bytes: bound on the logit scratch of one chunk (default 256 MiB: 294 tokens at
+            V = 151936 with bfloat16 inputs on a GPU). Larger chunks make the weight-gradient GEMM more
+            efficient; the chunk never exceeds the number of tokens.
+        batch_invariant: make each token's log-prob and entropy bitwise independent of N, of the chunk size
+            and of the other rows (fixed chunk shape and vocabulary reduction order), so that trainer and
+            inference engine can agree bit for bit. Costs padding of the last chunk.
+        check_inputs: run the checks that read device values (targets in range). With False the call never
+            synchronises with the host (CUDA-graph capture, ``torch.compile`` without graph breaks); bad
+            targets then give undefined results instead of an error.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the
             device (``triton`` on CUDA, ``torch`` elsewhere). See docs/backends.md.
 
@@ -449,7 +618,7 @@ def token_logprobs(
     Raises:
         TypeError: non-tensor arguments, non-floating or mismatched dtypes, targets not int64.
         ValueError: wrong ranks or shapes, V = 0, targets out of range, tensors on different devices,
-            temperature or softcap not finite and > 0, an unusable backend.
+            temperature or softcap not finite and > 0, max_scratch_bytes ≤ 0, an unusable backend.
 
     Example:
         >>> h, W = torch.randn(2, 5, 16), torch.randn(100, 16)
@@ -458,24 +627,24 @@ def token_logprobs(
         >>> out.logprobs.shape, out.entropy.shape
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
-    hidden, weight, targets, bias, temperature, softcap, ignore_index, name = check_linear_inputs(
-        hidden, weight, targets, bias, temperature, softcap, ignore_index, backend
-    )
-    D = weight.shape[1]
-    if name == "reference":
-        logprobs, entropy = reference.token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                                     softcap=softcap, ignore_index=ignore_index)
-        out_dtype = _output_dtype(hidden.dtype)
+    inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
+                                 ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
+                                 batch_invariant=batch_invariant, check_range=check_inputs)
+    options = inputs.options
+    targets = inputs.targets
+    if options.backend == "reference":
+        logprobs, entropy = reference.token_logprobs(
+            inputs.hidden, inputs.weight, targets, bias=inputs.bias, temperature=options.temperature,
+            softcap=options.softcap, ignore_index=options.ignore_index)
+        out_dtype = _output_dtype(inputs.hidden.dtype)
         logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
-        w = weight if weight.stride(1) == 1 else weight.contiguous()
-        b = bias.contiguous() if bias is not None else None  # the kernels index bias with unit stride
-        args = (_rows(hidden, D), w, b, targets.reshape(-1))
-        if _needs_graph(hidden, weight, bias):
-            logprobs, entropy = _LinearLogprobs.apply(*args, temperature, softcap, ignore_index, name)
+        h, w, b, t = prepare_linear(inputs)
+        if _needs_graph(inputs.hidden, inputs.weight, inputs.bias):
+            logprobs, entropy = _linear_logprobs(h, w, b, t, options)
         else:  # forward only (e.g. teacher or old-policy passes): no autograd node, nothing kept alive
-            logprobs, entropy, _ = linear_forward(*args, temperature=temperature, softcap=softcap,
-                                                  ignore_index=ignore_index, backend=name)
+            result = run_pass(h, w, b, t, options)
+            logprobs, entropy = result.logprobs, result.entropy
         logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
 
@@ -488,13 +657,15 @@ def logprobs_from_logits(
     return_entropy: bool = False,
     ignore_index: int = -100,
     inplace_backward: bool = False,
+    max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES,
+    check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> TokenLogprobs:
     """Log-prob of each target and the entropy from logits a trainer already holds, in one streaming pass
-    (no float32 copy of the logits, no log-softmax tensor).
+    (no float32 copy of the logits on the kernels, no log-softmax tensor).
 
     ``logprobs = z_y − logsumexp(z)``, ``entropy = logsumexp(z) − Σ_v softmax(z)_v·z_v`` with z = logits/T
-    (MATH.md §1).
+    (MATH.md §1). −inf logits (a masked vocabulary) are exact: they get probability 0 and gradient 0.
 
     Args:
         logits: [..., V] float16, bfloat16 or float32 (float64 too on the ``torch``/``reference`` backends).
@@ -505,6 +676,8 @@ def logprobs_from_logits(
         inplace_backward: the backward writes d(loss)/d(logits) into the logits' own buffer instead of
             allocating another [..., V] tensor. The logits must then not be read after the backward (not by
             another loss either); ignored on the ``reference`` backend.
+        max_scratch_bytes: bound on the float32 working copy of one chunk of rows on the ``torch`` backend.
+        check_inputs: as for :func:`token_logprobs`.
         backend: as for :func:`token_logprobs`.
 
     Returns:
@@ -525,17 +698,21 @@ def logprobs_from_logits(
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a vocabulary dimension of at least 1, got V = 0")
-    temperature = _checks.positive_finite("temperature", temperature)
-    ignore_index = _checks.integer("ignore_index", ignore_index)
-    _checks.targets_in_range(targets, V, ignore_index)
+    options = check_options(temperature, None, ignore_index, name, max_scratch_bytes, False)
+    if check_inputs:
+        _checks.targets_in_range(targets, V, options.ignore_index)
 
     if name == "reference":
-        logprobs, entropy = reference.logprobs_from_logits(logits / temperature, targets, ignore_index=ignore_index)
+        logprobs, entropy = reference.logprobs_from_logits(logits / options.temperature, targets,
+                                                           ignore_index=options.ignore_index)
         out_dtype = _output_dtype(logits.dtype)
         logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
-        logprobs, entropy = _LogitsLogprobs.apply(
-            _rows(logits, V), targets.reshape(-1), temperature, ignore_index, name, bool(inplace_backward)
-        )
+        rows, flat_targets = _rows(logits, V), targets.reshape(-1)
+        if _needs_graph(logits):
+            logprobs, entropy = _LogitsLogprobs.apply(rows, flat_targets, options, bool(inplace_backward))
+        else:
+            result = run_pass(rows, None, None, flat_targets, options)
+            logprobs, entropy = result.logprobs, result.entropy
         logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return TokenLogprobs(logprobs, entropy if return_entropy else None)

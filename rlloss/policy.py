@@ -20,7 +20,9 @@ from . import reference
 from ._backend import resolve_backend
 from .config import LossConfig
 from .credit import credit_advantage
-from .logprobs import LinearSaved, check_linear_inputs, linear_backward, linear_forward
+from ._backend import BACKENDS
+from .logprobs import (DEFAULT_MAX_SCRATCH_BYTES, RowStats, check_linear_inputs, check_options, prepare_linear,
+                       run_pass)
 
 # Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
 _NOT_COUNTED = -100
@@ -74,16 +76,17 @@ def clip_metric_bounds(config: LossConfig) -> Tuple[float, float]:
     return 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
 
 
-def _positive_count(name: str, value, device: torch.device) -> Tensor:
-    """A global count given as an int or a 0-d tensor, checked > 0, as a float64 0-d tensor on ``device``."""
+def _positive_count(name: str, value, device: torch.device, check_values: bool = True) -> Tensor:
+    """A global count given as an int or a 0-d tensor, checked finite and > 0 (for a tensor only when
+    ``check_values``: that check reads the device), as a float64 0-d tensor on ``device``."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.ndim > 1:
             raise ValueError(f"{name} must be an int or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")
         count = value.reshape(()).to(device=device, dtype=torch.float64)
-        if not bool(count > 0):  # one host sync
-            raise ValueError(f"{name} must be > 0, got {count.item()}")
+        if check_values and not bool(torch.isfinite(count) & (count > 0)):  # one host sync
+            raise ValueError(f"{name} must be a finite number > 0, got {count.item()}")
         return count
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
@@ -97,6 +100,7 @@ def aggregation_normaliser(
     live: Tensor,
     num_items_in_batch: Union[int, Tensor, None] = None,
     num_sequences_in_batch: Union[int, Tensor, None] = None,
+    check_values: bool = True,
 ) -> Tensor:
     """The denominator D of the aggregation (MATH.md §6) as a float64 0-d tensor on ``live``'s device.
 
@@ -109,13 +113,13 @@ def aggregation_normaliser(
     if agg == "token_mean":
         if num_items_in_batch is None:
             return live.sum().to(torch.float64).clamp(min=1.0)
-        return _positive_count("num_items_in_batch", num_items_in_batch, device)
+        return _positive_count("num_items_in_batch", num_items_in_batch, device, check_values)
     if agg == "token_sum":
         return torch.ones((), dtype=torch.float64, device=device)
     if num_sequences_in_batch is None:
         sequences = torch.tensor(float(max(live.shape[0], 1)), dtype=torch.float64, device=device)
     else:
-        sequences = _positive_count("num_sequences_in_batch", num_sequences_in_batch, device)
+        sequences = _positive_count("num_sequences_in_batch", num_sequences_in_batch, device, check_values)
     if agg == "seq_mean_token_sum_norm":
         return sequences * float(config.max_completion_length)
     return sequences
@@ -173,10 +177,10 @@ def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor):
         unclipped, d_unclipped = rho, torch.ones_like(rho)
         if config.delta is not None:
             unclipped = rho.clamp(max=config.delta)
-            d_unclipped = (rho <= config.delta).to(rho.dtype)
+            d_unclipped = (~(rho > config.delta)).to(rho.dtype)  # NaN counts as inside: it propagates
         lo, hi = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
         clipped = rho.clamp(lo, hi)
-        d_clipped = ((rho >= lo) & (rho <= hi)).to(rho.dtype)
+        d_clipped = (~((rho < lo) | (rho > hi))).to(rho.dtype)
         surr1, surr2 = unclipped * adv, clipped * adv
         take1 = surr1 <= surr2
         P = -torch.where(take1, surr1, surr2)
@@ -201,6 +205,19 @@ def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor):
     return -(4.0 / tau) * gate * adv, -4.0 * gate * (1.0 - gate) * adv, zero, dual
 
 
+def k3_value(x: Tensor, e: Tensor) -> Tensor:
+    """e^x − x − 1 without cancellation: its Taylor series x²·Σ_{k≥2} x^{k−2}/k! for |x| < 1/2 (to k = 17:
+    truncation below 1e-19 relative, exact in float64), the direct form elsewhere. kernels/policy.py
+    evaluates the series to float32 precision."""
+    series = torch.full_like(x, 1.0 / math.factorial(_K3_TERMS))
+    for k in range(_K3_TERMS - 1, 1, -1):
+        series = series * x + 1.0 / math.factorial(k)
+    return torch.where(x.abs() < 0.5, x * x * series, e - x - 1.0)
+
+
+_K3_TERMS = 17
+
+
 def _kl_term(config: LossConfig, x: Tensor):
     """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (MATH.md §4)."""
     est = config.kl_estimator
@@ -213,13 +230,13 @@ def _kl_term(config: LossConfig, x: Tensor):
     if config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
         xc = x.clamp(-20.0, 20.0)
         e = torch.exp(xc)
-        K = e - xc - 1.0
-        dK = torch.where((x >= -20.0) & (x <= 20.0), 1.0 - e, torch.zeros_like(x))
-        dK = torch.where((K >= -10.0) & (K <= 10.0), dK, torch.zeros_like(x))
+        K = k3_value(xc, e)
+        dK = torch.where((x < -20.0) | (x > 20.0), torch.zeros_like(x), 1.0 - e)
+        dK = torch.where((K < -10.0) | (K > 10.0), torch.zeros_like(x), dK)
         K = K.clamp(-10.0, 10.0)
     else:
         e = torch.exp(x)
-        K, dK = e - x - 1.0, 1.0 - e
+        K, dK = k3_value(x, e), -torch.expm1(x)
     if est == "k3+":
         dK = -x
     return K, dK
@@ -233,69 +250,93 @@ def _rollout_weight(config: LossConfig, w: Tensor) -> Tensor:
     return torch.where((w >= c_min) & (w <= c_max), w, torch.zeros_like(w))
 
 
-def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None):
-    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
-    cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    B, T = logprobs.shape
-    zero = torch.zeros((), dtype=cd, device=logprobs.device)
+class TokenInputs(NamedTuple):
+    """The per-token inputs of the policy math that do not depend on the current log-probs, prepared once
+    (:func:`prepare_tokens`), in the compute dtype, zero where not counted. Any shape ([B, T], or a flat
+    slice of it for one chunk of the fused loss)."""
+
+    live: Tensor
+    old: Optional[Tensor]          # ℓ°; None on-policy (ℓ° = sg(ℓ))
+    adv: Tensor                    # A (before the credit)
+    pos: Optional[Tensor]          # ℓ⁺ when config.credit is set
+    neg: Optional[Tensor]          # ℓ⁻ for credit = "cepo"
+    ref: Optional[Tensor]          # ℓʳ (with β = 0 it only feeds the kl metric)
+    rollout: Optional[Tensor]      # ℓˢ when a token-level rollout correction needs it
+    weight: Optional[Tensor]       # the sequence-level rollout weight w_i per token, when precomputed
+    coef: Tensor                   # aggregation weight c = m/D (/ max(n_i, 1) for seq_mean_token_mean)
+
+    def rows(self, begin: int, end: int) -> "TokenInputs":
+        """The flat tokens [begin, end) of a [B, T] preparation (a chunk of the fused loss)."""
+        return TokenInputs(*(t.reshape(-1)[begin:end] if isinstance(t, Tensor) else t for t in self))
+
+
+def _load(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor]:
+    """x in the compute dtype, exactly 0 where not counted whatever it holds (NaN, inf)."""
+    if x is None:
+        return None
+    return torch.where(live, x.to(cd), torch.zeros((), dtype=cd, device=x.device))
+
+
+def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                   normaliser: Tensor, pos_logprobs, neg_logprobs, cd: torch.dtype) -> Tuple[TokenInputs, Tensor]:
+    """(TokenInputs over [B, T], n_i = max(Σ_t m, 1) per row)."""
+    B, T = live.shape
     mf = live.to(cd)
-
-    def load(x):  # masked tokens read as 0, whatever they hold
-        return torch.where(live, x.to(cd), zero)
-
-    logp = load(logprobs)
-    old = logp if old_logprobs is None else load(old_logprobs)
-    adv = load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
-    if config.credit is not None:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ or ℓ⁺ − ℓ°, no gradient
-        base = load(neg_logprobs) if config.credit == "cepo" else old
-        adv = credit_advantage(adv, load(pos_logprobs) - base, config.credit_lambda, config.credit_eps_w)
     n_safe = mf.sum(1).clamp(min=1.0)
-    u = logp - old
-    lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
-    hi = math.inf if config.log_ratio_max is None else config.log_ratio_max
+    old = _load(old_logprobs, live, cd)
+    adv = _load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages, live, cd)
+    ref = _load(ref_logprobs, live, cd)
+    rollout = weight = None
+    if rollout_logprobs is not None and config.rollout_correction is not None:
+        rollout = _load(rollout_logprobs, live, cd)
+        if config.rollout_correction.startswith("sequence") and old is not None:
+            weight = _rollout_weight(config, torch.exp((old - rollout).sum(1)))[:, None].expand(B, T)
+            rollout = None
+    row_weight = (1.0 / normaliser.to(cd)).expand(B)
+    if config.aggregation == "seq_mean_token_mean":
+        row_weight = row_weight / n_safe
+    coef = mf * row_weight[:, None]
+    tokens = TokenInputs(live, old, adv, _load(pos_logprobs, live, cd), _load(neg_logprobs, live, cd), ref,
+                         rollout, weight, coef)
+    return tokens, n_safe
 
-    # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
-    if config.importance_sampling_level == "token":
-        rho = torch.exp(u.clamp(lo, hi))
-        d_rho = torch.where((u >= lo) & (u <= hi), rho, zero)
-        ds = None
-    else:
-        log_s = (u * mf).sum(1) / n_safe
-        s = torch.exp(log_s.clamp(lo, hi))
-        ds = torch.where((log_s >= lo) & (log_s <= hi), s, zero)
-        rho = s[:, None].expand(B, T)
-        d_rho = ds[:, None].expand(B, T)
 
+class TokenTerms(NamedTuple):
+    """Per-token pieces of the loss (MATH.md §3–§6) for given log-probs; see :func:`token_terms`."""
+
+    loss: Tensor        # L_t = w·P + β·KL (− c_H·H is added by the caller that has H)
+    direct: Tensor      # ∂L_t/∂ℓ_t along everything but the ratio
+    via_ratio: Tensor   # ∂L_t/∂ρ
+    rho: Tensor         # the ratio used (token or sequence)
+    adv: Tensor         # the advantage used (after the credit)
+    dual: Tensor        # dual-clip active
+    kl: Optional[Tensor]
+    weight: Optional[Tensor]  # rollout weight
+
+
+def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tensor) -> TokenTerms:
+    """The per-token policy, rollout and KL terms at ratio ``rho`` — elementwise, so the same function serves
+    a whole [B, T] batch and one chunk of flat tokens of the fused loss (the one place these formulas live
+    in torch; kernels/policy.py is the kernel's copy)."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    old = logp if tokens.old is None else tokens.old
+    adv = tokens.adv
+    if config.credit is not None:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ or ℓ⁺ − ℓ°, no gradient
+        base = tokens.neg if config.credit == "cepo" else old
+        adv = credit_advantage(adv, tokens.pos - base, config.credit_lambda, config.credit_eps_w)
     P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv)
-
-    stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logprobs.device)
-    w = None
-    if rollout_logprobs is not None:  # MATH.md §5: a detached weight on the policy term only
-        d = torch.where(live, old - rollout_logprobs.to(cd), zero)
-        stats[:, _S["logp_diff_sum"]] = d.abs().sum(1)
-        stats[:, _S["logp_diff_max"]] = d.abs().amax(1) if T else 0.0
-        if config.rollout_correction is not None:
-            if config.rollout_correction.startswith("token"):
-                w = _rollout_weight(config, torch.exp(d))
-                stats[:, _S["is_sum"]] = (w * mf).sum(1)
-                stats[:, _S["is_count"]] = mf.sum(1)
-                stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
-                stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
-            else:
-                w_row = _rollout_weight(config, torch.exp(d.sum(1)))
-                stats[:, _S["is_sum"]] = w_row
-                stats[:, _S["is_count"]] = 1.0
-                stats[:, _S["is_min"]] = w_row
-                stats[:, _S["is_max"]] = w_row
-                w = w_row[:, None].expand(B, T)
+    w = tokens.weight
+    if tokens.rollout is not None:  # token-level rollout correction (MATH.md §5): a detached weight
+        w = _rollout_weight(config, torch.exp(torch.where(tokens.live, old - tokens.rollout, zero)))
     if w is None:
         loss_t, direct, via_ratio = P, dP_dlogp, dP_drho
     else:
         loss_t, direct, via_ratio = w * P, w * dP_dlogp, w * dP_drho
-
-    if ref_logprobs is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
-        K, dK = _kl_term(config, load(ref_logprobs) - logp)
+    K = None
+    if tokens.ref is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
+        K, dK = _kl_term(config, tokens.ref - logp)
+        if config.beta == 0.0:  # switched off: the kl metric only, never the loss or its gradient
+            return TokenTerms(loss_t, direct, via_ratio, rho, adv, dual, K * rho if config.kl_ratio_weighted else K, w)
         if config.kl_ratio_weighted:
             direct = direct + config.beta * dK * rho
             via_ratio = via_ratio + config.beta * K
@@ -303,30 +344,107 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
         else:
             direct = direct + config.beta * dK
         loss_t = loss_t + config.beta * K
-        stats[:, _S["kl"]] = (K * mf).sum(1)
-    if entropy is not None:  # − c_H·H_t
-        ent = load(entropy)
-        loss_t = loss_t - config.entropy_coef * ent
+    return TokenTerms(loss_t, direct, via_ratio, rho, adv, dual, K, w)
+
+
+def _ratio_bounds(config: LossConfig) -> Tuple[float, float]:
+    lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
+    hi = math.inf if config.log_ratio_max is None else config.log_ratio_max
+    return lo, hi
+
+
+def token_ratio(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tuple[Tensor, Tensor]:
+    """(ρ_t, dρ_t/dℓ_t) of the token-level ratio (MATH.md §3); NaN propagates (it counts as inside)."""
+    lo, hi = _ratio_bounds(config)
+    u = logp - (logp if tokens.old is None else tokens.old)
+    rho = torch.exp(u.clamp(lo, hi))
+    return rho, torch.where((u < lo) | (u > hi), torch.zeros_like(rho), rho)
+
+
+def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs,
+                    write_grad_entropy: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(d(loss)/dℓ_t, d(loss)/dH_t) of a token-level loss for any set of tokens: what the one-pass fused
+    loss asks for each chunk. Not for sequence-level ratios (their gradient needs the whole sequence)."""
+    rho, d_rho = token_ratio(config, logp, tokens)
+    terms = token_terms(config, logp, tokens, rho)
+    grad = tokens.coef * (terms.direct + terms.via_ratio * d_rho)
+    grad_ent = -config.entropy_coef * tokens.coef if write_grad_entropy else None
+    return grad, grad_ent
+
+
+def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
+                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
+    cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    B, T = logprobs.shape
+    zero = torch.zeros((), dtype=cd, device=logprobs.device)
+    mf = live.to(cd)
+    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                                    normaliser, pos_logprobs, neg_logprobs, cd)
+    logp = _load(logprobs, live, cd)
+    old = logp if tokens.old is None else tokens.old
+    u = logp - old
+
+    # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
+    if config.importance_sampling_level == "token":
+        rho, d_rho = token_ratio(config, logp, tokens)
+        ds = None
+    else:
+        lo, hi = _ratio_bounds(config)
+        log_s = (u * mf).sum(1) / n_safe
+        s = torch.exp(log_s.clamp(lo, hi))
+        ds = torch.where((log_s < lo) | (log_s > hi), zero, s)
+        rho = s[:, None].expand(B, T)
+        d_rho = ds[:, None].expand(B, T)
+    if (rollout_logprobs is not None and config.rollout_correction is not None
+            and config.rollout_correction.startswith("sequence") and tokens.old is None):
+        # on-policy sequence-level rollout weight: ℓ° = sg(ℓ), known only now
+        w_row = _rollout_weight(config, torch.exp((logp - _load(rollout_logprobs, live, cd)).sum(1)))
+        tokens = tokens._replace(weight=w_row[:, None].expand(B, T), rollout=None)
+    terms = token_terms(config, logp, tokens, rho)
+    loss_t = terms.loss
+
+    stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logprobs.device)
+    if rollout_logprobs is not None:  # divergence metrics (MATH.md §5)
+        d = torch.where(live, old - rollout_logprobs.to(cd), zero)
+        stats[:, _S["logp_diff_sum"]] = d.abs().sum(1)
+        stats[:, _S["logp_diff_max"]] = d.abs().amax(1) if T else 0.0
+        if config.rollout_correction is not None:
+            w = terms.weight
+            if config.rollout_correction.startswith("token"):
+                stats[:, _S["is_sum"]] = (w * mf).sum(1)
+                stats[:, _S["is_count"]] = mf.sum(1)
+                stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
+                stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
+            else:
+                w_row = w[:, 0] if T else _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device))
+                stats[:, _S["is_sum"]] = w_row
+                stats[:, _S["is_count"]] = 1.0
+                stats[:, _S["is_min"]] = w_row
+                stats[:, _S["is_max"]] = w_row
+    if terms.kl is not None:
+        stats[:, _S["kl"]] = (terms.kl * mf).sum(1)
+    if entropy is not None:  # − c_H·H_t (a zero coefficient never reads the entropy)
+        ent = _load(entropy, live, cd)
+        if config.entropy_coef != 0.0:
+            loss_t = loss_t - config.entropy_coef * ent
         stats[:, _S["entropy"]] = ent.sum(1)
 
-    # aggregation weight c_it = m_it / D (/ max(n_i, 1) for seq_mean_token_mean)
-    row_weight = (1.0 / normaliser.to(cd)).expand(B)
-    if config.aggregation == "seq_mean_token_mean":
-        row_weight = row_weight / n_safe
-    coef = mf * row_weight[:, None]
+    coef = tokens.coef
     if config.importance_sampling_level == "sequence":  # s_i reaches every token: dℓ_t += (m_t/n_i)·s_i·Σ c·∂L/∂ρ
-        seq = (coef * via_ratio).sum(1) * ds / n_safe
-        grad = coef * direct + mf * seq[:, None]
+        seq = (coef * terms.via_ratio).sum(1) * ds / n_safe
+        grad = coef * terms.direct + mf * seq[:, None]
     else:
-        grad = coef * (direct + via_ratio * d_rho)
+        grad = coef * (terms.direct + terms.via_ratio * d_rho)
     grad_ent = -config.entropy_coef * coef if write_grad_entropy else None
 
     low, high = clip_metric_bounds(config)
+    adv = terms.adv
     stats[:, _S["loss"]] = (coef * loss_t).sum(1)
     stats[:, _S["tokens"]] = mf.sum(1)
     stats[:, _S["clip_low"]] = (live & (rho < low) & (adv < 0)).to(cd).sum(1)
     stats[:, _S["clip_high"]] = (live & (rho > high) & (adv > 0)).to(cd).sum(1)
-    stats[:, _S["clip_dual"]] = (live & dual).to(cd).sum(1)
+    stats[:, _S["clip_dual"]] = (live & terms.dual).to(cd).sum(1)
     stats[:, _S["ratio"]] = (rho * mf).sum(1)
     stats[:, _S["ppo_kl"]] = (-u).sum(1)
     return stats, grad, grad_ent
@@ -438,7 +556,7 @@ class _PolicyLoss(torch.autograd.Function):
 # --- public API ---------------------------------------------------------------------------------------
 
 
-def _check_mask(mask: object, shape: torch.Size) -> Tensor:
+def _check_mask(mask: object, shape: torch.Size, check_values: bool = True) -> Tensor:
     mask = _checks.tensor("mask", mask)
     if mask.shape != shape:
         raise ValueError(f"mask must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(mask.shape)}")
@@ -446,13 +564,16 @@ def _check_mask(mask: object, shape: torch.Size) -> Tensor:
         return mask
     if mask.is_complex():
         raise TypeError(f"mask must be bool or a real 0/1 tensor, got dtype {mask.dtype}")
+    if not check_values:
+        return mask != 0
     bad = (mask != 0) & (mask != 1)
     if mask.numel() and bool(bad.any()):  # one host sync
         raise ValueError(f"mask must hold only 0 and 1 (or be bool), got e.g. {mask[bad][0].item()}")
     return mask != 0
 
 
-def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config):
+def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
+                        check_values: bool = True):
     """Check the per-token inputs of a policy loss over [B, T] = ``shape`` against ``config`` (host side).
 
     Returns (old_logprobs, advantages, mask as bool, ref_logprobs, rollout_logprobs).
@@ -466,7 +587,7 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
         raise ValueError(
             f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
         )
-    mask = _check_mask(mask, shape)
+    mask = _check_mask(mask, shape, check_values)
     if ref_logprobs is not None:
         ref_logprobs = _checks.float_like("ref_logprobs", ref_logprobs, shape, "logprobs")
     elif config.beta != 0.0:
@@ -522,6 +643,7 @@ def policy_loss(
     num_sequences_in_batch: Union[int, Tensor, None] = None,
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
+    check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> PolicyLossOutput:
     """The policy loss of the GRPO family (MATH.md §3–§6) as one scalar, with TRL-style metrics.
@@ -551,6 +673,8 @@ def policy_loss(
             ``config.credit`` is set, which then replaces A by Â of MATH.md §7 inside the loss.
         neg_logprobs: [B, T] teacher log-probs ℓ⁻ (shown a wrong answer); required for ``credit="cepo"``.
             With ``credit="rlsd"`` the base is ``old_logprobs``, or sg(ℓ) when that is None.
+        check_inputs: run the checks that read device values (a non-bool mask holds only 0/1, tensor counts
+            finite and > 0). With False the call never synchronises with the host.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
 
     Returns:
@@ -568,7 +692,7 @@ def policy_loss(
     _checks.ndim("logprobs", logprobs, 2, "[B, T]")
     shape = logprobs.shape
     old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
-        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config
+        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check_inputs
     )
     pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
     if entropy is not None:
@@ -591,7 +715,7 @@ def policy_loss(
         )
         return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
-    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch)
+    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
     loss, packed = _PolicyLoss.apply(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                      rollout_logprobs, config, normaliser, name, pos_logprobs, neg_logprobs)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
@@ -601,51 +725,92 @@ def policy_loss(
 # --- hidden states to loss in one call ----------------------------------------------------------------
 
 
+def one_pass(config: LossConfig, on_policy: bool, has_rollout: bool) -> bool:
+    """Whether every token's loss gradient is local, so the fused loss can form dz in its forward (6·N·D·V
+    FLOPs). Sequence-level ratios (GSPO) and an on-policy sequence-level rollout weight need each whole
+    sequence's log-probs first: statistics, then one recompute pass (8·N·D·V)."""
+    if config.importance_sampling_level != "token":
+        return False
+    sequence_rollout = config.rollout_correction is not None and config.rollout_correction.startswith("sequence")
+    return not (on_policy and has_rollout and sequence_rollout)
+
+
 class _FusedPolicyLoss(torch.autograd.Function):
     """(loss, packed metrics) from hidden [N, D], weight, bias, targets [N] and the policy inputs.
 
-    Forward: the log-prob kernel's forward (statistics only), then the policy loss with its analytic
-    gradients w.r.t. the log-probs and entropy. Backward: those gradients, scaled by the upstream gradient,
-    go straight into the log-prob kernel's backward. No [N, V] tensor and no inner autograd graph.
+    One pass when every token's gradient is local (see :func:`one_pass`): each chunk's statistics give its
+    log-probs and entropy, :func:`token_gradients` their loss gradients, and the pass forms dz and both
+    gradient products right away — the backward only scales them by the upstream gradient. Otherwise the
+    forward computes statistics only and the backward recomputes each chunk once. The loss value and
+    metrics come from the same torch formulas (:func:`_torch_rows`) on the [B, T] log-probs.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, policy_inputs, config, normaliser, linear_options):
+    def forward(ctx, hidden, weight, bias, targets, policy_inputs, config, normaliser, options, needs):
         old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs = policy_inputs
-        logprobs, entropy, saved = linear_forward(hidden, weight, bias, targets, **linear_options)
         shape = mask.shape
+        cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        write_grad_entropy = config.entropy_coef != 0.0
+        fused = any(needs) and one_pass(config, old_logprobs is None, rollout_logprobs is not None)
+        upstream = None
+        if fused:
+            tokens, _ = prepare_tokens(config, mask, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                                       normaliser, pos_logprobs, neg_logprobs, cd)
+
+            def upstream(begin, end, logp, entropy):
+                return token_gradients(config, logp, entropy, tokens.rows(begin, end), write_grad_entropy)
+
+        result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=needs)
         loss, metrics, grad, grad_ent = policy_loss_and_grads(
-            logprobs.view(shape), entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
-            rollout_logprobs, config, normaliser, linear_options["backend"], pos_logprobs, neg_logprobs,
+            result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask,
+            ref_logprobs, rollout_logprobs, config, normaliser, "torch", pos_logprobs, neg_logprobs,
         )
-        ctx.save_for_backward(*saved, grad, grad_ent)
-        ctx.linear_options = linear_options
+        ctx.fused = fused
+        ctx.options = options
+        if fused:
+            ctx.save_for_backward(result.grad_input, result.grad_weight, result.grad_bias)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, *result.stats[:3], grad, grad_ent)
         return loss, _pack_metrics(ctx, loss, metrics)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, g_metrics):
-        *saved, grad, grad_ent = ctx.saved_tensors
+        none = (None,) * 6
         if g_loss is None:
-            return (None,) * 8
+            return (None,) * 3 + none
+        if ctx.fused:
+            return (*(g * g_loss.to(g.dtype) if g is not None else None for g in ctx.saved_tensors), *none)
+        hidden, weight, bias, targets, shift, total, ratio, grad, grad_ent = ctx.saved_tensors
         g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
         g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if grad_ent is not None else None
-        grads = linear_backward(LinearSaved(*saved), g_logp, g_ent, ctx.needs_input_grad[:3], **ctx.linear_options)
-        return (*grads, None, None, None, None, None)
+        result = run_pass(hidden, weight, bias, targets, ctx.options, stats=RowStats(shift, total, ratio, shift),
+                          upstream=(g_logp, g_ent), needs=tuple(ctx.needs_input_grad[:3]))
+        return (result.grad_input, result.grad_weight, result.grad_bias, *none)
 
 
 class FusedPolicyLoss(torch.nn.Module):
     """Hidden states to the scalar policy loss in one call: :func:`rlloss.token_logprobs` (log-probs and
     entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`.
 
-    The loss kernel forms d(loss)/d(log-prob) and d(loss)/d(entropy) in the same pass as the value; the
-    backward feeds them directly into the log-prob kernel's backward, so there is no second autograd graph.
-    The value and gradients equal ``policy_loss(token_logprobs(hidden, weight, targets).logprobs, ...)``.
+    For token-level losses (every preset but GSPO's) the whole forward and backward is one chunked pass:
+    each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient of each token is
+    formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive implementation, at a
+    bounded memory (docs/design/logprobs.md). The value and gradients equal
+    ``policy_loss(token_logprobs(hidden, weight, targets).logprobs, ...)``.
 
     Args:
         config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
-        softcap: optional logit soft-cap c (``c·tanh(x/c)`` before the temperature), as in token_logprobs.
+        softcap: optional logit soft-cap c > 0 (``c·tanh(x/c)`` before the temperature), as in token_logprobs.
+        max_scratch_bytes: bound on the logit scratch of one chunk of tokens, as in token_logprobs.
+        batch_invariant: each token's log-prob bitwise independent of the batch, as in token_logprobs.
+        check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
+            0/1, tensor counts finite and > 0). With False the forward never synchronises with the host.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    Raises:
+        TypeError / ValueError at construction for a config that is not a LossConfig, a softcap that is not
+        a finite number > 0, a max_scratch_bytes that is not a positive int, an unknown backend name.
 
     Example:
         >>> loss_fn = FusedPolicyLoss(LossConfig.preset("dapo"))
@@ -654,12 +819,22 @@ class FusedPolicyLoss(torch.nn.Module):
         >>> out.loss.backward()
     """
 
-    def __init__(self, config: LossConfig, *, softcap: Optional[float] = None, backend: Optional[str] = None):
+    def __init__(self, config: LossConfig, *, softcap: Optional[float] = None,
+                 max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES, batch_invariant: bool = False,
+                 check_inputs: bool = True, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+        check_options(1.0, softcap, _NOT_COUNTED, "torch", max_scratch_bytes, batch_invariant)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+        if not isinstance(check_inputs, bool):
+            raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
         self.config = config
-        self.softcap = softcap
+        self.softcap = None if softcap is None else float(softcap)
+        self.max_scratch_bytes = max_scratch_bytes
+        self.batch_invariant = batch_invariant
+        self.check_inputs = check_inputs
         self.backend = backend
 
     def extra_repr(self) -> str:
@@ -696,14 +871,14 @@ class FusedPolicyLoss(torch.nn.Module):
             old_logprobs, ref_logprobs, rollout_logprobs, num_items_in_batch, num_sequences_in_batch: as in
                 :func:`policy_loss`.
             pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (MATH.md §7), as in
-                :func:`policy_loss`: the credit Â is formed inside the loss kernel from them.
+                :func:`policy_loss`: the credit Â is formed inside the loss from them.
             temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
 
         Returns:
             :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
             The loss is differentiable w.r.t. hidden, weight and bias.
         """
-        config = self.config
+        config, check = self.config, self.check_inputs
         hidden = _checks.tensor("hidden", hidden)
         _checks.ndim("hidden", hidden, 3, "[B, T, D]")
         targets = _checks.tensor("targets", targets)
@@ -711,44 +886,45 @@ class FusedPolicyLoss(torch.nn.Module):
         if targets.shape != shape:
             raise ValueError(f"targets must be [B, T] = {tuple(shape)}, got {tuple(targets.shape)}")
         old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
-            shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config
+            shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check
         )
         pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
         _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
                             mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
                             pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs)
-        linear = check_linear_inputs(hidden, weight, targets, bias, temperature, self.softcap, _NOT_COUNTED,
-                                     self.backend, check_range=False)
+        linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=self.softcap,
+                                     ignore_index=_NOT_COUNTED, backend=self.backend,
+                                     max_scratch_bytes=self.max_scratch_bytes, batch_invariant=self.batch_invariant,
+                                     check_range=False)
         V = linear.weight.shape[0]
-        # Positions outside the mask become ignored tokens: the kernels never read their hidden rows.
-        counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
-        _checks.targets_in_range(counted_targets, V, ignore_index=None)
+        if check:  # targets where they count (one host sync)
+            counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
+            _checks.targets_in_range(counted_targets, V, ignore_index=None)
+        # Positions outside the mask become ignored tokens: their hidden rows are never read.
         kernel_targets = torch.where(mask, linear.targets, torch.full_like(linear.targets, _NOT_COUNTED))
+        linear = linear._replace(targets=kernel_targets)
+        options = linear.options
 
-        if linear.backend == "reference":
+        if options.backend == "reference":
             logprobs, entropy = reference.token_logprobs(
-                linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=linear.temperature,
-                softcap=linear.softcap, ignore_index=_NOT_COUNTED,
+                linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
+                softcap=options.softcap, ignore_index=_NOT_COUNTED,
             )
             return policy_loss(logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs,
                                entropy=entropy, rollout_logprobs=rollout_logprobs,
                                num_items_in_batch=num_items_in_batch,
                                num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs,
-                               neg_logprobs=neg_logprobs, backend="reference")
+                               neg_logprobs=neg_logprobs, check_inputs=False, backend="reference")
 
-        D = linear.weight.shape[1]
-        hidden_rows = linear.hidden.reshape(-1, D)
-        if hidden_rows.stride(1) != 1:
-            hidden_rows = hidden_rows.contiguous()
-        weight = linear.weight if linear.weight.stride(1) == 1 else linear.weight.contiguous()
-        bias = linear.bias.contiguous() if linear.bias is not None else None
-        normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch)
-        linear_options = dict(temperature=linear.temperature, softcap=linear.softcap, ignore_index=_NOT_COUNTED,
-                              backend=linear.backend)
+        hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
+        normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check)
+        grad_on = torch.is_grad_enabled()
+        needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
+                 grad_on and bias is not None and linear.bias.requires_grad)
         loss, packed = _FusedPolicyLoss.apply(
-            hidden_rows, weight, bias, kernel_targets.reshape(-1),
+            hidden_rows, weight, bias, flat_targets,
             (old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs), config,
-            normaliser, linear_options,
+            normaliser, options, needs,
         )
         names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
         return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))

@@ -128,77 +128,31 @@ def make_case(name, kernel, *, ptrs, const, floats=(), i64=(), aligned_ints=(), 
 # --- logprobs ------------------------------------------------------------------------------------------
 
 def logprobs_cases() -> List[Case]:
+    """The two elementwise passes of the chunked log-prob path: statistics and d(loss)/dx, over float32
+    GEMM output (the hidden-state path) or a trainer's logits in any float dtype, with and without bias
+    and soft-cap; the gradient written in place (float32) or into a 16-bit buffer."""
     cases = []
     floats = ("inv_temperature", "softcap")
-    for dt in ("fp16", "bf16", "fp32"):
-        blocks = lp_k._GPU_BLOCKS_FP32 if dt == "fp32" else lp_k._GPU_BLOCKS_16BIT
-        precision = "ieee" if dt == "fp32" else "tf32"
-        assert precision == lp_k._dot_precision({"fp32": lp_k.torch.float32, "fp16": lp_k.torch.float16,
-                                                 "bf16": lp_k.torch.bfloat16}[dt])
-        aligned = ("D", "stride_h", "stride_w")
-
-        def cfg(kernel):
-            c = dict(blocks[kernel])
-            return c.pop("num_warps"), c.pop("num_stages"), c
-
-        # linear_stats: the bias pointer is the hidden tensor when there is no bias.
-        nw, ns, blk = cfg("stats")
-        for i, (bias, cap) in enumerate(((False, False), (True, True), (True, False), (False, True))):
+    c = dict(lp_k.blocks(lp_k.torch.device("cuda")))
+    nw = c.pop("num_warps", DEFAULT_NUM_WARPS)
+    ns = c.pop("num_stages", DEFAULT_NUM_STAGES)
+    variants = ((False, False), (True, True), (True, False), (False, True))  # (bias, softcap)
+    for xt in ("fp32", "fp16", "bf16"):
+        for i, (bias, cap) in enumerate(variants):
             cases.append(make_case(
-                f"logprobs.linear_stats[{dt},bias={int(bias)},softcap={int(cap)}]", lp_k._linear_stats_kernel,
-                ptrs=dict(h_ptr=dt, w_ptr=dt, b_ptr=dt, tgt_ptr="i64", stats_ptr="fp32"),
-                floats=floats, aligned_ints=aligned, num_warps=nw, num_stages=ns,
-                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, DOT_PRECISION=precision, **blk),
-                quick=dt == "bf16" or i in (0, 1),
+                f"logprobs.stats[{xt},bias={int(bias)},softcap={int(cap)}]", lp_k._stats_kernel,
+                ptrs=dict(x_ptr=xt, b_ptr=xt, tgt_ptr="i64", stats_ptr="fp32"), floats=floats,
+                aligned_ints=("stride_x",), num_warps=nw, num_stages=ns,
+                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, **c), quick=i < 2,
             ))
-        # linear_backward: absent bias / upstream gradients are the float32 lse tensor.
-        grads = [  # (bias, softcap, logp grad, entropy grad)
-            (True, True, True, True), (False, False, True, False), (False, False, False, True),
-            (True, False, True, False), (False, True, False, True),
-        ]
-        nw, ns, blk = cfg("grad_hidden")
-        for i, (bias, cap, gl, ge) in enumerate(grads):
-            cases.append(make_case(
-                f"logprobs.linear_grad_hidden[{dt},bias={int(bias)},softcap={int(cap)},"
-                f"logp_grad={int(gl)},ent_grad={int(ge)}]", lp_k._linear_grad_hidden_kernel,
-                ptrs=dict(h_ptr=dt, w_ptr=dt, b_ptr=dt if bias else "fp32", tgt_ptr="i64", lse_ptr="fp32",
-                          mean_ptr="fp32", glogp_ptr="fp32", gent_ptr="fp32", dh_ptr="fp32"),
-                floats=floats, aligned_ints=aligned, num_warps=nw, num_stages=ns,
-                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_LOGP_GRAD=gl, HAS_ENTROPY_GRAD=ge,
-                           DOT_PRECISION=precision, **blk),
-                quick=dt == "bf16" or i in (0, 1),
-            ))
-        nw, ns, blk = cfg("grad_weight")
-        for i, ((bias, cap, gl, ge), (dw, db)) in enumerate(zip(grads, ((True, True), (True, False), (True, False),
-                                                                       (False, True), (True, True)))):
-            cases.append(make_case(
-                f"logprobs.linear_grad_weight[{dt},bias={int(bias)},softcap={int(cap)},"
-                f"logp_grad={int(gl)},ent_grad={int(ge)},dw={int(dw)},db={int(db)}]",
-                lp_k._linear_grad_weight_kernel,
-                ptrs=dict(h_ptr=dt, w_ptr=dt, b_ptr=dt if bias else "fp32", tgt_ptr="i64", lse_ptr="fp32",
-                          mean_ptr="fp32", glogp_ptr="fp32", gent_ptr="fp32", dw_ptr="fp32", db_ptr="fp32"),
-                floats=floats, aligned_ints=aligned, num_warps=nw, num_stages=ns,
-                const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, HAS_LOGP_GRAD=gl, HAS_ENTROPY_GRAD=ge,
-                           COMPUTE_DW=dw, COMPUTE_DB=db, DOT_PRECISION=precision, **blk),
-                quick=dt == "bf16" or i in (0, 3),
-            ))
-        # from logits
-        c = dict(lp_k._logits_blocks(lp_k.torch.device("cuda")))
-        nw = c.pop("num_warps", DEFAULT_NUM_WARPS)
-        ns = c.pop("num_stages", DEFAULT_NUM_STAGES)
-        cases.append(make_case(
-            f"logprobs.logits_stats[{dt}]", lp_k._logits_stats_kernel,
-            ptrs=dict(z_ptr=dt, tgt_ptr="i64", stats_ptr="fp32"), floats=("inv_temperature",),
-            aligned_ints=("stride_z",), num_warps=nw, num_stages=ns, const=dict(**c),
-        ))
-        for gl, ge in ((True, True), (True, False), (False, True)):
-            cases.append(make_case(
-                f"logprobs.logits_grad[{dt},logp_grad={int(gl)},ent_grad={int(ge)}]", lp_k._logits_grad_kernel,
-                ptrs=dict(z_ptr=dt, tgt_ptr="i64", lse_ptr="fp32", mean_ptr="fp32", glogp_ptr="fp32",
-                          gent_ptr="fp32", dz_ptr=dt),
-                floats=("inv_temperature",), aligned_ints=("stride_z", "stride_dz"), num_warps=nw,
-                num_stages=ns, const=dict(HAS_LOGP_GRAD=gl, HAS_ENTROPY_GRAD=ge, **c),
-            ))
+            for dzt in sorted({xt, "bf16"} if xt == "fp32" else {xt}):
+                cases.append(make_case(
+                    f"logprobs.dlogits[{xt}->{dzt},bias={int(bias)},softcap={int(cap)}]", lp_k._dlogits_kernel,
+                    ptrs=dict(x_ptr=xt, b_ptr=xt, tgt_ptr="i64", shift_ptr="fp32", coef_a_ptr="fp32",
+                              coef_b_ptr="fp32", coef_g_ptr="fp32", dz_ptr=dzt),
+                    floats=floats, aligned_ints=("stride_x", "stride_dz"), num_warps=nw, num_stages=ns,
+                    const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, **c), quick=i < 2,
+                ))
     return cases
 
 
@@ -431,7 +385,7 @@ _CASES: List[Case] = []
 def _cost_hint(name: str) -> int:
     if name.startswith("prefix_attention.") and "preprocess" not in name:
         return 3 if "fp32" in name else 2
-    return 1 if name.startswith("logprobs.linear") else 0
+    return 0
 
 
 @triton.jit

@@ -119,6 +119,7 @@ def run_api(hidden, weight, bias, targets, mode, g=None, requires=("hidden", "we
 
 def run_reference(hidden, weight, bias, targets, g, **kw):
     """The float64 oracle on the same (already rounded) inputs: (logprobs, entropy, [dh, dW, db])."""
+    kw = {k: v for k, v in kw.items() if k not in ("max_scratch_bytes", "batch_invariant", "check_inputs")}
     h, w = _leaf(hidden.detach().double()), _leaf(weight.detach().double())
     b = _leaf(bias.detach().double()) if bias is not None else None
     logprobs, entropy = reference.token_logprobs(h, w, targets, bias=b, **kw)
@@ -236,21 +237,18 @@ def test_torch_backend_low_precision(dtype):
     check_against_reference(hidden, weight, bias, targets, "both", "torch", out_tol=tol[0], grad_tol=tol[1])
 
 
-def test_torch_backend_chunking(monkeypatch):
-    """Force many row and vocabulary chunks in the torch backend (the default sizes exceed test shapes)."""
-    monkeypatch.setattr(api, "TORCH_VOCAB_CHUNK", 128)
-    monkeypatch.setattr(api, "TORCH_TILE_ELEMENTS", 128 * 16)  # 16 rows per chunk
-    hidden, weight, bias, targets = _inputs(77, 1000, 24, torch.float64)
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), (KERNEL_BACKEND, torch.float32),
+                                           (KERNEL_BACKEND, torch.float16)])
+@pytest.mark.parametrize("rows", [1, 7, 16])
+def test_chunks_of_tokens(backend, dtype, rows):
+    """A scratch bound of a few rows forces many chunks (one GEMM and one pass each); the last one is short.
+    float16 on the kernels keeps the gradient in a separate 16-bit buffer for the gradient GEMMs."""
+    V = 300
+    per_row = V * api._scratch_bytes_per_logit(dtype, backend, 4.0)
+    hidden, weight, bias, targets = _inputs(77, V, 24, dtype)
     targets[::5] = -100
-    check_against_reference(hidden, weight, bias, targets, "both", "torch", temperature=0.8, softcap=4.0)
-
-
-def test_kernel_backward_in_scratch_slabs(monkeypatch):
-    """float16 gradients are accumulated in float32 slabs; a tiny scratch bound forces several slabs."""
-    monkeypatch.setattr(kernels, "GRAD_SCRATCH_BYTES", 1024)
-    hidden, weight, bias, targets = _inputs(70, 300, 40, torch.float16)
-    targets[3::7] = -100
-    check_against_reference(hidden, weight, bias, targets, "both", KERNEL_BACKEND)
+    check_against_reference(hidden, weight, bias, targets, "both", backend, temperature=0.8, softcap=4.0,
+                            max_scratch_bytes=rows * per_row)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -458,30 +456,45 @@ def test_large_logits_finite_and_exact(backend, kind, softcap):
 # --- vocabulary splits ------------------------------------------------------------------------------------
 
 
+def _split_stats(z: torch.Tensor, targets: torch.Tensor, bounds) -> torch.Tensor:
+    """Partial statistics [4, S, N] (M, A, C shifted by its own split's M, z_y) of z's column splits, written
+    from the definition in kernels/logprobs.py."""
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        tile = z[:, a:b]
+        m = tile.amax(1)
+        shift = tile - m[:, None]
+        inside = (targets >= a) & (targets < b)
+        zy = torch.where(inside, z.gather(1, targets[:, None]).squeeze(1), torch.zeros_like(m))
+        parts.append(torch.stack([m, shift.exp().sum(1), (shift * shift.exp()).sum(1), zy]))
+    return torch.stack(parts, dim=1)
+
+
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_kernel_vocab_splits_merge_exactly(softcap):
-    """linear_stats over k vocabulary splits, merged with merge_stats, equals one split and the reference."""
+    """logits_stats over k vocabulary splits, merged with merge_stats, equals one split and the reference."""
     N, V, D = 37, 1000, 40
     hidden, weight, bias, targets = _inputs(N, V, D, torch.float32, logit_std=4.0)
     targets[::7] = -100
+    x = hidden @ weight.T
     kw = dict(ignore_index=-100, temperature=0.9, softcap=softcap)
-    one = kernels.linear_stats(hidden, weight, bias, targets, vocab_splits=1, **kw)
+    one = kernels.logits_stats(x, bias, targets, splits=1, **kw)
     assert one.shape == (4, 1, N)
-    lse1, mean1, ent1, zy1 = api.merge_stats(one)
+    st1 = api.merge_stats(one)
     live = targets != -100
     z = reference.logits_from_hidden(hidden.double(), weight.double(), bias.double(), temperature=0.9,
                                      softcap=softcap)
-    torch.testing.assert_close(lse1[live].double(), torch.logsumexp(z, 1)[live], atol=1e-5, rtol=1e-6)
-    n_tiles = kernels.linear_stats(hidden, weight, bias, targets, vocab_splits=10**6, **kw).shape[1]
-    assert n_tiles > 5
-    for k in (2, 3, 5, n_tiles, 10 * n_tiles):
-        stats = kernels.linear_stats(hidden, weight, bias, targets, vocab_splits=k, **kw)
+    torch.testing.assert_close((st1.shift + st1.total.log())[live].double(), torch.logsumexp(z, 1)[live],
+                               atol=1e-5, rtol=1e-6)
+    n_tiles = kernels.logits_stats(x, bias, targets, splits=10**6, **kw).shape[1]
+    assert n_tiles > 1
+    for k in (2, n_tiles, 10 * n_tiles):
+        stats = kernels.logits_stats(x, bias, targets, splits=k, **kw)
         assert 1 < stats.shape[1] <= min(k, n_tiles)
-        lse, mean, ent, zy = api.merge_stats(stats)
-        for name, got, want in (("lse", lse, lse1), ("mean", mean, mean1), ("entropy", ent, ent1)):
-            torch.testing.assert_close(got[live], want[live], atol=2e-6, rtol=2e-6, msg=lambda m: f"k={k} {name}: {m}")
-        # The target's logit comes from exactly one split: the merged value is the same number.
-        torch.testing.assert_close(zy[live], zy1[live], atol=1e-6, rtol=1e-6)
+        st = api.merge_stats(stats)
+        for name in ("logprobs", "entropy"):
+            got, want = getattr(st, name)()[live], getattr(st1, name)()[live]
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=lambda m: f"k={k} {name}: {m}")
 
 
 @pytest.mark.parametrize("n_splits", [1, 2, 3, 7])
@@ -493,26 +506,26 @@ def test_merge_stats_exact_in_float64(n_splits):
     z[:, : V // 2] -= 1e4 * (n_splits > 1)  # the first chunks sit far below the others
     targets = torch.randint(0, V, (N,))
     bounds = torch.linspace(0, V, n_splits + 1).round().long().tolist()
-    parts = [api.tile_stats(z[:, a:b], targets - a) for a, b in zip(bounds[:-1], bounds[1:])]
-    lse, mean, ent, zy = api.merge_stats(torch.stack(parts, dim=1))
+    st = api.merge_stats(_split_stats(z, targets, bounds))
     p = torch.softmax(z, 1)
-    torch.testing.assert_close(lse, torch.logsumexp(z, 1), atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(mean, (p * z).sum(1), atol=1e-9, rtol=1e-12)
-    torch.testing.assert_close(ent, -(p * torch.log_softmax(z, 1)).sum(1), atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(zy, z.gather(1, targets[:, None]).squeeze(1), atol=0, rtol=0)
+    torch.testing.assert_close(st.shift + st.total.log(), torch.logsumexp(z, 1), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(st.shift + st.ratio, (p * z).sum(1), atol=1e-9, rtol=1e-12)
+    torch.testing.assert_close(st.entropy(), -(p * torch.log_softmax(z, 1)).sum(1), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(st.logprobs(), torch.log_softmax(z, 1).gather(1, targets[:, None]).squeeze(1),
+                               atol=1e-12, rtol=1e-12)
 
 
 def test_api_splits_vocabulary_automatically(monkeypatch):
     """With few tokens the kernel path splits the vocabulary over programs, and the result is still exact."""
     seen = []
-    original = kernels.linear_stats
+    original = kernels.logits_stats
 
     def spy(*args, **kwargs):
         stats = original(*args, **kwargs)
         seen.append(stats.shape[1])
         return stats
 
-    monkeypatch.setattr(kernels, "linear_stats", spy)
+    monkeypatch.setattr(kernels, "logits_stats", spy)
     hidden, weight, bias, targets = _inputs(5, 4099, 32, torch.float32)
     check_against_reference(hidden, weight, bias, targets, "both", KERNEL_BACKEND)
     assert seen and seen[0] > 1
@@ -832,18 +845,18 @@ def _spy(monkeypatch, module, name, calls):
 @pytest.mark.parametrize("env", ["torch", "reference", KERNEL_BACKEND])
 def test_env_var_forces_backend(monkeypatch, env):
     calls = []
-    _spy(monkeypatch, api, "_torch_linear_stats", calls)
+    _spy(monkeypatch, api, "_torch_stats", calls)
     _spy(monkeypatch, reference, "token_logprobs", calls)
-    _spy(monkeypatch, kernels, "linear_stats", calls)
+    _spy(monkeypatch, kernels, "logits_stats", calls)
     monkeypatch.setenv("RLLOSS_BACKEND", env)
     hidden, weight, targets = _good(device=DEVICE)
     rlloss.token_logprobs(hidden, weight, targets)
-    expected = {"torch": "_torch_linear_stats", "reference": "token_logprobs"}.get(env, "linear_stats")
+    expected = {"torch": "_torch_stats", "reference": "token_logprobs"}.get(env, "logits_stats")
     assert calls == [expected]
     # An explicit argument beats the environment variable.
     calls.clear()
     rlloss.token_logprobs(hidden, weight, targets, backend="torch" if env != "torch" else "reference")
-    assert calls == ["_torch_linear_stats" if env != "torch" else "token_logprobs"]
+    assert calls == ["_torch_stats" if env != "torch" else "token_logprobs"]
 
 
 @pytest.mark.parametrize("value,match", [("bogus", r"RLLOSS_BACKEND='bogus' is not a backend"),
