@@ -1,11 +1,13 @@
-"""``python -m benchmarks``: run the benchmark suites on this machine's device and write their reports.
+"""``python -m benchmarks`` (in the repository root) or ``rlloss-bench`` / ``python -m rlloss.bench`` (anywhere,
+after ``pip install``): run the benchmark suites on this machine's device and write their reports.
 
-On a machine without a GPU every suite runs its embedded CPU default (small sizes: memory and equality); on a
-CUDA machine the GPU comparison. Reports go to ``docs/benchmarks/<device-slug>/<suite>.{json,md}``, with a PNG
-plot of each drawn from its JSON (``benchmarks.plots``; skipped with the reason when matplotlib is missing).
-A progress line is printed per case, each suite's table after it, and a table across the suites at the end.
-Exit status 1 when an rlloss case failed with an error (an out-of-memory case or a failing peer is recorded,
-not fatal).
+On a machine without a GPU every suite runs its embedded CPU default; on a CUDA machine the GPU comparison.
+Reports go to ``--out DIR`` (default ``./rlloss-bench-results/<device-slug>/``, printed at the start), or with
+``--update-docs`` to ``docs/benchmarks/<device-slug>/`` of the checkout, the committed results. Each suite writes
+``<suite>.{json,md}`` and a PNG plot drawn from its JSON (``plots``; skipped with the reason when matplotlib is
+missing). A progress line is printed per case, each suite's table and targets after it, and a table across the
+suites at the end. Exit status 1 when an rlloss case failed with an error (an out-of-memory case or a failing
+peer is recorded, not fatal).
 """
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ from ._registry import available_suites
 from .plots import plot_reports
 
 
+def _prog() -> str:
+    """How this run was started: the console script, or ``python -m`` and the package's import name."""
+    return "rlloss-bench" if Path(sys.argv[0]).stem == "rlloss-bench" else f"python -m {__package__}"
+
+
 def _parser(suite_names: List[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog=_prog(),
         description="Benchmarks of rlloss. Without a GPU each suite runs its CPU default; with CUDA the GPU "
         "comparison against the naive baseline and other libraries.",
     )
@@ -31,8 +38,12 @@ def _parser(suite_names: List[str]) -> argparse.ArgumentParser:
                         help=f"suite to run, repeatable (default: all of {', '.join(suite_names)})")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes; reports are written as <suite>-quick.{json,md}")
-    parser.add_argument("--out", metavar="DIR", type=Path,
-                        help="output folder (default: docs/benchmarks/<device-slug>/ in the repository)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", type=Path,
+                       help=f"output folder (default: ./{harness.DEFAULT_OUT_ROOT}/<device-slug>/)")
+    where.add_argument("--update-docs", action="store_true",
+                       help="write into docs/benchmarks/<device-slug>/ of this checkout, replacing the committed "
+                            "results (only from a clone of the repository)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="run the CPU default or the GPU comparison (default: CUDA when present)")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
@@ -52,8 +63,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     device = harness.detect_device(args.device)
-    out_dir = args.out if args.out is not None else harness.DEFAULT_OUT_ROOT / device.slug
-    env = harness.environment(device)
+    if args.update_docs:
+        try:
+            out_dir = harness.docs_results_dir(device)
+        except ValueError as exc:
+            print(f"{_prog()}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        out_dir = (args.out if args.out is not None else harness.DEFAULT_OUT_ROOT / device.slug).resolve()
+    env = harness.environment(device, " ".join([_prog(), *(sys.argv[1:] if argv is None else argv)]))
     ctx = harness.RunContext(device=device, quick=args.quick, progress=lambda line: print(line, flush=True))
     selected = args.suite or sorted(suites)
     print(f"rlloss benchmarks on {device.type} ({device.name}); suites: {', '.join(selected)}"
@@ -73,6 +91,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(harness.markdown_table(report.records, report.columns))
         for skip in report.skips:
             print(f"skipped {skip['impl']}: {skip['reason']}")
+        if report.targets:
+            print("\nTargets (this run's numbers; reported, never asserted):")
+            for row in report.targets:
+                print("  " + harness.target_line(row))
         print(f"\nwrote {json_path}\nwrote {md_path}", flush=True)
         summary[-1]["files"] = f"{json_path.name}, {md_path.name}"
         for png in plot_reports([json_path], log=lambda line: print(line, flush=True)):
@@ -88,7 +110,14 @@ def _summary_row(report: harness.SuiteReport, wall_time_s: float) -> Dict[str, A
     return {"suite": report.suite, "mode": report.mode, "cases": len(report.records),
             "statuses": ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "none",
             "skipped": ", ".join(skip["impl"] for skip in report.skips) or "—", "wall_time_s": wall_time_s,
-            "files": ""}
+            "targets": _targets_summary(report.targets), "files": ""}
+
+
+def _targets_summary(targets: List[Dict[str, Any]]) -> str:
+    if not targets:
+        return "—"
+    met = sum(row["status"] == "met" for row in targets)
+    return f"{met}/{len(targets)} met"
 
 
 _SUMMARY_COLUMNS = (
@@ -97,6 +126,7 @@ _SUMMARY_COLUMNS = (
     harness.Column("cases", lambda r: str(r["cases"])),
     harness.Column("status", lambda r: r["statuses"]),
     harness.Column("skipped peers", lambda r: r["skipped"]),
+    harness.Column("targets", lambda r: r["targets"]),
     harness.Column("wall time (s)", lambda r: f"{r['wall_time_s']:.1f}"),
     harness.Column("files", lambda r: r["files"]),
 )

@@ -24,8 +24,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+# The checkout this package runs from (``benchmarks/`` at the repository root, also installed as ``rlloss.bench``
+# by an editable install); for a non-editable install it is site-packages/rlloss, which has no docs/ and no .git.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT_ROOT = REPO_ROOT / "docs" / "benchmarks"
+# Where the committed results live in a checkout (``--update-docs``), one folder per device slug.
+DOCS_RESULTS_ROOT = REPO_ROOT / "docs" / "benchmarks"
+# Where a run writes by default: a folder of the current directory, never the installed package.
+DEFAULT_OUT_ROOT = Path("rlloss-bench-results")
 REPORT_SCHEMA_VERSION = 1
 MIB = 1 << 20
 GIB = 1 << 30
@@ -82,7 +87,28 @@ def detect_device(requested: str = "auto") -> Device:
     return Device("cpu", _cpu_model(), "cpu")
 
 
+def is_checkout() -> bool:
+    """Whether this package runs from a git checkout of the repository (editable install or the repository root),
+    as opposed to an installed copy in site-packages."""
+    return (REPO_ROOT / ".git").exists() and DOCS_RESULTS_ROOT.is_dir()
+
+
+def docs_results_dir(device: Device) -> Path:
+    """``docs/benchmarks/<device-slug>/`` of this checkout: where the committed results live.
+
+    Raises:
+        ValueError: this package does not run from a checkout (an installed copy has no docs/).
+    """
+    if not is_checkout():
+        raise ValueError(f"--update-docs writes the committed results of a checkout, but this package runs from "
+                         f"{REPO_ROOT}, which is no checkout of the repository (no .git and docs/benchmarks/ "
+                         "there); install it from a clone with pip install -e, or pass --out DIR")
+    return DOCS_RESULTS_ROOT / device.slug
+
+
 def _git(*args: str) -> Optional[str]:
+    if not (REPO_ROOT / ".git").exists():  # an installed copy: another repository's git must not answer
+        return None
     try:
         done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -103,8 +129,9 @@ def load_average() -> Optional[float]:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def environment(device: Device) -> Dict[str, Any]:
-    """Everything needed to tell two runs apart: commit, device, library versions, threads, time."""
+def environment(device: Device, command: Optional[str] = None) -> Dict[str, Any]:
+    """Everything needed to tell two runs apart: commit, device, library versions, threads, time.
+    ``command``: how the run was started (default: ``python -m <this package>`` and the arguments)."""
     # Uncommitted changes to the measured code only (documentation edits do not change a number).
     status = _git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE_PATHS)
     env = {
@@ -121,7 +148,7 @@ def environment(device: Device) -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": load_average(),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", *sys.argv[1:]]),
+        "command": command or " ".join([Path(sys.executable).name, "-m", __package__, *sys.argv[1:]]),
     }
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability()
@@ -180,6 +207,8 @@ class SuiteReport:
     records: one flat dict per (implementation, shape): plots group and filter on its keys.
     skips: ``{"impl": ..., "reason": ...}`` for every implementation that could not run at all.
     notes: methodology lines for the markdown (memory method, FLOP convention, ...).
+    targets: the issue's targets evaluated on this run's records (:func:`evaluate_targets`), reported as met or
+        missed, never asserted.
     """
 
     suite: str
@@ -190,6 +219,7 @@ class SuiteReport:
     columns: Sequence[Column] = field(repr=False)
     skips: List[Dict[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    targets: List[Dict[str, Any]] = field(default_factory=list)
 
 
 def markdown_cell(text: Any) -> str:
@@ -219,6 +249,7 @@ def report_json(report: SuiteReport, env: Dict[str, Any], quick: bool) -> Dict[s
         "config": report.config,
         "notes": report.notes,
         "skips": report.skips,
+        "targets": report.targets,
         "records": report.records,
     }
 
@@ -240,6 +271,9 @@ def report_markdown(report: SuiteReport, env: Dict[str, Any], quick: bool) -> st
         markdown_table(report.records, report.columns),
         "",
     ]
+    if report.targets:
+        lines += ["Targets (measured in this run; reported, never asserted):", "",
+                  markdown_table(report.targets, TARGET_COLUMNS), ""]
     if report.skips:
         lines += ["Skipped:", ""] + [f"- `{skip['impl']}`: {skip['reason']}" for skip in report.skips] + [""]
     if report.notes:
@@ -315,6 +349,57 @@ CPU_TIME_MEMORY_COLUMNS = (
 )
 
 
+# --- targets ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target an issue states as a ratio between two measured figures, e.g. rlloss's time ≤ 0.75× naive's.
+
+    text: the target as the issue states it. key: the record field compared ("time_ms", "peak_memory_bytes").
+    subject / baseline: the ``impl`` of the two records. limit: the largest ratio subject / baseline that meets it.
+    """
+
+    text: str
+    key: str
+    subject: str
+    baseline: str
+    limit: float
+
+    def evaluate(self, records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        """The target on these records: the measured ratio and "met", "missed" or "not measured" (either side
+        missing or failed), with the reason."""
+        by_impl = {r["impl"]: r for r in records if r.get("status") == "ok"}
+        values = [by_impl.get(name, {}).get(self.key) for name in (self.subject, self.baseline)]
+        row = {"target": self.text, "key": self.key, "subject": self.subject, "baseline": self.baseline,
+               "limit": self.limit, "ratio": None, "status": "not measured", "reason": None}
+        missing = [name for name, value in zip((self.subject, self.baseline), values) if not value]
+        if missing:
+            row["reason"] = f"no {self.key} for {' and '.join(missing)} in this run"
+            return row
+        row["ratio"] = values[0] / values[1]
+        row["status"] = "met" if row["ratio"] <= self.limit else "missed"
+        return row
+
+
+def evaluate_targets(targets: Sequence[Target], records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [target.evaluate(records) for target in targets]
+
+
+def target_line(row: Dict[str, Any]) -> str:
+    """'MET     rlloss time ≤ 0.75× naive: measured 0.61×' (the progress line of one evaluated target)."""
+    measured = f"measured {row['ratio']:.2f}×" if row["ratio"] is not None else row["reason"]
+    return f"{row['status'].upper():<12} {row['target']}: {measured}"
+
+
+TARGET_COLUMNS = (
+    Column("target", lambda r: r["target"]),
+    Column("measured ratio", lambda r: "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"),
+    Column("limit", lambda r: f"≤ {r['limit']:g}×"),
+    Column("status", lambda r: r["status"] + (f" ({r['reason']})" if r.get("reason") else "")),
+)
+
+
 # --- timing -----------------------------------------------------------------------------------------------
 
 
@@ -348,6 +433,23 @@ def cpu_times_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeat
     method = f"time.perf_counter, median of {repeats} calls after {warmup} warm-up" + (
         ", calls of " + " / ".join(fns) + " interleaved" if len(fns) > 1 else "")
     return {name: Timing(statistics.median(s), min(s), max(s), repeats, method) for name, s in samples.items()}
+
+
+def timing_from_samples(samples_ms: Sequence[float], method: str) -> Timing:
+    """The median and min–max of wall times measured elsewhere (e.g. in several fresh processes)."""
+    return Timing(statistics.median(samples_ms), min(samples_ms), max(samples_ms), len(samples_ms), method)
+
+
+def timed_calls_ms(fn: Callable[[], Any], warmup: int, calls: int) -> List[float]:
+    """Wall time in ms of each of ``calls`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def cpu_time(fn: Callable[[], Any], warmup: int, repeats: int) -> Timing:
@@ -401,6 +503,65 @@ def add_rates(record: Dict[str, Any], matmul_tflops: Optional[float]) -> None:
     tflops = record["flops"] / (record["time_ms"] * 1e-3) / 1e12
     record["tflops"] = tflops
     record["matmul_fraction"] = tflops / matmul_tflops if matmul_tflops else None
+
+
+# --- the GEMM floor ---------------------------------------------------------------------------------------
+
+# The bare GEMMs an lm_head op cannot avoid, as [rows, cols] products of h [N, D], W [V, D] and an [N, V] logit
+# gradient dz: logits z = h·Wᵀ, d hidden = dz·W, d weight = dzᵀ·h (2·N·D·V FLOPs each).
+LOGPROBS_FLOOR_GEMMS = ("h·Wᵀ", "h·Wᵀ", "dz·W", "dzᵀ·h")  # forward, backward recompute, the two gradients
+FUSED_LOSS_FLOOR_GEMMS = ("h·Wᵀ", "dz·W", "dzᵀ·h")  # the fused loss forms dz in its forward: no recompute
+GEMM_FLOOR_NOTE = (
+    "GEMM floor: the bare cuBLAS GEMMs an op of this shape cannot avoid, `torch.mm` into preallocated outputs on "
+    "random inputs of the same dtype, timed the same way in the same run (each GEMM is also timed alone, in the "
+    "JSON's `gemm_times_ms`); × GEMM floor is a row's time over the floor's time at its shape."
+)
+
+
+def gemm_floor(N: int, D: int, V: int, dtype: torch.dtype, device: str, gemms: Sequence[str],
+               time_fn: Callable[[Callable[[], Any]], Timing]) -> Dict[str, Any]:
+    """Time ``gemms`` (names from :data:`LOGPROBS_FLOOR_GEMMS`) back to back, and each distinct one alone, on
+    random h [N, D], W [V, D] and one [N, V] buffer that is both the logits written and the dz read.
+
+    Returns record fields: ``time_ms`` and its spread (the sequence), ``gemm_times_ms`` (each GEMM alone),
+    ``gemms`` and ``gemm_flops`` (2·N·D·V per GEMM).
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    # Random, not zeros: GPUs draw less power on zeros and run such GEMMs faster than real ones.
+    h = torch.randn(N, D, generator=gen, device=device, dtype=dtype)
+    w = torch.randn(V, D, generator=gen, device=device, dtype=dtype) * D**-0.5
+    z = torch.randn(N, V, generator=gen, device=device, dtype=dtype)  # logits out, dz in
+    dh, dw = torch.empty_like(h), torch.empty_like(w)
+    ops = {
+        "h·Wᵀ": lambda: torch.mm(h, w.t(), out=z),
+        "dz·W": lambda: torch.mm(z, w, out=dh),
+        "dzᵀ·h": lambda: torch.mm(z.t(), h, out=dw),
+    }
+    unknown = [name for name in gemms if name not in ops]
+    if unknown:
+        raise ValueError(f"unknown GEMM(s) {unknown}; expected names from {tuple(ops)}")
+    sequence = [ops[name] for name in gemms]
+
+    def all_gemms() -> None:
+        for op in sequence:
+            op()
+
+    record = time_fn(all_gemms).as_record()
+    record["gemm_times_ms"] = {name: time_fn(ops[name]).median_ms for name in dict.fromkeys(gemms)}
+    record["gemms"] = list(gemms)
+    record["gemm_flops"] = 2 * N * D * V * len(gemms)
+    del h, w, z, dh, dw
+    return record
+
+
+def add_floor_ratios(records: Sequence[Dict[str, Any]], floor: Dict[str, Any], key: str = "time_vs_gemm_floor",
+                     ) -> None:
+    """``record[key]`` = record time / floor time for every timed record (the floor's own row included)."""
+    if not floor.get("time_ms"):
+        return
+    for record in records:
+        if record.get("time_ms"):
+            record[key] = record["time_ms"] / floor["time_ms"]
 
 
 # --- peak memory ------------------------------------------------------------------------------------------
@@ -602,6 +763,12 @@ def split_available(impls: Sequence[Any], progress: Optional[Callable[[str], Non
 # --- running a case in a fresh process -------------------------------------------------------------------
 
 
+def _import_root() -> Path:
+    """The folder holding this package's top-level package (the repository root for ``benchmarks``)."""
+    top = sys.modules[__package__.partition(".")[0]]
+    return Path(top.__file__).resolve().parent.parent
+
+
 def run_isolated(function: str, payload: Dict[str, Any], env_overrides: Optional[Dict[str, str]] = None,
                  timeout_s: float = ISOLATED_CASE_TIMEOUT_S) -> Dict:
     """Call ``function`` ("package.module:name", taking and returning a JSON-able dict) in a fresh Python
@@ -614,11 +781,12 @@ def run_isolated(function: str, payload: Dict[str, Any], env_overrides: Optional
         payload_path, result_path = Path(tmp) / "payload.json", Path(tmp) / "result.json"
         payload_path.write_text(json.dumps(payload))
         env = {**os.environ, **(env_overrides or {})}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "benchmarks._worker", function, str(payload_path), str(result_path)]
+        # The child imports this package under the name the parent did ("benchmarks" in the repository root,
+        # "rlloss.bench" when installed), from the folder the parent imported it from, whatever the directory.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_import_root()), env.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", f"{__package__}._worker", function, str(payload_path), str(result_path)]
         try:
-            done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                  timeout=timeout_s)
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"{function} ran past {timeout_s:.0f} s") from exc
         if done.returncode != 0 or not result_path.exists():

@@ -1,6 +1,6 @@
 """Entry point of a case run in its own process (see ``benchmarks._harness.run_isolated``).
 
-    python -m benchmarks._worker package.module:function payload.json result.json
+    python -m <this package>._worker package.module:function payload.json result.json
 
 calls ``function(payload) -> dict`` and writes the dict to result.json.
 """

@@ -9,7 +9,9 @@ GPU: bfloat16 at N ∈ {2048, 8192, 32768}, D=4096, V ∈ {32000, 131072, 151936
 the naive baseline (bf16 logits, float32 log_softmax), ``torch.compile`` of it, Cut Cross-Entropy and
 Liger-Kernel's fused linear cross-entropy (each peer only where it imports), timed by
 ``triton.testing.do_bench``, with peak memory, achieved TFLOP/s and its fraction of the measured bf16 matmul
-rate; every peer's log-probs are checked against rlloss's so a wrong peer shows.
+rate; every peer's log-probs are checked against rlloss's so a wrong peer shows. Each shape also has the floor
+row: the four bare cuBLAS GEMMs of that shape (h·Wᵀ forward, h·Wᵀ again for the backward recompute, dz·W and
+dzᵀ·h), timed the same way in the same run; every row reports its time over the floor's.
 """
 from __future__ import annotations
 
@@ -251,6 +253,11 @@ LIGER = Implementation(
     "its precomputed gradients by a single upstream value in released versions",
 )
 
+# The floor row of each GPU shape (harness.gemm_floor): not a contender, the bare GEMMs an implementation of
+# log-probs + entropy with one logit recompute cannot avoid.
+GEMM_FLOOR = Implementation("gemm-floor", "floor", "bare cuBLAS GEMMs: h·Wᵀ, h·Wᵀ (recompute), dz·W, dzᵀ·h",
+                            lambda: None, note="torch.mm into preallocated outputs, the inputs' dtype")
+
 CPU_IMPLEMENTATIONS = (rlloss_implementation("torch"), naive_implementation(CPU_DTYPE))
 GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), naive_implementation(GPU_DTYPE), COMPILED_NAIVE,
                        CCE, CCE_EXACT, LIGER)
@@ -430,11 +437,31 @@ def measure_case(impl: Implementation, inputs: Inputs, probes: harness.Probes) -
 def compare_implementations(
     shapes: Sequence[Shape], dtype: torch.dtype, device: str, impls: Sequence[Implementation], probes: harness.Probes,
     progress: Callable[[str], None], matmul_tflops: Optional[float] = None,
+    floor_gemms: Optional[Sequence[str]] = None,
 ) -> List[Dict[str, Any]]:
     """Every implementation on every shape; the first ``subject`` is the anchor the others are checked
-    against, and every one is checked on its first rows against a float32 materialised reference."""
-    records, total, index = [], len(shapes) * len(impls), 0
+    against, and every one is checked on its first rows against a float32 materialised reference.
+
+    floor_gemms: the GEMMs of the floor row timed first at each shape (``harness.LOGPROBS_FLOOR_GEMMS``), each
+    row's ``time_vs_gemm_floor`` its time over the floor's; None: no floor row.
+    """
+    per_shape = len(impls) + (floor_gemms is not None)
+    records, total, index = [], len(shapes) * per_shape, 0
     for shape in shapes:
+        floor = None
+        if floor_gemms is not None:  # first, alone: its tensors are freed before the inputs are built
+            index += 1
+            floor = base_record(GEMM_FLOOR, shape, dtype, device)
+            floor["outputs"] = "GEMMs only"
+            try:
+                floor.update(harness.gemm_floor(shape.N, shape.D, shape.V, dtype, device, floor_gemms, probes.time))
+                harness.add_rates(floor, matmul_tflops)
+            except Exception as exc:  # out of memory: recorded like any case
+                harness.failure(floor, exc)
+            harness.free_device_memory(device)
+            records.append(floor)
+            progress(_gpu_progress(index, total, floor))
+        shape_start = len(records) - (floor is not None)
         try:
             inputs = make_inputs(shape, dtype, device)
             reference_rows = float32_reference_rows(inputs, GPU_REFERENCE_ROWS)
@@ -469,10 +496,14 @@ def compare_implementations(
                 del outputs
             inputs.hidden.grad, inputs.weight.grad = None, None
             harness.free_device_memory(device)
+            if floor is not None:
+                harness.add_floor_ratios([record], floor)
             progress(_gpu_progress(index, total, record))
             records.append(record)
         del inputs, anchor
         harness.free_device_memory(device)
+        if floor is not None:
+            harness.add_floor_ratios(records[shape_start:], floor)
     return records
 
 
@@ -483,7 +514,10 @@ def _gpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
     fraction = record.get("matmul_fraction")
     text = (f"{head}: {harness.fmt_ms(record['time_ms'])} ms, {record['tflops']:.1f} TFLOP/s"
             + (f" ({100 * fraction:.0f}% of matmul)" if fraction else "")
-            + f", peak {harness.fmt_gib(record['peak_memory_bytes'])} GiB")
+            + (f", peak {harness.fmt_gib(record['peak_memory_bytes'])} GiB"
+               if record.get("peak_memory_bytes") is not None else "")
+            + (f", {record['time_vs_gemm_floor']:.2f}× the GEMM floor"
+               if record.get("time_vs_gemm_floor") is not None and record["role"] != "floor" else ""))
     if record.get("diff_rlloss_logprobs") is not None:
         text += f", max|Δlogp| vs rlloss {record['diff_rlloss_logprobs']:.1e}"
     return text
@@ -501,6 +535,7 @@ def _gpu_columns() -> List[harness.Column]:
         C("TFLOP/s (8·N·D·V)", lambda r: harness.fmt_num(r.get("tflops"))),
         C("% of bf16 matmul", lambda r: "—" if r.get("matmul_fraction") is None
           else f"{100 * r['matmul_fraction']:.0f}"),
+        C("time / GEMM floor", lambda r: harness.fmt_num(r.get("time_vs_gemm_floor"), 2)),
         C("peak memory (GiB)", lambda r: harness.fmt_gib(r.get("peak_memory_bytes"))),
         C("max abs diff logprobs vs rlloss", lambda r: harness.fmt_err(r.get("diff_rlloss_logprobs"))),
         C("entropy vs rlloss", lambda r: harness.fmt_err(r.get("diff_rlloss_entropy"))),
@@ -515,7 +550,7 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
     matmul_tflops = harness.reference_matmul_tflops(ctx, GPU_DTYPE)
     impls, skips = harness.split_available(GPU_IMPLEMENTATIONS, ctx.progress)
     records = compare_implementations(shapes, GPU_DTYPE, "cuda", impls, harness.CUDA_PROBES, ctx.progress,
-                                      matmul_tflops)
+                                      matmul_tflops, floor_gemms=harness.LOGPROBS_FLOOR_GEMMS)
     return harness.SuiteReport(
         suite="logprobs", mode="gpu-peers",
         title=f"logprobs — {ctx.device.name}: {dtype_name}, D={GPU_HIDDEN}, forward + backward",
@@ -523,8 +558,9 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
             "shapes": [vars(shape) for shape in shapes], "dtype": dtype_name, "seed": SEED, "logit_std": LOGIT_STD,
             "matmul_tflops": matmul_tflops, "matmul_size": harness.MATMUL_REFERENCE_SIZE,
             "flops_convention": f"{FLOPS_PER_NDV}·N·D·V per forward + backward",
-            "reference_rows": GPU_REFERENCE_ROWS,
-            "implementations": {impl.name: {"label": impl.label, "note": impl.note} for impl in GPU_IMPLEMENTATIONS},
+            "reference_rows": GPU_REFERENCE_ROWS, "floor_gemms": list(harness.LOGPROBS_FLOOR_GEMMS),
+            "implementations": {impl.name: {"label": impl.label, "note": impl.note}
+                                for impl in (*GPU_IMPLEMENTATIONS, GEMM_FLOOR)},
         },
         records=records, columns=_gpu_columns(), skips=skips,
         notes=[
@@ -543,6 +579,9 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
             "'vs rlloss' is the max abs difference of their log-probs from rlloss's over all tokens. "
             f"'vs fp32 ref' checks the first {GPU_REFERENCE_ROWS} tokens of every implementation against float32 "
             "logits of the same bf16 inputs.",
+            harness.GEMM_FLOOR_NOTE + " Here the floor is four GEMMs (h·Wᵀ for the forward, h·Wᵀ again for the "
+            "backward's logit recompute, dz·W, dzᵀ·h): exactly the 8·N·D·V FLOPs of the convention above, so its "
+            "TFLOP/s is the GEMMs' real rate.",
         ] + [f"`{impl.name}`: {impl.note}" for impl in GPU_IMPLEMENTATIONS if impl.note],
     )
 
@@ -583,6 +622,7 @@ def bench_step(case: BenchCase) -> Callable[[], None]:
 
 SUITE = Suite(
     name="logprobs",
-    description="token_logprobs fwd+bwd (logprobs + entropy): CPU torch backend vs naive; GPU triton vs peers",
+    description="token_logprobs fwd+bwd (logprobs + entropy): CPU torch backend vs naive; GPU triton vs peers "
+                "and the 4-GEMM cuBLAS floor (time / floor)",
     run_cpu=run_cpu_default, run_gpu=run_gpu_peers,
 )

@@ -16,6 +16,8 @@ hidden states and lm_head weight):
                     express — the entropy bonus — is recorded in the ``differs`` field).
 ``token_logprobs``  ``rlloss.token_logprobs`` alone (log-probs and entropy, random upstream gradients): the
                     floor the fused loss is held against (issue #3: within 10 %).
+``gemm-floor``      (GPU) the three bare cuBLAS GEMMs the fused loss cannot avoid at the shape, h·Wᵀ, dz·W and
+                    dzᵀ·h (it forms dz in its forward, so no recompute); every row's time over it is reported.
 
 GPU: bfloat16, D = 4096, V = 151936, B×T ∈ {8×1024, 8×4096, 4×16384} (``--quick``: 8×1024), the ``dapo`` and
 ``gspo`` presets, each plain and with KL (β = 0.04, ref log-probs) and entropy bonus (c_H = 0.01); timed by
@@ -383,6 +385,8 @@ def base_record(impl: Implementation, shape: Shape, dtype: torch.dtype, device: 
 LOGPROBS_ONLY = Implementation("token_logprobs", "floor",
                                "rlloss.token_logprobs alone (logprobs + entropy, random upstream gradients)",
                                lambda: None)
+GEMM_FLOOR = Implementation("gemm-floor", "floor", "bare cuBLAS GEMMs: h·Wᵀ, dz·W, dzᵀ·h (torch.mm)", lambda: None,
+                            note="the fused loss's three GEMMs alone, torch.mm into preallocated outputs")
 
 
 # --- GPU comparison (runs on CPU stand-ins in benchmarks/test_policy_bench.py) ----------------------------
@@ -399,19 +403,34 @@ def _measure(step: Callable[[], Result], probes: harness.Probes) -> Tuple[Dict[s
 def compare_implementations(
     shapes: Sequence[Shape], presets: Sequence[str], variants: Sequence[Variant], dtype: torch.dtype, device: str,
     backend: str, impls: Sequence[Implementation], probes: harness.Probes, progress: Callable[[str], None],
-    matmul_tflops: Optional[float] = None,
+    matmul_tflops: Optional[float] = None, floor_gemms: Optional[Sequence[str]] = None,
 ) -> List[Dict[str, Any]]:
-    """Per shape: token_logprobs alone, then every implementation for every (preset, variant); the first
-    ``subject`` of each configuration is the anchor every other path is compared with."""
+    """Per shape: the GEMM floor (``floor_gemms``, e.g. ``harness.FUSED_LOSS_FLOOR_GEMMS``; None: no such row),
+    token_logprobs alone, then every implementation for every (preset, variant); the first ``subject`` of each
+    configuration is the anchor every other path is compared with. With a floor, every timed row of the shape
+    gets ``time_vs_gemm_floor``."""
     records: List[Dict[str, Any]] = []
-    total = len(shapes) * (1 + len(presets) * len(variants) * len(impls))
+    total = len(shapes) * (1 + (floor_gemms is not None) + len(presets) * len(variants) * len(impls))
     counter = iter(range(1, total + 1))
 
     def done(record: Dict[str, Any]) -> None:
+        if gemm_record is not None:
+            harness.add_floor_ratios([record], gemm_record)
         records.append(record)
         progress(_progress_line(next(counter), total, record))
 
     for shape in shapes:
+        gemm_record = None
+        if floor_gemms is not None:  # first, alone: its tensors are freed before the inputs are built
+            gemm_record = base_record(GEMM_FLOOR, shape, dtype, device, None, None)
+            try:
+                gemm_record.update(harness.gemm_floor(shape.N, shape.D, shape.V, dtype, device, floor_gemms,
+                                                      probes.time))
+                harness.add_rates(gemm_record, matmul_tflops)
+            except Exception as exc:  # out of memory: recorded like any case
+                harness.failure(gemm_record, exc)
+            harness.free_device_memory(device)
+            done(gemm_record)
         floor_record = base_record(LOGPROBS_ONLY, shape, dtype, device, None, None)
         try:
             inputs = make_inputs(shape, dtype, device, backend)
@@ -471,7 +490,8 @@ def compare_implementations(
 
 
 def _progress_line(index: int, total: int, record: Dict[str, Any]) -> str:
-    config = f"{record['preset']}/{record['variant']}" if record["preset"] else "logprobs+entropy"
+    config = (f"{record['preset']}/{record['variant']}" if record["preset"]
+              else "GEMMs" if record["impl"] == GEMM_FLOOR.name else "logprobs+entropy")
     head = f"[{index}/{total}] policy {record['impl']:<14} B×T={record['B']}×{record['T']:<6} {config:<16}"
     if record["status"] != "ok":
         return f"{head}: {record['status']}: {record['error']}"
@@ -482,6 +502,8 @@ def _progress_line(index: int, total: int, record: Dict[str, Any]) -> str:
         text += f", {record['time_vs_fused']:.2f}× fused's time"
     if record.get("time_vs_token_logprobs") is not None:
         text += f", {record['time_vs_token_logprobs']:.2f}× token_logprobs' time"
+    if record.get("time_vs_gemm_floor") is not None and record["impl"] != GEMM_FLOOR.name:
+        text += f", {record['time_vs_gemm_floor']:.2f}× the GEMM floor"
     if record.get("diff_fused_loss") is not None:
         text += f", |Δloss| {record['diff_fused_loss']:.1e}"
     return text
@@ -499,6 +521,7 @@ def _gpu_columns() -> List[harness.Column]:
         C("fwd+bwd ms", lambda r: harness.fmt_ms(r.get("time_ms"))),
         C("time / fused", lambda r: harness.fmt_num(r.get("time_vs_fused"), 2)),
         C("fused / token_logprobs", lambda r: harness.fmt_num(r.get("time_vs_token_logprobs"), 2)),
+        C("time / GEMM floor", lambda r: harness.fmt_num(r.get("time_vs_gemm_floor"), 2)),
         C("peak GiB", lambda r: harness.fmt_gib(r.get("peak_memory_bytes"))),
         C("fused peak / this", lambda r: harness.fmt_num(r.get("fused_memory_fraction"), 2)),
         C("% of bf16 matmul (8·N·D·V)", lambda r: pct(r.get("matmul_fraction"))),
@@ -530,6 +553,8 @@ def _targets(records: Sequence[Dict[str, Any]]) -> List[str]:
                 parts.append(f"{rows['trl']['time_vs_fused']:.2f}× faster than TRL-style (target ≥ 3)")
             if floor is not None:
                 parts.append(f"{fused['time_ms'] / floor['time_ms']:.2f}× token_logprobs' time (target ≤ 1.10)")
+            if fused.get("time_vs_gemm_floor") is not None:
+                parts.append(f"{fused['time_vs_gemm_floor']:.2f}× its three bare GEMMs' time")
             if parts:
                 lines.append(f"Issue #3 at B×T = {B}×{T}, {preset}/{variant.name}: fused is " + ", ".join(parts) + ".")
     return lines
@@ -541,7 +566,8 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
     matmul_tflops = harness.reference_matmul_tflops(ctx, GPU_DTYPE)
     impls, skips = harness.split_available(GPU_IMPLEMENTATIONS, ctx.progress)
     records = compare_implementations(shapes, PRESETS, variants, GPU_DTYPE, "cuda", "triton", impls,
-                                      harness.CUDA_PROBES, ctx.progress, matmul_tflops)
+                                      harness.CUDA_PROBES, ctx.progress, matmul_tflops,
+                                      floor_gemms=harness.FUSED_LOSS_FLOOR_GEMMS)
     dtype_name = harness.dtype_name(GPU_DTYPE)
     return harness.SuiteReport(
         suite="policy", mode="gpu-peers",
@@ -553,8 +579,9 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
             "old_spread": OLD_SPREAD, "ref_spread": REF_SPREAD, "matmul_tflops": matmul_tflops,
             "matmul_size": harness.MATMUL_REFERENCE_SIZE,
             "flops_convention": f"{FLOPS_PER_NDV}·N·D·V per forward + backward",
+            "floor_gemms": list(harness.FUSED_LOSS_FLOOR_GEMMS),
             "implementations": {i.name: {"label": i.label, "note": i.note}
-                                for i in (*GPU_IMPLEMENTATIONS, LOGPROBS_ONLY)},
+                                for i in (*GPU_IMPLEMENTATIONS, LOGPROBS_ONLY, GEMM_FLOOR)},
             "plot": {"facet": "preset", "series": ["variant", "impl"]},
         },
         records=records, columns=_gpu_columns(), skips=skips,
@@ -575,6 +602,8 @@ def run_gpu(ctx: harness.RunContext) -> harness.SuiteReport:
             "|Δloss| vs fused: absolute difference of the loss values; d hidden / d weight rel: max abs gradient "
             "difference from FusedPolicyLoss's over the max abs of FusedPolicyLoss's gradient. A path whose "
             "`differs` column is filled computes another loss, so its difference is not rounding.",
+            harness.GEMM_FLOOR_NOTE + " Here the floor is three GEMMs (h·Wᵀ, dz·W, dzᵀ·h): the fused loss forms "
+            "dz in its forward, so it needs no logit recompute; `token_logprobs` needs a fourth.",
         ] + [f"`{impl.name}`: {impl.note}" for impl in GPU_IMPLEMENTATIONS if impl.note],
     )
 
@@ -740,6 +769,7 @@ def bench_step(case: BenchCase) -> Callable[[], None]:
 
 SUITE = Suite(
     name="policy",
-    description="FusedPolicyLoss fwd+bwd (dapo/gspo, ±KL+entropy): CPU vs TRL-style and unfused; GPU also vs Liger",
+    description="FusedPolicyLoss fwd+bwd (dapo/gspo, ±KL+entropy): CPU vs TRL-style and unfused; GPU also vs Liger "
+                "and the 3-GEMM cuBLAS floor",
     run_cpu=run_cpu_default, run_gpu=run_gpu,
 )

@@ -51,12 +51,18 @@ def test_gpu_comparison_path_on_cpu_stand_ins():
     shapes = [logprobs.Shape(N=33, D=16, V=300), logprobs.Shape(N=70, D=8, V=129)]
     lines = []
     records = logprobs.compare_implementations(shapes, torch.float32, "cpu", impls, probes, lines.append,
-                                               matmul_tflops=1.0)
-    assert [r["status"] for r in records] == ["ok", "ok", "error", "ok"] * 2 and len(lines) == 8
+                                               matmul_tflops=1.0, floor_gemms=harness.LOGPROBS_FLOOR_GEMMS)
+    assert [r["impl"] for r in records[:5]] == ["gemm-floor", "rlloss-torch", "naive", "broken", "nll-only"]
+    assert [r["status"] for r in records] == ["ok", "ok", "ok", "error", "ok"] * 2 and len(lines) == 10
+    floors = [r for r in records if r["impl"] == "gemm-floor"]
+    assert all(r["gemms"] == list(harness.LOGPROBS_FLOOR_GEMMS) and r["time_vs_gemm_floor"] == 1.0 for r in floors)
+    assert all(set(r["gemm_times_ms"]) == {"h·Wᵀ", "dz·W", "dzᵀ·h"} for r in floors)
+    assert all(r["time_vs_gemm_floor"] > 0 for r in records if r["status"] == "ok")
+    records = [r for r in records if r["impl"] != "gemm-floor"]
     assert all("NotImplementedError" in r["error"] for r in records if r["impl"] == "broken")
     peers = [r for r in records if r["impl"] in ("naive", "nll-only")]
     assert all(r["diff_rlloss_logprobs"] < 1e-4 for r in peers)
     assert all((r["diff_rlloss_entropy"] is None) == (r["impl"] == "nll-only") for r in peers)
     assert all(r["diff_ref_rows_logprobs"] < 1e-4 for r in records if r["status"] == "ok")
-    table = harness.markdown_table(records, logprobs._gpu_columns())
-    assert table.count("\n") == len(records) + 1
+    table = harness.markdown_table(records + floors, logprobs._gpu_columns())
+    assert table.count("\n") == len(records) + len(floors) + 1 and "GEMM floor" in table

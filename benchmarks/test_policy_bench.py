@@ -48,10 +48,16 @@ def test_gpu_comparison_path_on_cpu_stand_ins():
     shapes = [policy.Shape(B=2, T=9, D=8, V=50), policy.Shape(B=3, T=5, D=4, V=33)]
     lines = []
     records = policy.compare_implementations(shapes, policy.PRESETS, policy.VARIANTS, torch.float64, "cpu", "torch",
-                                             impls, STAND_IN_PROBES, lines.append, matmul_tflops=1.0)
-    per_shape = 1 + len(policy.PRESETS) * len(policy.VARIANTS) * len(impls)
+                                             impls, STAND_IN_PROBES, lines.append, matmul_tflops=1.0,
+                                             floor_gemms=harness.FUSED_LOSS_FLOOR_GEMMS)
+    configurations = len(policy.PRESETS) * len(policy.VARIANTS)
+    per_shape = 2 + configurations * len(impls)
     assert len(records) == len(lines) == per_shape * len(shapes)
-    assert [r["status"] for r in records if r["impl"] == "broken"] == ["error"] * (per_shape // len(impls)) * 2
+    assert [r["status"] for r in records if r["impl"] == "broken"] == ["error"] * configurations * 2
+    gemm_floors = [r for r in records if r["impl"] == "gemm-floor"]
+    assert len(gemm_floors) == 2 and all(r["status"] == "ok" and r["gemms"] == list(harness.FUSED_LOSS_FLOOR_GEMMS)
+                                         for r in gemm_floors)
+    assert all(r["time_vs_gemm_floor"] > 0 for r in records if r["status"] == "ok")
     floors = [r for r in records if r["impl"] == "token_logprobs"]
     assert len(floors) == 2 and all(r["status"] == "ok" for r in floors)
     fused = [r for r in records if r["impl"] == "fused"]
