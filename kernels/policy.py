@@ -18,6 +18,11 @@ gradients come out already scaled and the caller's final loss is a plain sum ove
 atomics. Masked tokens are never loaded (they read as 0), so whatever they hold never reaches an output, and
 their gradient is exactly 0.
 
+NaN contract (as the torch twin in rlloss/policy.py): NaN in a counted input reaches the loss, that token's
+gradient and the metrics it feeds. So every min/max/clamp here propagates NaN (Triton's default drops it), the
+gradient of a clamp is cut with the *outside* predicate ((x < lo) | (x > hi), false for NaN), and a switched-off
+term (β = 0, entropy_coef = 0) is selected away, never multiplied by 0 (0·inf and 0·NaN are NaN).
+
 This module imports nothing from rlloss: it takes tensors and returns tensors.
 """
 from __future__ import annotations
@@ -60,9 +65,31 @@ CREDIT_MODES = (None, "cepo", "rlsd")
 MAX_BLOCK_T = 1024
 MIN_BLOCK_T = 16
 
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def _clamp(x, lo, hi):
-    return tl.minimum(tl.maximum(x, lo), hi)
+    return _min(_max(x, lo), hi)
+
+
+@triton.jit
+def _min_over(x):
+    """Minimum of a block, NaN if any entry is NaN (tl.min drops NaN), as torch.amin."""
+    return tl.reduce(x, 0, _min)
+
+
+@triton.jit
+def _max_over(x):
+    return tl.reduce(x, 0, _max)
 
 
 @triton.jit
@@ -71,7 +98,7 @@ def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_
     """Per-token policy term P (MATH.md §4) of one block and its derivatives.
 
     Returns (P, ∂P/∂ρ, ∂P/∂ℓ through ℓ itself, dual-clip active). Clamps pass the gradient on the closed
-    interval, as torch.clamp does.
+    interval, as torch.clamp does; NaN counts as inside, so it reaches the gradient.
     """
     zero = tl.zeros_like(rho)
     dual = zero != 0.0
@@ -81,12 +108,12 @@ def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_
         unclipped = rho
         d_unclipped = zero + 1.0
         if HAS_DELTA:
-            unclipped = tl.minimum(rho, delta)
-            d_unclipped = tl.where(rho <= delta, 1.0, 0.0)
+            unclipped = _min(rho, delta)
+            d_unclipped = tl.where(rho > delta, 0.0, 1.0)
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
         clipped = _clamp(rho, lo, hi)
-        d_clipped = tl.where((rho >= lo) & (rho <= hi), 1.0, 0.0)
+        d_clipped = tl.where((rho < lo) | (rho > hi), 0.0, 1.0)
         surr1 = unclipped * adv
         surr2 = clipped * adv
         take1 = surr1 <= surr2
@@ -98,7 +125,7 @@ def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_
             P = tl.where(dual, cap, P)
             d_rho = tl.where(dual, 0.0, d_rho)
     elif LOSS_MODE == 1:  # cispo (TRL): −sg(min(ρ, ε_hi))·A·ℓ
-        weight = tl.minimum(rho, eps_high)
+        weight = _min(rho, eps_high)
         P = -weight * adv * logp
         d_logp = -weight * adv
     elif LOSS_MODE == 2:  # cispo (verl): −sg(clip(ρ, 1−ε_lo, 1+ε_hi))·A·ℓ
@@ -117,6 +144,16 @@ def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_
 
 
 @triton.jit
+def _k3_value(x, e):
+    """e^x − x − 1 without cancellation, as rlloss.policy.k3_value: its Taylor series for |x| < 1/2 (error
+    below x⁹/9!, a float32 ulp; e − x − 1 loses ~1e-4 relative at x ~ 1e-2 in float32), the direct form
+    elsewhere (NaN takes the direct form and stays NaN)."""
+    series = x * x * (0.5 + x * ((1.0 / 6.0) + x * ((1.0 / 24.0) + x * ((1.0 / 120.0) + x * (
+        (1.0 / 720.0) + x * ((1.0 / 5040.0) + x / 40320.0))))))
+    return tl.where(tl.abs(x) < 0.5, series, e - x - 1.0)
+
+
+@triton.jit
 def _kl_term(x, KL_ESTIMATOR: tl.constexpr, KL_CLAMP: tl.constexpr):
     """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (MATH.md §4): k1, abs, k2, k3, k3+ (value of k3, gradient of k2)."""
     if KL_ESTIMATOR == 0:
@@ -124,7 +161,7 @@ def _kl_term(x, KL_ESTIMATOR: tl.constexpr, KL_CLAMP: tl.constexpr):
         dK = tl.zeros_like(x) + 1.0
     elif KL_ESTIMATOR == 1:
         K = tl.abs(x)
-        dK = tl.where(x > 0.0, -1.0, tl.where(x < 0.0, 1.0, 0.0))
+        dK = tl.where(x > 0.0, -1.0, tl.where(x < 0.0, 1.0, 0.0 * x))  # −sign(x): NaN stays NaN
     elif KL_ESTIMATOR == 2:
         K = 0.5 * x * x
         dK = -x
@@ -132,13 +169,13 @@ def _kl_term(x, KL_ESTIMATOR: tl.constexpr, KL_CLAMP: tl.constexpr):
         if KL_CLAMP:  # verl: x clamped to ±20 before exp, the value to ±10
             xc = _clamp(x, -20.0, 20.0)
             e = tl.exp(xc)
-            K = e - xc - 1.0
-            dK = tl.where((x >= -20.0) & (x <= 20.0), 1.0 - e, 0.0)
-            dK = tl.where((K >= -10.0) & (K <= 10.0), dK, 0.0)
+            K = _k3_value(xc, e)
+            dK = tl.where((x < -20.0) | (x > 20.0), 0.0, 1.0 - e)
+            dK = tl.where((K < -10.0) | (K > 10.0), 0.0, dK)
             K = _clamp(K, -10.0, 10.0)
         else:
             e = tl.exp(x)
-            K = e - x - 1.0
+            K = _k3_value(x, e)
             dK = 1.0 - e
         if KL_ESTIMATOR == 4:  # k3+: straight-through, gradient of k2
             dK = -x
@@ -204,9 +241,8 @@ def _policy_loss_kernel(
 
     # per-row scalars: GSPO ratio s_i = exp(clamp(Σ m(ℓ−ℓ°)/n_i)), sequence rollout weight, aggregation weight
     log_s = tl.sum(u_acc, axis=0) / n_safe
-    s_in = (log_s >= log_ratio_min) & (log_s <= log_ratio_max)
     s = tl.exp(_clamp(log_s, log_ratio_min, log_ratio_max))
-    ds = tl.where(s_in, s, 0.0)
+    ds = tl.where((log_s < log_ratio_min) | (log_s > log_ratio_max), 0.0, s)
     w_row = tl.exp(tl.sum(d_acc, axis=0))
     if SEQ_ROLLOUT:
         w_row = _rollout_weight(w_row, rollout_min, rollout_max, TRUNCATE)
@@ -259,7 +295,7 @@ def _policy_loss_kernel(
         # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
         if IS_LEVEL == 0:
             rho = tl.exp(_clamp(u, log_ratio_min, log_ratio_max))
-            d_rho = tl.where((u >= log_ratio_min) & (u <= log_ratio_max), rho, 0.0)
+            d_rho = tl.where((u < log_ratio_min) | (u > log_ratio_max), 0.0, rho)
         else:  # s_i; for "sequence_token" log ρ_t = ℓ_t − sg(ℓ_t) + sg(log s_i) gives dρ_t/dℓ_t = s_i
             rho = zeros + s
             d_rho = zeros + ds
@@ -273,43 +309,46 @@ def _policy_loss_kernel(
         if HAS_ROLLOUT:
             d = tl.where(live, old - tl.load(roll_row + t, mask=live, other=0.0).to(tl.float32), 0.0)
             ld_acc += tl.abs(d)
-            ld_max = tl.maximum(ld_max, tl.abs(d))
+            ld_max = _max(ld_max, tl.abs(d))
             if TOKEN_ROLLOUT:
                 w = _rollout_weight(tl.exp(d), rollout_min, rollout_max, TRUNCATE)
                 is_acc += tl.where(live, w, 0.0)
                 is_cnt += tl.where(live, 1.0, 0.0)
-                is_min = tl.minimum(is_min, tl.where(live, w, float("inf")))
-                is_max = tl.maximum(is_max, tl.where(live, w, -float("inf")))
+                is_min = _min(is_min, tl.where(live, w, float("inf")))
+                is_max = _max(is_max, tl.where(live, w, -float("inf")))
         if SEQ_ROLLOUT:
             w = zeros + w_row
         loss_t = w * P
         direct = w * dP_dlogp
         via_ratio = w * dP_drho
 
-        if HAS_REF:  # + β·KL_t (times ρ when kl_ratio_weighted)
+        if HAS_REF:  # + β·KL_t (times ρ when kl_ratio_weighted); β = 0 feeds the kl metric only
             ref = tl.load(ref_row + t, mask=live, other=0.0).to(tl.float32)
             K, dK = _kl_term(ref - logp, KL_ESTIMATOR, KL_CLAMP)
+            kl_on = beta != 0.0
             if KL_WEIGHTED:
-                direct += beta * dK * rho
-                via_ratio += beta * K
+                direct += tl.where(kl_on, beta * dK * rho, 0.0)
+                via_ratio += tl.where(kl_on, beta * K, 0.0)
                 K = K * rho
             else:
-                direct += beta * dK
-            loss_t += beta * K
+                direct += tl.where(kl_on, beta * dK, 0.0)
+            loss_t += tl.where(kl_on, beta * K, 0.0)
             kl_acc += tl.where(live, K, 0.0)
-        if HAS_ENTROPY:  # − c_H·H_t
+        if HAS_ENTROPY:  # − c_H·H_t; a zero coefficient never reads the entropy into the loss
             ent = tl.load(ent_row + t, mask=live, other=0.0).to(tl.float32)
-            loss_t -= entropy_coef * ent
+            loss_t -= tl.where(entropy_coef != 0.0, entropy_coef * ent, 0.0)
             ent_acc += ent
 
+        # masked tokens are selected away, not multiplied by c = 0: a NaN/inf sequence ratio or rollout weight
+        # of the row (from a counted token) must not reach them
         coef = tl.where(live, row_weight, 0.0)
-        loss_acc += coef * loss_t
+        loss_acc += tl.where(live, coef * loss_t, 0.0)
         if IS_LEVEL == 1:
             grad = coef * direct
-            seq_acc += coef * via_ratio
+            seq_acc += tl.where(live, coef * via_ratio, 0.0)
         else:
             grad = coef * (direct + via_ratio * d_rho)
-        tl.store(grad_row + t, grad, mask=inb)
+        tl.store(grad_row + t, tl.where(live, grad, 0.0), mask=inb)
         if WRITE_GRAD_ENT:
             tl.store(grad_ent_row + t, -entropy_coef * coef, mask=inb)
 
@@ -348,10 +387,10 @@ def _policy_loss_kernel(
     tl.store(out + 8, tl.sum(ent_acc, axis=0))
     tl.store(out + 9, tl.sum(is_acc, axis=0))
     tl.store(out + 10, tl.sum(is_cnt, axis=0))
-    tl.store(out + 11, tl.min(is_min, axis=0))
-    tl.store(out + 12, tl.max(is_max, axis=0))
+    tl.store(out + 11, _min_over(is_min))
+    tl.store(out + 12, _max_over(is_max))
     tl.store(out + 13, tl.sum(ld_acc, axis=0))
-    tl.store(out + 14, tl.max(ld_max, axis=0))
+    tl.store(out + 14, _max_over(ld_max))
 
 
 def _bound(x: Optional[float], default: float) -> float:
