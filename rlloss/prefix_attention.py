@@ -76,7 +76,9 @@ class SharedPrefixLayout:
         try:
             device = torch.device(self.device)
         except (TypeError, RuntimeError):
-            raise TypeError(f"device must be a torch.device or a device string, got {self.device!r}") from None
+            error = ValueError if isinstance(self.device, str) else TypeError
+            raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {self.device!r}") \
+                from None
         for name, value in (("starts", starts), ("lengths", lengths), ("parents", parents), ("device", device)):
             object.__setattr__(self, name, value)
 
@@ -140,7 +142,7 @@ class SharedPrefixLayout:
         for n in lengths:
             starts.append(total)
             total += n
-        return cls(tuple(starts), lengths, parents, torch.device(device or "cpu"))
+        return cls(tuple(starts), lengths, parents, "cpu" if device is None else device)  # checked on construction
 
     @classmethod
     def from_groups(cls, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]],
@@ -188,9 +190,26 @@ class SharedPrefixLayout:
     def total_tokens(self) -> int:
         return self.starts[-1] + self.lengths[-1]
 
+    def _segment(self, segment: object) -> int:
+        """``segment`` checked to be a segment index in [0, S) (a negative index would silently wrap)."""
+        if isinstance(segment, bool) or not isinstance(segment, int):
+            raise TypeError(f"segment must be an int, got {type(segment).__name__}")
+        if not 0 <= segment < self.num_segments:
+            raise ValueError(f"segment must lie in [0, {self.num_segments}), got {segment}")
+        return segment
+
+    @staticmethod
+    def _positive(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+        return value
+
     def ancestors(self, segment: int) -> List[int]:
         """Ancestors of ``segment``, root first."""
         chain = []
+        segment = self._segment(segment)
         p = self.parents[segment]
         while p != -1:
             chain.append(p)
@@ -199,6 +218,7 @@ class SharedPrefixLayout:
 
     def descendants(self, segment: int) -> List[int]:
         """Every segment below ``segment``, in stream order."""
+        segment = self._segment(segment)
         below, inside = [], {segment}
         for s in range(segment + 1, self.num_segments):
             if self.parents[s] in inside:
@@ -229,6 +249,7 @@ class SharedPrefixLayout:
 
     def attention_flops(self, head_dim: int, num_heads: int) -> int:
         """Forward FLOPs of the visible (query, key) pairs: 4·d·H per pair (QKᵀ and PV)."""
+        head_dim, num_heads = self._positive("head_dim", head_dim), self._positive("num_heads", num_heads)
         pairs = 0
         for s in range(self.num_segments):
             n = self.lengths[s]
@@ -248,7 +269,7 @@ class SharedPrefixLayout:
         work of a block of queries (keys it sees) / of keys (queries that see them), heaviest first, so the
         kernels start the long programs — a prompt's key blocks — first.
         """
-        key = (block, str(self.device))
+        key = (self._positive("block", block), str(self.device))
         if key not in self._cache:
             ancestors = [self.ancestors(s) for s in range(self.num_segments)]
             descendants = [[] for _ in range(self.num_segments)]

@@ -95,7 +95,7 @@ class SharedPrefixBatch:
         Raises:
             TypeError: a container is not a list/tuple, an id tensor is not a tensor or not int64.
             ValueError: a prompt without completions, an empty or non-1-D id tensor, a negative id, mismatched
-                list lengths, id tensors on different devices.
+                list lengths, id tensors on different devices, an unknown device string.
         """
         prompts = _sequence("prompt_ids", prompt_ids)
         groups = _sequence("completion_ids", completion_ids)
@@ -121,6 +121,13 @@ class SharedPrefixBatch:
         if len(devices) > 1:
             raise ValueError(f"all prompt and completion ids must be on one device, got "
                              f"{sorted(str(d) for d in devices)}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (TypeError, RuntimeError):
+                error = ValueError if isinstance(device, str) else TypeError
+                raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") \
+                    from None
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
         if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
             _no_negative_ids(names, pieces)
