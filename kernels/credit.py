@@ -24,7 +24,8 @@ def credit_advantage(adv, delta, lam, log_w_low, log_w_high):
     """Â = A·((1−λ) + λ·w), w = exp(clip(sign(A)·Δ, log(1−ε_w), log(1+ε_w))): the clip is taken in log space,
     so no |Δ| overflows exp; A = 0 gives exactly 0 whatever Δ holds."""
     sign = tl.where(adv > 0.0, 1.0, tl.where(adv < 0.0, -1.0, 0.0))
-    log_w = tl.minimum(tl.maximum(sign * delta, log_w_low), log_w_high)
+    log_w = tl.minimum(tl.maximum(sign * delta, log_w_low, propagate_nan=tl.PropagateNan.ALL), log_w_high,
+                       propagate_nan=tl.PropagateNan.ALL)
     scaled = adv * ((1.0 - lam) + lam * tl.exp(log_w))
     return tl.where(adv != 0.0, scaled, 0.0)
 

@@ -52,7 +52,7 @@ def _load_logits(x_ptr, b_ptr, rows, cols, live, col_mask, stride_x, inv_tempera
     if HAS_SOFTCAP:
         t = _tanh(x / softcap)
         x = softcap * t
-    return tl.maximum(x * inv_temperature, -1e30), t
+    return tl.maximum(x * inv_temperature, -1e30, propagate_nan=tl.PropagateNan.ALL), t
 
 
 @triton.jit

@@ -224,7 +224,7 @@ def _kl_term(config: LossConfig, x: Tensor):
     if est == "k1":
         return -x, torch.ones_like(x)
     if est == "abs":
-        return x.abs(), -torch.sign(x)
+        return x.abs(), torch.where(x.isnan(), x, -torch.sign(x))
     if est == "k2":
         return 0.5 * x * x, -x
     if config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
@@ -433,7 +433,7 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     coef = tokens.coef
     if config.importance_sampling_level == "sequence":  # s_i reaches every token: dℓ_t += (m_t/n_i)·s_i·Σ c·∂L/∂ρ
         seq = (coef * terms.via_ratio).sum(1) * ds / n_safe
-        grad = coef * terms.direct + mf * seq[:, None]
+        grad = coef * terms.direct + torch.where(live, seq[:, None], zero)
     else:
         grad = coef * (terms.direct + terms.via_ratio * d_rho)
     grad_ent = -config.entropy_coef * coef if write_grad_entropy else None

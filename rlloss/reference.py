@@ -42,7 +42,8 @@ def logprobs_from_logits(
     logp = torch.log_softmax(logits, dim=-1)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     token_logp = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    p = logp.exp()  # a −inf logit has p = 0 and contributes 0 (never 0·(−inf))
+    entropy = -(p * torch.where(p == 0, torch.zeros((), dtype=logits.dtype), logp)).sum(-1)
     zero = torch.zeros((), dtype=logits.dtype)
     return torch.where(valid, token_logp, zero), torch.where(valid, entropy, zero)
 
@@ -73,10 +74,23 @@ def _lower_median(x: Tensor) -> Tensor:
     return x.sort().values[(x.numel() - 1) // 2]
 
 
-def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor) -> Tensor:
-    """Advantages of one group of float64 rewards ``r`` [G] (MATH.md §2)."""
+def _whiten(x: Tensor, n: Tensor, eps: float) -> Tensor:
+    """(x − μ)/√(σ² + ε), μ and σ² (unbiased, N − 1) over N = Σ n tokens, x_i counted n_i times."""
+    N = n.sum()
+    mean = (n * x).sum() / N if N > 0 else torch.zeros((), dtype=x.dtype)
+    var = (n * (x - mean).square()).sum() / (N - 1) if N > 1 else torch.zeros((), dtype=x.dtype)
+    root = (var + eps).sqrt()
+    return (x - mean) / root if root > 0 else torch.zeros_like(x)
+
+
+def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor, alpha: Tensor, n: Tensor,
+                     singleton: str) -> Tensor:
+    """Advantages of one group of float64 rewards ``r`` [G] (MATH.md §2); n [G] the token counts."""
     G = r.numel()
     zeros = torch.zeros_like(r)
+    if G == 1 and singleton == "verl":  # verl: mean 0 and std 1 for a group of one
+        scale = {"grpo": 1 / (1 + eps), "gpg": alpha}.get(mode, 1.0)
+        return r * scale
     if bool((r == r[0]).all()):  # zero variance (a singleton included): exactly 0 in every mode
         return zeros
     if mode in ("median", "median_mad"):
@@ -90,33 +104,60 @@ def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor) -> Ten
         ties = (r[None, :] == r[:, None]).sum(1).to(r.dtype)
         rank = less + (ties + 1) / 2  # 1-based, ties share their mean rank
         return torch.special.ndtri((rank - 0.5) / G)
+    if mode in ("grpo_passk", "grpo_passk_no_std"):
+        top = r.sort(descending=True).values
+        gap = top[0] - top[1]  # second largest with multiplicity: a tied best gives 0
+        if mode == "grpo_passk":
+            gap = gap / (r.std() + eps) if r.std() + eps > 0 else zeros[0]
+        return torch.where(r == top[0], gap, zeros)
+    if mode == "opo":  # a group without any token gets 0
+        return r - (n * r).sum() / n.sum() if n.sum() > 0 else zeros
     centered = r - r.mean()
-    if mode == "no_std":
+    if mode in ("no_std", "reinforce_plus_plus_baseline"):
         return centered
     if mode == "rloo":
         return centered * G / (G - 1)
+    if mode == "gpg":
+        return alpha * centered
     scale = (r.std() if mode == "grpo" else batch_std) + eps
     return centered / scale if scale > 0 else zeros
 
 
-def group_advantages(rewards: Tensor, group_sizes, *, mode: str = "grpo", eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, group_sizes, *, mode: str = "grpo", eps: float = 1e-6,
+                     singleton: str = "zero", response_lengths: Optional[Tensor] = None,
+                     baselines: Optional[Tensor] = None) -> Tensor:
     """Group-relative advantages [B] of ``rewards`` [B] split into consecutive groups of ``group_sizes``.
 
     A plain loop over the groups, computed and returned in float64 whatever the rewards' dtype (advantages
-    carry no gradient). Modes as in MATH.md §2: grpo, no_std, batch_std, rloo, median, median_mad
-    ((R − median)/(MAD + ε)), rank_gaussian. Medians are lower medians (torch.median); σ is unbiased; a
-    group whose rewards are all equal gives exactly 0; a zero denominator (only possible with ε = 0) gives 0.
+    carry no gradient). Modes as in docs/math.md §2: grpo, no_std, batch_std, rloo, median, median_mad
+    ((R − median)/(MAD + ε)), rank_gaussian, and verl's gpg, grpo_passk, grpo_passk_no_std, opo,
+    reinforce_plus_plus, reinforce_plus_plus_baseline and remax (``response_lengths`` [B] the token counts of
+    opo and the reinforce_plus_plus modes, ``baselines`` [B] remax's baseline rewards; ``group_sizes`` may be
+    None for reinforce_plus_plus and remax). Medians are lower medians (torch.median); σ is unbiased; a group
+    whose rewards are all equal gives exactly 0 (before the whitening of reinforce_plus_plus_baseline); a zero
+    denominator (only possible with ε = 0) gives 0; ``singleton="verl"`` gives a group of one mean 0 and std 1.
+    ε is the API's explicit value: it sits under the square root (σ² + ε) in the reinforce_plus_plus modes.
     The naive mean cannot resolve a spread far below the rewards' common offset (1e-2 on 1e12); every mode
     is translation invariant, so hand such rewards over with the offset taken off.
     """
     r = rewards.detach().to(torch.float64)
+    n = (torch.ones_like(r) if response_lengths is None
+         else response_lengths.detach().to(device=r.device, dtype=torch.float64))
+    if mode == "remax":
+        return r - baselines.detach().to(device=r.device, dtype=torch.float64)
+    if mode == "reinforce_plus_plus":
+        return _whiten(r, n, eps)
     # TRL's scale_rewards="batch": the unbiased std of all rewards (0 for a single reward).
     batch_std = r.std() if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
+    alpha = r.numel() / max(int(torch.count_nonzero(r)), 1)  # GPG: B / #{R ≠ 0}
     out = torch.zeros_like(r)
     begin = 0
     for size in [int(s) for s in group_sizes]:
-        out[begin : begin + size] = _group_advantage(r[begin : begin + size], mode, eps, batch_std)
+        group = slice(begin, begin + size)
+        out[group] = _group_advantage(r[group], mode, eps, batch_std, alpha, n[group], singleton)
         begin += size
+    if mode == "reinforce_plus_plus_baseline":
+        return _whiten(out, n, eps)
     return out
 
 
@@ -246,10 +287,12 @@ def policy_loss(
         if config.kl_ratio_weighted:
             kl = kl * rho
         metrics["kl"] = _masked_mean(kl.detach(), mf)
-        L = L + config.beta * kl
+        if config.beta != 0.0:  # switched off: the metric only
+            L = L + config.beta * kl
     if entropy is not None:
         metrics["entropy"] = _masked_mean(clean(entropy).detach(), mf)
-        L = L - config.entropy_coef * clean(entropy)
+        if config.entropy_coef != 0.0:
+            L = L - config.entropy_coef * clean(entropy)
 
     # §6 aggregation
     seq_sums = (L * mf).sum(-1)

@@ -124,21 +124,13 @@ def _row_wide(config: LossConfig, poisoned: str) -> bool:
 # rlloss/policy.py _kl_term returns dK = −torch.sign(x) for the abs estimator, and torch.sign(NaN) = 0; the
 # reference's autograd of x.abs() likewise gives 0 at NaN.
 _SIGN_DROPS_NAN = pytest.mark.xfail(
-    strict=True, reason="kl_estimator='abs': torch.sign(NaN) = 0 (rlloss/policy.py _kl_term's -torch.sign(x), and "
-    "the backward of x.abs() in rlloss/reference.py), so NaN ref_logprobs gives a finite gradient")
+    strict=True, reason="kl_estimator='abs': the backward of x.abs() in rlloss/reference.py is sign(x) = 0 at NaN, "
+    "so NaN ref_logprobs gives a finite gradient on the reference")
 # rlloss/reference.py policy_loss differentiates torch.clamp, whose backward passes the gradient only where
 # lo <= x <= hi — False for NaN.
 _REF_CLAMP_DROPS_NAN = pytest.mark.xfail(
     strict=True, reason="rlloss/reference.py: torch.clamp's backward zeroes the gradient at NaN, so a NaN log-ratio "
     "under log_ratio_min/max (or a NaN ℓʳ − ℓ under kl_clamp) gives d(loss)/dℓ = 0 at the NaN token, not NaN")
-# rlloss/policy.py _torch_rows (importance_sampling_level="sequence"): grad = c·direct + mf·seq.
-_TORCH_SEQ_MASKED_NAN = pytest.mark.xfail(
-    strict=True, reason="rlloss/policy.py _torch_rows: `grad = coef * terms.direct + mf * seq[:, None]` gives the "
-    "masked tokens of a NaN GSPO row 0*NaN = NaN instead of exactly 0")
-# rlloss/reference.py policy_loss adds β·KL and c_H·H unconditionally: 0·NaN = NaN, 0·inf = NaN.
-_REF_SWITCHED_OFF = pytest.mark.xfail(
-    strict=True, reason="rlloss/reference.py policy_loss: `L + config.beta * kl` and `L - config.entropy_coef * "
-    "clean(entropy)` are formed with beta = 0 / entropy_coef = 0, so NaN ref/entropy (or K = inf) gives a NaN loss")
 
 
 def _reference_paths_all_clamped(config: LossConfig, poisoned: str) -> bool:
@@ -153,12 +145,10 @@ def _reference_paths_all_clamped(config: LossConfig, poisoned: str) -> bool:
 def _departures(backend: str, config_name: str, poisoned: str):
     config = CONFIGS[config_name]
     marks = []
-    if backend in ("torch", "reference") and config.kl_estimator == "abs" and poisoned == "ref_logprobs":
+    if backend == "reference" and config.kl_estimator == "abs" and poisoned == "ref_logprobs":
         marks.append(_SIGN_DROPS_NAN)
     if backend == "reference" and _reference_paths_all_clamped(config, poisoned):
         marks.append(_REF_CLAMP_DROPS_NAN)
-    if backend == "torch" and _row_wide(config, poisoned):
-        marks.append(_TORCH_SEQ_MASKED_NAN)
     return marks[:1]
 
 
@@ -254,11 +244,7 @@ def _switched_off_cases():
     for backend in POLICY_BACKENDS:
         for config_name in SWITCHED_OFF_CONFIGS:
             for case in ["masked_garbage", "beta0_coef0_nan", "beta0_ref_plus_100"]:
-                config = CONFIGS[config_name]
-                k_inf = config.kl_estimator in ("k3", "k3+") and not config.kl_clamp  # else K(100) is finite
-                departs = case == "beta0_coef0_nan" or (case == "beta0_ref_plus_100" and k_inf)
-                marks = [_REF_SWITCHED_OFF] if backend == "reference" and departs else []
-                yield pytest.param(backend, config_name, case, id=f"{backend}-{config_name}-{case}", marks=marks)
+                yield pytest.param(backend, config_name, case, id=f"{backend}-{config_name}-{case}")
 
 
 @pytest.mark.parametrize("backend,config_name,case", list(_switched_off_cases()))
@@ -311,11 +297,6 @@ def test_k3_small_x_has_no_cancellation(kl_clamp):
 D, V = 8, 24
 FUSED_CONFIGS = ["dapo_k3", "gspo"]
 
-# kernels/logprobs.py _load_logits returns tl.maximum(x * inv_temperature, -1e30): Triton's maximum drops NaN
-# by default (maxnum semantics), so a NaN logit reads as −1e30.
-_KERNEL_LOGITS_DROP_NAN = pytest.mark.xfail(
-    strict=True, reason="kernels/logprobs.py _load_logits: `tl.maximum(x * inv_temperature, -1e30)` turns a NaN "
-    "logit into -1e30 (propagate_nan defaults to NONE): a finite log-prob, entropy and gradient")
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,7 +343,7 @@ def _fused_nan_cases():
     for backend in BACKENDS:
         for config_name in FUSED_CONFIGS:
             for poisoned in ["hidden", "old_logprobs", "advantages", "ref_logprobs"]:
-                marks = [_KERNEL_LOGITS_DROP_NAN] if backend == KERNEL_BACKEND and poisoned == "hidden" else []
+                marks = []
                 yield pytest.param(backend, config_name, poisoned, id=f"{backend}-{config_name}-{poisoned}",
                                    marks=marks)
 
@@ -448,7 +429,7 @@ def _rows_inputs():
 
 
 def _logprob_nan_backends():
-    return [pytest.param(b, marks=[_KERNEL_LOGITS_DROP_NAN] if b == KERNEL_BACKEND else []) for b in
+    return [pytest.param(b) for b in
             LOGPROB_BACKENDS]
 
 
@@ -517,15 +498,12 @@ def test_token_logprobs_ignored_garbage(backend):
 
 # --- contrastive_credit -------------------------------------------------------------------------------
 
-_KERNEL_CREDIT_CLIP_DROPS_NAN = pytest.mark.xfail(
-    strict=True, reason="kernels/credit.py credit_advantage: tl.minimum/tl.maximum drop NaN by default, so NaN "
-    "Δ = ℓ⁺ − ℓ⁻ gives the clip bound and a finite Â (torch's clamp propagates NaN)")
 
 
 def _credit_cases():
     for backend in POLICY_BACKENDS:
         for poisoned in ["advantages", "pos_logprobs", "neg_logprobs"]:
-            marks = [_KERNEL_CREDIT_CLIP_DROPS_NAN] if backend == KERNEL_BACKEND and poisoned != "advantages" else []
+            marks = []
             yield pytest.param(backend, poisoned, id=f"{backend}-{poisoned}", marks=marks)
 
 
@@ -556,9 +534,6 @@ def test_contrastive_credit_nan(backend, poisoned):
 
 # --- (5) a masked vocabulary (−inf logits) is exact ---------------------------------------------------
 
-_REF_ENTROPY_NAN_AT_NEG_INF = pytest.mark.xfail(
-    strict=True, reason="rlloss/reference.py logprobs_from_logits: entropy = -(p*logp).sum() with logp = -inf "
-    "at a masked vocabulary entry gives 0*(-inf) = NaN (entropy and every logit gradient of the row NaN)")
 
 
 def _masked_vocab_inputs():
@@ -601,7 +576,6 @@ def test_masked_vocabulary_logits_exact(backend):
     assert (got[2][torch.arange(N_ROWS), blocked] == 0).all()
 
 
-@_REF_ENTROPY_NAN_AT_NEG_INF
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_logits_match_reference(backend):
     logits, targets, _ = _masked_vocab_inputs()
@@ -646,7 +620,6 @@ def test_masked_vocabulary_bias_exact(backend):
     assert (got[3][7] == 0).all() and got[4][7] == 0
 
 
-@_REF_ENTROPY_NAN_AT_NEG_INF
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_vocabulary_bias_matches_reference(backend):
     hidden, weight, bias, targets = _masked_bias_inputs()
