@@ -278,6 +278,154 @@ def test_random_forests_kernels(data):
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32)
 
 
+# --- the torch backend's blocked path --------------------------------------------------------------------
+
+
+def _per_segment_attention(q, k, v, layout, scale):
+    """The torch backend's former formula, kept as a second oracle: per segment, its queries against
+    [ancestor keys | own keys (causal)], one softmax per segment."""
+    group = q.shape[1] // k.shape[1]
+    pieces = []
+    for s in range(layout.num_segments):
+        begin, n = layout.starts[s], layout.lengths[s]
+        visible = [slice(layout.starts[a], layout.starts[a] + layout.lengths[a]) for a in layout.ancestors(s)]
+        visible.append(slice(begin, begin + n))
+        keys = torch.cat([k[r] for r in visible]).repeat_interleave(group, dim=1)
+        values = torch.cat([v[r] for r in visible]).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[begin: begin + n], keys) * scale
+        prefix = keys.shape[0] - n
+        allowed = torch.cat([torch.ones(n, prefix, dtype=torch.bool), torch.ones(n, n, dtype=torch.bool).tril()], 1)
+        pieces.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), values))
+    return torch.cat(pieces)
+
+
+def _many_short_completions():
+    """The GRPO toy's batch: 16 groups of a 32-token prompt and 8 completions of 3 tokens (144 segments)."""
+    return SharedPrefixLayout.from_groups([32] * 16, [[3] * 8] * 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_many_short_completions(dtype):
+    layout = _many_short_completions()
+    assert layout.num_segments == 144
+    q, k, v, do = _inputs(layout, 4, 2, 16)
+    got = _run(q, k, v, do, layout, dtype, "torch")
+    _assert_close(got, _dense_reference(q, k, v, do, layout), dtype)
+
+
+def test_torch_backend_equals_the_per_segment_formula():
+    """144 segments through the blocked path and through one softmax per segment, float64, with gradients."""
+    layout = _many_short_completions()
+    q, k, v, do = _inputs(layout, 4, 2, 16, seed=1)
+    got = _run(q, k, v, do, layout, torch.float64, "torch")
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = _per_segment_attention(*leaves, layout, 16 ** -0.5)
+    out.backward(do)
+    _assert_close(got, (out.detach(), *(x.grad for x in leaves)), torch.float64)
+
+
+def _deep_trees():
+    # A chain of 12 turns (lengths 1–9, some of 1 token); a tree whose root has a chain of 5 below one child
+    # and siblings at every depth; a lone root of one token; a root whose children come after another root's.
+    chain = ([5, 1, 9, 3, 1, 7, 2, 1, 8, 4, 6, 1], [-1] + list(range(11)))
+    branching = ([17, 4, 1, 6, 3, 1, 2, 5, 1], [-1, 0, 1, 1, 3, 4, 5, 0, 7])
+    interleaved = ([3, 1, 4, 2, 1, 5], [-1, -1, 0, 1, 2, 2])
+    return [chain, branching, interleaved, ([1], [-1]), ([1, 1, 1], [-1, 0, 1])]
+
+
+@pytest.mark.parametrize("tree", range(5), ids=["chain12", "branching", "interleaved-roots", "one-token",
+                                               "three-single-tokens"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_deep_trees_and_single_tokens(tree, dtype):
+    """Long ancestor chains, segments of one token, a stream of one token, roots without children and roots
+    interleaved in the stream (the layout allows no empty segment and no group without a completion)."""
+    lengths, parents = _deep_trees()[tree]
+    layout = SharedPrefixLayout.from_tree(lengths, parents)
+    q, k, v, do = _inputs(layout, 2, 1, 8, seed=tree)
+    got = _run(q, k, v, do, layout, dtype, "torch")
+    _assert_close(got, _dense_reference(q, k, v, do, layout), dtype, "dense")
+    _assert_close(got, _separate_runs(q, k, v, do, layout), dtype, "separate")
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128, 256])
+def test_torch_backend_every_block_size_and_bucketing(block):
+    """Every query-block size the plan can pick, forced, on groups of very different sizes (so the blocks
+    fall into several buckets of different key counts) and a stream that ends mid-block."""
+    from rlloss.prefix_attention import _torch_attention, _torch_plan
+
+    layout = SharedPrefixLayout.from_groups([150, 3, 40], [[1, 70, 9], [2, 1], [33, 5, 1, 12]])
+    q, k, v, do = _inputs(layout, 4, 2, 16, seed=block)
+    plan = _torch_plan(layout, (4, 2, 16), block)
+    assert plan["block"] == block and layout.total_tokens % block != 0
+    if block <= 32:
+        assert len(plan["masks"]) > 1
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = _torch_attention(*leaves, layout, 16 ** -0.5, block=block)
+    out.backward(do)
+    _assert_close((out.detach(), *(x.grad for x in leaves)), _dense_reference(q, k, v, do, layout),
+                  torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_half_inputs(dtype):
+    """16-bit inputs are computed in float32 and returned in their dtype."""
+    layout = SharedPrefixLayout.from_groups([21], [[18, 1, 30]])
+    q, k, v, do = _inputs(layout, 4, 2, 32)
+    got = _run(q, k, v, do, layout, dtype, "torch")
+    rounded = [x.to(dtype).double() for x in (q, k, v)]
+    _assert_close(got, _dense_reference(*rounded, do.to(dtype).double(), layout), dtype)
+
+
+def test_torch_backend_backward_is_deterministic():
+    layout = _many_short_completions()
+    q, k, v, do = _inputs(layout, 4, 2, 16)
+    first = _run(q, k, v, do, layout, torch.float32, "torch")
+    second = _run(q, k, v, do, layout, torch.float32, "torch")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_torch_backend_runs_small_problems_on_one_thread(monkeypatch):
+    """A small problem runs its forward and its backward on one intra-op thread (on a loaded machine each
+    parallel region of a tiny op can wait a scheduler slice for its second thread) and restores the count."""
+    from rlloss import prefix_attention as module
+
+    seen = []
+    blocked = module._blocked_attention
+
+    def recording(*args):
+        seen.append(("forward", torch.get_num_threads()))
+        out = blocked(*args)
+        if out.requires_grad:
+            out.register_hook(lambda grad: seen.append(("backward", torch.get_num_threads())))
+        return out
+
+    monkeypatch.setattr(module, "_blocked_attention", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layout = SharedPrefixLayout.from_groups([16], [[8, 8, 8, 8]])  # 48 tokens
+        q, k, v, do = _inputs(layout, 4, 2, 64)
+        for grads in ((True, True, True), (True, False, False), (False, False, False)):
+            seen.clear()
+            leaves = [x.detach().clone().requires_grad_(g) for x, g in zip((q, k, v), grads)]
+            out = rlloss.shared_prefix_attention(*leaves, layout, backend="torch")
+            assert torch.get_num_threads() == 2
+            if out.requires_grad:
+                out.backward(do)
+                assert torch.get_num_threads() == 2
+            assert seen == [("forward", 1)] + ([("backward", 1)] if any(grads) else [])
+            expected = _dense_reference(q, k, v, do, layout)
+            assert (out.detach() - expected[0]).abs().max() < 1e-10
+            for leaf, grad in zip(leaves, expected[1:]):
+                assert leaf.grad is None if not leaf.requires_grad else (leaf.grad - grad).abs().max() < 1e-10
+        with torch.no_grad():
+            seen.clear()
+            rlloss.shared_prefix_attention(q, k, v, layout, backend="torch")
+            assert seen == [("forward", 1)] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- SharedPrefixLayout ------------------------------------------------------------------------------------
 
 
