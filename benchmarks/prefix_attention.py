@@ -17,9 +17,11 @@ Every case reports time (``triton.testing.do_bench``), peak memory, the speed-up
 to the ideal attention FLOP ratio of MATH.md §8, and the max abs difference of each implementation's output
 and gradients (mapped onto the packed stream, a prompt's gradients summed over its copies) from rlloss's.
 
-CPU default (no GPU): a smoke run — the ``torch`` backend against SDPA on the repeated-prompt batch at one
-tiny float32 shape, in the benchmark's own process (time and equality with a float64 reference, no memory
-figure), so that ``python -m benchmarks`` stays short on a CPU.
+CPU default (no GPU): the ``torch`` backend against SDPA on the repeated-prompt batch, float32, in the
+benchmark's own process (time and equality with a float64 reference, no memory figure), so that
+``python -m benchmarks`` stays short on a CPU: one prompt and four completions (tiny under ``--quick``), and the
+many-short-completions batch of a GRPO toy loop — 16 prompts of 32 tokens, each with 8 completions of 3 tokens
+(144 segments) — where a per-segment implementation loses to the repeated batch.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ from ._registry import Suite
 
 @dataclass(frozen=True)
 class Shape:
-    """One prompt of P tokens and G completions of S tokens; Hq query and Hkv key/value heads of dim d."""
+    """``groups`` prompts of P tokens, each with G completions of S tokens; Hq query and Hkv key/value heads of
+    dim d."""
 
     G: int
     P: int
@@ -51,14 +54,16 @@ class Shape:
     Hq: int
     Hkv: int
     d: int
+    groups: int = 1
 
     @property
     def T(self) -> int:
         """Tokens of the packed stream."""
-        return self.P + self.G * self.S
+        return self.groups * (self.P + self.G * self.S)
 
     def __str__(self) -> str:
-        return f"G={self.G} P={self.P} S={self.S} Hq={self.Hq} Hkv={self.Hkv} d={self.d}"
+        head = f"groups={self.groups} " if self.groups > 1 else ""
+        return f"{head}G={self.G} P={self.P} S={self.S} Hq={self.Hq} Hkv={self.Hkv} d={self.d}"
 
 
 GPU_GROUPS = (8, 16)
@@ -71,9 +76,11 @@ GPU_DTYPE = torch.bfloat16
 
 CPU_DEFAULT_SHAPE = Shape(G=4, P=128, S=32, Hq=4, Hkv=2, d=64)
 CPU_QUICK_SHAPE = Shape(G=4, P=32, S=8, Hq=4, Hkv=2, d=64)
+# Issue #12's GRPO toy loop: 16 groups × 8 completions of 3 tokens (144 segments); run in both modes.
+CPU_MANY_SHORT_SHAPE = Shape(G=8, P=32, S=3, Hq=4, Hkv=2, d=64, groups=16)
 CPU_DTYPE = torch.float32
 CPU_WARMUP_CALLS = 1
-CPU_TIMED_CALLS = 5
+CPU_TIMED_CALLS = 7
 
 # Forward FLOPs are 4·d per (query, key) pair and head (Q·Kᵀ and P·V); the backward does 2.5 times that (dV,
 # dP, dQ, dK and the recomputed Q·Kᵀ). Every implementation is credited with the pairs the shared layout
@@ -88,11 +95,13 @@ def gpu_shapes(quick: bool) -> List[Shape]:
 
 
 def layout_of(shape: Shape, device: str) -> rlloss.SharedPrefixLayout:
-    return rlloss.SharedPrefixLayout.from_groups([shape.P], [[shape.S] * shape.G], device=device)
+    return rlloss.SharedPrefixLayout.from_groups([shape.P] * shape.groups, [[shape.S] * shape.G] * shape.groups,
+                                                 device=device)
 
 
 def ideal_attention_ratio(shape: Shape) -> float:
-    """FLOPs of the repeated-prompt batch over those of the shared layout: (G(P+S)²) / (P² + G·S(2P+S))."""
+    """FLOPs of the repeated-prompt batch over those of the shared layout: (G(P+S)²) / (P² + G·S(2P+S)), the
+    same for any number of equal groups."""
     G, P, S = shape.G, shape.P, shape.S
     return G * (P + S) ** 2 / (P**2 + G * S * (2 * P + S))
 
@@ -134,23 +143,29 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = SEED)
 
 
 def repeated_rows(shape: Shape, device) -> Tensor:
-    """[G, P+S] packed-stream row of every token of the repeated batch (the prompt's rows in every copy)."""
-    prompt = torch.arange(shape.P, device=device)
-    return torch.stack([torch.cat([prompt, shape.P + g * shape.S + torch.arange(shape.S, device=device)])
-                        for g in range(shape.G)])
+    """[groups·G, P+S] packed-stream row of every token of the repeated batch (the prompt's rows in every copy
+    of its group)."""
+    rows = []
+    for group in range(shape.groups):
+        prompt = group * (shape.P + shape.G * shape.S) + torch.arange(shape.P, device=device)
+        rows += [torch.cat([prompt, prompt[-1] + 1 + g * shape.S + torch.arange(shape.S, device=device)])
+                 for g in range(shape.G)]
+    return torch.stack(rows)
 
 
 def to_repeated(x: Tensor, rows: Tensor) -> Tensor:
-    """[T, H, d] packed → [G, H, P+S, d] repeated batch, contiguous."""
+    """[T, H, d] packed → [groups·G, H, P+S, d] repeated batch, contiguous."""
     return x[rows].transpose(1, 2).contiguous()
 
 
 def from_repeated(x: Tensor, shape: Shape, reduce: bool) -> Tensor:
-    """[G, H, P+S, d] → [T, H, d] float32: a prompt row summed over its G copies (``reduce``, for gradients) or
-    taken from the first copy (outputs, equal in every copy)."""
-    x = x.transpose(1, 2).float()  # [G, P+S, H, d]
-    prompt = x[:, : shape.P].sum(0) if reduce else x[0, : shape.P]
-    return torch.cat([prompt, x[:, shape.P:].reshape(shape.G * shape.S, *x.shape[2:])])
+    """[groups·G, H, P+S, d] → [T, H, d] float32: a prompt row summed over its G copies (``reduce``, for
+    gradients) or taken from the first copy (outputs, equal in every copy)."""
+    x = x.transpose(1, 2).float()                                                  # [groups·G, P+S, H, d]
+    x = x.reshape(shape.groups, shape.G, *x.shape[1:])
+    prompt = x[:, :, : shape.P].sum(1) if reduce else x[:, 0, : shape.P]           # [groups, P, H, d]
+    completions = x[:, :, shape.P:].reshape(shape.groups, shape.G * shape.S, *x.shape[3:])
+    return torch.cat([prompt, completions], dim=1).reshape(shape.T, *x.shape[3:])
 
 
 def repeated_upstream(do: Tensor, rows: Tensor, shape: Shape) -> Tensor:
@@ -228,6 +243,14 @@ def rlloss_implementation(backend: str) -> Implementation:
                 cfg = kernels._config(kernel, q.dtype, q.device)
                 ms, _ = _timed_ms(lambda: layout.tables(cfg["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]))
                 setup_ms += ms
+        info = None
+        if backend == "torch":  # its plan: query blocks, buckets, and the intra-op threads it runs on
+            from rlloss import prefix_attention as module
+
+            ms, plan = _timed_ms(lambda: module._torch_plan(layout, (q.shape[1], k.shape[1], q.shape[2])))
+            setup_ms += ms
+            info = {"query_block": plan["block"], "buckets": len(plan["masks"]),
+                    "intra_op_threads": module._torch_threads(plan)}
         last: Dict[str, Tensor] = {}
         clear = _clear(last, q, k, v)
 
@@ -240,7 +263,7 @@ def rlloss_implementation(backend: str) -> Implementation:
         def collect() -> Outputs:
             return Outputs(last["out"].float(), q.grad.float(), k.grad.float(), v.grad.float())
 
-        return Prepared(step, collect, clear, setup_ms)
+        return Prepared(step, collect, clear, setup_ms, info)
 
     return Implementation(f"rlloss-{backend}", "subject", f"rlloss.shared_prefix_attention, backend={backend!r}",
                           prepare)
@@ -297,17 +320,17 @@ SDPA_REPEATED = Implementation(
 )
 SDPA_REPEATED_CPU = Implementation(
     "sdpa-repeated", "baseline", "F.scaled_dot_product_attention, is_causal, K/V heads repeated, on the "
-    "repeated-prompt batch [G, Hq, P+S, d]", _sdpa_repeated(flash_only=False),
+    "repeated-prompt batch [groups·G, Hq, P+S, d]", _sdpa_repeated(flash_only=False),
 )
 
 
 def _segment_tables(shape: Shape, device) -> Tuple[Tensor, Tensor]:
-    """(segment id [T], parent segment of each segment [S], −2 for the prompt) of the packed stream."""
-    lengths = [shape.P] + [shape.S] * shape.G
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device))
-    parent = torch.zeros(len(lengths), dtype=torch.long, device=device)
-    parent[0] = -2
+    """(segment id [T], parent segment of each segment [S], −2 for a prompt) of the packed stream."""
+    lengths = ([shape.P] + [shape.S] * shape.G) * shape.groups
+    index = torch.arange(len(lengths), device=device)
+    segment = torch.repeat_interleave(index, torch.tensor(lengths, device=device))
+    prompt = index // (shape.G + 1) * (shape.G + 1)  # the prompt segment of each segment's group
+    parent = torch.where(prompt == index, -2, prompt)
     return segment, parent
 
 
@@ -391,6 +414,8 @@ def _prefix_grouper(inputs: Inputs) -> Prepared:
     from prefix_grouper import PrefixGrouper
 
     shape = inputs.shape
+    if shape.groups != 1:
+        raise NotImplementedError("this adapter packs one group per stream")
     setup_ms, grouper = _timed_ms(lambda: PrefixGrouper([[shape.P] + [shape.S] * shape.G], device=inputs.q.device,
                                                         padding_mode="right"))
     if not bool(grouper.padding_mask.all()):
@@ -455,7 +480,7 @@ def add_speedups(records: Sequence[Dict[str, Any]]) -> None:
     """Speed-up of every record over ``sdpa-repeated`` (and over ``flex``) of its own shape, and the
     fraction of the ideal attention ratio it reaches."""
     def key(r):
-        return (r["G"], r["P"], r["S"])
+        return (r.get("groups", 1), r["G"], r["P"], r["S"])
 
     times = {(key(r), r["impl"]): r["time_ms"] for r in records if r["status"] == "ok"}
     for r in records:
@@ -469,25 +494,45 @@ def add_speedups(records: Sequence[Dict[str, Any]]) -> None:
 
 # --- CPU default ----------------------------------------------------------------------------------------------
 
-def measure_cpu_case(impl: Implementation, shape: Shape, expected: Outputs) -> Dict[str, Any]:
-    """In this process (the case is tiny): time and the max abs differences from the float64 reference."""
+def measure_cpu_shape(shape: Shape, progress: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """In this process (the cases are small): every CPU implementation on ``shape``, their timed calls
+    interleaved round by round (load from other processes slows them alike), and the max abs differences of
+    each from the float64 reference. An implementation that fails is recorded and left out of the timing."""
+    expected = float64_reference(make_inputs(shape, CPU_DTYPE, "cpu"))
     tiny = Shape(G=2, P=8, S=4, Hq=shape.Hq, Hkv=shape.Hkv, d=shape.d)
-    impl.prepare(make_inputs(tiny, CPU_DTYPE, "cpu")).step()  # start the thread pools
-    prepared = impl.prepare(make_inputs(shape, CPU_DTYPE, "cpu"))
-    timing = harness.cpu_time(prepared.step, CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
-    return {**timing.as_record(), "setup_ms": prepared.setup_ms,
-            **harness.output_diffs(prepared.collect(), expected, "diff")}
+    records, steps, prepared = {}, {}, {}
+    for impl in CPU_IMPLEMENTATIONS:
+        records[impl.name] = base_record(impl, shape, CPU_DTYPE, "cpu")
+        try:
+            impl.prepare(make_inputs(tiny, CPU_DTYPE, "cpu")).step()  # start the thread pools
+            prepared[impl.name] = impl.prepare(make_inputs(shape, CPU_DTYPE, "cpu"))
+            prepared[impl.name].step()
+            steps[impl.name] = prepared[impl.name].step
+        except Exception as exc:  # record, go on
+            harness.failure(records[impl.name], exc)
+    progress(f"prefix_attention {' / '.join(steps)}: {shape}, {CPU_TIMED_CALLS} timed calls each, interleaved")
+    timings = harness.cpu_times_interleaved(steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS) if steps else {}
+    for name, timing in timings.items():
+        records[name].update(**timing.as_record(), setup_ms=prepared[name].setup_ms, **(prepared[name].info or {}),
+                             **harness.output_diffs(prepared[name].collect(), expected, "diff"))
+    return list(records.values())
 
 
 def _cpu_columns() -> List[harness.Column]:
     C = harness.Column
     return [
         harness.IMPL_COLUMN,
+        C("groups", lambda r: str(r["groups"])),
+        C("G", lambda r: str(r["G"])),
+        C("P", lambda r: str(r["P"])),
+        C("S", lambda r: str(r["S"])),
         harness.STATUS_COLUMN,
         C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))),
         harness.time_spread_column("min–max ms"),
         C("speed-up vs sdpa-repeated", lambda r: harness.fmt_num(r.get("speedup_vs_sdpa"), 2)),
         C("ideal (FLOP ratio)", lambda r: harness.fmt_num(r["ideal_attention_ratio"], 2)),
+        C("fraction of ideal", lambda r: harness.fmt_num(r.get("fraction_of_ideal"), 2)),
+        C("threads", lambda r: str(r.get("intra_op_threads", "—"))),
         C("max abs diff out vs float64", lambda r: harness.fmt_err(r.get("diff_out"))),
         C("dq", lambda r: harness.fmt_err(r.get("diff_dq"))),
         C("dk", lambda r: harness.fmt_err(r.get("diff_dk"))),
@@ -495,38 +540,40 @@ def _cpu_columns() -> List[harness.Column]:
     ]
 
 
+def cpu_shapes(quick: bool) -> List[Shape]:
+    return [CPU_QUICK_SHAPE if quick else CPU_DEFAULT_SHAPE, CPU_MANY_SHORT_SHAPE]
+
+
 def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
-    shape = CPU_QUICK_SHAPE if ctx.quick else CPU_DEFAULT_SHAPE
-    expected = float64_reference(make_inputs(shape, CPU_DTYPE, "cpu"))
+    shapes = cpu_shapes(ctx.quick)
     records = []
-    for impl in CPU_IMPLEMENTATIONS:
-        record = base_record(impl, shape, CPU_DTYPE, "cpu")
-        ctx.progress(f"prefix_attention {impl.name}: {shape}, {CPU_TIMED_CALLS} timed calls")
-        try:
-            record.update(measure_cpu_case(impl, shape, expected))
-        except Exception as exc:  # record, go on
-            harness.failure(record, exc)
-        records.append(record)
+    for shape, case in zip(shapes, ("one group", "many short completions")):
+        records += [dict(record, case=case) for record in measure_cpu_shape(shape, ctx.progress)]
     add_speedups(records)
     dtype_name = harness.dtype_name(CPU_DTYPE)
     return harness.SuiteReport(
         suite="prefix_attention", mode="cpu-default",
-        title=f"prefix_attention — CPU default: {shape}, {dtype_name}, forward + backward",
-        config={"shape": vars(shape), "T": shape.T, "dtype": dtype_name, "warmup_calls": CPU_WARMUP_CALLS,
-                "timed_calls": CPU_TIMED_CALLS, "seed": SEED, "ideal_attention_ratio": ideal_attention_ratio(shape),
-                "diff_reference": "float64 rlloss.reference (dense mask), autograd"},
+        title=f"prefix_attention — CPU default: {'; '.join(map(str, shapes))}, {dtype_name}, forward + backward",
+        config={"shapes": [dict(vars(shape), T=shape.T, ideal_attention_ratio=ideal_attention_ratio(shape))
+                           for shape in shapes],
+                "dtype": dtype_name, "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS, "seed": SEED,
+                "diff_reference": "float64 rlloss.reference (dense mask), autograd", "plot": {"facet": "case"}},
         records=records, columns=_cpu_columns(),
         notes=[
-            "A smoke run that keeps `python -m benchmarks` short on a CPU: equality and a rough time at one tiny "
-            "shape, no memory figure. The Triton kernels do not run on a CPU (the interpreter is a test tool); "
-            "the GPU table is the comparison.",
-            "`rlloss-torch` runs each segment's queries against [prompt keys | own keys] on the packed stream "
-            "(the prompt once); `sdpa-repeated` runs causal SDPA on the repeated-prompt batch [G, P+S]. Both get "
-            "the same random upstream gradient (each prompt copy 1/G of it); their gradients are mapped onto "
-            "the packed stream (a prompt's summed over its copies) and compared with the float64 reference.",
-            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, in the benchmark's "
-            f"process; {torch.get_num_threads()} torch threads.",
-            "ideal: the attention FLOP ratio of MATH.md §8, G(P+S)² / (P² + G·S(2P+S)).",
+            "Keeps `python -m benchmarks` short on a CPU: equality and time at two small shapes, no memory figure. "
+            "The Triton kernels do not run on a CPU (the interpreter is a test tool); the GPU table is the "
+            "comparison of the kernels.",
+            "`rlloss-torch` runs query blocks of the packed stream (every prompt once) against the keys each "
+            "block sees, a masked SDPA call per bucket of blocks with similar key counts; `sdpa-repeated` runs "
+            "causal SDPA on the repeated-prompt batch [groups·G, P+S]. Both get the same random upstream "
+            "gradient (each prompt copy 1/G of it); their gradients are mapped onto the packed stream (a "
+            "prompt's summed over its copies) and compared with the float64 reference.",
+            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, the two "
+            f"implementations' calls interleaved, in the benchmark's process; {torch.get_num_threads()} torch "
+            "threads. threads: the intra-op threads `rlloss-torch` ran on (its small-problem rule: at most one "
+            "per 4 ms of estimated work); `sdpa-repeated` runs on all of them.",
+            "ideal: the attention FLOP ratio of MATH.md §8, G(P+S)² / (P² + G·S(2P+S)) (the same for any number "
+            "of equal groups).",
         ],
     )
 
