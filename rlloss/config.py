@@ -7,6 +7,8 @@ each preset to the TRL / verl options it reproduces.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -187,6 +189,19 @@ class LossConfig:
                 "LossConfig.aggregation='seq_mean_token_sum_norm' needs max_completion_length (the constant "
                 "L_norm of Dr. GRPO), got None"
             )
+        # Computed once here, so that traced code (torch.compile) only reads an attribute.
+        object.__setattr__(self, "_key", json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @property
+    def key(self) -> str:
+        """The config as a JSON string: how the registered torch ops (``rlloss::policy_loss`` …) take it."""
+        return self._key
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_key(key: str) -> "LossConfig":
+        """The config whose :attr:`key` is ``key``."""
+        return LossConfig(**json.loads(key))
 
     @property
     def sequence_level(self) -> bool:

@@ -7,7 +7,7 @@ chunked ``torch`` backend, the autograd functions, and the public API. The Trito
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -167,7 +167,7 @@ def _mm(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
             return
         a, b = a.to(out.dtype), b.to(out.dtype)
     if accumulate:
-        out.addmm_(a, b)
+        torch.addmm(out, a, b, out=out)  # beta = 1 into the accumulator itself
     else:
         torch.mm(a, b, out=out)
 
@@ -391,44 +391,94 @@ def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, wei
 # --- autograd -----------------------------------------------------------------------------------------
 
 
-def _linear_logprobs(h, w, b, t, options):
-    return _LinearLogprobs.apply(h, w, b, t, options)
-
-
 def _kernels():
     from .kernels import logprobs as kernels
 
     return kernels
 
 
-class _LinearLogprobs(torch.autograd.Function):
-    """(logprobs, entropy) [N] from hidden [N, D], weight [V, D], bias [V] | None, targets [N].
+# The hidden-state path is a torch.library custom op with a fake (meta) implementation and a registered
+# autograd formula, so torch.compile(fullgraph=True) treats it as one node and CUDA graphs can capture it.
+# Absent optional results travel as empty tensors (an op cannot return None).
+_EMPTY = (0,)
 
-    Forward: statistics only (2·N·D·V FLOPs); backward: one recompute of the chunk's logits and the two
-    gradient products (6·N·D·V FLOPs).
-    """
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options):
-        result = run_pass(hidden, weight, bias, targets, options)
-        ctx.save_for_backward(hidden, weight, bias, targets, *result.stats[:3])
-        ctx.options = options
-        ctx.set_materialize_grads(False)
-        return result.logprobs, result.entropy
+def _options_args(options: LinearOptions) -> tuple:
+    return (options.temperature, options.softcap, options.ignore_index, options.backend, options.max_scratch_bytes,
+            options.batch_invariant)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, shift, total, ratio = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        if g_logp is None and g_ent is None:
-            zeros = (torch.zeros_like(hidden), torch.zeros_like(weight),
-                     torch.zeros_like(bias) if bias is not None else None)
-            return (*(z if n else None for z, n in zip(zeros, needs)), None, None)
-        stats = RowStats(shift, total, ratio, shift)  # the target statistic is not needed here
-        result = run_pass(hidden, weight, bias, targets, ctx.options, stats=stats, upstream=(g_logp, g_ent),
-                          needs=needs)
-        return result.grad_input, result.grad_weight, result.grad_bias, None, None
+
+def token_logprobs_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                       temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+                       max_scratch_bytes: int, batch_invariant: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, shift, total, ratio) [N]: the statistics pass (2·N·D·V FLOPs)."""
+    options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
+    result = run_pass(hidden, weight, bias, targets, options)
+    return (result.logprobs, result.entropy, *result.stats[:3])
+
+
+_token_logprobs_op = torch.library.custom_op("rlloss::token_logprobs", token_logprobs_impl, mutates_args=())
+
+
+@_token_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, temperature, softcap, ignore_index, backend, max_scratch_bytes,
+      batch_invariant):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=_compute_dtype(hidden.dtype)) for _ in range(5))
+
+
+def token_logprobs_backward_impl(g_logp: Optional[Tensor], g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
+                                bias: Optional[Tensor], targets: Tensor, shift: Tensor, total: Tensor,
+                                ratio: Tensor, needs: List[bool], temperature: float, softcap: Optional[float],
+                                ignore_index: int, backend: str, max_scratch_bytes: int,
+                                batch_invariant: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dhidden, dweight, dbias) for upstream gradients of the log-probs and entropy: one recompute of each
+    chunk's logits and the two gradient GEMMs (6·N·D·V FLOPs). Unneeded gradients come back empty."""
+    options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
+    needs = (needs[0], needs[1], bias is not None and needs[2])
+    if g_logp is None and g_ent is None:
+        result = PassResult(None, None, None, torch.zeros_like(hidden), torch.zeros_like(weight),
+                            torch.zeros_like(bias) if bias is not None else None)
+    else:
+        result = run_pass(hidden, weight, bias, targets, options, stats=RowStats(shift, total, ratio, shift),
+                          upstream=(g_logp, g_ent), needs=needs)
+    grads = (result.grad_input, result.grad_weight, result.grad_bias)
+    return tuple(g if n and g is not None else hidden.new_empty(_EMPTY) for g, n in zip(grads, needs))
+
+
+_token_logprobs_backward_op = torch.library.custom_op("rlloss::token_logprobs_backward",
+                                                      token_logprobs_backward_impl, mutates_args=())
+
+
+@_token_logprobs_backward_op.register_fake
+def _(g_logp, g_ent, hidden, weight, bias, targets, shift, total, ratio, needs, *options):
+    like = (hidden, weight, bias)
+    return tuple(torch.empty_like(t) if n and t is not None else hidden.new_empty(_EMPTY) for t, n in zip(like, needs))
+
+
+def _token_logprobs_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[2:])
+    hidden, weight, bias, targets, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, *output[2:])
+    ctx.options = options
+    ctx.set_materialize_grads(False)
+
+
+def _token_logprobs_backward(ctx, g_logp, g_ent, *_):
+    hidden, weight, bias, targets, shift, total, ratio = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = _token_logprobs_backward_op(g_logp, g_ent, hidden, weight, bias, targets, shift, total, ratio, needs,
+                                        *ctx.options)
+    grads = tuple(g if n else None for g, n in zip(grads, needs))
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+
+
+def _linear_logprobs(h, w, b, t, options: LinearOptions):
+    logprobs, entropy, *_ = _token_logprobs_op(h, w, b, t, *_options_args(options))
+    return logprobs, entropy
 
 
 class _LogitsLogprobs(torch.autograd.Function):
@@ -639,12 +689,8 @@ def token_logprobs(
         out_dtype = _output_dtype(inputs.hidden.dtype)
         logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
-        h, w, b, t = prepare_linear(inputs)
-        if _needs_graph(inputs.hidden, inputs.weight, inputs.bias):
-            logprobs, entropy = _linear_logprobs(h, w, b, t, options)
-        else:  # forward only (e.g. teacher or old-policy passes): no autograd node, nothing kept alive
-            result = run_pass(h, w, b, t, options)
-            logprobs, entropy = result.logprobs, result.entropy
+        # Forward only when nothing needs a gradient (teacher or old-policy passes): no autograd node.
+        logprobs, entropy = _linear_logprobs(*prepare_linear(inputs), options)
         logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
 

@@ -9,7 +9,7 @@ Triton kernel lives in ``rlloss.kernels.policy``; the naive autograd oracle in `
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from ._backend import resolve_backend
 from .config import LossConfig
 from .credit import credit_advantage
 from ._backend import BACKENDS
-from .logprobs import (DEFAULT_MAX_SCRATCH_BYTES, RowStats, check_linear_inputs, check_options, prepare_linear,
+from .logprobs import (DEFAULT_MAX_SCRATCH_BYTES, LinearOptions, check_linear_inputs, check_options, prepare_linear,
                        run_pass)
 
 # Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
@@ -519,38 +519,73 @@ def policy_loss_and_grads(
 # --- autograd -----------------------------------------------------------------------------------------
 
 
-def _pack_metrics(ctx, loss: Tensor, metrics: Dict[str, Tensor]) -> Tensor:
-    """The metrics as one non-differentiable tensor output of an autograd function (in metric_names order)."""
-    packed = torch.stack([m.to(loss.dtype) for m in metrics.values()])
-    ctx.mark_non_differentiable(packed)
+# Both losses are torch.library custom ops with fake (meta) implementations and registered autograd, so that
+# torch.compile(fullgraph=True) sees one node each and CUDA graphs can capture them. The config travels as its
+# JSON key; absent optional results travel as empty tensors (an op cannot return None).
+_EMPTY = (0,)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _packed(metrics: Dict[str, Tensor], loss: Tensor) -> Tensor:
+    """The metrics as one tensor in metric_names order (an op output; never differentiated)."""
+    if not metrics:
+        return loss.new_empty(_EMPTY)
+    return torch.stack([m.to(loss.dtype) for m in metrics.values()])
+
+
+def _fake_outputs(x: Tensor, config: LossConfig, has_ref: bool, has_entropy: bool, has_rollout: bool):
+    cd = _compute_dtype(x.dtype)
+    n_metrics = len(metric_names(config, has_ref, has_entropy, has_rollout))
+    return x.new_empty((), dtype=cd), x.new_empty((n_metrics,), dtype=cd)
+
+
+def policy_loss_impl(logprobs: Tensor, entropy: Optional[Tensor], old_logprobs: Optional[Tensor],
+                     advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor],
+                     rollout_logprobs: Optional[Tensor], pos_logprobs: Optional[Tensor],
+                     neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
+                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, packed metrics, d(loss)/dℓ, d(loss)/dH or empty) of :func:`policy_loss_and_grads`."""
+    cfg = LossConfig.from_key(config)
+    loss, metrics, grad, grad_ent = policy_loss_and_grads(
+        logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cfg, normaliser, backend,
+        pos_logprobs, neg_logprobs)
+    return loss, _packed(metrics, loss), grad, grad_ent if grad_ent is not None else logprobs.new_empty(_EMPTY)
+
+
+_policy_loss_op = torch.library.custom_op("rlloss::policy_loss", policy_loss_impl, mutates_args=())
+
+
+@_policy_loss_op.register_fake
+def _(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs,
+      normaliser, config, backend):
+    cfg = LossConfig.from_key(config)
+    loss, packed = _fake_outputs(logprobs, cfg, ref_logprobs is not None, entropy is not None,
+                                 rollout_logprobs is not None)
+    writes_ent = entropy is not None and cfg.entropy_coef != 0.0
+    return loss, packed, torch.empty_like(logprobs), torch.empty_like(entropy) if writes_ent else logprobs.new_empty(_EMPTY)
+
+
+def _policy_loss_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(output[2], output[3])
+    ctx.has_grad_ent = inputs[1] is not None and output[3].numel() > 0
     ctx.set_materialize_grads(False)
-    return packed
 
 
-class _PolicyLoss(torch.autograd.Function):
-    """(loss, packed metrics) from the policy-loss inputs; gradients w.r.t. logprobs and entropy only."""
-
-    @staticmethod
-    def forward(ctx, logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
-                normaliser, backend, pos_logprobs, neg_logprobs):
-        loss, metrics, grad, grad_ent = policy_loss_and_grads(
-            logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, normaliser,
-            backend, pos_logprobs, neg_logprobs,
-        )
-        ctx.save_for_backward(grad, grad_ent)
-        return loss, _pack_metrics(ctx, loss, metrics)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, g_metrics):
-        grad, grad_ent = ctx.saved_tensors
-        if g_loss is None:
-            return (None,) * 12
+def _policy_loss_backward(ctx, g_loss, *_):
+    grad, grad_ent = ctx.saved_tensors
+    g_logp = g_ent = None
+    if g_loss is not None:
         g_logp = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        g_ent = None
-        if ctx.needs_input_grad[1] and grad_ent is not None:
+        if ctx.needs_input_grad[1] and ctx.has_grad_ent:
             g_ent = grad_ent * g_loss.to(grad_ent.dtype)
-        return g_logp, g_ent, None, None, None, None, None, None, None, None, None, None
+    return (g_logp, g_ent) + (None,) * 10
+
+
+_policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
 
 
 # --- public API ---------------------------------------------------------------------------------------
@@ -716,8 +751,8 @@ def policy_loss(
         return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
     normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
-    loss, packed = _PolicyLoss.apply(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                     rollout_logprobs, config, normaliser, name, pos_logprobs, neg_logprobs)
+    loss, packed, _, _ = _policy_loss_op(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
+                                         rollout_logprobs, pos_logprobs, neg_logprobs, normaliser, config.key, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
@@ -735,58 +770,99 @@ def one_pass(config: LossConfig, on_policy: bool, has_rollout: bool) -> bool:
     return not (on_policy and has_rollout and sequence_rollout)
 
 
-class _FusedPolicyLoss(torch.autograd.Function):
-    """(loss, packed metrics) from hidden [N, D], weight, bias, targets [N] and the policy inputs.
+def fused_policy_loss_impl(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
+    advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
+    pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
+    needs: List[bool], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    max_scratch_bytes: int, batch_invariant: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, packed metrics, dh, dW, db, shift, total, ratio, d(loss)/dℓ, d(loss)/dH) from hidden [N, D].
 
     One pass when every token's gradient is local (see :func:`one_pass`): each chunk's statistics give its
-    log-probs and entropy, :func:`token_gradients` their loss gradients, and the pass forms dz and both
-    gradient products right away — the backward only scales them by the upstream gradient. Otherwise the
-    forward computes statistics only and the backward recomputes each chunk once. The loss value and
-    metrics come from the same torch formulas (:func:`_torch_rows`) on the [B, T] log-probs.
+    log-probs and entropy, :func:`token_gradients` their loss gradients, and the pass forms dz and both gradient
+    products right away (dh, dW, db come back; the rest is empty) — the backward only scales them. Otherwise
+    statistics only: (shift, total, ratio) and the [B, T] loss gradients come back for one recompute in the
+    backward. The loss value and metrics come from the torch formulas (:func:`_torch_rows`) on the [B, T]
+    log-probs in both cases, so value and gradients share their formulas.
     """
+    cfg = LossConfig.from_key(config)
+    options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
+    shape = mask.shape
+    fused = any(needs) and one_pass(cfg, old_logprobs is None, rollout_logprobs is not None)
+    upstream = None
+    if fused:
+        tokens, _ = prepare_tokens(cfg, mask, old_logprobs, advantages, ref_logprobs, rollout_logprobs, normaliser,
+                                   pos_logprobs, neg_logprobs, _compute_dtype(hidden.dtype))
+        write_grad_entropy = cfg.entropy_coef != 0.0
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, policy_inputs, config, normaliser, options, needs):
-        old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs = policy_inputs
-        shape = mask.shape
-        cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        write_grad_entropy = config.entropy_coef != 0.0
-        fused = any(needs) and one_pass(config, old_logprobs is None, rollout_logprobs is not None)
-        upstream = None
-        if fused:
-            tokens, _ = prepare_tokens(config, mask, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                                       normaliser, pos_logprobs, neg_logprobs, cd)
+        def upstream(begin, end, logp, entropy):
+            return token_gradients(cfg, logp, entropy, tokens.rows(begin, end), write_grad_entropy)
 
-            def upstream(begin, end, logp, entropy):
-                return token_gradients(config, logp, entropy, tokens.rows(begin, end), write_grad_entropy)
+    result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=tuple(needs))
+    loss, metrics, grad, grad_ent = policy_loss_and_grads(
+        result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
+        rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs)
+    empty = hidden.new_empty(_EMPTY)
+    if fused:
+        grads = tuple(g if g is not None else empty.clone() for g in result[3:])
+        return (loss, _packed(metrics, loss), *grads) + tuple(empty.clone() for _ in range(5))
+    return (loss, _packed(metrics, loss), empty.clone(), empty.clone(), empty.clone(), *result.stats[:3], grad,
+            grad_ent if grad_ent is not None else empty.clone())
 
-        result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=needs)
-        loss, metrics, grad, grad_ent = policy_loss_and_grads(
-            result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask,
-            ref_logprobs, rollout_logprobs, config, normaliser, "torch", pos_logprobs, neg_logprobs,
-        )
-        ctx.fused = fused
-        ctx.options = options
-        if fused:
-            ctx.save_for_backward(result.grad_input, result.grad_weight, result.grad_bias)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, targets, *result.stats[:3], grad, grad_ent)
-        return loss, _pack_metrics(ctx, loss, metrics)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss, g_metrics):
-        none = (None,) * 6
-        if g_loss is None:
-            return (None,) * 3 + none
-        if ctx.fused:
-            return (*(g * g_loss.to(g.dtype) if g is not None else None for g in ctx.saved_tensors), *none)
-        hidden, weight, bias, targets, shift, total, ratio, grad, grad_ent = ctx.saved_tensors
-        g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
-        g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if grad_ent is not None else None
-        result = run_pass(hidden, weight, bias, targets, ctx.options, stats=RowStats(shift, total, ratio, shift),
-                          upstream=(g_logp, g_ent), needs=tuple(ctx.needs_input_grad[:3]))
-        return (result.grad_input, result.grad_weight, result.grad_bias, *none)
+_fused_policy_loss_op = torch.library.custom_op("rlloss::fused_policy_loss", fused_policy_loss_impl, mutates_args=())
+
+
+@_fused_policy_loss_op.register_fake
+def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs,
+      neg_logprobs, normaliser, config, needs, *options):
+    cfg = LossConfig.from_key(config)
+    loss, packed = _fake_outputs(hidden, cfg, ref_logprobs is not None, True, rollout_logprobs is not None)
+    empty = hidden.new_empty(_EMPTY)
+    if any(needs) and one_pass(cfg, old_logprobs is None, rollout_logprobs is not None):
+        grads = tuple(torch.empty_like(t) if n and t is not None else empty.clone()
+                      for t, n in zip((hidden, weight, bias), needs))
+        return (loss, packed, *grads) + tuple(empty.clone() for _ in range(5))
+    n = hidden.shape[0]
+    stats = tuple(hidden.new_empty((n,), dtype=_compute_dtype(hidden.dtype)) for _ in range(3))
+    grad_ent = torch.empty(mask.shape, dtype=_compute_dtype(hidden.dtype), device=hidden.device) \
+        if cfg.entropy_coef != 0.0 else empty.clone()
+    grad = torch.empty(mask.shape, dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+    return (loss, packed, empty.clone(), empty.clone(), empty.clone(), *stats, grad, grad_ent)
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    hidden, weight, bias, targets = inputs[:4]
+    ctx.options = inputs[14:]
+    ctx.needs = inputs[13]
+    ctx.fused = output[2].shape != (0,) or output[3].shape != (0,) or output[4].shape != (0,)
+    ctx.has_grad_ent = output[9].numel() > 0
+    if ctx.fused:
+        ctx.save_for_backward(*output[2:5])
+    else:
+        ctx.save_for_backward(hidden, weight, bias, targets, *output[5:10])
+    ctx.set_materialize_grads(False)
+
+
+def _fused_backward(ctx, g_loss, *_):
+    none = (None,) * 16
+    if g_loss is None or not any(ctx.needs):
+        return (None,) * 4 + none
+    if ctx.fused:
+        grads = tuple(g * g_loss.to(g.dtype) if n else None for g, n in zip(ctx.saved_tensors, ctx.needs))
+        return (*grads, None) + none
+    hidden, weight, bias, targets, shift, total, ratio, grad, grad_ent = ctx.saved_tensors
+    g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
+    g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if ctx.has_grad_ent else None
+    needs = [bool(n) for n in ctx.needs]
+    grads = torch.ops.rlloss.token_logprobs_backward(g_logp, g_ent, hidden, weight, bias, targets, shift, total,
+                                                     ratio, needs, *ctx.options)
+    return (*(g if n else None for g, n in zip(grads, needs)), None) + none
+
+
+_fused_policy_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
 class FusedPolicyLoss(torch.nn.Module):
@@ -809,8 +885,10 @@ class FusedPolicyLoss(torch.nn.Module):
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
 
     Raises:
-        TypeError / ValueError at construction for a config that is not a LossConfig, a softcap that is not
-        a finite number > 0, a max_scratch_bytes that is not a positive int, an unknown backend name.
+        TypeError: at construction, for a config that is not a LossConfig or a non-numeric softcap or
+            max_scratch_bytes.
+        ValueError: at construction, for a softcap that is not finite and > 0, a max_scratch_bytes ≤ 0, or an
+            unknown backend name.
 
     Example:
         >>> loss_fn = FusedPolicyLoss(LossConfig.preset("dapo"))
@@ -921,10 +999,8 @@ class FusedPolicyLoss(torch.nn.Module):
         grad_on = torch.is_grad_enabled()
         needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
                  grad_on and bias is not None and linear.bias.requires_grad)
-        loss, packed = _FusedPolicyLoss.apply(
-            hidden_rows, weight, bias, flat_targets,
-            (old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs), config,
-            normaliser, options, needs,
-        )
+        loss, packed, *_ = _fused_policy_loss_op(
+            hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs,
+            pos_logprobs, neg_logprobs, normaliser, config.key, list(needs), *options)
         names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
         return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
