@@ -1,5 +1,7 @@
-"""Group-relative advantages (MATH.md §2): GRPO, Dr. GRPO, batch-std, RLOO, median (MC-GRPO) and
-rank-Gaussian normalisation of per-completion rewards, over groups of equal or varying size.
+"""Group-relative advantages (docs/math.md §2): GRPO, Dr. GRPO, batch-std, RLOO, median (MC-GRPO) and
+rank-Gaussian normalisation of per-completion rewards, over groups of equal or varying size, and verl's
+outcome estimators that fit one-reward-per-completion: GPG, GRPO pass@k, OPO, REINFORCE++ (with and without
+group baseline) and ReMax.
 
 Layout of this module: the argument checks, the vectorised ``torch`` backend, and the public API. The Triton
 kernel lives in ``rlloss.kernels.advantages``; the naive oracle in ``rlloss.reference``. Advantages carry no
@@ -8,7 +10,7 @@ gradient (rewards come from outside the graph), so there is no autograd function
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -17,26 +19,46 @@ from . import _checks
 from . import reference
 from ._backend import resolve_backend
 
-__all__ = ["ADVANTAGE_MODES", "group_advantages"]
+__all__ = ["ADVANTAGE_MODES", "VERL_MODES", "ALL_MODES", "group_advantages"]
 
+# Group normalisations computed from the rewards and the groups alone.
 ADVANTAGE_MODES = ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian")
-_EPS_MODES = ("grpo", "batch_std", "median_mad")
+# verl's outcome advantage estimators (adv_estimator=…) beyond grpo / rloo, some with extra inputs.
+VERL_MODES = ("gpg", "grpo_passk", "grpo_passk_no_std", "opo", "reinforce_plus_plus",
+              "reinforce_plus_plus_baseline", "remax")
+ALL_MODES = ADVANTAGE_MODES + VERL_MODES
+
+_UNGROUPED_MODES = ("reinforce_plus_plus", "remax")  # no group baseline: group_size/group_sizes optional
+_LENGTH_MODES = ("opo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")  # need response_lengths
+_WHITENED_MODES = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")  # ε inside √(σ² + ε), default 1e-8
+# Modes where verl gives a group of one mean 0 and std 1 (singleton="verl" applies).
+_VERL_SINGLETON_MODES = ("grpo", "no_std", "rloo", "gpg", "opo", "reinforce_plus_plus_baseline")
+SINGLETON_RULES = ("zero", "verl")
+
+
+def default_eps(mode: str) -> float:
+    """ε when ``eps=None``: verl's 1e-8 under the square root of the whitening modes, else 1e-6."""
+    return 1e-8 if mode in _WHITENED_MODES else 1e-6
 
 
 # --- checks ---------------------------------------------------------------------------------------------
 
 
-def _check_rewards(rewards: object) -> Tensor:
+def _check_rewards(rewards: object, check_inputs: bool = True) -> Tensor:
     rewards = _checks.tensor("rewards", rewards)
     _checks.ndim("rewards", rewards, 1, "[B]")
     _checks.dtype_in("rewards", rewards, _checks.FLOAT_DTYPES)
-    finite = torch.isfinite(rewards)
-    if rewards.numel() and not bool(finite.all()):
-        bad = rewards[~finite]
-        raise ValueError(
-            f"rewards must be finite; {bad.numel()} of {rewards.numel()} are not, e.g. {bad[0].item()}"
-        )
+    if check_inputs:
+        _check_finite("rewards", rewards)
     return rewards
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    """Every element finite — one host sync."""
+    finite = torch.isfinite(x)
+    if x.numel() and not bool(finite.all()):
+        bad = x[~finite]
+        raise ValueError(f"{name} must be finite; {bad.numel()} of {x.numel()} are not, e.g. {bad[0].item()}")
 
 
 def _check_group_size(group_size: object, B: int) -> int:
@@ -48,19 +70,34 @@ def _check_group_size(group_size: object, B: int) -> int:
     return group_size
 
 
-def _check_group_sizes(group_sizes: object, B: int) -> Tensor:
-    """group_sizes as a CPU int64 tensor: 1-D integers, each >= 1, summing to B (one host sync)."""
+def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -> Tensor:
+    """group_sizes as an int64 tensor: 1-D integers, each >= 1, summing to B.
+
+    A sequence is checked on the host in full. A tensor's values are read on the host (one sync for a GPU
+    tensor) only with check_inputs; without, it stays where it is, checked for dtype and rank only.
+    """
     if isinstance(group_sizes, Tensor):
         if group_sizes.dtype == torch.bool or group_sizes.dtype.is_floating_point or group_sizes.is_complex():
             dtype = str(group_sizes.dtype).replace("torch.", "")
             raise TypeError(f"group_sizes must hold integers, got dtype {dtype}")
         _checks.ndim("group_sizes", group_sizes, 1, "[num_groups]")
+        if group_sizes.numel() == 0 and B > 0:
+            raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got no groups")
+        if not check_inputs:
+            return group_sizes.detach().to(torch.int64)
         sizes = group_sizes.detach().to("cpu", torch.int64)
     elif isinstance(group_sizes, Sequence) and not isinstance(group_sizes, (str, bytes)):
         for s in group_sizes:
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"group_sizes must hold ints, got an element of type {type(s).__name__}")
         sizes = torch.tensor(list(group_sizes), dtype=torch.int64)
+        if any(s < 1 for s in group_sizes):
+            empty = next(i for i, s in enumerate(group_sizes) if s < 1)
+            raise ValueError(
+                f"group_sizes must all be >= 1 (no empty groups), got {group_sizes[empty]} at index {empty}")
+        if sum(group_sizes) != B:
+            raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got a sum of {sum(group_sizes)}")
+        return sizes
     else:
         raise TypeError(
             f"group_sizes must be a 1-D integer tensor or a sequence of ints, got {type(group_sizes).__name__}"
@@ -75,12 +112,14 @@ def _check_group_sizes(group_sizes: object, B: int) -> Tensor:
 
 
 def _check_mode(mode: object) -> str:
-    if not isinstance(mode, str) or mode not in ADVANTAGE_MODES:
-        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    if not isinstance(mode, str) or mode not in ALL_MODES:
+        raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
     return mode
 
 
-def _check_eps(eps: object) -> float:
+def _check_eps(eps: object, mode: str) -> float:
+    if eps is None:
+        return default_eps(mode)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not math.isfinite(eps) or eps < 0:
@@ -88,80 +127,298 @@ def _check_eps(eps: object) -> float:
     return float(eps)
 
 
-# --- torch backend: vectorised over the groups of each size ---------------------------------------------
+def _check_singleton(singleton: object, mode: str) -> bool:
+    """True for verl's rule (a group of one has mean 0 and std 1), False for the default (A = 0)."""
+    if not isinstance(singleton, str) or singleton not in SINGLETON_RULES:
+        raise ValueError(f"singleton must be one of {SINGLETON_RULES}, got {singleton!r}")
+    if singleton == "verl" and mode not in _VERL_SINGLETON_MODES:
+        raise ValueError(
+            f"singleton='verl' applies to the modes where verl gives a group of one mean 0 and std 1, "
+            f"{_VERL_SINGLETON_MODES}; got mode={mode!r}"
+        )
+    return singleton == "verl"
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _check_response_lengths(lengths: object, mode: str, rewards: Tensor, check_inputs: bool) -> Optional[Tensor]:
+    if mode not in _LENGTH_MODES:
+        if lengths is not None:
+            raise ValueError(f"response_lengths is used only by the modes {_LENGTH_MODES}, got mode={mode!r}")
+        return None
+    if lengths is None:
+        raise ValueError(
+            f"mode={mode!r} needs response_lengths: [B] token counts of the completions (mask.sum(-1))")
+    lengths = _checks.tensor("response_lengths", lengths)
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"response_lengths must hold integers or floats, got dtype "
+                        f"{str(lengths.dtype).replace('torch.', '')}")
+    _per_completion("response_lengths", lengths, rewards)
+    if check_inputs:
+        if lengths.dtype.is_floating_point:
+            _check_finite("response_lengths", lengths)
+        if lengths.numel() and bool((lengths < 0).any()):
+            raise ValueError(f"response_lengths must be >= 0, got {lengths[lengths < 0][0].item()}")
+    return lengths.detach().contiguous()
 
 
-def _safe_divide(x: Tensor, denom: Tensor) -> Tensor:
-    """x / denom, and 0 where denom is 0 (only reachable with ε = 0)."""
+def _check_baselines(baselines: object, mode: str, rewards: Tensor, check_inputs: bool) -> Optional[Tensor]:
+    if mode != "remax":
+        if baselines is not None:
+            raise ValueError(f"baselines is used only by mode 'remax', got mode={mode!r}")
+        return None
+    if baselines is None:
+        raise ValueError("mode='remax' needs baselines: [B] rewards of the greedy completion of each prompt")
+    baselines = _checks.tensor("baselines", baselines)
+    _checks.dtype_in("baselines", baselines, _checks.FLOAT_DTYPES)
+    _per_completion("baselines", baselines, rewards)
+    if check_inputs:
+        _check_finite("baselines", baselines)
+    return baselines.detach().contiguous()
+
+
+def _per_completion(name: str, x: Tensor, rewards: Tensor) -> None:
+    if x.shape != rewards.shape:
+        raise ValueError(f"{name} must have rewards' shape {tuple(rewards.shape)} ([B]), got {tuple(x.shape)}")
+    _checks.same_device(rewards=rewards, **{name: x})
+
+
+# --- torch backend: every group at once, no host read ---------------------------------------------------
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    """float64 for all statistics (MPS has no float64: float32 there, kept overflow-free by the scaling)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _to_device(sizes: Tensor, device: torch.device) -> Tensor:
+    """int64 sizes on ``device``; host sizes go to a GPU through pinned memory, a copy that does not block."""
+    if sizes.device.type == "cpu" and device.type == "cuda":
+        return sizes.to(torch.int64).pin_memory().to(device, non_blocking=True)
+    return sizes.to(device=device, dtype=torch.int64)
+
+
+class _Groups:
+    """Consecutive groups of a [B] vector as device tensors, with no host read.
+
+    Values live in ``rows(v)`` layout: [n, G] for a fixed size G, where per-group statistics are [n, 1] and
+    broadcast; [B] for varying sizes, where per-group statistics are [n] (``torch.segment_reduce``:
+    deterministic, ``unsafe=True`` so that it does not read the sizes on the host) and ``expand`` gathers
+    them back. ``sizes`` has the shape of a per-group statistic.
+    """
+
+    def __init__(self, B: int, group_size: Optional[int], sizes: Optional[Tensor], device: torch.device):
+        self.size = group_size
+        if group_size is not None:
+            self.sizes = torch.full((B // group_size, 1), group_size, dtype=torch.int64, device=device)
+            return
+        # Group ends clamped to [0, B], non-decreasing, the last one B: checked sizes pass unchanged, and
+        # unchecked ones (check_inputs=False) cannot make segment_reduce(unsafe=True) read past the batch.
+        ends = torch.cummax(torch.cumsum(_to_device(sizes, device), 0).clamp(0, B), 0).values
+        ends = torch.cat([ends[:-1], torch.full_like(ends[-1:], B)])
+        self.starts = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])
+        self.sizes = ends - self.starts
+        self.ids = torch.repeat_interleave(torch.arange(ends.shape[0], device=device), self.sizes, output_size=B)
+
+    def rows(self, v: Tensor) -> Tensor:
+        return v if self.size is None else v.view(-1, self.size)
+
+    def sum(self, x: Tensor) -> Tensor:
+        if self.size is not None:
+            return x.sum(dim=1, keepdim=True)
+        return torch.segment_reduce(x, "sum", lengths=self.sizes, unsafe=True)
+
+    def max(self, x: Tensor) -> Tensor:
+        if self.size is not None:
+            return x.amax(dim=1, keepdim=True)
+        return torch.segment_reduce(x, "max", lengths=self.sizes, unsafe=True)
+
+    def expand(self, per_group: Tensor) -> Tensor:
+        return per_group if self.size is not None else per_group.index_select(0, self.ids)
+
+    def first(self, x: Tensor) -> Tensor:
+        """Each group's first value (an empty group, possible only unchecked, reads the last one)."""
+        if self.size is not None:
+            return x[:, :1]
+        return x.index_select(0, self.starts.clamp(max=x.shape[0] - 1))
+
+    def _within_group_order(self, x: Tensor) -> Tensor:
+        """Varying sizes: the permutation that sorts x within each group, the groups staying in place — one
+        sort of the unique key (group, global rank), no stable sort needed."""
+        position = torch.arange(x.shape[0], device=x.device)
+        rank = torch.empty_like(position).scatter_(0, torch.argsort(x), position)
+        return torch.argsort(self.ids * x.shape[0] + rank)
+
+    def lower_median(self, x: Tensor) -> Tensor:
+        """Per-group lower median: sorted position ⌊(G − 1)/2⌋, as torch.median."""
+        if self.size is not None:
+            k = (self.size - 1) // 2
+            return x.sort(dim=1).values[:, k : k + 1]
+        middle = (self.starts + (self.sizes - 1).clamp(min=0) // 2).clamp(max=x.shape[0] - 1)
+        return x.index_select(0, self._within_group_order(x).index_select(0, middle))
+
+    def order_counts(self, x: Tensor):
+        """(#{j: x_j < x_i}, #{j: x_j ≤ x_i}) within each group, per value (the kernel's counts)."""
+        if self.size is not None:
+            ordered = x.sort(dim=1).values
+            return (torch.searchsorted(ordered, x, side="left"), torch.searchsorted(ordered, x, side="right"))
+        # In the within-group sorted order, each tie run [first, last] gives the counts first − start and
+        # last + 1 − start; the run bounds are running max/min of the run boundaries.
+        B = x.shape[0]
+        position = torch.arange(B, device=x.device)
+        order = self._within_group_order(x)
+        ordered = x.index_select(0, order)
+        start = self.expand(self.starts)
+        run_begins = (position == start) | (ordered != ordered.roll(1))
+        run_ends = (position == start + self.expand(self.sizes) - 1) | (ordered != ordered.roll(-1))
+        first = torch.cummax(torch.where(run_begins, position, torch.zeros_like(position)), 0).values
+        last = torch.cummin(torch.where(run_ends, position, torch.full_like(position, B)).flip(0), 0).values.flip(0)
+        less = torch.empty_like(position).scatter_(0, order, first - start)
+        return less, torch.empty_like(position).scatter_(0, order, last + 1 - start)
+
+
+def _reciprocal(denom: Tensor) -> Tensor:
+    """1/denom per group, and 0 where denom is 0 (only reachable with ε = 0)."""
     ok = denom > 0
-    return torch.where(ok, x / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(x))
+    return torch.where(ok, 1 / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(denom))
 
 
-def _lower_median(x: Tensor) -> Tensor:
-    """Per-row lower median [n, 1] of x [n, G]: sorted position ⌊(G − 1)/2⌋, as torch.median."""
-    k = (x.shape[1] - 1) // 2
-    return x.sort(dim=1).values[:, k : k + 1]
+def _residuals(r: Tensor, groups: _Groups, weights: Optional[Tensor], verl_singleton: bool):
+    """(R − pivot, R − baseline_g) in rows layout, pivot the group's first reward; see
+    kernels.advantages._centre."""
+    single = groups.sizes == 1
+    pivot = groups.first(r)
+    if verl_singleton:
+        pivot = torch.where(single, torch.zeros_like(pivot), pivot)
+    shifted = r - groups.expand(pivot)
+    counted = None
+    if weights is None:
+        centre = groups.sum(shifted) / groups.sizes
+    else:  # OPO; a group without any token (Σ n = 0) gets 0
+        n = groups.rows(weights).to(r.dtype)
+        total = groups.sum(n)
+        counted = total > 0
+        centre = groups.sum(n * shifted) * _reciprocal(total)
+    if verl_singleton:
+        centre = torch.where(single, torch.zeros_like(centre), centre)
+        counted = None if counted is None else counted | single
+    residual = shifted - groups.expand(centre)
+    if counted is not None:
+        residual = residual * groups.expand(counted.to(r.dtype))
+    return shifted, residual
 
 
-def _normal_quantile_by_rank(x: Tensor) -> Tensor:
-    """Φ⁻¹((rank − ½)/G) per row of x [n, G], ties sharing their mean rank (see kernels.advantages)."""
-    G = x.shape[1]
-    ordered = x.sort(dim=1).values
-    m = torch.searchsorted(ordered, x, side="left") + torch.searchsorted(ordered, x, side="right")
-    tail = torch.minimum(m, 2 * G - m).to(torch.float64) / (2 * G)
+def _squares_need_scaling(rewards_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """Whether the squares of residuals can leave the compute dtype's range. float16/bfloat16/float32
+    rewards differ by at most ~7e38, whose square (~5e77) and the square of the smallest float32 subnormal
+    (~2e-90) are normal float64 numbers; float64 rewards (or float32 compute, on MPS) need the scaling."""
+    return rewards_dtype == torch.float64 or compute_dtype != torch.float64
+
+
+def _group_std(shifted: Tensor, residual: Tensor, groups: _Groups, scaled: bool) -> Tensor:
+    """Unbiased std per group. scaled: from squares of residuals divided by the group's largest
+    |R − pivot|, each in [0, 4], so no overflow or underflow at any reward magnitude."""
+    bessel = (groups.sizes - 1).clamp(min=1)
+    if not scaled:
+        return (groups.sum(residual * residual) / bessel).sqrt()
+    largest = groups.max(shifted.abs())
+    unit = residual / groups.expand(torch.where(largest > 0, largest, torch.ones_like(largest)))
+    return largest * (groups.sum(unit * unit) / bessel).sqrt()
+
+
+def _batch_moments(v: Tensor, weights: Optional[Tensor], scaled: bool):
+    """(v − v₀ − μ, unbiased std of v) over the batch, each value counted n_i times (verl's masked_whiten
+    over tokens; Bessel N − 1 with N = Σ n) or once (Bessel B − 1); see kernels.advantages._batch_moments_kernel.
+    scaled: squares of residuals divided by the largest counted |v − v₀|, as in a group."""
+    shifted = v - v[0]
+    if weights is None:
+        residual = shifted - shifted.sum() / v.numel()
+        bessel = max(v.numel() - 1, 1)
+    else:
+        n = weights.to(v.dtype)
+        count = n.sum()
+        residual = shifted - (n * shifted).sum() * _reciprocal(count)
+        bessel = torch.where(count > 1, count - 1, torch.ones_like(count))
+    largest = torch.ones((), dtype=v.dtype, device=v.device)
+    unit = residual
+    if scaled:
+        magnitude = shifted.abs() if weights is None else torch.where(n > 0, shifted.abs(), torch.zeros_like(v))
+        largest = magnitude.max()
+        unit = residual / torch.where(largest > 0, largest, torch.ones_like(largest))
+    squares = (unit * unit).sum() if weights is None else (n * unit * unit).sum()
+    return residual, largest * (squares / bessel).sqrt()
+
+
+def _whiten(v: Tensor, weights: Tensor, eps: float, scaled: bool) -> Tensor:
+    residual, std = _batch_moments(v, weights, scaled)
+    return residual * _reciprocal(torch.hypot(std, torch.full_like(std, math.sqrt(eps))))
+
+
+def _mean_advantages(r, groups, mode, eps, verl_singleton, lengths, scaled):
+    shifted, residual = _residuals(r, groups, lengths if mode == "opo" else None, verl_singleton)
+    if mode in ("no_std", "opo", "reinforce_plus_plus_baseline"):
+        return residual
+    if mode == "rloo":
+        G = groups.sizes.to(r.dtype)
+        return residual * groups.expand(torch.where(G > 1, G / (G - 1).clamp(min=1), torch.ones_like(G)))
+    if mode == "gpg":
+        return residual * (r.numel() / torch.count_nonzero(r).clamp(min=1).to(r.dtype))
+    if mode == "batch_std":
+        return residual * _reciprocal(_batch_moments(r.reshape(-1), None, scaled)[1] + eps)
+    std = _group_std(shifted, residual, groups, scaled)  # grpo
+    if verl_singleton:
+        std = torch.where(groups.sizes == 1, torch.ones_like(std), std)
+    return residual * groups.expand(_reciprocal(std + eps))
+
+
+def _passk_advantages(r: Tensor, groups: _Groups, eps: float, normalise: bool, scaled: bool) -> Tensor:
+    top = groups.max(r)
+    at_top = r == groups.expand(top)
+    copies = groups.sum(at_top.to(r.dtype))
+    below = groups.max(torch.where(at_top, torch.full_like(r, -math.inf), r))
+    second = torch.where(copies > 1, top, below)
+    gap = torch.where(groups.sizes > 1, top - second, torch.zeros_like(top))
+    if normalise:
+        gap = gap * _reciprocal(_group_std(*_residuals(r, groups, None, False), groups, scaled) + eps)
+    return torch.where(at_top, groups.expand(gap), torch.zeros_like(r))
+
+
+def _normal_quantile_by_rank(x: Tensor, groups: _Groups) -> Tensor:
+    """Φ⁻¹((rank − ½)/G) within each group, ties sharing their mean rank (see kernels.advantages)."""
+    less, not_above = groups.order_counts(x)
+    m = less + not_above  # 2·rank − 1
+    size = groups.expand(groups.sizes)
+    tail = torch.minimum(m, 2 * size - m).to(x.dtype) / (2 * size).to(x.dtype)
     magnitude = -torch.special.ndtri(tail)
-    return torch.where(m > G, magnitude, -magnitude).to(x.dtype)
+    return torch.where(m > size, magnitude, -magnitude)
 
 
-def _rows_advantages(x: Tensor, mode: str, eps: float, batch_std: Optional[Tensor]) -> Tensor:
-    """Advantages of n groups of equal size G, x [n, G] in the compute dtype."""
-    G = x.shape[1]
+def _group_mode_advantages(r: Tensor, groups: _Groups, mode: str, eps: float, verl_singleton: bool,
+                           lengths: Optional[Tensor], scaled: bool) -> Tensor:
+    """The grouped modes, in rows layout."""
     if mode == "rank_gaussian":
-        return _normal_quantile_by_rank(x)
+        return _normal_quantile_by_rank(r, groups)
     if mode in ("median", "median_mad"):
-        centered = x - _lower_median(x)
+        centered = r - groups.expand(groups.lower_median(r))
         if mode == "median":
             return centered
-        return _safe_divide(centered, _lower_median(centered.abs()) + eps)
-    # Residuals taken from each group's first reward: equal rewards give residuals of exactly 0.
-    shifted = x - x[:, :1]
-    centered = shifted - shifted.mean(dim=1, keepdim=True)
-    if mode == "no_std" or G == 1:  # a singleton's residual is 0 in every mode
-        return centered
-    if mode == "rloo":
-        return centered * (G / (G - 1))
-    if mode == "grpo":
-        std = (centered.square().sum(dim=1, keepdim=True) / (G - 1)).sqrt()
-        return _safe_divide(centered, std + eps)
-    return _safe_divide(centered, batch_std + eps)  # batch_std
+        return centered * groups.expand(_reciprocal(groups.lower_median(centered.abs()) + eps))
+    if mode in ("grpo_passk", "grpo_passk_no_std"):
+        return _passk_advantages(r, groups, eps, mode == "grpo_passk", scaled)
+    return _mean_advantages(r, groups, mode, eps, verl_singleton, lengths, scaled)
 
 
-def _torch_batch_std(r: Tensor) -> Tensor:
-    """Unbiased std of all rewards, 0 for a single one (TRL's scale_rewards="batch")."""
-    if r.numel() < 2:
-        return torch.zeros((), dtype=r.dtype, device=r.device)
-    shifted = r - r[0]
-    return (shifted - shifted.mean()).square().sum().div(r.numel() - 1).sqrt()
-
-
-def _torch_group_advantages(
-    rewards: Tensor, group_size: Optional[int], sizes: Optional[Tensor], mode: str, eps: float
-) -> Tensor:
-    r = rewards.to(_compute_dtype(rewards.dtype))
-    batch_std = _torch_batch_std(r) if mode == "batch_std" else None
-    if group_size is not None:
-        return _rows_advantages(r.reshape(-1, group_size), mode, eps, batch_std).reshape(-1)
-    out = torch.empty_like(r)
-    starts = torch.cumsum(sizes, 0) - sizes
-    for G in torch.unique(sizes).tolist():
-        first = starts[sizes == G].to(r.device)
-        index = first[:, None] + torch.arange(G, device=r.device)
-        out[index] = _rows_advantages(r[index], mode, eps, batch_std)
-    return out
+def _torch_group_advantages(rewards: Tensor, groups: Optional[_Groups], mode: str, eps: float,
+                            verl_singleton: bool, lengths: Optional[Tensor], baselines: Optional[Tensor]) -> Tensor:
+    r = rewards.to(_compute_dtype(rewards.device))
+    if mode == "remax":
+        return r - baselines.to(r.dtype)
+    scaled = _squares_need_scaling(rewards.dtype, r.dtype)
+    if mode == "reinforce_plus_plus":
+        return _whiten(r, lengths, eps, scaled)
+    advantages = _group_mode_advantages(groups.rows(r), groups, mode, eps, verl_singleton, lengths, scaled)
+    advantages = advantages.reshape(-1)
+    if mode == "reinforce_plus_plus_baseline":
+        return _whiten(advantages, lengths, eps, scaled)
+    return advantages
 
 
 # --- public API -----------------------------------------------------------------------------------------
@@ -170,7 +427,8 @@ def _torch_group_advantages(
 def _offsets(B: int, group_size: Optional[int], sizes: Optional[Tensor], device: torch.device) -> Tensor:
     if group_size is not None:
         return torch.arange(0, B + 1, group_size, dtype=torch.int64, device=device)
-    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)]).to(device)
+    sizes = _to_device(sizes, device)
+    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
 
 
 def group_advantages(
@@ -179,10 +437,14 @@ def group_advantages(
     group_size: Optional[int] = None,
     group_sizes: Union[Tensor, Sequence[int], None] = None,
     mode: str = "grpo",
-    eps: float = 1e-6,
+    eps: Optional[float] = None,
+    singleton: str = "zero",
+    response_lengths: Optional[Tensor] = None,
+    baselines: Optional[Tensor] = None,
+    check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Group-relative advantages of per-completion rewards (MATH.md §2).
+    """Group-relative advantages of per-completion rewards (docs/math.md §2).
 
     The rewards are split into consecutive groups (the completions of one prompt): runs of ``group_size``,
     or of the lengths in ``group_sizes``. With μ_g, σ_g the mean and unbiased std of group g (size G):
@@ -191,8 +453,9 @@ def group_advantages(
     mode              A_i                                                    reproduces
     ================  =====================================================  ======================================
     ``grpo``          (R_i − μ_g)/(σ_g + ε)                                  TRL scale_rewards="group" (ε=1e-4),
-                                                                             verl grpo (ε=1e-6)
-    ``no_std``        R_i − μ_g                                              Dr. GRPO; TRL scale_rewards="none"
+                                                                             verl grpo (ε=1e-6; see singletons)
+    ``no_std``        R_i − μ_g                                              Dr. GRPO; TRL scale_rewards="none";
+                                                                             verl norm_adv_by_std_in_grpo=False
     ``batch_std``     (R_i − μ_g)/(σ_batch + ε), σ_batch the unbiased std    TRL scale_rewards="batch"
                       of all B rewards (0 when B = 1)
     ``rloo``          G/(G−1)·(R_i − μ_g)                                    RLOO; verl rloo
@@ -201,58 +464,128 @@ def group_advantages(
     ``rank_gaussian`` Φ⁻¹((rank_i − ½)/G), ties share their mean rank        G²RPO
     ================  =====================================================  ======================================
 
+    verl's other outcome estimators (``algorithm.adv_estimator``), written from verl's
+    ``verl/trainer/ppo/core_algos.py``; n_i is completion i's token count (``response_lengths``):
+
+    ==================================  ===========================================================================
+    mode                                A_i
+    ==================================  ===========================================================================
+    ``gpg``                             α·(R_i − μ_g), α = B / max(#{j: R_j ≠ 0}, 1) over the whole batch
+    ``grpo_passk``                      (R_max − R_second)/(σ_g + ε) for the group's best completion, 0 for the
+                                        others; R_second the second largest with multiplicity (a tied best: all 0)
+    ``grpo_passk_no_std``               R_max − R_second for the best, 0 for the others
+                                        (verl grpo_passk with norm_adv_by_std_in_grpo=False)
+    ``opo``                             R_i − Σ_g n_j R_j / Σ_g n_j (length-weighted group baseline; 0 for a
+                                        group without any token)
+    ``reinforce_plus_plus``             (R_i − μ)/√(σ² + ε), μ and σ (unbiased, N − 1) over all N = Σ n_j
+                                        counted tokens of the batch, each completion counted n_i times:
+                                        verl's masked_whiten of the γ = 1 returns; no groups needed
+    ``reinforce_plus_plus_baseline``    the same whitening of R_i − μ_g
+    ``remax``                           R_i − b_i, b_i = ``baselines[i]`` (the greedy completion's reward);
+                                        no groups needed
+    ==================================  ===========================================================================
+
     med is the lower median (sorted position ⌊(G−1)/2⌋, as torch.median). A group whose rewards are all
-    equal — a singleton included — gives exactly 0 in every mode, never rounding noise divided by ε and
-    never NaN; a zero denominator (possible only with ε = 0) gives 0.
+    equal gives exactly 0 in every grouped mode (before the batch whitening of reinforce_plus_plus_baseline),
+    never rounding noise divided by ε and never NaN; a zero denominator (possible only with ε = 0) gives 0.
+    Statistics are accumulated in float64, and squares are taken of residuals scaled by the group's largest
+    |R − R_first| wherever float64's range could be exceeded, so rewards of any magnitude (1e-30 … 1e30 in
+    float32, 1e±200 in float64) give advantages exact to a few ulps.
+
+    Singletons: a group of one carries no comparison. With ``singleton="zero"`` (the default, as TRL) its
+    advantage is 0 (its residual is 0 before the whitening of reinforce_plus_plus_baseline). verl instead
+    gives a group of one mean 0 and std 1, so its ``grpo`` is R/(1 + ε), its ``no_std``, ``rloo`` and ``opo``
+    are R, its ``gpg`` α·R (verl's ``rloo_vectorized`` gives 0); ``singleton="verl"`` reproduces that in the
+    modes where verl has that rule (grpo, no_std, rloo, gpg, opo, reinforce_plus_plus_baseline; a ValueError
+    for the others — verl's grpo_passk rejects groups of one). So ``grpo`` equals verl's grpo either with
+    ``singleton="verl"`` or when no group has a single completion.
 
     Args:
         rewards: [B] float16, bfloat16, float32 or float64, finite.
         group_size: G for groups of equal size (B must be a multiple of G).
         group_sizes: [num_groups] integer tensor (any device) or sequence of ints, each >= 1, summing to B.
-            Exactly one of ``group_size`` and ``group_sizes`` must be given.
-        mode: one of ``ADVANTAGE_MODES`` (table above).
-        eps: ε >= 0 added to the denominator in ``grpo``, ``batch_std`` and ``median_mad``; unused otherwise.
+            Exactly one of ``group_size`` and ``group_sizes`` must be given, except for the modes without
+            groups (``reinforce_plus_plus``, ``remax``), where both are optional and unused.
+        mode: one of ``ALL_MODES`` (the tables above).
+        eps: ε >= 0. Added to the denominator σ in ``grpo``, ``batch_std``, ``median_mad`` and ``grpo_passk``
+            (default 1e-6, verl's epsilon) and to the variance under the square root in the
+            ``reinforce_plus_plus`` modes (default 1e-8, verl's masked_whiten); unused by the other modes.
+        singleton: ``"zero"`` or ``"verl"``, the advantage of a group of one (see above).
+        response_lengths: [B] token counts n_i of the completions (``response_mask.sum(-1)``; integer or
+            floating, >= 0, on the rewards' device); required by ``opo`` and the ``reinforce_plus_plus``
+            modes, refused by the others. verl's whitening equals the token-level one for right-padded masks
+            (no holes).
+        baselines: [B] floating, the baseline reward b_i of each completion; required by ``remax`` only.
+        check_inputs: run the checks that read device values: rewards, baselines and response_lengths
+            finite, response_lengths >= 0, and a ``group_sizes`` tensor's values (each >= 1, summing to B;
+            one copy to the host). With False the call never synchronises with the host (CUDA graphs), and on
+            the ``torch`` backend it traces under ``torch.compile(fullgraph=True)`` without a graph break; bad
+            values then give unspecified results (the kernels never access memory outside the batch) instead
+            of an error. Every check that needs no device read — types, shapes, dtypes, devices, mode, eps,
+            singleton, ``group_size`` dividing B, a Python sequence of sizes — always runs.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+            ``reference`` always reads the sizes on the host.
 
     Returns:
         Advantages [B], float32 (float64 for float64 rewards), detached: no gradient flows to the rewards.
 
     Raises:
-        TypeError: rewards not a floating tensor, group_size/group_sizes/eps of the wrong type.
+        TypeError: rewards not a floating tensor, group_size/group_sizes/eps/response_lengths/baselines of
+            the wrong type, check_inputs not a bool.
         ValueError: rewards not 1-D or not finite, both or neither of group_size/group_sizes, a size < 1,
-            sizes not tiling B, unknown mode, eps < 0 or not finite, an unusable backend.
+            sizes not tiling B, unknown mode or singleton rule, singleton="verl" for a mode without it, eps < 0
+            or not finite, response_lengths/baselines missing where needed, given where not used, of the wrong
+            shape or device, negative or not finite; an unusable backend.
 
     Example:
         >>> r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
         >>> group_advantages(r, group_size=3)
         tensor([ 1.1547, -0.5773, -0.5773,  0.0000,  0.0000,  0.0000])
     """
-    rewards = _check_rewards(rewards).detach()
+    if not isinstance(check_inputs, bool):
+        raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+    rewards = _check_rewards(rewards, check_inputs).detach()
     B = rewards.shape[0]
-    if (group_size is None) == (group_sizes is None):
-        given = "both" if group_size is not None else "neither"
-        raise ValueError(f"exactly one of group_size and group_sizes must be given, got {given}")
+    mode = _check_mode(mode)
+    grouped = mode not in _UNGROUPED_MODES
+    if group_size is not None and group_sizes is not None:
+        raise ValueError("exactly one of group_size and group_sizes must be given, got both")
+    if grouped and group_size is None and group_sizes is None:
+        raise ValueError("exactly one of group_size and group_sizes must be given, got neither")
     sizes = None
     if group_size is not None:
         group_size = _check_group_size(group_size, B)
-    else:
-        sizes = _check_group_sizes(group_sizes, B)
-    mode = _check_mode(mode)
-    eps = _check_eps(eps)
+    elif group_sizes is not None:
+        sizes = _check_group_sizes(group_sizes, B, check_inputs)
+    sizes_on_host = sizes is not None and sizes.device.type == "cpu" and (
+        check_inputs or not isinstance(group_sizes, Tensor))
+    eps = _check_eps(eps, mode)
+    verl_singleton = _check_singleton(singleton, mode)
+    lengths = _check_response_lengths(response_lengths, mode, rewards, check_inputs)
+    baselines = _check_baselines(baselines, mode, rewards, check_inputs)
     name = resolve_backend(backend, rewards.device)
-    out_dtype = _compute_dtype(rewards.dtype)
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
 
     if B == 0:
         return torch.empty((0,), dtype=out_dtype, device=rewards.device)
     if name == "reference":
-        per_group = [group_size] * (B // group_size) if group_size is not None else sizes.tolist()
-        return reference.group_advantages(rewards, per_group, mode=mode, eps=eps).to(out_dtype)
+        per_group = None
+        if grouped:
+            per_group = [group_size] * (B // group_size) if group_size is not None else sizes.tolist()
+        return reference.group_advantages(
+            rewards, per_group, mode=mode, eps=eps, singleton=singleton, response_lengths=lengths,
+            baselines=baselines,
+        ).to(out_dtype)
     if name == "torch":
-        return _torch_group_advantages(rewards, group_size, sizes, mode, eps)
+        groups = _Groups(B, group_size, sizes, rewards.device) if grouped else None
+        return _torch_group_advantages(rewards, groups, mode, eps, verl_singleton, lengths, baselines).to(out_dtype)
     from .kernels import advantages as kernels
 
-    max_size = group_size if group_size is not None else int(sizes.max())
+    if group_size is not None:
+        max_size = group_size
+    else:
+        max_size = int(sizes.max()) if sizes_on_host else None  # never a device read
     return kernels.group_advantages(
-        rewards.contiguous(), _offsets(B, group_size, sizes, rewards.device), mode=mode, eps=eps,
-        max_group_size=max_size,
+        rewards.contiguous(), _offsets(B, group_size, sizes, rewards.device) if grouped else None, mode=mode,
+        eps=eps, max_group_size=max_size, verl_singleton=verl_singleton, lengths=lengths, baselines=baselines,
     )
