@@ -3,6 +3,7 @@
 Public names are exported here and only here; see docs/ for the API and MATH.md-style formulas.
 """
 from .advantages import group_advantages
+from .batching import PaddedBatch
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
@@ -17,6 +18,7 @@ __all__ = [
     "FusedPolicyLoss",
     "LinearDecay",
     "LossConfig",
+    "PaddedBatch",
     "PolicyLossOutput",
     "SharedPrefixBatch",
     "SharedPrefixLayout",
