@@ -4,6 +4,8 @@
 for a model whose attention runs :func:`rlloss.shared_prefix_attention` (see
 ``rlloss.integrations.transformers``), and gathers from the model's output, for every completion token, the
 hidden state that predicts it — so the lm_head (and the loss) never runs on prompt positions.
+:meth:`SharedPrefixBatch.pack_tree` packs any rollout tree the same way (multi-turn and agentic rollouts: shared
+turns, branch points, unscored tool outputs, scored completions).
 """
 from __future__ import annotations
 
@@ -49,6 +51,22 @@ def _sequence(name: str, x: object) -> Sequence:
     return x
 
 
+def _resolve_device(device: object) -> Optional[torch.device]:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError):
+        error = ValueError if isinstance(device, str) else TypeError
+        raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
+
+
+def _same_device(pieces: Sequence[Tensor], what: str) -> None:
+    devices = {x.device for x in pieces}
+    if len(devices) > 1:
+        raise ValueError(f"all {what} must be on one device, got {sorted(str(d) for d in devices)}")
+
+
 @dataclass(frozen=True, eq=False)
 class SharedPrefixBatch:
     """Groups ``[prompt_g | c_g1 | … | c_gG]`` packed one after another into one stream of T tokens.
@@ -63,9 +81,11 @@ class SharedPrefixBatch:
     - ``token_index``: ``[C, S_max]`` int64 — the stream row of completion c's token j.
     - ``targets``: ``[C, S_max]`` int64 completion token ids, ``-100`` on padding.
     - ``mask``: ``[C, S_max]`` bool, True on the S_c real tokens of each completion.
+    - ``scored_segments``: the layout segment of each of the C rows.
 
     C is the number of completions (in stream order: group 0's, then group 1's, …) and S_max the longest.
-    Index entries on padding point at row 0.
+    Index entries on padding point at row 0. :meth:`pack_tree` builds the same fields for rollout trees, with
+    one row per scored segment.
     """
 
     input_ids: Tensor
@@ -78,6 +98,7 @@ class SharedPrefixBatch:
     targets: Tensor
     mask: Tensor
     _plan: "_GatherPlan" = field(repr=False)
+    scored_segments: Tuple[int, ...] = ()
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -117,28 +138,102 @@ class SharedPrefixBatch:
             pieces += [_token_ids(name, c) for name, c in zip(names[-len(completions):], completions)]
             prompt_lengths.append(prompt.numel())
             completion_lengths.append(tuple(c.numel() for c in completions))
-        devices = {x.device for x in pieces}
-        if len(devices) > 1:
-            raise ValueError(f"all prompt and completion ids must be on one device, got "
-                             f"{sorted(str(d) for d in devices)}")
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (TypeError, RuntimeError):
-                error = ValueError if isinstance(device, str) else TypeError
-                raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") \
-                    from None
+        _same_device(pieces, "prompt and completion ids")
+        layout_lengths, parents, scored = [], [], []
+        for P, lengths in zip(prompt_lengths, completion_lengths):
+            root = len(layout_lengths)
+            layout_lengths += [P, *lengths]
+            parents += [-1] + [root] * len(lengths)
+            scored += [False] + [True] * len(lengths)
+        return cls._build(pieces, names, layout_lengths, parents, scored, device)
+
+    @classmethod
+    def pack_tree(cls, segment_ids: Sequence[Tensor], parents: Sequence[int], scored: Optional[Sequence[bool]] = None,
+                  *, device=None) -> "SharedPrefixBatch":
+        """Pack rollout trees (multi-turn and agentic rollouts): segments with parent links, some scored.
+
+        Segment i holds ``segment_ids[i]`` and follows its parent ``parents[i]`` (an earlier segment, or -1 for
+        a root such as a prompt). A root-to-leaf chain of segments is one rollout: each token's position id is
+        its position in that sequence, and it attends to exactly the tokens before it in that sequence. Scored
+        segments (model turns) get a row of ``targets``/``mask`` each; unscored ones (prompts, tool outputs,
+        user turns) are context only. A scored segment that several rollouts share (a turn before a branch
+        point) has one row: the loss counts its tokens once, where running the rollouts separately would count
+        them once per rollout through it (see :meth:`path_rows`).
+
+        Args:
+            segment_ids: one 1-D int64 tensor of token ids (≥ 0) per segment, in stream order, each non-empty.
+            parents: per segment, -1 (a root) or the index of an earlier segment.
+            scored: per segment, whether its tokens are scored; default every non-root segment. A root cannot
+                be scored (nothing predicts its first token); at least one segment must be.
+            device: where the packed tensors live; default the inputs' device.
+
+        The result has the fields of :meth:`pack`, with one row per scored segment (in stream order; its
+        segment index in ``scored_segments``), ``prompt_lengths`` = the root lengths and
+        ``completion_lengths`` = per root, the lengths of the scored segments of its tree, so ``group_sizes``
+        and :meth:`unpack` group the rows by tree.
+
+        Raises:
+            TypeError: a container is not a list/tuple, an id tensor is not an int64 tensor, a parent is not an
+                int, a ``scored`` entry is not a bool.
+            ValueError: no segments, mismatched list lengths, an empty or non-1-D id tensor, a negative id, a
+                parent that is not an earlier segment, a tree whose segments are not contiguous, a scored root,
+                nothing scored, ids on different devices.
+        """
+        pieces = _sequence("segment_ids", segment_ids)
+        if len(pieces) == 0:
+            raise ValueError("segment_ids is empty; pack_tree needs at least one segment")
+        names = [f"segment_ids[{i}]" for i in range(len(pieces))]
+        pieces = [_token_ids(name, x) for name, x in zip(names, pieces)]
+        parents = SharedPrefixLayout._ints("parents", parents)
+        if len(parents) != len(pieces):
+            raise ValueError(f"parents must hold one entry per segment: {len(pieces)} segments, got {len(parents)}")
+        if scored is None:
+            scored = [p != -1 for p in parents]
+        elif isinstance(scored, (str, bytes, Tensor)) or not isinstance(scored, Sequence):
+            raise TypeError(f"scored must be a list of bools, got {type(scored).__name__}")
+        elif len(scored) != len(pieces):
+            raise ValueError(f"scored must hold one entry per segment: {len(pieces)} segments, got {len(scored)}")
+        for i, flag in enumerate(scored):
+            if not isinstance(flag, bool):
+                raise TypeError(f"scored[{i}] must be a bool, got {type(flag).__name__} {flag!r}")
+            if flag and parents[i] == -1:
+                raise ValueError(f"scored[{i}] is True but segment {i} is a root (parents[{i}] = -1): nothing "
+                                 "predicts its first token; put the context it follows in a parent segment")
+        if not any(scored):
+            raise ValueError("no segment is scored (scored is all False); pack_tree needs at least one")
+        SharedPrefixLayout._check_parents(parents)
+        tree = []  # each tree's segments must be contiguous, so its rows are too (group_sizes, unpack)
+        for i, p in enumerate(parents):
+            tree.append(i if p == -1 else tree[p])
+            if i and tree[i] < tree[i - 1]:
+                raise ValueError(f"segment {i} belongs to the tree of segment {tree[i]} but follows segment {i - 1} "
+                                 f"of the later tree of segment {tree[i - 1]}: store each tree's segments "
+                                 "contiguously (e.g. depth-first)")
+        _same_device(pieces, "segment ids")
+        return cls._build(pieces, names, [x.numel() for x in pieces], parents, list(scored), device)
+
+    @classmethod
+    def _build(cls, pieces: List[Tensor], names: List[str], lengths: List[int], parents: Sequence[int],
+               scored: List[bool], device) -> "SharedPrefixBatch":
+        device = _resolve_device(device)
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
         if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
             _no_negative_ids(names, pieces)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
-        layout = SharedPrefixLayout.from_groups(prompt_lengths, completion_lengths, device=device)
-        predictor, token, mask, plan = _gather_tables(layout)
+        layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
+        rows = [s for s in range(len(lengths)) if scored[s]]
+        roots = [s for s in range(len(lengths)) if parents[s] == -1]
+        root_of = []
+        for s, p in enumerate(parents):
+            root_of.append(s if p == -1 else root_of[p])
+        predictor, token, mask, plan = _gather_tables(layout, rows)
         predictor, token, mask, plan = predictor.to(device), token.to(device), mask.to(device), plan.to(device)
         targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
         return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
-                   prompt_lengths=tuple(prompt_lengths), completion_lengths=tuple(completion_lengths),
-                   predictor_index=predictor, token_index=token, targets=targets, mask=mask, _plan=plan)
+                   prompt_lengths=tuple(lengths[r] for r in roots),
+                   completion_lengths=tuple(tuple(lengths[s] for s in rows if root_of[s] == r) for r in roots),
+                   predictor_index=predictor, token_index=token, targets=targets, mask=mask, _plan=plan,
+                   scored_segments=tuple(rows))
 
     def to(self, device) -> "SharedPrefixBatch":
         """The same batch with every tensor (and the layout) on ``device``."""
@@ -149,7 +244,7 @@ class SharedPrefixBatch:
             layout=self.layout.to(device), prompt_lengths=self.prompt_lengths,
             completion_lengths=self.completion_lengths, predictor_index=self.predictor_index.to(device),
             token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device),
-            _plan=self._plan.to(device))
+            _plan=self._plan.to(device), scored_segments=self.scored_segments)
 
     # --- sizes ----------------------------------------------------------------------------------------
 
@@ -172,6 +267,21 @@ class SharedPrefixBatch:
     def num_completion_tokens(self) -> int:
         """Σ S_c, e.g. the ``num_items_in_batch`` of a token-mean loss over this batch alone."""
         return sum(sum(lengths) for lengths in self.completion_lengths)
+
+    def paths(self) -> List[Tuple[int, ...]]:
+        """Every root-to-leaf chain of segments (one rollout each), leaves in stream order."""
+        parents = self.layout.parents
+        has_child = set(p for p in parents if p != -1)
+        return [tuple(self.layout.ancestors(s)) + (s,) for s in range(len(parents)) if s not in has_child]
+
+    def path_rows(self) -> List[Tuple[int, ...]]:
+        """For every path of :meth:`paths`, the rows (indices into C) of its scored segments, root first.
+
+        A row shared by several paths (a turn before a branch point) is listed in each: e.g. the number of
+        rollouts through row c is ``sum(c in rows for rows in batch.path_rows())``, a weight that makes the
+        packed loss count it once per rollout, as separate runs do."""
+        row_of = {s: c for c, s in enumerate(self.scored_segments)}
+        return [tuple(row_of[s] for s in path if s in row_of) for path in self.paths()]
 
     # --- model inputs and outputs ---------------------------------------------------------------------
 
@@ -277,8 +387,8 @@ def _gather_tables(layout: SharedPrefixLayout, segments: Optional[Sequence[Optio
     One row per scored segment of ``segments`` (default: every non-root segment in stream order — the
     completions of a two-level layout; ``None`` gives a row of padding only). Token j ≥ 1 of segment s is
     predicted by its row j − 1, token 0 by the last row of s's parent; ``width`` defaults to the longest.
-    Each scored segment appears once and is no other scored segment's parent, so every stream row is read by
-    at most one slot, except a parent's last row, which the gather's backward sums over its children.
+    Each scored segment appears once, so every stream row is read by at most one slot, except a parent's last
+    row (which its own segment's tokens never read, scored or not), which the backward sums over its children.
     """
     if segments is None:
         segments = [s for s in range(layout.num_segments) if layout.parents[s] != -1]
