@@ -19,9 +19,17 @@ from . import reference
 
 __all__ = ["TokenLogprobs", "token_logprobs", "logprobs_from_logits", "merge_stats"]
 
-# Default bound on the logit scratch of one chunk of tokens (see docs/design/logprobs.md): 256 MiB holds
-# 294 tokens × 151936 vocabulary entries of float32 logits plus their bfloat16 gradient.
+# Default bound on the logit scratch of one chunk of tokens (see docs/design/logprobs.md). On a GPU 256 MiB
+# holds 294 tokens × 151936 vocabulary entries of float32 logits plus their bfloat16 gradient. Elsewhere the
+# CPU BLAS is as fast from a few hundred rows on, and 64 MiB keeps the peak memory small (measured on the
+# benchmark shape: 64 MiB was as fast as 256 MiB, docs/design/logprobs.md).
 DEFAULT_MAX_SCRATCH_BYTES = 256 << 20
+CPU_MAX_SCRATCH_BYTES = 64 << 20
+
+
+def default_scratch_bytes(device: torch.device) -> int:
+    """The default ``max_scratch_bytes`` for tensors on ``device``."""
+    return DEFAULT_MAX_SCRATCH_BYTES if device.type == "cuda" else CPU_MAX_SCRATCH_BYTES
 # Tokens per chunk in batch-invariant mode: a constant, so every GEMM and pass has the same shape whatever N
 # is (wide enough that the GEMMs stay compute-bound).
 BATCH_INVARIANT_ROWS = 256
@@ -121,11 +129,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str, softcap: Optional[float]) -> int:
-    """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus e^s on the torch backend
-    (and the soft-cap factor), or the gradient in the input dtype on the kernels when that is 16-bit."""
+    """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus the gradient in the input
+    dtype on the kernels when that is 16-bit (the torch executor's block buffers are a fixed ~1 MiB more)."""
     size = _compute_dtype(dtype).itemsize
     if backend == "torch":
-        return size * (3 if softcap is not None else 2)
+        return size
     return size + (dtype.itemsize if dtype.itemsize < size else 0)
 
 
@@ -172,18 +180,23 @@ def _mm(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
         torch.mm(a, b, out=out)
 
 
-def _torch_prepare(z: Tensor, bias, options: LinearOptions, shift: Optional[Tensor], e: Tensor, floor: bool):
-    """Turn raw logits x (a chunk, in place) into s = z − M with z = cap(x + b)/T, and e^s into ``e``.
+# The torch executor runs its elementwise passes over cache-sized blocks of rows of the chunk, so the several
+# torch ops of a pass reread data from cache, not from memory (the GEMMs still see the whole chunk).
+TORCH_BLOCK_BYTES = 1 << 20
 
-    Returns (M, soft-cap factor 1 − tanh² or None). ``shift`` is M when known (a recompute), else the row max.
-    """
+
+def _torch_blocks(n: int, width: int, itemsize: int):
+    rows = max(1, TORCH_BLOCK_BYTES // (width * itemsize))
+    return [(r, min(n, r + rows)) for r in range(0, n, rows)], rows
+
+
+def _torch_transform(z: Tensor, bias, options: LinearOptions, shift: Optional[Tensor], floor: bool) -> Tensor:
+    """Turn raw logits x (rows of a chunk, in place) into s = z − M with z = cap(x + b)/T; returns M (the row
+    max, or ``shift`` when known)."""
     if bias is not None:
         z.add_(bias.to(z.dtype))
-    factor = None
     if options.softcap is not None:
-        z.div_(options.softcap).tanh_()
-        factor = torch.mul(z, z).neg_().add_(1)
-        z.mul_(options.softcap)
+        z.div_(options.softcap).tanh_().mul_(options.softcap)
     if options.temperature != 1.0:
         z.mul_(1.0 / options.temperature)
     if floor:
@@ -191,24 +204,44 @@ def _torch_prepare(z: Tensor, bias, options: LinearOptions, shift: Optional[Tens
     if shift is None:
         shift = z.amax(dim=1)
     z.sub_(shift[:, None])
-    torch.exp(z, out=e)
-    return shift, factor
+    return shift
 
 
-def _torch_stats(s: Tensor, e: Tensor, shift: Tensor, safe_targets: Tensor) -> RowStats:
-    total = e.sum(1)
-    shifted_sum = torch.bmm(s.unsqueeze(1), e.unsqueeze(2)).view(-1)  # Σ s·e^s, row by row, no temporary
-    return RowStats(shift, total, shifted_sum / total, s.gather(1, safe_targets[:, None]).squeeze(1))
+def _torch_stats(z: Tensor, bias, options: LinearOptions, floor: bool, safe_targets: Tensor, e_buf: Tensor):
+    """RowStats of a chunk of raw logits, block by block; z becomes s = z − M in place."""
+    blocks, _ = _torch_blocks(z.shape[0], z.shape[1], z.element_size())
+    parts = []
+    for r0, r1 in blocks:
+        s = z[r0:r1]
+        shift = _torch_transform(s, bias, options, None, floor)
+        e = torch.exp(s, out=e_buf[: r1 - r0])
+        total = e.sum(1)
+        shifted_sum = torch.linalg.vecdot(s, e, dim=1)  # Σ s·e^s, row by row
+        parts.append((shift, total, shifted_sum / total, s.gather(1, safe_targets[r0:r1, None]).squeeze(1)))
+    return RowStats(*(torch.cat(p) for p in zip(*parts)))
 
 
-def _torch_dlogits(s: Tensor, e: Tensor, coef, safe_targets: Tensor, factor: Optional[Tensor]) -> Tensor:
-    """dz = e^s·(a·s + b) + g·1[v = y] (· soft-cap factor), written over s."""
+def _torch_dlogits(z: Tensor, shift: Tensor, coef, safe_targets: Tensor, options: LinearOptions, e_buf: Tensor,
+                   shifted: bool, bias, floor: bool) -> Tensor:
+    """dz = e^s·(a·s + b) + g·1[v = y] (· the soft-cap factor 1 − tanh²), written over z block by block.
+
+    ``shifted``: z already holds s = z − M (after :func:`_torch_stats`); otherwise it holds raw logits (a
+    recompute) and is transformed here with the saved M."""
     a, b, g = coef
-    dz = s.mul_(a[:, None]).add_(b[:, None]).mul_(e)
-    dz.scatter_add_(1, safe_targets[:, None], g[:, None])
-    if factor is not None:
-        dz.mul_(factor)
-    return dz
+    blocks, _ = _torch_blocks(z.shape[0], z.shape[1], z.element_size())
+    for r0, r1 in blocks:
+        s = z[r0:r1]
+        if not shifted:
+            _torch_transform(s, bias, options, shift[r0:r1], floor)
+        e = torch.exp(s, out=e_buf[: r1 - r0])
+        factor = None
+        if options.softcap is not None:  # tanh(x/c) = (s + M)·T/c
+            factor = (s + shift[r0:r1, None]).mul_(options.temperature / options.softcap).square_().neg_().add_(1)
+        s.mul_(a[r0:r1, None]).add_(b[r0:r1, None]).mul_(e)
+        s.scatter_add_(1, safe_targets[r0:r1, None], g[r0:r1, None])
+        if factor is not None:
+            s.mul_(factor)
+    return z
 
 
 class PassResult(NamedTuple):
@@ -286,7 +319,9 @@ def run_pass(
     if linear:
         w_gemm = weight if (on_cuda_16bit or weight.dtype == cd) else weight.to(cd)
     scratch = torch.empty((rows, V), dtype=cd, device=device)
-    e_buf = torch.empty((rows, V), dtype=cd, device=device) if not kernel_path else None
+    e_buf = None
+    if not kernel_path:
+        e_buf = torch.empty((min(rows, _torch_blocks(rows, V, cd.itemsize)[1]), V), dtype=cd, device=device)
     dz_buf = None
     if kernel_path and wants_grad and linear and x.dtype != cd:
         dz_buf = torch.empty((rows, V), dtype=x.dtype, device=device)  # the gradient GEMMs' 16-bit operand
@@ -315,25 +350,16 @@ def run_pass(
         else:
             z = scratch[:n]
             z.copy_(torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device)))
-        bias_in_pass = bias if kernel_path else None
         # -- statistics ---------------------------------------------------------------------------------
-        factor = None
-        if kernel_path:
-            if stats is None:
-                partial = _kernels().logits_stats(z, bias, tgt_c, ignore_index=options.ignore_index,
-                                                  temperature=options.temperature, softcap=options.softcap,
-                                                  batch_invariant=options.batch_invariant)
-                chunk_stats = merge_stats(partial.to(cd))
-            else:
-                chunk_stats = RowStats(*(t[begin:end] for t in stats))
+        if stats is not None:
+            chunk_stats = RowStats(*(t[begin:end] for t in stats))
+        elif kernel_path:
+            partial = _kernels().logits_stats(z, bias, tgt_c, ignore_index=options.ignore_index,
+                                              temperature=options.temperature, softcap=options.softcap,
+                                              batch_invariant=options.batch_invariant)
+            chunk_stats = merge_stats(partial.to(cd))
         else:
-            e = e_buf[:n]
-            known = stats.shift[begin:end] if stats is not None else None
-            shift, factor = _torch_prepare(z, bias, options, known, e, floor)
-            if stats is None:
-                chunk_stats = _torch_stats(z, e, shift, safe_c)
-            else:
-                chunk_stats = RowStats(*(t[begin:end] for t in stats))
+            chunk_stats = _torch_stats(z, bias, options, floor, safe_c, e_buf)
         if stats is None:
             for part, value in zip(parts, chunk_stats):
                 part[begin:end] = value
@@ -359,7 +385,7 @@ def run_pass(
                                     ignore_index=options.ignore_index, temperature=options.temperature,
                                     softcap=options.softcap, out=target_buf)
         else:
-            dz = _torch_dlogits(z, e, coef, safe_c, factor)
+            dz = _torch_dlogits(z, chunk_stats.shift, coef, safe_c, options, e_buf, stats is None, bias, floor)
             if not linear and grad_x is not None:
                 grad_x[begin:end] = dz
         if linear:
@@ -550,12 +576,15 @@ class LinearInputs(NamedTuple):
 
 
 def check_options(temperature, softcap, ignore_index, backend_name: str, max_scratch_bytes,
-                  batch_invariant) -> LinearOptions:
-    """Check the scalar options shared by the log-prob functions and FusedPolicyLoss (host side, no sync)."""
+                  batch_invariant, device: torch.device = torch.device("cpu")) -> LinearOptions:
+    """Check the scalar options shared by the log-prob functions and FusedPolicyLoss (host side, no sync);
+    ``max_scratch_bytes=None`` becomes the default for ``device``."""
     temperature = _checks.positive_finite("temperature", temperature)
     if softcap is not None:
         softcap = _checks.positive_finite("softcap", softcap)
     ignore_index = _checks.integer("ignore_index", ignore_index)
+    if max_scratch_bytes is None:
+        max_scratch_bytes = default_scratch_bytes(device)
     max_scratch_bytes = _checks.integer("max_scratch_bytes", max_scratch_bytes)
     if max_scratch_bytes <= 0:
         raise ValueError(f"max_scratch_bytes must be a positive number of bytes, got {max_scratch_bytes}")
@@ -565,7 +594,7 @@ def check_options(temperature, softcap, ignore_index, backend_name: str, max_scr
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, ignore_index, backend,
-                        max_scratch_bytes=DEFAULT_MAX_SCRATCH_BYTES, batch_invariant=False,
+                        max_scratch_bytes=None, batch_invariant=False,
                         check_range: bool = True) -> LinearInputs:
     """Check the arguments of :func:`token_logprobs` (host side, before any launch) and resolve the backend.
 
@@ -597,7 +626,8 @@ def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, 
         _checks.dtype_in("bias", bias, _checks.FLOAT_DTYPES)
         if bias.shape[0] != V:
             raise ValueError(f"bias must be [V] with V = {V}, got shape {tuple(bias.shape)}")
-    options = check_options(temperature, softcap, ignore_index, name, max_scratch_bytes, batch_invariant)
+    options = check_options(temperature, softcap, ignore_index, name, max_scratch_bytes, batch_invariant,
+                            hidden.device)
     if check_range:
         _checks.targets_in_range(targets, V, options.ignore_index)
     return LinearInputs(hidden, weight, targets, bias, options)
@@ -621,7 +651,7 @@ def token_logprobs(
     softcap: Optional[float] = None,
     return_entropy: bool = False,
     ignore_index: int = -100,
-    max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES,
+    max_scratch_bytes: Optional[int] = None,
     batch_invariant: bool = False,
     check_inputs: bool = True,
     backend: Optional[str] = None,
@@ -647,9 +677,9 @@ def token_logprobs(
         return_entropy: also return the entropy (otherwise ``entropy`` is None).
         ignore_index: target value whose tokens give 0 and receive exactly zero gradient, even when their
             hidden rows hold inf or NaN.
-        max_scratch_bytes: bound on the logit scratch of one chunk (default 256 MiB: 294 tokens at
-            V = 151936 with bfloat16 inputs on a GPU). Larger chunks make the weight-gradient GEMM more
-            efficient; the chunk never exceeds the number of tokens.
+        max_scratch_bytes: bound on the logit scratch of one chunk; None = 256 MiB on CUDA (294 tokens at
+            V = 151936 with bfloat16 inputs) and 64 MiB elsewhere. Larger chunks make the weight-gradient GEMM
+            more efficient on a GPU (docs/design/logprobs.md); the chunk never exceeds the number of tokens.
         batch_invariant: make each token's log-prob and entropy bitwise independent of N, of the chunk size
             and of the other rows (fixed chunk shape and vocabulary reduction order), so that trainer and
             inference engine can agree bit for bit. Costs padding of the last chunk.
@@ -703,7 +733,7 @@ def logprobs_from_logits(
     return_entropy: bool = False,
     ignore_index: int = -100,
     inplace_backward: bool = False,
-    max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES,
+    max_scratch_bytes: Optional[int] = None,
     check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> TokenLogprobs:
@@ -744,7 +774,7 @@ def logprobs_from_logits(
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a vocabulary dimension of at least 1, got V = 0")
-    options = check_options(temperature, None, ignore_index, name, max_scratch_bytes, False)
+    options = check_options(temperature, None, ignore_index, name, max_scratch_bytes, False, logits.device)
     if check_inputs:
         _checks.targets_in_range(targets, V, options.ignore_index)
 

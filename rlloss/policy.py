@@ -21,7 +21,7 @@ from ._backend import resolve_backend
 from .config import LossConfig
 from .credit import credit_advantage
 from ._backend import BACKENDS
-from .logprobs import (DEFAULT_MAX_SCRATCH_BYTES, LinearOptions, check_linear_inputs, check_options, prepare_linear,
+from .logprobs import (LinearOptions, check_linear_inputs, check_options, prepare_linear,
                        run_pass)
 
 # Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
@@ -95,27 +95,15 @@ def _positive_count(name: str, value, device: torch.device, check_values: bool =
     return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
-def aggregation_normaliser(
-    config: LossConfig,
-    live: Tensor,
-    num_items_in_batch: Union[int, Tensor, None] = None,
-    num_sequences_in_batch: Union[int, Tensor, None] = None,
-    check_values: bool = True,
-) -> Tensor:
-    """The denominator D of the aggregation (MATH.md §6) as a float64 0-d tensor on ``live``'s device.
-
-    token_mean: N = ``num_items_in_batch`` (global) or the local Σ mask, at least 1; seq_mean_token_mean and
-    seq_mean_token_sum: B = ``num_sequences_in_batch`` or the local batch size; seq_mean_token_sum_norm:
-    B·L_norm; token_sum: 1. The loss is then Σ_i Σ_t m·L (/ max(n_i, 1) for seq_mean_token_mean) / D.
-    """
+def _term_normaliser(agg: str, config: LossConfig, live: Tensor, num_items_in_batch, num_sequences_in_batch,
+                     check_values: bool) -> Tensor:
     device = live.device
-    agg = config.aggregation
+    if agg == "token_mean_local" or (agg == "token_mean" and num_items_in_batch is None):
+        return live.sum().to(torch.float64).clamp(min=1.0)
     if agg == "token_mean":
-        if num_items_in_batch is None:
-            return live.sum().to(torch.float64).clamp(min=1.0)
         return _positive_count("num_items_in_batch", num_items_in_batch, device, check_values)
-    if agg == "token_sum":
-        return torch.ones((), dtype=torch.float64, device=device)
+    if agg == "token_sum":  # verl: Σ m·L · dp_size
+        return torch.tensor(1.0 / config.dp_size, dtype=torch.float64, device=device)
     if num_sequences_in_batch is None:
         sequences = torch.tensor(float(max(live.shape[0], 1)), dtype=torch.float64, device=device)
     else:
@@ -123,6 +111,28 @@ def aggregation_normaliser(
     if agg == "seq_mean_token_sum_norm":
         return sequences * float(config.max_completion_length)
     return sequences
+
+
+def aggregation_normaliser(
+    config: LossConfig,
+    live: Tensor,
+    num_items_in_batch: Union[int, Tensor, None] = None,
+    num_sequences_in_batch: Union[int, Tensor, None] = None,
+    check_values: bool = True,
+) -> Tensor:
+    """The denominators D of the aggregation (MATH.md §6) of the policy, KL and entropy terms
+    (``config.term_aggregations``), as a float64 [3] tensor on ``live``'s device.
+
+    token_mean: N = ``num_items_in_batch`` (global) or the local Σ mask, at least 1; token_mean_local: the local
+    Σ mask, at least 1; seq_mean_token_mean and seq_mean_token_sum: B = ``num_sequences_in_batch`` or the local
+    batch size; seq_mean_token_sum_norm: B·L_norm; token_sum: 1 / ``config.dp_size``. Each term is then
+    Σ_i Σ_t m·L (/ max(n_i, 1) for seq_mean_token_mean) / D.
+    """
+    found = {}
+    for agg in config.term_aggregations:
+        if agg not in found:
+            found[agg] = _term_normaliser(agg, config, live, num_items_in_batch, num_sequences_in_batch, check_values)
+    return torch.stack([found[agg] for agg in config.term_aggregations])
 
 
 def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tensor]:
@@ -225,6 +235,8 @@ def _kl_term(config: LossConfig, x: Tensor):
         return -x, torch.ones_like(x)
     if est == "abs":
         return x.abs(), torch.where(x.isnan(), x, -torch.sign(x))
+    if est in ("k1+", "abs+"):  # verl: the value of k1 / abs, the gradient of k2 (straight-through)
+        return (-x if est == "k1+" else x.abs()), -x
     if est == "k2":
         return 0.5 * x * x, -x
     if config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
@@ -264,6 +276,8 @@ class TokenInputs(NamedTuple):
     rollout: Optional[Tensor]      # ℓˢ when a token-level rollout correction needs it
     weight: Optional[Tensor]       # the sequence-level rollout weight w_i per token, when precomputed
     coef: Tensor                   # aggregation weight c = m/D (/ max(n_i, 1) for seq_mean_token_mean)
+    coef_kl: Tensor                # the KL term's (config.kl_aggregation); ``coef`` itself when the same
+    coef_ent: Tensor               # the entropy term's (config.entropy_aggregation); ``coef`` when the same
 
     def rows(self, begin: int, end: int) -> "TokenInputs":
         """The flat tokens [begin, end) of a [B, T] preparation (a chunk of the fused loss)."""
@@ -292,32 +306,43 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
         if config.rollout_correction.startswith("sequence") and old is not None:
             weight = _rollout_weight(config, torch.exp((old - rollout).sum(1)))[:, None].expand(B, T)
             rollout = None
-    row_weight = (1.0 / normaliser.to(cd)).expand(B)
-    if config.aggregation == "seq_mean_token_mean":
-        row_weight = row_weight / n_safe
-    coef = mf * row_weight[:, None]
+    norms = normaliser.reshape(-1).to(cd).expand(3)  # a single D (older callers) serves every term
+    coefs = {}
+
+    def coef_of(term: int) -> Tensor:
+        agg = config.term_aggregations[term]
+        if agg not in coefs:
+            row_weight = (1.0 / norms[term]).expand(B)
+            if agg == "seq_mean_token_mean":
+                row_weight = row_weight / n_safe
+            coefs[agg] = mf * row_weight[:, None]
+        return coefs[agg]
+
+    coef = coef_of(0)
     tokens = TokenInputs(live, old, adv, _load(pos_logprobs, live, cd), _load(neg_logprobs, live, cd), ref,
-                         rollout, weight, coef)
+                         rollout, weight, coef, coef_of(1) if config.beta != 0.0 else coef,
+                         coef_of(2) if config.entropy_coef != 0.0 else coef)
     return tokens, n_safe
 
 
 class TokenTerms(NamedTuple):
-    """Per-token pieces of the loss (MATH.md §3–§6) for given log-probs; see :func:`token_terms`."""
+    """Per-token pieces of the loss (MATH.md §3–§6) for given log-probs, each already times its term's
+    aggregation coefficient (``coef`` for the policy term, ``coef_kl`` for the KL term); see :func:`token_terms`."""
 
-    loss: Tensor        # L_t = w·P + β·KL (− c_H·H is added by the caller that has H)
-    direct: Tensor      # ∂L_t/∂ℓ_t along everything but the ratio
-    via_ratio: Tensor   # ∂L_t/∂ρ
+    loss: Tensor        # c·w·P + c_kl·β·KL (− c_ent·c_H·H is added by the caller that has H)
+    direct: Tensor      # ∂(that)/∂ℓ_t along everything but the ratio
+    via_ratio: Tensor   # ∂(that)/∂ρ
     rho: Tensor         # the ratio used (token or sequence)
     adv: Tensor         # the advantage used (after the credit)
     dual: Tensor        # dual-clip active
-    kl: Optional[Tensor]
+    kl: Optional[Tensor]      # KL_t (·ρ when kl_ratio_weighted), unweighted: the metric
     weight: Optional[Tensor]  # rollout weight
 
 
 def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tensor) -> TokenTerms:
-    """The per-token policy, rollout and KL terms at ratio ``rho`` — elementwise, so the same function serves
-    a whole [B, T] batch and one chunk of flat tokens of the fused loss (the one place these formulas live
-    in torch; kernels/policy.py is the kernel's copy)."""
+    """The per-token policy, rollout and KL terms at ratio ``rho``, weighted by their aggregation coefficients —
+    elementwise, so the same function serves a whole [B, T] batch and one chunk of flat tokens of the fused
+    loss (the one place these formulas live in torch; kernels/policy.py is the kernel's copy)."""
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     old = logp if tokens.old is None else tokens.old
     adv = tokens.adv
@@ -336,15 +361,29 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
     if tokens.ref is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
         K, dK = _kl_term(config, tokens.ref - logp)
         if config.beta == 0.0:  # switched off: the kl metric only, never the loss or its gradient
-            return TokenTerms(loss_t, direct, via_ratio, rho, adv, dual, K * rho if config.kl_ratio_weighted else K, w)
-        if config.kl_ratio_weighted:
-            direct = direct + config.beta * dK * rho
-            via_ratio = via_ratio + config.beta * K
-            K = K * rho
+            c = tokens.coef
+            return TokenTerms(c * loss_t, c * direct, c * via_ratio, rho, adv, dual,
+                              K * rho if config.kl_ratio_weighted else K, w)
+        if tokens.coef_kl is tokens.coef:  # one coefficient: add the KL before weighting
+            if config.kl_ratio_weighted:
+                direct = direct + config.beta * dK * rho
+                via_ratio = via_ratio + config.beta * K
+                K = K * rho
+            else:
+                direct = direct + config.beta * dK
+            loss_t = loss_t + config.beta * K
         else:
-            direct = direct + config.beta * dK
-        loss_t = loss_t + config.beta * K
-    return TokenTerms(loss_t, direct, via_ratio, rho, adv, dual, K, w)
+            c, ck = tokens.coef, tokens.coef_kl
+            if config.kl_ratio_weighted:
+                direct = c * direct + ck * (config.beta * dK * rho)
+                via_ratio = c * via_ratio + ck * (config.beta * K)
+                K = K * rho
+            else:
+                direct = c * direct + ck * (config.beta * dK)
+                via_ratio = c * via_ratio
+            return TokenTerms(c * loss_t + ck * (config.beta * K), direct, via_ratio, rho, adv, dual, K, w)
+    c = tokens.coef
+    return TokenTerms(c * loss_t, c * direct, c * via_ratio, rho, adv, dual, K, w)
 
 
 def _ratio_bounds(config: LossConfig) -> Tuple[float, float]:
@@ -367,8 +406,8 @@ def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
     loss asks for each chunk. Not for sequence-level ratios (their gradient needs the whole sequence)."""
     rho, d_rho = token_ratio(config, logp, tokens)
     terms = token_terms(config, logp, tokens, rho)
-    grad = tokens.coef * (terms.direct + terms.via_ratio * d_rho)
-    grad_ent = -config.entropy_coef * tokens.coef if write_grad_entropy else None
+    grad = terms.direct + terms.via_ratio * d_rho
+    grad_ent = -config.entropy_coef * tokens.coef_ent if write_grad_entropy else None
     return grad, grad_ent
 
 
@@ -427,20 +466,19 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     if entropy is not None:  # − c_H·H_t (a zero coefficient never reads the entropy)
         ent = _load(entropy, live, cd)
         if config.entropy_coef != 0.0:
-            loss_t = loss_t - config.entropy_coef * ent
+            loss_t = loss_t - config.entropy_coef * tokens.coef_ent * ent
         stats[:, _S["entropy"]] = ent.sum(1)
 
-    coef = tokens.coef
     if config.importance_sampling_level == "sequence":  # s_i reaches every token: dℓ_t += (m_t/n_i)·s_i·Σ c·∂L/∂ρ
-        seq = (coef * terms.via_ratio).sum(1) * ds / n_safe
-        grad = coef * terms.direct + torch.where(live, seq[:, None], zero)
+        seq = terms.via_ratio.sum(1) * ds / n_safe
+        grad = terms.direct + torch.where(live, seq[:, None], zero)
     else:
-        grad = coef * (terms.direct + terms.via_ratio * d_rho)
-    grad_ent = -config.entropy_coef * coef if write_grad_entropy else None
+        grad = terms.direct + terms.via_ratio * d_rho
+    grad_ent = -config.entropy_coef * tokens.coef_ent if write_grad_entropy else None
 
     low, high = clip_metric_bounds(config)
     adv = terms.adv
-    stats[:, _S["loss"]] = (coef * loss_t).sum(1)
+    stats[:, _S["loss"]] = loss_t.sum(1)
     stats[:, _S["tokens"]] = mf.sum(1)
     stats[:, _S["clip_low"]] = (live & (rho < low) & (adv < 0)).to(cd).sum(1)
     stats[:, _S["clip_high"]] = (live & (rho > high) & (adv > 0)).to(cd).sum(1)
@@ -457,6 +495,11 @@ def _kernels():
     from .kernels import policy as kernels
 
     return kernels
+
+
+def _kernel_supports(config: LossConfig) -> bool:
+    """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
+    return config.uniform_aggregation and config.kl_estimator in ("k1", "abs", "k2", "k3", "k3+")
 
 
 def policy_loss_and_grads(
@@ -476,7 +519,8 @@ def policy_loss_and_grads(
     """The policy loss, its metrics and its analytic gradients, computed together (no autograd).
 
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
-    [B, T]); ``mask`` bool; ``normaliser`` the 0-d aggregation denominator from :func:`aggregation_normaliser`;
+    [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
+    serves every term);
     ``backend`` "torch", "triton" or "interpret"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
     ``config.credit`` (see :func:`check_credit_inputs`). Nothing here builds an autograd graph.
 
@@ -487,15 +531,18 @@ def policy_loss_and_grads(
         Multiply both gradients by the upstream gradient of the loss.
     """
     write_grad_entropy = entropy is not None and config.entropy_coef != 0.0
-    if backend == "torch" or logprobs.numel() == 0:
+    # The kernel has one aggregation coefficient per token and the estimators k1, abs, k2, k3, k3+: a config
+    # with a KL or entropy term aggregated otherwise, or the k1+ / abs+ estimators, runs the torch formulas on
+    # the same device instead (never an option silently dropped).
+    if backend == "torch" or logprobs.numel() == 0 or not _kernel_supports(config):
         stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                             rollout_logprobs, config, normaliser, write_grad_entropy,
                                             pos_logprobs, neg_logprobs)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = _kernels().policy_loss_rows(
-            logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy, normaliser,
-            loss_mode=config.loss_mode, importance_sampling_level=config.importance_sampling_level,
+            logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy,
+            normaliser.reshape(-1)[:1], loss_mode=config.loss_mode, importance_sampling_level=config.importance_sampling_level,
             epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, delta=config.delta,
             dual_clip=config.dual_clip, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
             log_ratio_min=config.log_ratio_min, log_ratio_max=config.log_ratio_max, beta=config.beta,
@@ -878,7 +925,8 @@ class FusedPolicyLoss(torch.nn.Module):
     Args:
         config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
         softcap: optional logit soft-cap c > 0 (``c·tanh(x/c)`` before the temperature), as in token_logprobs.
-        max_scratch_bytes: bound on the logit scratch of one chunk of tokens, as in token_logprobs.
+        max_scratch_bytes: bound on the logit scratch of one chunk of tokens, as in token_logprobs (None: 256 MiB
+            on CUDA, 64 MiB elsewhere).
         batch_invariant: each token's log-prob bitwise independent of the batch, as in token_logprobs.
         check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
             0/1, tensor counts finite and > 0). With False the forward never synchronises with the host.
@@ -898,7 +946,7 @@ class FusedPolicyLoss(torch.nn.Module):
     """
 
     def __init__(self, config: LossConfig, *, softcap: Optional[float] = None,
-                 max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES, batch_invariant: bool = False,
+                 max_scratch_bytes: Optional[int] = None, batch_invariant: bool = False,
                  check_inputs: bool = True, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(config, LossConfig):

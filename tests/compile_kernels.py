@@ -225,27 +225,52 @@ def policy_cases() -> List[Case]:
 
 def advantages_cases() -> List[Case]:
     A = adv_k
-    modes = ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian")
+    modes = ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian",
+             "gpg", "grpo_passk", "grpo_passk_no_std", "opo", "reinforce_plus_plus_baseline")
     cases = []
     for rewards, compute in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
-        cdt = "fp64" if compute == tl.float64 else "fp32"
+        out = "fp64" if compute == tl.float64 else "fp32"
         for mode in modes:
             cap = A.ORDER_BLOCK_MAX_CUDA if mode in A.ORDER_MODES else A.MEAN_BLOCK_MAX
             blocks = (A._block(1, cap), cap) if rewards == "fp32" else (cap,)
+            # opo reads the token counts (int64 here); the whitened mode writes a float64 scratch.
+            lengths = "i64" if mode in A.WEIGHTED_MODES else rewards
+            target = "fp64" if mode in A.WHITENED_MODES else out
+            singleton_rules = (False, True) if mode in ("grpo", "opo", "rloo") else (False,)
             for block in blocks:
+                for verl in singleton_rules:
+                    cases.append(make_case(
+                        f"advantages.group[{mode},{rewards},BLOCK={block},verl_singleton={verl}]",
+                        A._group_advantages_kernel,
+                        ptrs=dict(rewards_ptr=rewards, lengths_ptr=lengths, out_ptr=target, offsets_ptr="i64",
+                                  scalars_ptr="fp64"),
+                        const=dict(MODE=mode, VERL_SINGLETON=verl, BLOCK=block, COMPUTE=compute), num_warps=4,
+                    ))
+        for values in (rewards, "fp64"):  # the rewards (batch_std, reinforce_plus_plus) or the residual scratch
+            for weighted, lengths in ((False, values), (True, "i64"), (True, "fp32")):
                 cases.append(make_case(
-                    f"advantages.group[{mode},{rewards},BLOCK={block}]", A._group_advantages_kernel,
-                    ptrs=dict(rewards_ptr=rewards, out_ptr=cdt, offsets_ptr="i64", scalars_ptr=cdt),
-                    const=dict(MODE=mode, BLOCK=block, COMPUTE=compute), num_warps=4,
+                    f"advantages.batch_moments[{values},weighted={weighted},{lengths}]", A._batch_moments_kernel,
+                    ptrs=dict(values_ptr=values, lengths_ptr=lengths, scalars_ptr="fp64"),
+                    const=dict(WEIGHTED=weighted, BLOCK=A.BATCH_BLOCK),
                 ))
+            cases.append(make_case(
+                f"advantages.whiten[{values}]", A._whiten_kernel,
+                ptrs=dict(values_ptr=values, out_ptr=out, scalars_ptr="fp64"), const=dict(BLOCK=A.BATCH_BLOCK),
+            ))
         cases.append(make_case(
-            f"advantages.batch_std[{rewards}]", A._batch_std_kernel,
-            ptrs=dict(rewards_ptr=rewards, scalars_ptr=cdt), const=dict(BLOCK=A.BATCH_BLOCK, COMPUTE=compute),
+            f"advantages.difference[{rewards}]", A._difference_kernel,
+            ptrs=dict(rewards_ptr=rewards, baselines_ptr=rewards, out_ptr=out), const=dict(BLOCK=A.BATCH_BLOCK),
         ))
-    # B = 1 arrives as the constexpr 1 (the kernel counts rather than casts B for this reason).
+    # B = 1 arrives as the constexpr 1 (the kernels count rather than cast B for this reason).
     cases.append(make_case(
-        "advantages.batch_std[fp32,B=1]", A._batch_std_kernel, ptrs=dict(rewards_ptr="fp32", scalars_ptr="fp32"),
-        const=dict(B=1, BLOCK=A.BATCH_BLOCK, COMPUTE=tl.float32),
+        "advantages.batch_moments[fp32,B=1]", A._batch_moments_kernel,
+        ptrs=dict(values_ptr="fp32", lengths_ptr="fp32", scalars_ptr="fp64"),
+        const=dict(B=1, WEIGHTED=False, BLOCK=A.BATCH_BLOCK),
+    ))
+    cases.append(make_case(
+        "advantages.group[grpo,fp32,B=1]", A._group_advantages_kernel,
+        ptrs=dict(rewards_ptr="fp32", lengths_ptr="fp32", out_ptr="fp32", offsets_ptr="i64", scalars_ptr="fp64"),
+        const=dict(B=1, MODE="grpo", VERL_SINGLETON=True, BLOCK=16, COMPUTE=tl.float32), num_warps=4,
     ))
     return cases
 
