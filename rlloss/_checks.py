@@ -72,3 +72,9 @@ def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
     if x.shape != shape:
         raise ValueError(f"{name} must have {like}'s shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
     return x
+
+
+def boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

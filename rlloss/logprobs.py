@@ -588,8 +588,7 @@ def check_options(temperature, softcap, ignore_index, backend_name: str, max_scr
     max_scratch_bytes = _checks.integer("max_scratch_bytes", max_scratch_bytes)
     if max_scratch_bytes <= 0:
         raise ValueError(f"max_scratch_bytes must be a positive number of bytes, got {max_scratch_bytes}")
-    if not isinstance(batch_invariant, bool):
-        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
+    _checks.boolean("batch_invariant", batch_invariant)
     return LinearOptions(temperature, softcap, ignore_index, backend_name, max_scratch_bytes, batch_invariant)
 
 
@@ -707,6 +706,7 @@ def token_logprobs(
         >>> out.logprobs.shape, out.entropy.shape
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
+    _checks.boolean("check_inputs", check_inputs)
     inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
                                  batch_invariant=batch_invariant, check_range=check_inputs)
@@ -764,6 +764,7 @@ def logprobs_from_logits(
         >>> y = torch.randint(0, 50, (3, 7))
         >>> logprobs_from_logits(logits, y).logprobs.sum().backward()
     """
+    _checks.boolean("check_inputs", check_inputs)
     logits = _checks.tensor("logits", logits)
     if logits.ndim < 1:
         raise ValueError("logits must be [..., V], got a 0-D tensor")

@@ -474,6 +474,7 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
         grad = terms.direct + torch.where(live, seq[:, None], zero)
     else:
         grad = terms.direct + terms.via_ratio * d_rho
+    grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
     grad_ent = -config.entropy_coef * tokens.coef_ent if write_grad_entropy else None
 
     low, high = clip_metric_bounds(config)
@@ -770,6 +771,7 @@ def policy_loss(
     """
     if not isinstance(config, LossConfig):
         raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+    _checks.boolean("check_inputs", check_inputs)
     logprobs = _checks.tensor("logprobs", logprobs)
     _checks.ndim("logprobs", logprobs, 2, "[B, T]")
     shape = logprobs.shape
@@ -788,6 +790,7 @@ def policy_loss(
     allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
     _checks.dtype_in("logprobs", logprobs, allowed)
 
+    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
     if name == "reference":
         out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
         loss, metrics = reference.policy_loss(
@@ -797,7 +800,6 @@ def policy_loss(
         )
         return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
-    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
     loss, packed, _, _ = _policy_loss_op(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                          rollout_logprobs, pos_logprobs, neg_logprobs, normaliser, config.key, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
@@ -954,8 +956,7 @@ class FusedPolicyLoss(torch.nn.Module):
         check_options(1.0, softcap, _NOT_COUNTED, "torch", max_scratch_bytes, batch_invariant)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
-        if not isinstance(check_inputs, bool):
-            raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+        _checks.boolean("check_inputs", check_inputs)
         self.config = config
         self.softcap = None if softcap is None else float(softcap)
         self.max_scratch_bytes = max_scratch_bytes

@@ -105,9 +105,6 @@ def _teacher(**kw):
 
 # --- the catalogue -----------------------------------------------------------------------------------------
 
-_CHECK_INPUTS_FLAG = ("logprobs.py / policy.py: token_logprobs, logprobs_from_logits and policy_loss never check "
-                      "the check_inputs flag, so check_inputs='yes' (any object) is taken for True, while "
-                      "FusedPolicyLoss raises TypeError 'check_inputs must be a bool'")
 
 TOKEN_LOGPROBS = [
     _case("hidden-list", TypeError, "hidden must be a torch.Tensor", lambda: _logprobs(hidden=[[0.0] * D])),
@@ -146,8 +143,7 @@ TOKEN_LOGPROBS = [
           lambda: _logprobs(max_scratch_bytes=-1)),
     _case("max_scratch_bytes-float", TypeError, "max_scratch_bytes must be an int", lambda: _logprobs(max_scratch_bytes=1e6)),
     _case("batch_invariant-str", TypeError, "batch_invariant must be a bool", lambda: _logprobs(batch_invariant="no")),
-    _case("check_inputs-str", TypeError, "check_inputs must be a bool", xfail=_CHECK_INPUTS_FLAG,
-          call=lambda: _logprobs(check_inputs="yes")),
+    _case("check_inputs-str", TypeError, "check_inputs must be a bool", lambda: _logprobs(check_inputs="yes")),
     _case("backend-unknown", ValueError, r"backend='gpu' is not a backend", lambda: _logprobs(backend="gpu")),
     pytest.param(lambda: _logprobs(backend="triton"), ValueError, r"backend='triton' needs CUDA tensors",
                  id="backend-triton-on-cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU-only case")),
@@ -171,8 +167,7 @@ LOGITS = [
     _case("ignore_index-str", TypeError, "ignore_index must be an int", lambda: _from_logits(ignore_index="-100")),
     _case("max_scratch_bytes-zero", ValueError, "max_scratch_bytes must be a positive number of bytes",
           lambda: _from_logits(max_scratch_bytes=0)),
-    _case("check_inputs-str", TypeError, "check_inputs must be a bool", xfail=_CHECK_INPUTS_FLAG,
-          call=lambda: _from_logits(check_inputs="yes")),
+    _case("check_inputs-str", TypeError, "check_inputs must be a bool", lambda: _from_logits(check_inputs="yes")),
     _case("backend-unknown", ValueError, r"backend='cuda' is not a backend", lambda: _from_logits(backend="cuda")),
 ]
 
@@ -210,9 +205,6 @@ ADVANTAGES = [
     _case("backend-unknown", ValueError, r"backend='numpy' is not a backend", lambda: _advantages(backend="numpy")),
 ]
 
-_REFERENCE_COUNT = ("policy.py: policy_loss(backend='reference') returns before aggregation_normaliser, so "
-                    "num_items_in_batch=0 is never checked there (reference.policy_loss clamps it to 1) while the "
-                    "torch backend raises ValueError")
 
 POLICY_LOSS = [
     _case("config-dict", TypeError, "config must be a rlloss.LossConfig", lambda: _policy(config={"beta": 0.0})),
@@ -264,15 +256,14 @@ POLICY_LOSS = [
           lambda: _policy(num_items_in_batch="12")),
     _case("num_items_in_batch-vector", ValueError, "num_items_in_batch must be an int or a 0-d tensor",
           lambda: _policy(num_items_in_batch=torch.tensor([3, 3]))),
-    _case("num_items_in_batch-zero-reference", ValueError, "num_items_in_batch", xfail=_REFERENCE_COUNT,
-          call=lambda: _policy(num_items_in_batch=0, backend="reference")),
+    _case("num_items_in_batch-zero-reference", ValueError, "num_items_in_batch",
+          lambda: _policy(num_items_in_batch=0, backend="reference")),
     _case("num_sequences_in_batch-inf-tensor", ValueError, "num_sequences_in_batch must be a finite number > 0",
           lambda: _policy(config=LossConfig.preset("grpo"), num_sequences_in_batch=torch.tensor(INF))),
     _case("num_sequences_in_batch-zero", ValueError, "num_sequences_in_batch must be a finite number > 0",
           lambda: _policy(config=LossConfig.preset("grpo"), num_sequences_in_batch=0)),
     _case("backend-unknown", ValueError, r"backend='Torch' is not a backend", lambda: _policy(backend="Torch")),
-    _case("check_inputs-str", TypeError, "check_inputs must be a bool", xfail=_CHECK_INPUTS_FLAG,
-          call=lambda: _policy(check_inputs="yes")),
+    _case("check_inputs-str", TypeError, "check_inputs must be a bool", lambda: _policy(check_inputs="yes")),
 ]
 
 FUSED = [
