@@ -14,10 +14,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS",
-           "CREDIT_MODES"]
+           "TERM_AGGREGATIONS", "CREDIT_MODES"]
 
 LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+", "k1+", "abs+")
+# verl's kl_loss_type names, normalised on construction to (kl_estimator, kl_clamp or None = unchanged). verl's
+# trailing "+" means: the estimator's value with the k2 gradient (straight-through); on k2 itself it changes nothing.
+VERL_KL_NAMES = {
+    "kl": ("k1", None), "kl+": ("k1+", None), "mse": ("k2", None), "mse+": ("k2", None), "k2+": ("k2", None),
+    "low_var_kl": ("k3", True), "low_var_kl+": ("k3+", True),
+}
 IS_LEVELS = ("token", "sequence", "sequence_token")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 AGGREGATIONS = (
@@ -27,6 +33,9 @@ AGGREGATIONS = (
     "seq_mean_token_sum_norm",
     "token_sum",
 )
+# Aggregations of the KL and entropy terms (kl_aggregation, entropy_aggregation): the policy's, plus TRL's entropy
+# mean over the local mask whatever num_items_in_batch says.
+TERM_AGGREGATIONS = AGGREGATIONS + ("token_mean_local",)
 CREDIT_MODES = ("cepo", "rlsd")
 
 # verl's numerical guard on the token log-ratio (core_algos: clamp(log_prob − old_log_prob, −20, 20)).
@@ -70,18 +79,32 @@ class LossConfig:
             levels: log s_i) — zero gradient outside. verl: ±20 (token), max 10 (GSPO). None = no clamp.
     KL to the reference (MATH.md §4), added as +β·KL_t:
         beta: β ≥ 0 (needs ``ref_logprobs`` when ≠ 0).
-        kl_estimator: "k1", "abs", "k2", "k3", "k3+" (value of k3, gradient of k2).
+        kl_estimator: "k1", "abs", "k2", "k3", "k3+" (value of k3, gradient of k2), "k1+", "abs+" (value of
+            k1 / abs, gradient of k2). verl's ``kl_loss_type`` names are accepted and normalised on construction:
+            "kl" → "k1", "mse" → "k2", "low_var_kl" → "k3" with ``kl_clamp=True``, "low_var_kl+" → "k3+" with
+            ``kl_clamp=True``, "kl+" → "k1+", "k2+" / "mse+" → "k2". (verl's plain "k3" is clamped as well:
+            pass ``kl_clamp=True`` or "low_var_kl".)
         kl_ratio_weighted: KL_t·ρ_t (TRL ``use_bias_correction_kl``), ρ carrying its gradient.
         kl_clamp: verl's guards on k3/k3+ values: x = ℓʳ − ℓ clamped to ±20, the value to ±10.
     Entropy (MATH.md §4):
         entropy_coef: c_H, adds −c_H·H_t (needs ``entropy`` when ≠ 0).
+    Aggregation of the KL and entropy terms (MATH.md §4, §6), each a per-token coefficient like the policy's:
+        kl_aggregation: None (as ``aggregation``, TRL and verl except SAPO) or one of AGGREGATIONS /
+            "token_mean_local" for the β·KL term.
+        entropy_aggregation: None (as ``aggregation``: verl) or one of AGGREGATIONS, or "token_mean_local"
+            (Σ m·H / max(Σ m, 1) over the local mask whatever ``num_items_in_batch`` is: TRL's entropy bonus).
+        verl SAPO aggregates its policy term by seq_mean_token_mean but KL and entropy by ``loss_agg_mode``.
     Rollout correction (MATH.md §5), a detached weight on the policy term:
         rollout_correction: None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask".
         rollout_threshold_low, rollout_threshold_high: [C_min, C_max]; C_min None = no lower bound.
     Aggregation (MATH.md §6):
         aggregation: "seq_mean_token_mean", "token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
             "token_sum".
-        max_completion_length: L_norm of "seq_mean_token_sum_norm" (required there).
+        max_completion_length: L_norm of "seq_mean_token_sum_norm" (required there; verl's
+            ``loss_scale_factor``, by default the padded response length).
+        dp_size: data-parallel world size multiplying every "token_sum" term (verl's ``token-sum`` scales the
+            local sum by ``dp_size`` so that DDP's gradient average gives the global sum). Other aggregations
+            take global counts (``num_items_in_batch``, ``num_sequences_in_batch``) divided by the world size.
     Contrastive-teacher token credit (MATH.md §7), formed inside the loss from teacher log-probs:
         credit: None, "cepo" (Δ = ℓ⁺ − ℓ⁻, needs ``pos_logprobs`` and ``neg_logprobs``) or "rlsd"
             (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy).
@@ -111,6 +134,9 @@ class LossConfig:
     rollout_threshold_high: float = 2.0
     aggregation: str = "token_mean"
     max_completion_length: Optional[int] = None
+    kl_aggregation: Optional[str] = None
+    entropy_aggregation: Optional[str] = None
+    dp_size: int = 1
     credit: Optional[str] = None
     credit_lambda: float = 0.5
     credit_eps_w: float = 0.2
@@ -118,8 +144,20 @@ class LossConfig:
     def __post_init__(self) -> None:
         _choice("loss_mode", self.loss_mode, LOSS_MODES)
         _choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        if isinstance(self.kl_estimator, str) and self.kl_estimator in VERL_KL_NAMES:
+            estimator, clamp = VERL_KL_NAMES[self.kl_estimator]
+            object.__setattr__(self, "kl_estimator", estimator)
+            if clamp is not None:
+                object.__setattr__(self, "kl_clamp", clamp)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
+        for name in ("kl_aggregation", "entropy_aggregation"):
+            if getattr(self, name) is not None:
+                _choice(name, getattr(self, name), (None,) + TERM_AGGREGATIONS)
+        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int):
+            raise TypeError(f"LossConfig.dp_size must be an int, got {type(self.dp_size).__name__}")
+        if self.dp_size < 1:
+            raise ValueError(f"LossConfig.dp_size must be >= 1, got {self.dp_size}")
         if self.rollout_correction is not None:
             _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
         for name in ("kl_ratio_weighted", "kl_clamp"):
@@ -184,11 +222,12 @@ class LossConfig:
         eps_w = _finite("credit_eps_w", self.credit_eps_w)
         if not 0.0 <= eps_w < 1.0:
             raise ValueError(f"LossConfig.credit_eps_w must lie in [0, 1), got {eps_w}")
-        if self.aggregation == "seq_mean_token_sum_norm" and self.max_completion_length is None:
-            raise ValueError(
-                "LossConfig.aggregation='seq_mean_token_sum_norm' needs max_completion_length (the constant "
-                "L_norm of Dr. GRPO), got None"
-            )
+        for name, agg in zip(("aggregation", "kl_aggregation", "entropy_aggregation"), self.term_aggregations):
+            if agg == "seq_mean_token_sum_norm" and self.max_completion_length is None:
+                raise ValueError(
+                    f"LossConfig.{name}='seq_mean_token_sum_norm' needs max_completion_length (the constant "
+                    "L_norm of Dr. GRPO), got None"
+                )
         # Computed once here, so that traced code (torch.compile) only reads an attribute.
         object.__setattr__(self, "_key", json.dumps(dataclasses.asdict(self), sort_keys=True))
 
@@ -204,6 +243,19 @@ class LossConfig:
         return LossConfig(**json.loads(key))
 
     @property
+    def term_aggregations(self) -> tuple:
+        """(policy, KL, entropy) aggregations, None resolved to ``aggregation``."""
+        return (self.aggregation, self.kl_aggregation or self.aggregation,
+                self.entropy_aggregation or self.aggregation)
+
+    @property
+    def uniform_aggregation(self) -> bool:
+        """True when every term that is on (β ≠ 0, c_H ≠ 0) is aggregated like the policy term: one coefficient
+        per token, which is what the Triton kernel implements."""
+        policy, kl, entropy = self.term_aggregations
+        return (self.beta == 0.0 or kl == policy) and (self.entropy_coef == 0.0 or entropy == policy)
+
+    @property
     def sequence_level(self) -> bool:
         """True when the importance ratio is the sequence ratio s_i (GSPO, either form)."""
         return self.importance_sampling_level != "token"
@@ -216,8 +268,9 @@ class LossConfig:
     def preset(cls, name: str, **overrides) -> "LossConfig":
         """The settings of a named loss, with ``overrides`` applied on top (see docs/presets.md).
 
-        TRL flavours: "grpo", "dapo", "dr_grpo" (needs ``max_completion_length=``), "bnpo", "gspo", "cispo",
-        "sapo", "gpg". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
+        TRL flavours: "grpo", "dapo" (TRL's default loss: ε_hi = ε = 0.2), "dapo_paper" (the DAPO paper's
+        ε_hi = 0.28), "dr_grpo" (needs ``max_completion_length=``), "bnpo", "gspo", "cispo", "sapo"; verl's
+        "gpg". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
         "verl_gspo", "verl_cispo", "verl_sapo".
         """
         if name not in PRESETS:
@@ -230,28 +283,42 @@ class LossConfig:
 
 _VERL_RATIO = dict(log_ratio_min=-VERL_LOG_RATIO_CLAMP, log_ratio_max=VERL_LOG_RATIO_CLAMP)
 
-# Each preset is a set of LossConfig fields; defaults not listed. Sources in docs/presets.md.
+# Each preset is a set of LossConfig fields; defaults not listed. Sources and the tests that check each one
+# against the trainer's code: docs/presets.md, tests/test_presets.py.
+# TRL 1.16 GRPOConfig(loss_type=...) defaults: ε = 0.2 (epsilon_high defaults to epsilon), β = 0 with the unclamped
+# k3 KL weighted by the ratio (use_bias_correction_kl=True), the entropy bonus the token mean over the local mask.
+_TRL = dict(kl_estimator="k3", kl_ratio_weighted=True, entropy_aggregation="token_mean_local")
+# verl 0.9 actor defaults: clip_ratio 0.2, kl_loss_type low_var_kl (k3 clamped), KL and entropy aggregated by
+# loss_agg_mode. kl_clamp is set explicitly, so that an override kl_estimator="k3" / "k3+" keeps verl's clamp (verl
+# clamps its "k3" as its "low_var_kl").
+_VERL_KL = dict(kl_estimator="k3", kl_clamp=True)
+
 PRESETS = {
-    # TRL GRPOConfig(loss_type=...): ε = 0.2 (epsilon_high defaults to epsilon), β = 0, k3 KL.
-    "grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_mean"),
-    "dapo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.28, aggregation="token_mean"),
-    "dr_grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_sum_norm"),
-    "bnpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean"),
+    "grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_mean", **_TRL),
+    "dapo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean", **_TRL),
+    # The DAPO paper's clip-higher (ε_hi = 0.28): GRPOConfig(loss_type="dapo", epsilon_high=0.28).
+    "dapo_paper": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.28, aggregation="token_mean", **_TRL),
+    "dr_grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_sum_norm",
+                    **_TRL),
+    "bnpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean", **_TRL),
     "gspo": dict(loss_mode="ppo_clip", epsilon_low=3e-4, epsilon_high=4e-4, importance_sampling_level="sequence",
-                 aggregation="seq_mean_token_mean"),
-    "cispo": dict(loss_mode="cispo_trl", epsilon_low=0.2, epsilon_high=5.0, aggregation="token_mean"),
-    "sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean"),
-    "gpg": dict(loss_mode="gpg", aggregation="token_mean"),
+                 aggregation="seq_mean_token_mean", **_TRL),
+    "cispo": dict(loss_mode="cispo_trl", epsilon_low=0.2, epsilon_high=5.0, aggregation="token_mean", **_TRL),
+    "sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean", **_TRL),
+    # verl loss_mode="gpg" (TRL has none), verl's defaults.
+    "gpg": dict(loss_mode="gpg", aggregation="token_mean", **_VERL_KL),
     # verl actor.policy_loss.loss_mode=... with its numerical guards.
     "verl_grpo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, dual_clip=3.0, beta=0.001,
-                      kl_estimator="k3", kl_clamp=True, aggregation="token_mean", **_VERL_RATIO),
+                      aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
     "verl_dapo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0,
-                      aggregation="token_mean", **_VERL_RATIO),
+                      aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    # GSPO aggregates by the configured loss_agg_mode (default token-mean); ε of the GSPO recipe.
     "verl_gspo": dict(loss_mode="ppo_clip", epsilon_low=3e-4, epsilon_high=4e-4,
                       importance_sampling_level="sequence_token", log_ratio_max=VERL_GSPO_LOG_RATIO_MAX,
-                      aggregation="seq_mean_token_mean"),
+                      aggregation="token_mean", **_VERL_KL),
     "verl_cispo": dict(loss_mode="cispo_verl", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean",
-                       **_VERL_RATIO),
+                       **_VERL_KL, **_VERL_RATIO),
+    # SAPO forces seq-mean-token-mean on its policy term only; KL and entropy keep loss_agg_mode (token-mean).
     "verl_sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean",
-                      **_VERL_RATIO),
+                      kl_aggregation="token_mean", entropy_aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
 }

@@ -269,9 +269,9 @@ def policy_loss(
     if ref_logprobs is not None:
         x = clean(ref_logprobs) - lp
         est = config.kl_estimator
-        if est == "k1":
+        if est in ("k1", "k1+"):
             kl = -x
-        elif est == "abs":
+        elif est in ("abs", "abs+"):
             kl = x.abs()
         elif est == "k2":
             kl = 0.5 * x ** 2
@@ -281,34 +281,38 @@ def policy_loss(
                 kl = torch.clamp(torch.exp(xc) - xc - 1.0, -10.0, 10.0)
             else:
                 kl = torch.exp(x) - x - 1.0
-            if est == "k3+":  # value of k3, gradient of k2
-                k2 = 0.5 * x ** 2
-                kl = k2 - k2.detach() + kl.detach()
+        if est.endswith("+"):  # the estimator's value, the gradient of k2 (verl's straight-through)
+            k2 = 0.5 * x ** 2
+            kl = k2 - k2.detach() + kl.detach()
         if config.kl_ratio_weighted:
             kl = kl * rho
         metrics["kl"] = _masked_mean(kl.detach(), mf)
-        if config.beta != 0.0:  # switched off: the metric only
-            L = L + config.beta * kl
     if entropy is not None:
         metrics["entropy"] = _masked_mean(clean(entropy).detach(), mf)
-        if config.entropy_coef != 0.0:
-            L = L - config.entropy_coef * clean(entropy)
 
-    # §6 aggregation
-    seq_sums = (L * mf).sum(-1)
+    # §6 aggregation, term by term (config.term_aggregations: policy, KL, entropy)
     sequences = B if num_sequences_in_batch is None else num_sequences_in_batch
-    agg = config.aggregation
-    if agg == "seq_mean_token_mean":
-        loss = (seq_sums / n.clamp(min=1.0)).sum() / sequences
-    elif agg == "token_mean":
-        tokens = mf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=dt)
-        loss = seq_sums.sum() / torch.clamp(tokens, min=1.0)
-    elif agg == "seq_mean_token_sum":
-        loss = seq_sums.sum() / sequences
-    elif agg == "seq_mean_token_sum_norm":
-        loss = seq_sums.sum() / (sequences * config.max_completion_length)
-    else:  # token_sum
-        loss = seq_sums.sum()
+
+    def aggregate(X, agg):
+        seq_sums = (X * mf).sum(-1)
+        if agg == "seq_mean_token_mean":
+            return (seq_sums / n.clamp(min=1.0)).sum() / sequences
+        if agg == "token_mean_local" or (agg == "token_mean" and num_items_in_batch is None):
+            return seq_sums.sum() / torch.clamp(mf.sum(), min=1.0)
+        if agg == "token_mean":
+            return seq_sums.sum() / torch.clamp(torch.as_tensor(num_items_in_batch, dtype=dt), min=1.0)
+        if agg == "seq_mean_token_sum":
+            return seq_sums.sum() / sequences
+        if agg == "seq_mean_token_sum_norm":
+            return seq_sums.sum() / (sequences * config.max_completion_length)
+        return seq_sums.sum() * config.dp_size  # token_sum (verl: times the data-parallel size)
+
+    agg_policy, agg_kl, agg_entropy = config.term_aggregations
+    loss = aggregate(L, agg_policy)
+    if ref_logprobs is not None and config.beta != 0.0:  # switched off: the metric only
+        loss = loss + config.beta * aggregate(kl, agg_kl)
+    if entropy is not None and config.entropy_coef != 0.0:
+        loss = loss - config.entropy_coef * aggregate(clean(entropy), agg_entropy)
 
     # metrics: masked token means (TRL names where TRL has them)
     rho_d, A_d = rho.detach(), A.detach()
