@@ -63,7 +63,7 @@ GPU_DTYPE = torch.bfloat16
 GPU_REFERENCE_ROWS = 256
 
 # Nominal FLOPs of forward + backward per (token, hidden, vocab) triple: logits 2, dh 2, dW 2 and one logit
-# recompute 2. The same count is used for every implementation (naive does 6, rlloss's kernels 10), so
+# recompute 2. The same count is used for every implementation (naive does 6, rlloss 8), so
 # TFLOP/s is a rescaled speed that compares across implementations and with the matmul peak.
 FLOPS_PER_NDV = 8
 
@@ -171,16 +171,20 @@ class Implementation:
     note: str = ""
 
 
-def rlloss_implementation(backend: str) -> Implementation:
+def rlloss_implementation(backend: str, max_scratch_bytes: Optional[int] = None, suffix: str = "") -> Implementation:
+    """rlloss.token_logprobs; ``max_scratch_bytes`` None is the default chunk bound (docs/design/logprobs.md:
+    on a GPU a larger bound makes the weight-gradient GEMM compute bound, hence the 1 GiB variant)."""
     def make_forward() -> Forward:
         def forward(hidden, weight, targets):
-            out = rlloss.token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+            out = rlloss.token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend,
+                                        max_scratch_bytes=max_scratch_bytes)
             return out.logprobs, out.entropy
 
         return forward
 
-    return Implementation(f"rlloss-{backend}", "subject", f"rlloss.token_logprobs, backend={backend!r}",
-                          make_forward)
+    scratch = "" if max_scratch_bytes is None else f", max_scratch_bytes={max_scratch_bytes}"
+    return Implementation(f"rlloss-{backend}{suffix}", "subject",
+                          f"rlloss.token_logprobs, backend={backend!r}{scratch}", make_forward)
 
 
 def naive_implementation(dtype: torch.dtype) -> Implementation:
@@ -259,7 +263,8 @@ GEMM_FLOOR = Implementation("gemm-floor", "floor", "bare cuBLAS GEMMs: h·Wᵀ, 
                             lambda: None, note="torch.mm into preallocated outputs, the inputs' dtype")
 
 CPU_IMPLEMENTATIONS = (rlloss_implementation("torch"), naive_implementation(CPU_DTYPE))
-GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), naive_implementation(GPU_DTYPE), COMPILED_NAIVE,
+GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), rlloss_implementation("triton", 1 << 30, "-1GiB"),
+                       naive_implementation(GPU_DTYPE), COMPILED_NAIVE,
                        CCE, CCE_EXACT, LIGER)
 
 
