@@ -59,8 +59,10 @@ def _choice(name: str, value: object, allowed) -> None:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Settings of :func:`rlloss.policy_loss` (MATH.md §3–§6). Defaults are TRL's ``GRPOConfig`` defaults
-    (ε = 0.2 both sides, β = 0, ``loss_type="dapo"`` i.e. token-mean); prefer :meth:`preset`.
+    """Settings of :func:`rlloss.policy_loss` (MATH.md §3–§6). Defaults: ε = 0.2 both sides, β = 0, token-mean
+    (TRL's ``loss_type="dapo"``), the KL not ratio-weighted and every term aggregated alike; prefer :meth:`preset`,
+    whose TRL and verl presets equal those trainers' defaults in full (``preset("dapo")`` is TRL's default loss,
+    with TRL's ratio-weighted KL and local-mean entropy bonus).
 
     Policy term (MATH.md §4):
         loss_mode: "ppo_clip" (clipped surrogate, optionally with ``delta`` and ``dual_clip``),
