@@ -387,8 +387,16 @@ def _token_list(name: str, values: object, length: int, *, optional: bool = Fals
         if x.dtype != torch.int64 or x.ndim != 1:
             raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} "
                             f"of shape {tuple(x.shape)}")
-        out.append(x.detach().cpu())
+        out.append(_non_negative_ids(f"{name}[{k}]", x.detach().cpu()))
     return out
+
+
+def _non_negative_ids(name: str, x: Tensor) -> Tensor:
+    """Token ids must be >= 0 (they index an embedding); checked on the host copy."""
+    if x.numel() and bool((x < 0).any()):
+        position = int((x < 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must hold token ids >= 0, got {int(x[position])} at position {position}")
+    return x
 
 
 def _optional_ids(name: str, x: Optional[Tensor]) -> Tensor:
@@ -398,7 +406,7 @@ def _optional_ids(name: str, x: Optional[Tensor]) -> Tensor:
     if x.dtype != torch.int64 or x.ndim != 1:
         raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
                         f"{tuple(x.shape)}")
-    return x.detach().cpu()
+    return _non_negative_ids(name, x.detach().cpu())
 
 
 def build_teacher_inputs(
@@ -478,6 +486,9 @@ def build_teacher_inputs(
     from .advantages import _check_group_sizes, _check_rewards
 
     if not isinstance(rewards, Tensor):
+        if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+            raise TypeError(f"rewards must be a [B] float tensor or a list of numbers, got {type(rewards).__name__}")
         rewards = torch.tensor(list(rewards), dtype=torch.float64)
     rewards = _check_rewards(rewards, True).detach().to("cpu", torch.float64)
     B = rewards.shape[0]
@@ -511,8 +522,14 @@ def build_teacher_inputs(
         T = _checks.integer("completion_length", completion_length)
         if T < longest:
             raise ValueError(f"completion_length must be >= the longest completion ({longest}), got {T}")
+    pad_token_id = _checks.integer("pad_token_id", pad_token_id)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
     if device is None:
         device = completion_ids[0].device if B else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}") from exc
 
     skipped = torch.zeros(B, dtype=torch.bool)
     rlsd = torch.zeros(B, dtype=torch.bool)

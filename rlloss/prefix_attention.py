@@ -624,6 +624,9 @@ def shared_prefix_attention(
     T, Hq, d = q.shape
     if T != layout.total_tokens:
         raise ValueError(f"q must have layout.total_tokens = {layout.total_tokens} rows, got {T}")
+    if d == 0 or Hq == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k need at least one head and a head dim d >= 1, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)} (Hq = {Hq}, Hkv = {k.shape[1]}, d = {d})")
     if k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
         raise ValueError(f"k and v must both be [T, Hkv, d] = [{T}, Hkv, {d}], got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")

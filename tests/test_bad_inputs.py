@@ -386,10 +386,6 @@ LINEAR_DECAY = [
     _case("call-step-float", TypeError, "step must be an int", lambda: LinearDecay(0.5, 10)(1.5)),
 ]
 
-_ATTENTION_D0 = ("prefix_attention.py shared_prefix_attention: q, k, v with head dim d = 0 reach the default "
-                 "scale 1/sqrt(d) and raise a bare ZeroDivisionError ('float division by zero') on the torch backend")
-_ATTENTION_HKV0 = ("prefix_attention.py shared_prefix_attention: k, v with Hkv = 0 heads reach `Hq % k.shape[1]` and "
-                   "raise a bare ZeroDivisionError ('integer modulo by zero')")
 
 ATTENTION = [
     _case("q-list", TypeError, "q must be a torch.Tensor", lambda: _attention(q=[[[0.0]]])),
@@ -408,10 +404,10 @@ ATTENTION = [
     _case("scale-nan", ValueError, "scale must be a finite number > 0", lambda: _attention(scale=NAN)),
     _case("scale-str", TypeError, "scale must be a float", lambda: _attention(scale="0.25")),
     _case("backend-unknown", ValueError, r"backend='flash' is not a backend", lambda: _attention(backend="flash")),
-    _case("head-dim-zero", ValueError, "d", xfail=_ATTENTION_D0,
-          call=lambda: _attention(q=torch.randn(5, 2, 0), k=torch.randn(5, 1, 0), v=torch.randn(5, 1, 0))),
-    _case("kv-heads-zero", ValueError, "Hkv", xfail=_ATTENTION_HKV0,
-          call=lambda: _attention(k=torch.randn(5, 0, 16), v=torch.randn(5, 0, 16))),
+    _case("head-dim-zero", ValueError, "d",
+          lambda: _attention(q=torch.randn(5, 2, 0), k=torch.randn(5, 1, 0), v=torch.randn(5, 1, 0))),
+    _case("kv-heads-zero", ValueError, "Hkv",
+          lambda: _attention(k=torch.randn(5, 0, 16), v=torch.randn(5, 0, 16))),
 ]
 
 LAYOUT_CASES = [
@@ -466,18 +462,7 @@ LAYOUT_CASES = [
     _case("attention_flops-head_dim", ValueError, "head_dim must be >= 1", lambda: LAYOUT.attention_flops(0, 2)),
 ]
 
-_TEACHER_NEGATIVE_IDS = ("credit.py: build_teacher_inputs checks only the dtype and rank of token-id tensors, so a "
-                         "negative id (here prompt_ids[0] = [-1, 2]) is copied into input_ids; "
-                         "SharedPrefixBatch.pack rejects the same input")
 
-_TEACHER_REWARDS = ("credit.py: build_teacher_inputs passes a non-tensor `rewards` straight to "
-                    "torch.tensor(list(rewards)), so rewards='10' becomes ['1', '0'] and raises torch's bare "
-                    "ValueError 'too many dimensions 'str'' without naming rewards")
-_TEACHER_INTS = ("credit.py: build_teacher_inputs never checks pad_token_id / ignore_index: a float is truncated "
-                 "silently by torch.full (pad_token_id=1.5 pads with 1) and a str raises torch's bare TypeError "
-                 "'full(): argument 'fill_value' ... must be Number, not str'")
-_TEACHER_DEVICE = ("credit.py: build_teacher_inputs hands `device` to Tensor.to unchecked: device='gpu' raises "
-                   "torch's RuntimeError 'Expected one of cpu, cuda, ... device type at start of device string: gpu'")
 
 PREFIX_BATCH = [
     _case("completion-negative-id", ValueError, r"completion_ids\[0\]\[0\] must hold token ids >= 0.*got -1",
@@ -526,15 +511,15 @@ TEACHER = [
     _case("completion_length-float", TypeError, "completion_length must be an int", lambda: _teacher(completion_length=4.0)),
     _case("answer_prefix_ids-float", TypeError, "answer_prefix_ids must be a 1-D int64 tensor",
           lambda: _teacher(answer_prefix_ids=torch.tensor([1.0]))),
-    _case("prompt-negative-id", ValueError, r"prompt_ids\[0\]", xfail=_TEACHER_NEGATIVE_IDS,
-          call=lambda: _teacher(prompt_ids=[_ids(-1, 2)])),
-    _case("rewards-str", TypeError, "rewards", xfail=_TEACHER_REWARDS,
-          call=lambda: _teacher(rewards="10")),
-    _case("pad_token_id-float", TypeError, "pad_token_id", xfail=_TEACHER_INTS,
-          call=lambda: _teacher(pad_token_id=1.5)),
-    _case("ignore_index-str", TypeError, "ignore_index", xfail=_TEACHER_INTS,
-          call=lambda: _teacher(ignore_index="-100")),
-    _case("device-unknown", ValueError, "device", xfail=_TEACHER_DEVICE, call=lambda: _teacher(device="gpu")),
+    _case("prompt-negative-id", ValueError, r"prompt_ids\[0\]",
+          lambda: _teacher(prompt_ids=[_ids(-1, 2)])),
+    _case("rewards-str", TypeError, "rewards",
+          lambda: _teacher(rewards="10")),
+    _case("pad_token_id-float", TypeError, "pad_token_id",
+          lambda: _teacher(pad_token_id=1.5)),
+    _case("ignore_index-str", TypeError, "ignore_index",
+          lambda: _teacher(ignore_index="-100")),
+    _case("device-unknown", ValueError, "device", lambda: _teacher(device="gpu")),
     _case("split-shape", ValueError, r"logprobs must be \[R, T\]", lambda: _teacher().split(torch.randn(1, 1))),
 ]
 
