@@ -384,3 +384,22 @@ def test_every_preset_row_names_its_peer_and_test():
         assert len(rows) == 1, name
         assert "test_presets.py::" in rows[0], name
     assert set(TRL_CASES) | set(VERL_CASES) == set(PRESETS)
+
+
+@pytest.mark.parametrize("config", [
+    LossConfig.preset("dapo", beta=BETA),  # TRL's ratio-weighted KL; the entropy term off: one coefficient
+    LossConfig.preset("verl_grpo", aggregation="token_sum", dp_size=2, entropy_coef=ENT),
+    LossConfig.preset("verl_sapo", beta=0.0),  # per-term fields set, but only the policy term is on
+], ids=["trl_dapo_kl", "verl_token_sum_dp2", "verl_sapo_policy_only"])
+def test_kernel_runs_presets_it_supports(config):
+    """Configs the kernel implements run in kernels/policy.py (under the interpreter here) and equal the
+    reference; dp_size reaches it through the normaliser."""
+    pytest.importorskip("triton")
+    from rlloss.policy import _kernel_supports
+
+    assert _kernel_supports(config)
+    x = {k: (v.float() if v.is_floating_point() else v) for k, v in _inputs(seed=6).items()}
+    actual = _rlloss(config, x, "interpret")
+    expected = _rlloss(config, {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}, "reference")
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
