@@ -10,7 +10,7 @@ turns, branch points, unscored tool outputs, scored completions).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -22,6 +22,11 @@ __all__ = ["SharedPrefixBatch"]
 
 # Target id of the padding in ``SharedPrefixBatch.targets``: ignored by token_logprobs and cross-entropy.
 IGNORE_INDEX = -100
+# Pack only when the padded batch [C, P_max + S_max] holds at least this many times the tokens of the packed stream
+# (SharedPrefixBatch.packing_pays). Measured on CPU (docs/api/shared_prefix_batch.md, "When packing pays"): the
+# whole-model forward + backward of the packed stream ran at 0.7–0.95 of the token ratio's ideal speed-up, so
+# below about 1.25 the packed run is no faster.
+PACKING_MIN_TOKEN_RATIO = 1.25
 
 
 def _token_ids(name: str, x: object) -> Tensor:
@@ -82,6 +87,7 @@ class SharedPrefixBatch:
     - ``targets``: ``[C, S_max]`` int64 completion token ids, ``-100`` on padding.
     - ``mask``: ``[C, S_max]`` bool, True on the S_c real tokens of each completion.
     - ``scored_segments``: the layout segment of each of the C rows.
+    - ``attention_mask``: None; ``[C, L]`` for the unpacked batch of ``pack(..., packed=False)``.
 
     C is the number of completions (in stream order: group 0's, then group 1's, …) and S_max the longest.
     Index entries on padding point at row 0. :meth:`pack_tree` builds the same fields for rollout trees, with
@@ -90,7 +96,7 @@ class SharedPrefixBatch:
 
     input_ids: Tensor
     position_ids: Tensor
-    layout: SharedPrefixLayout
+    layout: Optional[SharedPrefixLayout]
     prompt_lengths: Tuple[int, ...]
     completion_lengths: Tuple[Tuple[int, ...], ...]
     predictor_index: Tensor
@@ -99,12 +105,13 @@ class SharedPrefixBatch:
     mask: Tensor
     _plan: "_GatherPlan" = field(repr=False)
     scored_segments: Tuple[int, ...] = ()
+    attention_mask: Optional[Tensor] = None
 
     # --- construction ---------------------------------------------------------------------------------
 
     @classmethod
     def pack(cls, prompt_ids: Sequence[Tensor], completion_ids: Sequence[Sequence[Tensor]], *,
-             device=None) -> "SharedPrefixBatch":
+             device=None, packed: Union[bool, str] = True) -> "SharedPrefixBatch":
         """Pack prompts and their completions.
 
         Args:
@@ -112,12 +119,21 @@ class SharedPrefixBatch:
             completion_ids: per prompt, a non-empty list of 1-D int64 tensors, one per completion (no
                 padding), each non-empty.
             device: where the packed tensors live; default the inputs' device.
+            packed: True: the shared-prefix stream. False: the ordinary padded batch ``[C, L]``, one
+                ``[prompt | completion]`` per row (prompts left-padded, completions right-padded, L = P_max +
+                S_max), with ``attention_mask`` and ``position_ids`` and no layout — the same fields, methods
+                and gathers, so a training step runs either unchanged (``model(**batch.model_inputs())`` with
+                shared-prefix attention enabled runs the model's own attention for it). "auto": packed when
+                :meth:`packing_pays`.
 
         Raises:
             TypeError: a container is not a list/tuple, an id tensor is not a tensor or not int64.
             ValueError: a prompt without completions, an empty or non-1-D id tensor, a negative id, mismatched
-                list lengths, id tensors on different devices, an unknown device string.
+                list lengths, id tensors on different devices, an unknown device string, ``packed`` other than
+                True, False or "auto".
         """
+        if packed not in (True, False, "auto") or not isinstance(packed, (bool, str)):
+            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         prompts = _sequence("prompt_ids", prompt_ids)
         groups = _sequence("completion_ids", completion_ids)
         if len(prompts) == 0:
@@ -139,6 +155,10 @@ class SharedPrefixBatch:
             prompt_lengths.append(prompt.numel())
             completion_lengths.append(tuple(c.numel() for c in completions))
         _same_device(pieces, "prompt and completion ids")
+        if packed == "auto":
+            packed = cls.packing_pays(prompt_lengths, completion_lengths)
+        if not packed:
+            return cls._build_unpacked(pieces, names, prompt_lengths, completion_lengths, device)
         layout_lengths, parents, scored = [], [], []
         for P, lengths in zip(prompt_lengths, completion_lengths):
             root = len(layout_lengths)
@@ -146,6 +166,71 @@ class SharedPrefixBatch:
             parents += [-1] + [root] * len(lengths)
             scored += [False] + [True] * len(lengths)
         return cls._build(pieces, names, layout_lengths, parents, scored, device)
+
+    @staticmethod
+    def packing_pays(prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]], *,
+                     min_token_ratio: float = PACKING_MIN_TOKEN_RATIO) -> bool:
+        """Whether the packed stream is worth it: the padded batch ``[C, P_max + S_max]`` holds at least
+        ``min_token_ratio`` times the tokens of the packed stream ``Σ_g (P_g + Σ_i S_gi)``.
+
+        Every token-wise layer (projections, MLP, norms) costs in proportion to the tokens, so that ratio is
+        the ideal speed-up; measured on CPU the packed run reached 0.7–0.95 of it, with a fixed cost for the
+        host tables and the blocked attention, hence the default 1.25 (docs/api/shared_prefix_batch.md, "When
+        packing pays"). One completion per prompt never pays (ratio ≤ 1 without padding)."""
+        prompts = SharedPrefixLayout._ints("prompt_lengths", prompt_lengths, minimum=1, why="≥ 1 token")
+        if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence) \
+                or len(completion_lengths) != len(prompts) or not prompts:
+            raise ValueError("completion_lengths must hold one list of lengths per prompt (and there must be at "
+                             "least one prompt)")
+        groups = [SharedPrefixLayout._ints(f"completion_lengths[{g}]", c, minimum=1, why="≥ 1 token")
+                  for g, c in enumerate(completion_lengths)]
+        if not all(groups):
+            raise ValueError("every prompt needs at least one completion")
+        packed = sum(prompts) + sum(sum(c) for c in groups)
+        padded = sum(len(c) for c in groups) * (max(prompts) + max(max(c) for c in groups))
+        return padded >= min_token_ratio * packed
+
+    @classmethod
+    def _build_unpacked(cls, pieces: List[Tensor], names: List[str], prompt_lengths: List[int],
+                        completion_lengths: List[Tuple[int, ...]], device) -> "SharedPrefixBatch":
+        """The padded batch: row c = [0-padding | prompt | completion c | 0-padding], L = P_max + S_max."""
+        device = _resolve_device(device)
+        flat = torch.cat(pieces)
+        if bool((flat < 0).any()):
+            _no_negative_ids(names, pieces)
+        P_max = max(prompt_lengths)
+        S_max = max(max(c) for c in completion_lengths)
+        L = P_max + S_max
+        rows, masks, k = [], [], 0
+        for P, lengths in zip(prompt_lengths, completion_lengths):
+            prompt, k = pieces[k], k + 1
+            for S in lengths:
+                completion, k = pieces[k], k + 1
+                rows.append(torch.cat([prompt.new_zeros(P_max - P), prompt, completion, prompt.new_zeros(S_max - S)]))
+                masks.append(torch.arange(L) >= P_max - P)
+                masks[-1] &= torch.arange(L) < P_max + S
+        input_ids = torch.stack(rows).to(device if device is not None else pieces[0].device)
+        device = input_ids.device
+        attention_mask = torch.stack(masks).long()
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        C = len(rows)
+        lengths = torch.tensor([S for c in completion_lengths for S in c], dtype=torch.int64)
+        j = torch.arange(S_max, dtype=torch.int64)
+        mask = j < lengths[:, None]
+        token = (torch.arange(C, dtype=torch.int64)[:, None] * L + P_max + j).masked_fill(~mask, 0)
+        predictor = (token - 1).masked_fill(~mask, 0)
+        valid = mask.flatten()
+        empty = torch.zeros(0, dtype=torch.int64)
+        plan = _GatherPlan(predictor=predictor.flatten(), padding=~valid,
+                           inner_slots=torch.arange(valid.numel(), dtype=torch.int64)[valid],
+                           inner_rows=predictor.flatten()[valid], first_slots=empty, group_slots=empty,
+                           parent_last=empty, max_group=1)
+        targets = input_ids.flatten().index_select(0, token.flatten().to(device)).view(token.shape)
+        targets = targets.masked_fill(~mask.to(device), IGNORE_INDEX)
+        return cls(input_ids=input_ids, position_ids=position_ids.to(device), layout=None,
+                   prompt_lengths=tuple(prompt_lengths), completion_lengths=tuple(completion_lengths),
+                   predictor_index=predictor.to(device), token_index=token.to(device), targets=targets,
+                   mask=mask.to(device), _plan=plan.to(device), attention_mask=attention_mask.to(device))
 
     @classmethod
     def pack_tree(cls, segment_ids: Sequence[Tensor], parents: Sequence[int], scored: Optional[Sequence[bool]] = None,
@@ -241,17 +326,23 @@ class SharedPrefixBatch:
         device = input_ids.device
         return SharedPrefixBatch(
             input_ids=input_ids, position_ids=self.position_ids.to(device),
-            layout=self.layout.to(device), prompt_lengths=self.prompt_lengths,
+            layout=None if self.layout is None else self.layout.to(device), prompt_lengths=self.prompt_lengths,
             completion_lengths=self.completion_lengths, predictor_index=self.predictor_index.to(device),
             token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device),
-            _plan=self._plan.to(device), scored_segments=self.scored_segments)
+            _plan=self._plan.to(device), scored_segments=self.scored_segments,
+            attention_mask=None if self.attention_mask is None else self.attention_mask.to(device))
 
     # --- sizes ----------------------------------------------------------------------------------------
 
     @property
+    def packed(self) -> bool:
+        """True for the shared-prefix stream, False for the padded batch of ``pack(..., packed=False)``."""
+        return self.layout is not None
+
+    @property
     def total_tokens(self) -> int:
-        """T, the length of the packed stream."""
-        return self.layout.total_tokens
+        """T, the length of the packed stream (C·L for the padded batch)."""
+        return self.input_ids.numel()
 
     @property
     def num_completions(self) -> int:
@@ -270,6 +361,8 @@ class SharedPrefixBatch:
 
     def paths(self) -> List[Tuple[int, ...]]:
         """Every root-to-leaf chain of segments (one rollout each), leaves in stream order."""
+        if self.layout is None:
+            raise ValueError("the padded batch (packed=False) has no segments; paths() is for packed batches")
         parents = self.layout.parents
         has_child = set(p for p in parents if p != -1)
         return [tuple(self.layout.ancestors(s)) + (s,) for s in range(len(parents)) if s not in has_child]
@@ -287,7 +380,11 @@ class SharedPrefixBatch:
 
     def model_inputs(self) -> Dict[str, object]:
         """Keyword arguments of a model call with shared-prefix attention enabled:
-        ``model(**batch.model_inputs())`` passes ``input_ids``, ``position_ids`` and ``shared_prefix``."""
+        ``model(**batch.model_inputs())`` passes ``input_ids``, ``position_ids`` and ``shared_prefix`` (the
+        padded batch: ``attention_mask`` instead of ``shared_prefix``)."""
+        if self.layout is None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                    "attention_mask": self.attention_mask}
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "shared_prefix": self.layout}
 
     def gather_hidden(self, hidden: Tensor) -> Tensor:
@@ -295,7 +392,7 @@ class SharedPrefixBatch:
 
         Args:
             hidden: ``[1, T, ...]`` or ``[T, ...]`` per-position outputs of the packed run (final hidden states,
-                or anything else laid out along the stream, e.g. logits).
+                or anything else laid out along the stream, e.g. logits); ``[C, L, ...]`` for the padded batch.
 
         Returns:
             ``[C, S_max, ...]``: row ``[c, j]`` is the stream row ``predictor_index[c, j]``; padding rows (where
@@ -304,6 +401,9 @@ class SharedPrefixBatch:
             token) and forms the prompt's last row — which predicts the first token of each of its G
             completions — as a fixed-order sum over its group, so the gradient is deterministic (no atomics).
         """
+        padded = self.layout is None and isinstance(hidden, Tensor) and hidden.ndim >= 2
+        if padded and tuple(hidden.shape[:2]) == tuple(self.input_ids.shape):
+            hidden = hidden.flatten(0, 1)  # the padded batch: rows of [C·L]
         return gather_predictors(hidden, self._plan, tuple(self.predictor_index.shape), self.total_tokens,
                                  hint="batch.to(device)")
 

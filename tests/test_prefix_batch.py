@@ -169,3 +169,63 @@ def test_gather_errors():
         batch.gather_hidden(torch.zeros(3, 2, device="meta"))
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
         batch.gather_hidden(None)
+
+
+# --- the padded batch (packed=False) and when packing pays ---------------------------------------------------
+
+
+def test_padded_batch_by_hand():
+    batch = SharedPrefixBatch.pack([ids(1, 2, 3), ids(4)], [[ids(5, 6), ids(7)], [ids(8, 9, 10)]], packed=False)
+    assert not batch.packed and batch.layout is None
+    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 6, 0], [1, 2, 3, 7, 0, 0], [0, 0, 4, 8, 9, 10]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.position_ids[batch.attention_mask.bool()].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3]
+    assert batch.predictor_index.tolist() == [[2, 3, 0], [8, 0, 0], [14, 15, 16]]  # rows of [C·L]
+    assert batch.targets.tolist() == [[5, 6, -100], [7, -100, -100], [8, 9, 10]]
+    assert set(batch.model_inputs()) == {"input_ids", "position_ids", "attention_mask"}
+    assert (batch.total_tokens, batch.group_sizes, batch.num_completion_tokens) == (18, (2, 1), 6)
+    assert [[x.tolist() for x in g] for g in batch.unpack(batch.targets)] == [[[5, 6], [7]], [[8, 9, 10]]]
+    hidden = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)  # [C, L, D] of the padded batch
+    gathered = batch.gather_hidden(hidden)
+    assert torch.equal(gathered[2], hidden[2, 2:5]) and (gathered[~batch.mask] == 0).all()
+    assert torch.autograd.gradcheck(batch.gather_hidden, (hidden,))
+    assert batch.to("cpu").attention_mask is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.lists(st.integers(1, 6), min_size=1, max_size=4)),
+                min_size=1, max_size=3))
+def test_padded_and_packed_batches_gather_the_same_tokens(groups):
+    """Both layouts put the same token and position at every predictor row, and the same targets and mask."""
+    gen = torch.Generator().manual_seed(len(groups))
+    prompts = [torch.randint(0, 1000, (p,), generator=gen) for p, _ in groups]
+    completions = [[torch.randint(0, 1000, (s,), generator=gen) for s in ss] for _, ss in groups]
+    packed = SharedPrefixBatch.pack(prompts, completions)
+    padded = SharedPrefixBatch.pack(prompts, completions, packed=False)
+    for name in ("targets", "mask"):
+        assert torch.equal(getattr(packed, name), getattr(padded, name))
+    m = packed.mask
+    for field in ("input_ids", "position_ids"):
+        a = getattr(packed, field)[0][packed.predictor_index][m]
+        b = getattr(padded, field).flatten()[padded.predictor_index][m]
+        assert torch.equal(a, b), field
+
+
+def test_packing_pays_rule():
+    pays = SharedPrefixBatch.packing_pays
+    assert not pays([64], [[64]])                      # one completion: 1.0
+    assert not pays([16], [[128, 128, 128, 128]])      # long completions of a short prompt: 1.03
+    assert pays([64], [[64, 64]])                      # 256 / 192 = 1.33
+    assert pays([128], [[32] * 4])                     # 640 / 256 = 2.5
+    assert not pays([64], [[64, 64]], min_token_ratio=1.5)
+    assert pays([8], [[1, 100]])                       # padding counts: 2 · 108 / 109
+    auto = SharedPrefixBatch.pack([ids(*range(20))], [[ids(1, 2)] * 4], packed="auto")
+    assert auto.packed
+    auto = SharedPrefixBatch.pack([ids(1)], [[ids(*range(20))]], packed="auto")
+    assert not auto.packed and auto.input_ids.shape == (1, 21)
+    with pytest.raises(ValueError, match="packed must be True, False or 'auto', got 'yes'"):
+        SharedPrefixBatch.pack([ids(1)], [[ids(2)]], packed="yes")
+    with pytest.raises(ValueError, match="one list of lengths per prompt"):
+        pays([1, 2], [[1]])
+    with pytest.raises(ValueError, match=r"prompt_lengths\[0\] must be >= 1"):
+        pays([0], [[1]])
