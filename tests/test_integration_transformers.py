@@ -12,9 +12,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import rlloss  # noqa: E402
 from rlloss import FusedPolicyLoss, LossConfig, SharedPrefixBatch  # noqa: E402
+from rlloss.integrations import transformers as integration  # noqa: E402
 from rlloss.integrations.transformers import (  # noqa: E402
-    attention_implementation_name, disable_shared_prefix, enable_shared_prefix)
+    attention_implementation_name, disable_shared_prefix, enable_shared_prefix, shared_prefix, shared_prefix_enabled)
 
 from conftest import KERNEL_BACKEND  # noqa: E402
 
@@ -239,10 +241,14 @@ def enabled_llama():
     return model, SharedPrefixBatch.pack(*make_groups())
 
 
-def test_missing_layout_is_an_error(enabled_llama):
+def test_packed_stream_without_layout_is_an_error(enabled_llama):
+    """Calls without a layout run the original attention, but a packed stream (restarting positions, no
+    mask) without its layout would silently attend across completions: it raises."""
     model, batch = enabled_llama
-    with pytest.raises(ValueError, match="called without `shared_prefix=`.*disable_shared_prefix"):
+    with pytest.raises(ValueError, match="position_ids that restart .* but no `shared_prefix=`"):
         model(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    with pytest.raises(ValueError, match="position_ids that restart"):
+        model.model(input_ids=batch.input_ids, position_ids=batch.position_ids)
 
 
 def test_batch_larger_than_one_is_an_error(enabled_llama):
@@ -312,3 +318,162 @@ def test_enabling_leaves_other_models_alone():
     with torch.no_grad():
         other(input_ids=ids)  # a plain padded-free batch of 2 still runs sdpa
     assert other.config._attn_implementation != model.config._attn_implementation
+
+
+# --- no juggling: generation and ordinary batches while enabled; the switch is per model ---------------------
+
+
+def generate(model, input_ids, attention_mask=None):
+    with torch.no_grad():
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_generate_while_enabled_equals_generate_disabled(implementation):
+    """model.generate (KV cache, left padding) runs the model's original attention and masks while shared-prefix
+    attention stays enabled: the same greedy tokens; a packed forward right after still matches."""
+    model = tiny_model("llama")
+    model.set_attn_implementation(implementation)
+    gen = torch.Generator().manual_seed(5)
+    one = torch.randint(1, VOCAB, (1, 7), generator=gen)
+    padded = torch.randint(1, VOCAB, (2, 6), generator=gen)
+    padded[0, :2] = 0  # left padding
+    mask = (torch.arange(6) >= torch.tensor([[2], [0]])).long()
+    expected = generate(model, one), generate(model, padded, mask)
+    batch = SharedPrefixBatch.pack(*make_groups())
+    with torch.no_grad():
+        reference = model(input_ids=torch.cat([make_groups()[0][0], make_groups()[1][0][0]])[None]).logits[0]
+
+    enable_shared_prefix(model, backend="torch")
+    assert torch.equal(generate(model, one), expected[0])
+    assert torch.equal(generate(model, padded, mask), expected[1])
+    with torch.no_grad():
+        packed = model(**batch.model_inputs(), use_cache=False).logits[0]
+        assert torch.equal(generate(model, one), expected[0])  # and again after a packed call
+    torch.testing.assert_close(packed[:10], reference, rtol=1e-5, atol=1e-5)  # prompt 7 + completion 3
+    assert model.config._attn_implementation == attention_implementation_name("torch")
+    disable_shared_prefix(model)
+    assert model.config._attn_implementation == implementation
+
+
+def test_two_models_sharing_a_config():
+    """Model(config) twice shares one config object: enabling one names the rlloss attention in both configs,
+    yet the other keeps its own attention, refuses a layout until enabled itself, and the config is restored
+    only when the last enabled model is disabled."""
+    config = transformers.LlamaConfig(**TINY)
+    torch.manual_seed(0)
+    a = transformers.LlamaForCausalLM(config).eval()
+    b = transformers.LlamaForCausalLM(config).eval()
+    assert a.config is b.config
+    batch = SharedPrefixBatch.pack(*make_groups())
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        b_plain = b(input_ids=ids).logits
+        a_plain = a(input_ids=ids).logits
+
+    enable_shared_prefix(a, backend="torch")
+    assert shared_prefix_enabled(a) and not shared_prefix_enabled(b)
+    assert b.config._attn_implementation == attention_implementation_name("torch")  # the shared config
+    with torch.no_grad():
+        torch.testing.assert_close(b(input_ids=ids).logits, b_plain, rtol=0, atol=0)
+        torch.testing.assert_close(a(input_ids=ids).logits, a_plain, rtol=0, atol=0)
+        a(**batch.model_inputs())
+        with pytest.raises(ValueError, match="not enabled on its model.*enable_shared_prefix\\(model\\) on this"):
+            b(**batch.model_inputs())
+        assert b(input_ids=ids).logits.shape == (2, 5, VOCAB)  # the failed call left nothing behind
+        assert integration._LAYOUT_CALLS.get() == ()
+
+    enable_shared_prefix(b, backend="torch")
+    disable_shared_prefix(a)  # b still uses the config: it keeps the rlloss name
+    assert config._attn_implementation == attention_implementation_name("torch")
+    with torch.no_grad():
+        b(**batch.model_inputs())
+        with pytest.raises(ValueError, match="not enabled on its model"):
+            a(**batch.model_inputs())
+        torch.testing.assert_close(a(input_ids=ids).logits, a_plain, rtol=0, atol=0)
+    disable_shared_prefix(b)
+    assert config._attn_implementation == "sdpa"
+
+
+def test_backend_is_per_model(monkeypatch):
+    config = transformers.LlamaConfig(**TINY)
+    a, b = transformers.LlamaForCausalLM(config).eval(), transformers.LlamaForCausalLM(config).eval()
+    enable_shared_prefix(a, backend="torch")
+    enable_shared_prefix(b, backend="reference")
+    seen = []
+    original = integration.shared_prefix_attention
+
+    def spy(*args, backend=None, **kwargs):
+        seen.append(backend)
+        return original(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(integration, "shared_prefix_attention", spy)
+    batch = SharedPrefixBatch.pack(*make_groups())
+    with torch.no_grad():
+        a(**batch.model_inputs())
+        assert set(seen) == {"torch"}
+        seen.clear()
+        b(**batch.model_inputs())
+        assert set(seen) == {"reference"}
+    disable_shared_prefix(a), disable_shared_prefix(b)
+
+
+def test_shared_prefix_context_manager():
+    model = tiny_model("llama")
+    batch = SharedPrefixBatch.pack(*make_groups())
+    with shared_prefix(model, backend="torch") as m:
+        assert m is model and shared_prefix_enabled(model)
+        with torch.no_grad():
+            model(**batch.model_inputs())
+    assert not shared_prefix_enabled(model) and model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="boom"):
+        with shared_prefix(model):
+            raise RuntimeError("boom")
+    assert not shared_prefix_enabled(model) and model.config._attn_implementation == "sdpa"
+    enable_shared_prefix(model, backend="reference")
+    with shared_prefix(model, backend="torch"):  # already enabled: the block's backend, then the old one again
+        assert getattr(model, integration._ENABLED).backend == "torch"
+    assert shared_prefix_enabled(model) and getattr(model, integration._ENABLED).backend == "reference"
+    disable_shared_prefix(model)
+
+
+def test_deepcopy_of_an_enabled_model():
+    """A reference model made by deepcopy (as TRL does) is enabled too, with its own config and hooks."""
+    model = enable_shared_prefix(tiny_model("llama"), backend="torch")
+    copy_ = copy.deepcopy(model)
+    batch = SharedPrefixBatch.pack(*make_groups())
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        packed = model(**batch.model_inputs()).logits
+        torch.testing.assert_close(copy_(**batch.model_inputs()).logits, packed, rtol=0, atol=0)
+        plain = copy_(input_ids=ids).logits
+    disable_shared_prefix(copy_)
+    assert copy_.config._attn_implementation == "sdpa" and shared_prefix_enabled(model)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(input_ids=ids).logits, plain, rtol=0, atol=0)
+        torch.testing.assert_close(model(**batch.model_inputs()).logits, packed, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="pass no attention_mask"):  # the original's hooks are intact
+            model(**batch.model_inputs(), attention_mask=torch.ones_like(batch.input_ids))
+    disable_shared_prefix(model)
+
+
+def test_padded_fallback_equals_packed():
+    """pack(..., packed=False) — what packed="auto" falls back to — runs through the same enabled model (its own
+    attention with the padding mask) and gives the packed batch's log-probs and parameter gradients."""
+    model = enable_shared_prefix(tiny_model("qwen2"), backend="torch")
+    prompts, completions = make_groups()
+    results = []
+    for packed in (True, False):
+        batch = SharedPrefixBatch.pack(prompts, completions, packed=packed)
+        assert batch.packed == packed
+        model.zero_grad(set_to_none=True)
+        hidden = model.model(**batch.model_inputs(), use_cache=False).last_hidden_state
+        logprobs = rlloss.token_logprobs(batch.gather_hidden(hidden), model.lm_head.weight, batch.targets).logprobs
+        loss = (logprobs * token_weights(batch)).sum()
+        loss.backward()
+        results.append((logprobs.detach(), grads(model)))
+    disable_shared_prefix(model)
+    assert_rel_close(results[1][0], results[0][0], RTOL, "log-probs")
+    for name, grad in results[1][1].items():
+        assert_rel_close(grad, results[0][1][name], RTOL, f"grad of {name}")

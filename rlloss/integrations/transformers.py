@@ -7,21 +7,29 @@ switches the model to it; the packed layout then travels as a keyword argument o
     enable_shared_prefix(model)
     hidden = model.model(**batch.model_inputs()).last_hidden_state   # input_ids, position_ids, shared_prefix
 
+Only calls that carry the layout run shared-prefix attention: any other call of an enabled model
+(``model.generate``, an ordinary padded batch such as ``SharedPrefixBatch.pack(..., packed=False)``) runs the
+implementation the model had before, with its own masks, so generation needs no switching. The switch is per
+model even when two models share one config object. :func:`shared_prefix` scopes it to a ``with`` block.
+
 How the layout reaches the attention function: the causal-LM wrapper, the decoder, every decoder layer and
 every attention module forward their ``**kwargs`` unchanged to the attention function, so
 ``model(..., shared_prefix=layout)`` arrives there as ``kwargs["shared_prefix"]`` (checked for Llama, Qwen2,
 Qwen3 and Mistral on transformers 4.56.2, 5.17 and 5.23, with and without gradient checkpointing).
 
-Masks: transformers builds an attention mask only for implementations registered with its
-``AttentionMaskInterface``; for any other name ``_preprocess_mask_arguments`` returns ``None`` before its
-packed-sequence detection (4.56 through 5.23). So no mask function is registered: the attention function
-receives ``attention_mask=None`` and the layout is the whole mask. A mask that still arrives (a user's 4-D
-mask) is an error rather than being ignored.
+Masks: the rlloss names are registered with ``AttentionMaskInterface`` too, with a mask function that returns
+``None`` for a call that carries a layout (the forward pre-hook of the enabled model records that), so no
+``[T, T]`` mask is ever built and the layout is the whole mask, and otherwise the original implementation's
+mask (padding, cache). A mask that still arrives with a layout (a user's 4-D mask) is an error rather than
+being ignored.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import sys
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,8 +38,8 @@ from .._backend import BACKENDS
 from ..prefix_attention import SharedPrefixLayout, shared_prefix_attention
 from ..prefix_batch import SharedPrefixBatch
 
-__all__ = ["enable_shared_prefix", "disable_shared_prefix", "attention_implementation_name",
-           "MIN_TRANSFORMERS_VERSION"]
+__all__ = ["enable_shared_prefix", "disable_shared_prefix", "shared_prefix", "shared_prefix_enabled",
+           "packing_pays", "attention_implementation_name", "MIN_TRANSFORMERS_VERSION"]
 
 MIN_TRANSFORMERS_VERSION = "4.56"
 # The model-call keyword that carries the layout.
@@ -96,15 +104,10 @@ def _expected_positions(layout: SharedPrefixLayout, device: torch.device) -> Ten
 # --- the attention function ----------------------------------------------------------------------------
 
 
-def _layout_from(kwargs: Dict[str, Any]) -> SharedPrefixLayout:
+def _layout_from(kwargs: Dict[str, Any]) -> Optional[SharedPrefixLayout]:
     layout = kwargs.get(LAYOUT_KWARG)
     if layout is None:
-        raise ValueError(
-            f"the model runs rlloss shared-prefix attention but was called without `{LAYOUT_KWARG}=`: pass "
-            f"model(input_ids=..., position_ids=..., {LAYOUT_KWARG}=layout) (e.g. "
-            "model(**SharedPrefixBatch.pack(...).model_inputs())), or call "
-            "rlloss.integrations.transformers.disable_shared_prefix(model) for ordinary batches and generation"
-        )
+        return None
     if isinstance(layout, SharedPrefixBatch):
         layout = layout.layout
     if not isinstance(layout, SharedPrefixLayout):
@@ -122,9 +125,9 @@ def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_m
                          "rlloss.SharedPrefixBatch.pack")
     T = query.shape[2]
     if key.shape[2] != T:
-        raise ValueError(f"{where} got {T} queries but {key.shape[2]} keys: a KV cache (generation) is not "
-                         "supported with shared-prefix attention; call with use_cache=False, or "
-                         "disable_shared_prefix(model) to generate")
+        raise ValueError(f"{where} got {T} queries but {key.shape[2]} keys: a KV cache is not supported with "
+                         f"shared-prefix attention; call with use_cache=False (generation, without `{LAYOUT_KWARG}=`, "
+                         "runs the model's own attention)")
     if T != layout.total_tokens:
         raise ValueError(f"the layout describes {layout.total_tokens} packed tokens but the model got {T}")
     if attention_mask is not None:
@@ -166,15 +169,50 @@ def _make_attention(backend: Optional[str]):
         **kwargs,
     ) -> Tuple[Tensor, None]:
         """transformers' attention-function contract: query [1, Hq, T, d], key/value [1, Hkv, T, d] →
-        ([1, T, Hq, d], no attention weights)."""
+        ([1, T, Hq, d], no attention weights). A call without a layout (generation, ordinary batches) runs the
+        implementation the model had before shared-prefix attention was enabled, with its own mask."""
         layout = _layout_from(kwargs)
+        enabled = getattr(module, _ENABLED, None)
+        if layout is None:
+            previous = enabled.previous if enabled is not None else _config_previous(module)
+            return _original_attention(module, previous)(module, query, key, value, attention_mask,
+                                                         scaling=scaling, dropout=dropout, **kwargs)
+        if enabled is None:
+            raise ValueError(
+                f"{type(module).__name__} got `{LAYOUT_KWARG}=` but shared-prefix attention is not enabled on its "
+                "model: its config names the rlloss attention because it is shared with a model where it is "
+                "enabled. Call enable_shared_prefix(model) on this model too (the switch is per model)")
         _check_call(module, query, key, attention_mask, dropout, layout, kwargs)
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d] views
-        out = shared_prefix_attention(q, k, v, layout, scale=scaling, backend=backend)
+        out = shared_prefix_attention(q, k, v, layout, scale=scaling, backend=enabled.backend)
         return out.unsqueeze(0), None
 
     shared_prefix_attention_forward.__qualname__ = f"shared_prefix_attention_forward[{backend}]"
     return shared_prefix_attention_forward
+
+
+def _original_attention(module: torch.nn.Module, previous: str):
+    """The attention function of implementation ``previous`` for ``module`` (its modeling file's eager one for
+    "eager"), as the module's own forward would look it up."""
+    functions = _transformers().AttentionInterface._global_mapping
+    if previous in functions and previous != "eager":
+        return functions[previous]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if previous == "eager" and eager is not None:
+        return eager
+    raise ValueError(f"{type(module).__name__} was called without `{LAYOUT_KWARG}=`, so it should run its original "
+                     f"attention implementation {previous!r}, which transformers does not know")
+
+
+def _mask(*args, config=None, **kwargs):
+    """Mask function registered under the rlloss names: no mask for a call that carries a layout (the layout is
+    the whole mask; no [T, T] tensor is built), else the original implementation's mask."""
+    calls = _LAYOUT_CALLS.get()
+    if calls and calls[-1]:
+        return None
+    previous = _config_previous(None, config)
+    original = _transformers().AttentionMaskInterface._global_mapping.get(previous)
+    return None if original is None else original(*args, config=config, **kwargs)
 
 
 _REGISTERED: Dict[Optional[str], str] = {}
@@ -183,9 +221,64 @@ _REGISTERED: Dict[Optional[str], str] = {}
 def _register(backend: Optional[str]) -> str:
     if backend not in _REGISTERED:
         name = attention_implementation_name(backend)
-        _transformers().AttentionInterface.register(name, _make_attention(backend))
+        transformers = _transformers()
+        transformers.AttentionInterface.register(name, _make_attention(backend))
+        transformers.AttentionMaskInterface.register(name, _mask)
         _REGISTERED[backend] = name
     return _REGISTERED[backend]
+
+
+# --- per-model state ------------------------------------------------------------------------------------
+
+
+class _Enabled(NamedTuple):
+    """Set as ``_rlloss_shared_prefix`` on every submodule of an enabled model (so it survives deepcopy)."""
+
+    backend: Optional[str]
+    previous: str  # the implementation the config had before rlloss took it
+
+
+_ENABLED = "_rlloss_shared_prefix"
+# Per model call being run by the hooks of an enabled model (innermost last): whether it carries a layout.
+_LAYOUT_CALLS: "contextvars.ContextVar[Tuple[bool, ...]]" = contextvars.ContextVar("rlloss_layout_calls",
+                                                                                   default=())
+
+
+class _ConfigState:
+    """A config object that names the rlloss attention: what it named before, and the enabled models using it
+    (two models may share one config object; the config is restored when the last of them is disabled)."""
+
+    def __init__(self, config, previous: str):
+        self.config = weakref.ref(config)
+        self.previous = previous
+        self.models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+_CONFIGS: Dict[int, _ConfigState] = {}  # by id(config): configs are unhashable; entries die with their config
+
+
+def _config_state(config, previous: Optional[str] = None) -> Optional[_ConfigState]:
+    state = _CONFIGS.get(id(config))
+    if state is not None and state.config() is not config:  # a dead config's id reused
+        state = None
+    if state is None and previous is not None:
+        state = _CONFIGS[id(config)] = _ConfigState(config, previous)
+        weakref.finalize(config, _CONFIGS.pop, id(config), None)
+    return state
+
+
+def _config_previous(module: Optional[torch.nn.Module], config=None) -> str:
+    config = module.config if config is None else config
+    state = _config_state(config)
+    if state is None:
+        raise ValueError(f"the config of {type(module).__name__ if module is not None else 'this model'} names the "
+                         "rlloss shared-prefix attention, but no model enabled it (a copied config?): call "
+                         "enable_shared_prefix(model), or model.set_attn_implementation('sdpa')")
+    return state.previous
+
+
+# Whether packing a batch is worth it (measured rule): see SharedPrefixBatch.packing_pays.
+packing_pays = SharedPrefixBatch.packing_pays
 
 
 # --- enabling it on a model ----------------------------------------------------------------------------
@@ -216,22 +309,80 @@ def _unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def _reject_attention_mask(module, args, kwargs):
-    """Forward pre-hook: transformers drops a 2-D attention_mask for attention functions without a mask
-    function, so a padding mask passed with a layout would be silently ignored."""
-    if kwargs.get(LAYOUT_KWARG) is not None and kwargs.get("attention_mask") is not None:
+def _before_call(module, args, kwargs):
+    """Forward pre-hook of an enabled model (and its inner models): records whether this call carries a layout
+    (for the mask function), and catches two silent mistakes — a padding mask passed with a layout (transformers
+    would drop it) and a packed stream passed without one (it would run as ordinary causal attention)."""
+    record = getattr(module, _ENABLED, None)
+    if record is not None:  # a deepcopy of an enabled model has its own config: register it on first use
+        state = _config_state(module.config, record.previous)
+        if shared_prefix_enabled(module):
+            state.models.add(module)
+    has_layout = kwargs.get(LAYOUT_KWARG) is not None
+    _LAYOUT_CALLS.set(_LAYOUT_CALLS.get() + (has_layout,))  # popped by _after_call, which runs even on errors
+    if has_layout and kwargs.get("attention_mask") is not None:
         raise ValueError("pass no attention_mask with shared_prefix=: the layout is the whole mask (a packed "
                          "SharedPrefixBatch has no padding)")
+    positions = kwargs.get("position_ids")
+    if (not has_layout and kwargs.get("attention_mask") is None and isinstance(positions, Tensor)
+            and positions.ndim == 2 and positions.shape[-1] > 1 and len(_LAYOUT_CALLS.get()) == 1
+            and bool((positions[:, 1:] <= positions[:, :-1]).any())):
+        raise ValueError(
+            f"{type(module).__name__} has shared-prefix attention enabled and got position_ids that restart "
+            f"(a packed stream) but no `{LAYOUT_KWARG}=`: pass model(input_ids=..., position_ids=..., "
+            f"{LAYOUT_KWARG}=layout) (e.g. model(**batch.model_inputs())). Calls without a layout run the "
+            "model's original attention (generation, ordinary batches), which would attend across completions")
     return None
+
+
+def _after_call(module, args, output):
+    calls = _LAYOUT_CALLS.get()
+    if calls:
+        _LAYOUT_CALLS.set(calls[:-1])
+    return None
+
+
+def _remove_hooks(model: torch.nn.Module, hooks) -> None:
+    """Remove the hooks of :func:`enable_shared_prefix` by id (works on a deepcopy of the model too, whose
+    handles would point at the original's hook dicts)."""
+    for name, hook_ids in hooks:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        for table in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            for hook_id in hook_ids:
+                getattr(module, table, {}).pop(hook_id, None)
+
+
+def _mark(model: torch.nn.Module, record: Optional[_Enabled]) -> None:
+    for module in model.modules():
+        if record is None:
+            module.__dict__.pop(_ENABLED, None)
+        else:
+            module.__dict__[_ENABLED] = record
+
+
+def shared_prefix_enabled(model: torch.nn.Module) -> bool:
+    """Whether :func:`enable_shared_prefix` is in effect on ``model`` (not on another model sharing its config)."""
+    return getattr(model, _PREVIOUS, None) is not None
 
 
 def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.Module:
     """Switch a transformers causal LM to rlloss shared-prefix attention.
 
-    After this call every forward must pass the layout: ``model(input_ids=[1, T], position_ids=[1, T],
-    shared_prefix=layout)`` (``SharedPrefixBatch.model_inputs()`` builds these), with batch size 1 and no
-    attention_mask. Calling it again changes the backend; :func:`disable_shared_prefix` restores the
-    implementation the model had before the first call.
+    A forward that passes the layout — ``model(input_ids=[1, T], position_ids=[1, T], shared_prefix=layout)``
+    (``SharedPrefixBatch.model_inputs()`` builds these), batch size 1, no attention_mask — runs shared-prefix
+    attention; any other call (``model.generate``, an ordinary padded batch) runs the implementation the model
+    had before, with its own masks, so nothing needs switching around generation. A packed stream passed
+    without its layout (position ids that restart, no attention mask) raises rather than running as one
+    causal sequence. Calling it again changes the backend; :func:`disable_shared_prefix` restores the
+    implementation the model had before the first call; :func:`shared_prefix` scopes it to a ``with`` block.
+
+    The switch is per model: transformers reads the implementation from the config, so a second model that
+    shares the config object (``Model(config)`` twice) sees the rlloss name too, but its calls without a layout
+    run the original attention, and a call with a layout raises until it is enabled on that model as well.
 
     Args:
         model: a decoder-only transformers ``PreTrainedModel`` whose attention modules go through
@@ -259,35 +410,67 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
         raise ValueError(f"shared-prefix attention cannot be enabled: {reason}")
 
     name = _register(backend)
-    previous = getattr(model, _PREVIOUS, None)
-    if previous is None:
-        previous = model.config._attn_implementation
-    if model.config._attn_implementation != name:
+    config = model.config
+    state = _config_state(config)
+    if state is None:
+        previous = getattr(model, _PREVIOUS, None) or config._attn_implementation  # a deepcopy keeps _PREVIOUS
+        if previous in _REGISTERED.values():
+            raise ValueError(f"{type(model).__name__}'s config already names {previous!r} but no model enabled "
+                             "it (a copied config?): set model.set_attn_implementation('sdpa') first")
+        state = _config_state(config, previous)
+    if config._attn_implementation != name:
         _set_implementation(model, name)
-        if model.config._attn_implementation != name:
+        if config._attn_implementation != name:
             raise ValueError(f"shared-prefix attention cannot be enabled: {type(model).__name__} refused "
                              f"attn_implementation={name!r} (its attention does not go through "
                              "transformers' AttentionInterface)")
-    setattr(model, _PREVIOUS, previous)
+    state.models.add(model)
+    setattr(model, _PREVIOUS, state.previous)
+    _mark(model, _Enabled(backend, state.previous))
     if not getattr(model, _HOOK, None):  # on the model and its inner models (model.model(...) is a common call)
-        models = [m for m in model.modules() if isinstance(m, _transformers().PreTrainedModel)] or [model]
-        setattr(model, _HOOK, [m.register_forward_pre_hook(_reject_attention_mask, with_kwargs=True)
-                               for m in models])
+        models = [(n, m) for n, m in model.named_modules() if isinstance(m, _transformers().PreTrainedModel)]
+        hooks = []
+        for n, m in models or [("", model)]:
+            before = m.register_forward_pre_hook(_before_call, with_kwargs=True)
+            after = m.register_forward_hook(_after_call, always_call=True)
+            hooks.append((n, (before.id, after.id)))
+        setattr(model, _HOOK, hooks)
     return model
 
 
 def disable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention implementation the model had before :func:`enable_shared_prefix` (a no-op on a
-    model where it is not enabled). Returns the model."""
+    """Turn :func:`enable_shared_prefix` off on ``model`` (a no-op where it is not enabled) and restore the
+    attention implementation its config had before — unless another enabled model shares the config, which
+    then keeps the rlloss name (this model's calls run the original attention either way). Returns the model."""
     previous = getattr(model, _PREVIOUS, None)
     if previous is None:
         return model
-    _set_implementation(model, previous)
-    for hook in getattr(model, _HOOK, None) or ():
-        hook.remove()
+    _remove_hooks(model, getattr(model, _HOOK, None) or ())
+    _mark(model, None)
     delattr(model, _PREVIOUS)
     setattr(model, _HOOK, None)
+    state = _config_state(model.config)
+    if state is not None:
+        state.models.discard(model)
+    if state is None or not any(shared_prefix_enabled(m) for m in state.models):
+        _set_implementation(model, previous)
+        _CONFIGS.pop(id(model.config), None)
     return model
+
+
+@contextlib.contextmanager
+def shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = None) -> Iterator[torch.nn.Module]:
+    """``with shared_prefix(model): ...`` — :func:`enable_shared_prefix` for the block, then the state before it
+    (disabled again, or the backend it had if it was already enabled)."""
+    before = getattr(model, _ENABLED, None) if shared_prefix_enabled(model) else None
+    enable_shared_prefix(model, backend=backend)
+    try:
+        yield model
+    finally:
+        if before is None:
+            disable_shared_prefix(model)
+        else:
+            enable_shared_prefix(model, backend=before.backend)
 
 
 def _set_implementation(model: torch.nn.Module, name: str) -> None:
