@@ -253,3 +253,47 @@ def test_check_inputs_false_skips_the_device_reads(monkeypatch):
         hidden, weight, targets, mask.float(), adv, old_logprobs=old, num_items_in_batch=torch.tensor(7.0))
     with pytest.raises(AssertionError, match="device-reading"):
         rlloss.token_logprobs(hidden, weight, targets)
+
+
+# --- GPU: no host synchronisation, CUDA-graph capture ----------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_cuda_graph_capture():
+    """With check_inputs=False a FusedPolicyLoss forward + backward neither synchronises (sync debug mode
+    "error" raises on any synchronising call) nor breaks CUDA-graph capture; the replayed graph gives the
+    eager gradients."""
+    device = torch.device("cuda")
+    hidden, weight, targets, mask, adv, old = (t.to(device) for t in _inputs(dtype=torch.bfloat16))
+    loss_fn = rlloss.FusedPolicyLoss(rlloss.LossConfig.preset("dapo"), check_inputs=False)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+
+    def step():
+        out = loss_fn(h, w, targets, mask, adv, old_logprobs=old, num_items_in_batch=int(mask.sum()))
+        out.loss.backward()
+        return out.loss
+
+    step()  # warm-up: compiles the kernels, probes cuBLAS
+    torch.cuda.synchronize()
+    h.grad = w.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    h.grad = w.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(h.grad, eager[0])
+    torch.testing.assert_close(w.grad, eager[1])
