@@ -268,9 +268,10 @@ def test_gpu_no_sync_and_cuda_graph_capture():
     loss_fn = rlloss.FusedPolicyLoss(rlloss.LossConfig.preset("dapo"), check_inputs=False)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
+    n_items = mask.sum().to(torch.float32)  # a device tensor: no host read inside the step
 
     def step():
-        out = loss_fn(h, w, targets, mask, adv, old_logprobs=old, num_items_in_batch=int(mask.sum()))
+        out = loss_fn(h, w, targets, mask, adv, old_logprobs=old, num_items_in_batch=n_items)
         out.loss.backward()
         return out.loss
 
