@@ -310,7 +310,7 @@ def run_pass(
     if wants_grad and bias is not None and needs[2]:
         grad_b = torch.zeros(V, dtype=cd, device=device)
     if N == 0:
-        return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias, live)
+        return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias)
 
     rows = chunk_rows(N, V, x.dtype, options)
     kernel_path = backend != "torch"
@@ -398,11 +398,11 @@ def run_pass(
             if grad_w is not None:  # dW += dzᵀ·h_c, accumulated in float32
                 _mm(dz.T, h, grad_w, accumulate=True)
         if grad_b is not None:
-            grad_b += dz.sum(0).to(cd)
-    return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias, live)
+            grad_b += dz.sum(0, dtype=cd)
+    return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias)
 
 
-def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias, live) -> PassResult:
+def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias) -> PassResult:
     if stats is None:
         stats = RowStats(*parts)
     if grad_w is not None and grad_w.dtype != weight.dtype:
