@@ -759,6 +759,11 @@ def policy_loss(
         check_inputs: run the checks that read device values (a non-bool mask holds only 0/1, tensor counts
             finite and > 0). With False the call never synchronises with the host.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+            The Triton kernel implements one aggregation for every term and the estimators k1, abs, k2, k3, k3+:
+            on "triton" / "interpret" a config whose active KL or entropy term has its own aggregation
+            (``kl_aggregation`` / ``entropy_aggregation``, e.g. the TRL presets with ``entropy_coef`` ≠ 0,
+            ``verl_sapo`` with β or c_H ≠ 0) or a "k1+" / "abs+" estimator is computed by the torch formulas on
+            the same device instead.
 
     Returns:
         :class:`PolicyLossOutput` (loss, metrics).
