@@ -477,3 +477,13 @@ def test_padded_fallback_equals_packed():
     assert_rel_close(results[1][0], results[0][0], RTOL, "log-probs")
     for name, grad in results[1][1].items():
         assert_rel_close(grad, results[0][1][name], RTOL, f"grad of {name}")
+
+
+def test_implementation_changed_after_enabling_is_an_error(enabled_llama):
+    model, batch = enabled_llama
+    model.set_attn_implementation("sdpa")  # sdpa would ignore the layout and attend across completions
+    with pytest.raises(ValueError, match="attention implementation is now 'sdpa'.*enable_shared_prefix"):
+        model(**batch.model_inputs())
+    enable_shared_prefix(model, backend="torch")
+    with torch.no_grad():
+        model(**batch.model_inputs())

@@ -320,6 +320,11 @@ def _before_call(module, args, kwargs):
             state.models.add(module)
     has_layout = kwargs.get(LAYOUT_KWARG) is not None
     _LAYOUT_CALLS.set(_LAYOUT_CALLS.get() + (has_layout,))  # popped by _after_call, which runs even on errors
+    current = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if has_layout and record is not None and current not in _REGISTERED.values():
+        raise ValueError(f"{type(module).__name__} got `{LAYOUT_KWARG}=` but its attention implementation is now "
+                         f"{current!r} (set after enable_shared_prefix), which would ignore the layout: call "
+                         "enable_shared_prefix(model) again")
     if has_layout and kwargs.get("attention_mask") is not None:
         raise ValueError("pass no attention_mask with shared_prefix=: the layout is the whole mask (a packed "
                          "SharedPrefixBatch has no padding)")
