@@ -121,11 +121,6 @@ def _row_wide(config: LossConfig, poisoned: str) -> bool:
 
 # --- known departures outside kernels/policy.py ---------------------------------------------------------
 
-# rlloss/policy.py _kl_term returns dK = −torch.sign(x) for the abs estimator, and torch.sign(NaN) = 0; the
-# reference's autograd of x.abs() likewise gives 0 at NaN.
-_SIGN_DROPS_NAN = pytest.mark.xfail(
-    strict=True, reason="kl_estimator='abs': the backward of x.abs() in rlloss/reference.py is sign(x) = 0 at NaN, "
-    "so NaN ref_logprobs gives a finite gradient on the reference")
 # rlloss/reference.py policy_loss differentiates torch.clamp, whose backward passes the gradient only where
 # lo <= x <= hi — False for NaN.
 _REF_CLAMP_DROPS_NAN = pytest.mark.xfail(
@@ -145,8 +140,6 @@ def _reference_paths_all_clamped(config: LossConfig, poisoned: str) -> bool:
 def _departures(backend: str, config_name: str, poisoned: str):
     config = CONFIGS[config_name]
     marks = []
-    if backend == "reference" and config.kl_estimator == "abs" and poisoned == "ref_logprobs":
-        marks.append(_SIGN_DROPS_NAN)
     if backend == "reference" and _reference_paths_all_clamped(config, poisoned):
         marks.append(_REF_CLAMP_DROPS_NAN)
     return marks[:1]

@@ -322,7 +322,8 @@ def _assert_same(backend, actual_loss, actual_grad, expected_loss, logp):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_trl_dapo_with_global_num_items(backend):
-    """TRL loss_type="dapo": (per_token_loss * mask).sum() / num_items_in_batch, ε = 0.2 / 0.28."""
+    """TRL loss_type="dapo" with the DAPO paper's clip-higher (preset "dapo_paper"):
+    (per_token_loss * mask).sum() / num_items_in_batch, ε = 0.2 / 0.28."""
     p = _plain(_inputs(), _backend_dtype(backend))
     lp, old, A, m = p["logprobs"], p["old_logprobs"], p["advantages"][:, None], p["mask"].to(p["logprobs"].dtype)
     coef_1 = torch.exp(lp - old)
@@ -330,7 +331,7 @@ def test_trl_dapo_with_global_num_items(backend):
     per_token_loss = -torch.min(coef_1 * A, coef_2 * A)
     num_items = 3 * int(m.sum())  # as if two more ranks / micro-batches held the rest
     expected = (per_token_loss * m).sum() / num_items
-    out, grad = _api(backend, LossConfig.preset("dapo"), p, num_items_in_batch=torch.tensor(num_items))
+    out, grad = _api(backend, LossConfig.preset("dapo_paper"), p, num_items_in_batch=torch.tensor(num_items))
     _assert_same(backend, out.loss, grad, expected, lp)
     is_low = (coef_1 < 0.8) & (A < 0)
     is_high = (coef_1 > 1.28) & (A > 0)
@@ -341,7 +342,9 @@ def test_trl_dapo_with_global_num_items(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_trl_dr_grpo(backend):
-    """TRL loss_type="dr_grpo": (per_token_loss * mask).sum() / (B * max_completion_length), with k3 KL."""
+    """TRL loss_type="dr_grpo": (per_token_loss * mask).sum() / (B * max_completion_length), with k3 KL
+    (use_bias_correction_kl=False here: the preset's TRL default weights the KL by the ratio, tested in
+    tests/test_presets.py)."""
     p = _plain(_inputs(), _backend_dtype(backend))
     lp, old, ref, A = p["logprobs"], p["old_logprobs"], p["ref_logprobs"], p["advantages"][:, None]
     m = p["mask"].to(lp.dtype)
@@ -350,8 +353,8 @@ def test_trl_dr_grpo(backend):
     per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
     per_token_loss = per_token_loss + 0.04 * per_token_kl
     expected = (per_token_loss * m).sum() / (per_token_loss.size(0) * 256)
-    out, grad = _api(backend, LossConfig.preset("dr_grpo", max_completion_length=256, beta=0.04), p,
-                     ref_logprobs=ref)
+    out, grad = _api(backend, LossConfig.preset("dr_grpo", max_completion_length=256, beta=0.04,
+                                                 kl_ratio_weighted=False), p, ref_logprobs=ref)
     _assert_same(backend, out.loss, grad, expected, lp)
     assert out.metrics["kl"].item() == pytest.approx(((per_token_kl * m).sum() / m.sum()).item(), rel=1e-5)
 
@@ -431,10 +434,11 @@ def test_trl_vllm_importance_sampling(mode, backend):
         ratio = torch.exp(diff.sum(-1, keepdim=True))
         ratio = ratio.masked_fill((ratio < 0.5) | (ratio > 3.0), 0.0)
         config = LossConfig.preset("bnpo", rollout_correction=mode, rollout_threshold_low=0.5,
-                                   rollout_threshold_high=3.0, beta=0.04)
+                                   rollout_threshold_high=3.0, beta=0.04, kl_ratio_weighted=False)
     else:
         ratio = torch.clamp(torch.exp(diff), max=2.0)
-        config = LossConfig.preset("bnpo", rollout_correction=mode, rollout_threshold_high=2.0, beta=0.04)
+        config = LossConfig.preset("bnpo", rollout_correction=mode, rollout_threshold_high=2.0, beta=0.04,
+                                   kl_ratio_weighted=False)
     coef_1 = torch.exp(lp - old)
     per_token_loss = -torch.min(coef_1 * A, torch.clamp(coef_1, 0.8, 1.2) * A) * ratio
     per_token_loss = per_token_loss + 0.04 * (torch.exp(ref - lp) - (ref - lp) - 1)
@@ -512,7 +516,8 @@ def test_verl_cispo(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_verl_gspo_token_form(backend):
-    """verl compute_policy_loss_gspo: log s_{i,t} = ℓ − sg(ℓ) + sg(log s_i), clamped at max 10; seq-mean-token-mean."""
+    """verl compute_policy_loss_gspo: log s_{i,t} = ℓ − sg(ℓ) + sg(log s_i), clamped at max 10; verl's default
+    loss_agg_mode token-mean."""
     inp = _inputs(per_token=True, scale=3e-3, empty_row=False)
     inp["old_logprobs"][2] = inp["logprobs"][2] - 12.0  # log s_i = 12 > 10: clamped, no gradient through it
     p = _plain(inp, _backend_dtype(backend))
@@ -523,7 +528,7 @@ def test_verl_gspo_token_form(backend):
     log_ratio = torch.clamp(lp - lp.detach() + negative_approx_kl_seq.detach().unsqueeze(-1), max=10.0)
     ratio = torch.exp(log_ratio)
     pg_losses = torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1 - 3e-4, 1 + 4e-4))
-    expected = _verl_agg(pg_losses, m, "seq-mean-token-mean")
+    expected = _verl_agg(pg_losses, m, "token-mean")
     out, grad = _api(backend, LossConfig.preset("verl_gspo"), p)
     _assert_same(backend, out.loss, grad, expected, lp)
     assert (grad[2] == 0).all()
@@ -736,7 +741,8 @@ def test_config_type_errors_and_presets():
         LossConfig.preset("grpo", eps=0.1)
     with pytest.raises(ValueError, match="max_completion_length"):
         LossConfig.preset("dr_grpo")
-    assert LossConfig.preset("dapo").epsilon_high == 0.28
+    assert LossConfig.preset("dapo").epsilon_high == 0.2  # TRL's default; the paper's 0.28 is "dapo_paper"
+    assert LossConfig.preset("dapo_paper").epsilon_high == 0.28
     assert LossConfig.preset("dapo", epsilon_high=0.3).epsilon_high == 0.3
     with pytest.raises(Exception):
         LossConfig().beta = 1.0  # frozen
