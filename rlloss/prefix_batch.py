@@ -409,7 +409,8 @@ class SharedPrefixBatch:
 
     def unpack(self, values: Tensor) -> List[List[Tensor]]:
         """Split per-completion results ``[C, S_max, ...]`` (e.g. per-token log-probs of the gathered hidden
-        states) into one list per prompt of ``[S_c, ...]`` views, padding dropped."""
+        states) into one list per prompt (per tree for :meth:`pack_tree`: its scored segments) of ``[S_c, ...]``
+        views, padding dropped."""
         if not isinstance(values, Tensor):
             raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
         if values.ndim < 2 or tuple(values.shape[:2]) != tuple(self.mask.shape):

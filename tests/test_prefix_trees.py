@@ -149,8 +149,7 @@ TREE_SCORED = (False, True, False, True, True, True, True, True, False, True, Fa
 
 
 def tiny_model(name):
-    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
+    config_class, model_class = (getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM"))
     torch.manual_seed(0)
     return model_class(config_class(**TINY)).float().eval()
 
@@ -175,7 +174,8 @@ def assert_rel_close(actual, expected, rtol, what):
     assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", [n for n in ("Llama", "Qwen2", "Qwen3", "Mistral")
+                                  if hasattr(transformers, f"{n}ForCausalLM")])
 def test_tree_equals_each_root_to_leaf_sequence(name):
     """Logits at every stream position, the loss over the scored tokens (each scored segment counted once)
     and every parameter gradient equal those of running each root-to-leaf sequence alone (sdpa)."""
@@ -222,7 +222,7 @@ def test_tree_equals_each_root_to_leaf_sequence(name):
 def test_tree_logprobs_from_gathered_hidden_states_per_rollout():
     """token_logprobs on the gathered final hidden states: each rollout's scored log-probs (path_rows) equal
     those of its own sequence, and a per-rollout loss weighted by path_rows gives the per-sequence gradients."""
-    model = tiny_model("qwen2")
+    model = tiny_model("Qwen2")
     segments = tree_segments(seed=3)
     batch = SharedPrefixBatch.pack_tree(segments, TREE_PARENTS, TREE_SCORED)
     paths, path_rows = batch.paths(), batch.path_rows()
