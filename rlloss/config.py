@@ -275,6 +275,8 @@ class LossConfig:
         "gpg". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
         "verl_gspo", "verl_cispo", "verl_sapo".
         """
+        if not isinstance(name, str):
+            raise TypeError(f"preset name must be a str, got {type(name).__name__}")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
