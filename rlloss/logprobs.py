@@ -124,14 +124,15 @@ class LinearOptions(NamedTuple):
     batch_invariant: bool = False
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics, losses and accumulators use for inputs of ``dtype``: float64 or float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str, softcap: Optional[float]) -> int:
     """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus the gradient in the input
     dtype on the kernels when that is 16-bit (the torch executor's block buffers are a fixed ~1 MiB more)."""
-    size = _compute_dtype(dtype).itemsize
+    size = compute_dtype(dtype).itemsize
     if backend == "torch":
         return size
     return size + (dtype.itemsize if dtype.itemsize < size else 0)
@@ -288,7 +289,7 @@ def run_pass(
     linear = weight is not None
     V = weight.shape[0] if linear else x.shape[1]
     device, backend = x.device, options.backend
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     live = targets != options.ignore_index
     safe_targets = torch.where(live, targets, torch.zeros_like(targets)).clamp_(0, V - 1)
     inv_t = 1.0 / options.temperature
@@ -426,7 +427,7 @@ def _kernels():
 # The hidden-state path is a torch.library custom op with a fake (meta) implementation and a registered
 # autograd formula, so torch.compile(fullgraph=True) treats it as one node and CUDA graphs can capture it.
 # Absent optional results travel as empty tensors (an op cannot return None).
-_EMPTY = (0,)
+EMPTY = (0,)  # the shape of an absent optional result of a registered op
 
 
 def _options_args(options: LinearOptions) -> tuple:
@@ -450,7 +451,7 @@ _token_logprobs_op = torch.library.custom_op("rlloss::token_logprobs", token_log
 def _(hidden, weight, bias, targets, temperature, softcap, ignore_index, backend, max_scratch_bytes,
       batch_invariant):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=_compute_dtype(hidden.dtype)) for _ in range(5))
+    return tuple(hidden.new_empty((n,), dtype=compute_dtype(hidden.dtype)) for _ in range(5))
 
 
 def token_logprobs_backward_impl(g_logp: Optional[Tensor], g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
@@ -469,7 +470,7 @@ def token_logprobs_backward_impl(g_logp: Optional[Tensor], g_ent: Optional[Tenso
         result = run_pass(hidden, weight, bias, targets, options, stats=RowStats(shift, total, ratio, shift),
                           upstream=(g_logp, g_ent), needs=needs)
     grads = (result.grad_input, result.grad_weight, result.grad_bias)
-    return tuple(g if n and g is not None else hidden.new_empty(_EMPTY) for g, n in zip(grads, needs))
+    return tuple(g if n and g is not None else hidden.new_empty(EMPTY) for g, n in zip(grads, needs))
 
 
 _token_logprobs_backward_op = torch.library.custom_op("rlloss::token_logprobs_backward",
@@ -479,7 +480,7 @@ _token_logprobs_backward_op = torch.library.custom_op("rlloss::token_logprobs_ba
 @_token_logprobs_backward_op.register_fake
 def _(g_logp, g_ent, hidden, weight, bias, targets, shift, total, ratio, needs, *options):
     like = (hidden, weight, bias)
-    return tuple(torch.empty_like(t) if n and t is not None else hidden.new_empty(_EMPTY) for t, n in zip(like, needs))
+    return tuple(torch.empty_like(t) if n and t is not None else hidden.new_empty(EMPTY) for t, n in zip(like, needs))
 
 
 def _token_logprobs_setup(ctx, inputs, output):
@@ -533,10 +534,6 @@ class _LogitsLogprobs(torch.autograd.Function):
 
 
 # --- public API ---------------------------------------------------------------------------------------
-
-
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> Tensor:
@@ -716,7 +713,7 @@ def token_logprobs(
         logprobs, entropy = reference.token_logprobs(
             inputs.hidden, inputs.weight, targets, bias=inputs.bias, temperature=options.temperature,
             softcap=options.softcap, ignore_index=options.ignore_index)
-        out_dtype = _output_dtype(inputs.hidden.dtype)
+        out_dtype = compute_dtype(inputs.hidden.dtype)
         logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
         # Forward only when nothing needs a gradient (teacher or old-policy passes): no autograd node.
@@ -782,7 +779,7 @@ def logprobs_from_logits(
     if name == "reference":
         logprobs, entropy = reference.logprobs_from_logits(logits / options.temperature, targets,
                                                            ignore_index=options.ignore_index)
-        out_dtype = _output_dtype(logits.dtype)
+        out_dtype = compute_dtype(logits.dtype)
         logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
         rows, flat_targets = _rows(logits, V), targets.reshape(-1)

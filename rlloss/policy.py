@@ -21,7 +21,7 @@ from ._backend import resolve_backend
 from .config import LossConfig
 from .credit import credit_advantage
 from ._backend import BACKENDS
-from .logprobs import (LinearOptions, check_linear_inputs, check_options, prepare_linear,
+from .logprobs import (EMPTY, LinearOptions, compute_dtype, check_linear_inputs, check_options, prepare_linear,
                        run_pass)
 
 # Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
@@ -570,22 +570,17 @@ def policy_loss_and_grads(
 # Both losses are torch.library custom ops with fake (meta) implementations and registered autograd, so that
 # torch.compile(fullgraph=True) sees one node each and CUDA graphs can capture them. The config travels as its
 # JSON key; absent optional results travel as empty tensors (an op cannot return None).
-_EMPTY = (0,)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _packed(metrics: Dict[str, Tensor], loss: Tensor) -> Tensor:
     """The metrics as one tensor in metric_names order (an op output; never differentiated)."""
     if not metrics:
-        return loss.new_empty(_EMPTY)
+        return loss.new_empty(EMPTY)
     return torch.stack([m.to(loss.dtype) for m in metrics.values()])
 
 
 def _fake_outputs(x: Tensor, config: LossConfig, has_ref: bool, has_entropy: bool, has_rollout: bool):
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     n_metrics = len(metric_names(config, has_ref, has_entropy, has_rollout))
     return x.new_empty((), dtype=cd), x.new_empty((n_metrics,), dtype=cd)
 
@@ -600,7 +595,7 @@ def policy_loss_impl(logprobs: Tensor, entropy: Optional[Tensor], old_logprobs: 
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cfg, normaliser, backend,
         pos_logprobs, neg_logprobs)
-    return loss, _packed(metrics, loss), grad, grad_ent if grad_ent is not None else logprobs.new_empty(_EMPTY)
+    return loss, _packed(metrics, loss), grad, grad_ent if grad_ent is not None else logprobs.new_empty(EMPTY)
 
 
 _policy_loss_op = torch.library.custom_op("rlloss::policy_loss", policy_loss_impl, mutates_args=())
@@ -613,7 +608,7 @@ def _(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_l
     loss, packed = _fake_outputs(logprobs, cfg, ref_logprobs is not None, entropy is not None,
                                  rollout_logprobs is not None)
     writes_ent = entropy is not None and cfg.entropy_coef != 0.0
-    return loss, packed, torch.empty_like(logprobs), torch.empty_like(entropy) if writes_ent else logprobs.new_empty(_EMPTY)
+    return loss, packed, torch.empty_like(logprobs), torch.empty_like(entropy) if writes_ent else logprobs.new_empty(EMPTY)
 
 
 def _policy_loss_setup(ctx, inputs, output):
@@ -847,7 +842,7 @@ def fused_policy_loss_impl(
     upstream = None
     if fused:
         tokens, _ = prepare_tokens(cfg, mask, old_logprobs, advantages, ref_logprobs, rollout_logprobs, normaliser,
-                                   pos_logprobs, neg_logprobs, _compute_dtype(hidden.dtype))
+                                   pos_logprobs, neg_logprobs, compute_dtype(hidden.dtype))
         write_grad_entropy = cfg.entropy_coef != 0.0
 
         def upstream(begin, end, logp, entropy):
@@ -857,7 +852,7 @@ def fused_policy_loss_impl(
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
         rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs)
-    empty = hidden.new_empty(_EMPTY)
+    empty = hidden.new_empty(EMPTY)
     if fused:
         grads = tuple(g if g is not None else empty.clone() for g in result[3:])
         return (loss, _packed(metrics, loss), *grads) + tuple(empty.clone() for _ in range(5))
@@ -873,16 +868,16 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprob
       neg_logprobs, normaliser, config, needs, *options):
     cfg = LossConfig.from_key(config)
     loss, packed = _fake_outputs(hidden, cfg, ref_logprobs is not None, True, rollout_logprobs is not None)
-    empty = hidden.new_empty(_EMPTY)
+    empty = hidden.new_empty(EMPTY)
     if any(needs) and one_pass(cfg, old_logprobs is None, rollout_logprobs is not None):
         grads = tuple(torch.empty_like(t) if n and t is not None else empty.clone()
                       for t, n in zip((hidden, weight, bias), needs))
         return (loss, packed, *grads) + tuple(empty.clone() for _ in range(5))
     n = hidden.shape[0]
-    stats = tuple(hidden.new_empty((n,), dtype=_compute_dtype(hidden.dtype)) for _ in range(3))
-    grad_ent = torch.empty(mask.shape, dtype=_compute_dtype(hidden.dtype), device=hidden.device) \
+    stats = tuple(hidden.new_empty((n,), dtype=compute_dtype(hidden.dtype)) for _ in range(3))
+    grad_ent = torch.empty(mask.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device) \
         if cfg.entropy_coef != 0.0 else empty.clone()
-    grad = torch.empty(mask.shape, dtype=_compute_dtype(hidden.dtype), device=hidden.device)
+    grad = torch.empty(mask.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device)
     return (loss, packed, empty.clone(), empty.clone(), empty.clone(), *stats, grad, grad_ent)
 
 
