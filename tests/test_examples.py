@@ -18,12 +18,13 @@ def load(name):
     return module
 
 
-@pytest.mark.parametrize("shared_prefix", [False, True], ids=["padded", "shared_prefix"])
-def test_grpo_reverse_runs(tmp_path, shared_prefix):
+@pytest.mark.parametrize("extra", [[], ["--shared-prefix"], ["--credit", "cepo"]],
+                         ids=["padded", "shared_prefix", "cepo"])
+def test_grpo_reverse_runs(tmp_path, extra):
     grpo = load("grpo_reverse")
     argv = ["--steps", "2", "--seed", "1", "--out", str(tmp_path), "--prompts", "2", "--group-size", "3",
             "--warmup-steps", "1", "--hidden-size", "32", "--layers", "1", "--threads", "1"]
-    rows = grpo.main(argv + (["--shared-prefix"] if shared_prefix else []))
+    rows = grpo.main(argv + extra)
     assert [r["step"] for r in rows] == [0, 1, 2]
     with open(tmp_path / "reward.csv") as f:
         table = list(csv.DictReader(f))
