@@ -542,8 +542,7 @@ def group_advantages(
         >>> group_advantages(r, group_size=3)
         tensor([ 1.1547, -0.5773, -0.5773,  0.0000,  0.0000,  0.0000])
     """
-    if not isinstance(check_inputs, bool):
-        raise TypeError(f"check_inputs must be a bool, got {type(check_inputs).__name__}")
+    _checks.boolean("check_inputs", check_inputs)
     rewards = _check_rewards(rewards, check_inputs).detach()
     B = rewards.shape[0]
     mode = _check_mode(mode)

@@ -477,8 +477,7 @@ def build_teacher_inputs(
         batch order, then their negative rows in batch order — the same rows, ``targets`` and
         :meth:`~TeacherInputs.split` in both layouts, so their log-probs are interchangeable.
     """
-    if not isinstance(packed, bool):
-        raise TypeError(f"packed must be a bool, got {type(packed).__name__}")
+    _checks.boolean("packed", packed)
     if mode not in CREDIT_MODES:
         raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
     if fallback not in FALLBACKS:
