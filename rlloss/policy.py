@@ -965,7 +965,8 @@ class FusedPolicyLoss(torch.nn.Module):
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return f"config={self.config!r}, softcap={self.softcap}, backend={self.backend!r}"
+        return (f"config={self.config!r}, softcap={self.softcap}, max_scratch_bytes={self.max_scratch_bytes}, "
+                f"batch_invariant={self.batch_invariant}, check_inputs={self.check_inputs}, backend={self.backend!r}")
 
     def forward(
         self,
