@@ -1,0 +1,297 @@
+"""TRL's ``GRPOTrainer`` with its loss taken from :class:`rlloss.FusedPolicyLoss` (TRL 1.16).
+
+:class:`RllossGRPOTrainer` is a drop-in ``trl.GRPOTrainer`` whose ``compute_loss`` runs the model to its last
+hidden states, slices the completion positions with :class:`rlloss.PaddedBatch` and takes the loss, straight
+from the lm_head weight, from :class:`rlloss.FusedPolicyLoss` — no logits anywhere. :func:`patch_grpo_trainer`
+does the same to an existing trainer instance. :func:`loss_config_from_grpo_config` maps a ``GRPOConfig`` to the
+:class:`rlloss.LossConfig` of the same loss and refuses, naming them, the options it cannot honour.
+
+The value, the gradients and TRL's logged metrics equal the stock trainer's (tests/test_integration_trl.py),
+except for metrics the fused loss cannot give, which are not logged (never logged with another meaning):
+``clip_ratio/low_min`` and ``clip_ratio/high_max`` (per-sequence extremes of the clip fractions), and, with
+``importance_sampling_level="sequence"``, the clip fractions (TRL counts them per sequence; the fused loss
+reports token means).
+"""
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..batching import PaddedBatch
+from ..config import LossConfig
+from ..policy import FusedPolicyLoss
+
+try:  # TRL is an optional dependency: pip install "rlloss[trl]"
+    import trl
+    from trl import GRPOTrainer as _GRPOTrainer
+except ImportError as error:  # pragma: no cover - exercised only without TRL
+    raise ImportError('rlloss.integrations.trl needs TRL: pip install "trl>=1.16,<1.17"') from error
+
+__all__ = ["RllossGRPOTrainer", "patch_grpo_trainer", "loss_config_from_grpo_config", "SUPPORTED_LOSS_TYPES"]
+
+# TRL loss_type → the rlloss preset of the same loss (docs/presets.md).
+SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
+_CLIPPED = ("grpo", "dapo", "dr_grpo", "bnpo")          # TRL's clipped-surrogate branch (delta applies here)
+_DIVIDED_BY_ACCUMULATION = ("grpo", "bnpo", "dr_grpo", "sapo")  # TRL divides the micro-batch loss by GA steps
+# Multimodal keys of TRL's inputs: the backbone call here passes input_ids and attention_mask only.
+_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def loss_config_from_grpo_config(args: Any) -> LossConfig:
+    """The :class:`rlloss.LossConfig` of the loss a ``trl.GRPOConfig`` asks for.
+
+    Honoured: ``loss_type`` (grpo, dapo, dr_grpo, bnpo, cispo, sapo), ``epsilon`` / ``epsilon_high``, ``delta``
+    (TRL applies it to grpo / dapo / dr_grpo / bnpo only, and so does this), ``beta`` (k3 KL),
+    ``use_bias_correction_kl``, ``importance_sampling_level`` ("token", "sequence"), ``sapo_temperature_pos`` /
+    ``_neg``, ``max_completion_length`` (dr_grpo), ``entropy_coef`` (a static bonus), ``temperature`` (checked
+    here, applied by the trainer to the logits). Options that only shape the batch upstream of the loss
+    (rewards, advantages, generation, masks, ``num_iterations``) need nothing here.
+
+    Raises:
+        ValueError: naming every option set to a value this integration cannot honour (loss types luspo and
+            vespo, ``top_entropy_quantile`` < 1, ``off_policy_mask_threshold``, ``use_adaptive_entropy``,
+            ``use_liger_kernel``, vLLM importance-sampling correction) and any invalid value.
+    """
+    refused = []
+    loss_type = getattr(args, "loss_type", "dapo")
+    if loss_type not in SUPPORTED_LOSS_TYPES:
+        refused.append(f"loss_type={loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
+    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
+        refused.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask needs "
+                       "per-token entropies; only 1.0 is supported)")
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        refused.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence "
+                       "mask needs per-token log-probs; only None is supported)")
+    if getattr(args, "use_adaptive_entropy", False):
+        refused.append("use_adaptive_entropy=True (only a static entropy_coef is supported)")
+    if getattr(args, "use_liger_kernel", False):
+        refused.append("use_liger_kernel=True (Liger kernels are not tested with this integration)")
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
+        refused.append("use_vllm=True with vllm_importance_sampling_correction=True (the truncated / masked "
+                       "importance-sampling weight is not applied yet; set vllm_importance_sampling_correction="
+                       "False)")
+    level = getattr(args, "importance_sampling_level", "token")
+    if level not in ("token", "sequence"):
+        refused.append(f"importance_sampling_level={level!r} (TRL's GRPOTrainer knows 'token' and 'sequence')")
+    temperature = getattr(args, "temperature", 1.0)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        refused.append(f"temperature={temperature!r} (must be > 0)")
+    if refused:
+        raise ValueError("rlloss's GRPOTrainer cannot honour these GRPOConfig options: " + "; ".join(refused))
+
+    epsilon = args.epsilon
+    epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    fields: Dict[str, Any] = dict(
+        epsilon_low=epsilon, epsilon_high=epsilon_high, beta=float(args.beta),
+        kl_ratio_weighted=bool(args.use_bias_correction_kl), importance_sampling_level=level,
+        entropy_coef=float(getattr(args, "entropy_coef", 0.0)),
+    )
+    delta = getattr(args, "delta", None)
+    if loss_type in _CLIPPED:
+        fields["delta"] = delta
+    elif delta is not None:
+        warnings.warn(f"GRPOConfig.delta={delta} has no effect with loss_type={loss_type!r} in TRL (it caps the "
+                      "ratio of the clipped losses only); rlloss follows TRL", stacklevel=2)
+    if loss_type == "sapo":
+        fields.update(sapo_tau_pos=args.sapo_temperature_pos, sapo_tau_neg=args.sapo_temperature_neg)
+    if loss_type == "dr_grpo":
+        fields["max_completion_length"] = int(args.max_completion_length)
+    return LossConfig.preset(loss_type, **fields)
+
+
+def _logit_transform(model) -> tuple:
+    """(softcap, logit_scale) TRL's fused LM head applies to the logits (trl.trainer.utils.add_fused_lm_head)."""
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return softcap, 1.0 if scale is None else float(scale)
+
+
+def _install_hidden_forward(target) -> None:
+    """Let ``model(..., rlloss_hidden_states=True)`` return the backbone's last hidden states [B, T, D].
+
+    The call still goes through the outermost module (DDP, FSDP, PEFT wrappers forward their keyword arguments),
+    as TRL's own fused LM head does; any other call runs the forward the model had before.
+    """
+    if getattr(target, "_rlloss_hidden_forward", False):
+        return
+    previous = target.forward
+
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, rlloss_hidden_states=False, **kwargs):
+        if not rlloss_hidden_states:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return self.base_model(*args, **kwargs).last_hidden_state
+
+    target.forward = types.MethodType(forward, target)
+    target._rlloss_hidden_forward = True
+
+
+def _patch_target(trainer):
+    model = trainer.model
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
+
+
+def _check_trainer(trainer) -> None:
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise ValueError("rlloss's GRPOTrainer cannot honour the MoE load-balancing loss (router_aux_loss_coef "
+                         "≠ 0 on a model that returns router logits); set router_aux_loss_coef=0.0")
+
+
+def _setup(trainer) -> None:
+    trainer.rlloss_config = loss_config_from_grpo_config(trainer.args)
+    _check_trainer(trainer)
+    target = _patch_target(trainer)
+    _install_hidden_forward(target)
+    trainer._rlloss_target = target
+    trainer._rlloss_softcap, trainer._rlloss_logit_scale = _logit_transform(target)
+    trainer._rlloss_losses = {}
+
+
+def _loss_module(trainer, entropy_scale: float) -> FusedPolicyLoss:
+    config = trainer.rlloss_config
+    if config.entropy_coef != 0.0 and entropy_scale != 1.0:
+        config = config.replace(entropy_coef=config.entropy_coef / entropy_scale)
+    key = (config.key, trainer._rlloss_softcap)
+    if key not in trainer._rlloss_losses:
+        trainer._rlloss_losses[key] = FusedPolicyLoss(config, softcap=trainer._rlloss_softcap)
+    return trainer._rlloss_losses[key]
+
+
+def _global_mean(trainer, mean: torch.Tensor, count: torch.Tensor) -> float:
+    """TRL's global_masked_mean from a local mean and its count (a sum over processes of sum and count)."""
+    count = count.to(torch.float32)
+    totals = trainer.accelerator.reduce(torch.stack([mean.detach().float() * count, count]), reduction="sum")
+    return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+def _rlloss_compute_loss(trainer, model, inputs):
+    """TRL 1.16 ``GRPOTrainer._compute_loss`` with the log-probs and the loss from rlloss."""
+    present = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
+    if present:
+        raise ValueError(f"rlloss's GRPOTrainer does not take multimodal inputs yet, got {present}")
+    config = trainer.rlloss_config
+    mode = "train" if trainer.model.training else "eval"
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+
+    completion_mask = inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    batch = PaddedBatch.from_trl(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                                 completion_mask)
+    # The same model inputs as TRL's (no position_ids: the model's defaults, as in the stock trainer).
+    with trainer.accelerator.autocast():
+        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, rlloss_hidden_states=True)
+        device_type = hidden.device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    hidden = batch.gather_hidden(hidden)
+
+    lm_head = trainer._rlloss_target.get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    try:
+        from torch.distributed.tensor import DTensor
+        if isinstance(weight, DTensor):  # FSDP2: gather the head, as TRL does
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+    except ImportError:  # pragma: no cover
+        pass
+    # TRL's head computes in the autocast dtype when autocast is on (GRPOConfig's default bf16=True), else in the
+    # hidden states' dtype; in float32 with cast_lm_head_to_fp32. The same here (the casts carry the gradient).
+    if getattr(trainer.args, "cast_lm_head_to_fp32", False):
+        dtype = torch.float32
+    else:
+        dtype = autocast_dtype or hidden.dtype
+    hidden = hidden.to(device=weight.device, dtype=dtype)
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if trainer._rlloss_logit_scale != 1.0:
+        if bias is not None:
+            raise ValueError("rlloss's GRPOTrainer cannot apply the model's logit scale with an lm_head bias")
+        hidden = hidden * trainer._rlloss_logit_scale
+
+    advantages = inputs["advantages"]
+    ref = inputs["ref_per_token_logps"] if config.beta != 0.0 else None
+    loss_type = trainer.loss_type
+    if loss_type in ("cispo", "dapo"):
+        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if mode == "train":
+            normaliser = normaliser * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+        num_items, divide, entropy_scale = normaliser, 1.0, accumulation
+    else:
+        num_items, divide, entropy_scale = None, accumulation, 1.0
+    loss_fn = _loss_module(trainer, entropy_scale)
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = loss_fn(hidden, weight, batch.targets, mask.bool(), advantages, bias=bias,
+                      old_logprobs=inputs.get("old_per_token_logps"), ref_logprobs=ref,
+                      temperature=float(trainer.temperature), num_items_in_batch=num_items)
+    loss = out.loss / divide if divide != 1.0 else out.loss
+
+    metrics = trainer._metrics[mode]
+    m = out.metrics
+    tokens = mask.sum()
+    if config.entropy_coef != 0.0:
+        # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division.
+        policy = out.loss.detach() + loss_fn.config.entropy_coef * m["entropy"].detach()
+        metrics["policy_loss"].append(trainer.accelerator.gather(policy).nanmean().item())
+        if mode == "train" and trainer.accelerator.sync_gradients:
+            metrics["entropy_coef"].append(trainer.entropy_coef)
+    if config.beta != 0.0:
+        metrics["kl"].append(_global_mean(trainer, m["kl"], tokens))
+    metrics["entropy"].append(_global_mean(trainer, m["entropy"], tokens))
+    # Clip fractions (token level only: at the sequence level TRL counts one value per sequence, which the
+    # token-weighted means of the fused loss cannot give; those are not logged).
+    if config.importance_sampling_level == "token":
+        if loss_type in _CLIPPED:
+            for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+                metrics[name].append(_global_mean(trainer, m[name], tokens))
+        elif loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(_global_mean(trainer, m["clip_ratio/high_mean"], tokens))
+    return loss
+
+
+class RllossGRPOTrainer(_GRPOTrainer):
+    """``trl.GRPOTrainer`` whose loss is :class:`rlloss.FusedPolicyLoss` on the last hidden states.
+
+    Takes exactly ``GRPOTrainer``'s arguments; the loss comes from ``args`` through
+    :func:`loss_config_from_grpo_config` (available afterwards as ``trainer.rlloss_config``), which raises for
+    the options it cannot honour.
+
+    Example:
+        >>> trainer = RllossGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...),
+        ...                             train_dataset=dataset)
+        >>> trainer.train()
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _setup(self)
+
+    def _compute_loss(self, model, inputs):
+        return _rlloss_compute_loss(self, model, inputs)
+
+
+def patch_grpo_trainer(trainer: "trl.GRPOTrainer") -> "trl.GRPOTrainer":
+    """Replace the loss computation of an existing ``trl.GRPOTrainer`` instance by rlloss's (in place).
+
+    Returns the same trainer. Raises ValueError, as :func:`loss_config_from_grpo_config`, for options it
+    cannot honour; TypeError for anything that is not a GRPOTrainer.
+    """
+    if not isinstance(trainer, _GRPOTrainer):
+        raise TypeError(f"patch_grpo_trainer expects a trl.GRPOTrainer, got {type(trainer).__name__}")
+    _setup(trainer)
+    trainer._compute_loss = types.MethodType(_rlloss_compute_loss, trainer)
+    return trainer
