@@ -34,12 +34,16 @@ def model_dir(tmp_path_factory):
     model = transformers.LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
+    save_tokenizer(path)
+    return str(path)
+
+
+def save_tokenizer(path):
     vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def grpo_config(**options):
@@ -48,6 +52,15 @@ def grpo_config(**options):
 
 def reward(completions, **kwargs):
     return [0.0 for _ in completions]
+
+
+def save_tiny(path, model_type, **extra):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        model_type, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, initializer_range=0.2, attention_dropout=0.0,
+        pad_token_id=0, **extra)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
 def make_trainer(model_dir, tmp_path, cls=None, **options):
@@ -67,7 +80,7 @@ def make_trainer(model_dir, tmp_path, cls=None, **options):
     return trainer
 
 
-def make_inputs(trainer, beta, seed=0):
+def make_inputs(trainer, beta, seed=0, lengths=(6, 3, 1, 4)):
     g = torch.Generator().manual_seed(seed)
     prompt_ids = torch.randint(2, VOCAB, (B, P), generator=g)
     prompt_mask = torch.ones(B, P, dtype=torch.long)
@@ -76,7 +89,7 @@ def make_inputs(trainer, beta, seed=0):
         prompt_ids[row, :pad] = 0
     completion_ids = torch.randint(2, VOCAB, (B, C), generator=g)
     completion_mask = torch.ones(B, C, dtype=torch.long)
-    for row, n in enumerate((6, 3, 1, 4)):  # ragged right padding
+    for row, n in enumerate(lengths):  # ragged right padding
         completion_mask[row, n:] = 0
         completion_ids[row, n:] = 0
     model = trainer.model
@@ -203,3 +216,48 @@ def test_bf16_autocast_close_to_stock(model_dir, tmp_path):
     torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-3)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=5e-2, atol=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("loss_type,level", [("grpo", "token"), ("dapo", "token"), ("sapo", "sequence")])
+def test_tool_mask_and_empty_completion(model_dir, tmp_path, loss_type, level):
+    # A row with no completion token, and a tool mask that hides tokens of the others (TRL: mask =
+    # completion_mask * tool_mask for the loss, the log-probs still computed on completion_mask).
+    trainer = make_trainer(model_dir, tmp_path, loss_type=loss_type, importance_sampling_level=level,
+                           entropy_coef=0.01)
+    inputs = make_inputs(trainer, 0.0, seed=2, lengths=(6, 0, 2, 5))
+    tool_mask = torch.ones(B, C, dtype=torch.long)
+    tool_mask[0, 1:3] = 0
+    tool_mask[3, 0] = 0
+    inputs["tool_mask"] = tool_mask
+    skip = SEQUENCE_NOT_LOGGED if level == "sequence" else ()
+    stock = run(trainer, inputs, skip)
+    patch_grpo_trainer(trainer)
+    assert_same(stock, run(trainer, inputs))
+
+
+def test_cast_lm_head_to_fp32_bf16(model_dir, tmp_path):
+    # bf16 autocast with the head cast to float32 (TRL's cast_lm_head_to_fp32): both heads in float32.
+    trainer = make_trainer(model_dir, tmp_path, loss_type="grpo", bf16=True, cast_lm_head_to_fp32=True)
+    inputs = make_inputs(trainer, 0.0, seed=3)
+    stock = run(trainer, inputs)
+    patch_grpo_trainer(trainer)
+    assert_same(stock, run(trainer, inputs))
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("gemma2", dict(final_logit_softcapping=3.0, attn_logit_softcapping=None)),  # soft-capped logits
+    ("cohere", dict(logit_scale=0.5)),                                             # scaled logits
+])
+def test_logit_transforms_match_stock(tmp_path, model_type, extra):
+    if not hasattr(transformers, {"gemma2": "Gemma2ForCausalLM", "cohere": "CohereForCausalLM"}[model_type]):
+        pytest.skip(f"transformers has no {model_type}")
+    path = tmp_path / model_type
+    save_tiny(path, model_type, **extra)
+    save_tokenizer(path)
+    trainer = make_trainer(str(path), tmp_path / "out", loss_type="dapo", temperature=0.8)
+    inputs = make_inputs(trainer, 0.0, seed=4)
+    stock = run(trainer, inputs)
+    patch_grpo_trainer(trainer)
+    assert (trainer._rlloss_softcap, trainer._rlloss_logit_scale) == (
+        extra.get("final_logit_softcapping"), extra.get("logit_scale", 1.0))
+    assert_same(stock, run(trainer, inputs))
