@@ -192,7 +192,6 @@ def test_config_mapping():
     (dict(top_entropy_quantile=0.2, off_policy_mask_threshold=0.5),
      ["top_entropy_quantile=0.2", "off_policy_mask_threshold=0.5"]),
     (dict(use_adaptive_entropy=True, use_liger_kernel=True), ["use_adaptive_entropy", "use_liger_kernel"]),
-    (dict(use_vllm=True), ["vllm_importance_sampling_correction"]),
 ])
 def test_refused_options_are_named(options, names):
     args = grpo_config(**options)
@@ -260,4 +259,34 @@ def test_logit_transforms_match_stock(tmp_path, model_type, extra):
     patch_grpo_trainer(trainer)
     assert (trainer._rlloss_softcap, trainer._rlloss_logit_scale) == (
         extra.get("final_logit_softcapping"), extra.get("logit_scale", 1.0))
+    assert_same(stock, run(trainer, inputs))
+
+
+@pytest.mark.parametrize("loss_type,level,mode", [
+    ("dapo", "token", "token_truncate"), ("grpo", "token", "token_mask"), ("cispo", "token", "sequence_mask"),
+    ("sapo", "token", "sequence_truncate"), ("grpo", "sequence", "sequence_mask"), ("bnpo", "token", "token_mask"),
+])
+def test_vllm_importance_sampling_matches_stock(model_dir, tmp_path, loss_type, level, mode):
+    # The weight TRL computes from the vLLM log-probs (GRPOTrainer._generate_and_score_completions) arrives as
+    # inputs["importance_sampling_ratio"]; vLLM itself is not needed for the loss.
+    trainer = make_trainer(model_dir, tmp_path, loss_type=loss_type, importance_sampling_level=level, beta=0.05,
+                           vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.8,
+                           vllm_importance_sampling_clip_max=1.2)
+    trainer.use_vllm = True  # GRPOConfig(use_vllm=True) would need vLLM installed
+    inputs = make_inputs(trainer, 0.05, seed=5)
+    g = torch.Generator().manual_seed(6)
+    mask = inputs["completion_mask"]
+    diff = 0.15 * torch.randn(B, C, generator=g) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(min=0.8, max=1.2)
+    else:
+        ratio = ratio.masked_fill((ratio < 0.8) | (ratio > 1.2), 0.0)
+        assert (ratio == 0).any() and (ratio > 0).any()
+    inputs["importance_sampling_ratio"] = ratio
+    skip = SEQUENCE_NOT_LOGGED if level == "sequence" or mode.endswith("mask") else ()
+    stock = run(trainer, inputs, skip)
+    patch_grpo_trainer(trainer)
     assert_same(stock, run(trainer, inputs))

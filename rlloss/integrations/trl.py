@@ -9,8 +9,8 @@ does the same to an existing trainer instance. :func:`loss_config_from_grpo_conf
 The value, the gradients and TRL's logged metrics equal the stock trainer's (tests/test_integration_trl.py),
 except for metrics the fused loss cannot give, which are not logged (never logged with another meaning):
 ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (per-sequence extremes of the clip fractions), and, with
-``importance_sampling_level="sequence"``, the clip fractions (TRL counts them per sequence; the fused loss
-reports token means).
+``importance_sampling_level="sequence"`` or vLLM's masked importance-sampling modes, the clip fractions (TRL
+counts them per sequence, resp. counts the rejected tokens too; the fused loss reports token means of w·A).
 """
 from __future__ import annotations
 
@@ -55,7 +55,12 @@ def loss_config_from_grpo_config(args: Any) -> LossConfig:
     Raises:
         ValueError: naming every option set to a value this integration cannot honour (loss types luspo and
             vespo, ``top_entropy_quantile`` < 1, ``off_policy_mask_threshold``, ``use_adaptive_entropy``,
-            ``use_liger_kernel``, vLLM importance-sampling correction) and any invalid value.
+            ``use_liger_kernel``) and any invalid value.
+
+    vLLM's importance-sampling correction (``use_vllm`` with ``vllm_importance_sampling_correction``, any
+    ``vllm_importance_sampling_mode``) needs nothing here: TRL computes the detached weight w ≥ 0 into the batch
+    (``importance_sampling_ratio``) and the trainer folds it into the advantages (w·P(ρ, A) = P(ρ, w·A) for
+    every supported loss, w ≥ 0).
     """
     refused = []
     loss_type = getattr(args, "loss_type", "dapo")
@@ -71,10 +76,6 @@ def loss_config_from_grpo_config(args: Any) -> LossConfig:
         refused.append("use_adaptive_entropy=True (only a static entropy_coef is supported)")
     if getattr(args, "use_liger_kernel", False):
         refused.append("use_liger_kernel=True (Liger kernels are not tested with this integration)")
-    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
-        refused.append("use_vllm=True with vllm_importance_sampling_correction=True (the truncated / masked "
-                       "importance-sampling weight is not applied yet; set vllm_importance_sampling_correction="
-                       "False)")
     level = getattr(args, "importance_sampling_level", "token")
     if level not in ("token", "sequence"):
         refused.append(f"importance_sampling_level={level!r} (TRL's GRPOTrainer knows 'token' and 'sequence')")
@@ -224,6 +225,15 @@ def _rlloss_compute_loss(trainer, model, inputs):
         hidden = hidden * trainer._rlloss_logit_scale
 
     advantages = inputs["advantages"]
+    masked_is = False
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        # TRL multiplies the policy term (not the KL) by the detached weight w ≥ 0, [B, T] (token modes) or
+        # [B, 1] (sequence modes); each supported surrogate is positively homogeneous in A, so w·P(ρ, A) =
+        # P(ρ, w·A), and the sign of w·A is A's wherever w > 0.
+        weight_is = inputs["importance_sampling_ratio"].to(torch.float32)
+        folded = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)) * weight_is
+        advantages = folded.squeeze(1) if folded.shape[1] == 1 else folded.expand(mask.shape).contiguous()
+        masked_is = trainer.vllm_importance_sampling_mode in ("token_mask", "sequence_mask")
     ref = inputs["ref_per_token_logps"] if config.beta != 0.0 else None
     loss_type = trainer.loss_type
     if loss_type in ("cispo", "dapo"):
@@ -253,8 +263,9 @@ def _rlloss_compute_loss(trainer, model, inputs):
         metrics["kl"].append(_global_mean(trainer, m["kl"], tokens))
     metrics["entropy"].append(_global_mean(trainer, m["entropy"], tokens))
     # Clip fractions (token level only: at the sequence level TRL counts one value per sequence, which the
-    # token-weighted means of the fused loss cannot give; those are not logged).
-    if config.importance_sampling_level == "token":
+    # token-weighted means of the fused loss cannot give; nor with vLLM's masked importance-sampling modes,
+    # where TRL still counts the tokens of weight 0 by the sign of A, which w·A no longer carries).
+    if config.importance_sampling_level == "token" and not masked_is:
         if loss_type in _CLIPPED:
             for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
                 metrics[name].append(_global_mean(trainer, m[name], tokens))
