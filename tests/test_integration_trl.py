@@ -290,3 +290,16 @@ def test_vllm_importance_sampling_matches_stock(model_dir, tmp_path, loss_type, 
     stock = run(trainer, inputs, skip)
     patch_grpo_trainer(trainer)
     assert_same(stock, run(trainer, inputs))
+
+
+def test_refuses_moe_aux_loss_and_multimodal_inputs(model_dir, tmp_path):
+    trainer = make_trainer(model_dir, tmp_path, loss_type="dapo")
+    trainer.aux_loss_enabled = True  # what GRPOTrainer sets for an MoE model with router_aux_loss_coef ≠ 0
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        patch_grpo_trainer(trainer)
+    trainer.aux_loss_enabled = False
+    patch_grpo_trainer(trainer)
+    inputs = make_inputs(trainer, 0.0)
+    inputs["pixel_values"] = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="pixel_values"):
+        trainer.compute_loss(trainer.model, inputs)
