@@ -159,19 +159,7 @@ def tree_segments(seed=1):
     return [torch.randint(0, VOCAB, (n,), generator=gen) for n in TREE_LENGTHS]
 
 
-def weighted_nll(logits, targets, weights):
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return -(weights * logp).sum()
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def assert_rel_close(actual, expected, rtol, what):
-    scale = expected.abs().max().clamp(min=1e-30)
-    err = ((actual - expected).abs().max() / scale).item()
-    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+from test_integration_transformers import assert_rel_close, grads, weighted_nll  # noqa: E402  (shared helpers)
 
 
 @pytest.mark.parametrize("name", [n for n in ("Llama", "Qwen2", "Qwen3", "Mistral")
