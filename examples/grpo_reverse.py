@@ -25,7 +25,7 @@ that is GRPO. ``--warmup-steps 0`` runs pure RL.
 
 ``--credit cepo`` adds contrastive-teacher token credit (CEPO, docs/api/credit.md): per step, two forward
 passes of the policy without backward, shown the right answer or a rejected rollout's answer before the
-completion (``rlloss.credit.build_teacher_inputs``), spread each rollout's advantage over its tokens inside
+completion (``rlloss.teacher.build_teacher_inputs``), spread each rollout's advantage over its tokens inside
 the fused loss (λ from 0.5 to 0 over 25 steps). The model never saw an answer in its context before, so in
 this toy the teacher's signal is weak; the switch shows the wiring.
 
@@ -168,7 +168,7 @@ def teacher_logprobs(model, prompts, completion_ids, completion_mask, rewards, a
     lengths = completion_mask.sum(1).tolist()
     completions = [completion_ids[i, :n] for i, n in enumerate(lengths)]
     wrong = [c[: (c == EOS).nonzero()[0, 0]] if bool((c == EOS).any()) else c for c in completions]
-    teacher = rlloss.credit.build_teacher_inputs(
+    teacher = rlloss.teacher.build_teacher_inputs(
         [torch.tensor([BOS, *p, SEP]) for p in prompts], completions, rewards, [group_size] * len(prompts),
         [torch.tensor(p[::-1]) for p in prompts], wrong, advantages=advantages, mode="cepo",
         answer_suffix_ids=torch.tensor([SEP]), completion_length=completion_length, pad_token_id=PAD)

@@ -7,7 +7,7 @@ from .batching import PaddedBatch
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
-from . import credit
+from . import credit, teacher
 from .credit import LinearDecay, contrastive_credit
 from .prefix_attention import SharedPrefixLayout, shared_prefix_attention
 from .prefix_batch import SharedPrefixBatch

@@ -18,7 +18,7 @@ import rlloss
 from rlloss import (FusedPolicyLoss, LinearDecay, LossConfig, SharedPrefixBatch, SharedPrefixLayout,
                     contrastive_credit, group_advantages, logprobs_from_logits, policy_loss,
                     shared_prefix_attention, token_logprobs)
-from rlloss.credit import build_teacher_inputs
+from rlloss.teacher import build_teacher_inputs
 
 B, T, D, V = 2, 3, 4, 5
 NAN, INF = math.nan, math.inf

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import rlloss
 from rlloss import FusedPolicyLoss, LinearDecay, LossConfig, contrastive_credit, policy_loss, reference
-from rlloss.credit import build_teacher_inputs
+from rlloss.teacher import build_teacher_inputs
 
 BACKENDS = [("torch", torch.float64), (KERNEL_BACKEND, torch.float32)]
 B, T = 4, 37  # T is not a multiple of any block size

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import rlloss
 from rlloss import FusedPolicyLoss, LossConfig, contrastive_credit
-from rlloss.credit import PackedTeacherInputs, TeacherInputs, build_teacher_inputs
+from rlloss.teacher import PackedTeacherInputs, TeacherInputs, build_teacher_inputs
 
 ROW_FIELDS = ("targets", "rollout", "positive", "skipped", "rlsd", "negative_source")
 
@@ -224,7 +224,7 @@ def test_gather_hidden_values_and_deterministic_gradient():
 def test_packed_argument_errors():
     with pytest.raises(TypeError, match="packed must be a bool"):
         build_teacher_inputs(*_mixed_case(), packed="yes")
-    assert "PackedTeacherInputs" in rlloss.credit.__all__
+    assert "PackedTeacherInputs" in rlloss.teacher.__all__
 
 
 # --- a tiny random transformers model end to end -------------------------------------------------------------
@@ -349,3 +349,14 @@ def test_packed_teacher_pass_kernel_backend():
     valid = padded.targets != padded.ignore_index
     _assert_rel_close(lp_packed[valid], lp_padded[valid], 1e-5 if KERNEL_BACKEND == "interpret" else 1e-4,
                       "teacher log-probs")
+
+
+@pytest.mark.parametrize("name", ["build_teacher_inputs", "TeacherInputs", "PackedTeacherInputs"])
+def test_old_credit_path_warns_and_still_works(name):
+    """The teacher-input builder moved from rlloss.credit to rlloss.teacher: the old path is a shim for one
+    release that warns and returns the same object."""
+    with pytest.warns(DeprecationWarning, match=f"rlloss.teacher.{name}"):
+        moved = getattr(rlloss.credit, name)
+    assert moved is getattr(rlloss.teacher, name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        rlloss.credit.nothing_here

@@ -1,0 +1,475 @@
+"""Teacher contexts for contrastive-teacher credit (docs/math.md §7, §8).
+
+:func:`build_teacher_inputs` lays out the two teacher contexts ``[prompt | prefix | r± | suffix | completion]``
+of every rollout as a right-padded batch for one causal-LM forward (:class:`TeacherInputs`) or, with
+``packed=True``, as one shared-prefix stream holding each group's prompt and answers once
+(:class:`PackedTeacherInputs`, on the layout and gather tables of :mod:`rlloss.prefix_batch`); both give the
+same rows and the same :meth:`~TeacherInputs.split`, whose (ℓ⁺, ℓ⁻) pair feeds :func:`rlloss.contrastive_credit`
+or ``LossConfig(credit=...)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .credit import CREDIT_MODES
+from .prefix_attention import SharedPrefixLayout
+from .prefix_batch import _GatherPlan, _gather_tables, gather_predictors
+
+__all__ = ["PackedTeacherInputs", "TeacherInputs", "build_teacher_inputs"]
+
+FALLBACKS = ("grpo", "rlsd")
+
+
+class _TeacherRows:
+    """What both teacher layouts share: R teacher rows (positive rows of the non-skipped rollouts in batch
+    order, then their negative rows), each scoring one rollout's completion against ``targets`` [R, T]."""
+
+    targets: Tensor
+    rollout: Tensor
+    positive: Tensor
+    skipped: Tensor
+    rlsd: Tensor
+
+    @property
+    def num_rows(self) -> int:
+        """R, the number of teacher contexts (0 when every rollout was skipped: no forward needed)."""
+        return self.targets.shape[0]
+
+    def split(self, logprobs: Tensor, *, base_logprobs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(pos_logprobs, neg_logprobs), each [B, T] in the policy batch's row order, from the teacher
+        log-probs [R, T] of every row (``token_logprobs(teacher.gather_hidden(h), W, teacher.targets)``).
+
+        Skipped rollouts get 0 in both (Δ = 0). RLSD rollouts get ``base_logprobs`` ([B, T]: the old
+        log-probs, or the policy's own computed under no_grad) as their ℓ⁻, so Δ = ℓ⁺ − ℓ° for them; it is
+        required when any rollout is RLSD. Feed the pair to ``LossConfig(credit="cepo")`` or
+        :func:`contrastive_credit` with ``mode="cepo"``.
+        """
+        logprobs = _checks.tensor("logprobs", logprobs)
+        R, T = self.targets.shape
+        B = self.skipped.shape[0]
+        if logprobs.shape != (R, T):
+            raise ValueError(f"logprobs must be [R, T] = [{R}, {T}] (one row per teacher context), "
+                             f"got {tuple(logprobs.shape)}")
+        device = logprobs.device
+        rollout, positive = self.rollout.to(device), self.positive.to(device)
+        pos = torch.zeros((B, T), dtype=logprobs.dtype, device=device)
+        neg = torch.zeros((B, T), dtype=logprobs.dtype, device=device)
+        pos[rollout[positive]] = logprobs[positive]
+        neg[rollout[~positive]] = logprobs[~positive]
+        if bool(self.rlsd.any()):
+            if base_logprobs is None:
+                rows = self.rlsd.nonzero().flatten().tolist()
+                raise ValueError(f"rollouts {rows[:8]} use RLSD (no wrong answer in their group, or mode='rlsd'): "
+                                 "pass base_logprobs=[B, T] policy log-probs for their ℓ⁻")
+            base_logprobs = _checks.tensor("base_logprobs", base_logprobs)
+            if base_logprobs.shape != (B, T):
+                raise ValueError(f"base_logprobs must be [B, T] = [{B}, {T}], got {tuple(base_logprobs.shape)}")
+            rlsd = self.rlsd.to(device)
+            neg[rlsd] = base_logprobs.detach().to(device=device, dtype=logprobs.dtype)[rlsd]
+        return pos, neg
+
+
+@dataclass(frozen=True)
+class TeacherInputs(_TeacherRows):
+    """The teacher contexts of a batch of rollouts, ready for one causal-LM forward (see
+    :func:`build_teacher_inputs`). R teacher rows, contexts right-padded to L, completions padded to T.
+
+    input_ids, attention_mask, position_ids: [R, L] int64, as a Hugging Face causal LM takes them
+        (``model(**teacher.model_inputs())``); position ids count 0, 1, … along each row.
+    logprob_positions: [R, T] int64, the position whose output predicts completion token j (0 past the end).
+    targets: [R, T] int64, completion token j, ``ignore_index`` past each completion's end.
+    rollout: [R] int64, the rollout (row of the policy batch) a teacher row belongs to.
+    positive: [R] bool, True for a [prompt | r⁺ | completion] row, False for [prompt | r⁻ | completion].
+    skipped: [B] bool, rollouts with no teacher row (zero advantage, or no wrong answer with
+        ``fallback="grpo"``): Δ = 0 for them, i.e. plain GRPO.
+    rlsd: [B] bool, rollouts with a positive row only (``mode="rlsd"``, or ``fallback="rlsd"`` in a group
+        without a wrong answer): their ℓ⁻ is the base (policy) log-prob, see :meth:`split`.
+    negative_source: [G] int64, per group the rollout whose answer is r⁻, or −1 when there is none.
+    ignore_index: the filler of ``targets``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    logprob_positions: Tensor
+    targets: Tensor
+    rollout: Tensor
+    positive: Tensor
+    skipped: Tensor
+    rlsd: Tensor
+    negative_source: Tensor
+    ignore_index: int = -100
+
+    def model_inputs(self) -> Dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` and ``position_ids`` as keyword arguments of a causal LM."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """[R, L, D] final hidden states → [R, T, D], the rows that predict each completion token; pass them
+        with :attr:`targets` to :func:`rlloss.token_logprobs`."""
+        hidden = _checks.tensor("hidden", hidden)
+        R, L = self.input_ids.shape
+        if hidden.ndim != 3 or hidden.shape[:2] != (R, L):
+            raise ValueError(f"hidden must be [R, L, D] = [{R}, {L}, D], got {tuple(hidden.shape)}")
+        index = self.logprob_positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2])
+        return hidden.gather(1, index)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedTeacherInputs(_TeacherRows):
+    """The teacher contexts of a batch of rollouts packed into one shared-prefix stream (see
+    :func:`build_teacher_inputs` with ``packed=True``): per group one prompt segment, its answer segments r⁺
+    and r⁻ as children, and every rollout's completion under each answer it is scored with, so a group's
+    prompt and answers are encoded once for its 2·G teacher contexts (MATH.md §8).
+
+    input_ids, position_ids: [1, N] int64, the stream; a token's position is its place in its own
+        ``[prompt | prefix | r± | suffix | completion]`` context, as in :class:`TeacherInputs`.
+    layout: the :class:`~rlloss.SharedPrefixLayout` of the stream (None when there are no rows).
+    row_segments: R ints, the layout segment holding each row's completion (−1 for an empty completion).
+    logprob_positions: [R, T] int64, the stream position whose output predicts completion token j — the last
+        token of the row's answer segment for j = 0, token j − 1 of the completion otherwise (0 past the end).
+    targets, rollout, positive, skipped, rlsd, negative_source, ignore_index: as in :class:`TeacherInputs`
+        (the same rows in the same order, so :meth:`split` gives the same pair).
+    unpacked_tokens: Σ of the R contexts' lengths, the tokens :class:`TeacherInputs` runs (without padding);
+        ``total_tokens / unpacked_tokens`` is the token count the packing keeps.
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    layout: Optional[SharedPrefixLayout]
+    row_segments: Tuple[int, ...]
+    logprob_positions: Tensor
+    targets: Tensor
+    rollout: Tensor
+    positive: Tensor
+    skipped: Tensor
+    rlsd: Tensor
+    negative_source: Tensor
+    unpacked_tokens: int
+    ignore_index: int = -100
+    _plan: Optional[_GatherPlan] = field(default=None, repr=False)
+
+    @property
+    def total_tokens(self) -> int:
+        """N, the length of the packed stream (0 when there are no rows)."""
+        return self.input_ids.shape[1]
+
+    def _nonempty(self, what: str) -> None:
+        if self.layout is None:
+            raise ValueError(f"no teacher rows (every rollout was skipped): there is no stream to {what}; call "
+                             "split on a [0, T] tensor")
+
+    def model_inputs(self) -> Dict[str, object]:
+        """``input_ids``, ``position_ids`` and ``shared_prefix`` (the layout) as keyword arguments of a model
+        with shared-prefix attention enabled (``rlloss.integrations.transformers.enable_shared_prefix``)."""
+        self._nonempty("run")
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "shared_prefix": self.layout}
+
+    def gather_hidden(self, hidden: Tensor) -> Tensor:
+        """[1, N, D] (or [N, D]) final hidden states of the packed stream → [R, T, D], the rows that predict
+        each completion token (0 past each completion's end); pass them with :attr:`targets` to
+        :func:`rlloss.token_logprobs`. Differentiable, with the deterministic backward of
+        :meth:`rlloss.SharedPrefixBatch.gather_hidden` (an answer's last row sums over its completions)."""
+        self._nonempty("gather from")
+        return gather_predictors(hidden, self._plan, tuple(self.targets.shape), self.total_tokens,
+                                 hint="build_teacher_inputs(..., device=...)")
+
+
+def _token_list(name: str, values: object, length: int, *, optional: bool = False) -> List[Optional[Tensor]]:
+    """A list of ``length`` 1-D int64 tensors (None entries allowed when ``optional``)."""
+    if isinstance(values, Tensor) or not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a list of 1-D int64 tensors, got {type(values).__name__}")
+    if len(values) != length:
+        raise ValueError(f"{name} must have {length} entries, got {len(values)}")
+    out = []
+    for k, x in enumerate(values):
+        if x is None and optional:
+            out.append(None)
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor{' or None' if optional else ''}, "
+                            f"got {type(x).__name__}")
+        if x.dtype != torch.int64 or x.ndim != 1:
+            raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} "
+                            f"of shape {tuple(x.shape)}")
+        out.append(_non_negative_ids(f"{name}[{k}]", x.detach().cpu()))
+    return out
+
+
+def _non_negative_ids(name: str, x: Tensor) -> Tensor:
+    """Token ids must be >= 0 (they index an embedding); checked on the host copy."""
+    if x.numel() and bool((x < 0).any()):
+        position = int((x < 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must hold token ids >= 0, got {int(x[position])} at position {position}")
+    return x
+
+
+def _optional_ids(name: str, x: Optional[Tensor]) -> Tensor:
+    if x is None:
+        return torch.zeros(0, dtype=torch.int64)
+    x = _checks.tensor(name, x)
+    if x.dtype != torch.int64 or x.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
+                        f"{tuple(x.shape)}")
+    return _non_negative_ids(name, x.detach().cpu())
+
+
+def build_teacher_inputs(
+    prompt_ids: Sequence[Tensor],
+    completion_ids: Sequence[Tensor],
+    rewards: Union[Tensor, Sequence[float]],
+    group_sizes: Sequence[int],
+    answer_ids: Sequence[Tensor],
+    wrong_answer_ids: Optional[Sequence[Optional[Tensor]]],
+    *,
+    advantages: Optional[Tensor] = None,
+    mode: str = "cepo",
+    fallback: str = "grpo",
+    reject_below: float = 0.5,
+    answer_prefix_ids: Optional[Tensor] = None,
+    answer_suffix_ids: Optional[Tensor] = None,
+    completion_length: Optional[int] = None,
+    pad_token_id: int = 0,
+    ignore_index: int = -100,
+    device: Union[str, torch.device, None] = None,
+    packed: bool = False,
+) -> Union[TeacherInputs, PackedTeacherInputs]:
+    """The teacher contexts ``[prompt | prefix | r± | suffix | completion]`` of every rollout, as one
+    right-padded causal-LM batch — or, with ``packed=True``, as one shared-prefix stream holding each group's
+    prompt and answers once — and where each completion token's teacher log-prob is read (MATH.md §7, §8).
+
+    Token level and tokenizer-agnostic: every argument is token ids. The B rollouts form consecutive groups
+    (the completions of one prompt) of sizes ``group_sizes``.
+
+    Args:
+        prompt_ids: G 1-D int64 tensors, the prompt of each group (unpadded; the chat template applied).
+        completion_ids: B 1-D int64 tensors, each rollout's completion exactly as its log-probs are scored
+            (unpadded, EOS included if the loss counts it). Completion j of the batch is row j of the
+            policy batch whose [B, T] log-probs the credit multiplies.
+        rewards: [B] scores; a rollout is rejected when its score < ``reject_below``.
+        group_sizes: G ints ≥ 1 summing to B.
+        answer_ids: G non-empty 1-D int64 tensors, r⁺ of each group (e.g. the tokens of "42").
+        wrong_answer_ids: B entries, the boxed answer extracted from each rollout as token ids, or None (or an
+            empty tensor) when a rollout has no answer. Unused (may be None) with ``mode="rlsd"``.
+        advantages: optional [B]; when given, rollouts with A = 0 get no teacher rows (their Â is 0 anyway).
+            Without it a group is skipped when all its rewards are equal (A = 0 in every §2 mode).
+        mode: "cepo" (a positive and a negative context per rollout) or "rlsd" (positive only).
+        fallback: for a "cepo" group without a usable wrong answer: "grpo" (r⁻ = r⁺, i.e. Δ = 0: no teacher
+            rows) or "rlsd" (positive rows only, Δ = ℓ⁺ − ℓ°).
+        reject_below: the score under which a rollout is rejected (MATH.md §7: 0.5).
+        answer_prefix_ids, answer_suffix_ids: optional 1-D int64 tokens placed around r± in both contexts
+            (e.g. "The correct answer is \\boxed{" and "}.\\n"), so the two contexts differ in the answer only.
+        completion_length: T of the outputs (≥ the longest completion; default the longest), to match the
+            policy batch's padded length.
+        pad_token_id: filler of ``input_ids`` past each context (masked out by ``attention_mask``); unused
+            with ``packed=True``.
+        ignore_index: filler of ``targets`` past each completion.
+        device: where the tensors go (default: the device of ``completion_ids[0]``).
+        packed: False for :class:`TeacherInputs` (right-padded rows, any causal LM); True for
+            :class:`PackedTeacherInputs`: per group that is not skipped, the segments ``[prompt | prefix]``
+            (the root), ``[r⁺ | suffix]`` and ``[r⁻ | suffix]`` (its children; r⁻ only when some rollout needs
+            it) and each rollout's completion under each answer it is scored with, in stream order
+            ``prompt, r⁺, c_1 … c_G, r⁻, c_1 … c_G``, one ``[1, N]`` stream for a model with shared-prefix
+            attention. An empty ``[prompt | prefix]`` makes the answers roots; an empty completion gets no
+            segment (its row is padding only).
+
+    r⁻ of a group is the answer of its lowest-scoring rejected rollout that has one (score < reject_below,
+    answer not None, not empty and not equal to r⁺); ties go to the first in batch order. It is shared by
+    every rollout of the group.
+
+    Returns:
+        :class:`TeacherInputs` (or :class:`PackedTeacherInputs`): positive rows of the non-skipped rollouts in
+        batch order, then their negative rows in batch order — the same rows, ``targets`` and
+        :meth:`~TeacherInputs.split` in both layouts, so their log-probs are interchangeable.
+    """
+    _checks.boolean("packed", packed)
+    if mode not in CREDIT_MODES:
+        raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    from .advantages import _check_group_sizes, _check_rewards
+
+    if not isinstance(rewards, Tensor):
+        if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+            raise TypeError(f"rewards must be a [B] float tensor or a list of numbers, got {type(rewards).__name__}")
+        rewards = torch.tensor(list(rewards), dtype=torch.float64)
+    rewards = _check_rewards(rewards, True).detach().to("cpu", torch.float64)
+    B = rewards.shape[0]
+    sizes = [int(s) for s in _check_group_sizes(group_sizes, B, True).tolist()]
+    G = len(sizes)
+    prompts = _token_list("prompt_ids", prompt_ids, G)
+    completions = _token_list("completion_ids", completion_ids, B)
+    answers = _token_list("answer_ids", answer_ids, G)
+    for g in range(G):
+        if answers[g].numel() == 0:
+            raise ValueError(f"answer_ids[{g}] must hold at least one token (r⁺), got an empty tensor")
+    if mode == "cepo":
+        if wrong_answer_ids is None:
+            raise ValueError("mode='cepo' needs wrong_answer_ids (B entries, None where a rollout has no answer)")
+        wrong = _token_list("wrong_answer_ids", wrong_answer_ids, B, optional=True)
+    else:
+        wrong = [None] * B
+    if advantages is not None:
+        advantages = _checks.tensor("advantages", advantages)
+        if advantages.shape != (B,):
+            raise ValueError(f"advantages must be [B] = ({B},), got {tuple(advantages.shape)}")
+        advantages = advantages.detach().cpu()
+    if isinstance(reject_below, bool) or not isinstance(reject_below, (int, float)) or not math.isfinite(reject_below):
+        raise TypeError(f"reject_below must be a finite number, got {reject_below!r}")
+    prefix = _optional_ids("answer_prefix_ids", answer_prefix_ids)
+    suffix = _optional_ids("answer_suffix_ids", answer_suffix_ids)
+    longest = max((c.numel() for c in completions), default=0)
+    if completion_length is None:
+        T = longest
+    else:
+        T = _checks.integer("completion_length", completion_length)
+        if T < longest:
+            raise ValueError(f"completion_length must be >= the longest completion ({longest}), got {T}")
+    pad_token_id = _checks.integer("pad_token_id", pad_token_id)
+    ignore_index = _checks.integer("ignore_index", ignore_index)
+    if device is None:
+        device = completion_ids[0].device if B else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}") from exc
+
+    skipped = torch.zeros(B, dtype=torch.bool)
+    rlsd = torch.zeros(B, dtype=torch.bool)
+    negative_source = torch.full((G,), -1, dtype=torch.int64)
+    negative_answer: List[Optional[Tensor]] = [None] * G
+    group_of = []
+    begin = 0
+    for g, size in enumerate(sizes):
+        members = range(begin, begin + size)
+        group_of += [g] * size
+        r = rewards[begin : begin + size]
+        if advantages is not None:
+            for i in members:
+                skipped[i] = bool(advantages[i] == 0)
+        elif bool((r == r[0]).all()):
+            skipped[begin : begin + size] = True
+        if bool(skipped[begin : begin + size].all()):  # no teacher compute for this group at all
+            begin += size
+            continue
+        if mode == "rlsd":
+            rlsd[begin : begin + size] = ~skipped[begin : begin + size]
+        else:
+            candidates = [i for i in members if float(rewards[i]) < reject_below and wrong[i] is not None
+                          and wrong[i].numel() > 0 and not torch.equal(wrong[i], answers[g])]
+            if candidates:
+                source = min(candidates, key=lambda i: (float(rewards[i]), i))
+                negative_source[g] = source
+                negative_answer[g] = wrong[source]
+            elif fallback == "grpo":
+                skipped[begin : begin + size] = True
+            else:
+                rlsd[begin : begin + size] = ~skipped[begin : begin + size]
+        begin += size
+
+    rows = []  # (rollout, positive, answer tokens)
+    for i in range(B):
+        if not skipped[i]:
+            rows.append((i, True, answers[group_of[i]]))
+    for i in range(B):
+        if not skipped[i] and not rlsd[i]:
+            rows.append((i, False, negative_answer[group_of[i]]))
+
+    heads = [torch.cat([prompts[group_of[i]], prefix, answer, suffix]) for i, _, answer in rows]
+    if packed:
+        return _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions,
+                                  group_of, skipped, rlsd, negative_source, T, ignore_index, device)
+
+    contexts, starts = [], []
+    for (i, _, _), head in zip(rows, heads):
+        contexts.append(torch.cat([head, completions[i]]))
+        starts.append(head.numel())
+    R = len(rows)
+    L = max((c.numel() for c in contexts), default=0)
+    input_ids = torch.full((R, L), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((R, L), dtype=torch.int64)
+    positions = torch.zeros((R, T), dtype=torch.int64)
+    targets = torch.full((R, T), ignore_index, dtype=torch.int64)
+    for k, ((i, _, _), context, start) in enumerate(zip(rows, contexts, starts)):
+        n = completions[i].numel()
+        input_ids[k, : context.numel()] = context
+        attention_mask[k, : context.numel()] = 1
+        positions[k, :n] = torch.arange(start - 1, start - 1 + n)  # the output at p predicts token p + 1
+        targets[k, :n] = completions[i]
+    position_ids = torch.arange(L, dtype=torch.int64).expand(R, L).contiguous()
+
+    def to(x):
+        return x.to(device)
+
+    return TeacherInputs(
+        input_ids=to(input_ids), attention_mask=to(attention_mask), position_ids=to(position_ids),
+        logprob_positions=to(positions), targets=to(targets),
+        rollout=to(torch.tensor([i for i, _, _ in rows], dtype=torch.int64)),
+        positive=to(torch.tensor([p for _, p, _ in rows], dtype=torch.bool)),
+        skipped=to(skipped), rlsd=to(rlsd), negative_source=to(negative_source), ignore_index=ignore_index,
+    )
+
+
+def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions, group_of,
+                       skipped, rlsd, negative_source, T, ignore_index, device) -> PackedTeacherInputs:
+    """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``)."""
+    lengths: List[int] = []
+    parents: List[int] = []
+    pieces: List[Tensor] = []
+
+    def segment(tokens: Tensor, parent: int) -> int:
+        lengths.append(tokens.numel())
+        parents.append(parent)
+        pieces.append(tokens)
+        return len(lengths) - 1
+
+    members_of: List[List[int]] = [[] for _ in prompts]  # the rollouts with rows, per group
+    for i, g in enumerate(group_of):
+        if not skipped[i]:
+            members_of[g].append(i)
+    completion_segment: Dict[Tuple[int, bool], int] = {}
+    for g, members in enumerate(members_of):
+        if not members:
+            continue
+        head = torch.cat([prompts[g], prefix])
+        root = segment(head, -1) if head.numel() else -1
+        for positive in (True, False):
+            scored = [i for i in members if positive or not rlsd[i]]
+            if not scored:
+                continue
+            answer = answers[g] if positive else negative_answer[g]
+            parent = segment(torch.cat([answer, suffix]), root)
+            for i in scored:
+                if completions[i].numel():
+                    completion_segment[(i, positive)] = segment(completions[i], parent)
+    row_segments = [completion_segment.get((i, positive), -1) for i, positive, _ in rows]
+    unpacked = sum(head.numel() + completions[i].numel() for (i, _, _), head in zip(rows, heads))
+
+    targets = torch.full((len(rows), T), ignore_index, dtype=torch.int64)
+    for k, (i, _, _) in enumerate(rows):
+        targets[k, : completions[i].numel()] = completions[i]
+    tensors = dict(targets=targets, rollout=torch.tensor([i for i, _, _ in rows], dtype=torch.int64),
+                   positive=torch.tensor([p for _, p, _ in rows], dtype=torch.bool), skipped=skipped, rlsd=rlsd,
+                   negative_source=negative_source)
+    if not rows:
+        empty = torch.zeros((1, 0), dtype=torch.int64, device=device)
+        return PackedTeacherInputs(input_ids=empty, position_ids=empty, layout=None, row_segments=(),
+                                   logprob_positions=torch.zeros((0, T), dtype=torch.int64, device=device),
+                                   unpacked_tokens=0, ignore_index=ignore_index,
+                                   **{name: x.to(device) for name, x in tensors.items()})
+    input_ids = torch.cat(pieces).to(device)
+    device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal the hidden's
+    layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
+    predictor, _, _, plan = _gather_tables(layout, [s if s >= 0 else None for s in row_segments], width=T)
+    return PackedTeacherInputs(
+        input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
+        row_segments=tuple(row_segments), logprob_positions=predictor.to(device), unpacked_tokens=unpacked,
+        ignore_index=ignore_index, _plan=plan.to(device), **{name: x.to(device) for name, x in tensors.items()})
