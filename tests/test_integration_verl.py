@@ -51,8 +51,8 @@ RTOL64, ATOL64 = 1e-9, 1e-12
 
 def actor_config(mode="vanilla", agg="token-mean", **fields):
     return FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=agg,
-                           clip_ratio_low=0.2, clip_ratio_high=0.28, policy_loss=PolicyLossConfig(loss_mode=mode),
-                           **fields)
+                           clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=2.5, tau_pos=1.3, tau_neg=1.1,
+                           policy_loss=PolicyLossConfig(loss_mode=mode), **fields)
 
 
 def batch(lengths, T=7, seed=0, dtype=torch.float64):
@@ -61,8 +61,9 @@ def batch(lengths, T=7, seed=0, dtype=torch.float64):
     B = len(lengths)
     mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
     old = -torch.rand(B, T, generator=g, dtype=dtype) * 2 - 0.1
-    logp = (old + 0.5 * torch.randn(B, T, generator=g, dtype=dtype)).clamp(max=-1e-3)
+    logp = (old + 0.7 * torch.randn(B, T, generator=g, dtype=dtype)).clamp(max=-1e-3)
     adv = torch.randn(B, 1, generator=g, dtype=dtype).expand(B, T) * mask
+    old[:, 0] = torch.where(adv[:, 0] < 0, logp[:, 0] - 1.2, old[:, 0])  # ρ = 3.3 > c for A < 0: the dual clip
     ref = logp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)
     entropy = torch.rand(B, T, generator=g, dtype=dtype) * 3
     return dict(old=old, logp=logp, adv=adv, mask=mask, ref=ref, entropy=entropy)
@@ -115,6 +116,8 @@ def test_policy_loss_parity_local(mode, agg):
     b = batch([7, 3, 0, 5, 1, 6], seed=1)
     metrics = check_policy_parity(mode, agg, config, b)
     assert set(metrics) == set(rv._METRICS[mode])
+    if mode == "vanilla":  # both clips are exercised
+        assert metrics["actor/pg_clipfrac"] > 0 and metrics["actor/pg_clipfrac_lower"] > 0
 
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)
