@@ -361,19 +361,18 @@ def count_head_calls(model):
     return calls, handle
 
 
-@pytest.mark.parametrize("loss_mode,temperature", [("vanilla", 0.7), ("gspo", 1.0), ("sapo", "per-sample")])
-def test_patched_engine_equals_stock(cpu_engine, tiny_model, loss_mode, temperature):
+def compare_engines(model, data, loss_mode, **engine_fields):
     """One training micro-batch through verl's forward_step and ppo_loss: the stock engine with verl's loss and
     the patched engine with the registered rlloss loss give the same loss, log-probs, entropy, metrics and
     parameter gradients; the patched engine never calls the lm_head."""
-    if temperature == "per-sample":
-        temperature = torch.tensor([0.7, 1.0, 1.3, 0.9])
-    data = micro_batch(temperature)
-    loss, outputs, metrics, grads = run_step(make_engine(tiny_model), tiny_model, data, loss_mode)
-    engine = rv.patch_engine(make_engine(tiny_model))
-    calls, handle = count_head_calls(tiny_model)
+    stock = make_engine(model)
+    stock.__dict__.update(engine_fields)
+    loss, outputs, metrics, grads = run_step(stock, model, data, loss_mode)
+    engine = rv.patch_engine(make_engine(model))
+    engine.__dict__.update(engine_fields)
+    calls, handle = count_head_calls(model)
     try:
-        loss_r, outputs_r, metrics_r, grads_r = run_step(engine, tiny_model, data, rv.PREFIX + loss_mode)
+        loss_r, outputs_r, metrics_r, grads_r = run_step(engine, model, data, rv.PREFIX + loss_mode)
     finally:
         handle.remove()
     assert not calls
@@ -383,8 +382,31 @@ def test_patched_engine_equals_stock(cpu_engine, tiny_model, loss_mode, temperat
     assert set(metrics_r) <= set(metrics)
     for key, value in metrics_r.items():
         assert value == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+    assert any(g.abs().sum() > 0 for g in grads)
     for g_r, g in zip(grads_r, grads):
         torch.testing.assert_close(g_r, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_mode,temperature,pad_to_length", [
+    ("vanilla", 0.7, False), ("gspo", 1.0, True), ("sapo", "per-sample", False)])
+def test_patched_engine_equals_stock(cpu_engine, tiny_model, loss_mode, temperature, pad_to_length):
+    if temperature == "per-sample":
+        temperature = torch.tensor([0.7, 1.0, 1.3, 0.9])
+    fields = dict(pad_to_length=True, pad_to_length_bucket=16) if pad_to_length else {}
+    compare_engines(tiny_model, micro_batch(temperature), loss_mode, **fields)
+
+
+def test_patched_engine_logit_softcap(cpu_engine):
+    """Gemma 2's final logit soft-cap (applied before the temperature, as in its logits)."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=VOCAB,
+                                       initializer_range=0.5, final_logit_softcapping=3.0, pad_token_id=0)
+    model = transformers.Gemma2ForCausalLM(config)
+    compare_engines(model, micro_batch(0.7), "vanilla")
+    with pytest.raises(ValueError, match="per-sample temperature"):
+        rv.patch_engine(make_engine(model)).forward_step(micro_batch(torch.tensor([0.7, 1.0, 1.3, 0.9])), None,
+                                                          forward_only=True)
 
 
 def test_patched_engine_forward_only_and_class_patch(cpu_engine, tiny_model, monkeypatch):
