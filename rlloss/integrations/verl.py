@@ -68,16 +68,10 @@ _STD_FREE = {"grpo": "no_std", "grpo_passk": "grpo_passk_no_std"}
 _VERL_SINGLETON = ("grpo", "no_std", "rloo", "gpg", "opo", "reinforce_plus_plus_baseline")
 # Estimators of verl that use the token-level returns: rlloss takes one outcome reward per completion.
 _OUTCOME_ONLY = ("reinforce_plus_plus", "remax")
-# verl metric ← rlloss metric, where both mean the same (SAPO and CISPO count clipping otherwise; GPG logs none).
-_METRICS = {
-    "vanilla": {"actor/pg_clipfrac": "clip_ratio/region_mean", "actor/ppo_kl": "ppo_kl",
-                "actor/pg_clipfrac_lower": "clip_ratio/dual_mean"},
-    "gspo": {"actor/pg_clipfrac": "clip_ratio/region_mean", "actor/ppo_kl": "ppo_kl",
-             "actor/pg_clipfrac_lower": "clip_ratio/dual_mean"},
-    "sapo": {"actor/ppo_kl": "ppo_kl"},
-    "cispo": {"actor/ppo_kl": "ppo_kl"},
-    "gpg": {},
-}
+# verl's clip fractions have rlloss's meaning for these losses only (SAPO logs a constant 0, CISPO counts clipping
+# whatever the sign of A); actor/ppo_kl has it for every loss with a ratio.
+_SAME_CLIP_METRICS = ("vanilla", "gspo")
+_WITHOUT_RATIO = ("gpg",)
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -180,9 +174,19 @@ def batch_counts_from_verl(actor_config: Any, response_mask: Tensor) -> Dict[str
                 num_sequences_in_batch=float(sequences) / dp)
 
 
-def _policy_loss_fn(mode: str):
-    metric_names = _METRICS[mode]
+def _metric_names(mode: str, weighted: bool) -> Dict[str, str]:
+    """verl metric name → rlloss metric of the same meaning. With rollout weights folded into A, a weight-0 token
+    is no longer counted by the sign of A: no clip fractions then."""
+    if mode in _WITHOUT_RATIO:
+        return {}
+    names = {"actor/ppo_kl": "ppo_kl"}
+    if mode in _SAME_CLIP_METRICS and not weighted:
+        names.update({"actor/pg_clipfrac": "clip_ratio/region_mean",
+                      "actor/pg_clipfrac_lower": "clip_ratio/dual_mean"})
+    return names
 
+
+def _policy_loss_fn(mode: str):
     def loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
                 loss_agg_mode: str = "token-mean", config: Any = None,
                 rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
@@ -198,9 +202,7 @@ def _policy_loss_fn(mode: str):
             advantages = advantages * rollout_is_weights.detach()
         out = policy_loss(log_prob, old_log_prob, advantages, response_mask.bool(), config=loss_config,
                           **batch_counts_from_verl(config, response_mask))
-        # With rollout weights, w = 0 tokens would no longer be counted by the sign of A: clip fractions not logged.
-        names = metric_names if rollout_is_weights is None else {k: v for k, v in metric_names.items()
-                                                                 if v == "ppo_kl"}
+        names = _metric_names(mode, rollout_is_weights is not None)
         return out.loss, {name: out.metrics[key].item() for name, key in names.items()}
 
     loss_fn.__name__ = f"{PREFIX}{mode}"
@@ -273,11 +275,15 @@ def _advantage_fn(estimator: str):
     return estimate
 
 
-for _mode in VERL_POLICY_LOSSES:
-    core_algos.register_policy_loss(PREFIX + _mode)(_policy_loss_fn(_mode))
-for _estimator in VERL_ADVANTAGE_ESTIMATORS:
-    if PREFIX + _estimator not in core_algos.ADV_ESTIMATOR_REGISTRY:  # re-import: keep the first registration
-        core_algos.register_adv_est(PREFIX + _estimator)(_advantage_fn(_estimator))
+def _register() -> None:
+    for mode in VERL_POLICY_LOSSES:
+        core_algos.register_policy_loss(PREFIX + mode)(_policy_loss_fn(mode))
+    for estimator in VERL_ADVANTAGE_ESTIMATORS:
+        if PREFIX + estimator not in core_algos.ADV_ESTIMATOR_REGISTRY:  # a re-import keeps the first registration
+            core_algos.register_adv_est(PREFIX + estimator)(_advantage_fn(estimator))
+
+
+_register()
 
 
 # --- the actor engine: log-probs and entropy from hidden states ---------------------------------------------
@@ -416,7 +422,8 @@ def patch_engine(engine: Any) -> Any:
             per-sample temperature with an lm_head bias or a logit soft-cap.
     """
     _check_engine(engine)
-    _install_logprob_forward(_inner_model(engine.module))
+    if getattr(engine, "module", None) is not None:  # else installed at the first step (built by initialize())
+        _install_logprob_forward(_inner_model(engine.module))
     engine.forward_step = types.MethodType(_patched_forward_step, engine)
     return engine
 
