@@ -400,6 +400,24 @@ def test_patched_engine_equals_stock(cpu_engine, tiny_model, loss_mode, temperat
     compare_engines(tiny_model, micro_batch(temperature), loss_mode, **fields)
 
 
+def test_patched_engine_bf16_autocast(cpu_engine, tiny_model):
+    """Under verl's bfloat16 autocast the stock log-probs are bfloat16 (logits in bfloat16); the patched ones are
+    float32 from the same bfloat16 hidden states and lm_head: equal to bfloat16 precision."""
+    data = micro_batch(0.7)
+    stock = make_engine(tiny_model)
+    stock._autocast_dtype = torch.bfloat16
+    loss, outputs, _, grads = run_step(stock, tiny_model, data, "vanilla")
+    engine = rv.patch_engine(make_engine(tiny_model))
+    engine._autocast_dtype = torch.bfloat16
+    loss_r, outputs_r, _, grads_r = run_step(engine, tiny_model, data, "rlloss_vanilla")
+    assert outputs_r["log_probs"].values().dtype == torch.float32
+    torch.testing.assert_close(loss_r, loss.float(), rtol=2e-2, atol=1e-3)
+    for key in ("log_probs", "entropy"):
+        torch.testing.assert_close(outputs_r[key].values(), outputs[key].values().float(), rtol=2e-2, atol=5e-2)
+    for g_r, g in zip(grads_r, grads):
+        assert (g_r - g).norm() <= 0.05 * g.norm() + 1e-6
+
+
 def test_patched_engine_logit_softcap(cpu_engine):
     """Gemma 2's final logit soft-cap (applied before the temperature, as in its logits)."""
     torch.manual_seed(0)
