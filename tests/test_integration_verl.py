@@ -15,6 +15,9 @@ command installs it with ``--no-deps`` and the ``verl`` extra holds what its imp
 error here, not a skip.
 """
 import functools
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -110,6 +113,19 @@ def test_registered_names():
         assert core_algos.get_adv_estimator_fn(rv.PREFIX + estimator).__name__ == rv.PREFIX + estimator
     assert not set(rv.NOT_IN_RLLOSS) & set(rv.VERL_POLICY_LOSSES)
     assert set(rv.NOT_IN_RLLOSS) | set(rv.VERL_POLICY_LOSSES) <= set(core_algos.POLICY_LOSS_REGISTRY)
+
+
+def test_registered_by_verls_external_modules():
+    """`import verl` with VERL_USE_EXTERNAL_MODULES imports this integration, which registers everything, and
+    RLLOSS_VERL_PATCH_ENGINE=1 patches the engine class (a fresh process, as a verl worker)."""
+    code = ("import verl\n"
+            "from verl.trainer.ppo import core_algos\n"
+            "from verl.workers.engine.fsdp import transformer_impl\n"
+            "core_algos.get_policy_loss_fn('rlloss_gspo'); core_algos.get_adv_estimator_fn('rlloss_rloo')\n"
+            "assert transformer_impl.FSDPEngineWithLMHead.forward_step._rlloss\n")
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "rlloss.integrations.verl", "RLLOSS_VERL_PATCH_ENGINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)
