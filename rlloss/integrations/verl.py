@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from contextlib import nullcontext
 from typing import Any, Dict, Optional, Tuple
 
@@ -37,11 +38,17 @@ from ..logprobs import token_logprobs
 from ..policy import policy_loss
 
 try:  # verl is an optional dependency: see docs/integrations.md for its install line
+    import verl
     from verl.trainer.ppo import core_algos
     from verl.utils import tensordict_utils as tu
 except ImportError as error:  # pragma: no cover - exercised only without verl
     raise ImportError('rlloss.integrations.verl needs verl 0.9.1: pip install --no-deps "verl==0.9.1" and '
                       'pip install "rlloss[verl]" for its imports') from error
+
+TESTED_VERL = "0.9.1"  # the engine patch follows this version's FSDPEngineWithLMHead.forward_step
+if verl.__version__ != TESTED_VERL:
+    warnings.warn(f"rlloss.integrations.verl is tested with verl {TESTED_VERL}, found {verl.__version__}",
+                  stacklevel=2)
 
 __all__ = ["VERL_POLICY_LOSSES", "VERL_ADVANTAGE_ESTIMATORS", "NOT_IN_RLLOSS", "loss_config_from_verl",
            "batch_counts_from_verl", "patch_engine", "patch_engine_class"]
