@@ -8,6 +8,12 @@ module with a name as generic as ``benchmarks``.
 """
 from setuptools import setup
 
+# What `import verl` and verl's FSDP engine need beyond torch, transformers and TRL's dependencies. verl itself pins
+# transformers < 5.11, so it is installed apart, with `pip install --no-deps "verl==0.9.1"` (the README's test
+# command); rlloss.integrations.verl follows verl 0.9.1's code.
+VERL_IMPORTS = ["ray>=2.41", "tensordict==0.10.0", "omegaconf>=2.3", "codetiming", "pillow", "pandas", "datasets",
+                "peft"]
+
 setup(
     name="rlloss",
     version="0.1.0",
@@ -23,7 +29,7 @@ setup(
     extras_require={
         # The test suite also builds the documentation site (tests/test_docs.py), hence the docs tools here.
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.56", "trl>=1.16,<1.17",
-                 "mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0"],
+                 "mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0", *VERL_IMPORTS],
         # Everything the default run of `python -m benchmarks` / `rlloss-bench` uses: matplotlib draws the PNG
         # plots, transformers builds the prefix_model suite's model, and the peers measured against rlloss
         # (pure-Python wheels that depend only on torch and Triton; liger-kernel requires Triton, which has Linux
@@ -32,6 +38,8 @@ setup(
                   "liger-kernel>=0.6; platform_system == 'Linux'"],
         # rlloss.integrations.trl (RllossGRPOTrainer, patch_grpo_trainer) follows TRL 1.16's GRPOTrainer code.
         "trl": ["trl>=1.16,<1.17"],
+        # rlloss.integrations.verl: with `pip install --no-deps "verl==0.9.1"`.
+        "verl": VERL_IMPORTS,
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0"],
     },
     license="Apache-2.0",

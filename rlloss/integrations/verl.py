@@ -1,0 +1,461 @@
+"""rlloss inside verl 0.9.1: registered policy losses and advantage estimators, and an actor patch.
+
+Importing this module registers, in verl's own registries,
+
+* the policy losses ``rlloss_<mode>`` (``actor_rollout_ref.actor.policy_loss.loss_mode``), each computing verl's
+  ``<mode>`` policy term with :func:`rlloss.policy_loss`: ``rlloss_vanilla``, ``rlloss_gspo``, ``rlloss_sapo``,
+  ``rlloss_cispo``, ``rlloss_gpg`` (:data:`VERL_POLICY_LOSSES`);
+* the advantage estimators ``rlloss_<estimator>`` (``algorithm.adv_estimator``), each computing verl's
+  ``<estimator>`` with :func:`rlloss.group_advantages` (:data:`VERL_ADVANTAGE_ESTIMATORS`).
+
+so that ``actor_rollout_ref.model.external_lib=rlloss.integrations.verl`` (or the environment variable
+``VERL_USE_EXTERNAL_MODULES=rlloss.integrations.verl``) is all a run needs. verl's ``ppo_loss`` still adds the KL
+and entropy terms itself; :func:`loss_config_from_verl` gives the :class:`rlloss.LossConfig` of the whole actor
+loss (policy term, KL, entropy) for code that calls rlloss directly.
+
+:func:`patch_engine` makes verl's FSDP actor engine (``FSDPEngineWithLMHead``, remove-padding layout) compute the
+log-probs and entropy with :func:`rlloss.token_logprobs` from the last hidden states and the lm_head weight, never
+materialising the logits; :func:`patch_engine_class` does it for every engine of the process, and so does
+importing this module with ``RLLOSS_VERL_PATCH_ENGINE=1`` set.
+
+Parity with verl's own functions: tests/test_integration_verl.py; docs/integrations.md.
+"""
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from contextlib import nullcontext
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..advantages import group_advantages
+from ..config import LossConfig
+from ..logprobs import token_logprobs
+from ..policy import policy_loss
+
+try:  # verl is an optional dependency: see docs/integrations.md for its install line
+    import verl
+    from verl.trainer.ppo import core_algos
+    from verl.utils import tensordict_utils as tu
+except ImportError as error:  # pragma: no cover - exercised only without verl
+    raise ImportError('rlloss.integrations.verl needs verl 0.9.1: pip install --no-deps "verl==0.9.1" and '
+                      'pip install "rlloss[verl]" for its imports') from error
+
+TESTED_VERL = "0.9.1"  # the engine patch follows this version's FSDPEngineWithLMHead.forward_step
+if verl.__version__ != TESTED_VERL:
+    warnings.warn(f"rlloss.integrations.verl is tested with verl {TESTED_VERL}, found {verl.__version__}",
+                  stacklevel=2)
+
+__all__ = ["VERL_POLICY_LOSSES", "VERL_ADVANTAGE_ESTIMATORS", "NOT_IN_RLLOSS", "loss_config_from_verl",
+           "batch_counts_from_verl", "patch_engine", "patch_engine_class"]
+
+PREFIX = "rlloss_"
+# verl policy_loss.loss_mode → the rlloss preset of the same policy term (docs/presets.md). The one table to extend.
+VERL_POLICY_LOSSES = {
+    "vanilla": "verl_grpo",  # clipped surrogate with dual clip, log-ratio clamp ±20
+    "gspo": "verl_gspo",     # GSPO-token, log-ratio clamp ≤ 10
+    "sapo": "verl_sapo",     # soft gate; the policy term forced to seq-mean-token-mean
+    "cispo": "verl_cispo",   # sg(clip(ρ))·A·ℓ
+    "gpg": "gpg",            # −A·ℓ
+}
+# verl algorithm.adv_estimator → the group_advantages mode (grpo: "no_std" with norm_adv_by_std_in_grpo=False).
+VERL_ADVANTAGE_ESTIMATORS = {
+    "grpo": "grpo", "rloo": "rloo", "gpg": "gpg", "opo": "opo", "grpo_passk": "grpo_passk",
+    "reinforce_plus_plus": "reinforce_plus_plus", "reinforce_plus_plus_baseline": "reinforce_plus_plus_baseline",
+    "remax": "remax",
+}
+# verl names that rlloss does not compute (yet): refused by name, never approximated.
+NOT_IN_RLLOSS = ("clip_cov", "kl_cov", "geo_mean", "dppo_tv", "dppo_kl", "dro", "bypass_mode")
+_STD_FREE = {"grpo": "no_std", "grpo_passk": "grpo_passk_no_std"}
+# group_advantages modes with verl's rule for a group of one (mean 0, std 1).
+_VERL_SINGLETON = ("grpo", "no_std", "rloo", "gpg", "opo", "reinforce_plus_plus_baseline")
+# Estimators of verl that use the token-level returns: rlloss takes one outcome reward per completion.
+_OUTCOME_ONLY = ("reinforce_plus_plus", "remax")
+# verl's clip fractions have rlloss's meaning for these losses only (SAPO logs a constant 0, CISPO counts clipping
+# whatever the sign of A); actor/ppo_kl has it for every loss with a ratio.
+_SAME_CLIP_METRICS = ("vanilla", "gspo")
+_WITHOUT_RATIO = ("gpg",)
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """A field of a verl dataclass config or of an omegaconf DictConfig."""
+    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+    return default if value is None else value
+
+
+def _verl_mode(loss_mode: str) -> str:
+    mode = loss_mode[len(PREFIX):] if loss_mode.startswith(PREFIX) else loss_mode
+    if mode in VERL_POLICY_LOSSES:
+        return mode
+    if mode in NOT_IN_RLLOSS:
+        raise ValueError(f"policy_loss.loss_mode={loss_mode!r}: rlloss does not compute verl's {mode!r} loss; "
+                         f"supported: {', '.join(VERL_POLICY_LOSSES)} (registered as {PREFIX}<name>)")
+    raise ValueError(f"policy_loss.loss_mode={loss_mode!r} is not a verl policy loss rlloss knows; supported: "
+                     f"{', '.join(VERL_POLICY_LOSSES)} (registered as {PREFIX}<name>)")
+
+
+def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
+                          loss_agg_mode: Optional[str] = None, response_length: Optional[int] = None) -> LossConfig:
+    """The :class:`rlloss.LossConfig` of the actor loss a verl ``ActorConfig`` asks for.
+
+    The loss of verl 0.9.1's ``ppo_loss``: the policy term of ``policy_loss.loss_mode`` (vanilla, gspo, sapo,
+    cispo, gpg, or the registered ``rlloss_`` names), plus ``kl_loss_coef``·KL (``kl_loss_type``) when
+    ``use_kl_loss``, minus ``entropy_coeff``·H, each aggregated by ``loss_agg_mode`` (SAPO's policy term by
+    seq-mean-token-mean, as verl). Honoured: ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``,
+    ``clip_ratio_c`` (vanilla's dual clip), ``tau_pos`` / ``tau_neg`` (SAPO), ``loss_agg_mode``,
+    ``loss_scale_factor`` and ``global_batch_info["dp_size"]`` (``token-sum``), ``use_kl_loss``,
+    ``kl_loss_coef``, ``kl_loss_type`` (every name verl's ``kl_penalty`` computes), ``entropy_coeff``.
+    The global counts of the other aggregations come from :func:`batch_counts_from_verl`.
+
+    Args:
+        actor_config: verl's ``ActorConfig`` (or an omegaconf ``DictConfig`` with its fields).
+        loss_mode: overrides ``actor_config.policy_loss.loss_mode``.
+        loss_agg_mode: overrides ``actor_config.loss_agg_mode``.
+        response_length: the padded response length, verl's ``loss_scale_factor`` when that is None; needed by
+            ``seq-mean-token-sum-norm`` only.
+
+    Raises:
+        ValueError: naming a verl loss rlloss does not compute (:data:`NOT_IN_RLLOSS`), ``kl_loss_type="full"``,
+            an unknown ``loss_agg_mode``, or ``seq-mean-token-sum-norm`` without a length.
+    """
+    policy = _get(actor_config, "policy_loss", {})
+    mode = _verl_mode(loss_mode or _get(policy, "loss_mode", "vanilla"))
+    agg_name = loss_agg_mode or _get(actor_config, "loss_agg_mode", "token-mean")
+    aggregation = agg_name.replace("-", "_")
+    if aggregation not in ("token_mean", "token_sum", "seq_mean_token_sum", "seq_mean_token_mean",
+                           "seq_mean_token_sum_norm"):
+        raise ValueError(f"loss_agg_mode={agg_name!r} is not one of verl's aggregation modes")
+    clip = _get(actor_config, "clip_ratio", 0.2)
+    fields: Dict[str, Any] = dict(epsilon_low=_get(actor_config, "clip_ratio_low", clip),
+                                  epsilon_high=_get(actor_config, "clip_ratio_high", clip),
+                                  aggregation=aggregation, kl_aggregation=aggregation,
+                                  entropy_aggregation=aggregation)
+    if mode == "vanilla":
+        fields["dual_clip"] = _get(actor_config, "clip_ratio_c", 3.0)
+    if mode == "sapo":
+        fields.update(aggregation="seq_mean_token_mean", sapo_tau_pos=_get(actor_config, "tau_pos", 1.0),
+                      sapo_tau_neg=_get(actor_config, "tau_neg", 1.05))
+    if agg_name == "seq-mean-token-sum-norm":
+        length = _get(actor_config, "loss_scale_factor", response_length)
+        if length is None:
+            raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' needs loss_scale_factor or response_length")
+        fields["max_completion_length"] = int(length)
+    info = _get(actor_config, "global_batch_info", {})
+    fields["dp_size"] = int(_get(info, "dp_size", 1))
+    if _get(actor_config, "use_kl_loss", False):
+        kl_type = _get(actor_config, "kl_loss_type", "low_var_kl")
+        if kl_type == "full":
+            raise ValueError("kl_loss_type='full' needs every vocabulary entry's log-prob; rlloss has the "
+                             "sampled-token estimators only (verl does not implement it either)")
+        fields.update(beta=float(_get(actor_config, "kl_loss_coef", 0.001)), kl_estimator=kl_type, kl_clamp=True)
+    else:
+        fields["beta"] = 0.0
+    fields["entropy_coef"] = float(_get(actor_config, "entropy_coeff", 0.0))
+    return LossConfig.preset(VERL_POLICY_LOSSES[mode], **fields)
+
+
+def batch_counts_from_verl(actor_config: Any, response_mask: Tensor) -> Dict[str, Any]:
+    """``num_items_in_batch`` and ``num_sequences_in_batch`` for :func:`rlloss.policy_loss` from verl's
+    ``global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``).
+
+    verl divides by the global count and multiplies by ``dp_size``; rlloss divides by the global count over
+    ``dp_size``. Without global counts (``dp_size`` 1), verl counts the micro-batch's tokens and its sequences
+    with at least one token, and so does this.
+
+    Raises:
+        ValueError: a global count missing while ``dp_size`` > 1 (as verl's ``agg_loss``).
+    """
+    info = _get(actor_config, "global_batch_info", {})
+    dp = int(_get(info, "dp_size", 1))
+    tokens, sequences = _get(info, "batch_num_tokens"), _get(info, "global_batch_size")
+    if dp > 1 and (tokens is None or sequences is None):
+        raise ValueError("global_batch_info needs batch_num_tokens and global_batch_size when dp_size > 1")
+    mask = response_mask.bool()
+    if sequences is None:
+        sequences = max(int(mask.any(-1).sum()), 1)
+    return dict(num_items_in_batch=None if tokens is None else float(tokens) / dp,
+                num_sequences_in_batch=float(sequences) / dp)
+
+
+def _metric_names(mode: str, weighted: bool) -> Dict[str, str]:
+    """verl metric name → rlloss metric of the same meaning. With rollout weights folded into A, a weight-0 token
+    is no longer counted by the sign of A: no clip fractions then."""
+    if mode in _WITHOUT_RATIO:
+        return {}
+    names = {"actor/ppo_kl": "ppo_kl"}
+    if mode in _SAME_CLIP_METRICS and not weighted:
+        names.update({"actor/pg_clipfrac": "clip_ratio/region_mean",
+                      "actor/pg_clipfrac_lower": "clip_ratio/dual_mean"})
+    return names
+
+
+def _policy_loss_fn(mode: str):
+    def loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                loss_agg_mode: str = "token-mean", config: Any = None,
+                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, float]]:
+        if config is None:
+            raise ValueError(f"{PREFIX}{mode} needs the actor config (config=None)")
+        loss_config = loss_config_from_verl(config, loss_mode=mode, loss_agg_mode=loss_agg_mode,
+                                            response_length=response_mask.shape[-1])
+        # verl's ppo_loss adds the KL and entropy terms itself.
+        loss_config = loss_config.replace(beta=0.0, entropy_coef=0.0)
+        if rollout_is_weights is not None:
+            # verl multiplies the policy term by the detached weight w ≥ 0; every surrogate here is positively
+            # homogeneous in A, so w·P(ρ, A) = P(ρ, w·A).
+            advantages = advantages * rollout_is_weights.detach()
+        out = policy_loss(log_prob, old_log_prob, advantages, response_mask.bool(), config=loss_config,
+                          **batch_counts_from_verl(config, response_mask))
+        names = _metric_names(mode, rollout_is_weights is not None)
+        return out.loss, {name: out.metrics[key].item() for name, key in names.items()}
+
+    loss_fn.__name__ = f"{PREFIX}{mode}"
+    loss_fn.__doc__ = (f"verl's {mode!r} policy term computed by rlloss.policy_loss (registered as "
+                       f"{PREFIX}{mode}; see loss_config_from_verl).")
+    return loss_fn
+
+
+def _groups(index: Any, batch: int) -> Tuple[Tensor, Tensor]:
+    """(order, sizes): the permutation that makes verl's groups (equal ``index`` values) consecutive, stably."""
+    if index is None:
+        raise ValueError("this advantage estimator needs verl's group index (the 'uid' of each completion)")
+    _, inverse = np.unique(np.asarray(index), return_inverse=True)
+    if inverse.shape[0] != batch:
+        raise ValueError(f"index has {inverse.shape[0]} entries for {batch} completions")
+    inverse = torch.from_numpy(inverse.reshape(-1))
+    return torch.argsort(inverse, stable=True), torch.bincount(inverse)
+
+
+def _check_outcome(name: str, token_level_rewards: Tensor, response_mask: Tensor) -> None:
+    """Rewards must sit on the last counted token (one outcome reward per completion)."""
+    mask = response_mask.bool()
+    position = torch.arange(mask.shape[-1], device=mask.device)
+    last = torch.where(mask, position, -1).amax(-1, keepdim=True)
+    if bool((token_level_rewards.ne(0) & (position != last)).any()):
+        raise ValueError(f"{name} takes outcome rewards (one per completion, on its last counted token); "
+                         "token_level_rewards holds others")
+
+
+def _advantage_fn(estimator: str):
+    def estimate(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None, config: Any = None,
+                 reward_baselines: Optional[Tensor] = None, **_: Any) -> Tuple[Tensor, Tensor]:
+        name = f"{PREFIX}{estimator}"
+        mode = VERL_ADVANTAGE_ESTIMATORS[estimator]
+        if config is not None and not _get(config, "norm_adv_by_std_in_grpo", True):
+            mode = _STD_FREE.get(mode, mode)
+        if mode == "reinforce_plus_plus" and config is not None and float(_get(config, "gamma", 1.0)) != 1.0:
+            raise ValueError(f"{name} computes gamma=1 only, got algorithm.gamma={config.gamma}")
+        if mode in _OUTCOME_ONLY:
+            _check_outcome(name, token_level_rewards, response_mask)
+        with torch.no_grad():
+            scores = token_level_rewards.sum(-1)
+            order = sizes = None
+            if mode not in _OUTCOME_ONLY:
+                order, sizes = _groups(index, scores.shape[0])
+                order = order.to(scores.device)
+                if mode.startswith("grpo_passk") and bool((sizes < 2).any()):
+                    raise ValueError(f"{name} needs at least 2 completions per group (as verl's grpo_passk)")
+            sort = (lambda x: x) if order is None else (lambda x: x[order])  # noqa: E731
+            kwargs: Dict[str, Any] = dict(mode=mode, group_sizes=sizes)
+            if mode in _VERL_SINGLETON:
+                kwargs["singleton"] = "verl"
+            if mode in ("opo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
+                kwargs["response_lengths"] = sort(response_mask.sum(-1))
+            if mode == "remax":
+                if reward_baselines is None:
+                    raise ValueError(f"{name} needs reward_baselines (the greedy completion's reward)")
+                kwargs["baselines"] = reward_baselines
+            values = group_advantages(sort(scores), **kwargs)
+            if order is not None:
+                values = torch.empty_like(values).index_copy_(0, order, values)
+            advantages = values.to(scores.dtype).unsqueeze(-1) * response_mask
+            if mode in _OUTCOME_ONLY:  # verl's returns: the reward-to-go of the counted tokens
+                returns = (token_level_rewards * response_mask).flip(-1).cumsum(-1).flip(-1)
+                return advantages, returns * response_mask if mode == "reinforce_plus_plus" else returns
+        return advantages, advantages
+
+    estimate.__name__ = f"{PREFIX}{estimator}"
+    estimate.__doc__ = f"verl's {estimator!r} advantage computed by rlloss.group_advantages."
+    return estimate
+
+
+def _register() -> None:
+    for mode in VERL_POLICY_LOSSES:
+        core_algos.register_policy_loss(PREFIX + mode)(_policy_loss_fn(mode))
+    for estimator in VERL_ADVANTAGE_ESTIMATORS:
+        if PREFIX + estimator not in core_algos.ADV_ESTIMATOR_REGISTRY:  # a re-import keeps the first registration
+            core_algos.register_adv_est(PREFIX + estimator)(_advantage_fn(estimator))
+
+
+_register()
+
+
+# --- the actor engine: log-probs and entropy from hidden states ---------------------------------------------
+
+
+def _engine_module():
+    from verl.workers.engine.fsdp import transformer_impl  # imports FSDP / peft: only when patching
+    return transformer_impl
+
+
+def _inner_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under FSDP1 and PEFT wrappers (FSDP2 keeps the model itself)."""
+    while True:
+        if hasattr(module, "_fsdp_wrapped_module"):
+            module = module._fsdp_wrapped_module
+        elif hasattr(module, "get_base_model") and hasattr(module, "peft_config"):
+            module = module.get_base_model()
+        else:
+            return module
+
+
+def _install_logprob_forward(model: torch.nn.Module) -> None:
+    """Let ``model(..., rlloss_targets=y)`` return (log-probs, entropy or None) [N] of the packed tokens.
+
+    Computed inside the model's forward, so that FSDP has the lm_head gathered; any other call runs the forward the
+    model had before."""
+    if getattr(model, "_rlloss_logprob_forward", False):
+        return
+    text_config = model.config.get_text_config()
+    scales = [name for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+              if getattr(text_config, name, None) not in (None, 1, 1.0)]
+    if scales:
+        raise ValueError(f"rlloss's verl actor patch cannot apply the model's logit scaling ({', '.join(scales)})")
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    previous = model.forward
+
+    def forward(self, *args, rlloss_targets=None, rlloss_temperature=1.0, rlloss_entropy=False, **kwargs):
+        if rlloss_targets is None:
+            return previous(*args, **kwargs)
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        head = self.get_output_embeddings()
+        weight, bias = head.weight.to(hidden.dtype), head.bias
+        temperature = rlloss_temperature
+        if isinstance(temperature, Tensor):  # per-token T: z/T = (h/T)·Wᵀ without a bias or a soft-cap
+            if bias is not None or softcap is not None:
+                raise ValueError("rlloss's verl actor patch takes a per-sample temperature only for an lm_head "
+                                 "without bias and a model without final_logit_softcapping")
+            hidden, temperature = hidden / temperature.to(hidden.dtype).unsqueeze(-1), 1.0
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = token_logprobs(hidden, weight, rlloss_targets, bias=None if bias is None else bias.to(hidden.dtype),
+                                 temperature=float(temperature), softcap=softcap, return_entropy=rlloss_entropy)
+        return out.logprobs, out.entropy
+
+    model.forward = types.MethodType(forward, model)
+    model._rlloss_logprob_forward = True
+
+
+def _refused(engine, micro_batch) -> list:
+    """The options of this micro-batch the patched forward cannot honour, each named."""
+    flag = lambda key: tu.get_non_tensor_data(data=micro_batch, key=key, default=False)  # noqa: E731
+    refused = []
+    if getattr(engine, "use_ulysses_sp", False):
+        refused.append("ulysses_sequence_parallel_size > 1")
+    if not tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
+        refused.append("use_remove_padding=False (the patch takes the remove-padding layout)")
+    for key, why in (("use_fused_kernels", "verl's own fused log-prob kernels"),
+                     ("calculate_sum_pi_squared", "needs the full logits"),
+                     ("distillation_use_topk", "needs the full logits"),
+                     ("distillation_only", "no log-probs to compute")):
+        if flag(key):
+            refused.append(f"{key}=True ({why})")
+    if len(micro_batch.get("multi_modal_inputs", [])):
+        refused.append("multimodal inputs (multi_modal_inputs)")
+    return refused
+
+
+def _forward_step(self, micro_batch, loss_function, forward_only):
+    """verl 0.9.1 ``FSDPEngineWithLMHead.forward_step`` with the log-probs and entropy from rlloss."""
+    impl = _engine_module()
+    refused = _refused(self, micro_batch)
+    if refused:
+        raise ValueError("rlloss's verl actor patch cannot honour: " + "; ".join(refused))
+    micro_batch = micro_batch.to(impl.get_device_id())
+    model_inputs, output_args = self.prepare_model_inputs(micro_batch=micro_batch)  # verl's packing
+    temperature = micro_batch["temperature"]
+    if isinstance(temperature, Tensor):
+        temperature = output_args["temperature_rmpad"]
+    calculate_entropy = tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)
+    autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
+    autocast_ctx = (nullcontext() if autocast_dtype == torch.float32
+                    else torch.autocast(device_type=impl.get_device_name(), dtype=autocast_dtype))
+    with autocast_ctx:
+        log_probs, entropy = self.module(**model_inputs, use_cache=False,
+                                         rlloss_targets=output_args["input_ids_rmpad_rolled"],
+                                         rlloss_temperature=temperature, rlloss_entropy=calculate_entropy)
+        cu_seqlens = micro_batch["input_ids"].offsets()
+        pad = output_args["pad_size"]
+        model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(
+            self._gather_and_unpad_packed(log_probs, pad), cu_seqlens)}
+        if calculate_entropy:
+            model_output["entropy"] = torch.nested.nested_tensor_from_jagged(
+                self._gather_and_unpad_packed(entropy, pad), cu_seqlens)
+        if loss_function is not None:
+            loss, metrics = loss_function(model_output=model_output, data=micro_batch,
+                                          dp_group=self.get_data_parallel_group())
+        else:
+            assert forward_only, "forward_only must be True when loss_function is None"
+            loss, metrics = torch.tensor(1.0, device=log_probs.device), {}
+        output = {"model_output": impl.detach_tree(model_output), "loss": loss.detach().item(), "metrics": metrics}
+    return loss, output
+
+
+def _check_engine(engine) -> None:
+    impl = _engine_module()
+    cls = type(engine)
+    if not isinstance(engine, impl.FSDPEngineWithLMHead) or \
+            cls.prepare_model_outputs is not impl.FSDPEngineWithLMHead.prepare_model_outputs:
+        raise TypeError(f"rlloss's verl actor patch takes verl's FSDPEngineWithLMHead (the actor / reference "
+                        f"engine), got {cls.__name__}")
+
+
+def patch_engine(engine: Any) -> Any:
+    """Make one verl ``FSDPEngineWithLMHead`` (actor or reference) compute log-probs and entropy with
+    :func:`rlloss.token_logprobs` from the last hidden states and the lm_head weight (in place; returns it).
+
+    Everything else is verl's: the packing of the micro-batch (``prepare_model_inputs``), the loss function
+    (``ppo_loss``, with a registered ``rlloss_`` policy loss or verl's own), the backward and the optimizer. The
+    per-token log-probs and entropies equal the stock engine's (tests/test_integration_verl.py).
+
+    Raises:
+        TypeError: for anything but an ``FSDPEngineWithLMHead`` (a value-head or other subclass).
+        ValueError: at patch time for a model with a logit scale (``logit_scale`` …); in the forward, naming them,
+            for options the patch cannot honour: Ulysses sequence parallelism, ``use_remove_padding=False``,
+            ``use_fused_kernels``, ``calculate_sum_pi_squared``, top-K distillation, multimodal inputs, and a
+            per-sample temperature with an lm_head bias or a logit soft-cap.
+    """
+    _check_engine(engine)
+    if getattr(engine, "module", None) is not None:  # else installed at the first step (built by initialize())
+        _install_logprob_forward(_inner_model(engine.module))
+    engine.forward_step = types.MethodType(_patched_forward_step, engine)
+    return engine
+
+
+def _patched_forward_step(self, micro_batch, loss_function, forward_only):
+    _install_logprob_forward(_inner_model(self.module))  # the module is built after the engine (initialize)
+    return _forward_step(self, micro_batch, loss_function, forward_only)
+
+
+def patch_engine_class() -> None:
+    """Patch ``FSDPEngineWithLMHead.forward_step`` for every engine of the process, as :func:`patch_engine`
+    (subclasses that process the outputs otherwise, e.g. the critic's value head, keep verl's forward)."""
+    impl = _engine_module()
+    stock = impl.FSDPEngineWithLMHead.forward_step
+    if getattr(stock, "_rlloss", False):
+        return
+
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        if type(self).prepare_model_outputs is not impl.FSDPEngineWithLMHead.prepare_model_outputs:
+            return stock(self, micro_batch, loss_function, forward_only)
+        return _patched_forward_step(self, micro_batch, loss_function, forward_only)
+
+    forward_step._rlloss = True
+    impl.FSDPEngineWithLMHead.forward_step = forward_step
+
+
+if os.environ.get("RLLOSS_VERL_PATCH_ENGINE") == "1":
+    patch_engine_class()
