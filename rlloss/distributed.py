@@ -21,8 +21,12 @@ from .logprobs import LinearOptions, RowStats, VocabShard, merge_stats, run_pass
 
 __all__ = ["GlobalCounts", "global_counts"]
 
-# torch ≥ 2.13 names all_gather_into_tensor all_gather_single (the old name warns).
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+def _all_gather(out: Tensor, part: Tensor, group) -> None:
+    """All-gather ``part`` of every rank into ``out`` (concatenated along dim 0). torch ≥ 2.13 names
+    all_gather_into_tensor all_gather_single (the old name warns)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, part, group=group)
 
 
 # --- vocabulary parallelism --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ chunked ``torch`` backend, the autograd functions, and the public API. The Trito
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -619,12 +620,11 @@ def check_options(temperature, softcap, ignore_index, backend_name: str, max_scr
 def _reject_dtensor(**tensors) -> None:
     """A DTensor (an FSDP2 or tensor-parallel parameter outside its module's forward) holds only this rank's part:
     say what to pass instead (docs/distributed.md)."""
-    if not torch.distributed.is_available():
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    if dtensor is None:
         return
-    from torch.distributed.tensor import DTensor
-
     for name, t in tensors.items():
-        if isinstance(t, DTensor):
+        if isinstance(t, dtensor.DTensor):
             raise TypeError(
                 f"{name} is a DTensor with placements {tuple(t.placements)}; pass plain tensors: under FSDP2 "
                 f"(fully_shard) call the loss inside the forward of the module fully_shard wrapped, where {name} "
