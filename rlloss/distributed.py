@@ -234,12 +234,14 @@ def global_counts(mask: Union[Tensor, Sequence[Tensor]], group=None, *, average_
     if not masks:
         raise ValueError("mask must be a [B, T] tensor or a non-empty sequence of them, got an empty sequence")
     for i, m in enumerate(masks):
-        m = _checks.tensor(f"mask[{i}]", m)
-        _checks.ndim(f"mask[{i}]", m, 2, "[B, T]")
+        name = "mask" if isinstance(mask, Tensor) else f"mask[{i}]"
+        _checks.ndim(name, _checks.tensor(name, m), 2, "[B, T]")
+        if m.is_complex():
+            raise TypeError(f"{name} must be bool or a real 0/1 tensor, got dtype {m.dtype}")
     _checks.boolean("average_gradients", average_gradients)
     device = masks[0].device
     counts = torch.stack([
-        sum(m.sum(dtype=torch.float64).to(device) for m in masks),
+        sum((m != 0).sum(dtype=torch.float64).to(device) for m in masks),
         torch.tensor(float(sum(m.shape[0] for m in masks)), dtype=torch.float64, device=device),
     ])
     world = 1
