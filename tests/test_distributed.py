@@ -272,6 +272,40 @@ def data_parallel_normalisers(rank, world):
     assert not failures, "; ".join(failures)
 
 
+@case
+def tensor_and_data_parallel(rank, world):
+    """A 2-D layout: tensor-parallel groups of world/2 ranks (vocabulary shards; a group of one at world 2)
+    inside 2 data-parallel replicas. FusedPolicyLoss with the TP group and global_counts over the DP group:
+    the DP-averaged weight-shard gradient and the hidden gradient equal the single-process ones."""
+    tp_size = world // 2
+    tp_groups = [dist.new_group(list(range(start, start + tp_size))) for start in range(0, world, tp_size)]
+    dp_groups = [dist.new_group(list(range(tp_rank, world, tp_size))) for tp_rank in range(tp_size)]
+    tp_rank, dp_rank = rank % tp_size, rank // tp_size
+    tp_group, dp_group = tp_groups[dp_rank], dp_groups[tp_rank]
+    bounds = [0, V] if tp_size == 1 else BOUNDS[tp_size]
+    lo, hi = bounds[tp_rank], bounds[tp_rank + 1]
+    hidden, weight, _, targets, mask, tokens = _inputs()
+    targets = torch.where(mask, targets.clamp(min=0), targets)
+    rows = [slice(0, 1), slice(1, B)][dp_rank]  # uneven replicas
+    config = LossConfig.preset("dapo", beta=0.05, entropy_coef=0.01, entropy_aggregation=None)
+    kwargs = dict(temperature=0.9, **tokens)
+
+    hs, ws = _leaves(hidden, weight)
+    FusedPolicyLoss(config)(hs, ws, targets, mask, **kwargs).loss.backward()
+
+    h, w = _leaves(hidden[rows], weight[lo:hi])
+    counts = global_counts(mask[rows], group=dp_group)
+    mine = {key: value[rows] for key, value in kwargs.items() if key != "temperature"}
+    out = FusedPolicyLoss(config, process_group=tp_group)(
+        h, w, targets[rows], mask[rows], temperature=0.9, num_items_in_batch=counts.num_items_in_batch,
+        num_sequences_in_batch=counts.num_sequences_in_batch, **mine)
+    out.loss.backward()
+    dist.all_reduce(w.grad, group=dp_group)  # DDP's average over the replicas
+    w.grad /= 2
+    _close("d weight shard (DP-averaged)", w.grad, ws.grad[lo:hi], rtol=1e-9, atol=1e-12)
+    _close("d hidden (one replica's rows, before DDP's 1/2)", h.grad / 2, hs.grad[rows], rtol=1e-9, atol=1e-12)
+
+
 class _Policy(torch.nn.Module):
     """A tiny policy whose forward runs the loss, as a training loop under DDP or FSDP2 does."""
 
