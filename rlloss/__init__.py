@@ -6,6 +6,7 @@ from .advantages import group_advantages
 from .batching import PaddedBatch
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
+from .distributed import GlobalCounts, global_counts
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
 from . import credit, teacher
 from .credit import LinearDecay, contrastive_credit
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedPolicyLoss",
+    "GlobalCounts",
     "LinearDecay",
     "LossConfig",
     "PaddedBatch",
@@ -25,6 +27,7 @@ __all__ = [
     "TokenLogprobs",
     "contrastive_credit",
     "credit",
+    "global_counts",
     "group_advantages",
     "logprobs_from_logits",
     "policy_loss",

@@ -7,7 +7,8 @@ chunked ``torch`` backend, the autograd functions, and the public API. The Trito
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+import sys
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -245,6 +246,22 @@ def _torch_dlogits(z: Tensor, shift: Tensor, coef, safe_targets: Tensor, options
     return z
 
 
+class VocabShard(NamedTuple):
+    """How :func:`run_pass` runs on one shard of a vocabulary-sharded lm_head (``rlloss.distributed``).
+
+    The targets given to the pass are then local ids (global id − the shard's first row) where the target lies
+    in this shard, and an id outside [0, V_shard) that is not ``ignore_index`` elsewhere.
+
+    chunk_vocab: the vocabulary size chunks are sized for, the same on every rank (the largest shard), so that
+        every rank runs the same chunks and issues the same collectives.
+    merge: ``(local stats of a chunk, owned [n] bool: the target lies in this shard) -> stats over the whole
+        vocabulary``; called once per chunk of a statistics pass, before d(loss)/dz is formed.
+    """
+
+    chunk_vocab: int
+    merge: Callable[[RowStats, Tensor], RowStats]
+
+
 class PassResult(NamedTuple):
     """What :func:`run_pass` returns: per-token outputs when it computed statistics, gradients when asked."""
 
@@ -267,6 +284,7 @@ def run_pass(
     upstream=None,
     needs: Tuple[bool, bool, bool] = (False, False, False),
     grad_out: Optional[Tensor] = None,
+    shard: Optional[VocabShard] = None,
 ) -> PassResult:
     """The one chunked algorithm behind every log-prob job (docs/design/logprobs.md).
 
@@ -283,7 +301,9 @@ def run_pass(
       - ``upstream`` a callable ``(begin, end, logprobs, entropy) -> (g_logp, g_ent)`` with ``stats`` None:
         the one-pass fused loss, gradients formed in the same pass as the statistics.
     ``needs`` = which of (grad of x, grad of weight, grad of bias) to form; ``grad_out`` an optional [N, V]
-    buffer for the logits gradient (the logits themselves for an in-place backward).
+    buffer for the logits gradient (the logits themselves for an in-place backward). ``shard``: the weight is
+    one shard of the vocabulary (see :class:`VocabShard`); each chunk's statistics are merged over the shards
+    before they are used.
     """
     N = x.shape[0]
     linear = weight is not None
@@ -291,7 +311,8 @@ def run_pass(
     device, backend = x.device, options.backend
     cd = compute_dtype(x.dtype)
     live = targets != options.ignore_index
-    safe_targets = torch.where(live, targets, torch.zeros_like(targets)).clamp_(0, V - 1)
+    owned = live if shard is None else live & (targets >= 0) & (targets < V)  # the target's row is here
+    safe_targets = torch.where(owned, targets, torch.zeros_like(targets)).clamp_(0, V - 1)
     inv_t = 1.0 / options.temperature
     wants_grad = upstream is not None
     floor = bias is not None or not linear  # a GEMM of finite rows gives finite logits
@@ -313,7 +334,7 @@ def run_pass(
     if N == 0:
         return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias)
 
-    rows = chunk_rows(N, V, x.dtype, options)
+    rows = chunk_rows(N, V if shard is None else shard.chunk_vocab, x.dtype, options)
     kernel_path = backend != "torch"
     on_cuda_16bit = x.is_cuda and x.dtype.itemsize < 4 and linear and _cuda_out_dtype_gemm(device)
     w_gemm = None
@@ -361,6 +382,9 @@ def run_pass(
             chunk_stats = merge_stats(partial.to(cd))
         else:
             chunk_stats = _torch_stats(z, bias, options, floor, safe_c, e_buf)
+        if shard is not None and stats is None:
+            local_shift = chunk_stats.shift
+            chunk_stats = shard.merge(chunk_stats, owned[begin:end])
         if stats is None:
             for part, value in zip(parts, chunk_stats):
                 part[begin:end] = value
@@ -377,6 +401,8 @@ def run_pass(
             g_logp = upstream[0][begin:end] if upstream[0] is not None else None
             g_ent = upstream[1][begin:end] if upstream[1] is not None else None
         coef = dz_coefficients(chunk_stats, g_logp, g_ent, live_c, inv_t)
+        if shard is not None:  # the 1[v = y] term belongs to the shard that holds y
+            coef = (*coef[:2], torch.where(owned[begin:end], coef[2], torch.zeros((), dtype=cd, device=device)))
         if kernel_path:
             if linear:
                 target_buf = dz_buf[:n] if dz_buf is not None else z
@@ -386,6 +412,8 @@ def run_pass(
                                     ignore_index=options.ignore_index, temperature=options.temperature,
                                     softcap=options.softcap, out=target_buf)
         else:
+            if shard is not None and stats is None:  # z holds z − M of this shard: shift it by the global M
+                z.sub_((chunk_stats.shift - local_shift)[:, None])
             dz = _torch_dlogits(z, chunk_stats.shift, coef, safe_c, options, e_buf, stats is None, bias, floor)
             if not linear and grad_x is not None:
                 grad_x[begin:end] = dz
@@ -589,6 +617,22 @@ def check_options(temperature, softcap, ignore_index, backend_name: str, max_scr
     return LinearOptions(temperature, softcap, ignore_index, backend_name, max_scratch_bytes, batch_invariant)
 
 
+def _reject_dtensor(**tensors) -> None:
+    """A DTensor (an FSDP2 or tensor-parallel parameter outside its module's forward) holds only this rank's part:
+    say what to pass instead (docs/distributed.md)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    if dtensor is None:
+        return
+    for name, t in tensors.items():
+        if isinstance(t, dtensor.DTensor):
+            raise TypeError(
+                f"{name} is a DTensor with placements {tuple(t.placements)}; pass plain tensors: under FSDP2 "
+                f"(fully_shard) call the loss inside the forward of the module fully_shard wrapped, where {name} "
+                f"is gathered and its gradient reduce-scattered by FSDP; for a vocabulary-sharded lm_head (tensor "
+                f"parallelism) pass {name}.to_local() with process_group=the tensor-parallel group "
+                f"(docs/distributed.md)")
+
+
 def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, ignore_index, backend,
                         max_scratch_bytes=None, batch_invariant=False,
                         check_range: bool = True) -> LinearInputs:
@@ -599,6 +643,7 @@ def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, 
     """
     hidden = _checks.tensor("hidden", hidden)
     weight = _checks.tensor("weight", weight)
+    _reject_dtensor(hidden=hidden, weight=weight, bias=bias)
     if hidden.ndim < 1:
         raise ValueError("hidden must be [..., D], got a 0-D tensor")
     _checks.ndim("weight", weight, 2, "[V, D]")
@@ -651,6 +696,7 @@ def token_logprobs(
     batch_invariant: bool = False,
     check_inputs: bool = True,
     backend: Optional[str] = None,
+    process_group=None,
 ) -> TokenLogprobs:
     """Log-prob of each target token (and the entropy of each token's distribution) straight from the final
     hidden states and the lm_head weight, never materialising [tokens × vocab] logits.
@@ -684,6 +730,12 @@ def token_logprobs(
             targets then give undefined results instead of an error.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the
             device (``triton`` on CUDA, ``torch`` elsewhere). See docs/backends.md.
+        process_group: a ``torch.distributed`` group over which the lm_head is sharded by vocabulary rows
+            (tensor parallelism): ``weight`` (and ``bias``) hold this rank's contiguous rows, rank r's after
+            those of ranks 0..r−1 (uneven shards allowed; the layout is all-gathered, one host sync), while
+            ``hidden`` and the global ``targets`` are the same on every rank. Results are the unsharded ones on
+            every rank; the gradient of ``hidden`` is summed over the group inside the op, that of the weight
+            shard stays local. Not on the ``reference`` backend. See docs/distributed.md.
 
     Returns:
         :class:`TokenLogprobs` whose tensors have targets' shape, float32 (float64 for float64 inputs).
@@ -706,10 +758,16 @@ def token_logprobs(
     _checks.boolean("check_inputs", check_inputs)
     inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
-                                 batch_invariant=batch_invariant, check_range=check_inputs)
+                                 batch_invariant=batch_invariant,
+                                 check_range=check_inputs and process_group is None)
     options = inputs.options
     targets = inputs.targets
-    if options.backend == "reference":
+    if process_group is not None:
+        from .distributed import vocab_parallel_logprobs
+
+        logprobs, entropy = vocab_parallel_logprobs(*prepare_linear(inputs), options, process_group, check_inputs)
+        logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
+    elif options.backend == "reference":
         logprobs, entropy = reference.token_logprobs(
             inputs.hidden, inputs.weight, targets, bias=inputs.bias, temperature=options.temperature,
             softcap=options.softcap, ignore_index=options.ignore_index)

@@ -21,8 +21,8 @@ from ._backend import resolve_backend
 from .config import LossConfig
 from .credit import credit_advantage
 from ._backend import BACKENDS
-from .logprobs import (EMPTY, LinearOptions, compute_dtype, check_linear_inputs, check_options, prepare_linear,
-                       run_pass)
+from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
+                       prepare_linear, run_pass)
 
 # Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
 _NOT_COUNTED = -100
@@ -819,12 +819,11 @@ def one_pass(config: LossConfig, on_policy: bool, has_rollout: bool) -> bool:
     return not (on_policy and has_rollout and sequence_rollout)
 
 
-def fused_policy_loss_impl(
+def fused_pass(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
     advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
     pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
-    needs: List[bool], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
-    max_scratch_bytes: int, batch_invariant: bool,
+    needs: List[bool], options: LinearOptions, shard: Optional[VocabShard] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, packed metrics, dh, dW, db, shift, total, ratio, d(loss)/dℓ, d(loss)/dH) from hidden [N, D].
 
@@ -833,10 +832,10 @@ def fused_policy_loss_impl(
     products right away (dh, dW, db come back; the rest is empty) — the backward only scales them. Otherwise
     statistics only: (shift, total, ratio) and the [B, T] loss gradients come back for one recompute in the
     backward. The loss value and metrics come from the torch formulas (:func:`_torch_rows`) on the [B, T]
-    log-probs in both cases, so value and gradients share their formulas.
+    log-probs in both cases, so value and gradients share their formulas. With ``shard`` (a vocabulary-sharded
+    weight, ``rlloss.distributed``) dh, dW and db are this shard's parts: dh is summed over the shards by the caller.
     """
     cfg = LossConfig.from_key(config)
-    options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
     shape = mask.shape
     fused = any(needs) and one_pass(cfg, old_logprobs is None, rollout_logprobs is not None)
     upstream = None
@@ -848,7 +847,7 @@ def fused_policy_loss_impl(
         def upstream(begin, end, logp, entropy):
             return token_gradients(cfg, logp, entropy, tokens.rows(begin, end), write_grad_entropy)
 
-    result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=tuple(needs))
+    result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=tuple(needs), shard=shard)
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
         rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs)
@@ -858,6 +857,19 @@ def fused_policy_loss_impl(
         return (loss, _packed(metrics, loss), *grads) + tuple(empty.clone() for _ in range(5))
     return (loss, _packed(metrics, loss), empty.clone(), empty.clone(), empty.clone(), *result.stats[:3], grad,
             grad_ent if grad_ent is not None else empty.clone())
+
+
+def fused_policy_loss_impl(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
+    advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
+    pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
+    needs: List[bool], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    max_scratch_bytes: int, batch_invariant: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The registered op: :func:`fused_pass` on one device."""
+    options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
+    return fused_pass(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs,
+                      pos_logprobs, neg_logprobs, normaliser, config, needs, options)
 
 
 _fused_policy_loss_op = torch.library.custom_op("rlloss::fused_policy_loss", fused_policy_loss_impl, mutates_args=())
@@ -933,6 +945,10 @@ class FusedPolicyLoss(torch.nn.Module):
         check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
             0/1, tensor counts finite and > 0). With False the forward never synchronises with the host.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        process_group: a ``torch.distributed`` group over which the lm_head is sharded by vocabulary rows, as in
+            token_logprobs: the forward's ``weight`` (and ``bias``) are this rank's rows, everything else is the
+            same on every rank; the statistics are merged per chunk, so the one-pass losses stay one pass, and
+            the loss and the hidden states' gradient are the unsharded ones on every rank (docs/distributed.md).
 
     Raises:
         TypeError: at construction, for a config that is not a LossConfig or a non-numeric softcap or
@@ -949,7 +965,7 @@ class FusedPolicyLoss(torch.nn.Module):
 
     def __init__(self, config: LossConfig, *, softcap: Optional[float] = None,
                  max_scratch_bytes: Optional[int] = None, batch_invariant: bool = False,
-                 check_inputs: bool = True, backend: Optional[str] = None):
+                 check_inputs: bool = True, backend: Optional[str] = None, process_group=None):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
@@ -963,6 +979,7 @@ class FusedPolicyLoss(torch.nn.Module):
         self.batch_invariant = batch_invariant
         self.check_inputs = check_inputs
         self.backend = backend
+        self.process_group = process_group
 
     def extra_repr(self) -> str:
         return (f"config={self.config!r}, softcap={self.softcap}, max_scratch_bytes={self.max_scratch_bytes}, "
@@ -1025,6 +1042,12 @@ class FusedPolicyLoss(torch.nn.Module):
                                      max_scratch_bytes=self.max_scratch_bytes, batch_invariant=self.batch_invariant,
                                      check_range=False)
         V = linear.weight.shape[0]
+        if self.process_group is not None:
+            from . import distributed
+
+            distributed.check_process_group(self.process_group, linear.options.backend)
+            layout = distributed.vocab_layout(V, self.process_group, hidden.device)
+            V = layout.vocab
         if check:  # targets where they count (one host sync)
             counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
             _checks.targets_in_range(counted_targets, V, ignore_index=None)
@@ -1049,8 +1072,14 @@ class FusedPolicyLoss(torch.nn.Module):
         grad_on = torch.is_grad_enabled()
         needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
                  grad_on and bias is not None and linear.bias.requires_grad)
-        loss, packed, *_ = _fused_policy_loss_op(
-            hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs,
-            pos_logprobs, neg_logprobs, normaliser, config.key, list(needs), *options)
+        if self.process_group is not None:
+            loss, packed = distributed.vocab_parallel_fused_loss(
+                hidden_rows, weight, bias, flat_targets, (old_logprobs, advantages, mask, ref_logprobs,
+                rollout_logprobs, pos_logprobs, neg_logprobs), normaliser, config.key, list(needs), options,
+                self.process_group, layout)
+        else:
+            loss, packed, *_ = _fused_policy_loss_op(
+                hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs,
+                rollout_logprobs, pos_logprobs, neg_logprobs, normaliser, config.key, list(needs), *options)
         names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
         return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))

@@ -547,11 +547,25 @@ PADDED_BATCH = [
 ]
 
 
+GLOBAL_COUNTS = [
+    _case("mask-empty-list", ValueError, "mask must be a \\[B, T\\] tensor or a non-empty sequence",
+          lambda: rlloss.global_counts([])),
+    _case("mask-1d", ValueError, "mask must be 2-D", lambda: rlloss.global_counts(torch.ones(3))),
+    _case("mask-item-list", TypeError, r"mask\[1\] must be a torch.Tensor",
+          lambda: rlloss.global_counts([torch.ones(2, 3), [[1, 0]]])),
+    _case("mask-complex", TypeError, "mask must be bool or a real 0/1 tensor",
+          lambda: rlloss.global_counts(torch.ones(2, 3, dtype=torch.complex64))),
+    _case("average_gradients-int", TypeError, "average_gradients must be",
+          lambda: rlloss.global_counts(torch.ones(2, 3), average_gradients=1)),
+]
+
+
 CATALOGUE = {
     "token_logprobs": TOKEN_LOGPROBS, "logprobs_from_logits": LOGITS, "group_advantages": ADVANTAGES,
     "policy_loss": POLICY_LOSS, "FusedPolicyLoss": FUSED, "LossConfig": LOSS_CONFIG, "contrastive_credit": CREDIT,
     "LinearDecay": LINEAR_DECAY, "shared_prefix_attention": ATTENTION, "SharedPrefixLayout": LAYOUT_CASES,
     "SharedPrefixBatch": PREFIX_BATCH, "build_teacher_inputs": TEACHER, "PaddedBatch": PADDED_BATCH,
+    "global_counts": GLOBAL_COUNTS,
 }
 
 
@@ -569,7 +583,7 @@ def test_bad_input_is_named(call, error, match):
 
 def test_catalogue_covers_every_public_callable():
     """Every public function and class that takes arguments has cases here (a new export needs its own)."""
-    exempt = {"PolicyLossOutput", "TokenLogprobs", "credit"}  # result tuples and the submodule
+    exempt = {"PolicyLossOutput", "TokenLogprobs", "GlobalCounts", "credit"}  # result tuples and the submodule
     public = {name for name in rlloss.__all__ if name not in exempt}
     covered = set(CATALOGUE) | {"LossConfig"}
     assert public - covered == set(), f"no bad-input cases for {sorted(public - covered)}"

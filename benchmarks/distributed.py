@@ -1,0 +1,193 @@
+"""Suite ``distributed``: the vocabulary-parallel path (docs/distributed.md) against one process.
+
+``token_logprobs`` (log-probs and entropy, random upstream gradients) and ``FusedPolicyLoss`` (preset ``dapo``:
+the one-pass loss), forward + backward from hidden states, float32, the ``torch`` backend:
+
+- one process holding the whole lm_head;
+- 2 processes over gloo, each holding half of the vocabulary rows (``process_group=``).
+
+Every process is fresh and runs one torch thread, so the 2 ranks use twice the cores of the single process.
+Per process: the wall time of a forward + backward (median of timed calls, the ranks released together by a
+barrier before each call, so a rank's time includes its waits on the collectives) and its peak memory beyond
+the inputs, the loss (or the log-probs' sum), and for the ranks the difference from the single process.
+
+There is no GPU case yet (NCCL on ≥ 2 GPUs, bfloat16, the Triton kernels): on a CUDA machine the suite runs the
+same CPU case and says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import rlloss
+
+from . import _harness as harness
+from ._registry import Suite
+
+SHAPE = harness.BatchShape(B=4, T=256, D=256, V=32000)
+QUICK_SHAPE = harness.BatchShape(B=2, T=64, D=64, V=4000)
+WORLD = 2
+WARMUP_CALLS = 1
+TIMED_CALLS = 5
+SEED = 0
+CASES = ("token_logprobs", "FusedPolicyLoss dapo")
+
+
+def _inputs(shape: harness.BatchShape):
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(shape.B, shape.T, shape.D, generator=g)
+    weight = torch.randn(shape.V, shape.D, generator=g) * shape.D ** -0.5
+    targets = torch.randint(0, shape.V, (shape.B, shape.T), generator=g)
+    mask = torch.rand(shape.B, shape.T, generator=g) > 0.1
+    advantages = torch.randn(shape.B, generator=g)
+    old = -torch.rand(shape.B, shape.T, generator=g) * 3
+    upstream = torch.randn(2, shape.B, shape.T, generator=g)
+    return hidden, weight, targets, mask, advantages, old, upstream
+
+
+def _step(case: str, shape: harness.BatchShape, rows: slice, group):
+    """A forward + backward of ``case`` on the weight rows ``rows``: returns (call, the hidden leaf)."""
+    hidden, weight, targets, mask, advantages, old, upstream = _inputs(shape)
+    h = hidden.requires_grad_()
+    w = weight[rows].clone().requires_grad_()
+    loss_fn = rlloss.FusedPolicyLoss(rlloss.LossConfig.preset("dapo"), backend="torch", process_group=group)
+
+    def call() -> float:
+        h.grad = w.grad = None
+        if case == "token_logprobs":
+            out = rlloss.token_logprobs(h, w, targets, return_entropy=True, backend="torch", process_group=group)
+            value = out.logprobs.sum()
+            ((out.logprobs * upstream[0]).sum() + (out.entropy * upstream[1]).sum()).backward()
+        else:
+            value = loss_fn(h, w, targets, mask, advantages, old_logprobs=old).loss
+            value.backward()
+        return float(value.detach())
+
+    return call, h
+
+
+def _process(rank: int, world: int, port: int, shape: harness.BatchShape, out_dir: str) -> None:
+    """One process of a case: world 1 is the single process (no group), world 2 one gloo rank."""
+    torch.set_num_threads(1)
+    group = None
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        group = dist.group.WORLD
+    per_rank = shape.V // world
+    rows = slice(rank * per_rank, shape.V if rank == world - 1 else (rank + 1) * per_rank)
+    results: Dict[str, Any] = {}
+    for case in CASES:
+        call, h = _step(case, shape, rows, group)
+        for _ in range(WARMUP_CALLS):
+            call()
+        was_reset = harness.reset_peak_rss()
+        before = harness.current_rss_bytes()
+        value = call()
+        peak = max(0, harness.peak_rss_bytes() - before)
+        samples = []
+        for _ in range(TIMED_CALLS):
+            if group is not None:
+                dist.barrier()
+            start = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - start) * 1e3)
+        results[case] = {"value": value, "grad_hidden": h.grad.flatten()[:4096].tolist(), "samples_ms": samples,
+                         "peak_memory_bytes": peak, "peak_reset": was_reset, "vocab_rows": rows.stop - rows.start}
+    if group is not None:
+        dist.destroy_process_group()
+    Path(out_dir, f"world{world}-rank{rank}.json").write_text(json.dumps(results))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int, shape: harness.BatchShape, out_dir: str) -> List[Dict[str, Any]]:
+    saved = {key: os.environ.get(key) for key in harness.LIVE_MEMORY_ENV}
+    os.environ.update(harness.LIVE_MEMORY_ENV)  # inherited by the spawned processes: RSS follows live tensors
+    try:
+        mp.spawn(_process, args=(world, _free_port(), shape, out_dir), nprocs=world)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return [json.loads(Path(out_dir, f"world{world}-rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
+    shape = QUICK_SHAPE if ctx.quick else SHAPE
+    records: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        runs = {}
+        for world in (1, WORLD):
+            ctx.progress(f"distributed: {world} process(es), {shape}")
+            try:
+                runs[world] = _run(world, shape, out_dir)
+            except Exception as exc:  # recorded as the failed case of the report
+                for case in CASES:
+                    records.append(harness.failure({"impl": f"{world} process(es)", "case": case, "shape": str(shape),
+                                                    "status": "error", "error": None}, exc))
+    for world, ranks in runs.items():
+        for rank, results in enumerate(ranks):
+            for case in CASES:
+                r = results[case]
+                timing = harness.timing_from_samples(r["samples_ms"], f"time.perf_counter, median of {TIMED_CALLS} "
+                                                     f"calls after {WARMUP_CALLS} warm-up")
+                record = {"impl": "1 process" if world == 1 else f"{world} gloo ranks: rank {rank}", "case": case,
+                          "shape": str(shape), "vocab_rows": r["vocab_rows"], "status": "ok", "error": None,
+                          "value": r["value"], "peak_memory_bytes": r["peak_memory_bytes"], **timing.as_record()}
+                if world > 1 and 1 in runs:
+                    single = runs[1][0][case]
+                    record["diff_value"] = abs(r["value"] - single["value"])
+                    record["diff_grad_hidden"] = max(abs(a - b) for a, b in zip(r["grad_hidden"], single["grad_hidden"]))
+                records.append(record)
+    C = harness.Column
+    columns = (
+        harness.IMPL_COLUMN, C("case", lambda r: r["case"]), C("vocab rows", lambda r: str(r.get("vocab_rows", "—"))),
+        harness.STATUS_COLUMN,
+        C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))), harness.time_spread_column(),
+        C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
+        C("|Δ value| vs 1 process", lambda r: harness.fmt_err(r.get("diff_value"))),
+        C("max |Δ dh| vs 1 process", lambda r: harness.fmt_err(r.get("diff_grad_hidden"))),
+    )
+    return harness.SuiteReport(
+        suite="distributed", mode="cpu-default",
+        title=f"distributed — CPU: vocabulary-parallel over {WORLD} gloo ranks vs 1 process, {shape}, float32",
+        config={"shape": str(shape), "world": WORLD, "threads_per_process": 1, "warmup_calls": WARMUP_CALLS,
+                "timed_calls": TIMED_CALLS, "cases": list(CASES), "backend": "torch",
+                "plot": {"series": ["impl"], "category": "case"}},
+        records=records, columns=columns,
+        notes=[
+            "Each configuration runs in fresh processes (torch.multiprocessing spawn), one torch thread each: the "
+            f"{WORLD} ranks together use {WORLD}× the cores of the single process. A rank's time includes its waits "
+            "on the per-chunk all-gather of the statistics and the all-reduce of the hidden states' gradient.",
+            "Peak memory: the peak RSS during one forward + backward after a warm-up call, minus the RSS before it "
+            f"(glibc's mmap threshold pinned at {harness.MALLOC_MMAP_THRESHOLD_BYTES // harness.KIB} KiB so RSS "
+            "follows the live tensors); it includes the gradients the call returns.",
+            "Δ dh compares the first 4096 entries of the hidden states' gradient.",
+            "No GPU case yet (NCCL, bfloat16, the Triton kernels): GPU validation is pending; on CUDA machines this "
+            "suite runs the same CPU case.",
+        ],
+    )
+
+
+SUITE = Suite(
+    name="distributed",
+    description=f"vocabulary-parallel token_logprobs and FusedPolicyLoss over {WORLD} gloo ranks vs 1 process "
+                "(CPU; time and peak memory per rank)",
+    run_cpu=run_cpu_default, run_gpu=run_cpu_default,
+)

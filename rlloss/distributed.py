@@ -1,0 +1,254 @@
+"""Past one device (docs/distributed.md): the vocabulary-parallel log-probs and fused policy loss behind
+``token_logprobs(..., process_group=)`` and ``FusedPolicyLoss(..., process_group=)``, and the data-parallel
+normalisers of :func:`global_counts`.
+
+Vocabulary parallelism runs the one chunked algorithm of ``rlloss.logprobs.run_pass`` on each rank's rows of the
+lm_head, with a per-chunk hook (:class:`rlloss.logprobs.VocabShard`) that merges the ranks' partial statistics
+(MATH.md §1) with one all-gather before anything uses them. The registered single-device ops cannot carry a
+process group, so the sharded path is a plain ``torch.autograd.Function`` here.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _checks
+from .logprobs import LinearOptions, RowStats, VocabShard, merge_stats, run_pass
+
+__all__ = ["GlobalCounts", "global_counts"]
+
+
+def _all_gather(out: Tensor, part: Tensor, group) -> None:
+    """All-gather ``part`` of every rank into ``out`` (concatenated along dim 0). torch ≥ 2.13 names
+    all_gather_into_tensor all_gather_single (the old name warns)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, part, group=group)
+
+
+# --- vocabulary parallelism --------------------------------------------------------------------------------
+
+
+class VocabLayout(NamedTuple):
+    """Where this rank's shard of the lm_head sits: rows [start, start + rows) of a vocabulary of ``vocab``
+    entries; ``largest`` is the largest shard (chunks are sized for it on every rank)."""
+
+    start: int
+    rows: int
+    vocab: int
+    largest: int
+
+
+def vocab_layout(rows: int, group, device: torch.device) -> VocabLayout:
+    """The shards' layout from one all-gather of their sizes (p integers, one host sync): rank r of ``group``
+    holds the rows that follow those of ranks 0..r−1, so no rank can be given a wrong offset."""
+    world = dist.get_world_size(group)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
+    sizes = sizes.tolist()
+    rank = dist.get_rank(group)
+    return VocabLayout(sum(sizes[:rank]), rows, sum(sizes), max(sizes))
+
+
+def check_process_group(group, backend: str) -> None:
+    """Reject a process group on the reference backend (the naive oracle has no sharded form)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised; call "
+                         "torch.distributed.init_process_group first, or pass process_group=None")
+    if backend == "reference":
+        raise ValueError("process_group (a vocabulary-sharded lm_head) is not supported on the reference backend; "
+                         "use backend='torch' (CPU), 'triton' or 'interpret'")
+
+
+def local_targets(targets: Tensor, layout: VocabLayout, ignore_index: int) -> Tensor:
+    """Global target ids → this shard's ids: id − start inside the shard, an id outside [0, rows) that is not
+    ``ignore_index`` elsewhere (see :class:`rlloss.logprobs.VocabShard`), ``ignore_index`` kept."""
+    local = targets - layout.start
+    outside = torch.full_like(local, -1 if ignore_index != -1 else -2)
+    local = torch.where((local >= 0) & (local < layout.rows), local, outside)
+    return torch.where(targets == ignore_index, targets, local)
+
+
+def vocab_shard(group, layout: VocabLayout) -> VocabShard:
+    """The per-chunk hook of ``run_pass`` for this rank: all-gather the packed [4, n] partial statistics
+    (M, A, C, z_y; z_y = 0 where the target lies elsewhere) and merge them exactly (MATH.md §1)."""
+    world = dist.get_world_size(group)
+
+    def merge(local: RowStats, owned: Tensor) -> RowStats:
+        target = torch.where(owned, local.target + local.shift, torch.zeros_like(local.target))
+        packed = torch.stack((local.shift, local.total, local.ratio * local.total, target))
+        gathered = packed.new_empty((world * 4, packed.shape[1]))
+        _all_gather(gathered, packed, group=group)
+        return merge_stats(gathered.view(world, 4, -1).transpose(0, 1))
+
+    return VocabShard(layout.largest, merge)
+
+
+def _recompute(hidden, weight, bias, targets, shift, total, ratio, g_logp, g_ent, needs, options, shard, group):
+    """(dh, dW, db) of one recompute pass with the global statistics; dh summed over the ranks (Megatron's
+    column-parallel input region), dW and db this shard's own."""
+    result = run_pass(hidden, weight, bias, targets, options, stats=RowStats(shift, total, ratio, shift),
+                      upstream=(g_logp, g_ent), needs=needs, shard=shard)
+    if result.grad_input is not None:
+        dist.all_reduce(result.grad_input, group=group)
+    return result.grad_input, result.grad_weight, result.grad_bias
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """(logprobs, entropy) [N] from hidden [N, D] and this rank's shard of the lm_head."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options, shard, group):
+        result = run_pass(hidden, weight, bias, targets, options, shard=shard)
+        ctx.save_for_backward(hidden, weight, bias, targets, *result.stats[:3])
+        ctx.options, ctx.shard, ctx.group = options, shard, group
+        ctx.set_materialize_grads(False)
+        return result.logprobs, result.entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, shift, total, ratio = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if g_logp is None and g_ent is None:
+            return (None,) * 7
+        grads = _recompute(hidden, weight, bias, targets, shift, total, ratio, g_logp, g_ent, needs, ctx.options,
+                           ctx.shard, ctx.group)
+        return (*grads, None, None, None, None)
+
+
+def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                            options: LinearOptions, group, check_range: bool) -> Tuple[Tensor, Tensor]:
+    """(logprobs, entropy) [N] of ``token_logprobs(..., process_group=group)`` from hidden [N, D], this rank's
+    weight rows and global targets [N]."""
+    check_process_group(group, options.backend)
+    layout = vocab_layout(weight.shape[0], group, hidden.device)
+    if check_range:
+        _checks.targets_in_range(targets, layout.vocab, options.ignore_index)
+    shard = vocab_shard(group, layout)
+    ids = local_targets(targets, layout, options.ignore_index)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _VocabParallelLogprobs.apply(hidden, weight, bias, ids, options, shard, group)
+    result = run_pass(hidden, weight, bias, ids, options, shard=shard)
+    return result.logprobs, result.entropy
+
+
+class _VocabParallelFusedLoss(torch.autograd.Function):
+    """(loss, packed metrics) of the fused policy loss on this rank's shard of the lm_head: ``fused_pass`` with
+    the statistics merged per chunk, so the one-pass losses stay one pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, tokens, normaliser, config, needs, options, shard, group):
+        from .config import LossConfig
+        from .policy import fused_pass, one_pass
+
+        old_logprobs, rollout_logprobs = tokens[0], tokens[4]
+        out = fused_pass(hidden, weight, bias, targets, *tokens, normaliser, config, needs, options, shard)
+        ctx.fused = any(needs) and one_pass(LossConfig.from_key(config), old_logprobs is None,
+                                            rollout_logprobs is not None)
+        if ctx.fused:
+            ctx.save_for_backward(*out[2:5])
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, *out[5:10])
+            ctx.has_grad_ent = out[9].numel() > 0
+        ctx.needs, ctx.options, ctx.shard, ctx.group = needs, options, shard, group
+        ctx.mark_non_differentiable(out[1])
+        ctx.set_materialize_grads(False)
+        return out[0], out[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss, _):
+        rest = (None,) * 8
+        if g_loss is None or not any(ctx.needs):
+            return (None,) * 3 + rest
+        if ctx.fused:  # formed in the forward: scale, and sum dh over the ranks
+            grads = [g * g_loss.to(g.dtype) if n else None for g, n in zip(ctx.saved_tensors, ctx.needs)]
+            if grads[0] is not None:
+                dist.all_reduce(grads[0], group=ctx.group)
+            return (*grads, *rest)
+        hidden, weight, bias, targets, shift, total, ratio, grad, grad_ent = ctx.saved_tensors
+        g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
+        g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if ctx.has_grad_ent else None
+        grads = _recompute(hidden, weight, bias, targets, shift, total, ratio, g_logp, g_ent, tuple(ctx.needs),
+                           ctx.options, ctx.shard, ctx.group)
+        return (*(g if n else None for g, n in zip(grads, ctx.needs)), *rest)
+
+
+def vocab_parallel_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                              tokens: tuple, normaliser: Tensor, config: str, needs: List[bool],
+                              options: LinearOptions, group, layout: VocabLayout) -> Tuple[Tensor, Tensor]:
+    """(loss, packed metrics) of ``FusedPolicyLoss(..., process_group=group)``: hidden [N, D], this rank's weight
+    rows, global targets [N] (``options.ignore_index`` where not counted) and the [B, T] token inputs
+    (old, advantages, mask, ref, rollout, pos, neg logprobs) of ``fused_pass``."""
+    ids = local_targets(targets, layout, options.ignore_index)
+    return _VocabParallelFusedLoss.apply(hidden, weight, bias, ids, tokens, normaliser, config, needs, options,
+                                         vocab_shard(group, layout), group)
+
+
+# --- data parallelism --------------------------------------------------------------------------------------
+
+
+class GlobalCounts(NamedTuple):
+    """What :func:`global_counts` returns: pass both to :func:`rlloss.policy_loss` / ``FusedPolicyLoss``.
+
+    num_items_in_batch: counted tokens of the whole step, over every micro-batch and rank, divided by the
+        group size (float64 0-d tensor, on the masks' device).
+    num_sequences_in_batch: sequences of the whole step, likewise.
+    """
+
+    num_items_in_batch: Tensor
+    num_sequences_in_batch: Tensor
+
+
+def global_counts(mask: Union[Tensor, Sequence[Tensor]], group=None, *, average_gradients: bool = True) -> GlobalCounts:
+    """The normalisers of one optimiser step under data parallelism: one all-reduce per step.
+
+    Every rank passes the masks of all its micro-batches of the step (a [B, T] mask, or a list of them with any
+    B and T). The token count Σ m and the sequence count B are summed over the micro-batches and over ``group``,
+    so that each micro-batch's loss is its share of the loss of the whole step (MATH.md §6):
+    ``token_mean`` divides by the global token count and the ``seq_mean_*`` modes by the global number of
+    sequences, whatever the split into ranks and micro-batches. Summing the micro-batches' gradients (gradient
+    accumulation) and averaging over the ranks (DDP, FSDP) then gives the gradient of the single-process loss.
+
+    Args:
+        mask: this rank's [B, T] loss mask (bool or 0/1), or a sequence of the masks of its micro-batches.
+        group: the data-parallel process group (None: the default group). Without an initialised
+            torch.distributed the counts are this process's own (world size 1).
+        average_gradients: the gradients are averaged over ``group`` (DDP and FSDP do), so the counts are
+            divided by the group size, as TRL does with ``num_items_in_batch``; False when they are summed.
+            ``token_sum`` (verl) has no count: set ``LossConfig.dp_size`` to the group size instead.
+
+    Returns:
+        :class:`GlobalCounts` (float64 0-d tensors); a count of 0 (no counted token anywhere) comes back as 1.
+
+    Example:
+        >>> masks = [torch.ones(2, 5, dtype=torch.bool), torch.ones(3, 4, dtype=torch.bool)]
+        >>> global_counts(masks)
+        GlobalCounts(num_items_in_batch=tensor(22., dtype=torch.float64), num_sequences_in_batch=tensor(5., dtype=torch.float64))
+    """
+    masks = [mask] if isinstance(mask, Tensor) else list(mask)
+    if not masks:
+        raise ValueError("mask must be a [B, T] tensor or a non-empty sequence of them, got an empty sequence")
+    for i, m in enumerate(masks):
+        name = "mask" if isinstance(mask, Tensor) else f"mask[{i}]"
+        _checks.ndim(name, _checks.tensor(name, m), 2, "[B, T]")
+        if m.is_complex():
+            raise TypeError(f"{name} must be bool or a real 0/1 tensor, got dtype {m.dtype}")
+    _checks.boolean("average_gradients", average_gradients)
+    device = masks[0].device
+    counts = torch.stack([
+        sum((m != 0).sum(dtype=torch.float64).to(device) for m in masks),
+        torch.tensor(float(sum(m.shape[0] for m in masks)), dtype=torch.float64, device=device),
+    ])
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, group=group)
+        world = dist.get_world_size(group)
+    counts = counts.clamp(min=1.0)
+    if average_gradients:
+        counts = counts / world
+    return GlobalCounts(counts[0], counts[1])
