@@ -403,8 +403,9 @@ class LossConfig:
 
         TRL flavours: "grpo", "dapo" (TRL's default loss: ε_hi = ε = 0.2), "dapo_paper" (the DAPO paper's
         ε_hi = 0.28), "dr_grpo" (needs ``max_completion_length=``), "bnpo", "gspo", "cispo", "sapo"; verl's
-        "gpg". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
-        "verl_gspo", "verl_cispo", "verl_sapo".
+        "gpg", "luspo", "vespo". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
+        "verl_gspo", "verl_cispo", "verl_sapo", "verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "verl_dppo_tv",
+        "verl_dppo_kl", "verl_dro" (needs ``dro_beta=``).
         """
         if not isinstance(name, str):
             raise TypeError(f"preset name must be a str, got {type(name).__name__}")
@@ -456,4 +457,22 @@ PRESETS = {
     # SAPO forces seq-mean-token-mean on its policy term only; KL and entropy keep loss_agg_mode (token-mean).
     "verl_sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean",
                       kl_aggregation="token_mean", entropy_aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    # peer loss variants. TRL's LUSPO: the clipped surrogate summed per sequence, averaged over sequences, at the
+    # sequence level its docs ask for; VESPO: normalised like dapo.
+    "luspo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="sequence",
+                  aggregation="seq_mean_token_sum", **_TRL),
+    "vespo": dict(loss_mode="vespo", aggregation="token_mean", **_TRL),
+    # verl: GMPO ignores loss_agg_mode (a mean over sequences), its KL and entropy keep it; no log-ratio clamp in
+    # geo_mean, clip_cov, kl_cov and dro; DPPO truncates at clip_ratio_c (3) and clamps like vanilla.
+    "verl_geo_mean": dict(loss_mode="geo_mean", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_mean",
+                          kl_aggregation="token_mean", entropy_aggregation="token_mean", **_VERL_KL),
+    "verl_clip_cov": dict(loss_mode="clip_cov", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean",
+                          **_VERL_KL),
+    "verl_kl_cov": dict(loss_mode="kl_cov", aggregation="token_mean", **_VERL_KL),
+    "verl_dppo_tv": dict(loss_mode="dppo_tv", epsilon_low=0.2, epsilon_high=0.2, dppo_ratio_cap=3.0,
+                         aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    "verl_dppo_kl": dict(loss_mode="dppo_kl", epsilon_low=0.2, epsilon_high=0.2, dppo_ratio_cap=3.0,
+                         aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    # dro_beta has no default in verl: preset("verl_dro", dro_beta=...).
+    "verl_dro": dict(loss_mode="dro", aggregation="token_mean", **_VERL_KL),
 }
