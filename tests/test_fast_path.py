@@ -67,8 +67,8 @@ def _fused_flops(config, backend, old):
     y = torch.where(mask, targets, torch.full_like(targets, -100)).reshape(N)
     normaliser = pl.aggregation_normaliser(config, mask)
     opts = _options(backend)
-    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, normaliser, config.key,
-            [True, True, False], *lp._options_args(opts))
+    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, None, normaliser,
+            config.key, [True, True, False], *lp._options_args(opts))
     forward = _flops(lambda: pl.fused_policy_loss_impl(*args))
     out = pl.fused_policy_loss_impl(*args)
     if out[2].numel():  # one pass: the backward only scales the gradients formed in the forward
@@ -81,10 +81,11 @@ def _fused_flops(config, backend, old):
 
 
 @pytest.mark.parametrize("backend", ["torch", KERNEL_BACKEND])
-@pytest.mark.parametrize("preset", ["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "verl_grpo"])
+@pytest.mark.parametrize("preset", ["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "verl_grpo", "verl_dppo_tv",
+                                    "verl_dppo_kl", "verl_dro"])
 def test_fused_policy_loss_costs_six_ndv(backend, preset):
     """Token-level losses: the gradients are formed in the forward pass, 6·N·D·V in all (the naive floor)."""
-    overrides = {"max_completion_length": T} if preset == "dr_grpo" else {}
+    overrides = {"dr_grpo": {"max_completion_length": T}, "verl_dro": {"dro_beta": 0.1}}.get(preset, {})
     config = rlloss.LossConfig.preset(preset, **overrides)
     forward, backward = _fused_flops(config, backend, _inputs()[5])
     assert (forward, backward) == (6 * N * D * V, 0)
@@ -94,6 +95,13 @@ def test_fused_policy_loss_costs_six_ndv(backend, preset):
 def test_sequence_level_ratio_costs_eight_ndv(backend):
     """GSPO needs every token of a sequence before any gradient: statistics, then one recompute."""
     forward, backward = _fused_flops(rlloss.LossConfig.preset("gspo"), backend, _inputs()[5])
+    assert (forward, backward) == (2 * N * D * V, 6 * N * D * V)
+
+
+@pytest.mark.parametrize("preset", ["verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "vespo"])
+def test_sequence_and_batch_coupled_modes_cost_eight_ndv(preset):
+    """GMPO and VESPO (a sequence quantity) and clip_cov / kl_cov (a batch ranking) take the two-pass route."""
+    forward, backward = _fused_flops(rlloss.LossConfig.preset(preset), "torch", _inputs()[5])
     assert (forward, backward) == (2 * N * D * V, 6 * N * D * V)
 
 
