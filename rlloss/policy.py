@@ -196,12 +196,13 @@ def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor, old
     if mode in ("dppo_tv", "dppo_kl"):  # −A·sg(min(ρ, c))·ℓ inside the divergence trust region
         p, p_old = torch.exp(logp), torch.exp(old)
         if mode == "dppo_tv":
-            inside = torch.where(adv > 0, p - p_old <= config.epsilon_high, p - p_old >= -config.epsilon_low)
+            outside = torch.where(adv > 0, p - p_old > config.epsilon_high, p - p_old < -config.epsilon_low)
         else:
             binary_kl = p_old * (old - logp) + (1.0 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
-            inside = torch.where(adv > 0, (binary_kl <= config.epsilon_high) | (p <= p_old),
-                                 (binary_kl <= config.epsilon_low) | (p >= p_old))
-        weight = torch.where(inside, -adv * rho.clamp(max=config.dppo_ratio_cap), zero)
+            outside = torch.where(adv > 0, (binary_kl > config.epsilon_high) & (p > p_old),
+                                  (binary_kl > config.epsilon_low) & (p < p_old))
+        # NaN counts as inside: it propagates
+        weight = torch.where(outside, zero, -adv * rho.clamp(max=config.dppo_ratio_cap))
         return weight * logp, zero, weight, dual
     if mode == "dro":  # −(A·ℓ − ½·β_dro·(ℓ − ℓ°)²)
         u = logp - old

@@ -312,11 +312,11 @@ def policy_loss(
     elif config.loss_mode in ("dppo_tv", "dppo_kl"):
         p, p_old = torch.exp(lp).detach(), torch.exp(old).detach()
         if config.loss_mode == "dppo_tv":
-            ok_pos, ok_neg = p - p_old <= eps_hi, p - p_old >= -eps_lo
+            out_pos, out_neg = p - p_old > eps_hi, p - p_old < -eps_lo
         else:
             bkl = p_old * (old - lp.detach()) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
-            ok_pos, ok_neg = (bkl <= eps_hi) | (p <= p_old), (bkl <= eps_lo) | (p >= p_old)
-        ok = torch.where(A > 0, ok_pos, ok_neg).to(dt)
+            out_pos, out_neg = (bkl > eps_hi) & (p > p_old), (bkl > eps_lo) & (p < p_old)
+        ok = (~torch.where(A > 0, out_pos, out_neg)).to(dt)  # NaN counts as inside (the NaN contract)
         L = -A * torch.clamp(rho, max=config.dppo_ratio_cap).detach() * lp * ok
     elif config.loss_mode == "dro":
         L = -(lp * A - 0.5 * config.dro_beta * (lp - old) ** 2)

@@ -143,17 +143,18 @@ def test_opcheck_every_op():
     g = torch.randn(N)
     torch.library.opcheck(torch.ops.rlloss.token_logprobs_backward.default,
                           (g, None, h.detach(), weight, None, y, shift, total, ratio, [True, True, False], *opts))
-    for preset in ("dapo", "gspo"):
+    for preset, rollout_weights in (("dapo", None), ("gspo", None), ("vespo", torch.rand(B, T) + 0.5)):
         config = rlloss.LossConfig.preset(preset, beta=0.04)
         ref = old - 0.1
         normaliser = pl.aggregation_normaliser(config, mask)
         logp = (old + 0.05 * torch.randn(B, T)).requires_grad_(True)
         ent = torch.rand(B, T, requires_grad=True)
         torch.library.opcheck(torch.ops.rlloss.policy_loss.default,
-                              (logp, ent, old, adv, mask, ref, None, None, None, normaliser, config.key, "torch"))
+                              (logp, ent, old, adv, mask, ref, None, None, None, rollout_weights, normaliser,
+                               config.key, "torch"))
         torch.library.opcheck(torch.ops.rlloss.fused_policy_loss.default,
-                              (h, w, None, y, old, adv, mask, ref, None, None, None, normaliser, config.key,
-                               [True, True, False], *opts))
+                              (h, w, None, y, old, adv, mask, ref, None, None, None, rollout_weights, normaliser,
+                               config.key, [True, True, False], *opts))
 
 
 def test_training_step_compiles_without_graph_breaks():
