@@ -126,7 +126,8 @@ def _backend_dtype(backend):
 
 # --- every preset and a covering set of options, against the reference ------------------------------------
 
-PRESET_CASES = [(name, {"max_completion_length": 50} if name == "dr_grpo" else {}) for name in PRESETS]
+PRESET_CASES = [(name, {"dr_grpo": {"max_completion_length": 50}, "verl_dro": {"dro_beta": 0.2}}.get(name, {}))
+                for name in PRESETS]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
