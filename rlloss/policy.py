@@ -325,6 +325,8 @@ def _rejection_keep(config: LossConfig, live: Tensor, old: Tensor, rollout: Tens
     """[B, T] bool: the tokens that pass every ``config.rollout_rs`` criterion (verl's rejection sampling) on
     d = clamp(ℓ° − ℓˢ, ±20): k1 = −d within [log lower, log upper], k2 = d²/2 and k3 = eᵈ − 1 − d at most the
     bound, per token or as the sequence's sum, mean or max."""
+    if live.shape[1] == 0:
+        return live
     zero = torch.zeros((), dtype=old.dtype, device=old.device)
     d = torch.where(live, old - rollout, zero).clamp(-_RS_LOG_RATIO_BOUND, _RS_LOG_RATIO_BOUND)
     mf = live.to(old.dtype)
@@ -336,7 +338,7 @@ def _rejection_keep(config: LossConfig, live: Tensor, old: Tensor, rollout: Tens
         elif option.startswith("seq_mean"):
             stat = (stat * mf).sum(1, keepdim=True) / (mf.sum(1, keepdim=True) + _MEAN_EPS)
         elif option.startswith("seq_max"):
-            top = torch.where(live, stat, -math.inf).amax(1, keepdim=True) if live.shape[1] else mf.sum(1, True)
+            top = torch.where(live, stat, -math.inf).amax(1, keepdim=True)
             stat = torch.where(top == -math.inf, zero, top)
         if lower is None:
             keep = keep & (stat <= upper)
@@ -361,7 +363,7 @@ def apply_rollout_rs_and_normalise(config: LossConfig, mask: Tensor, old: Option
     return mask, rollout_weights
 
 
-def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho: Tensor, n_safe: Tensor):
+def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho: Tensor):
     """The per-token factor a mode takes from the whole batch or sequence at the current log-probs, and the
     tokens with the rollout weights it consumes removed: clip_cov's and kl_cov's selections (1 on the selected
     tokens) and VESPO's φ(w_i) with the token rollout weights folded into w_i (docs/math.md §4)."""
@@ -624,7 +626,7 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
         s, gate, tokens = _geo_mean_inputs(config, logp, tokens, n_safe)
         rho = s[:, None].expand(B, T)
     elif config.loss_mode in ("clip_cov", "kl_cov", "vespo"):
-        coupled, tokens = _coupled_terms(config, logp, tokens, rho, n_safe)
+        coupled, tokens = _coupled_terms(config, logp, tokens, rho)
     terms = token_terms(config, logp, tokens, rho, coupled)
     loss_t = terms.loss
 
@@ -1144,7 +1146,9 @@ class FusedPolicyLoss(torch.nn.Module):
     """Hidden states to the scalar policy loss in one call: :func:`rlloss.token_logprobs` (log-probs and
     entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`.
 
-    For token-level losses (every preset but GSPO's) the whole forward and backward is one chunked pass:
+    For token-level losses (every preset but GSPO's and those of geo_mean, clip_cov, kl_cov and vespo, which need
+    a whole sequence's or batch's log-probs first: statistics, then one recompute) the whole forward and backward
+    is one chunked pass:
     each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient of each token is
     formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive implementation, at a
     bounded memory (docs/design/logprobs.md). The value and gradients equal
