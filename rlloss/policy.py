@@ -403,7 +403,8 @@ def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho:
     k = torch.where(nonneg, torch.full_like(adv, config.vespo_k_pos), torch.full_like(adv, config.vespo_k_neg))
     lam = torch.where(nonneg, torch.full_like(adv, config.vespo_lambda_pos),
                       torch.full_like(adv, config.vespo_lambda_neg)).clamp(min=1e-4)
-    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    phi = torch.where(phi.isinf(), torch.zeros_like(phi), phi)  # TRL's guard; a NaN input stays NaN (NaN contract)
     return phi, tokens._replace(rollout=None, weight=None)
 
 

@@ -329,7 +329,8 @@ def policy_loss(
         k = torch.where(A >= 0, torch.full_like(A, config.vespo_k_pos), torch.full_like(A, config.vespo_k_neg))
         lam = torch.where(A >= 0, torch.full_like(A, config.vespo_lambda_pos),
                           torch.full_like(A, config.vespo_lambda_neg)).clamp(min=1e-4)
-        phi = torch.nan_to_num(torch.exp(lam + k * log_w - lam * torch.exp(log_w)), nan=0.0, posinf=0.0, neginf=0.0)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        phi = torch.where(torch.isinf(phi), torch.zeros_like(phi), phi)  # TRL zeroes ±inf (and NaN: see math §4)
         L = -phi * A * lp
     elif config.loss_mode == "ppo_clip":
         unclipped = rho if config.delta is None else torch.clamp(rho, max=config.delta)

@@ -62,12 +62,12 @@ def test_token_logprobs_costs_eight_ndv(backend):
     assert backward == 6 * N * D * V
 
 
-def _fused_flops(config, backend, old):
+def _fused_flops(config, backend, old, rollout_weights=None):
     hidden, weight, targets, mask, adv, _ = _inputs()
     y = torch.where(mask, targets, torch.full_like(targets, -100)).reshape(N)
     normaliser = pl.aggregation_normaliser(config, mask)
     opts = _options(backend)
-    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, None, normaliser,
+    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, rollout_weights, normaliser,
             config.key, [True, True, False], *lp._options_args(opts))
     forward = _flops(lambda: pl.fused_policy_loss_impl(*args))
     out = pl.fused_policy_loss_impl(*args)
@@ -96,6 +96,12 @@ def test_sequence_level_ratio_costs_eight_ndv(backend):
     """GSPO needs every token of a sequence before any gradient: statistics, then one recompute."""
     forward, backward = _fused_flops(rlloss.LossConfig.preset("gspo"), backend, _inputs()[5])
     assert (forward, backward) == (2 * N * D * V, 6 * N * D * V)
+
+
+def test_precomputed_rollout_weights_keep_one_pass():
+    """rollout_weights (the form verl's batch-normalised weights reach the op in) leave a token loss one pass."""
+    forward, backward = _fused_flops(rlloss.LossConfig.preset("dapo"), "torch", _inputs()[5], torch.rand(B, T))
+    assert (forward, backward) == (6 * N * D * V, 0)
 
 
 @pytest.mark.parametrize("preset", ["verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "vespo"])

@@ -85,6 +85,8 @@ CONFIGS = {
     "verl_dppo_kl": LossConfig.preset("verl_dppo_kl", beta=0.1, entropy_coef=0.01),
     "verl_dro": LossConfig.preset("verl_dro", dro_beta=0.5, beta=0.1, entropy_coef=0.01),
     "verl_geo_mean": LossConfig.preset("verl_geo_mean", beta=0.1, entropy_coef=0.01),
+    # VESPO's φ reads the row's ratio (detached): NaN in ℓ or ℓ° reaches the whole row
+    "vespo": LossConfig.preset("vespo", beta=0.04, entropy_coef=0.01),
 }
 NAN_INPUTS = ["logprobs", "old_logprobs", "advantages", "ref_logprobs", "entropy"]
 
@@ -123,6 +125,8 @@ def _row_wide(config: LossConfig, poisoned: str) -> bool:
         return False
     if config.loss_mode == "geo_mean":  # s_i and the mean advantage Ā_i are the row's
         return poisoned != "ref_logprobs"
+    if config.loss_mode == "vespo":  # φ(w_i), w_i from the row's log-ratios
+        return poisoned in ("logprobs", "old_logprobs")
     if config.importance_sampling_level != "sequence":
         return False
     return poisoned != "ref_logprobs" or config.kl_ratio_weighted
