@@ -309,15 +309,16 @@ _GEO_WEIGHT_EPS = 1e-10
 
 def _batch_normalised(config: LossConfig, w: Tensor, live: Tensor) -> Tensor:
     """w divided by its mean over the counted tokens (token level) or the non-empty sequences (sequence level),
-    when that mean exceeds 1e-8 (verl ``rollout_is_batch_normalize``)."""
+    when that mean exceeds 1e-8 (verl ``rollout_is_batch_normalize``; verl's means add 1e-8 to the count, a
+    relative 1e-8/N that this exact mean leaves out)."""
     mf = live.to(w.dtype)
     w = w * mf
     if config.rollout_correction.startswith("token"):
-        mean = w.sum() / (mf.sum() + _MEAN_EPS)
+        mean = w.sum() / mf.sum().clamp(min=1.0)
     else:
         rows = mf.sum(1)
         nonempty = (rows > 0).to(w.dtype)
-        mean = (w.sum(1) / (rows + _MEAN_EPS) * nonempty).sum() / nonempty.sum().clamp(min=_MEAN_EPS)
+        mean = (w.sum(1) / rows.clamp(min=1.0) * nonempty).sum() / nonempty.sum().clamp(min=1.0)
     return torch.where(mean > _MEAN_EPS, w / mean, w)
 
 
@@ -350,16 +351,20 @@ def _rejection_keep(config: LossConfig, live: Tensor, old: Tensor, rollout: Tens
 def apply_rollout_rs_and_normalise(config: LossConfig, mask: Tensor, old: Optional[Tensor], rollout: Optional[Tensor],
                                    rollout_weights: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
     """(mask, rollout_weights) after verl's batch normalisation of the rollout weights and its rejection sampling,
-    which act on the whole call before the loss: the weights are formed over the given mask and normalised
-    (``config.rollout_is_batch_normalize``), then the tokens ``config.rollout_rs`` rejects leave the mask of every
-    term and of the aggregation. ``old`` is ℓ° (sg(ℓ) on-policy)."""
-    if config.rollout_is_batch_normalize:
-        cd = torch.float64 if old.dtype == torch.float64 else torch.float32
-        w = _rollout_weights(config, mask, old.to(cd), rollout.to(cd))
-        rollout_weights = _batch_normalised(config, w, mask)
+    which act on the whole call before the loss, in verl's order: the weights of ``config.rollout_correction`` are
+    formed over the given mask and normalised (``config.rollout_is_batch_normalize``), then the tokens
+    ``config.rollout_rs`` rejects leave the mask of every term and of the aggregation. ``old`` is ℓ° (sg(ℓ)
+    on-policy). Without either option, nothing changes (the weights are formed inside the loss)."""
+    if not (config.rollout_is_batch_normalize or config.rollout_rs is not None):
+        return mask, rollout_weights
+    cd = torch.float64 if old.dtype == torch.float64 else torch.float32
+    old, rollout = old.to(cd), rollout.to(cd)
+    if config.rollout_correction is not None:
+        rollout_weights = _rollout_weights(config, mask, old, rollout)
+        if config.rollout_is_batch_normalize:
+            rollout_weights = _batch_normalised(config, rollout_weights, mask)
     if config.rollout_rs is not None:
-        cd = torch.float64 if old.dtype == torch.float64 else torch.float32
-        mask = mask & _rejection_keep(config, mask, old.to(cd), rollout.to(cd))
+        mask = mask & _rejection_keep(config, mask, old, rollout)
     return mask, rollout_weights
 
 
@@ -644,8 +649,10 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
                 stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
                 stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
             else:
-                w_row = (torch.where(live.any(1), torch.where(live, w, -math.inf).amax(1), w[:, 0]) if T
-                         else _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device)))
+                # a row without a counted token reports the weight of d = 0, as the kernel does
+                empty_row = _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device))
+                w_row = (torch.where(live.any(1), torch.where(live, w, -math.inf).amax(1), empty_row) if T
+                         else empty_row)
                 stats[:, _S["is_sum"]] = w_row
                 stats[:, _S["is_count"]] = 1.0
                 stats[:, _S["is_min"]] = w_row

@@ -356,7 +356,12 @@ def policy_loss(
         d = clean(old - rollout_logprobs.to(dt)).detach()
         metrics["sampling/sampling_logp_difference/mean"] = _masked_mean(d.abs(), mf)
         metrics["sampling/sampling_logp_difference/max"] = d.abs().max() if d.numel() else zero
-        if config.rollout_correction is not None:
+        if config.rollout_correction is not None:  # a row without a counted token reports the weight of d = 0
+            if w_seq is not None:
+                one = torch.ones((), dtype=dt)
+                empty = torch.clamp(one, c_min, c_max) if config.rollout_correction.endswith("truncate") else \
+                    torch.where((one >= c_min) & (one <= c_max), one, zero)
+                w_seq = torch.where(m.any(-1), w_seq, empty)
             values = w_roll[m] if w_seq is None else w_seq
             some = values.numel() > 0
             metrics["sampling/importance_sampling_ratio/min"] = values.min() if some else zero
