@@ -193,13 +193,17 @@ def test_verl_rejection_sampling(option, backend):
     _assert_same(_rlloss(config, x, backend, rollout_logprobs=x["rollout"]), expected)
 
 
-def test_verl_rejection_with_batch_normalized_sequence_weights():
-    """Weights are formed and normalised over the given mask, then the rejection shrinks it (verl's order)."""
+@pytest.mark.parametrize("batch_normalize", [True, False], ids=["normalised", "plain"])
+def test_verl_rejection_with_sequence_weights(batch_normalize):
+    """Sequence weights are formed (and normalised) over the given mask, then the token rejection shrinks it
+    (verl's order): a row that keeps some tokens keeps the weight of all of them."""
     x = _inputs(seed=17)
-    expected, _ = _verl_corrected(x, "sequence", 3.0, True, "token_k2", 0.004)
+    expected, kept = _verl_corrected(x, "sequence", 3.0, batch_normalize, "token_k2", 0.004)
+    partly = (kept.sum(-1) > 0) & (kept.sum(-1) < x["mask"].sum(-1))
+    assert partly.any()  # some row loses some of its tokens, not all
     config = LossConfig.preset("verl_grpo", beta=BETA, entropy_coef=ENT, rollout_correction="sequence_truncate",
-                               rollout_threshold_high=3.0, rollout_is_batch_normalize=True, rollout_rs="token_k2",
-                               rollout_rs_threshold=0.004)
+                               rollout_threshold_high=3.0, rollout_is_batch_normalize=batch_normalize,
+                               rollout_rs="token_k2", rollout_rs_threshold=0.004)
     for backend in BACKENDS:
         _assert_same(_rlloss(config, x, backend, rollout_logprobs=x["rollout"]), expected)
 
