@@ -274,6 +274,7 @@ def policy_loss(
     eps_lo, eps_hi = config.epsilon_low, config.epsilon_high
     dual_active = torch.zeros_like(m)
     w_applied = False  # whether the policy term took the rollout weights in itself
+    A_used = A
     if config.loss_mode == "geo_mean":  # GMPO: one ratio per sequence from the sign-clipped log-ratios
         u = lp - old
         if has_clamp:
@@ -283,6 +284,7 @@ def policy_loss(
         rho = torch.exp((u_min * mf).sum(-1) / n.clamp(min=1.0))[:, None].expand(B, T)
         A_seq = ((A * mf).sum(-1) / n.clamp(min=1.0))[:, None]
         L = -A_seq * rho
+        A_used = A_seq.expand(B, T)  # the metrics' sign of A: the advantage the term uses
         if w_roll is not None:
             L = L * torch.exp((torch.log(w_roll + 1e-10) * mf).sum(-1) / n.clamp(min=1.0))[:, None]
             w_applied = True
@@ -420,7 +422,7 @@ def policy_loss(
         loss = loss - config.entropy_coef * aggregate(clean(entropy), agg_entropy)
 
     # metrics: masked token means (TRL names where TRL has them)
-    rho_d, A_d = rho.detach(), A.detach()
+    rho_d, A_d = rho.detach(), A_used.detach()
     if config.loss_mode == "cispo_trl":
         lower, upper = float("-inf"), eps_hi
     else:

@@ -123,14 +123,15 @@ def test_verl_cov_selections_are_not_empty():
 
 
 def test_verl_clip_cov_defaults_and_the_generator():
-    """verl's default ratio (2e-4: one token here) and bounds; the same seed gives verl's selection, another seed
-    may not."""
+    """verl's default ratio (2e-4: one token here) and bounds; seeded alike, rlloss draws verl's token."""
     x = _inputs(seed=3)
     x["lp"] = x["old"] + 0.02 * torch.randn(B, T, dtype=torch.float64)  # within the clip range: candidates
     x["adv"] = 6 * x["adv"]
     config = LossConfig.preset("verl_clip_cov", beta=BETA, entropy_coef=ENT)
     for backend in BACKENDS:
         _assert_same(_rlloss(config, x, backend, seed=11), verl_total(x, "clip_cov", seed=11))
+    unselected = config.replace(clip_cov_lb=9.0, clip_cov_ub=10.0)  # no candidate: nothing dropped
+    assert not torch.isclose(_rlloss(config, x, "torch", seed=11)[0], _rlloss(unselected, x, "torch")[0])
 
 
 @pytest.mark.parametrize("name", ["verl_geo_mean", "verl_dppo_tv", "verl_dro"])
