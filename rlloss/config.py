@@ -11,12 +11,16 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 __all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS",
-           "TERM_AGGREGATIONS", "CREDIT_MODES"]
+           "TERM_AGGREGATIONS", "CREDIT_MODES", "ROLLOUT_RS_OPTIONS"]
 
-LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
+LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo",
+              "geo_mean", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "dro", "vespo")
+# Loss modes whose per-token term needs quantities of the whole sequence (geo_mean, vespo) or of the whole batch
+# (clip_cov, kl_cov) at the current log-probs: FusedPolicyLoss takes its two-pass route for them.
+NON_LOCAL_LOSS_MODES = ("geo_mean", "clip_cov", "kl_cov", "vespo")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+", "k1+", "abs+")
 # verl's kl_loss_type names, normalised on construction to (kl_estimator, kl_clamp or None = unchanged). verl's
 # trailing "+" means: the estimator's value with the k2 gradient (straight-through); on k2 itself it changes nothing.
@@ -26,6 +30,10 @@ VERL_KL_NAMES = {
 }
 IS_LEVELS = ("token", "sequence", "sequence_token")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# verl's rejection-sampling criteria (rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS): a divergence of ℓ° from ℓˢ
+# per token, or its sum / mean / max over the sequence, k1 bounded on both sides, k2 and k3 from above.
+ROLLOUT_RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
+                      "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 AGGREGATIONS = (
     "seq_mean_token_mean",
     "token_mean",
@@ -114,6 +122,32 @@ class LossConfig:
         credit_lambda: λ ∈ [0, 1] (0 = plain GRPO). A schedule is the trainer's: ``config.replace(
             credit_lambda=rlloss.LinearDecay(0.5, 25)(step))`` at each step.
         credit_eps_w: ε_w ∈ [0, 1), the clip of the token weight w.
+    Peer loss variants (docs/math.md §4, §5; docs/presets.md names the peer option of each):
+        loss_mode also takes verl's "geo_mean" (GMPO: −Ā_i·exp(mean_t of the sign-clipped log-ratio)),
+            "clip_cov" (ppo_clip without dual clip, the gradient of a random few high-covariance tokens dropped),
+            "kl_cov" (−A·ρ, plus ``kl_cov_coef``·|ℓ − ℓ°| on the highest-covariance tokens), "dppo_tv" /
+            "dppo_kl" (−A·sg(min(ρ, ``dppo_ratio_cap``))·ℓ on the tokens inside the divergence trust region
+            ε_lo / ε_hi), "dro" (−(A·ℓ − ½·``dro_beta``·(ℓ − ℓ°)²)), and TRL's "vespo" (−sg(φ(w_i))·A·ℓ,
+            φ the gamma weight of the sequence ratio w_i). "clip_cov" draws its tokens with
+            ``torch.randperm`` on torch's default generator, as verl does: seed it (``torch.manual_seed``) to
+            reproduce a selection.
+        clip_cov_ratio, clip_cov_lb, clip_cov_ub: fraction of the counted tokens whose gradient "clip_cov"
+            drops (at least one), chosen among those with covariance in (lb, ub) (verl: 2e-4, 1, 5).
+        kl_cov_ratio, kl_cov_coef: fraction of the counted tokens (at least one) that "kl_cov" penalises and
+            the coefficient of the penalty (verl ``kl_cov_ratio`` 2e-4, ``ppo_kl_coef`` 0.1).
+        dppo_ratio_cap: the truncation c of the DPPO ratio (verl ``clip_ratio_c``, default 3).
+        dro_beta: β > 0 of "dro" (verl ``dro_beta``; required there).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: k and λ of VESPO's φ(w) = e^λ·w^k·e^{−λw}
+            for A ≥ 0 and A < 0 (TRL: 2, 3, 3, 2).
+        rollout_is_batch_normalize: divide the rollout weights by their mean over the counted tokens
+            (token levels) or the non-empty sequences (sequence levels) of the call (verl
+            ``rollout_is_batch_normalize``; verl takes the mean over the whole training batch).
+        rollout_rs: verl's rejection sampling, one of ROLLOUT_RS_OPTIONS or several joined by commas (all must
+            pass): tokens (or whole sequences) whose divergence of ℓ° from ℓˢ falls outside the bound leave the
+            mask of every term, as in verl (needs ``rollout_logprobs``).
+        rollout_rs_threshold: verl's ``rollout_rs_threshold``: one bound shared by the options, or one per
+            option joined by commas; for k1 options "lower_upper" ratio bounds (a single u means 1/u_u), for the
+            others an upper bound on the divergence.
     """
 
     loss_mode: str = "ppo_clip"
@@ -142,6 +176,21 @@ class LossConfig:
     credit: Optional[str] = None
     credit_lambda: float = 0.5
     credit_eps_w: float = 0.2
+    # peer loss variants
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    kl_cov_coef: float = 0.1
+    dppo_ratio_cap: float = 3.0
+    dro_beta: Optional[float] = None
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    rollout_is_batch_normalize: bool = False
+    rollout_rs: Optional[str] = None
+    rollout_rs_threshold: Union[float, str, None] = None
 
     def __post_init__(self) -> None:
         _choice("loss_mode", self.loss_mode, LOSS_MODES)
@@ -224,6 +273,7 @@ class LossConfig:
         eps_w = _finite("credit_eps_w", self.credit_eps_w)
         if not 0.0 <= eps_w < 1.0:
             raise ValueError(f"LossConfig.credit_eps_w must lie in [0, 1), got {eps_w}")
+        self._check_peer_variants()
         for name, agg in zip(("aggregation", "kl_aggregation", "entropy_aggregation"), self.term_aggregations):
             if agg == "seq_mean_token_sum_norm" and self.max_completion_length is None:
                 raise ValueError(
@@ -232,6 +282,87 @@ class LossConfig:
                 )
         # Computed once here, so that traced code (torch.compile) only reads an attribute.
         object.__setattr__(self, "_key", json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def _check_peer_variants(self) -> None:
+        mode = self.loss_mode
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0.0 < _finite(name, getattr(self, name)) <= 1.0:
+                raise ValueError(f"LossConfig.{name} must lie in (0, 1], got {getattr(self, name)}")
+        if not _finite("clip_cov_lb", self.clip_cov_lb) < _finite("clip_cov_ub", self.clip_cov_ub):
+            raise ValueError(f"LossConfig.clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and "
+                             f"{self.clip_cov_ub}")
+        _finite("kl_cov_coef", self.kl_cov_coef)
+        if _finite("dppo_ratio_cap", self.dppo_ratio_cap) <= 0.0:
+            raise ValueError(f"LossConfig.dppo_ratio_cap must be > 0, got {self.dppo_ratio_cap}")
+        if self.dro_beta is not None and _finite("dro_beta", self.dro_beta) <= 0.0:
+            raise ValueError(f"LossConfig.dro_beta must be > 0, got {self.dro_beta}")
+        if mode == "dro" and self.dro_beta is None:
+            raise ValueError("LossConfig.dro_beta is required when loss_mode='dro' (verl policy_loss.dro_beta), "
+                             "got None")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _finite(name, getattr(self, name))
+        if mode in ("geo_mean", "vespo") and self.importance_sampling_level != "token":
+            raise ValueError(f"LossConfig.loss_mode={mode!r} forms its own sequence ratio: "
+                             f"importance_sampling_level must be 'token', got {self.importance_sampling_level!r}")
+        if mode == "geo_mean" and self.credit is not None:
+            raise ValueError("LossConfig.credit is not available with loss_mode='geo_mean' (its advantage is the "
+                             f"sequence mean of A), got credit={self.credit!r}")
+        if mode == "vespo" and self.rollout_correction is not None and self.rollout_correction.startswith("sequence"):
+            raise ValueError("LossConfig.loss_mode='vespo' folds token-level rollout weights into its sequence "
+                             f"ratio (as TRL): rollout_correction must be token-level, got {self.rollout_correction!r}")
+        if not isinstance(self.rollout_is_batch_normalize, bool):
+            raise TypeError(f"LossConfig.rollout_is_batch_normalize must be a bool, got "
+                            f"{type(self.rollout_is_batch_normalize).__name__}")
+        if self.rollout_is_batch_normalize and self.rollout_correction is None:
+            raise ValueError("LossConfig.rollout_is_batch_normalize needs a rollout_correction to normalise, got None")
+        if self.rollout_rs is None:
+            if self.rollout_rs_threshold is not None:
+                raise ValueError("LossConfig.rollout_rs_threshold is set but rollout_rs is None")
+        else:
+            self.rollout_rs_bounds  # parses and checks both fields
+
+    @property
+    def rollout_rs_bounds(self) -> Tuple[Tuple[str, Optional[float], float], ...]:
+        """``rollout_rs`` parsed: (option, lower, upper) per distinct option, in order. k1 options bound the ratio
+        exp(−k1) … (lower, upper > 0); the others bound the divergence from above (lower None)."""
+        if self.rollout_rs is None:
+            return ()
+        if not isinstance(self.rollout_rs, str):
+            raise TypeError(f"LossConfig.rollout_rs must be a str, got {type(self.rollout_rs).__name__}")
+        options = list(dict.fromkeys(o.strip() for o in self.rollout_rs.split(",") if o.strip()))
+        if not options:
+            raise ValueError(f"LossConfig.rollout_rs must name at least one option, got {self.rollout_rs!r}")
+        for option in options:
+            _choice("rollout_rs", option, ROLLOUT_RS_OPTIONS)
+        spec = self.rollout_rs_threshold
+        if spec is None:
+            raise ValueError(f"LossConfig.rollout_rs_threshold is required when rollout_rs={self.rollout_rs!r}")
+        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+            raise TypeError(f"LossConfig.rollout_rs_threshold must be a number or a str, got {type(spec).__name__}")
+        parts = [str(spec)] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
+        if len(parts) not in (1, len(options)):
+            raise ValueError(f"LossConfig.rollout_rs_threshold must give one bound or one per rollout_rs option "
+                             f"({len(options)}), got {spec!r}")
+        parts = parts * len(options) if len(parts) == 1 else parts
+        bounds = []
+        for option, part in zip(options, parts):
+            try:
+                if option.endswith("k1"):
+                    lower_s, upper_s = part.split("_", 1) if "_" in part else (None, part)
+                    upper = float(upper_s)
+                    lower = 1.0 / upper if lower_s is None else float(lower_s)
+                else:
+                    if "_" in part:
+                        raise ValueError(part)
+                    lower, upper = None, float(part)
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"LossConfig.rollout_rs_threshold {part!r} is not a bound for {option!r} "
+                                 "('lower_upper' or one number for k1 options, one number otherwise)") from None
+            if not (math.isfinite(upper) and upper > 0.0 and (lower is None or 0.0 < lower <= upper)):
+                raise ValueError(f"LossConfig.rollout_rs_threshold for {option!r} must be positive (lower <= upper), "
+                                 f"got {part!r}")
+            bounds.append((option, lower, upper))
+        return tuple(bounds)
 
     @property
     def key(self) -> str:
@@ -272,8 +403,9 @@ class LossConfig:
 
         TRL flavours: "grpo", "dapo" (TRL's default loss: ε_hi = ε = 0.2), "dapo_paper" (the DAPO paper's
         ε_hi = 0.28), "dr_grpo" (needs ``max_completion_length=``), "bnpo", "gspo", "cispo", "sapo"; verl's
-        "gpg". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
-        "verl_gspo", "verl_cispo", "verl_sapo".
+        "gpg", "luspo", "vespo". verl flavours (log-ratio clamp, dual clip, clamped k3): "verl_grpo", "verl_dapo",
+        "verl_gspo", "verl_cispo", "verl_sapo", "verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "verl_dppo_tv",
+        "verl_dppo_kl", "verl_dro" (needs ``dro_beta=``).
         """
         if not isinstance(name, str):
             raise TypeError(f"preset name must be a str, got {type(name).__name__}")
@@ -325,4 +457,22 @@ PRESETS = {
     # SAPO forces seq-mean-token-mean on its policy term only; KL and entropy keep loss_agg_mode (token-mean).
     "verl_sapo": dict(loss_mode="sapo", sapo_tau_pos=1.0, sapo_tau_neg=1.05, aggregation="seq_mean_token_mean",
                       kl_aggregation="token_mean", entropy_aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    # peer loss variants. TRL's LUSPO: the clipped surrogate summed per sequence, averaged over sequences, at the
+    # sequence level its docs ask for; VESPO: normalised like dapo.
+    "luspo": dict(loss_mode="ppo_clip", epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="sequence",
+                  aggregation="seq_mean_token_sum", **_TRL),
+    "vespo": dict(loss_mode="vespo", aggregation="token_mean", **_TRL),
+    # verl: GMPO ignores loss_agg_mode (a mean over sequences), its KL and entropy keep it; no log-ratio clamp in
+    # geo_mean, clip_cov, kl_cov and dro; DPPO truncates at clip_ratio_c (3) and clamps like vanilla.
+    "verl_geo_mean": dict(loss_mode="geo_mean", epsilon_low=0.2, epsilon_high=0.2, aggregation="seq_mean_token_mean",
+                          kl_aggregation="token_mean", entropy_aggregation="token_mean", **_VERL_KL),
+    "verl_clip_cov": dict(loss_mode="clip_cov", epsilon_low=0.2, epsilon_high=0.2, aggregation="token_mean",
+                          **_VERL_KL),
+    "verl_kl_cov": dict(loss_mode="kl_cov", aggregation="token_mean", **_VERL_KL),
+    "verl_dppo_tv": dict(loss_mode="dppo_tv", epsilon_low=0.2, epsilon_high=0.2, dppo_ratio_cap=3.0,
+                         aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    "verl_dppo_kl": dict(loss_mode="dppo_kl", epsilon_low=0.2, epsilon_high=0.2, dppo_ratio_cap=3.0,
+                         aggregation="token_mean", **_VERL_KL, **_VERL_RATIO),
+    # dro_beta has no default in verl: preset("verl_dro", dro_beta=...).
+    "verl_dro": dict(loss_mode="dro", aggregation="token_mean", **_VERL_KL),
 }

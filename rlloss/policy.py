@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import _checks
 from . import reference
 from ._backend import resolve_backend
-from .config import LossConfig
+from .config import NON_LOCAL_LOSS_MODES, LossConfig
 from .credit import credit_advantage
 from ._backend import BACKENDS
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
@@ -177,13 +177,39 @@ def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tens
 # --- torch backend: the kernel's algorithm, vectorised over [B, T] --------------------------------------
 
 
-def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor):
-    """(P, ∂P/∂ρ, ∂P/∂ℓ direct, dual-clip active) of MATH.md §4; clamps pass the gradient on the closed
-    interval, as torch.clamp does."""
+def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor, old: Tensor,
+                 coupled: Optional[Tensor] = None):
+    """(P, ∂P/∂ρ, ∂P/∂ℓ direct, dual-clip active) of MATH.md §4 (docs/math.md §4); clamps pass the gradient on
+    the closed interval, as torch.clamp does. ``old`` is ℓ° (ℓ itself on-policy); ``coupled`` the per-token
+    factor a mode takes from the whole sequence or batch (:func:`_coupled_terms`): clip_cov / kl_cov 1 on the
+    selected tokens, vespo φ(w_i). geo_mean arrives with ρ = its sequence ratio and A = the sequence mean Ā."""
     zero = torch.zeros_like(rho)
     dual = torch.zeros_like(rho, dtype=torch.bool)
     mode = config.loss_mode
-    if mode == "ppo_clip":
+    if mode in ("geo_mean", "kl_cov"):  # −A·ρ (+ kl_cov_coef·|ℓ − ℓ°| on the selected tokens)
+        P, d_rho, direct = -adv * rho, -adv, zero
+        if mode == "kl_cov":
+            u = logp - old
+            P = P + config.kl_cov_coef * coupled * u.abs()
+            direct = config.kl_cov_coef * coupled * torch.where(u.isnan(), u, torch.sign(u))
+        return P, d_rho, direct, dual
+    if mode in ("dppo_tv", "dppo_kl"):  # −A·sg(min(ρ, c))·ℓ inside the divergence trust region
+        p, p_old = torch.exp(logp), torch.exp(old)
+        if mode == "dppo_tv":
+            outside = torch.where(adv > 0, p - p_old > config.epsilon_high, p - p_old < -config.epsilon_low)
+        else:
+            binary_kl = p_old * (old - logp) + (1.0 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+            outside = torch.where(adv > 0, (binary_kl > config.epsilon_high) & (p > p_old),
+                                  (binary_kl > config.epsilon_low) & (p < p_old))
+        # NaN counts as inside: it propagates
+        weight = torch.where(outside, zero, -adv * rho.clamp(max=config.dppo_ratio_cap))
+        return weight * logp, zero, weight, dual
+    if mode == "dro":  # −(A·ℓ − ½·β_dro·(ℓ − ℓ°)²)
+        u = logp - old
+        return -(adv * logp - 0.5 * config.dro_beta * u * u), zero, -adv + config.dro_beta * u, dual
+    if mode == "vespo":  # −sg(φ)·A·ℓ
+        return -coupled * adv * logp, zero, -coupled * adv, dual
+    if mode in ("ppo_clip", "clip_cov"):
         unclipped, d_unclipped = rho, torch.ones_like(rho)
         if config.delta is not None:
             unclipped = rho.clamp(max=config.delta)
@@ -200,6 +226,8 @@ def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor):
             dual = (adv < 0) & (P > cap)
             P = torch.where(dual, cap, P)
             d_rho = torch.where(dual, zero, d_rho)
+        if mode == "clip_cov":  # the selected tokens' loss and gradient dropped
+            P, d_rho = P * (1.0 - coupled), d_rho * (1.0 - coupled)
         return P, d_rho, zero, dual
     if mode in ("cispo_trl", "cispo_verl"):
         if mode == "cispo_trl":
@@ -262,6 +290,155 @@ def _rollout_weight(config: LossConfig, w: Tensor) -> Tensor:
     return torch.where((w >= c_min) & (w <= c_max), w, torch.zeros_like(w))
 
 
+def _rollout_weights(config: LossConfig, live: Tensor, old: Tensor, rollout: Tensor) -> Tensor:
+    """[B, T] weights of ``config.rollout_correction`` from ℓ° and ℓˢ (MATH.md §5): per token, or the sequence
+    weight w_i on every token of row i."""
+    d = torch.where(live, old - rollout, torch.zeros((), dtype=old.dtype, device=old.device))
+    if config.rollout_correction.startswith("token"):
+        return _rollout_weight(config, torch.exp(d))
+    return _rollout_weight(config, torch.exp(d.sum(1)))[:, None].expand(live.shape)
+
+
+# verl's guards: a divergence statistic's log-ratio clamp (rollout_corr_helper.SAFETY_BOUND), the 1e-8 in its
+# masked means, TRL's lower clamp of VESPO's log w (log 1e-8) and verl's 1e-10 in GMPO's log of the weights.
+_RS_LOG_RATIO_BOUND = 20.0
+_MEAN_EPS = 1e-8
+_VESPO_LOG_W_MIN = math.log(1e-8)
+_GEO_WEIGHT_EPS = 1e-10
+
+
+def _batch_normalised(config: LossConfig, w: Tensor, live: Tensor) -> Tensor:
+    """w divided by its mean over the counted tokens (token level) or the non-empty sequences (sequence level),
+    when that mean exceeds 1e-8 (verl ``rollout_is_batch_normalize``; verl's means add 1e-8 to the count, a
+    relative 1e-8/N that this exact mean leaves out)."""
+    mf = live.to(w.dtype)
+    w = w * mf
+    if config.rollout_correction.startswith("token"):
+        mean = w.sum() / mf.sum().clamp(min=1.0)
+    else:
+        rows = mf.sum(1)
+        nonempty = (rows > 0).to(w.dtype)
+        mean = (w.sum(1) / rows.clamp(min=1.0) * nonempty).sum() / nonempty.sum().clamp(min=1.0)
+    return torch.where(mean > _MEAN_EPS, w / mean, w)
+
+
+def _rejection_keep(config: LossConfig, live: Tensor, old: Tensor, rollout: Tensor) -> Tensor:
+    """[B, T] bool: the tokens that pass every ``config.rollout_rs`` criterion (verl's rejection sampling) on
+    d = clamp(ℓ° − ℓˢ, ±20): k1 = −d within [log lower, log upper], k2 = d²/2 and k3 = eᵈ − 1 − d at most the
+    bound, per token or as the sequence's sum, mean or max."""
+    if live.shape[1] == 0:
+        return live
+    zero = torch.zeros((), dtype=old.dtype, device=old.device)
+    d = torch.where(live, old - rollout, zero).clamp(-_RS_LOG_RATIO_BOUND, _RS_LOG_RATIO_BOUND)
+    mf = live.to(old.dtype)
+    keep = torch.ones_like(live)
+    for option, lower, upper in config.rollout_rs_bounds:
+        stat = {"k1": -d, "k2": 0.5 * d * d, "k3": torch.expm1(d) - d}[option[-2:]]
+        if option.startswith("seq_sum"):
+            stat = (stat * mf).sum(1, keepdim=True)
+        elif option.startswith("seq_mean"):
+            stat = (stat * mf).sum(1, keepdim=True) / (mf.sum(1, keepdim=True) + _MEAN_EPS)
+        elif option.startswith("seq_max"):
+            top = torch.where(live, stat, -math.inf).amax(1, keepdim=True)
+            stat = torch.where(top == -math.inf, zero, top)
+        if lower is None:
+            keep = keep & (stat <= upper)
+        else:
+            keep = keep & (stat >= math.log(lower)) & (stat <= math.log(upper))
+    return keep
+
+
+def apply_rollout_rs_and_normalise(config: LossConfig, mask: Tensor, old: Optional[Tensor], rollout: Optional[Tensor],
+                                   rollout_weights: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """(mask, rollout_weights) after verl's batch normalisation of the rollout weights and its rejection sampling,
+    which act on the whole call before the loss, in verl's order: the weights of ``config.rollout_correction`` are
+    formed over the given mask and normalised (``config.rollout_is_batch_normalize``), then the tokens
+    ``config.rollout_rs`` rejects leave the mask of every term and of the aggregation. ``old`` is ℓ° (sg(ℓ)
+    on-policy). Without either option, nothing changes (the weights are formed inside the loss)."""
+    if not (config.rollout_is_batch_normalize or config.rollout_rs is not None):
+        return mask, rollout_weights
+    cd = torch.float64 if old.dtype == torch.float64 else torch.float32
+    old, rollout = old.to(cd), rollout.to(cd)
+    if config.rollout_correction is not None:
+        rollout_weights = _rollout_weights(config, mask, old, rollout)
+        if config.rollout_is_batch_normalize:
+            rollout_weights = _batch_normalised(config, rollout_weights, mask)
+    if config.rollout_rs is not None:
+        mask = mask & _rejection_keep(config, mask, old, rollout)
+    return mask, rollout_weights
+
+
+def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho: Tensor):
+    """The per-token factor a mode takes from the whole batch or sequence at the current log-probs, and the
+    tokens with the rollout weights it consumes removed: clip_cov's and kl_cov's selections (1 on the selected
+    tokens) and VESPO's φ(w_i) with the token rollout weights folded into w_i (docs/math.md §4)."""
+    mode, live, adv = config.loss_mode, tokens.live, tokens.adv
+    old = logp if tokens.old is None else tokens.old
+    mf = live.to(logp.dtype)
+    selected = torch.zeros_like(logp)
+    if mode == "clip_cov":
+        lo, hi = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+        clipped = live & (-adv * rho.clamp(lo, hi) > -adv * rho)
+        count = mf.sum()
+        cov = (adv - (adv * mf).sum() / (count + _MEAN_EPS)) * (logp - (logp * mf).sum() / (count + _MEAN_EPS))
+        candidates = torch.nonzero(live & ~clipped & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub))
+        if len(candidates):  # verl: a random clip_num of them, torch.randperm on the default generator
+            clip_num = max(int(config.clip_cov_ratio * count.item()), 1)
+            chosen = candidates[torch.randperm(len(candidates))[:clip_num].to(candidates.device)]
+            selected[chosen[:, 0], chosen[:, 1]] = 1.0
+        return selected, tokens
+    if mode == "kl_cov":
+        a, lp = adv[live], logp[live]
+        if a.numel():  # verl: the top max(1, ⌊N·ratio⌋) tokens by covariance
+            cov = (a - a.mean()) * (lp - lp.mean())
+            top = torch.topk(cov, max(1, int(a.numel() * config.kl_cov_ratio))).indices
+            flat = torch.zeros(a.numel(), dtype=logp.dtype, device=logp.device)
+            flat[top] = 1.0
+            selected[live] = flat
+        return selected, tokens
+    # vespo: log w_i = clamp(Σ_t m·clamp(ℓ − ℓ°, ±20) + Σ_t m·clamp(log w_t, log 1e-8, 20), log 1e-8, 20)
+    log_w = (torch.where(live, logp - old, 0.0).clamp(-20.0, 20.0) * mf).sum(1)
+    weights = tokens.weight
+    if tokens.rollout is not None:
+        weights = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, 0.0)))
+    if weights is not None:
+        log_w = log_w + (torch.log(weights).clamp(_VESPO_LOG_W_MIN, 20.0) * mf).sum(1)
+    log_w = log_w.clamp(_VESPO_LOG_W_MIN, 20.0)[:, None]
+    nonneg = adv >= 0
+    k = torch.where(nonneg, torch.full_like(adv, config.vespo_k_pos), torch.full_like(adv, config.vespo_k_neg))
+    lam = torch.where(nonneg, torch.full_like(adv, config.vespo_lambda_pos),
+                      torch.full_like(adv, config.vespo_lambda_neg)).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    phi = torch.where(phi.isinf(), torch.zeros_like(phi), phi)  # TRL's guard; a NaN input stays NaN (NaN contract)
+    return phi, tokens._replace(rollout=None, weight=None)
+
+
+def _geo_mean_inputs(config: LossConfig, logp: Tensor, tokens: "TokenInputs", n_safe: Tensor):
+    """GMPO (verl ``geo_mean``): (s_i [B], ds_i/dℓ_t ÷ (s_i/n_i) [B, T], tokens with A → Ā_i and the rollout
+    weights → their geometric mean over the sequence). s_i = exp(Σ_t m·ũ_t / n_i), ũ = sign(A)·min(sign(A)·u,
+    sign(A)·clip(u, −ε_lo, ε_hi)) with u = ℓ − ℓ° (clamped by log_ratio_min/max when set)."""
+    live, adv = tokens.live, tokens.adv
+    mf = live.to(logp.dtype)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    lo, hi = _ratio_bounds(config)
+    old = logp if tokens.old is None else tokens.old
+    u = logp - old
+    u_r = u.clamp(lo, hi)
+    sign = torch.sign(adv)
+    u_min = sign * torch.minimum(sign * u_r, sign * u_r.clamp(-config.epsilon_low, config.epsilon_high))
+    gate = ~((u < lo) | (u > hi) | (sign == 0) | ((sign > 0) & (u_r > config.epsilon_high))
+             | ((sign < 0) & (u_r < -config.epsilon_low)))
+    s = torch.exp((u_min * mf).sum(1) / n_safe)
+    adv_mean = ((adv * mf).sum(1) / n_safe)[:, None] * mf
+    weights = tokens.weight
+    if tokens.rollout is not None:
+        weights = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, zero)))
+    if weights is not None:  # verl: exp(Σ_t m·log(w_t + 1e-10) / n_i)
+        geo = torch.exp((torch.log(weights + _GEO_WEIGHT_EPS) * mf).sum(1) / n_safe)
+        weights = geo[:, None].expand(live.shape)
+    return s, gate.to(logp.dtype), tokens._replace(adv=adv_mean, rollout=None, weight=weights)
+
+
 class TokenInputs(NamedTuple):
     """The per-token inputs of the policy math that do not depend on the current log-probs, prepared once
     (:func:`prepare_tokens`), in the compute dtype, zero where not counted. Any shape ([B, T], or a flat
@@ -292,8 +469,10 @@ def _load(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor
 
 
 def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                   normaliser: Tensor, pos_logprobs, neg_logprobs, cd: torch.dtype) -> Tuple[TokenInputs, Tensor]:
-    """(TokenInputs over [B, T], n_i = max(Σ_t m, 1) per row)."""
+                   normaliser: Tensor, pos_logprobs, neg_logprobs, cd: torch.dtype,
+                   rollout_weights: Optional[Tensor] = None) -> Tuple[TokenInputs, Tensor]:
+    """(TokenInputs over [B, T], n_i = max(Σ_t m, 1) per row). Given ``rollout_weights`` (precomputed, detached)
+    are the rollout weights, in place of any formed from ``rollout_logprobs``."""
     B, T = live.shape
     mf = live.to(cd)
     n_safe = mf.sum(1).clamp(min=1.0)
@@ -304,8 +483,10 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
     if rollout_logprobs is not None and config.rollout_correction is not None:
         rollout = _load(rollout_logprobs, live, cd)
         if config.rollout_correction.startswith("sequence") and old is not None:
-            weight = _rollout_weight(config, torch.exp((old - rollout).sum(1)))[:, None].expand(B, T)
+            weight = _rollout_weights(config, live, old, rollout)
             rollout = None
+    if rollout_weights is not None:
+        weight, rollout = _load(rollout_weights, live, cd), None
     norms = normaliser.reshape(-1).to(cd).expand(3)  # a single D (older callers) serves every term
     coefs = {}
 
@@ -339,17 +520,19 @@ class TokenTerms(NamedTuple):
     weight: Optional[Tensor]  # rollout weight
 
 
-def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tensor) -> TokenTerms:
+def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tensor,
+                coupled: Optional[Tensor] = None) -> TokenTerms:
     """The per-token policy, rollout and KL terms at ratio ``rho``, weighted by their aggregation coefficients —
     elementwise, so the same function serves a whole [B, T] batch and one chunk of flat tokens of the fused
-    loss (the one place these formulas live in torch; kernels/policy.py is the kernel's copy)."""
+    loss (the one place these formulas live in torch; kernels/policy.py is the kernel's copy). ``coupled``: the
+    batch- or sequence-wide factor of clip_cov, kl_cov and vespo (:func:`_coupled_terms`)."""
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     old = logp if tokens.old is None else tokens.old
     adv = tokens.adv
     if config.credit is not None:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ or ℓ⁺ − ℓ°, no gradient
         base = tokens.neg if config.credit == "cepo" else old
         adv = credit_advantage(adv, tokens.pos - base, config.credit_lambda, config.credit_eps_w)
-    P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv)
+    P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv, old, coupled)
     w = tokens.weight
     if tokens.rollout is not None:  # token-level rollout correction (MATH.md §5): a detached weight
         w = _rollout_weight(config, torch.exp(torch.where(tokens.live, old - tokens.rollout, zero)))
@@ -412,14 +595,14 @@ def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
 
 
 def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None):
+                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None):
     """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
     cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     B, T = logprobs.shape
     zero = torch.zeros((), dtype=cd, device=logprobs.device)
     mf = live.to(cd)
     tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                                    normaliser, pos_logprobs, neg_logprobs, cd)
+                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights)
     logp = _load(logprobs, live, cd)
     old = logp if tokens.old is None else tokens.old
     u = logp - old
@@ -436,11 +619,21 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
         rho = s[:, None].expand(B, T)
         d_rho = ds[:, None].expand(B, T)
     if (rollout_logprobs is not None and config.rollout_correction is not None
-            and config.rollout_correction.startswith("sequence") and tokens.old is None):
+            and config.rollout_correction.startswith("sequence") and tokens.old is None
+            and rollout_weights is None):
         # on-policy sequence-level rollout weight: ℓ° = sg(ℓ), known only now
         w_row = _rollout_weight(config, torch.exp((logp - _load(rollout_logprobs, live, cd)).sum(1)))
         tokens = tokens._replace(weight=w_row[:, None].expand(B, T), rollout=None)
-    terms = token_terms(config, logp, tokens, rho)
+    is_weight = tokens.weight  # the rollout weights, for the metrics
+    if tokens.rollout is not None:
+        is_weight = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, zero)))
+    coupled = gate = None
+    if config.loss_mode == "geo_mean":  # the sequence ratio s_i, through the tokens its clip leaves free
+        s, gate, tokens = _geo_mean_inputs(config, logp, tokens, n_safe)
+        rho = s[:, None].expand(B, T)
+    elif config.loss_mode in ("clip_cov", "kl_cov", "vespo"):
+        coupled, tokens = _coupled_terms(config, logp, tokens, rho)
+    terms = token_terms(config, logp, tokens, rho, coupled)
     loss_t = terms.loss
 
     stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logprobs.device)
@@ -449,14 +642,17 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
         stats[:, _S["logp_diff_sum"]] = d.abs().sum(1)
         stats[:, _S["logp_diff_max"]] = d.abs().amax(1) if T else 0.0
         if config.rollout_correction is not None:
-            w = terms.weight
+            w = is_weight
             if config.rollout_correction.startswith("token"):
                 stats[:, _S["is_sum"]] = (w * mf).sum(1)
                 stats[:, _S["is_count"]] = mf.sum(1)
                 stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
                 stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
             else:
-                w_row = w[:, 0] if T else _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device))
+                # a row without a counted token reports the weight of d = 0, as the kernel does
+                empty_row = _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device))
+                w_row = (torch.where(live.any(1), torch.where(live, w, -math.inf).amax(1), empty_row) if T
+                         else empty_row)
                 stats[:, _S["is_sum"]] = w_row
                 stats[:, _S["is_count"]] = 1.0
                 stats[:, _S["is_min"]] = w_row
@@ -472,6 +668,9 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     if config.importance_sampling_level == "sequence":  # s_i reaches every token: dℓ_t += (m_t/n_i)·s_i·Σ c·∂L/∂ρ
         seq = terms.via_ratio.sum(1) * ds / n_safe
         grad = terms.direct + torch.where(live, seq[:, None], zero)
+    elif gate is not None:  # geo_mean: the same through the tokens whose log-ratio is not clipped
+        seq = terms.via_ratio.sum(1) * s / n_safe
+        grad = terms.direct + torch.where(live, seq[:, None] * gate, zero)
     else:
         grad = terms.direct + terms.via_ratio * d_rho
     grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
@@ -500,7 +699,8 @@ def _kernels():
 
 def _kernel_supports(config: LossConfig) -> bool:
     """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
-    return config.uniform_aggregation and config.kl_estimator in ("k1", "abs", "k2", "k3", "k3+")
+    return (config.uniform_aggregation and config.kl_estimator in ("k1", "abs", "k2", "k3", "k3+")
+            and config.loss_mode in ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo"))
 
 
 def policy_loss_and_grads(
@@ -516,6 +716,7 @@ def policy_loss_and_grads(
     backend: str,
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
+    rollout_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Optional[Tensor]]:
     """The policy loss, its metrics and its analytic gradients, computed together (no autograd).
 
@@ -523,7 +724,8 @@ def policy_loss_and_grads(
     [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
     serves every term);
     ``backend`` "torch", "triton" or "interpret"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
-    ``config.credit`` (see :func:`check_credit_inputs`). Nothing here builds an autograd graph.
+    ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights.
+    Nothing here builds an autograd graph.
 
     Returns:
         (loss, metrics, grad_logprobs, grad_entropy): the 0-d loss (float32, float64 for float64 log-probs on the
@@ -534,11 +736,13 @@ def policy_loss_and_grads(
     write_grad_entropy = entropy is not None and config.entropy_coef != 0.0
     # The kernel has one aggregation coefficient per token and the estimators k1, abs, k2, k3, k3+: a config
     # with a KL or entropy term aggregated otherwise, or the k1+ / abs+ estimators, runs the torch formulas on
-    # the same device instead (never an option silently dropped).
-    if backend == "torch" or logprobs.numel() == 0 or not _kernel_supports(config):
+    # the same device instead (never an option silently dropped); so does every loss mode but ppo_clip, cispo_*,
+    # gpg and sapo, and precomputed rollout weights.
+    if (backend == "torch" or logprobs.numel() == 0 or not _kernel_supports(config)
+            or rollout_weights is not None):
         stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                             rollout_logprobs, config, normaliser, write_grad_entropy,
-                                            pos_logprobs, neg_logprobs)
+                                            pos_logprobs, neg_logprobs, rollout_weights)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = _kernels().policy_loss_rows(
@@ -588,13 +792,13 @@ def _fake_outputs(x: Tensor, config: LossConfig, has_ref: bool, has_entropy: boo
 def policy_loss_impl(logprobs: Tensor, entropy: Optional[Tensor], old_logprobs: Optional[Tensor],
                      advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor],
                      rollout_logprobs: Optional[Tensor], pos_logprobs: Optional[Tensor],
-                     neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
-                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                     neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor], normaliser: Tensor,
+                     config: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, packed metrics, d(loss)/dℓ, d(loss)/dH or empty) of :func:`policy_loss_and_grads`."""
     cfg = LossConfig.from_key(config)
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cfg, normaliser, backend,
-        pos_logprobs, neg_logprobs)
+        pos_logprobs, neg_logprobs, rollout_weights)
     return loss, _packed(metrics, loss), grad, grad_ent if grad_ent is not None else logprobs.new_empty(EMPTY)
 
 
@@ -603,7 +807,7 @@ _policy_loss_op = torch.library.custom_op("rlloss::policy_loss", policy_loss_imp
 
 @_policy_loss_op.register_fake
 def _(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs,
-      normaliser, config, backend):
+      rollout_weights, normaliser, config, backend):
     cfg = LossConfig.from_key(config)
     loss, packed = _fake_outputs(logprobs, cfg, ref_logprobs is not None, entropy is not None,
                                  rollout_logprobs is not None)
@@ -625,7 +829,7 @@ def _policy_loss_backward(ctx, g_loss, *_):
         g_logp = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1] and ctx.has_grad_ent:
             g_ent = grad_ent * g_loss.to(grad_ent.dtype)
-    return (g_logp, g_ent) + (None,) * 10
+    return (g_logp, g_ent) + (None,) * 11
 
 
 _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -707,6 +911,22 @@ def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
     return pos_logprobs, neg_logprobs
 
 
+def check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config: LossConfig) -> Optional[Tensor]:
+    """Check the precomputed rollout weights against ``config`` (host side); returns them detached.
+
+    ``rollout_weights`` are final weights: they exclude ``config.rollout_correction`` (which forms weights from
+    ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
+    if config.rollout_rs is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_logprobs is required when config.rollout_rs = {config.rollout_rs!r}, got None")
+    if rollout_weights is None:
+        return None
+    if config.rollout_correction is not None:
+        raise ValueError(f"rollout_weights and config.rollout_correction = {config.rollout_correction!r} were both "
+                         "given: the weights are either precomputed (rollout_weights) or formed from "
+                         "rollout_logprobs (rollout_correction), not both")
+    return _checks.float_like("rollout_weights", rollout_weights, shape, "logprobs").detach()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -721,6 +941,7 @@ def policy_loss(
     num_sequences_in_batch: Union[int, Tensor, None] = None,
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
+    rollout_weights: Optional[Tensor] = None,
     check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> PolicyLossOutput:
@@ -751,14 +972,22 @@ def policy_loss(
             ``config.credit`` is set, which then replaces A by Â of MATH.md §7 inside the loss.
         neg_logprobs: [B, T] teacher log-probs ℓ⁻ (shown a wrong answer); required for ``credit="cepo"``.
             With ``credit="rlsd"`` the base is ``old_logprobs``, or sg(ℓ) when that is None.
+        rollout_weights: [B, T] precomputed, detached rollout weights w (a trainer's importance-sampling weights,
+            e.g. TRL's ``importance_sampling_ratio`` or verl's ``rollout_is_weights``) multiplying the policy term
+            (vespo folds them into its sequence ratio, geo_mean takes their geometric mean per sequence, as the
+            peers do). An alternative to ``config.rollout_correction``: giving both is an error.
         check_inputs: run the checks that read device values (a non-bool mask holds only 0/1, tensor counts
-            finite and > 0). With False the call never synchronises with the host.
+            finite and > 0). With False the call never synchronises with the host (clip_cov and kl_cov
+            always read the batch: their selections are host-side, as in verl).
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
             The Triton kernel implements one aggregation for every term and the estimators k1, abs, k2, k3, k3+:
             on "triton" / "interpret" a config whose active KL or entropy term has its own aggregation
             (``kl_aggregation`` / ``entropy_aggregation``, e.g. the TRL presets with ``entropy_coef`` ≠ 0,
-            ``verl_sapo`` with β or c_H ≠ 0) or a "k1+" / "abs+" estimator is computed by the torch formulas on
-            the same device instead.
+            ``verl_sapo`` with β or c_H ≠ 0), a "k1+" / "abs+" estimator, a loss mode other than ppo_clip,
+            cispo_*, gpg and sapo (the verl and TRL variants: geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo)
+            or given ``rollout_weights`` is computed by the torch formulas on the same device instead.
+            ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` act on the whole call before the
+            loss (docs/math.md §5), on every backend.
 
     Returns:
         :class:`PolicyLossOutput` (loss, metrics).
@@ -779,29 +1008,35 @@ def policy_loss(
         shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check_inputs
     )
     pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
+    rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
     if entropy is not None:
         entropy = _checks.float_like("entropy", entropy, shape, "logprobs")
     elif config.entropy_coef != 0.0:
         raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
     _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                         ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
-                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs)
+                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights)
     name = resolve_backend(backend, logprobs.device)
     allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
     _checks.dtype_in("logprobs", logprobs, allowed)
 
-    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
     if name == "reference":
+        aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)  # checks
         out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
         loss, metrics = reference.policy_loss(
             logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
             rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
             num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
+            rollout_weights=rollout_weights,
         )
         return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old, rollout_logprobs, rollout_weights)
+    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
     loss, packed, _, _ = _policy_loss_op(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                         rollout_logprobs, pos_logprobs, neg_logprobs, normaliser, config.key, name)
+                                         rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, normaliser,
+                                         config.key, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
@@ -811,9 +1046,10 @@ def policy_loss(
 
 def one_pass(config: LossConfig, on_policy: bool, has_rollout: bool) -> bool:
     """Whether every token's loss gradient is local, so the fused loss can form dz in its forward (6·N·D·V
-    FLOPs). Sequence-level ratios (GSPO) and an on-policy sequence-level rollout weight need each whole
-    sequence's log-probs first: statistics, then one recompute pass (8·N·D·V)."""
-    if config.importance_sampling_level != "token":
+    FLOPs). Sequence-level ratios (GSPO), an on-policy sequence-level rollout weight and the loss modes of
+    NON_LOCAL_LOSS_MODES (geo_mean, vespo: a sequence quantity; clip_cov, kl_cov: a batch ranking) need the
+    log-probs of a whole sequence or batch first: statistics, then one recompute pass (8·N·D·V)."""
+    if config.importance_sampling_level != "token" or config.loss_mode in NON_LOCAL_LOSS_MODES:
         return False
     sequence_rollout = config.rollout_correction is not None and config.rollout_correction.startswith("sequence")
     return not (on_policy and has_rollout and sequence_rollout)
@@ -822,8 +1058,8 @@ def one_pass(config: LossConfig, on_policy: bool, has_rollout: bool) -> bool:
 def fused_pass(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
     advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
-    pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
-    needs: List[bool], options: LinearOptions, shard: Optional[VocabShard] = None,
+    pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor],
+    normaliser: Tensor, config: str, needs: List[bool], options: LinearOptions, shard: Optional[VocabShard] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, packed metrics, dh, dW, db, shift, total, ratio, d(loss)/dℓ, d(loss)/dH) from hidden [N, D].
 
@@ -841,7 +1077,7 @@ def fused_pass(
     upstream = None
     if fused:
         tokens, _ = prepare_tokens(cfg, mask, old_logprobs, advantages, ref_logprobs, rollout_logprobs, normaliser,
-                                   pos_logprobs, neg_logprobs, compute_dtype(hidden.dtype))
+                                   pos_logprobs, neg_logprobs, compute_dtype(hidden.dtype), rollout_weights)
         write_grad_entropy = cfg.entropy_coef != 0.0
 
         def upstream(begin, end, logp, entropy):
@@ -850,7 +1086,7 @@ def fused_pass(
     result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=tuple(needs), shard=shard)
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
-        rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs)
+        rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs, rollout_weights)
     empty = hidden.new_empty(EMPTY)
     if fused:
         grads = tuple(g if g is not None else empty.clone() for g in result[3:])
@@ -862,14 +1098,14 @@ def fused_pass(
 def fused_policy_loss_impl(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
     advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
-    pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], normaliser: Tensor, config: str,
-    needs: List[bool], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
-    max_scratch_bytes: int, batch_invariant: bool,
+    pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor],
+    normaliser: Tensor, config: str, needs: List[bool], temperature: float, softcap: Optional[float],
+    ignore_index: int, backend: str, max_scratch_bytes: int, batch_invariant: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The registered op: :func:`fused_pass` on one device."""
     options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
     return fused_pass(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs,
-                      pos_logprobs, neg_logprobs, normaliser, config, needs, options)
+                      pos_logprobs, neg_logprobs, rollout_weights, normaliser, config, needs, options)
 
 
 _fused_policy_loss_op = torch.library.custom_op("rlloss::fused_policy_loss", fused_policy_loss_impl, mutates_args=())
@@ -877,7 +1113,7 @@ _fused_policy_loss_op = torch.library.custom_op("rlloss::fused_policy_loss", fus
 
 @_fused_policy_loss_op.register_fake
 def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs,
-      neg_logprobs, normaliser, config, needs, *options):
+      neg_logprobs, rollout_weights, normaliser, config, needs, *options):
     cfg = LossConfig.from_key(config)
     loss, packed = _fake_outputs(hidden, cfg, ref_logprobs is not None, True, rollout_logprobs is not None)
     empty = hidden.new_empty(EMPTY)
@@ -896,8 +1132,8 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprob
 def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     hidden, weight, bias, targets = inputs[:4]
-    ctx.options = inputs[14:]
-    ctx.needs = inputs[13]
+    ctx.options = inputs[15:]
+    ctx.needs = inputs[14]
     ctx.fused = output[2].shape != (0,) or output[3].shape != (0,) or output[4].shape != (0,)
     ctx.has_grad_ent = output[9].numel() > 0
     if ctx.fused:
@@ -908,7 +1144,7 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_backward(ctx, g_loss, *_):
-    none = (None,) * 16
+    none = (None,) * 17
     if g_loss is None or not any(ctx.needs):
         return (None,) * 4 + none
     if ctx.fused:
@@ -930,7 +1166,9 @@ class FusedPolicyLoss(torch.nn.Module):
     """Hidden states to the scalar policy loss in one call: :func:`rlloss.token_logprobs` (log-probs and
     entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`.
 
-    For token-level losses (every preset but GSPO's) the whole forward and backward is one chunked pass:
+    For token-level losses (every preset but GSPO's and those of geo_mean, clip_cov, kl_cov and vespo, which need
+    a whole sequence's or batch's log-probs first: statistics, then one recompute) the whole forward and backward
+    is one chunked pass:
     each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient of each token is
     formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive implementation, at a
     bounded memory (docs/design/logprobs.md). The value and gradients equal
@@ -999,6 +1237,7 @@ class FusedPolicyLoss(torch.nn.Module):
         rollout_logprobs: Optional[Tensor] = None,
         pos_logprobs: Optional[Tensor] = None,
         neg_logprobs: Optional[Tensor] = None,
+        rollout_weights: Optional[Tensor] = None,
         temperature: float = 1.0,
         num_items_in_batch: Union[int, Tensor, None] = None,
         num_sequences_in_batch: Union[int, Tensor, None] = None,
@@ -1017,6 +1256,9 @@ class FusedPolicyLoss(torch.nn.Module):
                 :func:`policy_loss`.
             pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (MATH.md §7), as in
                 :func:`policy_loss`: the credit Â is formed inside the loss from them.
+            rollout_weights: [B, T] precomputed rollout weights, as in :func:`policy_loss`.
+                ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` need ``old_logprobs`` here (on-policy
+                they depend on the log-probs this call computes: use token_logprobs and policy_loss).
             temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
 
         Returns:
@@ -1034,9 +1276,15 @@ class FusedPolicyLoss(torch.nn.Module):
             shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check
         )
         pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
+        rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
+        if old_logprobs is None and (config.rollout_rs is not None or config.rollout_is_batch_normalize):
+            option = "rollout_rs" if config.rollout_rs is not None else "rollout_is_batch_normalize"
+            raise ValueError(f"FusedPolicyLoss needs old_logprobs with config.{option} (on-policy the rejection and "
+                             "normalisation depend on the log-probs this call computes); use token_logprobs and "
+                             "policy_loss, or pass old_logprobs")
         _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
                             mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-                            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs)
+                            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights)
         linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=self.softcap,
                                      ignore_index=_NOT_COUNTED, backend=self.backend,
                                      max_scratch_bytes=self.max_scratch_bytes, batch_invariant=self.batch_invariant,
@@ -1065,9 +1313,12 @@ class FusedPolicyLoss(torch.nn.Module):
                                entropy=entropy, rollout_logprobs=rollout_logprobs,
                                num_items_in_batch=num_items_in_batch,
                                num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs,
-                               neg_logprobs=neg_logprobs, check_inputs=False, backend="reference")
+                               neg_logprobs=neg_logprobs, rollout_weights=rollout_weights, check_inputs=False,
+                               backend="reference")
 
         hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
+        mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,
+                                                               rollout_weights)
         normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check)
         grad_on = torch.is_grad_enabled()
         needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
@@ -1075,11 +1326,12 @@ class FusedPolicyLoss(torch.nn.Module):
         if self.process_group is not None:
             loss, packed = distributed.vocab_parallel_fused_loss(
                 hidden_rows, weight, bias, flat_targets, (old_logprobs, advantages, mask, ref_logprobs,
-                rollout_logprobs, pos_logprobs, neg_logprobs), normaliser, config.key, list(needs), options,
-                self.process_group, layout)
+                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights), normaliser, config.key,
+                list(needs), options, self.process_group, layout)
         else:
             loss, packed, *_ = _fused_policy_loss_op(
                 hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs,
-                rollout_logprobs, pos_logprobs, neg_logprobs, normaliser, config.key, list(needs), *options)
+                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, normaliser, config.key, list(needs),
+                *options)
         names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
         return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))

@@ -6,6 +6,7 @@ that every backend is held against. Nothing here is tuned; clarity wins over spe
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -182,21 +183,68 @@ def policy_loss(
     num_sequences_in_batch=None,
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
+    rollout_weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, dict]:
     """(loss, metrics) of MATH.md §3–§6 by plain autograd, in logprobs' dtype; ``config`` is a LossConfig.
 
     Differentiable w.r.t. logprobs and entropy; stop-gradients are ``.detach()``. Masked tokens are replaced
     by 0 before any arithmetic (torch.where), so their inputs never reach the loss or a gradient. With
     ``config.credit`` set, A is replaced by the §7 credit :func:`contrastive_credit` (RLSD's base: ℓ°).
+    ``rollout_weights`` are precomputed rollout weights. The peer variants (docs/math.md §4, §5) are written out
+    below as their peers define them: the rollout weights are formed over the given mask, then verl's rejection
+    sampling shrinks the mask of every term; clip_cov draws its tokens with torch.randperm on the default
+    generator, as verl.
     """
     dt = logprobs.dtype
     m = mask if mask.dtype == torch.bool else mask != 0
-    mf = m.to(dt)
     zero = torch.zeros((), dtype=dt, device=logprobs.device)
     B, T = logprobs.shape
 
-    def clean(x):
+    def clean(x):  # with the mask of the moment (rejection sampling shrinks it)
         return torch.where(m, x.to(dt), zero)
+
+    # §5 rollout weights w [B, T] (a sequence weight repeated over its row), over the mask as given
+    w_roll = w_seq = None
+    if rollout_weights is not None:
+        w_roll = clean(rollout_weights).detach()
+    old_given = clean(logprobs).detach() if old_logprobs is None else clean(old_logprobs)
+    if rollout_logprobs is not None and config.rollout_correction is not None:
+        token_level = config.rollout_correction.startswith("token")
+        d = clean(old_given - rollout_logprobs.to(dt))
+        w = torch.exp(d) if token_level else torch.exp(d.sum(-1))
+        c_min = 0.0 if config.rollout_threshold_low is None else config.rollout_threshold_low
+        c_max = config.rollout_threshold_high
+        if config.rollout_correction.endswith("truncate"):
+            w = torch.clamp(w, c_min, c_max)
+        else:
+            w = torch.where((w >= c_min) & (w <= c_max), w, zero)
+        if config.rollout_is_batch_normalize:  # verl: mean 1 over the tokens, or over the non-empty sequences
+            mean = (w[m] if token_level else w[m.any(-1)]).mean() if m.any() else zero
+            if mean > 1e-8:
+                w = w / mean
+        w_roll, w_seq = (w, None) if token_level else (w[:, None].expand(B, T), w)
+    # verl's rejection sampling: the tokens (rows) outside any bound, each judged on the given mask, leave it
+    given = m
+    for option, lower, upper in config.rollout_rs_bounds:
+        d = torch.where(given, old_given - rollout_logprobs.to(dt), zero).clamp(-20.0, 20.0)
+        k = {"k1": -d, "k2": d ** 2 / 2, "k3": torch.exp(d) - 1 - d}[option[-2:]]
+        for i in range(B):
+            row = k[i][given[i]]
+            if option.startswith("token"):
+                stats = k[i]
+            elif option.startswith("seq_sum"):
+                stats = row.sum().expand(T)
+            elif option.startswith("seq_mean"):
+                stats = (row.mean() if row.numel() else zero).expand(T)
+            else:
+                stats = (row.max() if row.numel() else zero).expand(T)
+            if lower is None:
+                ok = stats <= upper
+            else:
+                ok = (stats >= math.log(lower)) & (stats <= math.log(upper))
+            m = m.clone()
+            m[i] = m[i] & ok
+    mf = m.to(dt)
 
     lp = clean(logprobs)
     old = lp.detach() if old_logprobs is None else clean(old_logprobs)
@@ -225,7 +273,68 @@ def policy_loss(
     # §4 policy term
     eps_lo, eps_hi = config.epsilon_low, config.epsilon_high
     dual_active = torch.zeros_like(m)
-    if config.loss_mode == "ppo_clip":
+    w_applied = False  # whether the policy term took the rollout weights in itself
+    A_used = A
+    if config.loss_mode == "geo_mean":  # GMPO: one ratio per sequence from the sign-clipped log-ratios
+        u = lp - old
+        if has_clamp:
+            u = torch.clamp(u, **clamp)
+        sgn = torch.sign(A)
+        u_min = sgn * torch.minimum(sgn * u, sgn * torch.clamp(u, -eps_lo, eps_hi))
+        rho = torch.exp((u_min * mf).sum(-1) / n.clamp(min=1.0))[:, None].expand(B, T)
+        A_seq = ((A * mf).sum(-1) / n.clamp(min=1.0))[:, None]
+        L = -A_seq * rho
+        A_used = A_seq.expand(B, T)  # the metrics' sign of A: the advantage the term uses
+        if w_roll is not None:
+            L = L * torch.exp((torch.log(w_roll + 1e-10) * mf).sum(-1) / n.clamp(min=1.0))[:, None]
+            w_applied = True
+    elif config.loss_mode == "clip_cov":
+        pg1, pg2 = -A * rho, -A * torch.clamp(rho, 1.0 - eps_lo, 1.0 + eps_hi)
+        a_mean = (A * mf).sum() / (mf.sum() + 1e-8)
+        lp_mean = (lp.detach() * mf).sum() / (mf.sum() + 1e-8)
+        cov = (A - a_mean) * (lp.detach() - lp_mean)
+        candidates = [(i, t) for i in range(B) for t in range(T)
+                      if m[i, t] and not pg2[i, t] > pg1[i, t] and config.clip_cov_lb < cov[i, t] < config.clip_cov_ub]
+        keep = torch.ones_like(lp)
+        if candidates:
+            count = max(int(config.clip_cov_ratio * int(m.sum())), 1)
+            for j in torch.randperm(len(candidates))[:count].tolist():
+                keep[candidates[j]] = 0.0
+        L = torch.maximum(pg1, pg2) * keep
+    elif config.loss_mode == "kl_cov":
+        L = -A * rho
+        positions = [(i, t) for i in range(B) for t in range(T) if m[i, t]]
+        if positions:
+            a = torch.stack([A[p] for p in positions]).detach()
+            x = torch.stack([lp[p] for p in positions]).detach()
+            cov = (a - a.mean()) * (x - x.mean())
+            for j in torch.topk(cov, max(1, int(len(positions) * config.kl_cov_ratio))).indices.tolist():
+                i, t = positions[j]
+                L = L.index_put((torch.tensor([i]), torch.tensor([t])), L[i, t] + config.kl_cov_coef * (lp[i, t] - old[i, t]).abs())
+    elif config.loss_mode in ("dppo_tv", "dppo_kl"):
+        p, p_old = torch.exp(lp).detach(), torch.exp(old).detach()
+        if config.loss_mode == "dppo_tv":
+            out_pos, out_neg = p - p_old > eps_hi, p - p_old < -eps_lo
+        else:
+            bkl = p_old * (old - lp.detach()) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+            out_pos, out_neg = (bkl > eps_hi) & (p > p_old), (bkl > eps_lo) & (p < p_old)
+        ok = (~torch.where(A > 0, out_pos, out_neg)).to(dt)  # NaN counts as inside (the NaN contract)
+        L = -A * torch.clamp(rho, max=config.dppo_ratio_cap).detach() * lp * ok
+    elif config.loss_mode == "dro":
+        L = -(lp * A - 0.5 * config.dro_beta * (lp - old) ** 2)
+    elif config.loss_mode == "vespo":  # TRL: φ(w) of the sequence ratio w, token rollout weights folded in
+        log_w = (torch.clamp(lp - old, -20.0, 20.0) * mf).sum(-1, True)
+        if w_roll is not None:
+            log_w = log_w + (torch.clamp(torch.log(w_roll), math.log(1e-8), 20.0) * mf).sum(-1, True)
+            w_applied = True
+        log_w = torch.clamp(log_w, math.log(1e-8), 20.0).detach()
+        k = torch.where(A >= 0, torch.full_like(A, config.vespo_k_pos), torch.full_like(A, config.vespo_k_neg))
+        lam = torch.where(A >= 0, torch.full_like(A, config.vespo_lambda_pos),
+                          torch.full_like(A, config.vespo_lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        phi = torch.where(torch.isinf(phi), torch.zeros_like(phi), phi)  # TRL zeroes ±inf (and NaN: see math §4)
+        L = -phi * A * lp
+    elif config.loss_mode == "ppo_clip":
         unclipped = rho if config.delta is None else torch.clamp(rho, max=config.delta)
         clipped = torch.clamp(rho, 1.0 - eps_lo, 1.0 + eps_hi)
         L = -torch.minimum(unclipped * A, clipped * A)
@@ -249,21 +358,19 @@ def policy_loss(
         d = clean(old - rollout_logprobs.to(dt)).detach()
         metrics["sampling/sampling_logp_difference/mean"] = _masked_mean(d.abs(), mf)
         metrics["sampling/sampling_logp_difference/max"] = d.abs().max() if d.numel() else zero
-        if config.rollout_correction is not None:
-            token_level = config.rollout_correction.startswith("token")
-            w = torch.exp(d) if token_level else torch.exp((d * mf).sum(-1))
-            c_min = 0.0 if config.rollout_threshold_low is None else config.rollout_threshold_low
-            c_max = config.rollout_threshold_high
-            if config.rollout_correction.endswith("truncate"):
-                w = torch.clamp(w, c_min, c_max)
-            else:
-                w = torch.where((w >= c_min) & (w <= c_max), w, zero)
-            values = w[m] if token_level else w
+        if config.rollout_correction is not None:  # a row without a counted token reports the weight of d = 0
+            if w_seq is not None:
+                one = torch.ones((), dtype=dt)
+                empty = torch.clamp(one, c_min, c_max) if config.rollout_correction.endswith("truncate") else \
+                    torch.where((one >= c_min) & (one <= c_max), one, zero)
+                w_seq = torch.where(m.any(-1), w_seq, empty)
+            values = w_roll[m] if w_seq is None else w_seq
             some = values.numel() > 0
             metrics["sampling/importance_sampling_ratio/min"] = values.min() if some else zero
             metrics["sampling/importance_sampling_ratio/mean"] = values.mean() if some else zero
             metrics["sampling/importance_sampling_ratio/max"] = values.max() if some else zero
-            L = L * (w if token_level else w[:, None])
+    if w_roll is not None and not w_applied:
+        L = L * w_roll
 
     # §4 KL to the reference, added after the rollout weight; x = ℓʳ − ℓ
     if ref_logprobs is not None:
@@ -315,7 +422,7 @@ def policy_loss(
         loss = loss - config.entropy_coef * aggregate(clean(entropy), agg_entropy)
 
     # metrics: masked token means (TRL names where TRL has them)
-    rho_d, A_d = rho.detach(), A.detach()
+    rho_d, A_d = rho.detach(), A_used.detach()
     if config.loss_mode == "cispo_trl":
         lower, upper = float("-inf"), eps_hi
     else:

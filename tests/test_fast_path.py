@@ -62,13 +62,13 @@ def test_token_logprobs_costs_eight_ndv(backend):
     assert backward == 6 * N * D * V
 
 
-def _fused_flops(config, backend, old):
+def _fused_flops(config, backend, old, rollout_weights=None):
     hidden, weight, targets, mask, adv, _ = _inputs()
     y = torch.where(mask, targets, torch.full_like(targets, -100)).reshape(N)
     normaliser = pl.aggregation_normaliser(config, mask)
     opts = _options(backend)
-    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, normaliser, config.key,
-            [True, True, False], *lp._options_args(opts))
+    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, rollout_weights, normaliser,
+            config.key, [True, True, False], *lp._options_args(opts))
     forward = _flops(lambda: pl.fused_policy_loss_impl(*args))
     out = pl.fused_policy_loss_impl(*args)
     if out[2].numel():  # one pass: the backward only scales the gradients formed in the forward
@@ -81,10 +81,11 @@ def _fused_flops(config, backend, old):
 
 
 @pytest.mark.parametrize("backend", ["torch", KERNEL_BACKEND])
-@pytest.mark.parametrize("preset", ["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "verl_grpo"])
+@pytest.mark.parametrize("preset", ["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "verl_grpo", "verl_dppo_tv",
+                                    "verl_dppo_kl", "verl_dro"])
 def test_fused_policy_loss_costs_six_ndv(backend, preset):
     """Token-level losses: the gradients are formed in the forward pass, 6·N·D·V in all (the naive floor)."""
-    overrides = {"max_completion_length": T} if preset == "dr_grpo" else {}
+    overrides = {"dr_grpo": {"max_completion_length": T}, "verl_dro": {"dro_beta": 0.1}}.get(preset, {})
     config = rlloss.LossConfig.preset(preset, **overrides)
     forward, backward = _fused_flops(config, backend, _inputs()[5])
     assert (forward, backward) == (6 * N * D * V, 0)
@@ -94,6 +95,19 @@ def test_fused_policy_loss_costs_six_ndv(backend, preset):
 def test_sequence_level_ratio_costs_eight_ndv(backend):
     """GSPO needs every token of a sequence before any gradient: statistics, then one recompute."""
     forward, backward = _fused_flops(rlloss.LossConfig.preset("gspo"), backend, _inputs()[5])
+    assert (forward, backward) == (2 * N * D * V, 6 * N * D * V)
+
+
+def test_precomputed_rollout_weights_keep_one_pass():
+    """rollout_weights (the form verl's batch-normalised weights reach the op in) leave a token loss one pass."""
+    forward, backward = _fused_flops(rlloss.LossConfig.preset("dapo"), "torch", _inputs()[5], torch.rand(B, T))
+    assert (forward, backward) == (6 * N * D * V, 0)
+
+
+@pytest.mark.parametrize("preset", ["verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "vespo"])
+def test_sequence_and_batch_coupled_modes_cost_eight_ndv(preset):
+    """GMPO and VESPO (a sequence quantity) and clip_cov / kl_cov (a batch ranking) take the two-pass route."""
+    forward, backward = _fused_flops(rlloss.LossConfig.preset(preset), "torch", _inputs()[5])
     assert (forward, backward) == (2 * N * D * V, 6 * N * D * V)
 
 
@@ -135,17 +149,18 @@ def test_opcheck_every_op():
     g = torch.randn(N)
     torch.library.opcheck(torch.ops.rlloss.token_logprobs_backward.default,
                           (g, None, h.detach(), weight, None, y, shift, total, ratio, [True, True, False], *opts))
-    for preset in ("dapo", "gspo"):
+    for preset, rollout_weights in (("dapo", None), ("gspo", None), ("vespo", torch.rand(B, T) + 0.5)):
         config = rlloss.LossConfig.preset(preset, beta=0.04)
         ref = old - 0.1
         normaliser = pl.aggregation_normaliser(config, mask)
         logp = (old + 0.05 * torch.randn(B, T)).requires_grad_(True)
         ent = torch.rand(B, T, requires_grad=True)
         torch.library.opcheck(torch.ops.rlloss.policy_loss.default,
-                              (logp, ent, old, adv, mask, ref, None, None, None, normaliser, config.key, "torch"))
+                              (logp, ent, old, adv, mask, ref, None, None, None, rollout_weights, normaliser,
+                               config.key, "torch"))
         torch.library.opcheck(torch.ops.rlloss.fused_policy_loss.default,
-                              (h, w, None, y, old, adv, mask, ref, None, None, None, normaliser, config.key,
-                               [True, True, False], *opts))
+                              (h, w, None, y, old, adv, mask, ref, None, None, None, rollout_weights, normaliser,
+                               config.key, [True, True, False], *opts))
 
 
 def test_training_step_compiles_without_graph_breaks():

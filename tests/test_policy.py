@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import HAS_CUDA, KERNEL_BACKEND
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import rlloss
@@ -104,7 +104,9 @@ def _close(actual, expected, dtype, what):
 
 def _check_against_reference(backend, config, inp, dtype=None, **kwargs):
     dtype = dtype or (torch.float64 if backend == "torch" else torch.float32)
+    torch.manual_seed(0)  # clip_cov draws its tokens from the default generator: the same draw on both sides
     out = _run(backend, config, inp, dtype, **kwargs)
+    torch.manual_seed(0)
     ref = _run("reference", config, _rounded(inp, dtype), torch.float64, **kwargs)
     _close(out[0], ref[0], dtype, "loss")
     _close(out[1], ref[1], dtype, "d/dlogprobs")
@@ -126,7 +128,8 @@ def _backend_dtype(backend):
 
 # --- every preset and a covering set of options, against the reference ------------------------------------
 
-PRESET_CASES = [(name, {"max_completion_length": 50} if name == "dr_grpo" else {}) for name in PRESETS]
+PRESET_CASES = [(name, {"dr_grpo": {"max_completion_length": 50}, "verl_dro": {"dro_beta": 0.2}}.get(name, {}))
+                for name in PRESETS]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -260,6 +263,21 @@ def _configs(draw):
         fields["log_ratio_min"], fields["log_ratio_max"] = -0.3, 0.3
     fields["credit"] = draw(st.sampled_from([None, "cepo", "rlsd"]))
     fields["credit_lambda"] = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    if mode in ("geo_mean", "vespo"):  # they form their own sequence ratio
+        fields["importance_sampling_level"] = "token"
+        if mode == "geo_mean":
+            fields["credit"] = None
+        elif (fields["rollout_correction"] or "").startswith("sequence"):
+            fields["rollout_correction"] = "token_" + fields["rollout_correction"].split("_")[1]
+    if mode == "dro":
+        fields["dro_beta"] = draw(st.sampled_from([0.1, 1.0]))
+    fields["clip_cov_ratio"] = fields["kl_cov_ratio"] = draw(st.sampled_from([0.0002, 0.3]))
+    fields["clip_cov_lb"] = draw(st.sampled_from([-1.0, 1.0]))
+    if fields["rollout_correction"] is not None:
+        fields["rollout_is_batch_normalize"] = draw(st.booleans())
+    rs = draw(st.sampled_from([None, ("token_k2", 0.02), ("seq_mean_k1,seq_max_k3", "0.8_1.25,0.05")]))
+    if rs is not None:
+        fields["rollout_rs"], fields["rollout_rs_threshold"] = rs
     return LossConfig(**fields)
 
 
@@ -289,6 +307,10 @@ def test_random_configs_torch(case):
 @given(_cases())
 def test_random_configs_kernel(case):
     config, inp = case
+    # clip_cov / kl_cov rank token covariances; at ties (one advantage for the whole batch makes them all 0) float32
+    # and the float64 reference break the tie apart. test_presets.py::test_peer_variants_agree_on_every_path holds
+    # them to the reference in float32 on untied data.
+    assume(config.loss_mode not in ("clip_cov", "kl_cov"))
     out, _ = _check_against_reference(KERNEL_BACKEND, config, inp)
     _assert_metric_ranges(out[3])
 
@@ -592,9 +614,14 @@ def test_gradient_accumulation_invariance(aggregation, backend):
 # --- properties -------------------------------------------------------------------------------------------------
 
 
+# kl_cov and dro add an advantage-free penalty on the log-ratio (docs/math.md §4), so A = 0 does not zero them;
+# geo_mean and vespo form their own sequence ratio and take importance_sampling_level="token" only.
+ZERO_ADVANTAGE_CASES = [(mode, level) for mode in LOSS_MODES if mode not in ("kl_cov", "dro") for level in IS_LEVELS
+                        if level == "token" or mode not in ("geo_mean", "vespo")]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", LOSS_MODES)
-@pytest.mark.parametrize("level", IS_LEVELS)
+@pytest.mark.parametrize("mode,level", ZERO_ADVANTAGE_CASES)
 def test_zero_advantages_give_zero_gradient(mode, level, backend):
     inp = _inputs(per_token=True)
     inp["advantages"].zero_()

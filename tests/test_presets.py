@@ -376,14 +376,107 @@ def test_kernel_backend_routes_what_it_lacks_to_torch(config):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
 
 
+# The peer loss variants' presets, checked against the peers' installed code in tests/test_peer_losses.py.
+PEER_LOSS_PRESETS = ("luspo", "vespo", "verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "verl_dppo_tv",
+                     "verl_dppo_kl", "verl_dro")
+
+
 def test_every_preset_row_names_its_peer_and_test():
     """docs/presets.md has one row per preset, saying which peer default it equals and which test checks it."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
     for name in PRESETS:
         rows = [line for line in text.splitlines() if re.match(rf"\|\s*`{re.escape(name)}`\s*\|", line)]
         assert len(rows) == 1, name
-        assert "test_presets.py::" in rows[0], name
-    assert set(TRL_CASES) | set(VERL_CASES) == set(PRESETS)
+        test_file = "test_peer_losses.py::" if name in PEER_LOSS_PRESETS else "test_presets.py::"
+        assert test_file in rows[0], name
+    assert set(TRL_CASES) | set(VERL_CASES) | set(PEER_LOSS_PRESETS) == set(PRESETS)
+
+
+def _peer_variant_config(name):
+    """A peer-variant preset with its KL and entropy terms on and options that make it select or reject here."""
+    extra = {"verl_dro": dict(dro_beta=0.3), "verl_clip_cov": dict(clip_cov_ratio=0.2, clip_cov_lb=-1.0),
+             "verl_kl_cov": dict(kl_cov_ratio=0.2)}.get(name, {})
+    return LossConfig.preset(name, beta=BETA, entropy_coef=ENT, **extra)
+
+
+PEER_VARIANTS = {name: _peer_variant_config(name) for name in PEER_LOSS_PRESETS}
+PEER_VARIANTS.update({
+    "verl_geo_mean_token_mask": PEER_VARIANTS["verl_geo_mean"].replace(rollout_correction="token_mask",
+                                                                      rollout_threshold_low=0.8),
+    "vespo_token_truncate": PEER_VARIANTS["vespo"].replace(rollout_correction="token_truncate",
+                                                           rollout_threshold_high=1.2),
+    "verl_grpo_batch_normalized_rs": LossConfig.preset(
+        "verl_grpo", beta=BETA, entropy_coef=ENT, rollout_correction="sequence_truncate", rollout_threshold_high=3.0,
+        rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_max_k3", rollout_rs_threshold="0.8_1.25,0.1"),
+})
+
+
+def _fused_inputs(dtype):
+    g = torch.Generator().manual_seed(12)
+    D, V = 6, 13
+    x = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in _inputs(seed=12).items()}
+    x["rollout"] = (x["old"] + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype))
+    return (x, torch.randn(B, T, D, generator=g, dtype=torch.float64).to(dtype),
+            (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5).to(dtype), torch.randint(0, V, (B, T), generator=g))
+
+
+@pytest.mark.parametrize("name", sorted(PEER_VARIANTS))
+def test_peer_variants_agree_on_every_path(name):
+    """The peer loss variants on every path: policy_loss on torch (float64) and on the kernel backend (float32,
+    routed to the torch formulas), FusedPolicyLoss on torch and the kernel backend (one pass or two), all equal
+    the reference of token_logprobs then policy_loss, in value and gradients w.r.t. the hidden states and the
+    lm_head (clip_cov's random draw seeded alike for each call)."""
+    from rlloss import token_logprobs
+    from conftest import KERNEL_BACKEND
+
+    config = PEER_VARIANTS[name]
+
+    def run(path, dtype):
+        x, hidden, weight, targets = _fused_inputs(dtype)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kwargs = dict(old_logprobs=x["old"], ref_logprobs=x["ref"], rollout_logprobs=x["rollout"])
+        torch.manual_seed(5)
+        if path.startswith("fused"):
+            out = FusedPolicyLoss(config, backend=path.split(":")[1])(h, w, targets, x["mask"], x["adv"], **kwargs)
+        else:
+            backend = path.split(":")[1]
+            lp = token_logprobs(h, w, targets, return_entropy=True, backend="reference" if backend == "reference"
+                                else "torch")
+            out = policy_loss(lp.logprobs, x["old"], x["adv"], x["mask"], config=config, ref_logprobs=x["ref"],
+                              entropy=lp.entropy, rollout_logprobs=x["rollout"], backend=backend)
+        out.loss.backward()
+        return out.loss.detach().double(), h.grad.double(), w.grad.double()
+
+    expected = run("policy:reference", torch.float64)
+    # float64: 1e-7, the 1e-8 guard of verl's masked means (kept by the torch path) against the reference's means
+    for path, dtype, tol in (("policy:torch", torch.float64, 1e-7), ("fused:torch", torch.float64, 1e-7),
+                             (f"policy:{KERNEL_BACKEND}", torch.float32, 2e-5),
+                             (f"fused:{KERNEL_BACKEND}", torch.float32, 2e-5)):
+        for a, e, what in zip(run(path, dtype), expected, ("loss", "d/dhidden", "d/dweight")):
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol * 1e-1, msg=lambda m: f"{path} {what}: {m}")
+
+
+def test_rollout_weights_on_every_path():
+    """Precomputed rollout weights (a [B, T] tensor, NaN where masked) through policy_loss and FusedPolicyLoss."""
+    from conftest import KERNEL_BACKEND
+
+    x, hidden, weight, targets = _fused_inputs(torch.float64)
+    rollout_weights = torch.where(x["mask"], torch.rand(B, T, dtype=torch.float64) + 0.3, torch.nan)
+    config = LossConfig.preset("dapo", beta=BETA)
+    results = []
+    for backend, dtype in (("reference", torch.float64), ("torch", torch.float64), (KERNEL_BACKEND, torch.float32)):
+        h, w = hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()
+        out = FusedPolicyLoss(config, backend=backend)(h, w, targets, x["mask"], x["adv"].to(dtype),
+                                                       old_logprobs=x["old"].to(dtype), ref_logprobs=x["ref"].to(dtype),
+                                                       rollout_weights=rollout_weights.to(dtype))
+        out.loss.backward()
+        results.append((out.loss.double(), h.grad.double(), w.grad.double()))
+    unweighted = FusedPolicyLoss(config, backend="torch")(hidden, weight, targets, x["mask"], x["adv"],
+                                                          old_logprobs=x["old"], ref_logprobs=x["ref"]).loss
+    assert not torch.isclose(unweighted, results[0][0])
+    for got, tol in zip(results[1:], (1e-9, 2e-5)):
+        for a, e in zip(got, results[0]):
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol * 1e-1)
 
 
 @pytest.mark.parametrize("config", [

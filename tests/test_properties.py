@@ -359,6 +359,12 @@ def test_group_advantages(batch, mode, eps, equal_sizes):
 
 
 PRESET_NAMES = sorted(PRESETS)
+# The float32 rounding model below (policy_rounding) knows the loss modes ppo_clip, cispo_*, gpg and sapo. The peer
+# variants (geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo) are held to the float64 reference at fixed tolerances
+# instead: tests/test_policy.py (random configs, every preset) and
+# tests/test_presets.py::test_peer_variants_agree_on_every_path (float32 kernel backend, FusedPolicyLoss).
+ROUNDING_MODEL_PRESETS = [name for name in PRESET_NAMES
+                          if PRESETS[name]["loss_mode"] in ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")]
 
 
 @st.composite
@@ -375,6 +381,13 @@ def _configs(draw, names=tuple(PRESET_NAMES)):
         extra["rollout_correction"] = draw(st.sampled_from(rlloss.config.ROLLOUT_CORRECTIONS))
     if draw(st.booleans()):
         extra["credit"] = draw(st.sampled_from(rlloss.config.CREDIT_MODES))
+    mode = PRESETS[name]["loss_mode"]
+    if mode == "dro":
+        extra["dro_beta"] = 0.5
+    if mode == "geo_mean":  # its advantage is the sequence mean: no credit
+        extra.pop("credit", None)
+    if mode == "vespo" and extra.get("rollout_correction", "").startswith("sequence"):  # token weights only
+        extra["rollout_correction"] = extra["rollout_correction"].replace("sequence", "token")
     return LossConfig.preset(name, **extra)
 
 
@@ -516,7 +529,7 @@ def _policy_inputs(gen, B, T, live, config, spread, lp=None):
     return inp
 
 
-@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("preset", ROUNDING_MODEL_PRESETS)
 @given(data=st.data(), shape=_shapes(max_b=4, max_t=7), seed=seeds, spread=st.sampled_from([0.0, 0.1, 1.0]),
        on_policy=st.booleans(), per_token_adv=st.booleans(), num_items=st.sampled_from([None, 5]))
 def test_policy_loss(preset, data, shape, seed, spread, on_policy, per_token_adv, num_items):
