@@ -215,7 +215,15 @@ def _split(world, rank):
 
 
 def _dp_configs(world):
-    configs = {name: LossConfig.preset(name, max_completion_length=T) for name in PRESETS}
+    """Every preset (verl_dro with its required dro_beta) but those whose loss ranks the tokens of the batch it
+    is given (clip_cov, kl_cov: verl selects per micro-batch too, so their loss depends on the split by
+    design), and every aggregation mode."""
+    required = {"verl_dro": dict(dro_beta=0.3)}
+    configs = {}
+    for name in PRESETS:
+        config = LossConfig.preset(name, max_completion_length=T, **required.get(name, {}))
+        if config.loss_mode not in ("clip_cov", "kl_cov"):
+            configs[name] = config
     base = LossConfig.preset("grpo", beta=0.02, entropy_coef=0.01, entropy_aggregation=None,
                              max_completion_length=T)
     for agg in AGGREGATIONS:
