@@ -8,6 +8,8 @@ from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
 from . import credit
+from . import family
+from .family import d3s_sample_mask, discounted_returns, gigpo_advantages, mc_grpo_keep_mask, pairwise_advantages
 from .credit import LinearDecay, contrastive_credit
 from .prefix_attention import SharedPrefixLayout, shared_prefix_attention
 from .prefix_batch import SharedPrefixBatch
@@ -25,6 +27,12 @@ __all__ = [
     "TokenLogprobs",
     "contrastive_credit",
     "credit",
+    "d3s_sample_mask",
+    "discounted_returns",
+    "family",
+    "gigpo_advantages",
+    "mc_grpo_keep_mask",
+    "pairwise_advantages",
     "group_advantages",
     "logprobs_from_logits",
     "policy_loss",

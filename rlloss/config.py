@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS",
-           "TERM_AGGREGATIONS", "CREDIT_MODES"]
+           "TERM_AGGREGATIONS", "CREDIT_MODES", "TOKEN_SELECT_SCORES"]
 
 LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+", "k1+", "abs+")
@@ -37,6 +37,8 @@ AGGREGATIONS = (
 # mean over the local mask whatever num_items_in_batch says.
 TERM_AGGREGATIONS = AGGREGATIONS + ("token_mean_local",)
 CREDIT_MODES = ("cepo", "rlsd")
+# Scores of the token selection (token_select): the entropy H (TRL's top_entropy_quantile) or |Â|·H (D³S).
+TOKEN_SELECT_SCORES = ("entropy", "adv_entropy")
 
 # verl's numerical guard on the token log-ratio (core_algos: clamp(log_prob − old_log_prob, −20, 20)).
 VERL_LOG_RATIO_CLAMP = 20.0
@@ -114,6 +116,19 @@ class LossConfig:
         credit_lambda: λ ∈ [0, 1] (0 = plain GRPO). A schedule is the trainer's: ``config.replace(
             credit_lambda=rlloss.LinearDecay(0.5, 25)(step))`` at each step.
         credit_eps_w: ε_w ∈ [0, 1), the clip of the token weight w.
+    Selection (docs/math.md §9), a 0/1 factor on the policy term formed inside the loss; normalisers unchanged:
+        token_select: None, "entropy" (score H_t: TRL's ``top_entropy_quantile``) or "adv_entropy" (score
+            |Â_t|·H_t: D³S's token level). Keeps the counted tokens whose score is ≥ the (1 − q)-quantile
+            (linear interpolation, as torch.quantile) of the scores of all counted tokens of the call; the
+            entropy bonus then acts on the kept tokens only (TRL).
+        token_select_fraction: q ∈ (0, 1], the fraction kept (TRL ``top_entropy_quantile``).
+        off_policy_mask_threshold: δ of TRL's off-policy sequence mask (DeepSeek-V3.2): a token is dropped when
+            A < 0 and its sequence's mean of ℓˢ − sg(ℓ) over the mask exceeds δ (ℓˢ: ``rollout_logprobs``, else
+            ``old_logprobs``, else sg(ℓ)). None = off.
+        Both need the whole batch's log-probs or entropy: FusedPolicyLoss takes its two-pass route (8·N·D·V),
+        and the Triton policy kernel hands them to the torch formulas.
+    Per-sequence clip ranges are call arguments (``epsilon_low=`` / ``epsilon_high=`` tensors of
+    :func:`rlloss.policy_loss` and :class:`rlloss.FusedPolicyLoss`), not fields.
     """
 
     loss_mode: str = "ppo_clip"
@@ -142,6 +157,10 @@ class LossConfig:
     credit: Optional[str] = None
     credit_lambda: float = 0.5
     credit_eps_w: float = 0.2
+    # selection and trust-region extension points
+    token_select: Optional[str] = None
+    token_select_fraction: float = 1.0
+    off_policy_mask_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         _choice("loss_mode", self.loss_mode, LOSS_MODES)
@@ -224,6 +243,7 @@ class LossConfig:
         eps_w = _finite("credit_eps_w", self.credit_eps_w)
         if not 0.0 <= eps_w < 1.0:
             raise ValueError(f"LossConfig.credit_eps_w must lie in [0, 1), got {eps_w}")
+        self._check_selection()
         for name, agg in zip(("aggregation", "kl_aggregation", "entropy_aggregation"), self.term_aggregations):
             if agg == "seq_mean_token_sum_norm" and self.max_completion_length is None:
                 raise ValueError(
@@ -232,6 +252,23 @@ class LossConfig:
                 )
         # Computed once here, so that traced code (torch.compile) only reads an attribute.
         object.__setattr__(self, "_key", json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    def _check_selection(self) -> None:
+        if self.token_select is not None:
+            _choice("token_select", self.token_select, (None,) + TOKEN_SELECT_SCORES)
+        q = _finite("token_select_fraction", self.token_select_fraction)
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"LossConfig.token_select_fraction must lie in (0, 1], got {q}")
+        if q != 1.0 and self.token_select is None:
+            raise ValueError(f"LossConfig.token_select_fraction = {q} needs token_select ('entropy' or "
+                             "'adv_entropy'), got None")
+        if self.off_policy_mask_threshold is not None:
+            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+
+    @property
+    def selects(self) -> bool:
+        """True when a selection (token_select, off_policy_mask_threshold) is on: it needs the whole batch."""
+        return self.token_select is not None or self.off_policy_mask_threshold is not None
 
     @property
     def key(self) -> str:
