@@ -376,3 +376,16 @@ def test_pairwise_advantages():
         others = [j for j in range(10) if group[j] == group[i] and j != i]
         expected = sum(w[i, j] * (rewards[i] - rewards[j]) for j in others) / max(len(others), 1)
         assert actual[i].item() == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("rule", ["progress", "scaling"])
+def test_process_credit_example_runs(rule):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "process_credit.py"
+    spec = importlib.util.spec_from_file_location("example_process_credit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loss = module.main(["--rule", rule])  # asserts the fused loss equals the float64 reference
+    assert loss == loss
