@@ -117,7 +117,6 @@ def test_clip_ranges_equal_to_the_config_change_nothing():
     for a, b in zip(plain, ranges):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     # and the one-pass route is kept (the gradients are formed in the forward)
-    h = batch["hidden"].requires_grad_()
     from rlloss import policy as pl
     assert pl.one_pass(config, False, False)
 
