@@ -7,6 +7,11 @@ divided by their count. Contenders, on the same inputs:
 
 ``rlloss``  ``rlloss.FusedPolicyLoss(LossConfig.preset("bnpo"))``, its automatic backend (``torch`` on CPU,
             ``triton`` on CUDA): the subject.
+``rlloss-ext``     the same FusedPolicyLoss call through the one-pass extension points of docs/math.md §9:
+            advantages per token ([B, T], each row its [B] value) and clip ranges as [B] tensors (equal to the
+            config's ε): the same loss, so its time over rlloss's is what those options cost.
+``rlloss-select`` FusedPolicyLoss with TRL's ``top_entropy_quantile=0.2`` (``token_select="entropy"``): a
+            selection needs the whole batch's entropies, so the two-pass route (8·N·D·V); a different loss.
 ``naive``   the same loss written plainly in torch: full [B, T, V] logits, log_softmax, gather, then
             :func:`grpo_loss_from_logprobs`; autograd through all of it.
 ``liger``   Liger-Kernel's chunked ``LigerFusedLinearGRPOLoss(loss_type="bnpo", beta=0, use_ref_model=False)``,
@@ -69,6 +74,8 @@ TARGETS = (
     harness.Target("rlloss time ≤ 0.75× naive's", "time_ms", "rlloss", "naive", 0.75),
     harness.Target("rlloss time ≤ 1.0× Cut Cross-Entropy's (impl='torch_compile')", "time_ms", "rlloss", "cce", 1.0),
     harness.Target("rlloss peak memory ≤ 0.15× naive's", "peak_memory_bytes", "rlloss", "naive", 0.15),
+    # Issue #14: the one-pass extension points cost at most 5%.
+    harness.Target("rlloss-ext time ≤ 1.05× rlloss's", "time_ms", "rlloss-ext", "rlloss", 1.05),
 )
 # Issue #9's own measurement of this case on its machine (2 threads), kept in the JSON for comparison only.
 ISSUE_BASELINE = {"naive": {"time_s": 1.80, "peak_gib": 1.49}, "rlloss": {"time_s": 2.22, "peak_gib": 0.13},
@@ -158,6 +165,27 @@ def _rlloss(config: rlloss.LossConfig) -> LossFn:
     return forward
 
 
+def _rlloss_extension_points(config: rlloss.LossConfig) -> LossFn:
+    loss_fn = rlloss.FusedPolicyLoss(config)
+
+    def forward(inputs: Inputs) -> Tensor:
+        B, T = inputs.mask.shape
+        eps_low = torch.full((B,), config.epsilon_low, device=inputs.mask.device)
+        eps_high = torch.full((B,), config.epsilon_high, device=inputs.mask.device)
+        return loss_fn(inputs.hidden, inputs.weight, inputs.targets, inputs.mask,
+                       inputs.advantages[:, None].expand(B, T), old_logprobs=inputs.old_logprobs,
+                       epsilon_low=eps_low, epsilon_high=eps_high).loss
+
+    return forward
+
+
+SELECT_FRACTION = 0.2  # TRL's top_entropy_quantile of the rlloss-select case
+
+
+def _rlloss_selection(config: rlloss.LossConfig) -> LossFn:
+    return _rlloss(config.replace(token_select="entropy", token_select_fraction=SELECT_FRACTION))
+
+
 def _naive(config: rlloss.LossConfig) -> LossFn:
     check_plain_grpo(config)
 
@@ -230,6 +258,15 @@ class Implementation:
 
 RLLOSS = Implementation("rlloss", "subject", "rlloss.FusedPolicyLoss(LossConfig.preset('bnpo')), automatic backend",
                         _rlloss, note="the torch backend on CPU, triton on CUDA; never an [N, V] tensor")
+RLLOSS_EXT = Implementation(
+    "rlloss-ext", "subject", "rlloss.FusedPolicyLoss, advantages [B, T] and clip ranges as [B] tensors",
+    _rlloss_extension_points, note="the one-pass extension points (docs/math.md §9) set to the plain loss's "
+                                   "values: the same loss, the options' cost")
+RLLOSS_SELECT = Implementation(
+    "rlloss-select", "subject", f"rlloss.FusedPolicyLoss, token_select='entropy', fraction {SELECT_FRACTION} "
+                                "(TRL top_entropy_quantile)",
+    _rlloss_selection, note="a batch quantile of the entropy: the two-pass route (statistics, then a recompute); "
+                            "a different loss (only the top-entropy tokens' policy term)")
 NAIVE = Implementation("naive", "baseline", "torch: [B, T, V] logits, log_softmax, gather, the loss in torch ops",
                        _naive, note="autograd keeps the logits and the log-softmax: several [N, V] tensors")
 _LIGER_UNAVAILABLE = harness.import_error("liger_kernel.chunked_loss", "liger-kernel")
@@ -251,8 +288,8 @@ CCE_KERNEL = Implementation(
     _cce("cce"), _CCE_UNAVAILABLE, note="CCE's Triton kernel (GPU only), gradient filtering on (its default)",
 )
 
-CPU_IMPLEMENTATIONS = (RLLOSS, NAIVE, LIGER_CPU, CCE_COMPILE)
-GPU_IMPLEMENTATIONS = (RLLOSS, NAIVE, LIGER_GPU, CCE_COMPILE, CCE_KERNEL)
+CPU_IMPLEMENTATIONS = (RLLOSS, RLLOSS_EXT, RLLOSS_SELECT, NAIVE, LIGER_CPU, CCE_COMPILE)
+GPU_IMPLEMENTATIONS = (RLLOSS, RLLOSS_EXT, RLLOSS_SELECT, NAIVE, LIGER_GPU, CCE_COMPILE, CCE_KERNEL)
 GEMM_FLOOR = Implementation("gemm-floor", "floor", "bare cuBLAS GEMMs h·Wᵀ, dz·W, dzᵀ·h (torch.mm)",
                             lambda config: None)
 

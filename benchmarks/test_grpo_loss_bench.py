@@ -31,6 +31,18 @@ def test_contenders_agree_with_rlloss_on_cpu_stand_ins():
     assert table.count("\n") == len(records) + 1 and "\\|Δloss\\|" in table
 
 
+def test_extension_points_give_rlloss_s_loss_and_selection_runs():
+    """rlloss-ext (per-token advantages, clip ranges as tensors, one pass) is the plain loss exactly; rlloss-select
+    (TRL's top_entropy_quantile, two-pass) runs."""
+    impls = [grpo_loss.RLLOSS, grpo_loss.RLLOSS_EXT, grpo_loss.RLLOSS_SELECT]
+    records = grpo_loss.compare_in_process(TINY, torch.float32, "cpu", impls, STAND_IN_PROBES, lambda line: None,
+                                           floor_gemms=None)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records]
+    ext, select = records[1], records[2]
+    assert ext["diff_rlloss_loss"] == 0.0 and ext["diff_rlloss_grad_hidden_rel"] == 0.0
+    assert select["diff_rlloss_loss"] > 0.0
+
+
 def test_plain_loss_matches_the_float64_reference():
     """grpo_loss_from_logprobs (the naive and CCE paths' loss code) is rlloss's bnpo loss."""
     inputs = grpo_loss.make_inputs(TINY, torch.float64, "cpu")
@@ -54,7 +66,7 @@ def test_targets_are_reported_from_the_records():
     def record(impl, time_ms, peak, status="ok"):
         return {"impl": impl, "status": status, "time_ms": time_ms, "peak_memory_bytes": peak}
 
-    met = grpo_loss.TARGETS
+    met = grpo_loss.TARGETS[:3]  # issue #9's (the fourth, issue #14's, compares rlloss-ext with rlloss)
     rows = harness.evaluate_targets(met, [record("rlloss", 70.0, 10), record("naive", 100.0, 100),
                                           record("cce", 80.0, 50)])
     assert [row["status"] for row in rows] == ["met", "met", "met"]

@@ -8,7 +8,8 @@ from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .distributed import GlobalCounts, global_counts
 from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
-from . import credit, teacher
+from . import credit, family, teacher
+from .family import d3s_sample_mask, discounted_returns, gigpo_advantages, mc_grpo_keep_mask, pairwise_advantages
 from .credit import LinearDecay, contrastive_credit
 from .prefix_attention import SharedPrefixLayout, shared_prefix_attention
 from .prefix_batch import SharedPrefixBatch
@@ -28,6 +29,13 @@ __all__ = [
     "contrastive_credit",
     "credit",
     "global_counts",
+    "d3s_sample_mask",
+    "discounted_returns",
+    "family",
+    "teacher",
+    "gigpo_advantages",
+    "mc_grpo_keep_mask",
+    "pairwise_advantages",
     "group_advantages",
     "logprobs_from_logits",
     "policy_loss",

@@ -22,7 +22,7 @@ from ._backend import resolve_backend
 __all__ = ["ADVANTAGE_MODES", "VERL_MODES", "ALL_MODES", "group_advantages"]
 
 # Group normalisations computed from the rewards and the groups alone.
-ADVANTAGE_MODES = ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian")
+ADVANTAGE_MODES = ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian", "mc_grpo")
 # verl's outcome advantage estimators (adv_estimator=…) beyond grpo / rloo, some with extra inputs.
 VERL_MODES = ("gpg", "grpo_passk", "grpo_passk_no_std", "opo", "reinforce_plus_plus",
               "reinforce_plus_plus_baseline", "remax")
@@ -37,7 +37,10 @@ SINGLETON_RULES = ("zero", "verl")
 
 
 def default_eps(mode: str) -> float:
-    """ε when ``eps=None``: verl's 1e-8 under the square root of the whitening modes, else 1e-6."""
+    """ε when ``eps=None``: verl's 1e-8 under the square root of the whitening modes, MC-GRPO's 1e-3 for
+    ``mc_grpo``, else 1e-6."""
+    if mode == "mc_grpo":
+        return 1e-3
     return 1e-8 if mode in _WHITENED_MODES else 1e-6
 
 
@@ -109,6 +112,15 @@ def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -
     if total != B:
         raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got a sum of {total}")
     return sizes
+
+
+def _check_group_ids(group_ids: object, rewards: Tensor) -> Tensor:
+    """group_ids: an integer tensor of rewards' shape [B] on rewards' device (any values, in any order)."""
+    group_ids = _checks.tensor("group_ids", group_ids)
+    if group_ids.dtype == torch.bool or group_ids.dtype.is_floating_point or group_ids.is_complex():
+        raise TypeError(f"group_ids must hold integers, got dtype {str(group_ids.dtype).replace('torch.', '')}")
+    _per_completion("group_ids", group_ids, rewards)
+    return group_ids.detach()
 
 
 def _check_mode(mode: object) -> str:
@@ -396,11 +408,17 @@ def _group_mode_advantages(r: Tensor, groups: _Groups, mode: str, eps: float, ve
     """The grouped modes, in rows layout."""
     if mode == "rank_gaussian":
         return _normal_quantile_by_rank(r, groups)
-    if mode in ("median", "median_mad"):
+    if mode in ("median", "median_mad", "mc_grpo"):
         centered = r - groups.expand(groups.lower_median(r))
         if mode == "median":
             return centered
-        return centered * groups.expand(_reciprocal(groups.lower_median(centered.abs()) + eps))
+        scaled = centered * groups.expand(_reciprocal(groups.lower_median(centered.abs()) + eps))
+        if mode == "median_mad":
+            return scaled
+        # MC-GRPO: the non-zero advantages times G / #{|A| > 1e-6} of their group (G counts the pivot)
+        nonzero = (scaled.abs() > 1e-6).to(r.dtype)
+        factor = groups.sizes.to(r.dtype) / groups.sum(nonzero).clamp(min=1.0)
+        return torch.where(nonzero > 0, scaled * groups.expand(factor), scaled)
     if mode in ("grpo_passk", "grpo_passk_no_std"):
         return _passk_advantages(r, groups, eps, mode == "grpo_passk", scaled)
     return _mean_advantages(r, groups, mode, eps, verl_singleton, lengths, scaled)
@@ -436,6 +454,7 @@ def group_advantages(
     *,
     group_size: Optional[int] = None,
     group_sizes: Union[Tensor, Sequence[int], None] = None,
+    group_ids: Optional[Tensor] = None,
     mode: str = "grpo",
     eps: Optional[float] = None,
     singleton: str = "zero",
@@ -447,7 +466,9 @@ def group_advantages(
     """Group-relative advantages of per-completion rewards (docs/math.md §2).
 
     The rewards are split into consecutive groups (the completions of one prompt): runs of ``group_size``,
-    or of the lengths in ``group_sizes``. With μ_g, σ_g the mean and unbiased std of group g (size G):
+    or of the lengths in ``group_sizes``; or into the groups of equal ``group_ids``, whose members may sit
+    anywhere in the batch (a second grouping level, e.g. GiGPO's anchor states: docs/math.md §9). With μ_g,
+    σ_g the mean and unbiased std of group g (size G):
 
     ================  =====================================================  ======================================
     mode              A_i                                                    reproduces
@@ -462,6 +483,9 @@ def group_advantages(
     ``median``        R_i − med_g                                            MC-GRPO without scaling
     ``median_mad``    (R_i − med_g)/(MAD_g + ε), MAD_g = med_g|R − med_g|    MC-GRPO (ε=1e-3)
     ``rank_gaussian`` Φ⁻¹((rank_i − ½)/G), ties share their mean rank        G²RPO
+    ``mc_grpo``       ``median_mad`` (ε = 1e-3), then the non-zero A_i of    MC-GRPO, complete (its G + 1 group;
+                      each group times G/#{j: |A_j| > 1e-6}                  drop the pivot with
+                                                                             :func:`rlloss.family.mc_grpo_keep_mask`)
     ================  =====================================================  ======================================
 
     verl's other outcome estimators (``algorithm.adv_estimator``), written from verl's
@@ -504,8 +528,11 @@ def group_advantages(
         rewards: [B] float16, bfloat16, float32 or float64, finite.
         group_size: G for groups of equal size (B must be a multiple of G).
         group_sizes: [num_groups] integer tensor (any device) or sequence of ints, each >= 1, summing to B.
-            Exactly one of ``group_size`` and ``group_sizes`` must be given, except for the modes without
-            groups (``reinforce_plus_plus``, ``remax``), where both are optional and unused.
+        group_ids: [B] integer tensor on the rewards' device: completions with equal ids form a group,
+            wherever they sit (any values). Every mode works on these groups as on consecutive ones; it costs a
+            sort and one host read (the number of groups).
+            Exactly one of ``group_size``, ``group_sizes`` and ``group_ids`` must be given, except for the modes
+            without groups (``reinforce_plus_plus``, ``remax``), where all are optional and unused.
         mode: one of ``ALL_MODES`` (the tables above).
         eps: ε >= 0. Added to the denominator σ in ``grpo``, ``batch_std``, ``median_mad`` and ``grpo_passk``
             (default 1e-6, verl's epsilon) and to the variance under the square root in the
@@ -524,7 +551,8 @@ def group_advantages(
             of an error. Every check that needs no device read — types, shapes, dtypes, devices, mode, eps,
             singleton, ``group_size`` dividing B, a Python sequence of sizes — always runs.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
-            ``reference`` always reads the sizes on the host.
+            ``reference`` always reads the sizes on the host. ``mc_grpo`` runs the torch backend under
+            "triton" / "interpret" (the kernels have no count of non-zero advantages).
 
     Returns:
         Advantages [B], float32 (float64 for float64 rewards), detached: no gradient flows to the rewards.
@@ -547,10 +575,18 @@ def group_advantages(
     B = rewards.shape[0]
     mode = _check_mode(mode)
     grouped = mode not in _UNGROUPED_MODES
-    if group_size is not None and group_sizes is not None:
-        raise ValueError("exactly one of group_size and group_sizes must be given, got both")
-    if grouped and group_size is None and group_sizes is None:
-        raise ValueError("exactly one of group_size and group_sizes must be given, got neither")
+    given = [name for name, x in (("group_size", group_size), ("group_sizes", group_sizes), ("group_ids", group_ids))
+             if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"exactly one of group_size, group_sizes and group_ids must be given, got "
+                         f"{'both' if len(given) == 2 else 'all three'} ({', '.join(given)})")
+    if grouped and not given:
+        raise ValueError("exactly one of group_size, group_sizes and group_ids must be given, got none")
+    if group_ids is not None:
+        group_ids = _check_group_ids(group_ids, rewards)
+        return _by_group_ids(rewards, group_ids, mode=mode, eps=eps, singleton=singleton,
+                             response_lengths=response_lengths, baselines=baselines, check_inputs=check_inputs,
+                             backend=backend)
     sizes = None
     if group_size is not None:
         group_size = _check_group_size(group_size, B)
@@ -563,6 +599,8 @@ def group_advantages(
     lengths = _check_response_lengths(response_lengths, mode, rewards, check_inputs)
     baselines = _check_baselines(baselines, mode, rewards, check_inputs)
     name = resolve_backend(backend, rewards.device)
+    if mode == "mc_grpo" and name in ("triton", "interpret"):
+        name = "torch"
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
 
     if B == 0:
@@ -588,3 +626,27 @@ def group_advantages(
         rewards.contiguous(), _offsets(B, group_size, sizes, rewards.device) if grouped else None, mode=mode,
         eps=eps, max_group_size=max_size, verl_singleton=verl_singleton, lengths=lengths, baselines=baselines,
     )
+
+
+def _by_group_ids(rewards: Tensor, group_ids: Tensor, *, mode, eps, singleton, response_lengths, baselines,
+                  check_inputs, backend) -> Tensor:
+    """:func:`group_advantages` over the groups of equal ``group_ids``: the batch sorted by id (stably) is a
+    run of consecutive groups; the advantages go back to the original order."""
+    if resolve_backend(backend, rewards.device) == "reference":
+        _check_singleton(singleton, mode)
+        out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+        return reference.group_advantages(
+            rewards, None, group_ids=group_ids, mode=mode, eps=_check_eps(eps, mode), singleton=singleton,
+            response_lengths=_check_response_lengths(response_lengths, mode, rewards, check_inputs),
+            baselines=_check_baselines(baselines, mode, rewards, check_inputs)).to(out_dtype)
+    order = torch.argsort(group_ids, stable=True)
+    sizes = torch.unique_consecutive(group_ids[order], return_counts=True)[1]  # one host read (their number)
+
+    def permuted(x):
+        return x[order] if isinstance(x, Tensor) and x.shape == rewards.shape else x
+
+    sorted_advantages = group_advantages(
+        rewards[order], group_sizes=sizes, mode=mode, eps=eps, singleton=singleton,
+        response_lengths=permuted(response_lengths), baselines=permuted(baselines), check_inputs=check_inputs,
+        backend=backend)
+    return torch.empty_like(sorted_advantages).index_copy_(0, order, sorted_advantages)

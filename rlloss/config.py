@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 __all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS",
-           "TERM_AGGREGATIONS", "CREDIT_MODES", "ROLLOUT_RS_OPTIONS"]
+           "TERM_AGGREGATIONS", "CREDIT_MODES", "ROLLOUT_RS_OPTIONS", "TOKEN_SELECT_SCORES"]
 
 LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo",
               "geo_mean", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "dro", "vespo")
@@ -45,6 +45,8 @@ AGGREGATIONS = (
 # mean over the local mask whatever num_items_in_batch says.
 TERM_AGGREGATIONS = AGGREGATIONS + ("token_mean_local",)
 CREDIT_MODES = ("cepo", "rlsd")
+# Scores of the token selection (token_select): the entropy H (TRL's top_entropy_quantile) or |Â|·H (D³S).
+TOKEN_SELECT_SCORES = ("entropy", "adv_entropy")
 
 # verl's numerical guard on the token log-ratio (core_algos: clamp(log_prob − old_log_prob, −20, 20)).
 VERL_LOG_RATIO_CLAMP = 20.0
@@ -148,6 +150,19 @@ class LossConfig:
         rollout_rs_threshold: verl's ``rollout_rs_threshold``: one bound shared by the options, or one per
             option joined by commas; for k1 options "lower_upper" ratio bounds (a single u means 1/u_u), for the
             others an upper bound on the divergence.
+    Selection (docs/math.md §9), a 0/1 factor on the policy term formed inside the loss; normalisers unchanged:
+        token_select: None, "entropy" (score H_t: TRL's ``top_entropy_quantile``) or "adv_entropy" (score
+            |Â_t|·H_t: D³S's token level). Keeps the counted tokens whose score is ≥ the (1 − q)-quantile
+            (linear interpolation, as torch.quantile) of the scores of all counted tokens of the call; the
+            entropy bonus then acts on the kept tokens only (TRL).
+        token_select_fraction: q ∈ (0, 1], the fraction kept (TRL ``top_entropy_quantile``).
+        off_policy_mask_threshold: δ of TRL's off-policy sequence mask (DeepSeek-V3.2): a token is dropped when
+            A < 0 and its sequence's mean of ℓˢ − sg(ℓ) over the mask exceeds δ (ℓˢ: ``rollout_logprobs``, else
+            ``old_logprobs``, else sg(ℓ)). None = off.
+        Both need the whole batch's log-probs or entropy: FusedPolicyLoss takes its two-pass route (8·N·D·V),
+        and the Triton policy kernel hands them to the torch formulas.
+    Per-sequence clip ranges are call arguments (``epsilon_low=`` / ``epsilon_high=`` tensors of
+    :func:`rlloss.policy_loss` and :class:`rlloss.FusedPolicyLoss`), not fields.
     """
 
     loss_mode: str = "ppo_clip"
@@ -191,6 +206,10 @@ class LossConfig:
     rollout_is_batch_normalize: bool = False
     rollout_rs: Optional[str] = None
     rollout_rs_threshold: Union[float, str, None] = None
+    # selection and trust-region extension points
+    token_select: Optional[str] = None
+    token_select_fraction: float = 1.0
+    off_policy_mask_threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         _choice("loss_mode", self.loss_mode, LOSS_MODES)
@@ -274,6 +293,7 @@ class LossConfig:
         if not 0.0 <= eps_w < 1.0:
             raise ValueError(f"LossConfig.credit_eps_w must lie in [0, 1), got {eps_w}")
         self._check_peer_variants()
+        self._check_selection()
         for name, agg in zip(("aggregation", "kl_aggregation", "entropy_aggregation"), self.term_aggregations):
             if agg == "seq_mean_token_sum_norm" and self.max_completion_length is None:
                 raise ValueError(
@@ -363,6 +383,22 @@ class LossConfig:
                                  f"got {part!r}")
             bounds.append((option, lower, upper))
         return tuple(bounds)
+    def _check_selection(self) -> None:
+        if self.token_select is not None:
+            _choice("token_select", self.token_select, (None,) + TOKEN_SELECT_SCORES)
+        q = _finite("token_select_fraction", self.token_select_fraction)
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"LossConfig.token_select_fraction must lie in (0, 1], got {q}")
+        if q != 1.0 and self.token_select is None:
+            raise ValueError(f"LossConfig.token_select_fraction = {q} needs token_select ('entropy' or "
+                             "'adv_entropy'), got None")
+        if self.off_policy_mask_threshold is not None:
+            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+
+    @property
+    def selects(self) -> bool:
+        """True when a selection (token_select, off_policy_mask_threshold) is on: it needs the whole batch."""
+        return self.token_select is not None or self.off_policy_mask_threshold is not None
 
     @property
     def key(self) -> str:

@@ -183,7 +183,7 @@ def vocab_parallel_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Ten
                               options: LinearOptions, group, layout: VocabLayout) -> Tuple[Tensor, Tensor]:
     """(loss, packed metrics) of ``FusedPolicyLoss(..., process_group=group)``: hidden [N, D], this rank's weight
     rows, global targets [N] (``options.ignore_index`` where not counted) and the [B, T] token inputs
-    (old, advantages, mask, ref, rollout, pos, neg logprobs, rollout weights) of ``fused_pass``."""
+    (old, advantages, mask, ref, rollout, pos, neg logprobs, rollout weights, ε_lo, ε_hi) of ``fused_pass``."""
     ids = local_targets(targets, layout, options.ignore_index)
     return _VocabParallelFusedLoss.apply(hidden, weight, bias, ids, tokens, normaliser, config, needs, options,
                                          vocab_shard(group, layout), group)

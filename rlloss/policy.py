@@ -28,7 +28,7 @@ from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_li
 _NOT_COUNTED = -100
 
 __all__ = ["FusedPolicyLoss", "PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser",
-           "metric_names", "check_credit_inputs"]
+           "metric_names", "check_credit_inputs", "check_clip_range"]
 
 # Column order of the per-row statistics both backends produce (kernels.policy.STAT_NAMES holds the same).
 STAT_NAMES = (
@@ -68,12 +68,15 @@ def metric_names(config: LossConfig, has_ref: bool, has_entropy: bool, has_rollo
     return tuple(names)
 
 
-def clip_metric_bounds(config: LossConfig) -> Tuple[float, float]:
+def clip_metric_bounds(config: LossConfig, eps_low=None, eps_high=None):
     """(lower, upper) bounds of the ratio used by the clip-fraction metrics: [1 − ε_lo, 1 + ε_hi], except
-    CISPO (TRL) whose only bound is the absolute cap ε_hi."""
+    CISPO (TRL) whose only bound is the absolute cap ε_hi. ε from ``eps_low`` / ``eps_high`` (per-token tensors
+    of the call's clip ranges) when given, else from the config."""
+    eps_low = config.epsilon_low if eps_low is None else eps_low
+    eps_high = config.epsilon_high if eps_high is None else eps_high
     if config.loss_mode == "cispo_trl":
-        return -math.inf, config.epsilon_high
-    return 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+        return -math.inf, eps_high
+    return 1.0 - eps_low, 1.0 + eps_high
 
 
 def _positive_count(name: str, value, device: torch.device, check_values: bool = True) -> Tensor:
@@ -178,11 +181,15 @@ def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tens
 
 
 def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor, old: Tensor,
-                 coupled: Optional[Tensor] = None):
-    """(P, ∂P/∂ρ, ∂P/∂ℓ direct, dual-clip active) of MATH.md §4 (docs/math.md §4); clamps pass the gradient on
-    the closed interval, as torch.clamp does. ``old`` is ℓ° (ℓ itself on-policy); ``coupled`` the per-token
-    factor a mode takes from the whole sequence or batch (:func:`_coupled_terms`): clip_cov / kl_cov 1 on the
-    selected tokens, vespo φ(w_i). geo_mean arrives with ρ = its sequence ratio and A = the sequence mean Ā."""
+                 coupled: Optional[Tensor] = None, eps_low=None, eps_high=None):
+    """(P, ∂P/∂ρ, ∂P/∂ℓ direct, dual-clip active) of docs/math.md §4; clamps pass the gradient on the closed
+    interval, as torch.clamp does. ``old`` is ℓ° (ℓ itself on-policy); ``coupled`` the per-token factor a mode
+    takes from the whole sequence or batch (:func:`_coupled_terms`): clip_cov / kl_cov 1 on the selected tokens,
+    vespo φ(w_i). geo_mean arrives with ρ = its sequence ratio and A = the sequence mean Ā. ``eps_low`` /
+    ``eps_high``: per-token clip ranges replacing the config's (ppo_clip and cispo_*, see
+    :func:`check_clip_range`)."""
+    eps_low = config.epsilon_low if eps_low is None else eps_low
+    eps_high = config.epsilon_high if eps_high is None else eps_high
     zero = torch.zeros_like(rho)
     dual = torch.zeros_like(rho, dtype=torch.bool)
     mode = config.loss_mode
@@ -214,7 +221,7 @@ def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor, old
         if config.delta is not None:
             unclipped = rho.clamp(max=config.delta)
             d_unclipped = (~(rho > config.delta)).to(rho.dtype)  # NaN counts as inside: it propagates
-        lo, hi = 1.0 - config.epsilon_low, 1.0 + config.epsilon_high
+        lo, hi = 1.0 - eps_low, 1.0 + eps_high
         clipped = rho.clamp(lo, hi)
         d_clipped = (~((rho < lo) | (rho > hi))).to(rho.dtype)
         surr1, surr2 = unclipped * adv, clipped * adv
@@ -231,9 +238,9 @@ def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor, old
         return P, d_rho, zero, dual
     if mode in ("cispo_trl", "cispo_verl"):
         if mode == "cispo_trl":
-            weight = rho.clamp(max=config.epsilon_high)
+            weight = rho.clamp(max=eps_high)
         else:
-            weight = rho.clamp(1.0 - config.epsilon_low, 1.0 + config.epsilon_high)
+            weight = rho.clamp(1.0 - eps_low, 1.0 + eps_high)
         return -weight * adv * logp, zero, -weight * adv, dual
     if mode == "gpg":
         return -adv * logp, zero, -adv, dual
@@ -455,6 +462,9 @@ class TokenInputs(NamedTuple):
     coef: Tensor                   # aggregation weight c = m/D (/ max(n_i, 1) for seq_mean_token_mean)
     coef_kl: Tensor                # the KL term's (config.kl_aggregation); ``coef`` itself when the same
     coef_ent: Tensor               # the entropy term's (config.entropy_aggregation); ``coef`` when the same
+    eps_low: Optional[Tensor] = None   # per-token ε_lo / ε_hi of the call's clip ranges (else the config's)
+    eps_high: Optional[Tensor] = None
+    select: Optional[Tensor] = None    # bool: the tokens the policy term keeps (config.token_select, off-policy mask)
 
     def rows(self, begin: int, end: int) -> "TokenInputs":
         """The flat tokens [begin, end) of a [B, T] preparation (a chunk of the fused loss)."""
@@ -468,11 +478,20 @@ def _load(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor
     return torch.where(live, x.to(cd), torch.zeros((), dtype=cd, device=x.device))
 
 
+def _per_token(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor]:
+    """A [B] or [B, T] input as [B, T] in the compute dtype, 0 where not counted."""
+    if x is None:
+        return None
+    return _load(x[:, None].expand(live.shape) if x.ndim == 1 else x, live, cd)
+
+
 def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
                    normaliser: Tensor, pos_logprobs, neg_logprobs, cd: torch.dtype,
-                   rollout_weights: Optional[Tensor] = None) -> Tuple[TokenInputs, Tensor]:
+                   rollout_weights: Optional[Tensor] = None,
+                   clip_range: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)) -> Tuple[TokenInputs, Tensor]:
     """(TokenInputs over [B, T], n_i = max(Σ_t m, 1) per row). Given ``rollout_weights`` (precomputed, detached)
-    are the rollout weights, in place of any formed from ``rollout_logprobs``."""
+    are the rollout weights, in place of any formed from ``rollout_logprobs``; ``clip_range`` the call's
+    (ε_lo, ε_hi) tensors."""
     B, T = live.shape
     mf = live.to(cd)
     n_safe = mf.sum(1).clamp(min=1.0)
@@ -502,7 +521,8 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
     coef = coef_of(0)
     tokens = TokenInputs(live, old, adv, _load(pos_logprobs, live, cd), _load(neg_logprobs, live, cd), ref,
                          rollout, weight, coef, coef_of(1) if config.beta != 0.0 else coef,
-                         coef_of(2) if config.entropy_coef != 0.0 else coef)
+                         coef_of(2) if config.entropy_coef != 0.0 else coef,
+                         _per_token(clip_range[0], live, cd), _per_token(clip_range[1], live, cd))
     return tokens, n_safe
 
 
@@ -528,11 +548,8 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
     batch- or sequence-wide factor of clip_cov, kl_cov and vespo (:func:`_coupled_terms`)."""
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     old = logp if tokens.old is None else tokens.old
-    adv = tokens.adv
-    if config.credit is not None:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ or ℓ⁺ − ℓ°, no gradient
-        base = tokens.neg if config.credit == "cepo" else old
-        adv = credit_advantage(adv, tokens.pos - base, config.credit_lambda, config.credit_eps_w)
-    P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv, old, coupled)
+    adv = _used_advantage(config, logp, tokens)
+    P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv, old, coupled, tokens.eps_low, tokens.eps_high)
     w = tokens.weight
     if tokens.rollout is not None:  # token-level rollout correction (MATH.md §5): a detached weight
         w = _rollout_weight(config, torch.exp(torch.where(tokens.live, old - tokens.rollout, zero)))
@@ -540,6 +557,8 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
         loss_t, direct, via_ratio = P, dP_dlogp, dP_drho
     else:
         loss_t, direct, via_ratio = w * P, w * dP_dlogp, w * dP_drho
+    if tokens.select is not None:  # selection (docs/math.md §9): dropped tokens lose the policy term exactly
+        loss_t, direct, via_ratio = (torch.where(tokens.select, x, zero) for x in (loss_t, direct, via_ratio))
     K = None
     if tokens.ref is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
         K, dK = _kl_term(config, tokens.ref - logp)
@@ -569,6 +588,55 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
     return TokenTerms(c * loss_t, c * direct, c * via_ratio, rho, adv, dual, K, w)
 
 
+def _used_advantage(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tensor:
+    """The advantage the surrogate uses: A, or the credit Â of MATH.md §7 (Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻
+    or ℓ⁺ − ℓ°, no gradient)."""
+    if config.credit is None:
+        return tokens.adv
+    base = tokens.neg if config.credit == "cepo" else (logp if tokens.old is None else tokens.old)
+    return credit_advantage(tokens.adv, tokens.pos - base, config.credit_lambda, config.credit_eps_w)
+
+
+def _upper_quantile_mask(score: Tensor, live: Tensor, fraction: float) -> Tensor:
+    """live & (score ≥ the (1 − fraction)-quantile of score over the live tokens), the quantile interpolated
+    linearly between order statistics as torch.quantile does (a sort: no size limit). One host read."""
+    values = score[live].sort().values
+    n = values.numel()
+    if n == 0:
+        return torch.zeros_like(live)
+    h = (1.0 - fraction) * (n - 1)
+    below = math.floor(h)
+    above = min(below + 1, n - 1)
+    threshold = values[below] + (h - below) * (values[above] - values[below])
+    return live & (score >= threshold)
+
+
+def selection_masks(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs,
+                    sampling: Optional[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(policy keep-mask, entropy keep-mask) of docs/math.md §9 over [B, T], or None where nothing is dropped.
+
+    token_select keeps the live tokens whose score (H, or |Â|·H) reaches the (1 − q)-quantile over all live
+    tokens; the off-policy mask keeps a row's tokens where A ≥ 0 or mean_t(ℓˢ − sg(ℓ)) ≤ δ (NaN differences
+    count as 0), ℓˢ = ``sampling`` (rollout log-probs, 0 where not counted) else ℓ°. The policy term keeps
+    both; the entropy bonus only the first (TRL)."""
+    live = tokens.live
+    keep_entropy = None
+    if config.token_select is not None:
+        score = entropy
+        if config.token_select == "adv_entropy":
+            score = _used_advantage(config, logp, tokens).abs() * entropy
+        keep_entropy = _upper_quantile_mask(score, live, config.token_select_fraction)
+    keep = keep_entropy
+    if config.off_policy_mask_threshold is not None:
+        reference_logp = sampling if sampling is not None else (logp if tokens.old is None else tokens.old)
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        kl = torch.where(live, torch.nan_to_num(reference_logp - logp, nan=0.0), zero)
+        mean_kl = kl.sum(1) / live.sum(1).clamp(min=1).to(logp.dtype)
+        in_policy = (tokens.adv >= 0) | (mean_kl <= config.off_policy_mask_threshold)[:, None]
+        keep = in_policy if keep is None else keep & in_policy
+    return keep, keep_entropy
+
+
 def _ratio_bounds(config: LossConfig) -> Tuple[float, float]:
     lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
     hi = math.inf if config.log_ratio_max is None else config.log_ratio_max
@@ -595,15 +663,25 @@ def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
 
 
 def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None):
+                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
+                clip_range=(None, None)):
     """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
     cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     B, T = logprobs.shape
     zero = torch.zeros((), dtype=cd, device=logprobs.device)
     mf = live.to(cd)
     tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights)
+                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
     logp = _load(logprobs, live, cd)
+    if config.selects:
+        keep, keep_entropy = selection_masks(config, logp, _load(entropy, live, cd), tokens,
+                                             _load(rollout_logprobs, live, cd))
+        tokens = tokens._replace(select=keep)
+        if keep_entropy is not None and config.entropy_coef != 0.0:  # the bonus acts on the kept tokens (TRL)
+            coef_ent = tokens.coef_ent * keep_entropy
+            if config.term_aggregations[2] == "token_mean_local":
+                coef_ent = keep_entropy.to(cd) / keep_entropy.sum().clamp(min=1).to(cd)
+            tokens = tokens._replace(coef_ent=coef_ent)
     old = logp if tokens.old is None else tokens.old
     u = logp - old
 
@@ -676,7 +754,7 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
     grad_ent = -config.entropy_coef * tokens.coef_ent if write_grad_entropy else None
 
-    low, high = clip_metric_bounds(config)
+    low, high = clip_metric_bounds(config, tokens.eps_low, tokens.eps_high)
     adv = terms.adv
     stats[:, _S["loss"]] = loss_t.sum(1)
     stats[:, _S["tokens"]] = mf.sum(1)
@@ -700,7 +778,8 @@ def _kernels():
 def _kernel_supports(config: LossConfig) -> bool:
     """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
     return (config.uniform_aggregation and config.kl_estimator in ("k1", "abs", "k2", "k3", "k3+")
-            and config.loss_mode in ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo"))
+            and config.loss_mode in ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
+            and not config.selects)
 
 
 def policy_loss_and_grads(
@@ -717,6 +796,7 @@ def policy_loss_and_grads(
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
     rollout_weights: Optional[Tensor] = None,
+    clip_range: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
 ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Optional[Tensor]]:
     """The policy loss, its metrics and its analytic gradients, computed together (no autograd).
 
@@ -724,8 +804,9 @@ def policy_loss_and_grads(
     [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
     serves every term);
     ``backend`` "torch", "triton" or "interpret"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
-    ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights.
-    Nothing here builds an autograd graph.
+    ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights;
+    ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
+    :func:`check_clip_range`). Nothing here builds an autograd graph.
 
     Returns:
         (loss, metrics, grad_logprobs, grad_entropy): the 0-d loss (float32, float64 for float64 log-probs on the
@@ -737,12 +818,13 @@ def policy_loss_and_grads(
     # The kernel has one aggregation coefficient per token and the estimators k1, abs, k2, k3, k3+: a config
     # with a KL or entropy term aggregated otherwise, or the k1+ / abs+ estimators, runs the torch formulas on
     # the same device instead (never an option silently dropped); so does every loss mode but ppo_clip, cispo_*,
-    # gpg and sapo, and precomputed rollout weights.
+    # gpg and sapo, precomputed rollout weights, the selection options and clip ranges given as tensors
+    # (docs/math.md §9).
     if (backend == "torch" or logprobs.numel() == 0 or not _kernel_supports(config)
-            or rollout_weights is not None):
+            or rollout_weights is not None or clip_range[0] is not None):
         stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                             rollout_logprobs, config, normaliser, write_grad_entropy,
-                                            pos_logprobs, neg_logprobs, rollout_weights)
+                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = _kernels().policy_loss_rows(
@@ -792,13 +874,14 @@ def _fake_outputs(x: Tensor, config: LossConfig, has_ref: bool, has_entropy: boo
 def policy_loss_impl(logprobs: Tensor, entropy: Optional[Tensor], old_logprobs: Optional[Tensor],
                      advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor],
                      rollout_logprobs: Optional[Tensor], pos_logprobs: Optional[Tensor],
-                     neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor], normaliser: Tensor,
+                     neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor],
+                     epsilon_low: Optional[Tensor], epsilon_high: Optional[Tensor], normaliser: Tensor,
                      config: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, packed metrics, d(loss)/dℓ, d(loss)/dH or empty) of :func:`policy_loss_and_grads`."""
     cfg = LossConfig.from_key(config)
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cfg, normaliser, backend,
-        pos_logprobs, neg_logprobs, rollout_weights)
+        pos_logprobs, neg_logprobs, rollout_weights, (epsilon_low, epsilon_high))
     return loss, _packed(metrics, loss), grad, grad_ent if grad_ent is not None else logprobs.new_empty(EMPTY)
 
 
@@ -807,7 +890,7 @@ _policy_loss_op = torch.library.custom_op("rlloss::policy_loss", policy_loss_imp
 
 @_policy_loss_op.register_fake
 def _(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs, neg_logprobs,
-      rollout_weights, normaliser, config, backend):
+      rollout_weights, epsilon_low, epsilon_high, normaliser, config, backend):
     cfg = LossConfig.from_key(config)
     loss, packed = _fake_outputs(logprobs, cfg, ref_logprobs is not None, entropy is not None,
                                  rollout_logprobs is not None)
@@ -829,7 +912,7 @@ def _policy_loss_backward(ctx, g_loss, *_):
         g_logp = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1] and ctx.has_grad_ent:
             g_ent = grad_ent * g_loss.to(grad_ent.dtype)
-    return (g_logp, g_ent) + (None,) * 11
+    return (g_logp, g_ent) + (None,) * 13
 
 
 _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -927,6 +1010,53 @@ def check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config: LossC
     return _checks.float_like("rollout_weights", rollout_weights, shape, "logprobs").detach()
 
 
+# The loss modes whose surrogate clips each token's ratio by [1 − ε_lo, 1 + ε_hi] (or ε_hi): the ones that take
+# per-sequence or per-token clip ranges.
+CLIP_RANGE_MODES = ("ppo_clip", "cispo_trl", "cispo_verl")
+
+
+def check_clip_range(shape, epsilon_low, epsilon_high, config: LossConfig, check_values: bool = True):
+    """Check the call's clip ranges (docs/math.md §9) over [B, T] = ``shape`` (host side).
+
+    Each of ``epsilon_low`` / ``epsilon_high`` is None or a floating tensor of shape [B], [B, 1] or [B, T] (per
+    sequence, e.g. per group, or per token). When one is given, the other defaults to the config's value. With
+    ``check_values``, ε_lo must lie in [0, 1] and ε_hi be ≥ 0 (> 0 for ``cispo_trl``) everywhere (one host
+    read). Returns (ε_lo, ε_hi) as detached [B] or [B, T] tensors, or (None, None).
+    """
+    if epsilon_low is None and epsilon_high is None:
+        return None, None
+    if config.loss_mode not in CLIP_RANGE_MODES:
+        raise ValueError(f"epsilon_low / epsilon_high tensors need a loss mode with a per-token clip range "
+                         f"{CLIP_RANGE_MODES}, got config.loss_mode = {config.loss_mode!r}")
+    B = shape[0]
+    checked = []
+    for name, x, default in (("epsilon_low", epsilon_low, config.epsilon_low),
+                             ("epsilon_high", epsilon_high, config.epsilon_high)):
+        if x is None:
+            checked.append(None)
+            continue
+        x = _checks.tensor(name, x)
+        _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
+        if x.shape == (B, 1):
+            x = x[:, 0]
+        if x.shape != (B,) and x.shape != shape:
+            raise ValueError(f"{name} must be [B] = ({B},), [B, 1] or [B, T] = {tuple(shape)} (a clip range per "
+                             f"sequence or per token), got {tuple(x.shape)}")
+        checked.append(x.detach())
+    device = next(x for x in checked if x is not None).device
+    lo, hi = (torch.full((B,), default, dtype=torch.float32, device=device) if x is None else x
+              for x, default in zip(checked, (config.epsilon_low, config.epsilon_high)))
+    if check_values:
+        if lo.numel() and not bool(((lo >= 0) & (lo <= 1)).all()):  # one host sync
+            raise ValueError(f"epsilon_low must lie in [0, 1] everywhere, got e.g. "
+                             f"{lo[~((lo >= 0) & (lo <= 1))].flatten()[0].item()}")
+        bad = ~(hi > 0) if config.loss_mode == "cispo_trl" else ~(hi >= 0)
+        if hi.numel() and bool(bad.any()):
+            raise ValueError(f"epsilon_high must be >= 0 everywhere (> 0 for loss_mode='cispo_trl'), got e.g. "
+                             f"{hi[bad].flatten()[0].item()}")
+    return lo, hi
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Optional[Tensor],
@@ -941,6 +1071,8 @@ def policy_loss(
     num_sequences_in_batch: Union[int, Tensor, None] = None,
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
+    epsilon_low: Optional[Tensor] = None,
+    epsilon_high: Optional[Tensor] = None,
     rollout_weights: Optional[Tensor] = None,
     check_inputs: bool = True,
     backend: Optional[str] = None,
@@ -972,20 +1104,27 @@ def policy_loss(
             ``config.credit`` is set, which then replaces A by Â of MATH.md §7 inside the loss.
         neg_logprobs: [B, T] teacher log-probs ℓ⁻ (shown a wrong answer); required for ``credit="cepo"``.
             With ``credit="rlsd"`` the base is ``old_logprobs``, or sg(ℓ) when that is None.
+        epsilon_low, epsilon_high: clip ranges per sequence ([B] or [B, 1], e.g. one per group) or per token
+            ([B, T]), floating, replacing ``config.epsilon_low`` / ``epsilon_high`` in the surrogate and the
+            clip metrics (docs/math.md §9: ETR's elastic trust regions); one given alone keeps the config's
+            other. For the loss modes with a per-token clip range (ppo_clip, cispo_trl, cispo_verl); computed by
+            the torch formulas on every backend (the Triton kernel has scalar ε).
         rollout_weights: [B, T] precomputed, detached rollout weights w (a trainer's importance-sampling weights,
             e.g. TRL's ``importance_sampling_ratio`` or verl's ``rollout_is_weights``) multiplying the policy term
             (vespo folds them into its sequence ratio, geo_mean takes their geometric mean per sequence, as the
             peers do). An alternative to ``config.rollout_correction``: giving both is an error.
         check_inputs: run the checks that read device values (a non-bool mask holds only 0/1, tensor counts
-            finite and > 0). With False the call never synchronises with the host (clip_cov and kl_cov
-            always read the batch: their selections are host-side, as in verl).
+            finite and > 0, clip ranges in range). With False the call never synchronises with the host (except
+            clip_cov and kl_cov, whose selections are host-side as in verl, and the selection options of
+            docs/math.md §9, which read a quantile).
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
             The Triton kernel implements one aggregation for every term and the estimators k1, abs, k2, k3, k3+:
             on "triton" / "interpret" a config whose active KL or entropy term has its own aggregation
             (``kl_aggregation`` / ``entropy_aggregation``, e.g. the TRL presets with ``entropy_coef`` ≠ 0,
             ``verl_sapo`` with β or c_H ≠ 0), a "k1+" / "abs+" estimator, a loss mode other than ppo_clip,
-            cispo_*, gpg and sapo (the verl and TRL variants: geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo)
-            or given ``rollout_weights`` is computed by the torch formulas on the same device instead.
+            cispo_*, gpg and sapo (the verl and TRL variants: geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo),
+            given ``rollout_weights``, ``config.token_select``, ``config.off_policy_mask_threshold`` (docs/math.md
+            §9) or clip ranges given as tensors is computed by the torch formulas on the same device instead.
             ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` act on the whole call before the
             loss (docs/math.md §5), on every backend.
 
@@ -1013,9 +1152,14 @@ def policy_loss(
         entropy = _checks.float_like("entropy", entropy, shape, "logprobs")
     elif config.entropy_coef != 0.0:
         raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
+    elif config.token_select is not None:
+        raise ValueError(f"entropy is required when config.token_select = {config.token_select!r} (its score "
+                         "needs H), got None")
+    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check_inputs)
     _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
                         ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
-                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights)
+                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
+                        epsilon_low=epsilon_low, epsilon_high=epsilon_high)
     name = resolve_backend(backend, logprobs.device)
     allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
     _checks.dtype_in("logprobs", logprobs, allowed)
@@ -1027,7 +1171,7 @@ def policy_loss(
             logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
             rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
             num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-            rollout_weights=rollout_weights,
+            rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
         )
         return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
@@ -1035,8 +1179,8 @@ def policy_loss(
     mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old, rollout_logprobs, rollout_weights)
     normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
     loss, packed, _, _ = _policy_loss_op(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                         rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, normaliser,
-                                         config.key, name)
+                                         rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights,
+                                         epsilon_low, epsilon_high, normaliser, config.key, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
@@ -1046,10 +1190,11 @@ def policy_loss(
 
 def one_pass(config: LossConfig, on_policy: bool, has_rollout: bool) -> bool:
     """Whether every token's loss gradient is local, so the fused loss can form dz in its forward (6·N·D·V
-    FLOPs). Sequence-level ratios (GSPO), an on-policy sequence-level rollout weight and the loss modes of
-    NON_LOCAL_LOSS_MODES (geo_mean, vespo: a sequence quantity; clip_cov, kl_cov: a batch ranking) need the
+    FLOPs). Sequence-level ratios (GSPO), an on-policy sequence-level rollout weight, the loss modes of
+    NON_LOCAL_LOSS_MODES (geo_mean, vespo: a sequence quantity; clip_cov, kl_cov: a batch ranking) and the
+    selection options (docs/math.md §9: a quantile over the batch or each whole sequence's log-probs) need the
     log-probs of a whole sequence or batch first: statistics, then one recompute pass (8·N·D·V)."""
-    if config.importance_sampling_level != "token" or config.loss_mode in NON_LOCAL_LOSS_MODES:
+    if config.importance_sampling_level != "token" or config.loss_mode in NON_LOCAL_LOSS_MODES or config.selects:
         return False
     sequence_rollout = config.rollout_correction is not None and config.rollout_correction.startswith("sequence")
     return not (on_policy and has_rollout and sequence_rollout)
@@ -1059,7 +1204,8 @@ def fused_pass(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
     advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
     pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor],
-    normaliser: Tensor, config: str, needs: List[bool], options: LinearOptions, shard: Optional[VocabShard] = None,
+    epsilon_low: Optional[Tensor], epsilon_high: Optional[Tensor], normaliser: Tensor, config: str,
+    needs: List[bool], options: LinearOptions, shard: Optional[VocabShard] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, packed metrics, dh, dW, db, shift, total, ratio, d(loss)/dℓ, d(loss)/dH) from hidden [N, D].
 
@@ -1077,7 +1223,8 @@ def fused_pass(
     upstream = None
     if fused:
         tokens, _ = prepare_tokens(cfg, mask, old_logprobs, advantages, ref_logprobs, rollout_logprobs, normaliser,
-                                   pos_logprobs, neg_logprobs, compute_dtype(hidden.dtype), rollout_weights)
+                                   pos_logprobs, neg_logprobs, compute_dtype(hidden.dtype), rollout_weights,
+                                   (epsilon_low, epsilon_high))
         write_grad_entropy = cfg.entropy_coef != 0.0
 
         def upstream(begin, end, logp, entropy):
@@ -1086,7 +1233,8 @@ def fused_pass(
     result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=tuple(needs), shard=shard)
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
-        rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs, rollout_weights)
+        rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs, rollout_weights,
+        (epsilon_low, epsilon_high))
     empty = hidden.new_empty(EMPTY)
     if fused:
         grads = tuple(g if g is not None else empty.clone() for g in result[3:])
@@ -1099,13 +1247,15 @@ def fused_policy_loss_impl(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Optional[Tensor],
     advantages: Tensor, mask: Tensor, ref_logprobs: Optional[Tensor], rollout_logprobs: Optional[Tensor],
     pos_logprobs: Optional[Tensor], neg_logprobs: Optional[Tensor], rollout_weights: Optional[Tensor],
-    normaliser: Tensor, config: str, needs: List[bool], temperature: float, softcap: Optional[float],
-    ignore_index: int, backend: str, max_scratch_bytes: int, batch_invariant: bool,
+    epsilon_low: Optional[Tensor], epsilon_high: Optional[Tensor], normaliser: Tensor, config: str,
+    needs: List[bool], temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
+    max_scratch_bytes: int, batch_invariant: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The registered op: :func:`fused_pass` on one device."""
     options = LinearOptions(temperature, softcap, ignore_index, backend, max_scratch_bytes, batch_invariant)
     return fused_pass(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs,
-                      pos_logprobs, neg_logprobs, rollout_weights, normaliser, config, needs, options)
+                      pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high, normaliser, config,
+                      needs, options)
 
 
 _fused_policy_loss_op = torch.library.custom_op("rlloss::fused_policy_loss", fused_policy_loss_impl, mutates_args=())
@@ -1113,7 +1263,7 @@ _fused_policy_loss_op = torch.library.custom_op("rlloss::fused_policy_loss", fus
 
 @_fused_policy_loss_op.register_fake
 def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, pos_logprobs,
-      neg_logprobs, rollout_weights, normaliser, config, needs, *options):
+      neg_logprobs, rollout_weights, epsilon_low, epsilon_high, normaliser, config, needs, *options):
     cfg = LossConfig.from_key(config)
     loss, packed = _fake_outputs(hidden, cfg, ref_logprobs is not None, True, rollout_logprobs is not None)
     empty = hidden.new_empty(EMPTY)
@@ -1132,8 +1282,8 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprob
 def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     hidden, weight, bias, targets = inputs[:4]
-    ctx.options = inputs[15:]
-    ctx.needs = inputs[14]
+    ctx.options = inputs[17:]
+    ctx.needs = inputs[16]
     ctx.fused = output[2].shape != (0,) or output[3].shape != (0,) or output[4].shape != (0,)
     ctx.has_grad_ent = output[9].numel() > 0
     if ctx.fused:
@@ -1144,7 +1294,7 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_backward(ctx, g_loss, *_):
-    none = (None,) * 17
+    none = (None,) * 19
     if g_loss is None or not any(ctx.needs):
         return (None,) * 4 + none
     if ctx.fused:
@@ -1241,6 +1391,8 @@ class FusedPolicyLoss(torch.nn.Module):
         temperature: float = 1.0,
         num_items_in_batch: Union[int, Tensor, None] = None,
         num_sequences_in_batch: Union[int, Tensor, None] = None,
+        epsilon_low: Optional[Tensor] = None,
+        epsilon_high: Optional[Tensor] = None,
     ) -> PolicyLossOutput:
         """The policy loss of the completion tokens.
 
@@ -1260,6 +1412,11 @@ class FusedPolicyLoss(torch.nn.Module):
                 ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` need ``old_logprobs`` here (on-policy
                 they depend on the log-probs this call computes: use token_logprobs and policy_loss).
             temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
+            epsilon_low, epsilon_high: clip ranges per sequence ([B], [B, 1]) or per token ([B, T]), as in
+                :func:`policy_loss` (docs/math.md §9); they keep the one-pass route.
+
+        The selection options (``config.token_select``, ``config.off_policy_mask_threshold``) need the whole
+        batch first and take the two-pass route (statistics, then one recompute: 8·N·D·V).
 
         Returns:
             :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
@@ -1282,9 +1439,11 @@ class FusedPolicyLoss(torch.nn.Module):
             raise ValueError(f"FusedPolicyLoss needs old_logprobs with config.{option} (on-policy the rejection and "
                              "normalisation depend on the log-probs this call computes); use token_logprobs and "
                              "policy_loss, or pass old_logprobs")
+        epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check)
         _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
                             mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-                            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights)
+                            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
+                            epsilon_low=epsilon_low, epsilon_high=epsilon_high)
         linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=self.softcap,
                                      ignore_index=_NOT_COUNTED, backend=self.backend,
                                      max_scratch_bytes=self.max_scratch_bytes, batch_invariant=self.batch_invariant,
@@ -1313,8 +1472,8 @@ class FusedPolicyLoss(torch.nn.Module):
                                entropy=entropy, rollout_logprobs=rollout_logprobs,
                                num_items_in_batch=num_items_in_batch,
                                num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs,
-                               neg_logprobs=neg_logprobs, rollout_weights=rollout_weights, check_inputs=False,
-                               backend="reference")
+                               neg_logprobs=neg_logprobs, rollout_weights=rollout_weights, epsilon_low=epsilon_low,
+                               epsilon_high=epsilon_high, check_inputs=False, backend="reference")
 
         hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
         mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,
@@ -1326,12 +1485,12 @@ class FusedPolicyLoss(torch.nn.Module):
         if self.process_group is not None:
             loss, packed = distributed.vocab_parallel_fused_loss(
                 hidden_rows, weight, bias, flat_targets, (old_logprobs, advantages, mask, ref_logprobs,
-                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights), normaliser, config.key,
-                list(needs), options, self.process_group, layout)
+                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high),
+                normaliser, config.key, list(needs), options, self.process_group, layout)
         else:
             loss, packed, *_ = _fused_policy_loss_op(
                 hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs,
-                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, normaliser, config.key, list(needs),
-                *options)
+                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
+                normaliser, config.key, list(needs), *options)
         names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
         return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))

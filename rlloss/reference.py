@@ -94,12 +94,16 @@ def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor, alpha:
         return r * scale
     if bool((r == r[0]).all()):  # zero variance (a singleton included): exactly 0 in every mode
         return zeros
-    if mode in ("median", "median_mad"):
+    if mode in ("median", "median_mad", "mc_grpo"):
         centered = r - _lower_median(r)
         if mode == "median":
             return centered
         scale = _lower_median(centered.abs()) + eps
-        return centered / scale if scale > 0 else zeros
+        A = centered / scale if scale > 0 else zeros
+        if mode == "mc_grpo":  # non-zero advantages times G / #{|A| > 1e-6}, G counting the pivot
+            nonzero = A.abs() > 1e-6
+            A = torch.where(nonzero, A * G / max(int(nonzero.sum()), 1), A)
+        return A
     if mode == "rank_gaussian":
         less = (r[None, :] < r[:, None]).sum(1).to(r.dtype)
         ties = (r[None, :] == r[:, None]).sum(1).to(r.dtype)
@@ -126,8 +130,9 @@ def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor, alpha:
 
 def group_advantages(rewards: Tensor, group_sizes, *, mode: str = "grpo", eps: float = 1e-6,
                      singleton: str = "zero", response_lengths: Optional[Tensor] = None,
-                     baselines: Optional[Tensor] = None) -> Tensor:
-    """Group-relative advantages [B] of ``rewards`` [B] split into consecutive groups of ``group_sizes``.
+                     baselines: Optional[Tensor] = None, group_ids: Optional[Tensor] = None) -> Tensor:
+    """Group-relative advantages [B] of ``rewards`` [B] split into consecutive groups of ``group_sizes``, or
+    into the groups of equal ``group_ids`` (then ``group_sizes`` is None; members need not be adjacent).
 
     A plain loop over the groups, computed and returned in float64 whatever the rewards' dtype (advantages
     carry no gradient). Modes as in docs/math.md §2: grpo, no_std, batch_std, rloo, median, median_mad
@@ -152,14 +157,42 @@ def group_advantages(rewards: Tensor, group_sizes, *, mode: str = "grpo", eps: f
     batch_std = r.std() if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
     alpha = r.numel() / max(int(torch.count_nonzero(r)), 1)  # GPG: B / #{R ≠ 0}
     out = torch.zeros_like(r)
-    begin = 0
-    for size in [int(s) for s in group_sizes]:
-        group = slice(begin, begin + size)
+    if group_ids is not None:
+        members = [(group_ids == g).nonzero().flatten() for g in group_ids.unique()]
+    else:
+        bounds = [0] + torch.tensor([int(s) for s in group_sizes]).cumsum(0).tolist()
+        members = [torch.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    for group in members:
         out[group] = _group_advantage(r[group], mode, eps, batch_std, alpha, n[group], singleton)
-        begin += size
     if mode == "reinforce_plus_plus_baseline":
         return _whiten(out, n, eps)
     return out
+
+
+def gigpo_advantages(episode_rewards: Tensor, step_returns: Tensor, episode_ids: Tensor, anchor_ids: Tensor, *,
+                     step_weight: float = 1.0, normalize_std: bool = False, eps: float = 1e-6) -> Tensor:
+    """GiGPO (docs/math.md §9) row by row in float64: A_E over the rows of the same episode group (a group of
+    one: mean 0, std 1), A_S over the rows of the same episode group and anchor state (a group of one: its own
+    mean, std 1); A = A_E + ω·A_S."""
+    R = episode_rewards.detach().double().tolist()
+    S = step_returns.detach().double().tolist()
+    ep, anchor = episode_ids.tolist(), anchor_ids.tolist()
+
+    def normalised(values, members, i, singleton_mean):
+        group = torch.tensor([values[j] for j in members], dtype=torch.float64)
+        mean = torch.tensor(singleton_mean(values[i]), dtype=torch.float64) if len(members) == 1 else group.mean()
+        std = torch.tensor(1.0, dtype=torch.float64) if len(members) == 1 else group.std()
+        x = values[i] - mean
+        return x / (std + eps) if normalize_std else x
+
+    out = []
+    for i in range(len(R)):
+        episode_group = [j for j in range(len(R)) if ep[j] == ep[i]]
+        step_group = [j for j in episode_group if anchor[j] == anchor[i]]
+        a_e = normalised(R, episode_group, i, lambda v: 0.0)
+        a_s = normalised(S, step_group, i, lambda v: v)
+        out.append(a_e + step_weight * a_s)
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 # --- MATH.md §3–§6: ratios, policy losses, KL, rollout correction, aggregation ---------------------------
@@ -184,6 +217,8 @@ def policy_loss(
     pos_logprobs: Optional[Tensor] = None,
     neg_logprobs: Optional[Tensor] = None,
     rollout_weights: Optional[Tensor] = None,
+    epsilon_low: Optional[Tensor] = None,
+    epsilon_high: Optional[Tensor] = None,
 ) -> Tuple[Tensor, dict]:
     """(loss, metrics) of MATH.md §3–§6 by plain autograd, in logprobs' dtype; ``config`` is a LossConfig.
 
@@ -194,6 +229,9 @@ def policy_loss(
     below as their peers define them: the rollout weights are formed over the given mask, then verl's rejection
     sampling shrinks the mask of every term; clip_cov draws its tokens with torch.randperm on the default
     generator, as verl.
+    docs/math.md §9: ``epsilon_low`` / ``epsilon_high`` ([B] or [B, T]) replace the config's ε; the selection
+    of ``config.token_select`` / ``off_policy_mask_threshold`` multiplies the policy term (and, for the token
+    selection, the entropy bonus) by a 0/1 mask.
     """
     dt = logprobs.dtype
     m = mask if mask.dtype == torch.bool else mask != 0
@@ -270,8 +308,13 @@ def policy_loss(
         log_w = torch.clamp(log_w, **clamp)
     rho = torch.exp(log_w)
 
-    # §4 policy term
-    eps_lo, eps_hi = config.epsilon_low, config.epsilon_high
+    # §4 policy term; §9: per-sequence or per-token clip ranges replace the config's
+    def per_token(x, default):
+        if x is None:
+            return default
+        return (x[:, None].expand(B, T) if x.ndim == 1 else x).to(dt)
+
+    eps_lo, eps_hi = per_token(epsilon_low, config.epsilon_low), per_token(epsilon_high, config.epsilon_high)
     dual_active = torch.zeros_like(m)
     w_applied = False  # whether the policy term took the rollout weights in itself
     A_used = A
@@ -352,6 +395,24 @@ def policy_loss(
         tau = torch.where(A > 0, torch.full_like(A, config.sapo_tau_pos), torch.full_like(A, config.sapo_tau_neg))
         L = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * A
 
+    # §9 selection: a 0/1 mask on the policy term (TRL: before the importance weight and the KL)
+    keep_entropy = None
+    if config.token_select is not None:
+        H = clean(entropy).detach()
+        score = H if config.token_select == "entropy" else A.detach().abs() * H
+        if m.any():
+            threshold = torch.quantile(score[m], 1.0 - config.token_select_fraction)
+            keep_entropy = m & (score >= threshold)
+        else:
+            keep_entropy = torch.zeros_like(m)
+        L = torch.where(keep_entropy, L, zero)
+    if config.off_policy_mask_threshold is not None:
+        sampling = old if rollout_logprobs is None else clean(rollout_logprobs)
+        kl = torch.nan_to_num(sampling.detach() - lp.detach(), nan=0.0) * mf
+        mean_kl = kl.sum(-1) / n.clamp(min=1.0)
+        raw_A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+        L = torch.where((raw_A >= 0) | (mean_kl[:, None] <= config.off_policy_mask_threshold), L, zero)
+
     # §5 rollout correction: a detached weight on the policy term
     metrics = {}
     if rollout_logprobs is not None:
@@ -419,7 +480,13 @@ def policy_loss(
     if ref_logprobs is not None and config.beta != 0.0:  # switched off: the metric only
         loss = loss + config.beta * aggregate(kl, agg_kl)
     if entropy is not None and config.entropy_coef != 0.0:
-        loss = loss - config.entropy_coef * aggregate(clean(entropy), agg_entropy)
+        if keep_entropy is None:
+            loss = loss - config.entropy_coef * aggregate(clean(entropy), agg_entropy)
+        elif agg_entropy == "token_mean_local":  # TRL: the mean over the kept tokens
+            kept = keep_entropy.to(dt)
+            loss = loss - config.entropy_coef * (clean(entropy) * kept).sum() / kept.sum().clamp(min=1.0)
+        else:
+            loss = loss - config.entropy_coef * aggregate(clean(entropy) * keep_entropy.to(dt), agg_entropy)
 
     # metrics: masked token means (TRL names where TRL has them)
     rho_d, A_d = rho.detach(), A_used.detach()

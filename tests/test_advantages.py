@@ -768,7 +768,7 @@ _R = torch.randn(6)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(), ValueError, "exactly one of group_size and group_sizes.*neither"),
+    (dict(), ValueError, "exactly one of group_size, group_sizes and group_ids.*got none"),
     (dict(group_size=3, group_sizes=[3, 3]), ValueError, "exactly one.*both"),
     (dict(group_size=4), ValueError, "multiple of group_size"),
     (dict(group_size=0), ValueError, "group_size must be >= 1"),

@@ -179,9 +179,9 @@ ADVANTAGES = [
           lambda: _advantages(rewards=torch.tensor([1.0, NAN, 0.0, 1.0, 0.0, 0.0]))),
     _case("rewards-inf", ValueError, "rewards must be finite",
           lambda: _advantages(rewards=torch.tensor([1.0, 0.0, 0.0, -INF, 0.0, 0.0]))),
-    _case("group_size-and-group_sizes", ValueError, "exactly one of group_size and group_sizes.*got both",
+    _case("group_size-and-group_sizes", ValueError, "exactly one of group_size, group_sizes and group_ids.*got both",
           lambda: _advantages(group_sizes=[3, 3])),
-    _case("neither-group_size", ValueError, "exactly one of group_size and group_sizes.*got neither",
+    _case("neither-group_size", ValueError, "exactly one of group_size, group_sizes and group_ids.*got none",
           lambda: _advantages(group_size=None)),
     _case("group_size-zero", ValueError, "group_size must be >= 1", lambda: _advantages(group_size=0)),
     _case("group_size-float", TypeError, "group_size must be an int", lambda: _advantages(group_size=3.0)),
@@ -618,12 +618,65 @@ GLOBAL_COUNTS = [
 ]
 
 
+# docs/math.md §9: the extension points and the family's helpers.
+FAMILY_R = torch.tensor([0.1, 0.9, 0.5, 0.3])
+FAMILY = {
+    "mc_grpo_keep_mask": [
+        _case("no-groups", ValueError, "exactly one of group_size, group_sizes and group_ids.*got none",
+              lambda: rlloss.mc_grpo_keep_mask(FAMILY_R)),
+        _case("ids-float", TypeError, "group_ids must hold integers",
+              lambda: rlloss.mc_grpo_keep_mask(FAMILY_R, group_ids=torch.zeros(4))),
+    ],
+    "d3s_sample_mask": [
+        _case("keep-0", ValueError, "keep must be >= 1", lambda: rlloss.d3s_sample_mask(FAMILY_R, 0, group_size=2)),
+        _case("advantages-int", TypeError, "advantages must have dtype",
+              lambda: rlloss.d3s_sample_mask(torch.arange(4), 1, group_size=2)),
+    ],
+    "discounted_returns": [
+        _case("gamma-2", ValueError, r"gamma must lie in \[0, 1\]",
+              lambda: rlloss.discounted_returns(FAMILY_R, torch.zeros(4, dtype=torch.int64), 2.0)),
+        _case("ids-shape", ValueError, "trajectory_ids must have rewards' shape",
+              lambda: rlloss.discounted_returns(FAMILY_R, torch.zeros(3, dtype=torch.int64), 0.9)),
+    ],
+    "gigpo_advantages": [
+        _case("anchor-shape", ValueError, "anchor_ids must have episode_ids' shape",
+              lambda: rlloss.gigpo_advantages(FAMILY_R, FAMILY_R, torch.zeros(4, dtype=torch.int64),
+                                              torch.zeros(3, dtype=torch.int64))),
+    ],
+    "pairwise_advantages": [
+        _case("weights-shape", ValueError, r"pair_weights must be \[B, B\]",
+              lambda: rlloss.pairwise_advantages(FAMILY_R, torch.ones(4, 3), group_size=2)),
+    ],
+}
+POLICY_LOSS += [
+    _case("epsilon_low-shape", ValueError, r"epsilon_low must be \[B\]",
+          lambda: _policy(epsilon_low=torch.full((B + 1,), 0.1))),
+    _case("epsilon_high-negative", ValueError, "epsilon_high must be >= 0 everywhere",
+          lambda: _policy(epsilon_high=torch.full((B,), -0.1))),
+    _case("token_select-without-entropy", ValueError, "entropy is required when config.token_select",
+          lambda: _policy(config=LossConfig(token_select="entropy", token_select_fraction=0.5))),
+]
+FUSED += [
+    _case("epsilon_low-above-1", ValueError, r"epsilon_low must lie in \[0, 1\]",
+          lambda: _fused(epsilon_low=torch.full((B, T), 1.5))),
+]
+LOSS_CONFIG += [
+    _case("token_select-unknown", ValueError, "token_select must be one of",
+          lambda: LossConfig(token_select="advantage")),
+    _case("token_select_fraction-0", ValueError, r"token_select_fraction must lie in \(0, 1\]",
+          lambda: LossConfig(token_select="entropy", token_select_fraction=0.0)),
+    _case("token_select_fraction-alone", ValueError, "needs token_select",
+          lambda: LossConfig(token_select_fraction=0.5)),
+    _case("off_policy_mask_threshold-nan", ValueError, "off_policy_mask_threshold must be finite",
+          lambda: LossConfig(off_policy_mask_threshold=math.nan)),
+]
+
 CATALOGUE = {
     "token_logprobs": TOKEN_LOGPROBS, "logprobs_from_logits": LOGITS, "group_advantages": ADVANTAGES,
     "policy_loss": POLICY_LOSS, "FusedPolicyLoss": FUSED, "LossConfig": LOSS_CONFIG, "contrastive_credit": CREDIT,
     "LinearDecay": LINEAR_DECAY, "shared_prefix_attention": ATTENTION, "SharedPrefixLayout": LAYOUT_CASES,
     "SharedPrefixBatch": PREFIX_BATCH, "build_teacher_inputs": TEACHER, "PaddedBatch": PADDED_BATCH,
-    "global_counts": GLOBAL_COUNTS,
+    "global_counts": GLOBAL_COUNTS, **FAMILY,
 }
 
 
@@ -641,7 +694,7 @@ def test_bad_input_is_named(call, error, match):
 
 def test_catalogue_covers_every_public_callable():
     """Every public function and class that takes arguments has cases here (a new export needs its own)."""
-    exempt = {"PolicyLossOutput", "TokenLogprobs", "GlobalCounts", "credit"}  # result tuples and the submodule
+    exempt = {"PolicyLossOutput", "TokenLogprobs", "GlobalCounts", "credit", "teacher", "family"}  # result tuples, submodules
     public = {name for name in rlloss.__all__ if name not in exempt}
     covered = set(CATALOGUE) | {"LossConfig"}
     assert public - covered == set(), f"no bad-input cases for {sorted(public - covered)}"

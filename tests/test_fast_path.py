@@ -67,8 +67,8 @@ def _fused_flops(config, backend, old, rollout_weights=None):
     y = torch.where(mask, targets, torch.full_like(targets, -100)).reshape(N)
     normaliser = pl.aggregation_normaliser(config, mask)
     opts = _options(backend)
-    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, rollout_weights, normaliser,
-            config.key, [True, True, False], *lp._options_args(opts))
+    args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, rollout_weights, None, None,
+            normaliser, config.key, [True, True, False], *lp._options_args(opts))
     forward = _flops(lambda: pl.fused_policy_loss_impl(*args))
     out = pl.fused_policy_loss_impl(*args)
     if out[2].numel():  # one pass: the backward only scales the gradients formed in the forward
@@ -156,11 +156,11 @@ def test_opcheck_every_op():
         logp = (old + 0.05 * torch.randn(B, T)).requires_grad_(True)
         ent = torch.rand(B, T, requires_grad=True)
         torch.library.opcheck(torch.ops.rlloss.policy_loss.default,
-                              (logp, ent, old, adv, mask, ref, None, None, None, rollout_weights, normaliser,
-                               config.key, "torch"))
+                              (logp, ent, old, adv, mask, ref, None, None, None, rollout_weights, None, None,
+                               normaliser, config.key, "torch"))
         torch.library.opcheck(torch.ops.rlloss.fused_policy_loss.default,
-                              (h, w, None, y, old, adv, mask, ref, None, None, None, rollout_weights, normaliser,
-                               config.key, [True, True, False], *opts))
+                              (h, w, None, y, old, adv, mask, ref, None, None, None, rollout_weights, None, None,
+                               normaliser, config.key, [True, True, False], *opts))
 
 
 def test_training_step_compiles_without_graph_breaks():
