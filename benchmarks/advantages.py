@@ -1,4 +1,4 @@
-"""Suite ``advantages``: ``rlloss.group_advantages`` (group-relative advantages of MATH.md §2) in every mode,
+"""Suite ``advantages``: ``rlloss.group_advantages`` (group-relative advantages of docs/math.md §2) in every mode,
 against a naive torch implementation (``view(-1, G)`` then mean / std / median, as TRL computes GRPO's; for
 groups of varying size the same on a padded [groups, max size] view).
 

@@ -1,4 +1,4 @@
-"""Suite ``credit``: the contrastive-teacher credit of MATH.md §7 (CEPO / RLSD).
+"""Suite ``credit``: the contrastive-teacher credit of docs/math.md §7 (CEPO / RLSD).
 
 Two comparisons:
 
@@ -57,7 +57,7 @@ GPU_REFERENCE_ROWS = 256  # teacher rows checked against float32 logits of the s
 LOGIT_STD = 2.0  # weight scaled so the logits have this standard deviation
 TEACHER_SPREAD = 0.5  # std of ℓ± − ℓ° in the random teacher log-probs: the clip is hit on some tokens
 SEED = 0
-LOSS_PRESET = "verl_dapo"  # the CEPO setting of MATH.md §7: ε 0.2 / 0.28, dual clip 3, token-mean, no KL
+LOSS_PRESET = "verl_dapo"  # the CEPO setting of docs/math.md §7: ε 0.2 / 0.28, dual clip 3, token-mean, no KL
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ LOSS_IMPLS = {
 
 
 def reference_loss(inputs: LossInputs) -> float:
-    """The float64 reference value of the loss with the credit (MATH.md §3–§7), through [N, V] logits."""
+    """The float64 reference value of the loss with the credit (docs/math.md §3–§7), through [N, V] logits."""
     config = loss_config(True)
     with torch.no_grad():
         targets = torch.where(inputs.mask, inputs.targets, -100)

@@ -1,4 +1,4 @@
-"""Triton kernel for the contrastive-teacher token credit (MATH.md §7): Â_t = A·((1−λ) + λ·w_t)·m_t with
+"""Triton kernel for the contrastive-teacher token credit (docs/math.md §7): Â_t = A·((1−λ) + λ·w_t)·m_t with
 w_t = clip(exp(s·Δ_t), 1−ε_w, 1+ε_w), s = sign(A), Δ_t = ℓ⁺_t − ℓ⁻_t (CEPO) or ℓ⁺_t − ℓ°_t (RLSD).
 
 ``credit_advantage`` is the per-token formula; the policy-loss kernel (``kernels.policy``) calls the same

@@ -1,4 +1,4 @@
-"""Triton kernels for token log-probs and entropy (MATH.md §1): the bandwidth-light passes over a block of
+"""Triton kernels for token log-probs and entropy (docs/math.md §1): the bandwidth-light passes over a block of
 logits. The heavy products (logits = h·Wᵀ, dh = dz·W, dW += dzᵀ·h) are vendor-BLAS GEMMs issued by
 ``rlloss.logprobs`` on a bounded chunk of tokens; these kernels are what runs between them.
 

@@ -1,11 +1,11 @@
-"""Triton kernel for the policy loss (MATH.md §3–§6): value, per-token gradients and metric partial sums in
+"""Triton kernel for the policy loss (docs/math.md §3–§6): value, per-token gradients and metric partial sums in
 one launch, one program per sequence.
 
 Each program owns one row (sequence) i and walks its T tokens in blocks of BLOCK_T:
 
     pass 1  row reductions, only when needed: n_i = Σ m, Σ m·(ℓ − ℓ°) for the GSPO ratio s_i and
             Σ m·(ℓ° − ℓˢ) for a sequence-level rollout weight;
-    pass 2  per token: the advantage (times the contrastive-teacher credit of MATH.md §7 when on), ratio ρ,
+    pass 2  per token: the advantage (times the contrastive-teacher credit of docs/math.md §7 when on), ratio ρ,
             policy term, rollout weight, KL and entropy terms, the aggregation weight
             c_it = m_it/D (/ max(n_i, 1) for seq_mean_token_mean), the loss contribution c·L and the gradients
             d(loss)/dℓ and d(loss)/dH written to [B, T] buffers; per-row partial sums of the loss and of every
@@ -95,7 +95,7 @@ def _max_over(x):
 @triton.jit
 def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_neg,
                  LOSS_MODE: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token policy term P (MATH.md §4) of one block and its derivatives.
+    """Per-token policy term P (docs/math.md §4) of one block and its derivatives.
 
     Returns (P, ∂P/∂ρ, ∂P/∂ℓ through ℓ itself, dual-clip active). Clamps pass the gradient on the closed
     interval, as torch.clamp does; NaN counts as inside, so it reaches the gradient.
@@ -155,7 +155,7 @@ def _k3_value(x, e):
 
 @triton.jit
 def _kl_term(x, KL_ESTIMATOR: tl.constexpr, KL_CLAMP: tl.constexpr):
-    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (MATH.md §4): k1, abs, k2, k3, k3+ (value of k3, gradient of k2)."""
+    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (docs/math.md §4): k1, abs, k2, k3, k3+ (value of k3, gradient of k2)."""
     if KL_ESTIMATOR == 0:
         K = -x
         dK = tl.zeros_like(x) + 1.0
@@ -283,7 +283,7 @@ def _policy_loss_kernel(
             adv = tl.load(adv_row + t, mask=live, other=0.0).to(tl.float32)
         else:
             adv = tl.where(live, adv_scalar, 0.0)
-        if CREDIT != 0:  # MATH.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ (CEPO) or ℓ⁺ − ℓ° (RLSD), no gradient
+        if CREDIT != 0:  # docs/math.md §7: Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻ (CEPO) or ℓ⁺ − ℓ° (RLSD), no gradient
             pos = tl.load(pos_row + t, mask=live, other=0.0).to(tl.float32)
             if CREDIT == 1:
                 base = tl.load(neg_row + t, mask=live, other=0.0).to(tl.float32)
@@ -292,7 +292,7 @@ def _policy_loss_kernel(
             adv = credit_advantage(adv, pos - base, credit_lambda, log_w_low, log_w_high)
         u = logp - old
 
-        # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
+        # ratio ρ and dρ/dℓ_t along the token's own path (docs/math.md §3)
         if IS_LEVEL == 0:
             rho = tl.exp(_clamp(u, log_ratio_min, log_ratio_max))
             d_rho = tl.where((u < log_ratio_min) | (u > log_ratio_max), 0.0, rho)
@@ -304,7 +304,7 @@ def _policy_loss_kernel(
             rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_neg, LOSS_MODE, HAS_DELTA, HAS_DUAL
         )
 
-        # rollout correction (MATH.md §5): a detached weight on the policy term only
+        # rollout correction (docs/math.md §5): a detached weight on the policy term only
         w = zeros + 1.0
         if HAS_ROLLOUT:
             d = tl.where(live, old - tl.load(roll_row + t, mask=live, other=0.0).to(tl.float32), 0.0)

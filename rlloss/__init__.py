@@ -1,6 +1,6 @@
 """rlloss: fused Triton kernels for the losses of RL post-training of language models.
 
-Public names are exported here and only here; see docs/ for the API and MATH.md-style formulas.
+Public names are exported here and only here; see docs/ for the API and the formulas of docs/math.md.
 """
 from .advantages import group_advantages
 from .batching import PaddedBatch

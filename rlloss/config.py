@@ -1,4 +1,4 @@
-"""Configuration of the policy loss (MATH.md §3–§6): one frozen dataclass and the named presets.
+"""Configuration of the policy loss (docs/math.md §3–§6): one frozen dataclass and the named presets.
 
 Every field is validated on construction, so a bad value fails where it is written, not inside a kernel.
 ``LossConfig.preset(name, **overrides)`` gives the settings of a trainer's named loss; docs/presets.md maps
@@ -69,12 +69,12 @@ def _choice(name: str, value: object, allowed) -> None:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Settings of :func:`rlloss.policy_loss` (MATH.md §3–§6). Defaults: ε = 0.2 both sides, β = 0, token-mean
+    """Settings of :func:`rlloss.policy_loss` (docs/math.md §3–§6). Defaults: ε = 0.2 both sides, β = 0, token-mean
     (TRL's ``loss_type="dapo"``), the KL not ratio-weighted and every term aggregated alike; prefer :meth:`preset`,
     whose TRL and verl presets equal those trainers' defaults in full (``preset("dapo")`` is TRL's default loss,
     with TRL's ratio-weighted KL and local-mean entropy bonus).
 
-    Policy term (MATH.md §4):
+    Policy term (docs/math.md §4):
         loss_mode: "ppo_clip" (clipped surrogate, optionally with ``delta`` and ``dual_clip``),
             "cispo_trl" (−sg(min(ρ, ε_hi))·A·ℓ, ε_hi an absolute cap), "cispo_verl" (−sg(clip(ρ, 1−ε_lo,
             1+ε_hi))·A·ℓ), "gpg" (−A·ℓ, REINFORCE), "sapo" (soft gate −(4/τ)·σ(τ(ρ−1))·A).
@@ -83,13 +83,13 @@ class LossConfig:
         delta: TRL's upper cap on the unclipped ratio, ρ̃ = min(ρ, δ) (INTELLECT-2 two-sided clipping); > 1.
         dual_clip: verl's dual-clip constant c > 1 (``clip_ratio_c``): for A < 0, L = min(L, −c·A).
         sapo_tau_pos, sapo_tau_neg: SAPO temperatures for A > 0 and A ≤ 0.
-    Ratios (MATH.md §3):
+    Ratios (docs/math.md §3):
         importance_sampling_level: "token" (ρ_t = exp(ℓ_t − ℓ°_t)), "sequence" (GSPO, ρ = s_i with the
             gradient flowing through s_i to every token), "sequence_token" (GSPO-token, log ρ_t = ℓ_t − sg(ℓ_t)
             + sg(log s_i)).
         log_ratio_min, log_ratio_max: clamp of the log importance ratio before exp (token: ℓ − ℓ°; sequence
             levels: log s_i) — zero gradient outside. verl: ±20 (token), max 10 (GSPO). None = no clamp.
-    KL to the reference (MATH.md §4), added as +β·KL_t:
+    KL to the reference (docs/math.md §4), added as +β·KL_t:
         beta: β ≥ 0 (needs ``ref_logprobs`` when ≠ 0).
         kl_estimator: "k1", "abs", "k2", "k3", "k3+" (value of k3, gradient of k2), "k1+", "abs+" (value of
             k1 / abs, gradient of k2). verl's ``kl_loss_type`` names are accepted and normalised on construction:
@@ -98,18 +98,18 @@ class LossConfig:
             pass ``kl_clamp=True`` or "low_var_kl".)
         kl_ratio_weighted: KL_t·ρ_t (TRL ``use_bias_correction_kl``), ρ carrying its gradient.
         kl_clamp: verl's guards on k3/k3+ values: x = ℓʳ − ℓ clamped to ±20, the value to ±10.
-    Entropy (MATH.md §4):
+    Entropy (docs/math.md §4):
         entropy_coef: c_H, adds −c_H·H_t (needs ``entropy`` when ≠ 0).
-    Aggregation of the KL and entropy terms (MATH.md §4, §6), each a per-token coefficient like the policy's:
+    Aggregation of the KL and entropy terms (docs/math.md §4, §6), each a per-token coefficient like the policy's:
         kl_aggregation: None (as ``aggregation``, TRL and verl except SAPO) or one of AGGREGATIONS /
             "token_mean_local" for the β·KL term.
         entropy_aggregation: None (as ``aggregation``: verl) or one of AGGREGATIONS, or "token_mean_local"
             (Σ m·H / max(Σ m, 1) over the local mask whatever ``num_items_in_batch`` is: TRL's entropy bonus).
         verl SAPO aggregates its policy term by seq_mean_token_mean but KL and entropy by ``loss_agg_mode``.
-    Rollout correction (MATH.md §5), a detached weight on the policy term:
+    Rollout correction (docs/math.md §5), a detached weight on the policy term:
         rollout_correction: None, "token_truncate", "token_mask", "sequence_truncate", "sequence_mask".
         rollout_threshold_low, rollout_threshold_high: [C_min, C_max]; C_min None = no lower bound.
-    Aggregation (MATH.md §6):
+    Aggregation (docs/math.md §6):
         aggregation: "seq_mean_token_mean", "token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm",
             "token_sum".
         max_completion_length: L_norm of "seq_mean_token_sum_norm" (required there; verl's
@@ -117,7 +117,7 @@ class LossConfig:
         dp_size: data-parallel world size multiplying every "token_sum" term (verl's ``token-sum`` scales the
             local sum by ``dp_size`` so that DDP's gradient average gives the global sum). Other aggregations
             take global counts (``num_items_in_batch``, ``num_sequences_in_batch``) divided by the world size.
-    Contrastive-teacher token credit (MATH.md §7), formed inside the loss from teacher log-probs:
+    Contrastive-teacher token credit (docs/math.md §7), formed inside the loss from teacher log-probs:
         credit: None, "cepo" (Δ = ℓ⁺ − ℓ⁻, needs ``pos_logprobs`` and ``neg_logprobs``) or "rlsd"
             (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy).
             Â_t = A·((1−λ) + λ·clip(exp(sign(A)·Δ_t), 1−ε_w, 1+ε_w)) replaces A.

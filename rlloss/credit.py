@@ -79,7 +79,7 @@ def contrastive_credit(
     mode: str = "cepo",
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Per-token advantages Â [B, T] from sequence (or token) advantages and teacher log-probs (MATH.md §7).
+    """Per-token advantages Â [B, T] from sequence (or token) advantages and teacher log-probs (docs/math.md §7).
 
     ``Â_t = A·((1 − λ) + λ·clip(exp(sign(A)·Δ_t), 1 − ε_w, 1 + ε_w))·m_t`` with Δ = ℓ⁺ − ℓ⁻ (``mode="cepo"``)
     or Δ = ℓ⁺ − ℓ° (``mode="rlsd"``). The clip is applied to s·Δ in log space, so no Δ overflows. sign(Â) =

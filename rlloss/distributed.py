@@ -4,7 +4,7 @@ normalisers of :func:`global_counts`.
 
 Vocabulary parallelism runs the one chunked algorithm of ``rlloss.logprobs.run_pass`` on each rank's rows of the
 lm_head, with a per-chunk hook (:class:`rlloss.logprobs.VocabShard`) that merges the ranks' partial statistics
-(MATH.md §1) with one all-gather before anything uses them. The registered single-device ops cannot carry a
+(docs/math.md §1) with one all-gather before anything uses them. The registered single-device ops cannot carry a
 process group, so the sharded path is a plain ``torch.autograd.Function`` here.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def local_targets(targets: Tensor, layout: VocabLayout, ignore_index: int) -> Te
 
 def vocab_shard(group, layout: VocabLayout) -> VocabShard:
     """The per-chunk hook of ``run_pass`` for this rank: all-gather the packed [4, n] partial statistics
-    (M, A, C, z_y; z_y = 0 where the target lies elsewhere) and merge them exactly (MATH.md §1)."""
+    (M, A, C, z_y; z_y = 0 where the target lies elsewhere) and merge them exactly (docs/math.md §1)."""
     world = dist.get_world_size(group)
 
     def merge(local: RowStats, owned: Tensor) -> RowStats:
@@ -209,7 +209,7 @@ def global_counts(mask: Union[Tensor, Sequence[Tensor]], group=None, *, average_
 
     Every rank passes the masks of all its micro-batches of the step (a [B, T] mask, or a list of them with any
     B and T). The token count Σ m and the sequence count B are summed over the micro-batches and over ``group``,
-    so that each micro-batch's loss is its share of the loss of the whole step (MATH.md §6):
+    so that each micro-batch's loss is its share of the loss of the whole step (docs/math.md §6):
     ``token_mean`` divides by the global token count and the ``seq_mean_*`` modes by the global number of
     sequences, whatever the split into ranks and micro-batches. Summing the micro-batches' gradients (gradient
     accumulation) and averaging over the ranks (DDP, FSDP) then gives the gradient of the single-process loss.

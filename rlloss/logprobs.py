@@ -1,4 +1,4 @@
-"""Token log-probs and entropy (MATH.md §1): from hidden states and the lm_head weight without ever holding
+"""Token log-probs and entropy (docs/math.md §1): from hidden states and the lm_head weight without ever holding
 [tokens × vocab] logits, or from logits a trainer already holds in one streaming pass.
 
 Layout of this module: the per-token statistics and their exact merge (shared by every backend), the
@@ -50,7 +50,7 @@ class TokenLogprobs(NamedTuple):
     entropy: Optional[Tensor]
 
 
-# --- statistics (MATH.md §1, online form shifted by the max) --------------------------------------------
+# --- statistics (docs/math.md §1, online form shifted by the max) --------------------------------------------
 
 
 class RowStats(NamedTuple):
@@ -90,7 +90,7 @@ def merge_stats(stats: Tensor) -> RowStats:
 
 def dz_coefficients(stats: RowStats, g_logp: Optional[Tensor], g_ent: Optional[Tensor], live: Tensor,
                     inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M (MATH.md §1).
+    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M (docs/math.md §1).
 
     From dℓ_y/dz_v = 1[v=y] − p_v and dH/dz_v = −p_v·(z_v − Σp·z) with p_v = e^{s_v}/A and
     z_v − Σp·z = s_v − C/A: a = −g_H/A, b = (g_H·C/A − g_ℓ)/A, g = g_ℓ, each times 1/T (the soft-cap factor
@@ -701,7 +701,7 @@ def token_logprobs(
     """Log-prob of each target token (and the entropy of each token's distribution) straight from the final
     hidden states and the lm_head weight, never materialising [tokens × vocab] logits.
 
-    With z = cap(h·Wᵀ + b)/T, cap(x) = c·tanh(x/c) when ``softcap`` is c (MATH.md §1):
+    With z = cap(h·Wᵀ + b)/T, cap(x) = c·tanh(x/c) when ``softcap`` is c (docs/math.md §1):
     ``logprobs = z_y − logsumexp(z)`` and ``entropy = logsumexp(z) − Σ_v softmax(z)_v·z_v``.
 
     The tokens are processed in chunks whose float32 logits fit ``max_scratch_bytes``: each chunk's logits
@@ -796,7 +796,7 @@ def logprobs_from_logits(
     (no float32 copy of the logits on the kernels, no log-softmax tensor).
 
     ``logprobs = z_y − logsumexp(z)``, ``entropy = logsumexp(z) − Σ_v softmax(z)_v·z_v`` with z = logits/T
-    (MATH.md §1). −inf logits (a masked vocabulary) are exact: they get probability 0 and gradient 0.
+    (docs/math.md §1). −inf logits (a masked vocabulary) are exact: they get probability 0 and gradient 0.
 
     Args:
         logits: [..., V] float16, bfloat16 or float32 (float64 too on the ``torch``/``reference`` backends).

@@ -1,4 +1,4 @@
-"""Policy losses of the GRPO family (MATH.md §3–§6): ratios, clipped / CISPO / SAPO / GPG surrogates, KL to a
+"""Policy losses of the GRPO family (docs/math.md §3–§6): ratios, clipped / CISPO / SAPO / GPG surrogates, KL to a
 reference, entropy bonus, rollout (sampler) correction and aggregation to a scalar, with the TRL-style metrics.
 
 Layout of this module: the aggregation normaliser and metric bookkeeping shared by every backend, the torch
@@ -123,7 +123,7 @@ def aggregation_normaliser(
     num_sequences_in_batch: Union[int, Tensor, None] = None,
     check_values: bool = True,
 ) -> Tensor:
-    """The denominators D of the aggregation (MATH.md §6) of the policy, KL and entropy terms
+    """The denominators D of the aggregation (docs/math.md §6) of the policy, KL and entropy terms
     (``config.term_aggregations``), as a float64 [3] tensor on ``live``'s device.
 
     token_mean: N = ``num_items_in_batch`` (global) or the local Σ mask, at least 1; token_mean_local: the local
@@ -264,7 +264,7 @@ _K3_TERMS = 17
 
 
 def _kl_term(config: LossConfig, x: Tensor):
-    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (MATH.md §4)."""
+    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (docs/math.md §4)."""
     est = config.kl_estimator
     if est == "k1":
         return -x, torch.ones_like(x)
@@ -298,7 +298,7 @@ def _rollout_weight(config: LossConfig, w: Tensor) -> Tensor:
 
 
 def _rollout_weights(config: LossConfig, live: Tensor, old: Tensor, rollout: Tensor) -> Tensor:
-    """[B, T] weights of ``config.rollout_correction`` from ℓ° and ℓˢ (MATH.md §5): per token, or the sequence
+    """[B, T] weights of ``config.rollout_correction`` from ℓ° and ℓˢ (docs/math.md §5): per token, or the sequence
     weight w_i on every token of row i."""
     d = torch.where(live, old - rollout, torch.zeros((), dtype=old.dtype, device=old.device))
     if config.rollout_correction.startswith("token"):
@@ -527,7 +527,7 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
 
 
 class TokenTerms(NamedTuple):
-    """Per-token pieces of the loss (MATH.md §3–§6) for given log-probs, each already times its term's
+    """Per-token pieces of the loss (docs/math.md §3–§6) for given log-probs, each already times its term's
     aggregation coefficient (``coef`` for the policy term, ``coef_kl`` for the KL term); see :func:`token_terms`."""
 
     loss: Tensor        # c·w·P + c_kl·β·KL (− c_ent·c_H·H is added by the caller that has H)
@@ -551,7 +551,7 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
     adv = _used_advantage(config, logp, tokens)
     P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv, old, coupled, tokens.eps_low, tokens.eps_high)
     w = tokens.weight
-    if tokens.rollout is not None:  # token-level rollout correction (MATH.md §5): a detached weight
+    if tokens.rollout is not None:  # token-level rollout correction (docs/math.md §5): a detached weight
         w = _rollout_weight(config, torch.exp(torch.where(tokens.live, old - tokens.rollout, zero)))
     if w is None:
         loss_t, direct, via_ratio = P, dP_dlogp, dP_drho
@@ -589,7 +589,7 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
 
 
 def _used_advantage(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tensor:
-    """The advantage the surrogate uses: A, or the credit Â of MATH.md §7 (Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻
+    """The advantage the surrogate uses: A, or the credit Â of docs/math.md §7 (Â = A·((1−λ) + λ·w), Δ = ℓ⁺ − ℓ⁻
     or ℓ⁺ − ℓ°, no gradient)."""
     if config.credit is None:
         return tokens.adv
@@ -644,7 +644,7 @@ def _ratio_bounds(config: LossConfig) -> Tuple[float, float]:
 
 
 def token_ratio(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tuple[Tensor, Tensor]:
-    """(ρ_t, dρ_t/dℓ_t) of the token-level ratio (MATH.md §3); NaN propagates (it counts as inside)."""
+    """(ρ_t, dρ_t/dℓ_t) of the token-level ratio (docs/math.md §3); NaN propagates (it counts as inside)."""
     lo, hi = _ratio_bounds(config)
     u = logp - (logp if tokens.old is None else tokens.old)
     rho = torch.exp(u.clamp(lo, hi))
@@ -685,7 +685,7 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     old = logp if tokens.old is None else tokens.old
     u = logp - old
 
-    # ratio ρ and dρ/dℓ_t along the token's own path (MATH.md §3)
+    # ratio ρ and dρ/dℓ_t along the token's own path (docs/math.md §3)
     if config.importance_sampling_level == "token":
         rho, d_rho = token_ratio(config, logp, tokens)
         ds = None
@@ -715,7 +715,7 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     loss_t = terms.loss
 
     stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logprobs.device)
-    if rollout_logprobs is not None:  # divergence metrics (MATH.md §5)
+    if rollout_logprobs is not None:  # divergence metrics (docs/math.md §5)
         d = torch.where(live, old - rollout_logprobs.to(cd), zero)
         stats[:, _S["logp_diff_sum"]] = d.abs().sum(1)
         stats[:, _S["logp_diff_max"]] = d.abs().amax(1) if T else 0.0
@@ -967,7 +967,7 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
 
 
 def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
-    """Check the teacher log-probs of ``config.credit`` (MATH.md §7) over [B, T] = ``shape`` (host side).
+    """Check the teacher log-probs of ``config.credit`` (docs/math.md §7) over [B, T] = ``shape`` (host side).
 
     "cepo" needs ``pos_logprobs`` and ``neg_logprobs``; "rlsd" needs ``pos_logprobs`` only (its base is
     old_logprobs, or sg(ℓ) on-policy); without a credit mode neither may be given. Returns (pos, neg), detached.
@@ -1077,7 +1077,7 @@ def policy_loss(
     check_inputs: bool = True,
     backend: Optional[str] = None,
 ) -> PolicyLossOutput:
-    """The policy loss of the GRPO family (MATH.md §3–§6) as one scalar, with TRL-style metrics.
+    """The policy loss of the GRPO family (docs/math.md §3–§6) as one scalar, with TRL-style metrics.
 
     Per token: L_t = w_t·P_t + β·KL_t − c_H·H_t, where P is the surrogate of ``config.loss_mode`` on the ratio
     of ``config.importance_sampling_level``, w the detached rollout weight, KL the chosen estimator against
@@ -1101,7 +1101,7 @@ def policy_loss(
             Σ mask. Under DDP gradient averaging pass N_global / world_size, as TRL does.
         num_sequences_in_batch: global sequence count B for the ``seq_mean_*`` aggregations; None = local B.
         pos_logprobs: [B, T] teacher log-probs ℓ⁺ (the model shown the correct answer); required when
-            ``config.credit`` is set, which then replaces A by Â of MATH.md §7 inside the loss.
+            ``config.credit`` is set, which then replaces A by Â of docs/math.md §7 inside the loss.
         neg_logprobs: [B, T] teacher log-probs ℓ⁻ (shown a wrong answer); required for ``credit="cepo"``.
             With ``credit="rlsd"`` the base is ``old_logprobs``, or sg(ℓ) when that is None.
         epsilon_low, epsilon_high: clip ranges per sequence ([B] or [B, 1], e.g. one per group) or per token
@@ -1406,7 +1406,7 @@ class FusedPolicyLoss(torch.nn.Module):
             advantages: [B] or [B, T].
             old_logprobs, ref_logprobs, rollout_logprobs, num_items_in_batch, num_sequences_in_batch: as in
                 :func:`policy_loss`.
-            pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (MATH.md §7), as in
+            pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (docs/math.md §7), as in
                 :func:`policy_loss`: the credit Â is formed inside the loss from them.
             rollout_weights: [B, T] precomputed rollout weights, as in :func:`policy_loss`.
                 ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` need ``old_logprobs`` here (on-policy

@@ -1,4 +1,4 @@
-"""Naive oracles straight from MATH.md, for tests and benchmarks only.
+"""Naive oracles straight from docs/math.md, for tests and benchmarks only.
 
 Every function here is plain differentiable PyTorch that materialises whatever it needs ([N, V] logits
 included) and keeps the dtype it is given, so calling it on float64 inputs gives the float64 ground truth
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 
-# --- MATH.md §1: token log-probs and entropy -------------------------------------------------------------
+# --- docs/math.md §1: token log-probs and entropy -------------------------------------------------------------
 
 
 def logits_from_hidden(
@@ -67,7 +67,7 @@ def token_logprobs(
     return logprobs_from_logits(logits, targets, ignore_index=ignore_index)
 
 
-# --- MATH.md §2: group advantages ---------------------------------------------------------------------
+# --- docs/math.md §2: group advantages ---------------------------------------------------------------------
 
 
 def _lower_median(x: Tensor) -> Tensor:
@@ -86,7 +86,7 @@ def _whiten(x: Tensor, n: Tensor, eps: float) -> Tensor:
 
 def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor, alpha: Tensor, n: Tensor,
                      singleton: str) -> Tensor:
-    """Advantages of one group of float64 rewards ``r`` [G] (MATH.md §2); n [G] the token counts."""
+    """Advantages of one group of float64 rewards ``r`` [G] (docs/math.md §2); n [G] the token counts."""
     G = r.numel()
     zeros = torch.zeros_like(r)
     if G == 1 and singleton == "verl":  # verl: mean 0 and std 1 for a group of one
@@ -195,7 +195,7 @@ def gigpo_advantages(episode_rewards: Tensor, step_returns: Tensor, episode_ids:
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-# --- MATH.md §3–§6: ratios, policy losses, KL, rollout correction, aggregation ---------------------------
+# --- docs/math.md §3–§6: ratios, policy losses, KL, rollout correction, aggregation ---------------------------
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
@@ -220,7 +220,7 @@ def policy_loss(
     epsilon_low: Optional[Tensor] = None,
     epsilon_high: Optional[Tensor] = None,
 ) -> Tuple[Tensor, dict]:
-    """(loss, metrics) of MATH.md §3–§6 by plain autograd, in logprobs' dtype; ``config`` is a LossConfig.
+    """(loss, metrics) of docs/math.md §3–§6 by plain autograd, in logprobs' dtype; ``config`` is a LossConfig.
 
     Differentiable w.r.t. logprobs and entropy; stop-gradients are ``.detach()``. Masked tokens are replaced
     by 0 before any arithmetic (torch.where), so their inputs never reach the loss or a gradient. With
@@ -512,7 +512,7 @@ def policy_loss(
     return loss, out
 
 
-# --- MATH.md §8: shared-prefix attention --------------------------------------------------------------
+# --- docs/math.md §8: shared-prefix attention --------------------------------------------------------------
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, scale: float) -> Tensor:
@@ -528,7 +528,7 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *,
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-# --- MATH.md §7: contrastive-teacher credit -----------------------------------------------------------------
+# --- docs/math.md §7: contrastive-teacher credit -----------------------------------------------------------------
 
 
 def contrastive_credit(
@@ -542,7 +542,7 @@ def contrastive_credit(
     eps_w: float = 0.2,
     mode: str = "cepo",
 ) -> Tensor:
-    """Â [B, T] in float64, detached: the formula of MATH.md §7 as written.
+    """Â [B, T] in float64, detached: the formula of docs/math.md §7 as written.
 
     Δ = ℓ⁺ − ℓ⁻ ("cepo") or ℓ⁺ − ℓ° ("rlsd", ℓ° = ``base_logprobs``); s = sign(A);
     w = clip(exp(s·Δ), 1 − ε_w, 1 + ε_w); Â = A·((1 − λ) + λ·w)·m. ``advantages`` is [B] or [B, T]. The clip

@@ -127,7 +127,7 @@ class PackedTeacherInputs(_TeacherRows):
     """The teacher contexts of a batch of rollouts packed into one shared-prefix stream (see
     :func:`build_teacher_inputs` with ``packed=True``): per group one prompt segment, its answer segments r⁺
     and r⁻ as children, and every rollout's completion under each answer it is scored with, so a group's
-    prompt and answers are encoded once for its 2·G teacher contexts (MATH.md §8).
+    prompt and answers are encoded once for its 2·G teacher contexts (docs/math.md §8).
 
     input_ids, position_ids: [1, N] int64, the stream; a token's position is its place in its own
         ``[prompt | prefix | r± | suffix | completion]`` context, as in :class:`TeacherInputs`.
@@ -243,7 +243,7 @@ def build_teacher_inputs(
 ) -> Union[TeacherInputs, PackedTeacherInputs]:
     """The teacher contexts ``[prompt | prefix | r± | suffix | completion]`` of every rollout, as one
     right-padded causal-LM batch — or, with ``packed=True``, as one shared-prefix stream holding each group's
-    prompt and answers once — and where each completion token's teacher log-prob is read (MATH.md §7, §8).
+    prompt and answers once — and where each completion token's teacher log-prob is read (docs/math.md §7, §8).
 
     Token level and tokenizer-agnostic: every argument is token ids. The B rollouts form consecutive groups
     (the completions of one prompt) of sizes ``group_sizes``.
@@ -263,7 +263,7 @@ def build_teacher_inputs(
         mode: "cepo" (a positive and a negative context per rollout) or "rlsd" (positive only).
         fallback: for a "cepo" group without a usable wrong answer: "grpo" (r⁻ = r⁺, i.e. Δ = 0: no teacher
             rows) or "rlsd" (positive rows only, Δ = ℓ⁺ − ℓ°).
-        reject_below: the score under which a rollout is rejected (MATH.md §7: 0.5).
+        reject_below: the score under which a rollout is rejected (docs/math.md §7: 0.5).
         answer_prefix_ids, answer_suffix_ids: optional 1-D int64 tokens placed around r± in both contexts
             (e.g. "The correct answer is \\boxed{" and "}.\\n"), so the two contexts differ in the answer only.
         completion_length: T of the outputs (≥ the longest completion; default the longest), to match the

@@ -1,4 +1,4 @@
-"""Contrastive-teacher token credit (MATH.md §7): ``contrastive_credit`` against the float64 reference on the
+"""Contrastive-teacher token credit (docs/math.md §7): ``contrastive_credit`` against the float64 reference on the
 torch and kernel backends, its properties, ``LinearDecay``, the credit formed inside ``policy_loss`` /
 ``FusedPolicyLoss`` against the unfused composition, ``build_teacher_inputs`` on hand-made groups, the
 forward-only teacher pass, and a tiny random transformers model end to end."""

@@ -1,4 +1,4 @@
-"""Packed teacher inputs (``build_teacher_inputs(..., packed=True)``, MATH.md §7 + §8): each group's prompt and
+"""Packed teacher inputs (``build_teacher_inputs(..., packed=True)``, docs/math.md §7 + §8): each group's prompt and
 answers held once in one shared-prefix stream. The layout, positions and gather indices exactly (by hand and
 against the padded variant, row by row), the deep-tree gather and its gradient, and end to end on a tiny random
 ``LlamaForCausalLM``: the packed teacher log-probs, the credit and the fused loss equal the padded variant's."""

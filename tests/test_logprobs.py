@@ -1,4 +1,4 @@
-"""Tests of rlloss.token_logprobs / rlloss.logprobs_from_logits (MATH.md §1) against the float64 oracle.
+"""Tests of rlloss.token_logprobs / rlloss.logprobs_from_logits (docs/math.md §1) against the float64 oracle.
 
 Backends: ``torch`` in float64 (tight tolerance, many shapes: it is fast) and the Triton kernels
 (``KERNEL_BACKEND``: the interpreter on CPU, compiled on CUDA) in float32/float16 on a covering subset of

@@ -1,4 +1,4 @@
-"""policy_loss (MATH.md §3–§6): every preset and a covering set of option combinations against the float64
+"""policy_loss (docs/math.md §3–§6): every preset and a covering set of option combinations against the float64
 reference (value, d/dlogprobs, d/dentropy, metrics) on the torch and kernel backends; the TRL and verl
 documented formulas written out directly; gradient-accumulation invariance; properties; input errors."""
 import math
@@ -45,7 +45,7 @@ def _inputs(b=B, t=T, *, per_token=False, scale=0.3, ref_scale=0.5, rollout_scal
         entropy=torch.rand(b, t, dtype=torch.float64) * 2,
         rollout_logprobs=logp + scale * torch.randn(b, t, dtype=torch.float64)
         + rollout_scale * torch.randn(b, t, dtype=torch.float64),
-        pos_logprobs=logp + torch.randn(b, t, dtype=torch.float64),  # teacher log-probs (MATH.md §7)
+        pos_logprobs=logp + torch.randn(b, t, dtype=torch.float64),  # teacher log-probs (docs/math.md §7)
         neg_logprobs=logp + torch.randn(b, t, dtype=torch.float64),
     )
 

@@ -64,7 +64,7 @@ def assert_close(what, actual, naive, ref, scale):
 
 
 def softmax_rounding(z, z_err, targets, live, g_lp, g_ent, g_lp_err=None, g_ent_err=None):
-    """First-order float32 rounding, in units of eps32, of a softmax head (MATH.md §1) and its gradient.
+    """First-order float32 rounding, in units of eps32, of a softmax head (docs/math.md §1) and its gradient.
 
     z [N, V]: the float64 logits as used (after the soft-cap and the temperature); z_err [N, V]: their own
     rounding; targets, live, g_lp, g_ent [N]: targets, counted rows and the upstream gradients of the
@@ -154,7 +154,7 @@ def _zero_where_ignored(what, values, ignored):
         assert (values.detach()[ignored] == 0).all(), f"{what} is not exactly 0 at ignored positions"
 
 
-# --- log-probs from logits (MATH.md §1) --------------------------------------------------------------------
+# --- log-probs from logits (docs/math.md §1) --------------------------------------------------------------------
 
 
 @given(shape=_shapes(), v=st.integers(1, 48), seed=seeds, scale=logit_scales, offset=logit_offsets,
@@ -189,7 +189,7 @@ def test_logprobs_from_logits(shape, v, seed, scale, offset, temperature):
     assert (ent >= 0).all() and (lp <= 0).all()
 
 
-# --- log-probs from hidden states and the lm_head (MATH.md §1) ---------------------------------------------
+# --- log-probs from hidden states and the lm_head (docs/math.md §1) ---------------------------------------------
 
 
 def linear_rounding(hidden, weight, bias, live, temperature, softcap):
@@ -257,7 +257,7 @@ def test_token_logprobs(shape, v, d, seed, scale, temperature, softcap, use_bias
     assert (ent >= 0).all()
 
 
-# --- group advantages (MATH.md §2) -------------------------------------------------------------------------
+# --- group advantages (docs/math.md §2) -------------------------------------------------------------------------
 
 
 def _lower_median(x):
@@ -265,7 +265,7 @@ def _lower_median(x):
 
 
 def _naive_advantages(rewards, sizes, mode, eps):
-    """MATH.md §2 written plainly (as rlloss.reference does, which always computes in float64), evaluated in
+    """docs/math.md §2 written plainly (as rlloss.reference does, which always computes in float64), evaluated in
     the rewards' own dtype: the naive float32 computation of the case."""
     batch_std = rewards.std() if rewards.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
     out, begin = [], 0
@@ -328,7 +328,7 @@ def _reward_batches(draw):
     return sizes, (torch.cat(groups) + offset).to(F32)
 
 
-# The modes of MATH.md §2 that take nothing but the rewards (others need extra per-completion inputs).
+# The modes of docs/math.md §2 that take nothing but the rewards (others need extra per-completion inputs).
 ADVANTAGE_MODES = [m for m in ("grpo", "no_std", "batch_std", "rloo", "median", "median_mad", "rank_gaussian")
                    if m in rlloss.advantages.ADVANTAGE_MODES]
 
@@ -355,7 +355,7 @@ def test_group_advantages(batch, mode, eps, equal_sizes):
         begin += size
 
 
-# --- policy loss (MATH.md §3–§6), every preset -------------------------------------------------------------
+# --- policy loss (docs/math.md §3–§6), every preset -------------------------------------------------------------
 
 
 PRESET_NAMES = sorted(PRESETS)
@@ -392,7 +392,7 @@ def _configs(draw, names=tuple(PRESET_NAMES)):
 
 
 def _aggregation_weights(config, mask, num_items):
-    """c_t of the loss Σ_t c_t·L_t (MATH.md §6), float64 [B, T]."""
+    """c_t of the loss Σ_t c_t·L_t (docs/math.md §6), float64 [B, T]."""
     m = mask.double()
     B = mask.shape[0]
     n = m.sum(1, keepdim=True).clamp(min=1)
@@ -409,7 +409,7 @@ def _aggregation_weights(config, mask, num_items):
 
 
 def policy_rounding(config, inp, live, num_items, g_full, g_policy, lp_err=None, ent_err=None):
-    """First-order float32 rounding, in units of eps32, of the policy loss (MATH.md §3–§7) and of its
+    """First-order float32 rounding, in units of eps32, of the policy loss (docs/math.md §3–§7) and of its
     gradients w.r.t. the log-probs and the entropy: (loss_err, dlogprobs_err [B, T], dentropy_err [B, T]).
     ``g_full`` / ``g_policy``: the float64 d(loss)/d(logprobs) of the config and of its policy term alone
     (β = c_H = 0), whose relative rounding is the policy term's (clipped tokens have none).
@@ -644,7 +644,7 @@ def test_fused_policy_loss(shape, config, v, d, seed, scale, temperature, softca
     _zero_where_ignored("dhidden", outputs["torch"][1], ~live)
 
 
-# --- contrastive credit (MATH.md §7) -----------------------------------------------------------------------
+# --- contrastive credit (docs/math.md §7) -----------------------------------------------------------------------
 
 
 @given(shape=_shapes(max_b=4, max_t=8), seed=seeds, mode=st.sampled_from(["cepo", "rlsd"]),
@@ -678,7 +678,7 @@ def test_contrastive_credit(shape, seed, mode, lam, eps_w, spread, per_token, ze
     assert (torch.sign(out) == torch.sign(torch.where(live, a, torch.zeros(())))).all()
 
 
-# --- shared-prefix attention (MATH.md §8) ------------------------------------------------------------------
+# --- shared-prefix attention (docs/math.md §8) ------------------------------------------------------------------
 
 
 @st.composite
@@ -709,7 +709,7 @@ def test_shared_prefix_attention(layout, heads, d, seed, scale, softmax_scale):
 
 
 def attention_rounding(q, k, v, do, layout, s):
-    """First-order float32 rounding, in units of eps32, of masked attention and its gradients (MATH.md §8),
+    """First-order float32 rounding, in units of eps32, of masked attention and its gradients (docs/math.md §8),
     from the dense float64 problem: a score S = s·q·k rounds to (d + 1)·s·|q|·|k|, a weight P = exp(S − lse)
     relatively to K = 1 + that + |S| + |lse| + T; O = P·v, dv = Pᵀ·do, dP = do·vᵀ (γ_d), δ = Σ P·dP,
     dS = P·(dP − δ), dq = s·dS·k and dk = s·dSᵀ·q (γ_T); the grouped heads' dk, dv summed over the group."""
