@@ -12,11 +12,12 @@ automatic choice from the inputs' device.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 BACKENDS = ("triton", "interpret", "torch", "reference")
+KERNEL_BACKENDS = ("triton", "interpret")  # the ones that run the Triton kernels
 ENV_VAR = "RLLOSS_BACKEND"
 
 
@@ -71,3 +72,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
                     "imported (Triton decides at import whether its kernels are interpreted)"
                 )
     return name
+
+
+def accepted_dtypes(name: str) -> Tuple[torch.dtype, ...]:
+    """The floating dtypes backend ``name`` computes in: the kernel backends have no float64."""
+    from . import _checks
+
+    return _checks.KERNEL_DTYPES if name in KERNEL_BACKENDS else _checks.FLOAT_DTYPES

@@ -78,3 +78,21 @@ def boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def mask(x: object, shape: torch.Size, check_values: bool = True) -> Tensor:
+    """The [B, T] loss mask as bool: bool, or a real tensor of 0/1 (checked with one host read when
+    ``check_values``), of exactly ``shape`` (the log-probs' shape)."""
+    x = tensor("mask", x)
+    if x.shape != shape:
+        raise ValueError(f"mask must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
+    if x.dtype == torch.bool:
+        return x
+    if x.is_complex():
+        raise TypeError(f"mask must be bool or a real 0/1 tensor, got dtype {x.dtype}")
+    if not check_values:
+        return x != 0
+    bad = (x != 0) & (x != 1)
+    if x.numel() and bool(bad.any()):  # one host sync
+        raise ValueError(f"mask must hold only 0 and 1 (or be bool), got e.g. {x[bad][0].item()}")
+    return x != 0

@@ -424,11 +424,6 @@ class LossConfig:
         policy, kl, entropy = self.term_aggregations
         return (self.beta == 0.0 or kl == policy) and (self.entropy_coef == 0.0 or entropy == policy)
 
-    @property
-    def sequence_level(self) -> bool:
-        """True when the importance ratio is the sequence ratio s_i (GSPO, either form)."""
-        return self.importance_sampling_level != "token"
-
     def replace(self, **changes) -> "LossConfig":
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)

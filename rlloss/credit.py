@@ -107,7 +107,6 @@ def contrastive_credit(
         ValueError: wrong shapes, an unknown mode, the log-probs a mode needs missing (or the other mode's
             given), λ ∉ [0, 1], ε_w ∉ [0, 1), a non-0/1 mask, tensors on different devices.
     """
-    from .policy import _check_mask  # the policy loss's mask rules (policy imports this module)
 
     if mode not in CREDIT_MODES:
         raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
@@ -115,7 +114,7 @@ def contrastive_credit(
     mask = _checks.tensor("mask", mask)
     _checks.ndim("mask", mask, 2, "[B, T]")
     shape = mask.shape
-    mask = _check_mask(mask, shape)
+    mask = _checks.mask(mask, shape)
     advantages = _checks.tensor("advantages", advantages)
     _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
     if advantages.shape != shape[:1] and advantages.shape != shape:

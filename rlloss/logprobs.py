@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._backend import resolve_backend
+from ._backend import accepted_dtypes, resolve_backend
 from . import reference
 
 __all__ = ["TokenLogprobs", "token_logprobs", "logprobs_from_logits", "merge_stats"]
@@ -576,7 +576,7 @@ def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> T
 
 
 def _check_float_dtype(name: str, x: Tensor, backend: str) -> None:
-    allowed = _checks.KERNEL_DTYPES if backend in ("triton", "interpret") else _checks.FLOAT_DTYPES
+    allowed = accepted_dtypes(backend)
     _checks.dtype_in(name, x, allowed)
 
 

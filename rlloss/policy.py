@@ -17,10 +17,9 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from . import reference
-from ._backend import resolve_backend
+from ._backend import BACKENDS, accepted_dtypes, resolve_backend
 from .config import NON_LOCAL_LOSS_MODES, LossConfig
 from .credit import credit_advantage
-from ._backend import BACKENDS
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
                        prepare_linear, run_pass)
 
@@ -921,22 +920,6 @@ _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_l
 # --- public API ---------------------------------------------------------------------------------------
 
 
-def _check_mask(mask: object, shape: torch.Size, check_values: bool = True) -> Tensor:
-    mask = _checks.tensor("mask", mask)
-    if mask.shape != shape:
-        raise ValueError(f"mask must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(mask.shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or a real 0/1 tensor, got dtype {mask.dtype}")
-    if not check_values:
-        return mask != 0
-    bad = (mask != 0) & (mask != 1)
-    if mask.numel() and bool(bad.any()):  # one host sync
-        raise ValueError(f"mask must hold only 0 and 1 (or be bool), got e.g. {mask[bad][0].item()}")
-    return mask != 0
-
-
 def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
                         check_values: bool = True):
     """Check the per-token inputs of a policy loss over [B, T] = ``shape`` against ``config`` (host side).
@@ -952,7 +935,7 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
         raise ValueError(
             f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
         )
-    mask = _check_mask(mask, shape, check_values)
+    mask = _checks.mask(mask, shape, check_values)
     if ref_logprobs is not None:
         ref_logprobs = _checks.float_like("ref_logprobs", ref_logprobs, shape, "logprobs")
     elif config.beta != 0.0:
@@ -1161,7 +1144,7 @@ def policy_loss(
                         pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
                         epsilon_low=epsilon_low, epsilon_high=epsilon_high)
     name = resolve_backend(backend, logprobs.device)
-    allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
+    allowed = accepted_dtypes(name)
     _checks.dtype_in("logprobs", logprobs, allowed)
 
     if name == "reference":
