@@ -1,8 +1,10 @@
 """rlloss inside verl 0.9.1, each result checked against verl's own installed code.
 
 * The registered policy losses ``rlloss_<mode>`` against verl's ``<mode>`` (``get_policy_loss_fn``): loss value,
-  gradient w.r.t. log_prob and the metrics, for every ``loss_agg_mode`` with and without verl's global batch info
-  (dp = 2, uneven ranks), an empty response and verl's rollout importance weights.
+  gradient w.r.t. log_prob and the metrics, for every loss and every ``loss_agg_mode`` with and without verl's
+  global batch info (dp = 2, uneven ranks), an empty response and verl's rollout importance weights (some 0).
+  clip_cov draws its tokens with ``torch.randperm`` on torch's default generator in both: torch is seeded alike
+  before each call.
 * The whole actor loss of ``loss_config_from_verl`` against verl's ``ppo_loss`` (policy term, every KL type,
   entropy bonus) on verl's own no-padding TensorDict.
 * The registered advantage estimators ``rlloss_<estimator>`` against verl's (``get_adv_estimator_fn``), with
@@ -50,16 +52,22 @@ MODES = tuple(rv.VERL_POLICY_LOSSES)
 CLIP_METRICS = {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"}
 # The verl metrics each registered loss logs: those whose meaning rlloss shares.
 LOGGED = {"vanilla": CLIP_METRICS, "gspo": CLIP_METRICS, "sapo": {"actor/ppo_kl"}, "cispo": {"actor/ppo_kl"},
-          "gpg": set()}
+          "gpg": set(), "geo_mean": {"actor/ppo_kl"}, "clip_cov": {"actor/ppo_kl"}, "kl_cov": set(),
+          "dppo_tv": {"actor/ppo_kl"}, "dppo_kl": {"actor/ppo_kl"}, "dro": {"actor/ppo_kl"}}
+# verl policy_loss options per mode: clip_cov and kl_cov select several tokens of these small batches (verl's
+# defaults select one at most, clip_cov among covariances in (1, 5) that these batches seldom have).
+POLICY_OPTIONS = {"clip_cov": dict(clip_cov_ratio=0.2, clip_cov_lb=-0.5, clip_cov_ub=0.5),
+                  "kl_cov": dict(kl_cov_ratio=0.2, ppo_kl_coef=0.3), "dro": dict(dro_beta=0.3)}
 AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("low_var_kl", "k3", "kl", "k1", "abs", "mse", "k2", "low_var_kl+", "k3+", "kl+", "k1+", "abs+", "mse+")
 RTOL64, ATOL64 = 1e-9, 1e-12
 
 
-def actor_config(mode="vanilla", agg="token-mean", **fields):
+def actor_config(mode="vanilla", agg="token-mean", policy=None, **fields):
+    policy = POLICY_OPTIONS.get(mode, {}) if policy is None else policy
     return FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=agg,
                            clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=2.5, tau_pos=1.3, tau_neg=1.1,
-                           policy_loss=PolicyLossConfig(loss_mode=mode), **fields)
+                           policy_loss=PolicyLossConfig(loss_mode=mode, **policy), **fields)
 
 
 def batch(lengths, T=7, seed=0, dtype=torch.float64):
@@ -81,8 +89,9 @@ def set_global_info(config, info):
     config.global_batch_info.update(info)
 
 
-def call_policy(name, config, b, agg, weights=None):
+def call_policy(name, config, b, agg, weights=None, seed=0):
     logp = b["logp"].clone().requires_grad_(True)
+    torch.manual_seed(seed)  # clip_cov's random tokens: the same draw in verl and rlloss
     loss, metrics = core_algos.get_policy_loss_fn(name)(
         old_log_prob=b["old"], log_prob=logp, advantages=b["adv"], response_mask=b["mask"], loss_agg_mode=agg,
         config=config, rollout_is_weights=weights)
@@ -94,9 +103,9 @@ def assert_close(actual, expected, rtol=RTOL64, atol=ATOL64):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
-def check_policy_parity(mode, agg, config, b, weights=None):
-    loss, grad, metrics = call_policy(mode, config, b, agg, weights)
-    loss_r, grad_r, metrics_r = call_policy(rv.PREFIX + mode, config, b, agg, weights)
+def check_policy_parity(mode, agg, config, b, weights=None, seed=0):
+    loss, grad, metrics = call_policy(mode, config, b, agg, weights, seed)
+    loss_r, grad_r, metrics_r = call_policy(rv.PREFIX + mode, config, b, agg, weights, seed)
     assert torch.isfinite(loss) and grad.abs().sum() > 0
     assert_close(loss_r, loss)
     assert_close(grad_r, grad)
@@ -155,13 +164,44 @@ def test_policy_loss_parity_dp2(mode, agg):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_policy_loss_parity_rollout_weights(mode):
-    """verl's rollout IS weights (some rejected, w = 0) multiply the policy term: folded into A."""
+    """verl's rollout IS weights (some rejected, w = 0) multiply the policy term (geo_mean: their geometric mean
+    per sequence): rlloss's rollout_weights, the clip metrics unchanged."""
     config = actor_config(mode, "seq-mean-token-mean")
     b = batch([7, 3, 0, 5, 1, 6], seed=4)
     weights = torch.rand(b["mask"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
     weights[weights > 1.6] = 0.0
     metrics = check_policy_parity(mode, "seq-mean-token-mean", config, b, weights)
-    assert set(metrics) == LOGGED[mode] & {"actor/ppo_kl"}
+    assert set(metrics) == LOGGED[mode]
+    plain, _, _ = call_policy(mode, config, b, "seq-mean-token-mean")
+    assert not torch.isclose(plain, call_policy(mode, config, b, "seq-mean-token-mean", weights)[0])
+
+
+def test_cov_selections_are_exercised():
+    """The clip_cov and kl_cov cases above select tokens (verl's own numbers), and clip_cov's draw depends on
+    the seed: the shared seed is what makes the parity hold."""
+    b = batch([7, 3, 0, 5, 1, 6], seed=1)
+    config = actor_config("clip_cov")
+    _, _, metrics = call_policy("clip_cov", config, b, "token-mean")
+    assert metrics["actor/pg_clipfrac"] > 0  # verl's fraction of dropped tokens
+    draws = [call_policy("clip_cov", config, b, "token-mean", seed=s)[1] for s in range(6)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    plain = actor_config("kl_cov", policy=dict(kl_cov_ratio=0.2, ppo_kl_coef=0.0))
+    assert not torch.isclose(call_policy("kl_cov", actor_config("kl_cov"), b, "token-mean")[0],
+                             call_policy("kl_cov", plain, b, "token-mean")[0])
+
+
+def test_policy_loss_verl_defaults():
+    """verl's own defaults of the new options (PolicyLossConfig's clip_cov / kl_cov / ppo_kl_coef, ActorConfig's
+    clip_ratio and clip_ratio_c): loss_config_from_verl reads them, none hard-coded by the test."""
+    b = batch([7, 3, 0, 5, 1, 6], seed=12)
+    for mode in ("clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "geo_mean"):
+        config = FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_micro_batch_size_per_gpu=2,
+                                 policy_loss=PolicyLossConfig(loss_mode=mode))
+        check_policy_parity(mode, "token-mean", config, b)
+    loss_config = rv.loss_config_from_verl(actor_config("dppo_kl"))
+    assert loss_config.dppo_ratio_cap == 2.5 and loss_config.epsilon_high == 0.28
+    loss_config = rv.loss_config_from_verl(actor_config("kl_cov"))
+    assert loss_config.kl_cov_coef == 0.3 and loss_config.kl_cov_ratio == 0.2
 
 
 def test_policy_loss_parity_float32():
@@ -203,6 +243,9 @@ def nested_full(values, mask, prompt_lens):
     *[("vanilla", agg, "low_var_kl") for agg in AGGREGATIONS],
     *[("sapo", agg, "k3") for agg in AGGREGATIONS],
     ("gspo", "seq-mean-token-sum-norm", "k1+"), ("cispo", "token-sum", "abs"), ("gpg", "seq-mean-token-sum", "mse"),
+    ("geo_mean", "token-mean", "low_var_kl"), ("geo_mean", "token-sum", "k3"), ("clip_cov", "token-mean", "k3"),
+    ("kl_cov", "seq-mean-token-mean", "k1"), ("dppo_tv", "token-sum", "low_var_kl"),
+    ("dppo_kl", "seq-mean-token-sum", "k2"), ("dro", "token-mean", "low_var_kl"),
 ])
 def test_actor_loss_parity_with_ppo_loss(mode, agg, kl_type):
     """verl's ppo_loss (its policy term + entropy bonus + KL, each aggregated by verl) equals rlloss.policy_loss
@@ -214,6 +257,7 @@ def test_actor_loss_parity_with_ppo_loss(mode, agg, kl_type):
     data, prompt_lens = ppo_loss_data(b, info)
     logp = b["logp"].clone().requires_grad_(True)
     entropy = b["entropy"].clone().requires_grad_(True)
+    torch.manual_seed(0)
     loss, _ = ppo_loss(config, {"log_probs": nested_full(logp, b["mask"], prompt_lens),
                                 "entropy": nested_full(entropy, b["mask"], prompt_lens)}, data)
     loss.backward()
@@ -222,6 +266,7 @@ def test_actor_loss_parity_with_ppo_loss(mode, agg, kl_type):
     assert loss_config.beta == 0.05 and loss_config.entropy_coef == 0.01
     logp_r = b["logp"].clone().requires_grad_(True)
     entropy_r = b["entropy"].clone().requires_grad_(True)
+    torch.manual_seed(0)
     out = policy_loss(logp_r, b["old"], b["adv"], b["mask"], config=loss_config, ref_logprobs=b["ref"],
                       entropy=entropy_r, **rv.batch_counts_from_verl(config, b["mask"]))
     out.loss.backward()
@@ -231,9 +276,23 @@ def test_actor_loss_parity_with_ppo_loss(mode, agg, kl_type):
 
 
 def test_loss_config_refuses_what_rlloss_lacks():
+    assert rv.NOT_IN_RLLOSS == ("bypass_mode",)
     for name in rv.NOT_IN_RLLOSS:
         with pytest.raises(ValueError, match=name):
             rv.loss_config_from_verl(actor_config(name))
+        with pytest.raises(ValueError, match=name):
+            rv.loss_config_from_verl(actor_config(), loss_mode=rv.PREFIX + name)
+    with pytest.raises(ValueError, match="policy_loss.dro_beta"):
+        rv.loss_config_from_verl(actor_config("dro", policy={}))
+    b = batch([3, 0, 2])
+    with pytest.raises(ValueError, match="policy_loss.dro_beta"):
+        core_algos.get_policy_loss_fn("rlloss_dro")(b["old"], b["logp"], b["adv"], b["mask"], "token-mean",
+                                                    actor_config("dro", policy=dict(dro_beta=0.0)))
+    # geo_mean averages over the 3 local rows; a seq-mean KL over the 2 non-empty ones: not one rlloss call.
+    with pytest.raises(ValueError, match="geo_mean"):
+        rv.batch_counts_from_verl(actor_config("geo_mean", "seq-mean-token-mean", use_kl_loss=True), b["mask"])
+    counts = rv.batch_counts_from_verl(actor_config("geo_mean", "token-mean", use_kl_loss=True), b["mask"])
+    assert counts["num_sequences_in_batch"] == 3
     with pytest.raises(ValueError, match="kl_loss_type='full'"):
         rv.loss_config_from_verl(actor_config(use_kl_loss=True, kl_loss_type="full"))
     with pytest.raises(ValueError, match="no_such_loss"):

@@ -4,7 +4,9 @@ Importing this module registers, in verl's own registries,
 
 * the policy losses ``rlloss_<mode>`` (``actor_rollout_ref.actor.policy_loss.loss_mode``), each computing verl's
   ``<mode>`` policy term with :func:`rlloss.policy_loss`: ``rlloss_vanilla``, ``rlloss_gspo``, ``rlloss_sapo``,
-  ``rlloss_cispo``, ``rlloss_gpg`` (:data:`VERL_POLICY_LOSSES`);
+  ``rlloss_cispo``, ``rlloss_gpg``, ``rlloss_geo_mean``, ``rlloss_clip_cov``, ``rlloss_kl_cov``,
+  ``rlloss_dppo_tv``, ``rlloss_dppo_kl``, ``rlloss_dro`` (:data:`VERL_POLICY_LOSSES`), verl's
+  ``rollout_is_weights`` passed on as ``rollout_weights``;
 * the advantage estimators ``rlloss_<estimator>`` (``algorithm.adv_estimator``), each computing verl's
   ``<estimator>`` with :func:`rlloss.group_advantages` (:data:`VERL_ADVANTAGE_ESTIMATORS`).
 
@@ -61,6 +63,12 @@ VERL_POLICY_LOSSES = {
     "sapo": "verl_sapo",     # soft gate; the policy term forced to seq-mean-token-mean
     "cispo": "verl_cispo",   # sg(clip(ρ))·A·ℓ
     "gpg": "gpg",            # −A·ℓ
+    "geo_mean": "verl_geo_mean",  # GMPO: −Ā·exp(mean of the sign-clipped log-ratio), a mean over the local rows
+    "clip_cov": "verl_clip_cov",  # ppo_clip, the gradient of a few random high-covariance tokens dropped
+    "kl_cov": "verl_kl_cov",      # −A·ρ + ppo_kl_coef·|ℓ − ℓ°| on the highest-covariance tokens
+    "dppo_tv": "verl_dppo_tv",    # −A·sg(min(ρ, clip_ratio_c))·ℓ inside the TV trust region
+    "dppo_kl": "verl_dppo_kl",    # the same inside the binary-KL trust region
+    "dro": "verl_dro",            # −(A·ℓ − ½·dro_beta·(ℓ − ℓ°)²)
 }
 # verl algorithm.adv_estimator → the group_advantages mode (grpo: "no_std" with norm_adv_by_std_in_grpo=False).
 VERL_ADVANTAGE_ESTIMATORS = {
@@ -68,17 +76,22 @@ VERL_ADVANTAGE_ESTIMATORS = {
     "reinforce_plus_plus": "reinforce_plus_plus", "reinforce_plus_plus_baseline": "reinforce_plus_plus_baseline",
     "remax": "remax",
 }
-# verl names that rlloss does not compute (yet): refused by name, never approximated.
-NOT_IN_RLLOSS = ("clip_cov", "kl_cov", "geo_mean", "dppo_tv", "dppo_kl", "dro", "bypass_mode")
+# verl names that rlloss does not compute: refused by name, never approximated. bypass_mode forms its rollout
+# correction inside the loss from the current log-probs (ℓ° = ℓˢ there) and, for its default loss_type
+# "ppo_clip", rejects tokens (rollout_rs) by the divergence of the current policy from the rollout policy, which
+# rlloss's rollout_rs (ℓ° against ℓˢ) does not measure; it also logs the rollout-correction metrics.
+NOT_IN_RLLOSS = ("bypass_mode",)
 _STD_FREE = {"grpo": "no_std", "grpo_passk": "grpo_passk_no_std"}
 # group_advantages modes with verl's rule for a group of one (mean 0, std 1).
 _VERL_SINGLETON = ("grpo", "no_std", "rloo", "gpg", "opo", "reinforce_plus_plus_baseline")
 # Estimators of verl that use the token-level returns: rlloss takes one outcome reward per completion.
 _OUTCOME_ONLY = ("reinforce_plus_plus", "remax")
 # verl's clip fractions have rlloss's meaning for these losses only (SAPO logs a constant 0, CISPO counts clipping
-# whatever the sign of A); actor/ppo_kl has it for every loss with a ratio.
+# whatever the sign of A; geo_mean counts the clipped log-ratios, clip_cov the dropped tokens, dppo_* the tokens
+# outside the trust region); actor/ppo_kl (the mean of ℓ° − ℓ) has it for every loss with a ratio but kl_cov,
+# whose actor/ppo_kl is the mean of |ℓ − ℓ°|.
 _SAME_CLIP_METRICS = ("vanilla", "gspo")
-_WITHOUT_RATIO = ("gpg",)
+_WITHOUT_PPO_KL = ("gpg", "kl_cov")
 
 
 def _get(config: Any, name: str, default: Any = None) -> Any:
@@ -102,14 +115,21 @@ def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
                           loss_agg_mode: Optional[str] = None, response_length: Optional[int] = None) -> LossConfig:
     """The :class:`rlloss.LossConfig` of the actor loss a verl ``ActorConfig`` asks for.
 
-    The loss of verl 0.9.1's ``ppo_loss``: the policy term of ``policy_loss.loss_mode`` (vanilla, gspo, sapo,
-    cispo, gpg, or the registered ``rlloss_`` names), plus ``kl_loss_coef``·KL (``kl_loss_type``) when
-    ``use_kl_loss``, minus ``entropy_coeff``·H, each aggregated by ``loss_agg_mode`` (SAPO's policy term by
-    seq-mean-token-mean, as verl). Honoured: ``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``,
-    ``clip_ratio_c`` (vanilla's dual clip), ``tau_pos`` / ``tau_neg`` (SAPO), ``loss_agg_mode``,
-    ``loss_scale_factor`` and ``global_batch_info["dp_size"]`` (``token-sum``), ``use_kl_loss``,
-    ``kl_loss_coef``, ``kl_loss_type`` (every name verl's ``kl_penalty`` computes), ``entropy_coeff``.
-    The global counts of the other aggregations come from :func:`batch_counts_from_verl`.
+    The loss of verl 0.9.1's ``ppo_loss``: the policy term of ``policy_loss.loss_mode`` (a key of
+    :data:`VERL_POLICY_LOSSES`, or its registered ``rlloss_`` name), plus ``kl_loss_coef``·KL (``kl_loss_type``)
+    when ``use_kl_loss``, minus ``entropy_coeff``·H, each aggregated by ``loss_agg_mode`` (SAPO's policy term by
+    seq-mean-token-mean and geo_mean's by a mean over the rows, as verl). Honoured: ``clip_ratio`` /
+    ``clip_ratio_low`` / ``clip_ratio_high`` (dppo_*: the divergence bounds), ``clip_ratio_c`` (vanilla's dual
+    clip, dppo_*'s ratio cap), ``tau_pos`` / ``tau_neg`` (SAPO), ``policy_loss.clip_cov_ratio`` /
+    ``clip_cov_lb`` / ``clip_cov_ub`` (clip_cov), ``policy_loss.kl_cov_ratio`` / ``ppo_kl_coef`` (kl_cov),
+    ``policy_loss.dro_beta`` (dro), ``loss_agg_mode``, ``loss_scale_factor`` and ``global_batch_info["dp_size"]``
+    (``token-sum``), ``use_kl_loss``, ``kl_loss_coef``, ``kl_loss_type`` (every name verl's ``kl_penalty``
+    computes), ``entropy_coeff``. The global counts come from :func:`batch_counts_from_verl`.
+
+    verl's rollout correction (``algorithm.rollout_correction``: ``rollout_is``, ``rollout_is_batch_normalize``,
+    ``rollout_rs``, ``rollout_rs_threshold``) is applied by verl's trainer before the loss: the loss receives the
+    (normalised) ``rollout_is_weights`` and a response mask without the rejected tokens. So it is not part of
+    this config; pass the weights as ``rollout_weights`` (the registered losses do).
 
     Args:
         actor_config: verl's ``ActorConfig`` (or an omegaconf ``DictConfig`` with its fields).
@@ -120,7 +140,8 @@ def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
 
     Raises:
         ValueError: naming a verl loss rlloss does not compute (:data:`NOT_IN_RLLOSS`), ``kl_loss_type="full"``,
-            an unknown ``loss_agg_mode``, or ``seq-mean-token-sum-norm`` without a length.
+            an unknown ``loss_agg_mode``, ``seq-mean-token-sum-norm`` without a length, or ``dro`` without a
+            positive ``policy_loss.dro_beta``.
     """
     policy = _get(actor_config, "policy_loss", {})
     mode = _verl_mode(loss_mode or _get(policy, "loss_mode", "vanilla"))
@@ -139,6 +160,22 @@ def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
     if mode == "sapo":
         fields.update(aggregation="seq_mean_token_mean", sapo_tau_pos=_get(actor_config, "tau_pos", 1.0),
                       sapo_tau_neg=_get(actor_config, "tau_neg", 1.05))
+    if mode == "geo_mean":  # verl: torch.mean over the rows whatever loss_agg_mode (batch_counts_from_verl)
+        fields["aggregation"] = "seq_mean_token_mean"
+    if mode == "clip_cov":  # verl's defaults when a field is None, as its compute_policy_loss_clip_cov
+        fields.update(clip_cov_ratio=float(_get(policy, "clip_cov_ratio", 0.0002)),
+                      clip_cov_lb=float(_get(policy, "clip_cov_lb", 1.0)),
+                      clip_cov_ub=float(_get(policy, "clip_cov_ub", 5.0)))
+    if mode == "kl_cov":
+        fields.update(kl_cov_ratio=float(_get(policy, "kl_cov_ratio", 0.0002)),
+                      kl_cov_coef=float(_get(policy, "ppo_kl_coef", 1.0)))
+    if mode in ("dppo_tv", "dppo_kl"):
+        fields["dppo_ratio_cap"] = float(_get(actor_config, "clip_ratio_c", 20.0))
+    if mode == "dro":
+        beta = _get(policy, "dro_beta")
+        if beta is None or float(beta) <= 0:
+            raise ValueError(f"policy_loss.dro_beta must be a positive value for loss_mode='dro', got {beta!r}")
+        fields["dro_beta"] = float(beta)
     if agg_name == "seq-mean-token-sum-norm":
         length = _get(actor_config, "loss_scale_factor", response_length)
         if length is None:
@@ -158,17 +195,37 @@ def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
     return LossConfig.preset(VERL_POLICY_LOSSES[mode], **fields)
 
 
-def batch_counts_from_verl(actor_config: Any, response_mask: Tensor) -> Dict[str, Any]:
+def batch_counts_from_verl(actor_config: Any, response_mask: Tensor, *,
+                           loss_mode: Optional[str] = None) -> Dict[str, Any]:
     """``num_items_in_batch`` and ``num_sequences_in_batch`` for :func:`rlloss.policy_loss` from verl's
     ``global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``).
 
     verl divides by the global count and multiplies by ``dp_size``; rlloss divides by the global count over
     ``dp_size``. Without global counts (``dp_size`` 1), verl counts the micro-batch's tokens and its sequences
-    with at least one token, and so does this.
+    with at least one token, and so does this. verl's geo_mean (``loss_mode``, by default
+    ``policy_loss.loss_mode``) averages its policy term over the micro-batch's rows, empty ones included, whatever
+    the global counts: its sequence count is the local row count.
 
     Raises:
-        ValueError: a global count missing while ``dp_size`` > 1 (as verl's ``agg_loss``).
+        ValueError: a global count missing while ``dp_size`` > 1 (as verl's ``agg_loss``); geo_mean with an
+            active KL or entropy term aggregated by a ``seq-mean-*`` mode over another sequence count (one
+            rlloss call has one sequence count).
     """
+    counts = _batch_counts(actor_config, response_mask)
+    mode = _verl_mode(loss_mode or _get(_get(actor_config, "policy_loss", {}), "loss_mode", "vanilla"))
+    if mode == "geo_mean":
+        rows = float(response_mask.shape[0])
+        terms = _get(actor_config, "use_kl_loss", False) or float(_get(actor_config, "entropy_coeff", 0.0)) != 0.0
+        agg = _get(actor_config, "loss_agg_mode", "token-mean")
+        if terms and agg.startswith("seq-mean") and counts["num_sequences_in_batch"] != rows:
+            raise ValueError(f"loss_mode='geo_mean' averages over the {int(rows)} local rows, but the KL / entropy "
+                             f"terms with loss_agg_mode={agg!r} over {counts['num_sequences_in_batch']} sequences; "
+                             "compute the policy term and those terms in separate calls")
+        counts["num_sequences_in_batch"] = rows
+    return counts
+
+
+def _batch_counts(actor_config: Any, response_mask: Tensor) -> Dict[str, Any]:
     info = _get(actor_config, "global_batch_info", {})
     dp = int(_get(info, "dp_size", 1))
     tokens, sequences = _get(info, "batch_num_tokens"), _get(info, "global_batch_size")
@@ -181,13 +238,12 @@ def batch_counts_from_verl(actor_config: Any, response_mask: Tensor) -> Dict[str
                 num_sequences_in_batch=float(sequences) / dp)
 
 
-def _metric_names(mode: str, weighted: bool) -> Dict[str, str]:
-    """verl metric name → rlloss metric of the same meaning. With rollout weights folded into A, a weight-0 token
-    is no longer counted by the sign of A: no clip fractions then."""
-    if mode in _WITHOUT_RATIO:
+def _metric_names(mode: str) -> Dict[str, str]:
+    """verl metric name → rlloss metric of the same meaning (the rollout weights change neither)."""
+    if mode in _WITHOUT_PPO_KL:
         return {}
     names = {"actor/ppo_kl": "ppo_kl"}
-    if mode in _SAME_CLIP_METRICS and not weighted:
+    if mode in _SAME_CLIP_METRICS:
         names.update({"actor/pg_clipfrac": "clip_ratio/region_mean",
                       "actor/pg_clipfrac_lower": "clip_ratio/dual_mean"})
     return names
@@ -203,13 +259,16 @@ def _policy_loss_fn(mode: str):
                                             response_length=response_mask.shape[-1])
         # verl's ppo_loss adds the KL and entropy terms itself.
         loss_config = loss_config.replace(beta=0.0, entropy_coef=0.0)
-        if rollout_is_weights is not None:
-            # verl multiplies the policy term by the detached weight w ≥ 0; every surrogate here is positively
-            # homogeneous in A, so w·P(ρ, A) = P(ρ, w·A).
-            advantages = advantages * rollout_is_weights.detach()
+        counts = _batch_counts(config, response_mask)
+        if mode == "geo_mean":  # verl: torch.mean over the local rows
+            counts["num_sequences_in_batch"] = float(response_mask.shape[0])
+        # verl multiplies each token's policy term by its rollout weight (geo_mean: the sequence's geometric
+        # mean of them); rlloss's rollout_weights do the same, where folding w into A would change geo_mean's
+        # Ā, the clip_cov / kl_cov rankings and the terms not proportional to A (kl_cov, dro).
+        weights = None if rollout_is_weights is None else rollout_is_weights.detach()
         out = policy_loss(log_prob, old_log_prob, advantages, response_mask.bool(), config=loss_config,
-                          **batch_counts_from_verl(config, response_mask))
-        names = _metric_names(mode, rollout_is_weights is not None)
+                          rollout_weights=weights, **counts)
+        names = _metric_names(mode)
         return out.loss, {name: out.metrics[key].item() for name, key in names.items()}
 
     loss_fn.__name__ = f"{PREFIX}{mode}"
