@@ -41,7 +41,7 @@ returns tensors.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import torch
 import triton
