@@ -13,6 +13,7 @@ kernels), the ``torch`` backend, the autograd function over the Triton kernels o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -353,9 +354,10 @@ _NS_PER_CALL = 200_000.0
 # Key counts are binned on a geometric grid of this ratio before the buckets are chosen (exactly, by dynamic
 # programming over the bins).
 _BUCKET_GRID = 1.25
-# Intra-op threads: at most one per this many estimated nanoseconds of work. A parallel region costs
-# microseconds on an idle machine but a scheduler slice (milliseconds) when its second OpenMP thread is
-# descheduled on a loaded one: a 48-token call took 0.43 s on 2 threads against 12 ms on 1.
+# Intra-op threads on a busy machine: at most one per this many estimated nanoseconds of work. A parallel
+# region costs microseconds on an idle machine but a scheduler slice (milliseconds) when its second OpenMP
+# thread is descheduled on a loaded one: a 48-token call took 0.43 s on 2 threads against 12 ms on 1. On an
+# idle machine the cap only cost speed: the suite's default shape ran on 1 thread where SDPA used 2.
 _NS_PER_THREAD = 4_000_000.0
 
 
@@ -523,10 +525,23 @@ def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, plan: dict, scale: float
     return out.reshape(num_blocks * block, Hq, d)[:T].to(q.dtype)
 
 
+def _machine_is_busy() -> bool:
+    """Whether other work would deschedule extra intra-op threads: the 1-minute load average passes the
+    number of cores by half a thread or more. This process's own busy threads count in the load average, up
+    to one per core, so only other work can push it that far. True where the OS reports no load average."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1) + 0.5
+    except (AttributeError, OSError):  # no load average (Windows)
+        return True
+
+
 def _torch_threads(plan: dict) -> int:
-    """The intra-op threads the plan runs on (on CPU): torch's count, capped at one per `_NS_PER_THREAD` of
-    estimated work."""
-    return max(1, min(torch.get_num_threads(), int(plan["ns"] // _NS_PER_THREAD)))
+    """The intra-op threads the plan runs on (on CPU): torch's count; on a busy machine, capped at one per
+    `_NS_PER_THREAD` of estimated work."""
+    threads = torch.get_num_threads()
+    if not _machine_is_busy():
+        return threads
+    return max(1, min(threads, int(plan["ns"] // _NS_PER_THREAD)))
 
 
 def _set_threads(threads: int) -> int:
@@ -568,8 +583,9 @@ class _FewerThreads(torch.autograd.Function):
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout, scale: float,
                      block: Optional[int] = None) -> Tensor:
     """Query blocks against their gathered visible keys, one masked SDPA call per bucket (see above), in
-    float32 (float64 for float64 inputs). On CPU a small problem runs on fewer intra-op threads, forward and
-    backward: at most one per `_NS_PER_THREAD` of estimated work. ``block`` forces a query-block size (tests)."""
+    float32 (float64 for float64 inputs). On a busy CPU a small problem runs on fewer intra-op threads,
+    forward and backward: at most one per `_NS_PER_THREAD` of estimated work. ``block`` forces a query-block
+    size (tests)."""
     plan = _torch_plan(layout, (q.shape[1], k.shape[1], q.shape[2]), block)
     threads = _torch_threads(plan)
     if q.device.type != "cpu" or threads == torch.get_num_threads():
