@@ -16,8 +16,9 @@ G ∈ {8, 16}, P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}:
 
 Every case reports time (``triton.testing.do_bench``), peak memory, the speed-up over ``sdpa-repeated`` next
 to the ideal attention FLOP ratio of MATH.md §8 and over ``flex``, each rlloss row against issue #12's targets
-(≥ 0.8 of the ideal speed-up, ≥ 1.3× FlexAttention) in the report's notes, and the max abs difference of each implementation's output
-and gradients (mapped onto the packed stream, a prompt's gradients summed over its copies) from rlloss's.
+(≥ 0.8 of the ideal speed-up, ≥ 1.3× FlexAttention) in the report's notes, and the max abs difference of
+each implementation's output and gradients (mapped onto the packed stream, a prompt's gradients summed over
+its copies) from rlloss's.
 
 CPU default (no GPU): the ``torch`` backend against SDPA on the repeated-prompt batch, float32, in the
 benchmark's own process (time and equality with a float64 reference, no memory figure), so that
