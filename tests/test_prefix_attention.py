@@ -619,11 +619,12 @@ def _gpu_case(dtype, d, hq=8, hkv=2, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 80, 96, 128])
-def test_gpu_matches_float64_reference(dtype, d):
+@pytest.mark.parametrize("dtype,d,deterministic", [
+    *((dtype, d, True) for dtype in (torch.bfloat16, torch.float16) for d in (64, 80, 96, 128)),
+    (torch.bfloat16, 128, False), (torch.float16, 80, False)])
+def test_gpu_matches_float64_reference(dtype, d, deterministic):
     layout, q, k, v, do = _gpu_case(dtype, d)
-    got = _run(q, k, v, do, layout, dtype, "triton")
+    got = _run(q, k, v, do, layout, dtype, "triton", deterministic=deterministic)
     rounded = [x.to(dtype).double() for x in (q, k, v)]
     # Realistic sizes: the probabilities and dS are rounded to the input dtype before their matmuls (as in
     # flash attention) and the prompt's dK/dV sum ~1000 rows, so the bounds are wider than at test sizes.
@@ -632,9 +633,10 @@ def test_gpu_matches_float64_reference(dtype, d):
 
 
 @pytest.mark.gpu
-def test_gpu_float32_is_exact():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
+def test_gpu_float32_is_exact(deterministic):
     layout, q, k, v, do = _gpu_case(torch.float32, 128)
-    got = _run(q, k, v, do, layout, torch.float32, "triton")
+    got = _run(q, k, v, do, layout, torch.float32, "triton", deterministic=deterministic)
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32)
 
 
