@@ -357,7 +357,8 @@ _BUCKET_GRID = 1.25
 # Intra-op threads on a busy machine: at most one per this many estimated nanoseconds of work. A parallel
 # region costs microseconds on an idle machine but a scheduler slice (milliseconds) when its second OpenMP
 # thread is descheduled on a loaded one: a 48-token call took 0.43 s on 2 threads against 12 ms on 1. On an
-# idle machine the cap only cost speed: the suite's default shape ran on 1 thread where SDPA used 2.
+# idle machine the cap left the suite's default shape on 1 thread while SDPA used 2 (0.99× its speed; on 1
+# thread each, 2.2× its speed, measured interleaved on a loaded machine).
 _NS_PER_THREAD = 4_000_000.0
 
 
