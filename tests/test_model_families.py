@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from rlloss import SharedPrefixBatch  # noqa: E402
-from rlloss.integrations.transformers import enable_shared_prefix  # noqa: E402
+from rlloss.integrations import transformers as integration  # noqa: E402
+from rlloss.integrations.transformers import enable_shared_prefix, shared_prefix  # noqa: E402
 from test_integration_transformers import (  # noqa: E402
     TINY, VOCAB, assert_rel_close, check_equivalence, make_groups)
 
@@ -132,3 +133,28 @@ def test_qwen2_5_vl_image_in_the_shared_prompt():
         stream += completion.numel()
     for name, grad in expected.items():
         assert_rel_close(model.get_parameter(name).grad, grad, 1e-5, f"grad of {name}")
+
+
+def test_deterministic_option_reaches_the_op(monkeypatch):
+    """enable_shared_prefix(deterministic=False) (and the context manager) pass the option to every attention
+    call; the default is the deterministic path, and a non-bool is refused naming the argument."""
+    seen = []
+    op = integration.shared_prefix_attention
+
+    def spy(*args, deterministic, **kwargs):
+        seen.append(deterministic)
+        return op(*args, deterministic=deterministic, **kwargs)
+
+    monkeypatch.setattr(integration, "shared_prefix_attention", spy)
+    model = _model(*FAMILIES["phi3"][:2], **FAMILIES["phi3"][2])
+    batch = SharedPrefixBatch.pack(*make_groups())
+    with torch.no_grad():
+        with shared_prefix(model, backend="torch", deterministic=False):
+            model(**batch.model_inputs())
+        assert seen == [False] * model.config.num_hidden_layers
+        seen.clear()
+        enable_shared_prefix(model, backend="torch")
+        model(**batch.model_inputs())
+        assert seen == [True] * model.config.num_hidden_layers
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        enable_shared_prefix(model, deterministic="no")
