@@ -580,9 +580,9 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             "prompt's summed over its copies) and compared with the float64 reference.",
             f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, the two "
             f"implementations' calls interleaved, in the benchmark's process; {torch.get_num_threads()} torch "
-            "threads. threads: the intra-op threads `rlloss-torch` ran on (all of them, but on a busy machine — "
-            "1-minute load average ≥ cores + 0.5 — at most one per 4 ms of estimated work); `sdpa-repeated` "
-            "runs on all of them.",
+            "threads. threads: the intra-op threads `rlloss-torch` ran on (all of them, but where other "
+            "processes keep cores busy — load average less its own busy threads, plus its threads, ≥ cores + "
+            "0.5 — at most one per 4 ms of estimated work); `sdpa-repeated` runs on all of them.",
             "ideal: the attention FLOP ratio of MATH.md §8, G(P+S)² / (P² + G·S(2P+S)) (the same for any number "
             "of equal groups).",
         ],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -526,21 +527,33 @@ def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, plan: dict, scale: float
     return out.reshape(num_blocks * block, Hq, d)[:T].to(q.dtype)
 
 
-def _machine_is_busy() -> bool:
-    """Whether other work would deschedule extra intra-op threads: the 1-minute load average passes the
-    number of cores by half a thread or more. This process's own busy threads count in the load average, up
-    to one per core, so only other work can push it that far. True where the OS reports no load average."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (e.g. a benchmark's worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# (wall clock, CPU time) when the module was imported: this process's own average busy threads since.
+_CLOCKS_AT_IMPORT = (time.monotonic(), _cpu_seconds())
+
+
+def _other_load() -> float:
+    """The busy threads of other processes, estimated: the 1-minute load average less this process's own
+    average busy threads (CPU time over wall time since import). inf where the OS reports no load average."""
     try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1) + 0.5
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average (Windows)
-        return True
+        return math.inf
+    wall = time.monotonic() - _CLOCKS_AT_IMPORT[0]
+    own = (_cpu_seconds() - _CLOCKS_AT_IMPORT[1]) / wall if wall > 0 else 0.0
+    return load - own
 
 
 def _torch_threads(plan: dict) -> int:
-    """The intra-op threads the plan runs on (on CPU): torch's count; on a busy machine, capped at one per
-    `_NS_PER_THREAD` of estimated work."""
+    """The intra-op threads the plan runs on (on CPU): torch's count while the other processes leave a core
+    for each of them (by half a thread); else capped at one per `_NS_PER_THREAD` of estimated work."""
     threads = torch.get_num_threads()
-    if not _machine_is_busy():
+    if _other_load() + threads < (os.cpu_count() or 1) + 0.5:
         return threads
     return max(1, min(threads, int(plan["ns"] // _NS_PER_THREAD)))
 

@@ -422,7 +422,11 @@ def test_torch_backend_runs_small_problems_on_one_thread(busy, monkeypatch):
     from rlloss import prefix_attention as module
 
     monkeypatch.setattr(module.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(module.os, "getloadavg", lambda: (2.5 if busy else 2.0, 0.0, 0.0))
+    # Load 2.0, of which this process's own threads were 1.8 (idle) or 1.0 (busy: one other thread).
+    monkeypatch.setattr(module.os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    start_wall, start_cpu = module._CLOCKS_AT_IMPORT
+    monkeypatch.setattr(module.time, "monotonic", lambda: start_wall + 10.0)
+    monkeypatch.setattr(module, "_cpu_seconds", lambda: start_cpu + (10.0 if busy else 18.0))
     used = 1 if busy else 2
 
     seen = []
