@@ -5,6 +5,7 @@ GPU: bfloat16, Hq=32, Hkv=8, d=128, one prompt of P tokens and G completions of 
 G ∈ {8, 16}, P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}:
 
 - ``rlloss-triton``: the Triton kernels on the packed stream ``[prompt | c_1 | … | c_G]``;
+- ``rlloss-triton-fused-dq``: the same with ``deterministic=False`` (dQ inside the dK/dV pass, atomics);
 - ``sdpa-repeated``: ``torch.nn.functional.scaled_dot_product_attention`` restricted to the flash backend on
   the repeated-prompt batch ``[G, P+S]`` (what a trainer without prefix sharing runs) — the baseline;
 - ``flex``: FlexAttention (``torch.nn.attention.flex_attention``, compiled) on the packed stream with the
@@ -14,8 +15,10 @@ G ∈ {8, 16}, P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}:
   import.
 
 Every case reports time (``triton.testing.do_bench``), peak memory, the speed-up over ``sdpa-repeated`` next
-to the ideal attention FLOP ratio of MATH.md §8, and the max abs difference of each implementation's output
-and gradients (mapped onto the packed stream, a prompt's gradients summed over its copies) from rlloss's.
+to the ideal attention FLOP ratio of MATH.md §8 and over ``flex``, each rlloss row against issue #12's targets
+(≥ 0.8 of the ideal speed-up, ≥ 1.3× FlexAttention) in the report's notes, and the max abs difference of
+each implementation's output and gradients (mapped onto the packed stream, a prompt's gradients summed over
+its copies) from rlloss's.
 
 CPU default (no GPU): the ``torch`` backend against SDPA on the repeated-prompt batch, float32, in the
 benchmark's own process (time and equality with a float64 reference, no memory figure), so that
@@ -232,16 +235,15 @@ def _timed_ms(fn: Callable[[], Any]) -> Tuple[float, Any]:
     return (time.perf_counter() - start) * 1e3, result
 
 
-def rlloss_implementation(backend: str) -> Implementation:
+def rlloss_implementation(backend: str, deterministic: bool = True) -> Implementation:
     def prepare(inputs: Inputs) -> Prepared:
         q, k, v = _leaves(inputs.q, inputs.k, inputs.v)
         setup_ms, layout = _timed_ms(lambda: layout_of(inputs.shape, str(q.device)))
-        if backend in ("triton", "interpret"):  # the tables of every block size the kernels use
+        if backend in ("triton", "interpret"):  # the tables of every block size the kernels may choose
             from rlloss.kernels import prefix_attention as kernels
 
-            for kernel in ("fwd", "dq", "dkdv"):
-                cfg = kernels._config(kernel, q.dtype, q.device)
-                ms, _ = _timed_ms(lambda: layout.tables(cfg["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"]))
+            for tuned, tiled in ((kernels._fwd, "BLOCK_M"), (kernels._dq, "BLOCK_M"), (kernels._dkdv, "BLOCK_N")):
+                ms, _ = _timed_ms(lambda: layout.kernel_tables(kernels._tiled_blocks(tuned, tiled)))
                 setup_ms += ms
         info = None
         if backend == "torch":  # its plan: query blocks, buckets, and the intra-op threads it runs on
@@ -256,7 +258,7 @@ def rlloss_implementation(backend: str) -> Implementation:
 
         def step() -> None:
             clear()
-            out = rlloss.shared_prefix_attention(q, k, v, layout, backend=backend)
+            out = rlloss.shared_prefix_attention(q, k, v, layout, backend=backend, deterministic=deterministic)
             out.backward(inputs.do)
             last["out"] = out.detach()
 
@@ -265,8 +267,11 @@ def rlloss_implementation(backend: str) -> Implementation:
 
         return Prepared(step, collect, clear, setup_ms, info)
 
-    return Implementation(f"rlloss-{backend}", "subject", f"rlloss.shared_prefix_attention, backend={backend!r}",
-                          prepare)
+    if deterministic:
+        return Implementation(f"rlloss-{backend}", "subject", f"rlloss.shared_prefix_attention, backend={backend!r}",
+                              prepare)
+    return Implementation(f"rlloss-{backend}-fused-dq", "subject", f"rlloss.shared_prefix_attention, backend="
+                          f"{backend!r}, deterministic=False (dQ inside the dK/dV pass, float32 atomics)", prepare)
 
 
 def _sdpa_repeated(flash_only: bool) -> Callable[[Inputs], Prepared]:
@@ -452,7 +457,12 @@ PREFIX_GROUPER = Implementation(
 )
 
 CPU_IMPLEMENTATIONS = (rlloss_implementation("torch"), SDPA_REPEATED_CPU)
-GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), SDPA_REPEATED, FLEX, PREFIX_GROUPER)
+GPU_IMPLEMENTATIONS = (rlloss_implementation("triton"), rlloss_implementation("triton", deterministic=False),
+                       SDPA_REPEATED, FLEX, PREFIX_GROUPER)
+# Issue #12's GPU targets for the kernels: a speed-up over sdpa-repeated of at least this fraction of the
+# ideal FLOP ratio, and at least this speed-up over FlexAttention on the same layout.
+TARGET_FRACTION_OF_IDEAL = 0.8
+TARGET_SPEEDUP_VS_FLEX = 1.3
 
 
 # --- comparing outputs and records -----------------------------------------------------------------------------
@@ -570,8 +580,9 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             "prompt's summed over its copies) and compared with the float64 reference.",
             f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, the two "
             f"implementations' calls interleaved, in the benchmark's process; {torch.get_num_threads()} torch "
-            "threads. threads: the intra-op threads `rlloss-torch` ran on (its small-problem rule: at most one "
-            "per 4 ms of estimated work); `sdpa-repeated` runs on all of them.",
+            "threads. threads: the intra-op threads `rlloss-torch` ran on (all of them, but where other "
+            "processes keep cores busy — load average less its own busy threads, plus its threads, ≥ cores + "
+            "0.5 — at most one per 4 ms of estimated work); `sdpa-repeated` runs on all of them.",
             "ideal: the attention FLOP ratio of MATH.md §8, G(P+S)² / (P² + G·S(2P+S)) (the same for any number "
             "of equal groups).",
         ],
@@ -628,6 +639,20 @@ def compare_implementations(shapes: Sequence[Shape], dtype: torch.dtype, device:
         harness.free_device_memory(device)
     add_speedups(records)
     return records
+
+
+def target_lines(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per rlloss kernel row: its fraction of the ideal speed-up and its speed-up over flex against
+    the targets, "met", "missed" or "not measured" (a row or its comparison failed)."""
+    def verdict(value: Optional[float], target: float) -> str:
+        if value is None:
+            return "not measured"
+        return f"{value:.2f} ({'met' if value >= target else 'missed'}, target ≥ {target})"
+
+    return [f"targets, `{r['impl']}` G={r['G']} P={r['P']} S={r['S']}: fraction of ideal "
+            f"{verdict(r.get('fraction_of_ideal'), TARGET_FRACTION_OF_IDEAL)}; speed-up vs flex "
+            f"{verdict(r.get('speedup_vs_flex'), TARGET_SPEEDUP_VS_FLEX)}"
+            for r in records if r["role"] == "subject"]
 
 
 def _gpu_progress(index: int, total: int, record: Dict[str, Any]) -> str:
@@ -702,7 +727,7 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
             "4·d·Hq FLOPs per visible (query, key) pair), whatever it computes, so it is a rescaled speed.",
             "setup ms: building the layout and its kernel tables (rlloss), the block mask (flex) or the group "
             "info (PrefixGrouper), once per batch, outside the timed call.",
-        ] + [f"`{name}`: {note}" for name, note in notes.items()],
+        ] + [f"`{name}`: {note}" for name, note in notes.items()] + target_lines(records),
     )
 
 

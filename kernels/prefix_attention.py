@@ -2,34 +2,46 @@
 
 The packed stream is cut into segments (a prompt, each of its completions, deeper turns); a query of segment s
 sees every key of s's ancestor segments and the keys of s up to its own position. The layout arrives as the
-int32 tables of ``SharedPrefixLayout.tables(block)`` (blocks never cross a segment):
+int32 tables of ``SharedPrefixLayout.kernel_tables(blocks)``: the tables of ``tables(b)`` for every block size
+b of ``blocks`` in one set (blocks never cross a segment), so an autotuned kernel finds those of its own
+BLOCK size:
 
-    seg_start, seg_len [S]         block_segment, block_start [B]       anc_ptr/anc, desc_ptr/desc (CSR)
-    query_block_order, key_block_order [B]: block indices, heaviest first (longest-processing-time order)
+    seg_start, seg_len [S]         block_segment, block_start [Σ_b B_b]  anc_ptr/anc, desc_ptr/desc (CSR)
+    query_block_order, key_block_order [Σ_b B_b]: block indices, heaviest first within each size
+    block_first [max b + 1]: entry of the first b-token block in the order tables
 
 Forward, one program per (query block, q head): the block's BLOCK_M queries fold in each ancestor segment's
 keys (whole tiles unmasked, a bounds mask on the last one), then their own segment's keys from its start
 (unmasked tiles before the block, the causal mask on the diagonal tiles only), with the online softmax in
-float32 on log2(e)-prescaled scores (exp2). Writes O and lse [Hq, T] (natural log, float32).
+float32 in the log2 domain: the raw scores q·k enter exp2 through one multiply-add with scale·log2(e)
+(the softmax scale is folded into that constant once, never applied to the scores separately). Writes O and
+lse [Hq, T] (natural log, float32).
 
-Backward (flash-attention-2 split, no atomics):
+Backward:
   * preprocess: delta = rowsum(dO · O) [Hq, T];
-  * dQ, one program per (query block, q head), iterating over keys exactly like the forward;
   * dK/dV, one program per (key block, kv head): its BLOCK_N keys loop over the Hq/Hkv query heads of their
     group × (their own segment's queries from the block's first key on — causal on the diagonal tiles —
     then every descendant segment's queries in full). A prompt's K/V are stored once and their gradient is
     the sum over every query that saw them, reduced in float32 registers by the one program that owns those
-    rows: each output row has exactly one writer, so the result is deterministic.
+    rows: each output row has exactly one writer;
+  * dQ, deterministic (the default, flash-attention-2's split): one program per (query block, q head),
+    iterating over keys exactly like the forward and recomputing Q·Kᵀ and dO·Vᵀ; every row has one writer,
+    so the backward is bitwise reproducible;
+  * dQ fused (``deterministic=False``): the dK/dV pass also forms dS·K for the query tile it holds and adds
+    it into a float32 dQ buffer with atomics (as flash-attention 2 does), saving the two recomputed
+    products; the order of the float additions, hence the last bits of dQ, varies from run to run.
 
 Programs run heaviest first (a prompt key block does G× the work of a completion key block): the grid is
 1-D over (block order × heads), heads fastest.
 
-This module imports nothing from rlloss: it takes tensors (and a ``tables(block)`` callable) and returns
-tensors.
+Block sizes, warps and stages are autotuned per kernel (``triton.autotune``; one fixed config under the
+interpreter). This module imports nothing from rlloss: it takes tensors (and a ``tables(blocks)`` callable) and
+returns tensors.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+import os
+from typing import Callable, Sequence, Tuple
 
 import torch
 import triton
@@ -44,7 +56,7 @@ _FULL = tl.constexpr(0)     # every tile whole: no mask at all
 _BOUNDS = tl.constexpr(1)   # the range's end cuts the last tile
 _CAUSAL = tl.constexpr(2)   # diagonal tiles of a segment: key ≤ query, and the range's end
 
-Tables = Callable[[int], Dict[str, torch.Tensor]]
+Tables = Callable[[Sequence[int]], dict]
 
 
 @triton.jit
@@ -80,12 +92,13 @@ def _load_tile_t(base, rows, stride_t, live, offs_d, HEAD_DIM: tl.constexpr, ROW
 
 
 @triton.jit
-def _block_of_program(order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr,
-                      NUM_HEADS):
-    """(block's segment, block's first token, segment start, segment end, head) of this program; the head
-    is int64, so head × (head stride) and head × T cannot overflow."""
+def _block_of_program(order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr,
+                      seg_len_ptr, NUM_HEADS, BLOCK: tl.constexpr):
+    """(block's segment, block's first token, segment start, segment end, head) of this program, among the
+    BLOCK-token blocks of the tables; the head is int64, so head × (head stride) and head × T cannot
+    overflow."""
     pid = tl.program_id(0)
-    block = tl.load(order_ptr + pid // NUM_HEADS)
+    block = tl.load(order_ptr + tl.load(block_first_ptr + BLOCK) + pid // NUM_HEADS)
     head = pid % NUM_HEADS
     seg = tl.load(block_segment_ptr + block)
     first = tl.load(block_start_ptr + block)
@@ -102,24 +115,25 @@ def _fwd_keys(acc, l_i, m_i, q, k_head, v_head, stride_kt, stride_vt, rows, lo, 
               DOT_PRECISION: tl.constexpr):
     """Fold keys [lo, hi) into the running softmax state of the block's queries.
 
-    With scores s already in log2 units (q·k·scale·log2 e) and m the running row max:
-        m' = max(m, max_j s_j),   l' = 2^{m−m'}·l + Σ_j 2^{s_j−m'},
-        acc' = 2^{m−m'}·acc + Σ_j 2^{s_j−m'}·v_j
-    Every row meets a live key in its first tile (an ancestor's first key, or its segment's first key), so m
-    is finite after it and masked scores (−inf) give exactly 0.
+    With raw scores s_j = q·k_j, c = scale·log2 e (``qk_scale``) and m the running row max in log2 units:
+        m' = max(m, c·max_j s_j),   l' = 2^{m−m'}·l + Σ_j 2^{c·s_j−m'},
+        acc' = 2^{m−m'}·acc + Σ_j 2^{c·s_j−m'}·v_j
+    so each score meets the scale once, in the multiply-add of its exp2 argument. Every row meets a live key
+    in its first tile (an ancestor's first key, or its segment's first key), so m is finite after it and
+    masked scores (−inf) give exactly 0.
     """
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         live = cols < hi
         k_t = _load_tile_t(k_head, cols, stride_kt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if MODE == _CAUSAL:
             s = tl.where(live[None, :] & (cols[None, :] <= rows[:, None]), s, float("-inf"))
         elif MODE == _BOUNDS:
             s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_head, cols, stride_vt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
@@ -131,14 +145,15 @@ def _fwd_keys(acc, l_i, m_i, q, k_head, v_head, stride_kt, stride_vt, rows, lo, 
 @triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, anc_ptr_ptr, anc_ptr,
-    T, NUM_Q_HEADS, GROUP, qk_scale,
+    order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, anc_ptr_ptr,
+    anc_ptr, T, NUM_Q_HEADS, GROUP, qk_scale, seg_len_key, tokens_key,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seg, first, seg_start, seg_end, head = _block_of_program(
-        order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, NUM_Q_HEADS)
+        order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, NUM_Q_HEADS,
+        BLOCK_M)
     kv_head = head // GROUP
     rows = first + tl.arange(0, BLOCK_M)
     row_live = rows < seg_end
@@ -221,15 +236,16 @@ def _dq_keys(dq, q, do, lse2, delta, k_head, v_head, stride_kt, stride_vt, rows,
 @triton.jit
 def _dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, anc_ptr_ptr, anc_ptr,
-    T, NUM_Q_HEADS, GROUP, scale, qk_scale,
+    order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, anc_ptr_ptr,
+    anc_ptr, T, NUM_Q_HEADS, GROUP, scale, qk_scale, seg_len_key, tokens_key,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seg, first, seg_start, seg_end, head = _block_of_program(
-        order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, NUM_Q_HEADS)
+        order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, NUM_Q_HEADS,
+        BLOCK_M)
     kv_head = head // GROUP
     rows = first + tl.arange(0, BLOCK_M)
     row_live = rows < seg_end
@@ -265,11 +281,13 @@ def _dq_kernel(
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot, cols, lo, hi,
-                  qk_scale, offs_d, MODE: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qt, stride_dot,
+                  stride_dqt, cols, lo, hi, qk_scale, offs_d, MODE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PAD_D: tl.constexpr, BLOCK_M: tl.constexpr, FUSED_DQ: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
     """dV += Pᵀ·dO and dK += dSᵀ·Q over queries [lo, hi) of one head, in the transposed form
-    (keys × queries) so the block's keys stay the rows: Pᵀ = 2^{k·qᵀ·scale·log2 e − lse·log2 e}."""
+    (keys × queries) so the block's keys stay the rows: Pᵀ = 2^{c·k·qᵀ − lse·log2 e}, c = scale·log2 e.
+    FUSED_DQ: also dQ[rows] += dS·K, added atomically into the float32 buffer at ``dq_head`` (unscaled)."""
     offs_m = tl.arange(0, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
@@ -290,23 +308,28 @@ def _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt
             p_t = tl.where(live[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_t.dtype)
+        dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_head + rows.to(tl.int64)[:, None] * stride_dqt + offs_d[None, :], dq,
+                          mask=live[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, desc_ptr_ptr, desc_ptr,
-    T, NUM_KV_HEADS, GROUP, scale, qk_scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
+    order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, desc_ptr_ptr,
+    desc_ptr, T, NUM_KV_HEADS, GROUP, scale, qk_scale, seg_len_key, tokens_key,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seg, first, seg_start, seg_end, kv_head = _block_of_program(
-        order_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr, NUM_KV_HEADS)
+        order_ptr, block_first_ptr, block_segment_ptr, block_start_ptr, seg_start_ptr, seg_len_ptr,
+        NUM_KV_HEADS, BLOCK_N)
     cols = first + tl.arange(0, BLOCK_N)
     col_live = cols < seg_end
     offs_d = tl.arange(0, BLOCK_D)
@@ -327,27 +350,28 @@ def _dkdv_kernel(
         do_head = do_ptr + head * stride_doh
         lse_head = lse_ptr + head * T
         delta_head = delta_ptr + head * T
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot,
-                               cols, first, diag_end, qk_scale, offs_d, _CAUSAL, HEAD_DIM, PAD_D, BLOCK_M,
-                               DOT_PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot,
-                               cols, diag_end, whole_end, qk_scale, offs_d, _FULL, HEAD_DIM, PAD_D, BLOCK_M,
-                               DOT_PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot,
-                               cols, whole_end, seg_end, qk_scale, offs_d, _BOUNDS, HEAD_DIM, PAD_D, BLOCK_M,
-                               DOT_PRECISION)
+        dq_head = dq_ptr + head * stride_dqh
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qt,
+                               stride_dot, stride_dqt, cols, first, diag_end, qk_scale, offs_d, _CAUSAL,
+                               HEAD_DIM, PAD_D, BLOCK_M, FUSED_DQ, DOT_PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qt,
+                               stride_dot, stride_dqt, cols, diag_end, whole_end, qk_scale, offs_d, _FULL,
+                               HEAD_DIM, PAD_D, BLOCK_M, FUSED_DQ, DOT_PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qt,
+                               stride_dot, stride_dqt, cols, whole_end, seg_end, qk_scale, offs_d, _BOUNDS,
+                               HEAD_DIM, PAD_D, BLOCK_M, FUSED_DQ, DOT_PRECISION)
         # Every query of every descendant segment sees the whole block.
         for j in range(d_lo, d_hi):
             s = tl.load(desc_ptr + j)
             s_start = tl.load(seg_start_ptr + s)
             s_end = s_start + tl.load(seg_len_ptr + s)
             s_whole = s_start + (s_end - s_start) // BLOCK_M * BLOCK_M
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt,
-                                   stride_dot, cols, s_start, s_whole, qk_scale, offs_d, _FULL, HEAD_DIM,
-                                   PAD_D, BLOCK_M, DOT_PRECISION)
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt,
-                                   stride_dot, cols, s_whole, s_end, qk_scale, offs_d, _BOUNDS, HEAD_DIM,
-                                   PAD_D, BLOCK_M, DOT_PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qt,
+                                   stride_dot, stride_dqt, cols, s_start, s_whole, qk_scale, offs_d, _FULL,
+                                   HEAD_DIM, PAD_D, BLOCK_M, FUSED_DQ, DOT_PRECISION)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, stride_qt,
+                                   stride_dot, stride_dqt, cols, s_whole, s_end, qk_scale, offs_d, _BOUNDS,
+                                   HEAD_DIM, PAD_D, BLOCK_M, FUSED_DQ, DOT_PRECISION)
 
     out_mask = col_live[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows64 = cols.to(tl.int64)[:, None]
@@ -359,42 +383,75 @@ def _dkdv_kernel(
 
 # --- launch helpers -----------------------------------------------------------------------------------
 
-# Block shapes. The forward and dQ kernels tile queries by BLOCK_M and loop over keys by BLOCK_N (BLOCK_M a
-# multiple of BLOCK_N); dK/dV tiles keys by BLOCK_N and loops over queries by BLOCK_M (BLOCK_N a multiple
-# of BLOCK_M). Hopper defaults after the Triton fused-attention tutorial's (forward 128×64, backward 32×128
-# / 128×32 on the loop's side), UNTUNED: no GPU was at hand when they were written. float32 halves the
-# tiles (twice the bytes per element, and IEEE products without tensor cores).
-_GPU_CONFIGS_16BIT = {
-    "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "dq": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+# Candidate blocks, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per kernel. The forward and dQ
+# kernels tile queries by BLOCK_M and loop over keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and loops over
+# queries by BLOCK_M. The tiled block is a multiple of the looped one (a segment's tiles before the block are
+# whole, its diagonal tiles end on a tile edge). 8 warps only where the looped tile, the N of the dots, is
+# ≥ 64: with 8 warps a 32-wide dot is split into narrow MMA instructions. The 16-bit lists hold the Triton
+# fused-attention tutorial's settings (forward 128×64; backward dQ 128×32 and dK/dV 128 keys × 32 queries, 4
+# warps, 5 stages) and their neighbours; float32 (IEEE products, no tensor cores) takes smaller tiles.
+_CANDIDATES_16BIT = {
+    "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)),
+    "dq": ((128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)),
+    "dkdv": ((32, 128, 4, 5), (64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)),
 }
-_GPU_CONFIGS_FP32 = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    "dq": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+_CANDIDATES_FP32 = {
+    "fwd": ((64, 32, 4, 2), (32, 32, 4, 2)),
+    "dq": ((64, 32, 4, 2), (32, 32, 4, 2)),
+    "dkdv": ((32, 64, 4, 2), (32, 32, 4, 2)),
 }
-# Under the interpreter every tile step is a Python-level numpy call; small tiles keep segments of tests'
-# sizes several tiles long, so the whole/bounds/causal paths all run.
-_INTERPRETER_CONFIGS = {
-    "fwd": dict(BLOCK_M=32, BLOCK_N=16),
-    "dq": dict(BLOCK_M=32, BLOCK_N=16),
-    "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
-}
+# Under the interpreter every tile step is a Python-level numpy call: one config, no tuning (a single config
+# is launched without benchmarking), small tiles so segments of tests' sizes are several tiles long and the
+# whole/bounds/causal paths all run.
+_INTERPRETER_CANDIDATES = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DELTA_BLOCK_M = 64
 MAX_HEAD_DIM = 128
 
 
-def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
-    if device.type != "cuda":
-        cfg = dict(_INTERPRETER_CONFIGS[kernel])
+def _triton_config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=num_warps, num_stages=num_stages)
+
+
+def _candidates(kernel: str, dtype: torch.dtype) -> tuple:
+    """The GPU candidates of ``kernel`` ("fwd", "dq" or "dkdv") for inputs of ``dtype``."""
+    return (_CANDIDATES_FP32 if dtype == torch.float32 else _CANDIDATES_16BIT)[kernel]
+
+
+def _autotuned(kernel: str, fn, **options):
+    """``fn`` autotuned over the candidates of ``kernel`` (one fixed config when interpreted), keyed on the
+    head dim, the GQA group, the order of the mean segment length and of the stream's length (the dtypes of
+    the tensor arguments are part of every key)."""
+    if _INTERPRETED:
+        configs = [_triton_config(*_INTERPRETER_CANDIDATES[kernel])]
     else:
-        cfg = dict((_GPU_CONFIGS_FP32 if dtype == torch.float32 else _GPU_CONFIGS_16BIT)[kernel])
-    # The block that tiles the layout (queries: BLOCK_M; keys: BLOCK_N) must be a multiple of the loop's
-    # tile, so a segment's tiles before the block are whole and its diagonal tiles end on a tile edge.
-    tiled, looped = (cfg["BLOCK_N"], cfg["BLOCK_M"]) if kernel == "dkdv" else (cfg["BLOCK_M"], cfg["BLOCK_N"])
-    assert tiled % looped == 0 and looped >= 16, f"bad {kernel} config {cfg}"
-    return cfg
+        configs = [_triton_config(*c) for c in dict.fromkeys(_CANDIDATES_16BIT[kernel] + _CANDIDATES_FP32[kernel])]
+
+    def for_dtype(configs, named_args, **kwargs):
+        wanted = _candidates(kernel, named_args["q_ptr"].dtype)
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                in wanted]
+
+    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seg_len_key", "tokens_key"],
+                           prune_configs_by={"early_config_prune": for_dtype}, **options)(fn)
+
+
+_fwd = _autotuned("fwd", _fwd_kernel)
+_dq = _autotuned("dq", _dq_kernel)
+_dkdv = _autotuned("dkdv", _dkdv_kernel)
+# The fused variant adds into its dQ buffer: the autotuner zeroes it before every trial and before the run.
+_dkdv_dq = _autotuned("dkdv", _dkdv_kernel, reset_to_zero=["dq_ptr"])
+
+
+def _tiled_blocks(tuned, tiled: str) -> Tuple[int, ...]:
+    """Every size the autotuned kernel ``tuned`` may tile the layout with (its configs' ``tiled`` block)."""
+    return tuple(sorted({c.kwargs[tiled] for c in tuned.configs}))
+
+
+def _keys(t: dict, T: int) -> Tuple[int, int]:
+    """The autotuning keys of a layout: powers of two of its mean segment length and of its length."""
+    mean = T // t["seg_len"].numel()
+    return min(triton.next_power_of_2(max(mean, 16)), 4096), triton.next_power_of_2(T)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -413,42 +470,49 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _grid(t: dict, heads: int, tiled: str):
+    return lambda meta: (t["num_blocks"][meta[tiled]] * heads,)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: Tables, *,
                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(O [T, Hq, d] in q's dtype, lse [Hq, T] float32, natural log) of shared-prefix attention.
 
-    q [T, Hq, d], k and v [T, Hkv, d] (any strides on T and heads), ``tables(block)`` the layout's tables.
+    q [T, Hq, d], k and v [T, Hkv, d] (any strides on T and heads), ``tables(blocks)`` the layout's tables
+    for the block sizes ``blocks``.
     """
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     T, Hq, d = q.shape
     group = Hq // k.shape[1]
     block_d = _block_d(d)
-    cfg = _config("fwd", q.dtype, q.device)
-    t = tables(cfg["BLOCK_M"])
+    t = tables(_tiled_blocks(_fwd, "BLOCK_M"))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
-    grid = (t["block_segment"].numel() * Hq,)
-    _fwd_kernel[grid](
+    _fwd[_grid(t, Hq, "BLOCK_M")](
         q, k, v, o, lse,
-        t["query_block_order"], t["block_segment"], t["block_start"], t["seg_start"], t["seg_len"],
-        t["anc_ptr"], t["anc"],
-        T, Hq, group, scale * LOG2E,
+        t["query_block_order"], t["block_first"], t["block_segment"], t["block_start"], t["seg_start"],
+        t["seg_len"], t["anc_ptr"], t["anc"],
+        T, Hq, group, scale * LOG2E, *_keys(t, T),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, lse
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                       lse: torch.Tensor, tables: Tables, *,
-                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) in the inputs' dtypes for the upstream gradient ``do`` [T, Hq, d] of the forward's O."""
+                       lse: torch.Tensor, tables: Tables, *, scale: float,
+                       deterministic: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) in the inputs' dtypes for the upstream gradient ``do`` [T, Hq, d] of the forward's O.
+
+    ``deterministic``: dQ from its own kernel, bitwise reproducible; else accumulated inside the dK/dV pass
+    with float32 atomics (fewer FLOPs, last bits of dQ vary from run to run).
+    """
     do, q, k, v, o = (_unit_last(x) for x in (do.to(q.dtype), q, k, v, o))
     T, Hq, d = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     block_d = _block_d(d)
-    precision = _dot_precision(q.dtype)
+    head = dict(HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, DOT_PRECISION=_dot_precision(q.dtype))
 
     delta = torch.empty((Hq, T), dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(T, _DELTA_BLOCK_M), Hq)](
@@ -456,30 +520,34 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M,
     )
 
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    cfg = _config("dq", q.dtype, q.device)
-    t = tables(cfg["BLOCK_M"])
-    _dq_kernel[(t["block_segment"].numel() * Hq,)](
-        q, k, v, do, lse, delta, dq,
-        t["query_block_order"], t["block_segment"], t["block_start"], t["seg_start"], t["seg_len"],
-        t["anc_ptr"], t["anc"],
-        T, Hq, group, scale, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
-        do.stride(1), dq.stride(0), dq.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, DOT_PRECISION=precision, **cfg,
-    )
+    if deterministic:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        t = tables(_tiled_blocks(_dq, "BLOCK_M"))
+        _dq[_grid(t, Hq, "BLOCK_M")](
+            q, k, v, do, lse, delta, dq,
+            t["query_block_order"], t["block_first"], t["block_segment"], t["block_start"], t["seg_start"],
+            t["seg_len"], t["anc_ptr"], t["anc"],
+            T, Hq, group, scale, scale * LOG2E, *_keys(t, T),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
+            do.stride(1), dq.stride(0), dq.stride(1), **head,
+        )
+    else:
+        dq = torch.zeros((T, Hq, d), dtype=torch.float32, device=q.device)
 
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    cfg = _config("dkdv", q.dtype, q.device)
-    t = tables(cfg["BLOCK_N"])
-    _dkdv_kernel[(t["block_segment"].numel() * Hkv,)](
-        q, k, v, do, lse, delta, dk, dv,
-        t["key_block_order"], t["block_segment"], t["block_start"], t["seg_start"], t["seg_len"],
-        t["desc_ptr"], t["desc"],
-        T, Hkv, group, scale, scale * LOG2E,
+    dkdv = _dkdv if deterministic else _dkdv_dq
+    t = tables(_tiled_blocks(dkdv, "BLOCK_N"))
+    dq_sum = dk if deterministic else dq  # read only when FUSED_DQ
+    dkdv[_grid(t, Hkv, "BLOCK_N")](
+        q, k, v, do, lse, delta, dk, dv, dq_sum,
+        t["key_block_order"], t["block_first"], t["block_segment"], t["block_start"], t["seg_start"],
+        t["seg_len"], t["desc_ptr"], t["desc"],
+        T, Hkv, group, scale, scale * LOG2E, *_keys(t, T),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
-        do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, DOT_PRECISION=precision, **cfg,
+        do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_sum.stride(0),
+        dq_sum.stride(1), FUSED_DQ=not deterministic, **head,
     )
+    if not deterministic:
+        dq = (dq * scale).to(q.dtype)
     return dq, dk, dv

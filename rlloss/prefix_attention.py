@@ -13,6 +13,8 @@ kernels), the ``torch`` backend, the autograd function over the Triton kernels o
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -299,6 +301,35 @@ class SharedPrefixLayout:
             )
         return self._cache[key]
 
+    def kernel_tables(self, blocks: Sequence[int]) -> Dict[str, object]:
+        """The :meth:`tables` of every block size in ``blocks`` in one set, for kernels that choose their block
+        size at launch (autotuned). Cached per set of sizes.
+
+        The segment tables (``seg_start``, ``seg_len``, ``anc_ptr``/``anc``, ``desc_ptr``/``desc``) once;
+        ``block_segment``, ``block_start``, ``query_block_order`` and ``key_block_order`` of each size one
+        after another, the orders indexing the joined block tables; ``block_first`` [max(blocks) + 1] int32,
+        whose entry b is where the b-token blocks start in the orders; ``num_blocks``, a dict {b: number of
+        b-token blocks} of host ints (the launch grid).
+        """
+        sizes = tuple(sorted({self._positive("block", b) for b in blocks}))
+        key = ("kernel", sizes, str(self.device))
+        if key not in self._cache:
+            parts = [self.tables(b) for b in sizes]
+            counts = [part["block_segment"].numel() for part in parts]
+            offsets = [sum(counts[:i]) for i in range(len(sizes))]
+            first = [0] * (sizes[-1] + 1)
+            for b, offset in zip(sizes, offsets):
+                first[b] = offset
+            joined = {name: parts[0][name] for name in ("seg_start", "seg_len", "anc_ptr", "anc", "desc_ptr", "desc")}
+            for name in ("block_segment", "block_start"):
+                joined[name] = torch.cat([part[name] for part in parts])
+            for name in ("query_block_order", "key_block_order"):
+                joined[name] = torch.cat([part[name] + offset for part, offset in zip(parts, offsets)])
+            joined["block_first"] = torch.tensor(first, dtype=torch.int32, device=self.device)
+            joined["num_blocks"] = dict(zip(sizes, counts))
+            self._cache[key] = joined
+        return self._cache[key]
+
 
 # --- torch backend ------------------------------------------------------------------------------------
 #
@@ -324,9 +355,11 @@ _NS_PER_CALL = 200_000.0
 # Key counts are binned on a geometric grid of this ratio before the buckets are chosen (exactly, by dynamic
 # programming over the bins).
 _BUCKET_GRID = 1.25
-# Intra-op threads: at most one per this many estimated nanoseconds of work. A parallel region costs
-# microseconds on an idle machine but a scheduler slice (milliseconds) when its second OpenMP thread is
-# descheduled on a loaded one: a 48-token call took 0.43 s on 2 threads against 12 ms on 1.
+# Intra-op threads on a busy machine: at most one per this many estimated nanoseconds of work. A parallel
+# region costs microseconds on an idle machine but a scheduler slice (milliseconds) when its second OpenMP
+# thread is descheduled on a loaded one: a 48-token call took 0.43 s on 2 threads against 12 ms on 1. On an
+# idle machine the cap left the suite's default shape on 1 thread while SDPA used 2 (0.99× its speed; on 1
+# thread each, 2.2× its speed, measured interleaved on a loaded machine).
 _NS_PER_THREAD = 4_000_000.0
 
 
@@ -494,10 +527,35 @@ def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, plan: dict, scale: float
     return out.reshape(num_blocks * block, Hq, d)[:T].to(q.dtype)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (e.g. a benchmark's worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# (wall clock, CPU time) when the module was imported: this process's own average busy threads since.
+_CLOCKS_AT_IMPORT = (time.monotonic(), _cpu_seconds())
+
+
+def _other_load() -> float:
+    """The busy threads of other processes, estimated: the 1-minute load average less this process's own
+    average busy threads (CPU time over wall time since import). inf where the OS reports no load average."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return math.inf
+    wall = time.monotonic() - _CLOCKS_AT_IMPORT[0]
+    own = (_cpu_seconds() - _CLOCKS_AT_IMPORT[1]) / wall if wall > 0 else 0.0
+    return load - own
+
+
 def _torch_threads(plan: dict) -> int:
-    """The intra-op threads the plan runs on (on CPU): torch's count, capped at one per `_NS_PER_THREAD` of
-    estimated work."""
-    return max(1, min(torch.get_num_threads(), int(plan["ns"] // _NS_PER_THREAD)))
+    """The intra-op threads the plan runs on (on CPU): torch's count while the other processes leave a core
+    for each of them (by half a thread); else capped at one per `_NS_PER_THREAD` of estimated work."""
+    threads = torch.get_num_threads()
+    if _other_load() + threads < (os.cpu_count() or 1) + 0.5:
+        return threads
+    return max(1, min(threads, int(plan["ns"] // _NS_PER_THREAD)))
 
 
 def _set_threads(threads: int) -> int:
@@ -539,8 +597,9 @@ class _FewerThreads(torch.autograd.Function):
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout, scale: float,
                      block: Optional[int] = None) -> Tensor:
     """Query blocks against their gathered visible keys, one masked SDPA call per bucket (see above), in
-    float32 (float64 for float64 inputs). On CPU a small problem runs on fewer intra-op threads, forward and
-    backward: at most one per `_NS_PER_THREAD` of estimated work. ``block`` forces a query-block size (tests)."""
+    float32 (float64 for float64 inputs). On a busy CPU a small problem runs on fewer intra-op threads,
+    forward and backward: at most one per `_NS_PER_THREAD` of estimated work. ``block`` forces a query-block
+    size (tests)."""
     plan = _torch_plan(layout, (q.shape[1], k.shape[1], q.shape[2]), block)
     threads = _torch_threads(plan)
     if q.device.type != "cpu" or threads == torch.get_num_threads():
@@ -568,18 +627,19 @@ class _SharedPrefixAttention(torch.autograd.Function):
     O and the per-row lse [Hq, T] float32; the backward recomputes the attention weights from them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        o, lse = _kernels().attention_forward(q, k, v, layout.tables, scale=scale)
+    def forward(ctx, q, k, v, layout, scale, deterministic):
+        o, lse = _kernels().attention_forward(q, k, v, layout.kernel_tables, scale=scale)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.deterministic = layout, scale, deterministic
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _kernels().attention_backward(do, q, k, v, o, lse, ctx.layout.tables, scale=ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _kernels().attention_backward(do, q, k, v, o, lse, ctx.layout.kernel_tables,
+                                                   scale=ctx.scale, deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None
 
 
 # --- public API ---------------------------------------------------------------------------------------
@@ -596,6 +656,7 @@ def shared_prefix_attention(
     *,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
+    deterministic: bool = True,
 ) -> Tensor:
     """Attention over a packed stream of prompts and their completions, each prompt held once (MATH.md §8).
 
@@ -611,6 +672,10 @@ def shared_prefix_attention(
         layout: the :class:`SharedPrefixLayout` of the stream.
         scale: softmax scale, default 1/√d.
         backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        deterministic: True (default): bitwise reproducible gradients. False lets the kernel backends form dQ
+            inside the dK/dV pass, adding into a float32 buffer with atomics: about 29% fewer backward FLOPs
+            (an estimate by arithmetic, docs/design/prefix_attention.md), dQ's last bits vary from run to
+            run. The ``torch`` and ``reference`` backends are deterministic either way.
 
     Returns:
         [T, Hq, d] in q's dtype, differentiable w.r.t. q, k and v.
@@ -642,6 +707,7 @@ def shared_prefix_attention(
         raise ValueError(f"head dim d must be in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}] on the kernel backends "
                          f"(e.g. 64, 80, 96, 128), got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else _checks.positive_finite("scale", scale)
+    deterministic = _checks.boolean("deterministic", deterministic)
     if layout.device != q.device:
         layout = layout.to(q.device)
 
@@ -651,4 +717,4 @@ def shared_prefix_attention(
         return reference.shared_prefix_attention(q, k, v, layout.dense_mask(), scale=scale)
     if name == "torch":
         return _torch_attention(q, k, v, layout, scale)
-    return _SharedPrefixAttention.apply(q, k, v, layout, scale)
+    return _SharedPrefixAttention.apply(q, k, v, layout, scale, deterministic)

@@ -294,11 +294,22 @@ def credit_cases() -> List[Case]:
 # --- prefix attention ----------------------------------------------------------------------------------
 
 def prefix_attention_cases() -> List[Case]:
+    """Every autotuning candidate of every kernel (forward, dQ, dK/dV, dK/dV with the fused atomic dQ) for
+    each dtype, head dim and GQA specialisation. --quick: every head dim, dtype, padding and GROUP
+    specialisation once per kernel at its first candidate (fp32's IEEE dots unroll into FMA loops that take
+    5-15 s each to lower: d = 64 only); the fused dQ variant where it adds to the dK/dV kernel's
+    specialisations, at a padded head dim and at GROUP = 1."""
     cases = []
-    tables = ("order_ptr", "block_segment_ptr", "block_start_ptr", "seg_start_ptr", "seg_len_ptr")
+    tables = ("order_ptr", "block_first_ptr", "block_segment_ptr", "block_start_ptr", "seg_start_ptr",
+              "seg_len_ptr")
+    torch_dtype = {"bf16": pa_k.torch.bfloat16, "fp16": pa_k.torch.float16, "fp32": pa_k.torch.float32}
+    kernels = (("fwd", "fwd", pa_k._fwd, {}), ("dq", "dq", pa_k._dq, {}),
+               ("dkdv", "dkdv", pa_k._dkdv, dict(FUSED_DQ=False)),
+               ("dkdv+dq", "dkdv", pa_k._dkdv_dq, dict(FUSED_DQ=True)))
+    covering = (("bf16", 64, 4), ("bf16", 80, 4), ("bf16", 128, 1), ("fp16", 96, 4), ("fp32", 64, 4))
+    covering_fused = (("bf16", 80, 4), ("bf16", 128, 1))
     for dt in ("bf16", "fp16", "fp32"):
-        configs = pa_k._GPU_CONFIGS_FP32 if dt == "fp32" else pa_k._GPU_CONFIGS_16BIT
-        precision = "ieee" if dt == "fp32" else "tf32"
+        precision = pa_k._dot_precision(torch_dtype[dt])
         for d in (64, 80, 96, 128):
             block_d = pa_k._block_d(d)
             head = dict(HEAD_DIM=d, BLOCK_D=block_d)
@@ -306,15 +317,14 @@ def prefix_attention_cases() -> List[Case]:
                 if group == 1 and d not in (64, 128):
                     continue
                 extra = dict(GROUP=1) if group == 1 else {}
-                tag = f"{dt},d={d}" + (",group=1" if group == 1 else "")
-                for kind, kernel in (("fwd", pa_k._fwd_kernel), ("dq", pa_k._dq_kernel),
-                                     ("dkdv", pa_k._dkdv_kernel)):
-                    c = dict(configs[kind])
-                    nw, ns = c.pop("num_warps"), c.pop("num_stages")
+                for kind, table, tuned, switch in kernels:
+                    kernel = tuned.fn
                     ptrs = {n: "i32" for n in tables}
-                    if kind == "dkdv":
+                    if kind.startswith("dkdv"):
+                        # Unfused, dq_ptr is a placeholder (the launch passes dK) that the kernel never reads.
                         ptrs.update(desc_ptr_ptr="i32", desc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, do_ptr=dt,
-                                    lse_ptr="fp32", delta_ptr="fp32", dk_ptr=dt, dv_ptr=dt)
+                                    lse_ptr="fp32", delta_ptr="fp32", dk_ptr=dt, dv_ptr=dt,
+                                    dq_ptr="fp32" if switch["FUSED_DQ"] else dt)
                     elif kind == "dq":
                         ptrs.update(anc_ptr_ptr="i32", anc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, do_ptr=dt,
                                     lse_ptr="fp32", delta_ptr="fp32", dq_ptr=dt)
@@ -322,16 +332,18 @@ def prefix_attention_cases() -> List[Case]:
                         ptrs.update(anc_ptr_ptr="i32", anc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, o_ptr=dt,
                                     lse_ptr="fp32")
                     strides = [p.name for p in kernel.params if p.name.startswith("stride_")]
-                    # --quick: every head dim, dtype, padding and GROUP specialisation once per kernel (fp32's
-                    # IEEE dots unroll into FMA loops that take 5-15 s each to lower: d = 64 only).
-                    quick = (dt, d, group) in (("bf16", 64, 4), ("bf16", 80, 4), ("bf16", 128, 1), ("fp16", 96, 4),
-                                               ("fp32", 64, 4))
-                    cases.append(make_case(
-                        f"prefix_attention.{kind}[{tag}]", kernel, ptrs=ptrs,
-                        floats=("qk_scale",) if kind == "fwd" else ("scale", "qk_scale"), aligned_ints=strides, num_warps=nw, num_stages=ns,
-                        const=dict(PAD_D=block_d != d, DOT_PRECISION=precision, **head, **c, **extra),
-                        quick=quick,
-                    ))
+                    for i, (block_m, block_n, nw, ns) in enumerate(pa_k._candidates(table, torch_dtype[dt])):
+                        tag = (f"{dt},d={d}" + (",group=1" if group == 1 else "") +
+                               f",{block_m}x{block_n},w{nw},s{ns}")
+                        quick = i == 0 and (dt, d, group) in (covering_fused if switch.get("FUSED_DQ") else covering)
+                        cases.append(make_case(
+                            f"prefix_attention.{kind}[{tag}]", kernel, ptrs=ptrs,
+                            floats=("qk_scale",) if kind == "fwd" else ("scale", "qk_scale"),
+                            aligned_ints=strides + ["seg_len_key", "tokens_key"], num_warps=nw, num_stages=ns,
+                            const=dict(PAD_D=block_d != d, DOT_PRECISION=precision, BLOCK_M=block_m,
+                                       BLOCK_N=block_n, **head, **switch, **extra),
+                            quick=quick,
+                        ))
             cases.append(make_case(
                 f"prefix_attention.preprocess[{dt},d={d}]", pa_k._delta_kernel,
                 ptrs=dict(o_ptr=dt, do_ptr=dt, delta_ptr="fp32"),

@@ -79,10 +79,11 @@ def _inputs(layout, hq, hkv, d, device="cpu", seed=0):
     return tuple(x.to(device) for x in (q, k, v, do))
 
 
-def _run(q, k, v, do, layout, dtype, backend, scale=None):
+def _run(q, k, v, do, layout, dtype, backend, scale=None, deterministic=True):
     """(O, dq, dk, dv) as float64 from fresh leaves cast to ``dtype``."""
     leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-    out = rlloss.shared_prefix_attention(*leaves, layout, scale=scale, backend=backend)
+    out = rlloss.shared_prefix_attention(*leaves, layout, scale=scale, backend=backend,
+                                         deterministic=deterministic)
     assert out.dtype == dtype and out.shape == q.shape
     out.backward(do.to(dtype))
     return tuple(x.double() for x in (out.detach(), *(leaf.grad for leaf in leaves)))
@@ -148,29 +149,53 @@ def _assert_close(got, expected, dtype, what="", tol=None, grad_tol=None):
 # --- against the dense float64 reference ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=_case_id)
-def test_kernels_match_reference(case, poisoned):
+def test_kernels_match_reference(case, deterministic, poisoned):
     prompts, comps, hq, hkv, d = case
     layout = SharedPrefixLayout.from_groups(prompts, comps, device=DEVICE)
     q, k, v, do = _inputs(layout, hq, hkv, d, DEVICE)
-    got = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND)
+    got = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND, deterministic=deterministic)
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32, _case_id(case))
 
 
+def _only_config(monkeypatch, tuned, block_m, block_n):
+    monkeypatch.setattr(tuned, "configs", [kernels._triton_config(block_m, block_n, 4, 1)])
+
+
 @pytest.mark.skipif(KERNEL_BACKEND != "interpret", reason="interpreter block configs")
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
 @pytest.mark.parametrize("configs", [
-    {"fwd": dict(BLOCK_M=16, BLOCK_N=16), "dq": dict(BLOCK_M=64, BLOCK_N=16),
-     "dkdv": dict(BLOCK_M=16, BLOCK_N=64)},
-    {"fwd": dict(BLOCK_M=64, BLOCK_N=32), "dq": dict(BLOCK_M=16, BLOCK_N=16),
-     "dkdv": dict(BLOCK_M=32, BLOCK_N=32)},
+    {"fwd": (16, 16), "dq": (64, 16), "dkdv": (16, 64)},
+    {"fwd": (64, 32), "dq": (16, 16), "dkdv": (32, 32)},
 ], ids=["fwd16x16-dq64x16-dkdv16x64", "fwd64x32-dq16x16-dkdv32x32"])
-def test_kernels_other_block_shapes(configs, monkeypatch):
-    """Query/key tiles of other sizes and ratios (the GPU's are 128×64, 128×32, 32×128)."""
-    monkeypatch.setattr(kernels, "_INTERPRETER_CONFIGS", configs)
+def test_kernels_other_block_shapes(configs, deterministic, monkeypatch):
+    """Query/key tiles of other sizes and ratios, as the autotuner may pick them on a GPU."""
+    for tuned, kernel in ((kernels._fwd, "fwd"), (kernels._dq, "dq"), (kernels._dkdv, "dkdv"),
+                          (kernels._dkdv_dq, "dkdv")):
+        _only_config(monkeypatch, tuned, *configs[kernel])
     layout = SharedPrefixLayout.from_groups([70], [[33, 64, 1]])
     q, k, v, do = _inputs(layout, 2, 1, 16)
-    got = _run(q, k, v, do, layout, torch.float32, "interpret")
+    got = _run(q, k, v, do, layout, torch.float32, "interpret", deterministic=deterministic)
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32)
+
+
+def test_kernel_candidate_configs():
+    """Every autotuning candidate tiles the layout with a multiple of its loop's tile, uses 8 warps only where
+    the dots are ≥ 64 wide, and the 16-bit lists hold the Triton tutorial's forward and backward settings."""
+    for table in (kernels._CANDIDATES_16BIT, kernels._CANDIDATES_FP32, {
+            name: (c,) for name, c in kernels._INTERPRETER_CANDIDATES.items()}):
+        for kernel, candidates in table.items():
+            for block_m, block_n, warps, _ in candidates:
+                tiled, looped = (block_n, block_m) if kernel == "dkdv" else (block_m, block_n)
+                assert tiled % looped == 0 and looped >= 16, (kernel, block_m, block_n)
+                assert warps == 4 or looped >= 64, (kernel, block_m, block_n, warps)
+    assert (128, 64) in {c[:2] for c in kernels._CANDIDATES_16BIT["fwd"]}
+    assert (128, 32, 4, 5) in kernels._CANDIDATES_16BIT["dq"]
+    assert (32, 128, 4, 5) in kernels._CANDIDATES_16BIT["dkdv"]
+    if KERNEL_BACKEND == "interpret":  # one config, so the autotuner never benchmarks under the interpreter
+        assert all(len(tuned.configs) == 1 for tuned in (kernels._fwd, kernels._dq, kernels._dkdv,
+                                                         kernels._dkdv_dq))
 
 
 def test_kernels_float16_and_explicit_scale(poisoned):
@@ -216,11 +241,12 @@ def _two_level_tree():
                                         device=DEVICE)
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), (KERNEL_BACKEND, torch.float32)])
-def test_tree_matches_reference_and_separate_runs(backend, dtype):
+@pytest.mark.parametrize("backend,dtype,deterministic", [
+    ("torch", torch.float64, True), (KERNEL_BACKEND, torch.float32, True), (KERNEL_BACKEND, torch.float32, False)])
+def test_tree_matches_reference_and_separate_runs(backend, dtype, deterministic):
     layout = _two_level_tree()
     q, k, v, do = _inputs(layout, 2, 1, 16, DEVICE)
-    got = _run(q, k, v, do, layout, dtype, backend)
+    got = _run(q, k, v, do, layout, dtype, backend, deterministic=deterministic)
     _assert_close(got, _dense_reference(q, k, v, do, layout), dtype, "dense")
     _assert_close(got, _separate_runs(q, k, v, do, layout), dtype, "separate")
 
@@ -231,6 +257,10 @@ def test_kernel_backward_is_deterministic():
     first = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND)
     second = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # The fused dQ (and dK/dV, whose blocks the autotuner may choose differently) differ by rounding only.
+    fused = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND, deterministic=False)
+    assert torch.equal(fused[0], first[0])
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(fused[1:], first[1:]))
 
 
 def test_kernels_take_strided_inputs_and_gradients():
@@ -274,7 +304,7 @@ def test_random_forests_kernels(data):
     parents = [data.draw(st.integers(-1, i - 1), label=f"parent{i}") for i in range(n)]
     layout = SharedPrefixLayout.from_tree(lengths, parents, device=DEVICE)
     q, k, v, do = _inputs(layout, 2, 1, data.draw(st.sampled_from([16, 20]), label="d"), DEVICE)
-    got = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND)
+    got = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND, deterministic=data.draw(st.booleans()))
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32)
 
 
@@ -384,10 +414,20 @@ def test_torch_backend_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_torch_backend_runs_small_problems_on_one_thread(monkeypatch):
-    """A small problem runs its forward and its backward on one intra-op thread (on a loaded machine each
-    parallel region of a tiny op can wait a scheduler slice for its second thread) and restores the count."""
+@pytest.mark.parametrize("busy", [True, False], ids=["busy", "idle"])
+def test_torch_backend_runs_small_problems_on_one_thread(busy, monkeypatch):
+    """On a busy machine a small problem runs its forward and its backward on one intra-op thread (each
+    parallel region of a tiny op can wait a scheduler slice for its second thread) and restores the count;
+    on an idle one it keeps torch's count."""
     from rlloss import prefix_attention as module
+
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 2)
+    # Load 2.0, of which this process's own threads were 1.8 (idle) or 1.0 (busy: one other thread).
+    monkeypatch.setattr(module.os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    start_wall, start_cpu = module._CLOCKS_AT_IMPORT
+    monkeypatch.setattr(module.time, "monotonic", lambda: start_wall + 10.0)
+    monkeypatch.setattr(module, "_cpu_seconds", lambda: start_cpu + (10.0 if busy else 18.0))
+    used = 1 if busy else 2
 
     seen = []
     blocked = module._blocked_attention
@@ -413,7 +453,7 @@ def test_torch_backend_runs_small_problems_on_one_thread(monkeypatch):
             if out.requires_grad:
                 out.backward(do)
                 assert torch.get_num_threads() == 2
-            assert seen == [("forward", 1)] + ([("backward", 1)] if any(grads) else [])
+            assert seen == [("forward", used)] + ([("backward", used)] if any(grads) else [])
             expected = _dense_reference(q, k, v, do, layout)
             assert (out.detach() - expected[0]).abs().max() < 1e-10
             for leaf, grad in zip(leaves, expected[1:]):
@@ -421,7 +461,7 @@ def test_torch_backend_runs_small_problems_on_one_thread(monkeypatch):
         with torch.no_grad():
             seen.clear()
             rlloss.shared_prefix_attention(q, k, v, layout, backend="torch")
-            assert seen == [("forward", 1)] and torch.get_num_threads() == 2
+            assert seen == [("forward", used)] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
@@ -474,6 +514,15 @@ def test_layout_tables():
     assert layout.tables(4) is t and layout.tables(8) is not t
     moved = layout.to("cpu")
     assert moved.tables(4) is t  # the copy shares the cache
+    # Both sizes in one set: the 8-token blocks [0, 5), [5, 7), [7, 11) follow the four 4-token ones.
+    joined = layout.kernel_tables([8, 4])
+    assert joined["num_blocks"] == {4: 4, 8: 3}
+    assert joined["block_first"].tolist()[4] == 0 and joined["block_first"].tolist()[8] == 4
+    assert joined["block_segment"].tolist() == [0, 0, 1, 2, 0, 1, 2]
+    assert joined["block_start"].tolist() == [0, 4, 5, 7, 0, 5, 7]
+    assert joined["query_block_order"].tolist()[:4] == [3, 2, 1, 0]
+    assert sorted(joined["key_block_order"].tolist()[4:]) == [4, 5, 6]
+    assert layout.kernel_tables((4, 8)) is joined
 
 
 def test_layout_errors():
@@ -540,6 +589,8 @@ def test_api_errors():
         call(q, k, v, layout, scale=-1.0)
     with pytest.raises(ValueError, match="not a backend"):
         call(q, k, v, layout, backend="cuda")
+    with pytest.raises(TypeError, match="deterministic must be a bool, got int"):
+        call(q, k, v, layout, deterministic=0)
 
 
 @pytest.mark.skipif(KERNEL_BACKEND != "interpret", reason="the interpreter runs on CPU tensors")
@@ -572,11 +623,12 @@ def _gpu_case(dtype, d, hq=8, hkv=2, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 80, 96, 128])
-def test_gpu_matches_float64_reference(dtype, d):
+@pytest.mark.parametrize("dtype,d,deterministic", [
+    *((dtype, d, True) for dtype in (torch.bfloat16, torch.float16) for d in (64, 80, 96, 128)),
+    (torch.bfloat16, 128, False), (torch.float16, 80, False)])
+def test_gpu_matches_float64_reference(dtype, d, deterministic):
     layout, q, k, v, do = _gpu_case(dtype, d)
-    got = _run(q, k, v, do, layout, dtype, "triton")
+    got = _run(q, k, v, do, layout, dtype, "triton", deterministic=deterministic)
     rounded = [x.to(dtype).double() for x in (q, k, v)]
     # Realistic sizes: the probabilities and dS are rounded to the input dtype before their matmuls (as in
     # flash attention) and the prompt's dK/dV sum ~1000 rows, so the bounds are wider than at test sizes.
@@ -585,9 +637,10 @@ def test_gpu_matches_float64_reference(dtype, d):
 
 
 @pytest.mark.gpu
-def test_gpu_float32_is_exact():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
+def test_gpu_float32_is_exact(deterministic):
     layout, q, k, v, do = _gpu_case(torch.float32, 128)
-    got = _run(q, k, v, do, layout, torch.float32, "triton")
+    got = _run(q, k, v, do, layout, torch.float32, "triton", deterministic=deterministic)
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32)
 
 

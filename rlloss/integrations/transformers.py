@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _checks
 from .._backend import BACKENDS
 from ..prefix_attention import SharedPrefixLayout, shared_prefix_attention
 from ..prefix_batch import SharedPrefixBatch
@@ -184,7 +185,8 @@ def _make_attention(backend: Optional[str]):
                 "enabled. Call enable_shared_prefix(model) on this model too (the switch is per model)")
         _check_call(module, query, key, attention_mask, dropout, layout, kwargs)
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d] views
-        out = shared_prefix_attention(q, k, v, layout, scale=scaling, backend=enabled.backend)
+        out = shared_prefix_attention(q, k, v, layout, scale=scaling, backend=enabled.backend,
+                                      deterministic=enabled.deterministic)
         return out.unsqueeze(0), None
 
     shared_prefix_attention_forward.__qualname__ = f"shared_prefix_attention_forward[{backend}]"
@@ -236,6 +238,7 @@ class _Enabled(NamedTuple):
 
     backend: Optional[str]
     previous: str  # the implementation the config had before rlloss took it
+    deterministic: bool = True
 
 
 _ENABLED = "_rlloss_shared_prefix"
@@ -374,7 +377,8 @@ def shared_prefix_enabled(model: torch.nn.Module) -> bool:
     return getattr(model, _PREVIOUS, None) is not None
 
 
-def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = None) -> torch.nn.Module:
+def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = None,
+                         deterministic: bool = True) -> torch.nn.Module:
     """Switch a transformers causal LM to rlloss shared-prefix attention.
 
     A forward that passes the layout — ``model(input_ids=[1, T], position_ids=[1, T], shared_prefix=layout)``
@@ -382,7 +386,7 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
     attention; any other call (``model.generate``, an ordinary padded batch) runs the implementation the model
     had before, with its own masks, so nothing needs switching around generation. A packed stream passed
     without its layout (position ids that restart, no attention mask) raises rather than running as one
-    causal sequence. Calling it again changes the backend; :func:`disable_shared_prefix` restores the
+    causal sequence. Calling it again changes the options; :func:`disable_shared_prefix` restores the
     implementation the model had before the first call; :func:`shared_prefix` scopes it to a ``with`` block.
 
     The switch is per model: transformers reads the implementation from the config, so a second model that
@@ -394,6 +398,8 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
             ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral and most modern decoders).
         backend: backend of :func:`rlloss.shared_prefix_attention` ("triton", "interpret", "torch",
             "reference"); default from ``RLLOSS_BACKEND`` or the device at each call.
+        deterministic: passed to :func:`rlloss.shared_prefix_attention`; False lets the kernel backends
+            accumulate dQ with atomics inside the dK/dV pass (fewer FLOPs, not bitwise reproducible).
 
     Returns:
         The model, changed in place.
@@ -407,6 +413,7 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
     _transformers()
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    deterministic = _checks.boolean("deterministic", deterministic)
     if not isinstance(model, torch.nn.Module) or not hasattr(getattr(model, "config", None),
                                                              "_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -431,7 +438,7 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
                              "transformers' AttentionInterface)")
     state.models.add(model)
     setattr(model, _PREVIOUS, state.previous)
-    _mark(model, _Enabled(backend, state.previous))
+    _mark(model, _Enabled(backend, state.previous, deterministic))
     if not getattr(model, _HOOK, None):  # on the model and its inner models (model.model(...) is a common call)
         models = [(n, m) for n, m in model.named_modules() if isinstance(m, _transformers().PreTrainedModel)]
         hooks = []
@@ -464,18 +471,19 @@ def disable_shared_prefix(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = None) -> Iterator[torch.nn.Module]:
+def shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = None,
+                  deterministic: bool = True) -> Iterator[torch.nn.Module]:
     """``with shared_prefix(model): ...`` — :func:`enable_shared_prefix` for the block, then the state before it
-    (disabled again, or the backend it had if it was already enabled)."""
+    (disabled again, or the options it had if it was already enabled)."""
     before = getattr(model, _ENABLED, None) if shared_prefix_enabled(model) else None
-    enable_shared_prefix(model, backend=backend)
+    enable_shared_prefix(model, backend=backend, deterministic=deterministic)
     try:
         yield model
     finally:
         if before is None:
             disable_shared_prefix(model)
         else:
-            enable_shared_prefix(model, backend=before.backend)
+            enable_shared_prefix(model, backend=before.backend, deterministic=before.deterministic)
 
 
 def _set_implementation(model: torch.nn.Module, name: str) -> None:
