@@ -15,7 +15,7 @@ G ∈ {8, 16}, P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}:
   import.
 
 Every case reports time (``triton.testing.do_bench``), peak memory, the speed-up over ``sdpa-repeated`` next
-to the ideal attention FLOP ratio of MATH.md §8 and over ``flex``, each rlloss row against issue #12's targets
+to the ideal attention FLOP ratio of docs/math.md §8 and over ``flex``, each rlloss row against issue #12's targets
 (≥ 0.8 of the ideal speed-up, ≥ 1.3× FlexAttention) in the report's notes, and the max abs difference of
 each implementation's output and gradients (mapped onto the packed stream, a prompt's gradients summed over
 its copies) from rlloss's.
@@ -583,7 +583,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             "threads. threads: the intra-op threads `rlloss-torch` ran on (all of them, but where other "
             "processes keep cores busy — load average less its own busy threads, plus its threads, ≥ cores + "
             "0.5 — at most one per 4 ms of estimated work); `sdpa-repeated` runs on all of them.",
-            "ideal: the attention FLOP ratio of MATH.md §8, G(P+S)² / (P² + G·S(2P+S)) (the same for any number "
+            "ideal: the attention FLOP ratio of docs/math.md §8, G(P+S)² / (P² + G·S(2P+S)) (the same for any number "
             "of equal groups).",
         ],
     )
@@ -719,7 +719,7 @@ def run_gpu_peers(ctx: harness.RunContext) -> harness.SuiteReport:
             harness.CUDA_MEMORY_METHOD + " The repeated batch's inputs (G copies of the prompt) are allocated "
             "before the measurement; the gradients each call returns are inside it.",
             harness.CUDA_TIME_NOTE,
-            "speed-up vs sdpa-repeated: its time over this row's. ideal: the attention FLOP ratio of MATH.md §8, "
+            "speed-up vs sdpa-repeated: its time over this row's. ideal: the attention FLOP ratio of docs/math.md §8, "
             "G(P+S)² / (P² + G·S(2P+S)) — the speed-up a kernel as fast per FLOP as flash attention would reach; "
             "fraction of ideal = speed-up / ideal (the issue's target for rlloss: ≥ 0.8). speed-up vs flex: the "
             "issue's target for rlloss is ≥ 1.3.",

@@ -17,7 +17,7 @@ The loss is the same on every path and never runs on a prompt position: the fina
 the G·S completion tokens (gathered on the packed stream, sliced on the repeated batch) go to
 ``rlloss.FusedPolicyLoss`` (DAPO preset, random advantages) with the tied lm_head. Each case records time
 (``triton.testing.do_bench``), peak memory, the speed-up over ``repeated`` next to the ideal token-wise ratio
-of MATH.md §8 ``G(P+S)/(P+G·S)``, and the loss and parameter-gradient differences from ``packed``.
+of docs/math.md §8 ``G(P+S)/(P+G·S)``, and the loss and parameter-gradient differences from ``packed``.
 ``--quick``: 4 layers of the same width, G=8, P=1024, S=256. The report's notes hold each packed row against
 issue #12's targets: ≥ 3× the repeated step's speed at ≤ 0.4× its peak memory.
 
@@ -99,7 +99,7 @@ TARGET_MEMORY_RATIO = 0.4
 
 
 def ideal_tokenwise_speedup(group: GroupShape) -> float:
-    """Tokens of the repeated batch over tokens of the packed stream (MATH.md §8): the speed-up of every
+    """Tokens of the repeated batch over tokens of the packed stream (docs/math.md §8): the speed-up of every
     token-wise layer (projections, MLP, norms), an upper bound for the whole model when attention is cheap."""
     return group.repeated_tokens / group.packed_tokens
 
@@ -366,7 +366,7 @@ def _notes(group: GroupShape) -> List[str]:
         "the whole model and of rlloss.FusedPolicyLoss (DAPO preset, random advantages, on-policy) on the "
         "G·S completion tokens only: the hidden states that predict them are gathered on the packed stream and "
         "sliced from the repeated batch, so the lm_head never runs on a prompt position in either case.",
-        "ideal (token ratio): G(P+S)/(P+G·S) of MATH.md §8, the speed-up of every token-wise layer; attention's "
+        "ideal (token ratio): G(P+S)/(P+G·S) of docs/math.md §8, the speed-up of every token-wise layer; attention's "
         "own ratio differs, and the loss costs the same in every case. fraction_of_ideal in the JSON is the "
         "speed-up over that ratio.",
         "|Δloss| and max ‖Δgrad‖/‖grad‖ (over every parameter tensor, its name in the JSON) compare each case "

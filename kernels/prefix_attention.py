@@ -1,4 +1,4 @@
-"""Triton kernels for shared-prefix attention (MATH.md §8): flash attention over a forest of segments.
+"""Triton kernels for shared-prefix attention (docs/math.md §8): flash attention over a forest of segments.
 
 The packed stream is cut into segments (a prompt, each of its completions, deeper turns); a query of segment s
 sees every key of s's ancestor segments and the keys of s up to its own position. The layout arrives as the

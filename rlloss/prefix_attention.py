@@ -1,4 +1,4 @@
-"""Shared-prefix attention (Prefix Grouper, MATH.md §8): a group of completions shares one copy of its prompt.
+"""Shared-prefix attention (Prefix Grouper, docs/math.md §8): a group of completions shares one copy of its prompt.
 
 A packed token stream is a forest of *segments* stored in stream order: a prompt segment is a root, each of
 its completions a child. A query at local position j of segment s attends to every key of s's ancestors and
@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._backend import resolve_backend
+from ._backend import accepted_dtypes, resolve_backend
 
 __all__ = ["SharedPrefixLayout", "shared_prefix_attention"]
 
@@ -149,7 +149,7 @@ class SharedPrefixLayout:
     @classmethod
     def from_groups(cls, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]],
                     device=None) -> "SharedPrefixLayout":
-        """Groups packed as ``[prompt_g | c_g1 | … | c_gG]``, one after another (MATH.md §8).
+        """Groups packed as ``[prompt_g | c_g1 | … | c_gG]``, one after another (docs/math.md §8).
 
         Args:
             prompt_lengths: P_g ≥ 1 per group.
@@ -658,7 +658,7 @@ def shared_prefix_attention(
     backend: Optional[str] = None,
     deterministic: bool = True,
 ) -> Tensor:
-    """Attention over a packed stream of prompts and their completions, each prompt held once (MATH.md §8).
+    """Attention over a packed stream of prompts and their completions, each prompt held once (docs/math.md §8).
 
     A query at position j of a completion attends to all keys of its prompt (and, in deeper trees, of every
     ancestor segment) and to the keys of its own completion at positions ≤ j; prompt queries attend causally
@@ -699,7 +699,7 @@ def shared_prefix_attention(
         raise ValueError(f"q's heads Hq = {Hq} must be a multiple of k's heads Hkv = {k.shape[1]}")
     _checks.same_device(q=q, k=k, v=v)
     name = resolve_backend(backend, q.device)
-    allowed = _checks.KERNEL_DTYPES if name in ("triton", "interpret") else _checks.FLOAT_DTYPES
+    allowed = accepted_dtypes(name)
     _checks.dtype_in("q", q, allowed)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")

@@ -1,4 +1,4 @@
-"""Packing groups of completions that share a prompt into one shared-prefix stream (MATH.md §8).
+"""Packing groups of completions that share a prompt into one shared-prefix stream (docs/math.md §8).
 
 :class:`SharedPrefixBatch` lays out every prompt once, followed by its completions, as a ``[1, T]`` batch
 for a model whose attention runs :func:`rlloss.shared_prefix_attention` (see

@@ -1,4 +1,4 @@
-"""Tests of rlloss.shared_prefix_attention and SharedPrefixLayout (MATH.md §8).
+"""Tests of rlloss.shared_prefix_attention and SharedPrefixLayout (docs/math.md §8).
 
 Oracles: the dense float64 masked attention of ``rlloss.reference`` and — the real equivalence — plain causal
 attention (``torch.nn.functional.scaled_dot_product_attention``) run on every ``[prompt | completion]``
@@ -545,7 +545,7 @@ def test_layout_errors():
 
 
 def test_attention_flops_and_cost_ratio():
-    """FLOPs count the visible pairs exactly; against repeated prompts their ratio tends to MATH.md §8's
+    """FLOPs count the visible pairs exactly; against repeated prompts their ratio tends to docs/math.md §8's
     (P² + G·S(2P+S)) / (G(P+S)²)."""
     P, S, G, d, H = 7, 3, 2, 16, 4
     layout = SharedPrefixLayout.from_groups([P], [[S] * G])
