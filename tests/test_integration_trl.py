@@ -370,7 +370,12 @@ def test_off_policy_mask_matches_stock(model_dir, tmp_path, loss_type, options, 
                                               + 0.05 * torch.randn(B, C, generator=g))
         flipped = trainer.get_off_policy_mask(adv, logps, inputs["sampling_per_token_logps"], mask, 0.02)
         assert (flipped != keep).any()
-        keep = flipped
+        # a token vLLM could not score (NaN; TRL counts its KL as 0) in a kept row of A < 0, which a NaN mean
+        # would drop
+        row = int(((flipped[:, 0] == 1) & (adv[:, 0] < 0)).nonzero()[0])
+        inputs["sampling_per_token_logps"][row, 0] = float("nan")
+        keep = trainer.get_off_policy_mask(adv, logps, inputs["sampling_per_token_logps"], mask, 0.02)
+        assert keep[row] == 1 and (keep != flipped).sum() == 0
     assert (keep == 0).any() and (keep[adv < 0] == 1).any()  # drops some A < 0 rows, not all
     skip = SEQUENCE_NOT_LOGGED if options.get("importance_sampling_level") == "sequence" else set()
     skip = skip | ({"policy_loss"} if options.get("entropy_coef") else set())
