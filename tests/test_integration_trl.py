@@ -392,3 +392,12 @@ def test_entropy_quantile_warns_with_several_processes(model_dir, tmp_path, monk
     monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
     with pytest.warns(UserWarning, match="top_entropy_quantile=0.5 with 2 processes"):
         patch_grpo_trainer(trainer)
+
+
+def test_vespo_refuses_sequence_importance_weights(model_dir, tmp_path):
+    # TRL refuses vespo with the sequence modes at construction; a [B, 1] weight reaching the loss is refused too.
+    trainer = patch_grpo_trainer(make_trainer(model_dir, tmp_path, loss_type="vespo"))
+    inputs = make_inputs(trainer, 0.0)
+    inputs["importance_sampling_ratio"] = torch.ones(B, 1)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        trainer.compute_loss(trainer.model, inputs)

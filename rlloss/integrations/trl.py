@@ -258,9 +258,16 @@ def _rlloss_compute_loss(trainer, model, inputs):
     rollout_weights = None
     if loss_type == "vespo":
         # TRL folds the token weights (token modes only, TRL refuses the others) into VESPO's sequence ratio,
-        # taking them from the batch whenever they are there; rlloss's vespo does the same with rollout_weights.
-        if inputs.get("importance_sampling_ratio") is not None:
-            rollout_weights = inputs["importance_sampling_ratio"].to(torch.float32).expand(mask.shape)
+        # taking them from the batch whenever they are there; rlloss's vespo does the same with rollout_weights,
+        # over the counted tokens (TRL sums the logs over every position; its weights are 1 at the uncounted
+        # ones unless the clip bounds exclude 1).
+        weight_is = inputs.get("importance_sampling_ratio")
+        if weight_is is not None:
+            if weight_is.shape != mask.shape:
+                raise ValueError(f"loss_type='vespo' takes token-level importance_sampling_ratio [B, T] = "
+                                 f"{tuple(mask.shape)} (vllm_importance_sampling_mode 'token_truncate' or "
+                                 f"'token_mask'), got {tuple(weight_is.shape)}")
+            rollout_weights = weight_is.to(torch.float32)
     elif trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         # TRL multiplies the policy term (not the KL) by the detached weight w ≥ 0, [B, T] (token modes) or
         # [B, 1] (sequence modes); each of these surrogates is positively homogeneous in A, so w·P(ρ, A) =
