@@ -22,7 +22,7 @@ from rlloss.integrations.trl import (  # noqa: E402
 VOCAB = 64
 B, P, C = 4, 5, 6
 RTOL, ATOL = 1e-5, 1e-6
-NOT_LOGGED = {"clip_ratio/low_min", "clip_ratio/high_max"}
+NOT_LOGGED = {"clip_ratio/low_min", "clip_ratio/high_max", "vespo/phi_seq_mean"}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,7 @@ CASES = [(lt, lvl, beta) for lt in ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", 
          for lvl, beta in (("token", 0.0), ("sequence", 0.05))]
 CASES += [(lt, "token", 0.05) for lt in ("grpo", "dapo", "cispo", "sapo")]
 CASES += [("grpo", "sequence", 0.0), ("dapo", "sequence", 0.0)]
+CASES += [("luspo", "sequence", 0.05), ("luspo", "token", 0.0), ("vespo", "token", 0.05)]
 
 
 @pytest.mark.parametrize("loss_type,level,beta", CASES)
@@ -144,7 +145,7 @@ def test_patched_trainer_matches_stock(model_dir, tmp_path, loss_type, level, be
     inputs = make_inputs(trainer, beta)
     skip = SEQUENCE_NOT_LOGGED if level == "sequence" else ()
     stock = run(trainer, inputs, skip)
-    if loss_type != "sapo" and level == "token":
+    if loss_type not in ("sapo", "vespo") and level == "token":
         assert any(v[0] > 0 for k, v in stock[2].items() if "clip" in k)  # clipping happens in this batch
     patch_grpo_trainer(trainer)
     assert_same(stock, run(trainer, inputs))
@@ -187,10 +188,10 @@ def test_config_mapping():
 
 
 @pytest.mark.parametrize("options,names", [
-    (dict(loss_type="vespo"), ["loss_type='vespo'"]),
-    (dict(loss_type="luspo", importance_sampling_level="sequence"), ["loss_type='luspo'"]),
-    (dict(top_entropy_quantile=0.2, off_policy_mask_threshold=0.5),
-     ["top_entropy_quantile=0.2", "off_policy_mask_threshold=0.5"]),
+    (dict(loss_type="vespo", importance_sampling_level="sequence", beta=0.05),
+     ["importance_sampling_level='sequence' with loss_type='vespo'"]),
+    (dict(top_entropy_quantile=0.0, off_policy_mask_threshold=float("nan")),
+     ["top_entropy_quantile=0.0", "off_policy_mask_threshold=nan"]),
     (dict(use_adaptive_entropy=True, use_liger_kernel=True), ["use_adaptive_entropy", "use_liger_kernel"]),
 ])
 def test_refused_options_are_named(options, names):
@@ -264,6 +265,7 @@ def test_logit_transforms_match_stock(tmp_path, model_type, extra):
 
 @pytest.mark.parametrize("loss_type,level,mode", [
     ("dapo", "token", "token_truncate"), ("grpo", "token", "token_mask"), ("cispo", "token", "sequence_mask"),
+    ("vespo", "token", "token_mask"),
     ("sapo", "token", "sequence_truncate"), ("grpo", "sequence", "sequence_mask"), ("bnpo", "token", "token_mask"),
 ])
 def test_vllm_importance_sampling_matches_stock(model_dir, tmp_path, loss_type, level, mode):
@@ -302,4 +304,100 @@ def test_refuses_moe_aux_loss_and_multimodal_inputs(model_dir, tmp_path):
     inputs = make_inputs(trainer, 0.0)
     inputs["pixel_values"] = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match="pixel_values"):
+        trainer.compute_loss(trainer.model, inputs)
+
+
+def test_config_mapping_selection_and_peer_losses():
+    args = grpo_config(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5, top_entropy_quantile=0.3,
+                       off_policy_mask_threshold=0.1, beta=0.02)
+    assert loss_config_from_grpo_config(args) == LossConfig.preset(
+        "vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5, token_select="entropy", token_select_fraction=0.3,
+        off_policy_mask_threshold=0.1, beta=0.02)
+    # VESPO forms its own sequence ratio: without a ratio-weighted KL the level changes nothing in TRL
+    args = grpo_config(loss_type="vespo", importance_sampling_level="sequence")
+    assert loss_config_from_grpo_config(args) == LossConfig.preset("vespo")
+    args = grpo_config(loss_type="luspo", importance_sampling_level="token", delta=2.0)
+    assert loss_config_from_grpo_config(args) == LossConfig.preset("luspo", importance_sampling_level="token",
+                                                                   delta=2.0)
+
+
+def _logps(trainer, inputs):
+    with torch.no_grad():
+        return trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), C, compute_entropy=True)[:2]
+
+
+@pytest.mark.parametrize("loss_type,options", [
+    ("dapo", dict()),
+    ("grpo", dict(entropy_coef=0.01, beta=0.05)),
+    ("luspo", dict(importance_sampling_level="sequence", entropy_coef=0.01)),
+    ("vespo", dict(entropy_coef=0.01)),
+])
+def test_top_entropy_quantile_matches_stock(model_dir, tmp_path, loss_type, options):
+    trainer = make_trainer(model_dir, tmp_path, loss_type=loss_type, top_entropy_quantile=0.5, **options)
+    inputs = make_inputs(trainer, options.get("beta", 0.0), seed=7)
+    _, entropies = _logps(trainer, inputs)
+    kept = trainer.get_high_entropy_mask(entropies, inputs["completion_mask"], 0.5)
+    assert 0 < kept.sum() < inputs["completion_mask"].sum()  # the quantile drops tokens in this batch
+    skip = SEQUENCE_NOT_LOGGED if options.get("importance_sampling_level") == "sequence" else set()
+    skip = skip | ({"policy_loss"} if options.get("entropy_coef") else set())  # documented as not logged
+    stock = run(trainer, inputs, skip)
+    trainer.top_entropy_quantile = 1.0
+    assert not torch.allclose(run(trainer, inputs)[0], stock[0])  # the option changes the stock loss
+    trainer.top_entropy_quantile = 0.5
+    patch_grpo_trainer(trainer)
+    assert_same(stock, run(trainer, inputs, skip))
+
+
+@pytest.mark.parametrize("loss_type,options,sampling", [
+    ("dapo", dict(), False),
+    ("grpo", dict(beta=0.05), True),
+    ("vespo", dict(), True),
+    ("cispo", dict(top_entropy_quantile=0.6, entropy_coef=0.01), True),
+])
+def test_off_policy_mask_matches_stock(model_dir, tmp_path, loss_type, options, sampling):
+    trainer = make_trainer(model_dir, tmp_path, loss_type=loss_type, off_policy_mask_threshold=0.02, **options)
+    inputs = make_inputs(trainer, options.get("beta", 0.0), seed=8)
+    inputs["advantages"] = torch.tensor([-1.0, -0.5, 0.7, -0.8])
+    logps, _ = _logps(trainer, inputs)
+    adv, mask = inputs["advantages"].unsqueeze(1), inputs["completion_mask"]
+    keep = trainer.get_off_policy_mask(adv, logps, inputs["old_per_token_logps"], mask, 0.02)
+    if sampling:  # vLLM's log-probs, which TRL's mask prefers to the old ones: shifted to flip every A < 0 row
+        g = torch.Generator().manual_seed(9)
+        shift = torch.where(keep == 1, 0.5, -0.5)
+        inputs["sampling_per_token_logps"] = (inputs["old_per_token_logps"] + shift
+                                              + 0.05 * torch.randn(B, C, generator=g))
+        flipped = trainer.get_off_policy_mask(adv, logps, inputs["sampling_per_token_logps"], mask, 0.02)
+        assert (flipped != keep).any()
+        # a token vLLM could not score (NaN; TRL counts its KL as 0) in a kept row of A < 0, which a NaN mean
+        # would drop
+        row = int(((flipped[:, 0] == 1) & (adv[:, 0] < 0)).nonzero()[0])
+        inputs["sampling_per_token_logps"][row, 0] = float("nan")
+        keep = trainer.get_off_policy_mask(adv, logps, inputs["sampling_per_token_logps"], mask, 0.02)
+        assert keep[row] == 1 and (keep != flipped).sum() == 0
+    assert (keep == 0).any() and (keep[adv < 0] == 1).any()  # drops some A < 0 rows, not all
+    skip = SEQUENCE_NOT_LOGGED if options.get("importance_sampling_level") == "sequence" else set()
+    skip = skip | ({"policy_loss"} if options.get("entropy_coef") else set())
+    stock = run(trainer, inputs, skip)
+    trainer.off_policy_mask_threshold = None
+    assert not torch.allclose(run(trainer, inputs)[0], stock[0])  # the mask changes the stock loss
+    trainer.off_policy_mask_threshold = 0.02
+    patch_grpo_trainer(trainer)
+    assert_same(stock, run(trainer, inputs, skip))
+
+
+def test_entropy_quantile_warns_with_several_processes(model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(model_dir, tmp_path, loss_type="dapo", top_entropy_quantile=0.5)
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+    with pytest.warns(UserWarning, match="top_entropy_quantile=0.5 with 2 processes"):
+        patch_grpo_trainer(trainer)
+
+
+def test_vespo_refuses_sequence_importance_weights(model_dir, tmp_path):
+    # TRL refuses vespo with the sequence modes at construction; a [B, 1] weight reaching the loss is refused too.
+    trainer = patch_grpo_trainer(make_trainer(model_dir, tmp_path, loss_type="vespo"))
+    inputs = make_inputs(trainer, 0.0)
+    inputs["importance_sampling_ratio"] = torch.ones(B, 1)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
         trainer.compute_loss(trainer.model, inputs)

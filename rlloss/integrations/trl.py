@@ -10,11 +10,15 @@ The value, the gradients and TRL's logged metrics equal the stock trainer's (tes
 except for metrics the fused loss cannot give, which are not logged (never logged with another meaning):
 ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (per-sequence extremes of the clip fractions), and, with
 ``importance_sampling_level="sequence"`` or vLLM's masked importance-sampling modes, the clip fractions (TRL
-counts them per sequence, resp. counts the rejected tokens too; the fused loss reports token means of w·A).
+counts them per sequence, resp. counts the rejected tokens too; the fused loss reports token means of w·A),
+``vespo/phi_seq_mean``, and ``policy_loss`` with ``top_entropy_quantile`` < 1 and an entropy bonus. With more
+than one process, ``top_entropy_quantile`` takes its quantile over each process's tokens, not over all of them
+as TRL does (a warning says so).
 """
 from __future__ import annotations
 
 import functools
+import math
 import types
 import warnings
 from typing import Any, Dict, Optional
@@ -34,9 +38,9 @@ except ImportError as error:  # pragma: no cover - exercised only without TRL
 __all__ = ["RllossGRPOTrainer", "patch_grpo_trainer", "loss_config_from_grpo_config", "SUPPORTED_LOSS_TYPES"]
 
 # TRL loss_type → the rlloss preset of the same loss (docs/presets.md).
-SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
-_CLIPPED = ("grpo", "dapo", "dr_grpo", "bnpo")          # TRL's clipped-surrogate branch (delta applies here)
-_DIVIDED_BY_ACCUMULATION = ("grpo", "bnpo", "dr_grpo", "sapo")  # TRL divides the micro-batch loss by GA steps
+SUPPORTED_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+_CLIPPED = ("grpo", "dapo", "dr_grpo", "bnpo", "luspo")  # TRL's clipped-surrogate branch (delta applies here)
+_BY_NUM_ITEMS = ("cispo", "dapo", "vespo")  # TRL normalises by num_items_in_batch; the others divide by GA steps
 # Multimodal keys of TRL's inputs: the backbone call here passes input_ids and attention_mask only.
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -45,33 +49,38 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_atten
 def loss_config_from_grpo_config(args: Any) -> LossConfig:
     """The :class:`rlloss.LossConfig` of the loss a ``trl.GRPOConfig`` asks for.
 
-    Honoured: ``loss_type`` (grpo, dapo, dr_grpo, bnpo, cispo, sapo), ``epsilon`` / ``epsilon_high``, ``delta``
-    (TRL applies it to grpo / dapo / dr_grpo / bnpo only, and so does this), ``beta`` (k3 KL),
-    ``use_bias_correction_kl``, ``importance_sampling_level`` ("token", "sequence"), ``sapo_temperature_pos`` /
-    ``_neg``, ``max_completion_length`` (dr_grpo), ``entropy_coef`` (a static bonus), ``temperature`` (checked
-    here, applied by the trainer to the logits). Options that only shape the batch upstream of the loss
-    (rewards, advantages, generation, masks, ``num_iterations``) need nothing here.
+    Honoured: ``loss_type`` (grpo, dapo, dr_grpo, bnpo, cispo, sapo, luspo, vespo), ``epsilon`` /
+    ``epsilon_high``, ``delta`` (TRL applies it to grpo / dapo / dr_grpo / bnpo / luspo only, and so does this),
+    ``beta`` (k3 KL), ``use_bias_correction_kl``, ``importance_sampling_level`` ("token", "sequence"),
+    ``sapo_temperature_pos`` / ``_neg``, ``vespo_k_pos`` / ``vespo_lambda_pos`` / ``vespo_k_neg`` /
+    ``vespo_lambda_neg``, ``max_completion_length`` (dr_grpo), ``entropy_coef`` (a static bonus),
+    ``top_entropy_quantile`` (token_select="entropy": the policy term and the entropy bonus on the tokens whose
+    entropy reaches the (1 − q)-quantile), ``off_policy_mask_threshold`` (the off-policy sequence mask; the
+    trainer passes TRL's sampling log-probs), ``temperature`` (checked here, applied by the trainer to the
+    logits). Options that only shape the batch upstream of the loss (rewards, advantages, generation, masks,
+    ``num_iterations``) need nothing here.
 
     Raises:
-        ValueError: naming every option set to a value this integration cannot honour (loss types luspo and
-            vespo, ``top_entropy_quantile`` < 1, ``off_policy_mask_threshold``, ``use_adaptive_entropy``,
-            ``use_liger_kernel``) and any invalid value.
+        ValueError: naming every option set to a value this integration cannot honour (``use_adaptive_entropy``,
+            ``use_liger_kernel``; vespo with ``importance_sampling_level="sequence"`` and a ratio-weighted KL,
+            whose KL weight TRL takes from the sequence ratio) and any invalid value.
 
     vLLM's importance-sampling correction (``use_vllm`` with ``vllm_importance_sampling_correction``, any
     ``vllm_importance_sampling_mode``) needs nothing here: TRL computes the detached weight w ≥ 0 into the batch
-    (``importance_sampling_ratio``) and the trainer folds it into the advantages (w·P(ρ, A) = P(ρ, w·A) for
-    every supported loss, w ≥ 0).
+    (``importance_sampling_ratio``); the trainer folds it into the advantages (w·P(ρ, A) = P(ρ, w·A) for every
+    loss but vespo, w ≥ 0, which keeps the one-pass kernel) and, for vespo, passes it as ``rollout_weights``,
+    which vespo folds into its sequence ratio as TRL does.
     """
     refused = []
     loss_type = getattr(args, "loss_type", "dapo")
     if loss_type not in SUPPORTED_LOSS_TYPES:
         refused.append(f"loss_type={loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
-    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
-        refused.append(f"top_entropy_quantile={args.top_entropy_quantile} (the high-entropy token mask needs "
-                       "per-token entropies; only 1.0 is supported)")
-    if getattr(args, "off_policy_mask_threshold", None) is not None:
-        refused.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (the off-policy sequence "
-                       "mask needs per-token log-probs; only None is supported)")
+    quantile = getattr(args, "top_entropy_quantile", 1.0)
+    if not (isinstance(quantile, (int, float)) and 0.0 < quantile <= 1.0):
+        refused.append(f"top_entropy_quantile={quantile!r} (must lie in (0, 1])")
+    threshold = getattr(args, "off_policy_mask_threshold", None)
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        refused.append(f"off_policy_mask_threshold={threshold!r} (must be a finite number or None)")
     if getattr(args, "use_adaptive_entropy", False):
         refused.append("use_adaptive_entropy=True (only a static entropy_coef is supported)")
     if getattr(args, "use_liger_kernel", False):
@@ -79,6 +88,10 @@ def loss_config_from_grpo_config(args: Any) -> LossConfig:
     level = getattr(args, "importance_sampling_level", "token")
     if level not in ("token", "sequence"):
         refused.append(f"importance_sampling_level={level!r} (TRL's GRPOTrainer knows 'token' and 'sequence')")
+    elif loss_type == "vespo" and level == "sequence" and args.beta != 0.0 and args.use_bias_correction_kl:
+        refused.append("importance_sampling_level='sequence' with loss_type='vespo', beta != 0 and "
+                       "use_bias_correction_kl=True (TRL weights the KL by the sequence ratio while VESPO forms "
+                       "its own; use the default 'token')")
     temperature = getattr(args, "temperature", 1.0)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         refused.append(f"temperature={temperature!r} (must be > 0)")
@@ -102,6 +115,16 @@ def loss_config_from_grpo_config(args: Any) -> LossConfig:
         fields.update(sapo_tau_pos=args.sapo_temperature_pos, sapo_tau_neg=args.sapo_temperature_neg)
     if loss_type == "dr_grpo":
         fields["max_completion_length"] = int(args.max_completion_length)
+    if loss_type == "vespo":
+        # VESPO forms its sequence ratio from the token log-ratios whatever the level (TRL: the level only
+        # weights the KL, refused above when it matters).
+        fields.update(importance_sampling_level="token", vespo_k_pos=float(args.vespo_k_pos),
+                      vespo_lambda_pos=float(args.vespo_lambda_pos), vespo_k_neg=float(args.vespo_k_neg),
+                      vespo_lambda_neg=float(args.vespo_lambda_neg))
+    if quantile < 1.0:
+        fields.update(token_select="entropy", token_select_fraction=float(quantile))
+    if threshold is not None:
+        fields["off_policy_mask_threshold"] = float(threshold)
     return LossConfig.preset(loss_type, **fields)
 
 
@@ -157,6 +180,11 @@ def _check_trainer(trainer) -> None:
 def _setup(trainer) -> None:
     trainer.rlloss_config = loss_config_from_grpo_config(trainer.args)
     _check_trainer(trainer)
+    if trainer.rlloss_config.token_select is not None and trainer.accelerator.num_processes > 1:
+        warnings.warn(f"top_entropy_quantile={trainer.args.top_entropy_quantile} with "
+                      f"{trainer.accelerator.num_processes} processes: rlloss takes the entropy quantile over each "
+                      "process's micro-batch, TRL over the tokens gathered from every process, so the kept tokens "
+                      "(and the loss) can differ from the stock trainer's", stacklevel=3)
     target = _patch_target(trainer)
     _install_hidden_forward(target)
     trainer._rlloss_target = target
@@ -225,18 +253,37 @@ def _rlloss_compute_loss(trainer, model, inputs):
         hidden = hidden * trainer._rlloss_logit_scale
 
     advantages = inputs["advantages"]
+    loss_type = trainer.loss_type
     masked_is = False
-    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+    rollout_weights = None
+    if loss_type == "vespo":
+        # TRL folds the token weights (token modes only, TRL refuses the others) into VESPO's sequence ratio,
+        # taking them from the batch whenever they are there; rlloss's vespo does the same with rollout_weights,
+        # over the counted tokens (TRL sums the logs over every position; its weights are 1 at the uncounted
+        # ones unless the clip bounds exclude 1).
+        weight_is = inputs.get("importance_sampling_ratio")
+        if weight_is is not None:
+            if weight_is.shape != mask.shape:
+                raise ValueError(f"loss_type='vespo' takes token-level importance_sampling_ratio [B, T] = "
+                                 f"{tuple(mask.shape)} (vllm_importance_sampling_mode 'token_truncate' or "
+                                 f"'token_mask'), got {tuple(weight_is.shape)}")
+            rollout_weights = weight_is.to(torch.float32)
+    elif trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         # TRL multiplies the policy term (not the KL) by the detached weight w ≥ 0, [B, T] (token modes) or
-        # [B, 1] (sequence modes); each supported surrogate is positively homogeneous in A, so w·P(ρ, A) =
-        # P(ρ, w·A), and the sign of w·A is A's wherever w > 0.
+        # [B, 1] (sequence modes); each of these surrogates is positively homogeneous in A, so w·P(ρ, A) =
+        # P(ρ, w·A), and the sign of w·A is A's wherever w > 0 (where w = 0 the term is 0 either way, so the
+        # off-policy mask's test of A ≥ 0 changes nothing). Folding keeps the one-pass kernel route.
         weight_is = inputs["importance_sampling_ratio"].to(torch.float32)
         folded = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)) * weight_is
         advantages = folded.squeeze(1) if folded.shape[1] == 1 else folded.expand(mask.shape).contiguous()
         masked_is = trainer.vllm_importance_sampling_mode in ("token_mask", "sequence_mask")
+    # TRL's off-policy mask compares the sampling log-probs (vLLM's, else the old ones, else the current ones
+    # detached) with the current ones: rlloss takes ℓˢ = rollout_logprobs, else old_logprobs, else sg(ℓ).
+    rollout_logprobs = None
+    if config.off_policy_mask_threshold is not None:
+        rollout_logprobs = inputs.get("sampling_per_token_logps")
     ref = inputs["ref_per_token_logps"] if config.beta != 0.0 else None
-    loss_type = trainer.loss_type
-    if loss_type in ("cispo", "dapo"):
+    if loss_type in _BY_NUM_ITEMS:
         normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
         if mode == "train":
             normaliser = normaliser * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
@@ -247,6 +294,7 @@ def _rlloss_compute_loss(trainer, model, inputs):
     with torch.autocast(hidden.device.type, enabled=False):
         out = loss_fn(hidden, weight, batch.targets, mask.bool(), advantages, bias=bias,
                       old_logprobs=inputs.get("old_per_token_logps"), ref_logprobs=ref,
+                      rollout_logprobs=rollout_logprobs, rollout_weights=rollout_weights,
                       temperature=float(trainer.temperature), num_items_in_batch=num_items)
     loss = out.loss / divide if divide != 1.0 else out.loss
 
@@ -254,9 +302,12 @@ def _rlloss_compute_loss(trainer, model, inputs):
     m = out.metrics
     tokens = mask.sum()
     if config.entropy_coef != 0.0:
-        # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division.
-        policy = out.loss.detach() + loss_fn.config.entropy_coef * m["entropy"].detach()
-        metrics["policy_loss"].append(trainer.accelerator.gather(policy).nanmean().item())
+        # TRL's policy_loss: the loss before the entropy bonus and before the accumulation division. With
+        # top_entropy_quantile < 1 the bonus is the mean entropy of the kept tokens, which the fused loss does
+        # not report: not logged then.
+        if config.token_select is None:
+            policy = out.loss.detach() + loss_fn.config.entropy_coef * m["entropy"].detach()
+            metrics["policy_loss"].append(trainer.accelerator.gather(policy).nanmean().item())
         if mode == "train" and trainer.accelerator.sync_gradients:
             metrics["entropy_coef"].append(trainer.entropy_coef)
     if config.beta != 0.0:
