@@ -10,7 +10,7 @@ gradient (rewards come from outside the graph), so there is no autograd function
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -112,6 +112,27 @@ def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -
     if total != B:
         raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got a sum of {total}")
     return sizes
+
+
+def check_grouping(rewards: Tensor, group_size: object, group_sizes: object, group_ids: object, grouped: bool,
+                   check_inputs: bool = True) -> Tuple[Optional[int], Optional[Tensor], Optional[Tensor]]:
+    """(group_size, group sizes [G] int64, group_ids [B]), checked, at most one of them not None (exactly one
+    when ``grouped``), for the B completions of ``rewards``."""
+    given = [name for name, x in (("group_size", group_size), ("group_sizes", group_sizes), ("group_ids", group_ids))
+             if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"exactly one of group_size, group_sizes and group_ids must be given, got "
+                         f"{'both' if len(given) == 2 else 'all three'} ({', '.join(given)})")
+    if grouped and not given:
+        raise ValueError("exactly one of group_size, group_sizes and group_ids must be given, got none")
+    B = rewards.shape[0]
+    if group_ids is not None:
+        return None, None, _check_group_ids(group_ids, rewards)
+    if group_size is not None:
+        return _check_group_size(group_size, B), None, None
+    if group_sizes is not None:
+        return None, _check_group_sizes(group_sizes, B, check_inputs), None
+    return None, None, None
 
 
 def _check_group_ids(group_ids: object, rewards: Tensor) -> Tensor:
@@ -575,23 +596,11 @@ def group_advantages(
     B = rewards.shape[0]
     mode = _check_mode(mode)
     grouped = mode not in _UNGROUPED_MODES
-    given = [name for name, x in (("group_size", group_size), ("group_sizes", group_sizes), ("group_ids", group_ids))
-             if x is not None]
-    if len(given) > 1:
-        raise ValueError(f"exactly one of group_size, group_sizes and group_ids must be given, got "
-                         f"{'both' if len(given) == 2 else 'all three'} ({', '.join(given)})")
-    if grouped and not given:
-        raise ValueError("exactly one of group_size, group_sizes and group_ids must be given, got none")
+    group_size, sizes, group_ids = check_grouping(rewards, group_size, group_sizes, group_ids, grouped, check_inputs)
     if group_ids is not None:
-        group_ids = _check_group_ids(group_ids, rewards)
         return _by_group_ids(rewards, group_ids, mode=mode, eps=eps, singleton=singleton,
                              response_lengths=response_lengths, baselines=baselines, check_inputs=check_inputs,
                              backend=backend)
-    sizes = None
-    if group_size is not None:
-        group_size = _check_group_size(group_size, B)
-    elif group_sizes is not None:
-        sizes = _check_group_sizes(group_sizes, B, check_inputs)
     sizes_on_host = sizes is not None and sizes.device.type == "cpu" and (
         check_inputs or not isinstance(group_sizes, Tensor))
     eps = _check_eps(eps, mode)

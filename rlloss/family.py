@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .advantages import group_advantages
+from .advantages import _check_rewards, check_grouping, group_advantages
 
 __all__ = ["mc_grpo_keep_mask", "d3s_sample_mask", "discounted_returns", "gigpo_advantages",
            "pairwise_advantages"]
@@ -25,15 +25,13 @@ def _group_index(rewards: Tensor, group_size: Optional[int], group_sizes: GroupS
                  group_ids: Optional[Tensor]) -> Tensor:
     """[B] int64 index of each completion's group (0, 1, …), from exactly one of the three groupings (checked
     as in :func:`rlloss.group_advantages`)."""
-    B = rewards.shape[0]
-    # group_advantages checks the grouping arguments and raises the same errors; its result is not needed.
-    group_advantages(rewards, group_size=group_size, group_sizes=group_sizes, group_ids=group_ids,
-                     mode="no_std", backend="torch")
+    rewards = _check_rewards(rewards)
+    group_size, sizes, group_ids = check_grouping(rewards, group_size, group_sizes, group_ids, grouped=True)
     if group_ids is not None:
         return torch.unique(group_ids, return_inverse=True)[1].to(rewards.device)
     if group_size is not None:
-        return torch.arange(B, device=rewards.device) // group_size
-    sizes = torch.as_tensor(group_sizes, dtype=torch.int64, device=rewards.device)
+        return torch.arange(rewards.shape[0], device=rewards.device) // group_size
+    sizes = sizes.to(rewards.device)
     return torch.repeat_interleave(torch.arange(sizes.numel(), device=rewards.device), sizes)
 
 
