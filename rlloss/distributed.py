@@ -142,13 +142,10 @@ class _VocabParallelFusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, tokens, normaliser, config, needs, options, shard, group):
-        from .config import LossConfig
-        from .policy import fused_pass, one_pass
+        from .policy import fused_pass
 
-        old_logprobs, rollout_logprobs = tokens[0], tokens[4]
         out = fused_pass(hidden, weight, bias, targets, *tokens, normaliser, config, needs, options, shard)
-        ctx.fused = any(needs) and one_pass(LossConfig.from_key(config), old_logprobs is None,
-                                            rollout_logprobs is not None)
+        ctx.fused = any(out[k].shape != (0,) for k in (2, 3, 4))  # gradients formed in the pass (one pass)
         if ctx.fused:
             ctx.save_for_backward(*out[2:5])
         else:
