@@ -11,8 +11,9 @@ automatic choice from the inputs' device.
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple, TypeVar
 
 import torch
 
@@ -79,3 +80,46 @@ def accepted_dtypes(name: str) -> Tuple[torch.dtype, ...]:
     from . import _checks
 
     return _checks.KERNEL_DTYPES if name in KERNEL_BACKENDS else _checks.FLOAT_DTYPES
+
+
+# --- the one place backend names are compared -------------------------------------------------------------
+# Op modules never compare backend names themselves: they ask the predicates below, or give ``implementation``
+# their table {"reference": ..., "torch": ..., "kernel": ...} and call what it returns.
+
+T = TypeVar("T")
+IMPL_KEYS = ("reference", "torch", "kernel")
+
+
+def uses_kernels(name: str) -> bool:
+    """True for the backends that run the Triton kernels (compiled or interpreted)."""
+    return name in KERNEL_BACKENDS
+
+
+def is_reference(name: str) -> bool:
+    """True for the float64-capable naive oracle of ``rlloss.reference``."""
+    return name == "reference"
+
+
+def is_torch(name: str) -> bool:
+    """True for the chunked PyTorch backend."""
+    return name == "torch"
+
+
+def implementation(table: Mapping[str, T], name: str) -> T:
+    """The entry of an op's implementation table for backend ``name``.
+
+    ``table`` maps "reference", "torch" and "kernel" (both kernel backends) to one callable each, all with the
+    op's one signature; an op without a kernel leaves "kernel" out and its kernel backends run "torch".
+    """
+    unknown = set(table) - set(IMPL_KEYS)
+    if unknown:
+        raise KeyError(f"implementation table keys must be among {IMPL_KEYS}, got {sorted(unknown)}")
+    key = "kernel" if uses_kernels(name) else name
+    if key == "kernel" and key not in table:
+        key = "torch"
+    return table[key]
+
+
+def kernels(op: str):
+    """The Triton device code of one op, ``rlloss.kernels.<op>`` (imported on first use)."""
+    return importlib.import_module(f"{__package__}.kernels.{op}")
