@@ -345,13 +345,16 @@ class SharedPrefixLayout:
 
 # Candidate query-block sizes; the plan takes the cheapest by the cost model below.
 _TORCH_BLOCKS = (16, 32, 64, 128, 256)
-# The cost model of a plan, in estimated nanoseconds of forward + backward on one core (fitted on a 2-core
-# x86 CPU, float32, d = 64; only the ratios steer the choice): per (query, key) pair, q head and head-dim
-# lane of SDPA; per gathered key row, kv head and lane (the copies, the gradient's scatter, SDPA's per-key
-# work); per SDPA call (a bucket).
-_NS_PER_PAIR = 0.32
-_NS_PER_KEY_ROW = 8.0
-_NS_PER_CALL = 200_000.0
+# The cost model of a plan, in estimated nanoseconds of forward + backward (float32, d = 64; only the ratios
+# steer the choice): per (query, key) pair, q head and head-dim lane of SDPA, divided among the intra-op
+# threads; per gathered key row, kv head and lane (the copies, the gradient's scatter, SDPA's per-key work) and
+# per SDPA call (a bucket), which do not shrink with threads. Fitted on a 2-core x86 CPU to the block choices
+# that were fastest, interleaved, on 7 layouts at 1 and 2 threads : the
+# plan is within 0.2% of the best block on each. A per-call cost fitted at one core only, as before, picked
+# 64-row blocks where one 256-row call is 10% faster at 2 threads.
+_NS_PER_PAIR = 0.36
+_NS_PER_KEY_ROW = 10.0
+_NS_PER_CALL = 600_000.0
 # Key counts are binned on a geometric grid of this ratio before the buckets are chosen (exactly, by dynamic
 # programming over the bins).
 _BUCKET_GRID = 1.25
@@ -433,9 +436,10 @@ def _buckets(block_keys: List[int], ns_per_key: float) -> Tuple[float, List[List
     return best[-1], buckets
 
 
-def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: Optional[int] = None) -> dict:
+def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: Optional[int] = None,
+                threads: int = 1) -> dict:
     """The torch backend's plan for (Hq, Hkv, d) = ``heads``, built on the host once and cached on the layout
-    per device (``block`` forces a query-block size, for tests):
+    per device and intra-op thread count ``threads`` (``block`` forces a query-block size, for tests):
 
     ``block``; ``ns``, the estimated single-core time of forward + backward; ``order`` [blocks] int64, the
     blocks bucket after bucket, and ``restore``, its inverse permutation; ``keys`` [Σ n·K] int64, the key
@@ -443,18 +447,18 @@ def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: 
     bucket of n blocks padded to K keys, [n, 1, group·block, K] bool: row g·block + r of a block b (q head g
     of its kv group, token block·b + r) sees slot j. Rows past the stream's end see slot 0 only (no fully
     masked row, so no NaN)."""
-    cache_key = ("torch", heads, block, str(layout.device))
+    cache_key = ("torch", heads, block, threads, str(layout.device))
     if cache_key in layout._cache:
         return layout._cache[cache_key]
     Hq, Hkv, d = heads
     choices = {}
     for size in _TORCH_BLOCKS if block is None else (block,):
         ranges = _block_key_ranges(layout, size)
-        ns_per_key = d * (size * Hq * _NS_PER_PAIR + Hkv * _NS_PER_KEY_ROW)
-        ns, buckets = _buckets([sum(n for _, n in r) for r in ranges], ns_per_key)
+        ns, buckets = _buckets([sum(n for _, n in r) for r in ranges],
+                               d * (size * Hq * _NS_PER_PAIR / threads + Hkv * _NS_PER_KEY_ROW))
         choices[size] = (ns, ranges, buckets)
     block = min(choices, key=lambda size: choices[size][0])
-    ns, ranges, buckets = choices[block]
+    _, ranges, buckets = choices[block]
     order = [b for members in buckets for b in members]
     # Key tokens of every (block, slot), flattened in `order`: range r covers start_r … start_r + count_r − 1.
     spans = [ranges[b] for b in order]
@@ -462,6 +466,8 @@ def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: 
     range_count = torch.tensor([n for r in spans for _, n in r])
     range_block = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([len(r) for r in spans]))
     widths = [max(sum(n for _, n in ranges[b]) for b in members) for members in buckets]
+    ns = sum(_NS_PER_CALL + len(members) * K * d * (block * Hq * _NS_PER_PAIR + Hkv * _NS_PER_KEY_ROW)
+             for members, K in zip(buckets, widths))  # on one core
     width = torch.repeat_interleave(torch.tensor(widths), torch.tensor([len(m) for m in buckets]))
     first_slot = torch.cumsum(width, 0) - width                    # of each block in `order`
     key_range = torch.repeat_interleave(torch.arange(len(range_count)), range_count)
@@ -600,8 +606,12 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout
     float32 (float64 for float64 inputs). On a busy CPU a small problem runs on fewer intra-op threads,
     forward and backward: at most one per `_NS_PER_THREAD` of estimated work. ``block`` forces a query-block
     size (tests)."""
-    plan = _torch_plan(layout, (q.shape[1], k.shape[1], q.shape[2]), block)
-    threads = _torch_threads(plan)
+    heads = (q.shape[1], k.shape[1], q.shape[2])
+    threads = torch.get_num_threads() if q.device.type == "cpu" else 1
+    plan = _torch_plan(layout, heads, block, threads)
+    if q.device.type == "cpu" and _torch_threads(plan) != threads:  # a busy machine: plan for fewer threads
+        threads = _torch_threads(plan)
+        plan = _torch_plan(layout, heads, block, threads)
     if q.device.type != "cpu" or threads == torch.get_num_threads():
         return _blocked_attention(q, k, v, plan, scale)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
