@@ -1159,7 +1159,7 @@ def policy_loss(
 def _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy, rollout_logprobs,
                            num_items_in_batch, num_sequences_in_batch, pos_logprobs, neg_logprobs, rollout_weights,
                            epsilon_low, epsilon_high, check_inputs) -> PolicyLossOutput:
-    """:func:`policy_loss` on the reference backend, from the inputs :func:`policy_loss` checked."""
+    """:func:`policy_loss` on the reference backend, from inputs :func:`policy_loss` (or FusedPolicyLoss) checked."""
     aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)  # checks
     out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     loss, metrics = reference.policy_loss(
@@ -1448,17 +1448,15 @@ class FusedPolicyLoss(torch.nn.Module):
         linear = linear._replace(targets=kernel_targets)
         options = linear.options
 
-        if is_reference(options.backend):
+        if is_reference(options.backend):  # the inputs are checked: straight to the oracle
             logprobs, entropy = reference.token_logprobs(
                 linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
                 softcap=options.softcap, ignore_index=_NOT_COUNTED,
             )
-            return policy_loss(logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs,
-                               entropy=entropy, rollout_logprobs=rollout_logprobs,
-                               num_items_in_batch=num_items_in_batch,
-                               num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs,
-                               neg_logprobs=neg_logprobs, rollout_weights=rollout_weights, epsilon_low=epsilon_low,
-                               epsilon_high=epsilon_high, check_inputs=False, backend=options.backend)
+            return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
+                                          rollout_logprobs, num_items_in_batch, num_sequences_in_batch,
+                                          pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
+                                          check)
 
         hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
         mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,
