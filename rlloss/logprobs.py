@@ -569,6 +569,17 @@ def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> T
     return targets
 
 
+def masked_targets(mask: object, targets: Tensor, ignore_index: int, check_values: bool) -> Tensor:
+    """``targets`` with ``ignore_index`` where ``mask`` (targets' shape, bool or 0/1) is False: those tokens then
+    give 0 and exactly zero gradient on every backend, as ignored ones do (one host read for a non-bool mask
+    when ``check_values``)."""
+    mask = _checks.tensor("mask", mask)
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask must have targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    _checks.same_device(targets=targets, mask=mask)
+    return targets.masked_fill(~_checks.mask(mask, targets.shape, check_values), ignore_index)
+
+
 def _check_float_dtype(name: str, x: Tensor, backend: str) -> None:
     allowed = accepted_dtypes(backend)
     _checks.dtype_in(name, x, allowed)
@@ -685,6 +696,7 @@ def token_logprobs(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = False,
+    mask: Optional[Tensor] = None,
     ignore_index: int = -100,
     max_scratch_bytes: Optional[int] = None,
     batch_invariant: bool = False,
@@ -711,6 +723,10 @@ def token_logprobs(
         temperature: T > 0 dividing the logits (after the soft-cap).
         softcap: c > 0 for Gemma-style logit soft-capping, or None.
         return_entropy: also return the entropy (otherwise ``entropy`` is None).
+        mask: optional [...] bool (or 0/1) with targets' shape, True where a token is scored: tokens outside it
+            give 0 and receive exactly zero gradient, as ``ignore_index`` tokens do, whatever their targets or
+            hidden rows hold. Combines with ``ignore_index``: a token counts when its mask is True and its target
+            is not ``ignore_index``.
         ignore_index: target value whose tokens give 0 and receive exactly zero gradient, even when their
             hidden rows hold inf or NaN.
         max_scratch_bytes: bound on the logit scratch of one chunk; None = 256 MiB on CUDA (294 tokens at
@@ -719,9 +735,9 @@ def token_logprobs(
         batch_invariant: make each token's log-prob and entropy bitwise independent of N, of the chunk size
             and of the other rows (fixed chunk shape and vocabulary reduction order), so that trainer and
             inference engine can agree bit for bit. Costs padding of the last chunk.
-        check_inputs: run the checks that read device values (targets in range). With False the call never
-            synchronises with the host (CUDA-graph capture, ``torch.compile`` without graph breaks); bad
-            targets then give undefined results instead of an error.
+        check_inputs: run the checks that read device values (targets in range where they count, a non-bool
+            mask holding only 0/1). With False the call never synchronises with the host (CUDA-graph capture,
+            ``torch.compile`` without graph breaks); bad targets then give undefined results instead of an error.
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the
             device (``triton`` on CUDA, ``torch`` elsewhere). See docs/backends.md.
         process_group: a ``torch.distributed`` group over which the lm_head is sharded by vocabulary rows
@@ -738,9 +754,10 @@ def token_logprobs(
         built and nothing is saved — the cheap path for teacher and old-policy log-probs.
 
     Raises:
-        TypeError: non-tensor arguments, non-floating or mismatched dtypes, targets not int64.
-        ValueError: wrong ranks or shapes, V = 0, targets out of range, tensors on different devices,
-            temperature or softcap not finite and > 0, max_scratch_bytes ≤ 0, an unusable backend.
+        TypeError: non-tensor arguments, non-floating or mismatched dtypes, targets not int64, a complex mask.
+        ValueError: wrong ranks or shapes (mask included), V = 0, targets out of range, a mask with values other
+            than 0/1, tensors on different devices, temperature or softcap not finite and > 0,
+            max_scratch_bytes ≤ 0, an unusable backend.
 
     Example:
         >>> h, W = torch.randn(2, 5, 16), torch.randn(100, 16)
@@ -750,10 +767,15 @@ def token_logprobs(
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
     _checks.boolean("check_inputs", check_inputs)
+    check_range = check_inputs and process_group is None
     inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
-                                 batch_invariant=batch_invariant,
-                                 check_range=check_inputs and process_group is None)
+                                 batch_invariant=batch_invariant, check_range=check_range and mask is None)
+    if mask is not None:
+        inputs = inputs._replace(targets=masked_targets(mask, inputs.targets, inputs.options.ignore_index,
+                                                        check_inputs))
+        if check_range:
+            _checks.targets_in_range(inputs.targets, inputs.weight.shape[0], inputs.options.ignore_index)
     options = inputs.options
     targets = inputs.targets
     if process_group is not None:
@@ -794,6 +816,7 @@ def logprobs_from_logits(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    mask: Optional[Tensor] = None,
     ignore_index: int = -100,
     inplace_backward: bool = False,
     max_scratch_bytes: Optional[int] = None,
@@ -811,6 +834,9 @@ def logprobs_from_logits(
         targets: [...] int64 with logits' leading shape; values in [0, V) or ``ignore_index``.
         temperature: T > 0 dividing the logits.
         return_entropy: also return the entropy (otherwise ``entropy`` is None).
+        mask: optional [...] bool (or 0/1) with targets' shape, True where a row is scored: rows outside it give
+            0 and receive exactly zero gradient, as ``ignore_index`` rows do (combined as in
+            :func:`token_logprobs`).
         ignore_index: target value whose rows give 0 and receive exactly zero gradient.
         inplace_backward: the backward writes d(loss)/d(logits) into the logits' own buffer instead of
             allocating another [..., V] tensor. The logits must then not be read after the backward (not by
@@ -839,6 +865,8 @@ def logprobs_from_logits(
     if V == 0:
         raise ValueError("logits must have a vocabulary dimension of at least 1, got V = 0")
     options = check_options(temperature, None, ignore_index, name, max_scratch_bytes, False, logits.device)
+    if mask is not None:
+        targets = masked_targets(mask, targets, options.ignore_index, check_inputs)
     if check_inputs:
         _checks.targets_in_range(targets, V, options.ignore_index)
 
