@@ -1,25 +1,35 @@
 """Backend choice shared by every op (see docs/backends.md).
 
-``triton``     the compiled kernels, CUDA tensors only.
-``interpret``  the same kernels under Triton's interpreter (CPU tensors, ``TRITON_INTERPRET=1`` set before
-               rlloss is imported): slow, for tests on machines without a GPU.
+``triton``     the Triton kernels of ``rlloss.kernels``: compiled, on CUDA tensors; or run by Triton's interpreter,
+               on CPU tensors, when the kernels module was built interpreted (``TRITON_INTERPRET=1`` set before
+               rlloss is imported, ``rlloss.kernels.INTERPRETED``): slow, for tests on machines without a GPU.
 ``torch``      the same algorithm in chunked PyTorch: any device, the default off CUDA.
 ``reference``  the naive formulas of ``rlloss.reference``: the oracle, float64-capable.
 
+``interpret`` is a deprecated alias of ``triton`` (whether the kernels are interpreted is a property of the
+process, not of a call); it warns once and will be removed in the next release.
+
 An explicit ``backend=`` argument wins over the ``RLLOSS_BACKEND`` environment variable, which wins over the
 automatic choice from the inputs' device.
+
+This is the one module that compares backend names: op modules give :func:`implementation` their table or ask
+the predicates below.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Mapping, Optional, Tuple, TypeVar
 
 import torch
 
-BACKENDS = ("triton", "interpret", "torch", "reference")
-KERNEL_BACKENDS = ("triton", "interpret")  # the ones that run the Triton kernels
+TRITON, TORCH, REFERENCE = "triton", "torch", "reference"
+BACKENDS = (TRITON, TORCH, REFERENCE)
+DEPRECATED_ALIASES = {"interpret": TRITON}  # old name -> its replacement, accepted for one release
 ENV_VAR = "RLLOSS_BACKEND"
+
+_warned_aliases: set = set()
 
 
 def triton_import_error() -> Optional[str]:
@@ -38,8 +48,24 @@ def kernels_interpreted() -> bool:
     return kernels.INTERPRETED
 
 
+def check_name(backend: Optional[str]) -> None:
+    """Reject a ``backend=`` that names no backend (None, the automatic choice, and deprecated aliases pass)."""
+    if backend is not None and backend not in BACKENDS and backend not in DEPRECATED_ALIASES:
+        raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+
+
+def _replace_alias(name: str, source: str) -> str:
+    new = DEPRECATED_ALIASES[name]
+    if name not in _warned_aliases:
+        _warned_aliases.add(name)
+        warnings.warn(f"{source}{name!r} is deprecated and will be removed in the next release; use {source}{new!r} "
+                      f"(the Triton kernels run interpreted on CPU tensors whenever TRITON_INTERPRET=1 was set "
+                      f"before rlloss was imported)", DeprecationWarning, stacklevel=3)
+    return new
+
+
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """Pick the backend for inputs on ``device`` and check that it can run there.
+    """Pick the backend for inputs on ``device`` and check that it can run there: one of :data:`BACKENDS`.
 
     Raises:
         ValueError: unknown backend name, or a backend that cannot run on ``device``.
@@ -48,38 +74,35 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     name = backend if backend is not None else os.environ.get(ENV_VAR) or None
     source = "backend=" if backend is not None else f"{ENV_VAR}="
     if name is None:
-        return "triton" if device.type == "cuda" and triton_import_error() is None else "torch"
+        return TRITON if device.type == "cuda" and triton_import_error() is None else TORCH
+    if name in DEPRECATED_ALIASES:
+        name = _replace_alias(name, source)
     if name not in BACKENDS:
         raise ValueError(f"{source}{name!r} is not a backend; expected one of {BACKENDS}")
-    if name in ("triton", "interpret"):
+    if name == TRITON:
         err = triton_import_error()
         if err is not None:
             raise RuntimeError(f"{source}{name!r} needs Triton, which failed to import ({err})")
         interpreted = kernels_interpreted()
-        if name == "triton":
-            if device.type != "cuda":
-                raise ValueError(f"{source}'triton' needs CUDA tensors, got tensors on {device}")
-            if interpreted:
-                raise RuntimeError(
-                    f"{source}'triton' cannot run: TRITON_INTERPRET=1 was set when rlloss was imported, "
-                    "so the kernels were built for the interpreter"
-                )
-        else:
-            if device.type != "cpu":
-                raise ValueError(f"{source}'interpret' runs on CPU tensors, got tensors on {device}")
-            if not interpreted:
-                raise RuntimeError(
-                    f"{source}'interpret' needs TRITON_INTERPRET=1 in the environment before rlloss is "
-                    "imported (Triton decides at import whether its kernels are interpreted)"
-                )
+        if device.type == "cuda" and interpreted:
+            raise RuntimeError(
+                f"{source}'triton' cannot run CUDA tensors here: TRITON_INTERPRET=1 was set when rlloss was "
+                "imported, so the kernels were built for Triton's interpreter, which runs CPU tensors")
+        if device.type == "cpu" and not interpreted:
+            raise ValueError(
+                f"{source}'triton' needs CUDA tensors, got tensors on cpu (the kernels run CPU tensors only "
+                "under Triton's interpreter: TRITON_INTERPRET=1 set before rlloss is imported)")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{source}'triton' needs CUDA tensors (or CPU tensors under Triton's interpreter), "
+                             f"got tensors on {device}")
     return name
 
 
 def accepted_dtypes(name: str) -> Tuple[torch.dtype, ...]:
-    """The floating dtypes backend ``name`` computes in: the kernel backends have no float64."""
+    """The floating dtypes backend ``name`` computes in: the kernels have no float64."""
     from . import _checks
 
-    return _checks.KERNEL_DTYPES if name in KERNEL_BACKENDS else _checks.FLOAT_DTYPES
+    return _checks.KERNEL_DTYPES if uses_kernels(name) else _checks.FLOAT_DTYPES
 
 
 # --- the one place backend names are compared -------------------------------------------------------------
@@ -87,36 +110,37 @@ def accepted_dtypes(name: str) -> Tuple[torch.dtype, ...]:
 # their table {"reference": ..., "torch": ..., "kernel": ...} and call what it returns.
 
 T = TypeVar("T")
-IMPL_KEYS = ("reference", "torch", "kernel")
+IMPL_KEYS = (REFERENCE, TORCH, "kernel")
 
 
 def uses_kernels(name: str) -> bool:
-    """True for the backends that run the Triton kernels (compiled or interpreted)."""
-    return name in KERNEL_BACKENDS
+    """True for the backend that runs the Triton kernels (compiled or interpreted)."""
+    return name == TRITON
 
 
 def is_reference(name: str) -> bool:
     """True for the float64-capable naive oracle of ``rlloss.reference``."""
-    return name == "reference"
+    return name == REFERENCE
 
 
 def is_torch(name: str) -> bool:
     """True for the chunked PyTorch backend."""
-    return name == "torch"
+    return name == TORCH
 
 
 def implementation(table: Mapping[str, T], name: str) -> T:
     """The entry of an op's implementation table for backend ``name``.
 
-    ``table`` maps "reference", "torch" and "kernel" (both kernel backends) to one callable each, all with the
-    op's one signature; an op without a kernel leaves "kernel" out and its kernel backends run "torch".
+    ``table`` maps "reference", "torch" and "kernel" (the ``triton`` backend, compiled or interpreted) to one
+    callable each, all with the op's one signature; an op without a kernel leaves "kernel" out and the ``triton``
+    backend runs its "torch" entry.
     """
     unknown = set(table) - set(IMPL_KEYS)
     if unknown:
         raise KeyError(f"implementation table keys must be among {IMPL_KEYS}, got {sorted(unknown)}")
     key = "kernel" if uses_kernels(name) else name
     if key == "kernel" and key not in table:
-        key = "torch"
+        key = TORCH
     return table[key]
 
 

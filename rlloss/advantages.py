@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _checks
 from . import reference
+from . import _backend
 from ._backend import resolve_backend
 
 __all__ = ["ADVANTAGE_MODES", "VERL_MODES", "ALL_MODES", "group_advantages"]
@@ -571,9 +572,9 @@ def group_advantages(
             values then give unspecified results (the kernels never access memory outside the batch) instead
             of an error. Every check that needs no device read — types, shapes, dtypes, devices, mode, eps,
             singleton, ``group_size`` dividing B, a Python sequence of sizes — always runs.
-        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
             ``reference`` always reads the sizes on the host. ``mc_grpo`` runs the torch backend under
-            "triton" / "interpret" (the kernels have no count of non-zero advantages).
+            "triton" (the kernels have no count of non-zero advantages).
 
     Returns:
         Advantages [B], float32 (float64 for float64 rewards), detached: no gradient flows to the rewards.
@@ -604,44 +605,57 @@ def group_advantages(
     sizes_on_host = sizes is not None and sizes.device.type == "cpu" and (
         check_inputs or not isinstance(group_sizes, Tensor))
     eps = _check_eps(eps, mode)
-    verl_singleton = _check_singleton(singleton, mode)
+    _check_singleton(singleton, mode)
     lengths = _check_response_lengths(response_lengths, mode, rewards, check_inputs)
     baselines = _check_baselines(baselines, mode, rewards, check_inputs)
-    name = resolve_backend(backend, rewards.device)
-    if mode == "mc_grpo" and name in ("triton", "interpret"):
-        name = "torch"
+    impl = _backend.implementation(_IMPLEMENTATIONS, resolve_backend(backend, rewards.device))
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
 
     if B == 0:
         return torch.empty((0,), dtype=out_dtype, device=rewards.device)
-    if name == "reference":
-        per_group = None
-        if grouped:
-            per_group = [group_size] * (B // group_size) if group_size is not None else sizes.tolist()
-        return reference.group_advantages(
-            rewards, per_group, mode=mode, eps=eps, singleton=singleton, response_lengths=lengths,
-            baselines=baselines,
-        ).to(out_dtype)
-    if name == "torch":
-        groups = _Groups(B, group_size, sizes, rewards.device) if grouped else None
-        return _torch_group_advantages(rewards, groups, mode, eps, verl_singleton, lengths, baselines).to(out_dtype)
-    from .kernels import advantages as kernels
+    return impl(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines).to(out_dtype)
 
+
+# One signature for every backend: checked rewards [B] (B > 0), the grouping (group_size or [G] sizes, and whether
+# those sizes can be read on the host without a sync), and the checked mode options.
+
+
+def _reference_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines):
+    per_group = None
+    if mode not in _UNGROUPED_MODES:
+        per_group = [group_size] * (rewards.shape[0] // group_size) if group_size is not None else sizes.tolist()
+    return reference.group_advantages(rewards, per_group, mode=mode, eps=eps, singleton=singleton,
+                                      response_lengths=lengths, baselines=baselines)
+
+
+def _torch_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines):
+    groups = _Groups(rewards.shape[0], group_size, sizes, rewards.device) if mode not in _UNGROUPED_MODES else None
+    return _torch_group_advantages(rewards, groups, mode, eps, singleton == "verl", lengths, baselines)
+
+
+def _kernel_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines):
+    if mode == "mc_grpo":  # the kernels have no count of non-zero advantages
+        return _torch_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines)
+    B = rewards.shape[0]
     if group_size is not None:
         max_size = group_size
     else:
         max_size = int(sizes.max()) if sizes_on_host else None  # never a device read
-    return kernels.group_advantages(
-        rewards.contiguous(), _offsets(B, group_size, sizes, rewards.device) if grouped else None, mode=mode,
-        eps=eps, max_group_size=max_size, verl_singleton=verl_singleton, lengths=lengths, baselines=baselines,
+    offsets = _offsets(B, group_size, sizes, rewards.device) if mode not in _UNGROUPED_MODES else None
+    return _backend.kernels("advantages").group_advantages(
+        rewards.contiguous(), offsets, mode=mode, eps=eps, max_group_size=max_size,
+        verl_singleton=singleton == "verl", lengths=lengths, baselines=baselines,
     )
+
+
+_IMPLEMENTATIONS = dict(reference=_reference_advantages, torch=_torch_advantages, kernel=_kernel_advantages)
 
 
 def _by_group_ids(rewards: Tensor, group_ids: Tensor, *, mode, eps, singleton, response_lengths, baselines,
                   check_inputs, backend) -> Tensor:
     """:func:`group_advantages` over the groups of equal ``group_ids``: the batch sorted by id (stably) is a
     run of consecutive groups; the advantages go back to the original order."""
-    if resolve_backend(backend, rewards.device) == "reference":
+    if _backend.is_reference(resolve_backend(backend, rewards.device)):
         _check_singleton(singleton, mode)
         out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
         return reference.group_advantages(

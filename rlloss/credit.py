@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _checks
 from . import reference
-from ._backend import resolve_backend
+from ._backend import accepted_dtypes, implementation, kernels, resolve_backend
 
 __all__ = ["LinearDecay", "contrastive_credit", "credit_advantage"]
 
@@ -97,7 +97,7 @@ def contrastive_credit(
         lam: λ ∈ [0, 1], the weight of the credit (see :class:`LinearDecay` for the usual schedule).
         eps_w: ε_w ∈ [0, 1), the clip of the token weight.
         mode: "cepo" or "rlsd".
-        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
 
     Returns:
         [B, T] float32 (float64 when an input is float64 on the ``torch`` / ``reference`` backends), detached.
@@ -136,30 +136,42 @@ def contrastive_credit(
     _checks.same_device(advantages=advantages, mask=mask, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
                         base_logprobs=base_logprobs)
     name = resolve_backend(backend, mask.device)
-    if name in ("triton", "interpret"):
-        for arg, x in (("advantages", advantages), ("pos_logprobs", pos_logprobs),
-                       ("neg_logprobs" if mode == "cepo" else "base_logprobs", base)):
-            _checks.dtype_in(arg, x, _checks.KERNEL_DTYPES)
+    for arg, x in (("advantages", advantages), ("pos_logprobs", pos_logprobs),
+                   ("neg_logprobs" if mode == "cepo" else "base_logprobs", base)):
+        _checks.dtype_in(arg, x, accepted_dtypes(name))
     advantages, pos_logprobs, base = advantages.detach(), pos_logprobs.detach(), base.detach()
     wide = any(x.dtype == torch.float64 for x in (advantages, pos_logprobs, base))
     out_dtype = torch.float64 if wide else torch.float32
+    impl = implementation(_IMPLEMENTATIONS, name)
+    return impl(advantages, mask, pos_logprobs, base, lam, eps_w, mode, out_dtype)
 
-    if name == "reference":
-        kwargs = {"neg_logprobs": base} if mode == "cepo" else {"base_logprobs": base}
-        return reference.contrastive_credit(advantages, mask, pos_logprobs, lam=lam, eps_w=eps_w, mode=mode,
-                                            **kwargs).to(out_dtype)
-    if name == "torch":
-        B, T = shape
-        zero = torch.zeros((), dtype=out_dtype, device=mask.device)
 
-        def load(x):  # masked tokens read as 0, whatever they hold
-            return torch.where(mask, x.to(out_dtype), zero)
+# One signature for every backend: checked, detached inputs (``base`` is ℓ⁻ for "cepo", ℓ° for "rlsd"), the
+# checked λ, ε_w and mode, and the result's dtype.
 
-        adv = load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
-        return credit_advantage(adv, load(pos_logprobs) - load(base), lam, eps_w)
-    from .kernels import credit as kernels
 
-    return kernels.credit_rows(advantages, mask, pos_logprobs, base, lam=lam, eps_w=eps_w)
+def _reference_credit(advantages, mask, pos_logprobs, base, lam, eps_w, mode, out_dtype):
+    kwargs = {"neg_logprobs": base} if mode == "cepo" else {"base_logprobs": base}
+    return reference.contrastive_credit(advantages, mask, pos_logprobs, lam=lam, eps_w=eps_w, mode=mode,
+                                        **kwargs).to(out_dtype)
+
+
+def _torch_credit(advantages, mask, pos_logprobs, base, lam, eps_w, mode, out_dtype):
+    B, T = mask.shape
+    zero = torch.zeros((), dtype=out_dtype, device=mask.device)
+
+    def load(x):  # masked tokens read as 0, whatever they hold
+        return torch.where(mask, x.to(out_dtype), zero)
+
+    adv = load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    return credit_advantage(adv, load(pos_logprobs) - load(base), lam, eps_w)
+
+
+def _kernel_credit(advantages, mask, pos_logprobs, base, lam, eps_w, mode, out_dtype):
+    return kernels("credit").credit_rows(advantages, mask, pos_logprobs, base, lam=lam, eps_w=eps_w)
+
+
+_IMPLEMENTATIONS = dict(reference=_reference_credit, torch=_torch_credit, kernel=_kernel_credit)
 
 
 # --- the λ schedule ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
+from ._backend import is_reference
 from .logprobs import LinearOptions, RowStats, VocabShard, merge_stats, run_pass
 
 __all__ = ["GlobalCounts", "global_counts"]
@@ -58,9 +59,9 @@ def check_process_group(group, backend: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first, or pass process_group=None")
-    if backend == "reference":
+    if is_reference(backend):
         raise ValueError("process_group (a vocabulary-sharded lm_head) is not supported on the reference backend; "
-                         "use backend='torch' (CPU), 'triton' or 'interpret'")
+                         "use backend='torch' or 'triton'")
 
 
 def local_targets(targets: Tensor, layout: VocabLayout, ignore_index: int) -> Tensor:

@@ -19,7 +19,8 @@ from typing import Callable, List, Optional
 import torch
 
 from . import reference
-from ._backend import ENV_VAR, resolve_backend, triton_import_error
+from ._backend import (BACKENDS, DEPRECATED_ALIASES, ENV_VAR, TORCH, TRITON, is_reference, is_torch,
+                       kernels_interpreted, uses_kernels, resolve_backend, triton_import_error)
 
 
 @dataclass
@@ -60,8 +61,9 @@ def environment_report(device: torch.device) -> List[str]:
     else:
         lines.append("GPU           none (CUDA not available)")
     err = triton_import_error()
-    lines.append(f"kernels       {'importable' if err is None else 'unavailable: ' + err}"
-                 f"{'; TRITON_INTERPRET=1 (interpreter)' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
+    interpreted = err is None and kernels_interpreted()
+    note = "; built for Triton's interpreter (TRITON_INTERPRET=1): triton runs CPU tensors" if interpreted else ""
+    lines.append(f"kernels       {'importable' if err is None else 'unavailable: ' + err}{note}")
     forced = os.environ.get(ENV_VAR)
     try:
         chosen = resolve_backend(None, device)
@@ -229,18 +231,20 @@ def self_test(device: torch.device, backends: List[str]) -> List[CheckResult]:
 
 def _default_backends(device: torch.device) -> List[str]:
     backends = [resolve_backend(None, device)]
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_import_error() is None:
-        backends.append("interpret")
-    if device.type == "cuda" and "torch" not in backends:
-        backends.append("torch")
+    if device.type == "cpu" and not uses_kernels(backends[0]) and triton_import_error() is None \
+            and kernels_interpreted():
+        backends.append(TRITON)  # the kernels under Triton's interpreter
+    if device.type == "cuda" and not is_torch(backends[0]):
+        backends.append(TORCH)
     return backends
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlloss.doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", action="append", choices=["triton", "interpret", "torch"],
+    choices = [b for b in BACKENDS if not is_reference(b)] + list(DEPRECATED_ALIASES)  # reference: the yardstick
+    parser.add_argument("--backend", action="append", choices=choices,
                         help="backend(s) to self-test (default: the automatic one, plus torch on CUDA and "
-                             "interpret when TRITON_INTERPRET=1)")
+                             "triton on CPU when TRITON_INTERPRET=1 built the kernels for the interpreter)")
     parser.add_argument("--device", default=None, help="device to test on (default: cuda if available)")
     parser.add_argument("--no-self-test", action="store_true", help="print the environment report only")
     args = parser.parse_args(argv)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._backend import TORCH
 from .advantages import _check_rewards, check_grouping, group_advantages
 
 __all__ = ["mc_grpo_keep_mask", "d3s_sample_mask", "discounted_returns", "gigpo_advantages",
@@ -67,7 +68,7 @@ def mc_grpo_keep_mask(rewards: Tensor, *, group_size: Optional[int] = None, grou
     rewards = _checks.tensor("rewards", rewards)
     index = _group_index(rewards, group_size, group_sizes, group_ids)
     centered = group_advantages(rewards.double(), group_size=group_size, group_sizes=group_sizes,
-                                group_ids=group_ids, mode="median", backend="torch")
+                                group_ids=group_ids, mode="median", backend=TORCH)
     return ~_first_per_group(centered == 0, index)
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._backend import accepted_dtypes, resolve_backend
+from ._backend import accepted_dtypes, implementation, kernels, resolve_backend, uses_kernels
 from . import reference
 
 __all__ = ["TokenLogprobs", "token_logprobs", "logprobs_from_logits", "merge_stats"]
@@ -134,7 +134,7 @@ def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str, softcap: Optional
     """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus the gradient in the input
     dtype on the kernels when that is 16-bit (the torch executor's block buffers are a fixed ~1 MiB more)."""
     size = compute_dtype(dtype).itemsize
-    if backend == "torch":
+    if not uses_kernels(backend):
         return size
     return size + (dtype.itemsize if dtype.itemsize < size else 0)
 
@@ -335,7 +335,7 @@ def run_pass(
         return _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias)
 
     rows = chunk_rows(N, V if shard is None else shard.chunk_vocab, x.dtype, options)
-    kernel_path = backend != "torch"
+    kernel_path = uses_kernels(backend)
     on_cuda_16bit = x.is_cuda and x.dtype.itemsize < 4 and linear and _cuda_out_dtype_gemm(device)
     w_gemm = None
     if linear:
@@ -376,9 +376,9 @@ def run_pass(
         if stats is not None:
             chunk_stats = RowStats(*(t[begin:end] for t in stats))
         elif kernel_path:
-            partial = _kernels().logits_stats(z, bias, tgt_c, ignore_index=options.ignore_index,
-                                              temperature=options.temperature, softcap=options.softcap,
-                                              batch_invariant=options.batch_invariant)
+            partial = kernels("logprobs").logits_stats(z, bias, tgt_c, ignore_index=options.ignore_index,
+                                                       temperature=options.temperature, softcap=options.softcap,
+                                                       batch_invariant=options.batch_invariant)
             chunk_stats = merge_stats(partial.to(cd))
         else:
             chunk_stats = _torch_stats(z, bias, options, floor, safe_c, e_buf)
@@ -408,9 +408,9 @@ def run_pass(
                 target_buf = dz_buf[:n] if dz_buf is not None else z
             else:
                 target_buf = grad_x[begin:end]
-            dz = _kernels().dlogits(z, bias, tgt_c, chunk_stats.shift.float(), *(c.float() for c in coef),
-                                    ignore_index=options.ignore_index, temperature=options.temperature,
-                                    softcap=options.softcap, out=target_buf)
+            dz = kernels("logprobs").dlogits(z, bias, tgt_c, chunk_stats.shift.float(), *(c.float() for c in coef),
+                                             ignore_index=options.ignore_index, temperature=options.temperature,
+                                             softcap=options.softcap, out=target_buf)
         else:
             if shard is not None and stats is None:  # z holds z − M of this shard: shift it by the global M
                 z.sub_((chunk_stats.shift - local_shift)[:, None])
@@ -444,12 +444,6 @@ def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, wei
 
 
 # --- autograd -----------------------------------------------------------------------------------------
-
-
-def _kernels():
-    from .kernels import logprobs as kernels
-
-    return kernels
 
 
 # The hidden-state path is a torch.library custom op with a fake (meta) implementation and a registered
@@ -575,6 +569,17 @@ def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> T
     return targets
 
 
+def masked_targets(mask: object, targets: Tensor, ignore_index: int, check_values: bool) -> Tensor:
+    """``targets`` with ``ignore_index`` where ``mask`` (targets' shape, bool or 0/1) is False: those tokens then
+    give 0 and exactly zero gradient on every backend, as ignored ones do (one host read for a non-bool mask
+    when ``check_values``)."""
+    mask = _checks.tensor("mask", mask)
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask must have targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    _checks.same_device(targets=targets, mask=mask)
+    return targets.masked_fill(~_checks.mask(mask, targets.shape, check_values), ignore_index)
+
+
 def _check_float_dtype(name: str, x: Tensor, backend: str) -> None:
     allowed = accepted_dtypes(backend)
     _checks.dtype_in(name, x, allowed)
@@ -691,6 +696,7 @@ def token_logprobs(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = False,
+    mask: Optional[Tensor] = None,
     ignore_index: int = -100,
     max_scratch_bytes: Optional[int] = None,
     batch_invariant: bool = False,
@@ -717,6 +723,10 @@ def token_logprobs(
         temperature: T > 0 dividing the logits (after the soft-cap).
         softcap: c > 0 for Gemma-style logit soft-capping, or None.
         return_entropy: also return the entropy (otherwise ``entropy`` is None).
+        mask: optional [...] bool (or 0/1) with targets' shape, True where a token is scored: tokens outside it
+            give 0 and receive exactly zero gradient, as ``ignore_index`` tokens do, whatever their targets or
+            hidden rows hold. Combines with ``ignore_index``: a token counts when its mask is True and its target
+            is not ``ignore_index``.
         ignore_index: target value whose tokens give 0 and receive exactly zero gradient, even when their
             hidden rows hold inf or NaN.
         max_scratch_bytes: bound on the logit scratch of one chunk; None = 256 MiB on CUDA (294 tokens at
@@ -725,10 +735,10 @@ def token_logprobs(
         batch_invariant: make each token's log-prob and entropy bitwise independent of N, of the chunk size
             and of the other rows (fixed chunk shape and vocabulary reduction order), so that trainer and
             inference engine can agree bit for bit. Costs padding of the last chunk.
-        check_inputs: run the checks that read device values (targets in range). With False the call never
-            synchronises with the host (CUDA-graph capture, ``torch.compile`` without graph breaks); bad
-            targets then give undefined results instead of an error.
-        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the
+        check_inputs: run the checks that read device values (targets in range where they count, a non-bool
+            mask holding only 0/1). With False the call never synchronises with the host (CUDA-graph capture,
+            ``torch.compile`` without graph breaks); bad targets then give undefined results instead of an error.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the
             device (``triton`` on CUDA, ``torch`` elsewhere). See docs/backends.md.
         process_group: a ``torch.distributed`` group over which the lm_head is sharded by vocabulary rows
             (tensor parallelism): ``weight`` (and ``bias``) hold this rank's contiguous rows, rank r's after
@@ -744,9 +754,10 @@ def token_logprobs(
         built and nothing is saved — the cheap path for teacher and old-policy log-probs.
 
     Raises:
-        TypeError: non-tensor arguments, non-floating or mismatched dtypes, targets not int64.
-        ValueError: wrong ranks or shapes, V = 0, targets out of range, tensors on different devices,
-            temperature or softcap not finite and > 0, max_scratch_bytes ≤ 0, an unusable backend.
+        TypeError: non-tensor arguments, non-floating or mismatched dtypes, targets not int64, a complex mask.
+        ValueError: wrong ranks or shapes (mask included), V = 0, targets out of range, a mask with values other
+            than 0/1, tensors on different devices, temperature or softcap not finite and > 0,
+            max_scratch_bytes ≤ 0, an unusable backend.
 
     Example:
         >>> h, W = torch.randn(2, 5, 16), torch.randn(100, 16)
@@ -756,10 +767,15 @@ def token_logprobs(
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
     _checks.boolean("check_inputs", check_inputs)
+    check_range = check_inputs and process_group is None
     inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
-                                 batch_invariant=batch_invariant,
-                                 check_range=check_inputs and process_group is None)
+                                 batch_invariant=batch_invariant, check_range=check_range and mask is None)
+    if mask is not None:
+        inputs = inputs._replace(targets=masked_targets(mask, inputs.targets, inputs.options.ignore_index,
+                                                        check_inputs))
+        if check_range:
+            _checks.targets_in_range(inputs.targets, inputs.weight.shape[0], inputs.options.ignore_index)
     options = inputs.options
     targets = inputs.targets
     if process_group is not None:
@@ -767,17 +783,31 @@ def token_logprobs(
 
         logprobs, entropy = vocab_parallel_logprobs(*prepare_linear(inputs), options, process_group, check_inputs)
         logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
-    elif options.backend == "reference":
-        logprobs, entropy = reference.token_logprobs(
-            inputs.hidden, inputs.weight, targets, bias=inputs.bias, temperature=options.temperature,
-            softcap=options.softcap, ignore_index=options.ignore_index)
-        out_dtype = compute_dtype(inputs.hidden.dtype)
-        logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
     else:
-        # Forward only when nothing needs a gradient (teacher or old-policy passes): no autograd node.
-        logprobs, entropy = _linear_logprobs(*prepare_linear(inputs), options)
-        logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
+        logprobs, entropy = implementation(_LINEAR_IMPLEMENTATIONS, options.backend)(inputs)
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
+
+
+# token_logprobs per backend, one signature: checked inputs -> (logprobs, entropy) with targets' shape.
+
+
+def _reference_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor]:
+    options = inputs.options
+    logprobs, entropy = reference.token_logprobs(
+        inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias, temperature=options.temperature,
+        softcap=options.softcap, ignore_index=options.ignore_index)
+    out_dtype = compute_dtype(inputs.hidden.dtype)
+    return logprobs.to(out_dtype), entropy.to(out_dtype)
+
+
+def _chunked_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor]:
+    """The chunked executor, its elementwise pass in torch or in the kernels (``options.backend``). Forward only
+    when nothing needs a gradient (teacher or old-policy passes): no autograd node."""
+    logprobs, entropy = _linear_logprobs(*prepare_linear(inputs), inputs.options)
+    return logprobs.view(inputs.targets.shape), entropy.view(inputs.targets.shape)
+
+
+_LINEAR_IMPLEMENTATIONS = dict(reference=_reference_linear, torch=_chunked_linear, kernel=_chunked_linear)
 
 
 def logprobs_from_logits(
@@ -786,6 +816,7 @@ def logprobs_from_logits(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    mask: Optional[Tensor] = None,
     ignore_index: int = -100,
     inplace_backward: bool = False,
     max_scratch_bytes: Optional[int] = None,
@@ -803,6 +834,9 @@ def logprobs_from_logits(
         targets: [...] int64 with logits' leading shape; values in [0, V) or ``ignore_index``.
         temperature: T > 0 dividing the logits.
         return_entropy: also return the entropy (otherwise ``entropy`` is None).
+        mask: optional [...] bool (or 0/1) with targets' shape, True where a row is scored: rows outside it give
+            0 and receive exactly zero gradient, as ``ignore_index`` rows do (combined as in
+            :func:`token_logprobs`).
         ignore_index: target value whose rows give 0 and receive exactly zero gradient.
         inplace_backward: the backward writes d(loss)/d(logits) into the logits' own buffer instead of
             allocating another [..., V] tensor. The logits must then not be read after the backward (not by
@@ -831,20 +865,37 @@ def logprobs_from_logits(
     if V == 0:
         raise ValueError("logits must have a vocabulary dimension of at least 1, got V = 0")
     options = check_options(temperature, None, ignore_index, name, max_scratch_bytes, False, logits.device)
+    if mask is not None:
+        targets = masked_targets(mask, targets, options.ignore_index, check_inputs)
     if check_inputs:
         _checks.targets_in_range(targets, V, options.ignore_index)
 
-    if name == "reference":
-        logprobs, entropy = reference.logprobs_from_logits(logits / options.temperature, targets,
-                                                           ignore_index=options.ignore_index)
-        out_dtype = compute_dtype(logits.dtype)
-        logprobs, entropy = logprobs.to(out_dtype), entropy.to(out_dtype)
-    else:
-        rows, flat_targets = _rows(logits, V), targets.reshape(-1)
-        if _needs_graph(logits):
-            logprobs, entropy = _LogitsLogprobs.apply(rows, flat_targets, options, bool(inplace_backward))
-        else:
-            result = run_pass(rows, None, None, flat_targets, options)
-            logprobs, entropy = result.logprobs, result.entropy
-        logprobs, entropy = logprobs.view(targets.shape), entropy.view(targets.shape)
+    impl = implementation(_LOGITS_IMPLEMENTATIONS, name)
+    logprobs, entropy = impl(logits, targets, options, bool(inplace_backward))
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
+
+
+# logprobs_from_logits per backend, one signature: checked logits [..., V], targets [...], options and
+# inplace_backward -> (logprobs, entropy) with targets' shape.
+
+
+def _reference_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
+                      inplace_backward: bool) -> Tuple[Tensor, Tensor]:
+    logprobs, entropy = reference.logprobs_from_logits(logits / options.temperature, targets,
+                                                       ignore_index=options.ignore_index)
+    out_dtype = compute_dtype(logits.dtype)
+    return logprobs.to(out_dtype), entropy.to(out_dtype)
+
+
+def _chunked_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
+                    inplace_backward: bool) -> Tuple[Tensor, Tensor]:
+    rows, flat_targets = _rows(logits, logits.shape[-1]), targets.reshape(-1)
+    if _needs_graph(logits):
+        logprobs, entropy = _LogitsLogprobs.apply(rows, flat_targets, options, inplace_backward)
+    else:
+        result = run_pass(rows, None, None, flat_targets, options)
+        logprobs, entropy = result.logprobs, result.entropy
+    return logprobs.view(targets.shape), entropy.view(targets.shape)
+
+
+_LOGITS_IMPLEMENTATIONS = dict(reference=_reference_logits, torch=_chunked_logits, kernel=_chunked_logits)

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from . import reference
-from ._backend import BACKENDS, accepted_dtypes, resolve_backend
+from ._backend import TORCH, accepted_dtypes, check_name, is_reference, kernels, resolve_backend, uses_kernels
 from .config import NON_LOCAL_LOSS_MODES, LossConfig
 from .credit import credit_advantage
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
@@ -768,12 +768,6 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
 # --- value and gradients in one pass -------------------------------------------------------------------
 
 
-def _kernels():
-    from .kernels import policy as kernels
-
-    return kernels
-
-
 def _kernel_supports(config: LossConfig) -> bool:
     """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
     return (config.uniform_aggregation and config.kl_estimator in ("k1", "abs", "k2", "k3", "k3+")
@@ -802,7 +796,7 @@ def policy_loss_and_grads(
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
     [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
     serves every term);
-    ``backend`` "torch", "triton" or "interpret"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
+    ``backend`` "torch" or "triton"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
     ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights;
     ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
     :func:`check_clip_range`). Nothing here builds an autograd graph.
@@ -819,14 +813,14 @@ def policy_loss_and_grads(
     # the same device instead (never an option silently dropped); so does every loss mode but ppo_clip, cispo_*,
     # gpg and sapo, precomputed rollout weights, the selection options and clip ranges given as tensors
     # (docs/math.md §9).
-    if (backend == "torch" or logprobs.numel() == 0 or not _kernel_supports(config)
+    if (not uses_kernels(backend) or logprobs.numel() == 0 or not _kernel_supports(config)
             or rollout_weights is not None or clip_range[0] is not None):
         stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                             rollout_logprobs, config, normaliser, write_grad_entropy,
                                             pos_logprobs, neg_logprobs, rollout_weights, clip_range)
     else:
         low, high = clip_metric_bounds(config)
-        stats, grad, grad_ent = _kernels().policy_loss_rows(
+        stats, grad, grad_ent = kernels("policy").policy_loss_rows(
             logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy,
             normaliser.reshape(-1)[:1], loss_mode=config.loss_mode, importance_sampling_level=config.importance_sampling_level,
             epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, delta=config.delta,
@@ -1100,9 +1094,9 @@ def policy_loss(
             finite and > 0, clip ranges in range). With False the call never synchronises with the host (except
             clip_cov and kl_cov, whose selections are host-side as in verl, and the selection options of
             docs/math.md §9, which read a quantile).
-        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
             The Triton kernel implements one aggregation for every term and the estimators k1, abs, k2, k3, k3+:
-            on "triton" / "interpret" a config whose active KL or entropy term has its own aggregation
+            on "triton" a config whose active KL or entropy term has its own aggregation
             (``kl_aggregation`` / ``entropy_aggregation``, e.g. the TRL presets with ``entropy_coef`` ≠ 0,
             ``verl_sapo`` with β or c_H ≠ 0), a "k1+" / "abs+" estimator, a loss mode other than ppo_clip,
             cispo_*, gpg and sapo (the verl and TRL variants: geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo),
@@ -1147,16 +1141,10 @@ def policy_loss(
     allowed = accepted_dtypes(name)
     _checks.dtype_in("logprobs", logprobs, allowed)
 
-    if name == "reference":
-        aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)  # checks
-        out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-        loss, metrics = reference.policy_loss(
-            logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
-            rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
-            num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-            rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-        )
-        return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
+    if is_reference(name):
+        return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
+                                      rollout_logprobs, num_items_in_batch, num_sequences_in_batch, pos_logprobs,
+                                      neg_logprobs, rollout_weights, epsilon_low, epsilon_high, check_inputs)
 
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old, rollout_logprobs, rollout_weights)
@@ -1166,6 +1154,21 @@ def policy_loss(
                                          epsilon_low, epsilon_high, normaliser, config.key, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
+
+
+def _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy, rollout_logprobs,
+                           num_items_in_batch, num_sequences_in_batch, pos_logprobs, neg_logprobs, rollout_weights,
+                           epsilon_low, epsilon_high, check_inputs) -> PolicyLossOutput:
+    """:func:`policy_loss` on the reference backend, from inputs :func:`policy_loss` (or FusedPolicyLoss) checked."""
+    aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)  # checks
+    out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    loss, metrics = reference.policy_loss(
+        logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
+        rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
+        num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
+        rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+    )
+    return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
 
 # --- hidden states to loss in one call ----------------------------------------------------------------
@@ -1216,7 +1219,7 @@ def fused_pass(
     result = run_pass(hidden, weight, bias, targets, options, upstream=upstream, needs=tuple(needs), shard=shard)
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
-        rollout_logprobs, cfg, normaliser, "torch", pos_logprobs, neg_logprobs, rollout_weights,
+        rollout_logprobs, cfg, normaliser, TORCH, pos_logprobs, neg_logprobs, rollout_weights,
         (epsilon_low, epsilon_high))
     empty = hidden.new_empty(EMPTY)
     if fused:
@@ -1315,7 +1318,7 @@ class FusedPolicyLoss(torch.nn.Module):
         batch_invariant: each token's log-prob bitwise independent of the batch, as in token_logprobs.
         check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
             0/1, tensor counts finite and > 0). With False the forward never synchronises with the host.
-        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
         process_group: a ``torch.distributed`` group over which the lm_head is sharded by vocabulary rows, as in
             token_logprobs: the forward's ``weight`` (and ``bias``) are this rank's rows, everything else is the
             same on every rank; the statistics are merged per chunk, so the one-pass losses stay one pass, and
@@ -1340,9 +1343,8 @@ class FusedPolicyLoss(torch.nn.Module):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
-        check_options(1.0, softcap, _NOT_COUNTED, "torch", max_scratch_bytes, batch_invariant)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not a backend; expected one of {BACKENDS} or None")
+        check_options(1.0, softcap, _NOT_COUNTED, TORCH, max_scratch_bytes, batch_invariant)
+        check_name(backend)
         _checks.boolean("check_inputs", check_inputs)
         self.config = config
         self.softcap = None if softcap is None else float(softcap)
@@ -1446,17 +1448,15 @@ class FusedPolicyLoss(torch.nn.Module):
         linear = linear._replace(targets=kernel_targets)
         options = linear.options
 
-        if options.backend == "reference":
+        if is_reference(options.backend):  # the inputs are checked: straight to the oracle
             logprobs, entropy = reference.token_logprobs(
                 linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
                 softcap=options.softcap, ignore_index=_NOT_COUNTED,
             )
-            return policy_loss(logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs,
-                               entropy=entropy, rollout_logprobs=rollout_logprobs,
-                               num_items_in_batch=num_items_in_batch,
-                               num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs,
-                               neg_logprobs=neg_logprobs, rollout_weights=rollout_weights, epsilon_low=epsilon_low,
-                               epsilon_high=epsilon_high, check_inputs=False, backend="reference")
+            return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
+                                          rollout_logprobs, num_items_in_batch, num_sequences_in_batch,
+                                          pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
+                                          check)
 
         hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
         mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._backend import accepted_dtypes, resolve_backend
+from ._backend import accepted_dtypes, implementation, kernels, resolve_backend, uses_kernels
 
 __all__ = ["SharedPrefixLayout", "shared_prefix_attention"]
 
@@ -626,19 +626,13 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout
 # --- autograd over the kernels ------------------------------------------------------------------------
 
 
-def _kernels():
-    from .kernels import prefix_attention as kernels
-
-    return kernels
-
-
 class _SharedPrefixAttention(torch.autograd.Function):
     """O [T, Hq, d] from q [T, Hq, d], k, v [T, Hkv, d] on the Triton kernels. Saves the inputs (no copies),
     O and the per-row lse [Hq, T] float32; the backward recomputes the attention weights from them."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, deterministic):
-        o, lse = _kernels().attention_forward(q, k, v, layout.kernel_tables, scale=scale)
+        o, lse = kernels("prefix_attention").attention_forward(q, k, v, layout.kernel_tables, scale=scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.scale, ctx.deterministic = layout, scale, deterministic
         return o
@@ -647,8 +641,8 @@ class _SharedPrefixAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _kernels().attention_backward(do, q, k, v, o, lse, ctx.layout.kernel_tables,
-                                                   scale=ctx.scale, deterministic=ctx.deterministic)
+        dq, dk, dv = kernels("prefix_attention").attention_backward(
+            do, q, k, v, o, lse, ctx.layout.kernel_tables, scale=ctx.scale, deterministic=ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
@@ -681,7 +675,7 @@ def shared_prefix_attention(
         k, v: [T, Hkv, d] keys and values, q's dtype; Hq a multiple of Hkv (grouped-query attention).
         layout: the :class:`SharedPrefixLayout` of the stream.
         scale: softmax scale, default 1/√d.
-        backend: "triton", "interpret", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
         deterministic: True (default): bitwise reproducible gradients. False lets the kernel backends form dQ
             inside the dK/dV pass, adding into a float32 buffer with atomics: about 29% fewer backward FLOPs
             (an estimate by arithmetic, docs/design/prefix_attention.md), dQ's last bits vary from run to
@@ -713,7 +707,7 @@ def shared_prefix_attention(
     _checks.dtype_in("q", q, allowed)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
-    if name in ("triton", "interpret") and not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+    if uses_kernels(name) and not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
         raise ValueError(f"head dim d must be in [{_MIN_HEAD_DIM}, {_MAX_HEAD_DIM}] on the kernel backends "
                          f"(e.g. 64, 80, 96, 128), got {d}")
     scale = 1.0 / math.sqrt(d) if scale is None else _checks.positive_finite("scale", scale)
@@ -721,10 +715,21 @@ def shared_prefix_attention(
     if layout.device != q.device:
         layout = layout.to(q.device)
 
-    if name == "reference":
-        from . import reference
+    return implementation(_IMPLEMENTATIONS, name)(q, k, v, layout, scale, deterministic)
 
-        return reference.shared_prefix_attention(q, k, v, layout.dense_mask(), scale=scale)
-    if name == "torch":
-        return _torch_attention(q, k, v, layout, scale)
-    return _SharedPrefixAttention.apply(q, k, v, layout, scale, deterministic)
+
+# One signature for every backend: checked q, k, v, the layout on q's device, the scale and ``deterministic``.
+
+
+def _reference_attention(q, k, v, layout, scale, deterministic):
+    from . import reference
+
+    return reference.shared_prefix_attention(q, k, v, layout.dense_mask(), scale=scale)
+
+
+def _torch_backend_attention(q, k, v, layout, scale, deterministic):  # deterministic either way
+    return _torch_attention(q, k, v, layout, scale)
+
+
+_IMPLEMENTATIONS = dict(reference=_reference_attention, torch=_torch_backend_attention,
+                        kernel=_SharedPrefixAttention.apply)

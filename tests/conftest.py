@@ -1,7 +1,8 @@
 """Test set-up: without CUDA, kernel tests run through Triton's interpreter.
 
 TRITON_INTERPRET must be set before Triton decorates the kernels, i.e. before rlloss is imported, so it is set
-here at collection time. Kernel tests then use the ``interpret`` backend on CPU and ``triton`` on CUDA.
+here at collection time. Kernel tests then use the ``triton`` backend: on CPU tensors through the interpreter,
+on CUDA tensors compiled.
 """
 import os
 
@@ -23,8 +24,10 @@ settings.register_profile("long", max_examples=1000, deadline=None, print_blob=T
 settings.load_profile(os.environ.get("RLLOSS_HYPOTHESIS_PROFILE", "ci"))  # --hypothesis-profile overrides this
 
 HAS_CUDA = torch.cuda.is_available()
-# The backend that runs the Triton kernels on this machine.
-KERNEL_BACKEND = "triton" if HAS_CUDA else "interpret"
+# The backend that runs the Triton kernels (compiled on CUDA, interpreted on CPU tensors without CUDA).
+KERNEL_BACKEND = "triton"
+# Whether the kernels run under Triton's interpreter here (set above when there is no CUDA).
+INTERPRETED = not HAS_CUDA
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,7 @@ against the padded variant, row by row), the deep-tree gather and its gradient, 
 ``LlamaForCausalLM``: the packed teacher log-probs, the credit and the fused loss equal the padded variant's."""
 import pytest
 import torch
-from conftest import KERNEL_BACKEND
+from conftest import INTERPRETED, KERNEL_BACKEND
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -347,7 +347,7 @@ def test_packed_teacher_pass_kernel_backend():
     lp_packed = _teacher_logprobs(model, packed, KERNEL_BACKEND)
     lp_padded = _teacher_logprobs(model, padded, KERNEL_BACKEND)
     valid = padded.targets != padded.ignore_index
-    _assert_rel_close(lp_packed[valid], lp_padded[valid], 1e-5 if KERNEL_BACKEND == "interpret" else 1e-4,
+    _assert_rel_close(lp_packed[valid], lp_padded[valid], 1e-5 if INTERPRETED else 1e-4,
                       "teacher log-probs")
 
 

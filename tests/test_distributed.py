@@ -32,7 +32,7 @@ BOUNDS = {2: [0, 20, 53], 4: [0, 10, 31, 40, 53]}
 # A scratch bound of a few tokens per chunk, so the passes (and their collectives) run over several chunks.
 SCRATCH = 5 * V * 8
 # The kernels run on CPU through Triton's interpreter when conftest set TRITON_INTERPRET (no CUDA here).
-BACKENDS = ("torch", "interpret") if os.environ.get("TRITON_INTERPRET") == "1" else ("torch",)
+BACKENDS = ("torch", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("torch",)
 
 CASES = {}
 

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rlloss
-from conftest import KERNEL_BACKEND
+from conftest import INTERPRETED, KERNEL_BACKEND
 from rlloss import SharedPrefixLayout, reference
 from rlloss.kernels import prefix_attention as kernels
 
-DEVICE = "cuda" if KERNEL_BACKEND == "triton" else "cpu"
+DEVICE = "cpu" if INTERPRETED else "cuda"
 # Tolerances: absolute on outputs (|O| ≤ max |v| ~ 3), on gradients relative to the largest reference entry.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -163,7 +163,7 @@ def _only_config(monkeypatch, tuned, block_m, block_n):
     monkeypatch.setattr(tuned, "configs", [kernels._triton_config(block_m, block_n, 4, 1)])
 
 
-@pytest.mark.skipif(KERNEL_BACKEND != "interpret", reason="interpreter block configs")
+@pytest.mark.skipif(not INTERPRETED, reason="interpreter block configs")
 @pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "fused-dq"])
 @pytest.mark.parametrize("configs", [
     {"fwd": (16, 16), "dq": (64, 16), "dkdv": (16, 64)},
@@ -176,7 +176,7 @@ def test_kernels_other_block_shapes(configs, deterministic, monkeypatch):
         _only_config(monkeypatch, tuned, *configs[kernel])
     layout = SharedPrefixLayout.from_groups([70], [[33, 64, 1]])
     q, k, v, do = _inputs(layout, 2, 1, 16)
-    got = _run(q, k, v, do, layout, torch.float32, "interpret", deterministic=deterministic)
+    got = _run(q, k, v, do, layout, torch.float32, KERNEL_BACKEND, deterministic=deterministic)
     _assert_close(got, _dense_reference(q, k, v, do, layout), torch.float32)
 
 
@@ -193,7 +193,7 @@ def test_kernel_candidate_configs():
     assert (128, 64) in {c[:2] for c in kernels._CANDIDATES_16BIT["fwd"]}
     assert (128, 32, 4, 5) in kernels._CANDIDATES_16BIT["dq"]
     assert (32, 128, 4, 5) in kernels._CANDIDATES_16BIT["dkdv"]
-    if KERNEL_BACKEND == "interpret":  # one config, so the autotuner never benchmarks under the interpreter
+    if INTERPRETED:  # one config, so the autotuner never benchmarks under the interpreter
         assert all(len(tuned.configs) == 1 for tuned in (kernels._fwd, kernels._dq, kernels._dkdv,
                                                          kernels._dkdv_dq))
 
@@ -593,17 +593,17 @@ def test_api_errors():
         call(q, k, v, layout, deterministic=0)
 
 
-@pytest.mark.skipif(KERNEL_BACKEND != "interpret", reason="the interpreter runs on CPU tensors")
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs on CPU tensors")
 def test_kernel_backend_errors():
     layout = SharedPrefixLayout.from_groups([3], [[2]])
     for d in (8, 15, 129, 256):
         q, k = torch.randn(5, 2, d), torch.randn(5, 1, d)
         with pytest.raises(ValueError, match=r"head dim d must be in \[16, 128\]"):
-            rlloss.shared_prefix_attention(q, k, k, layout, backend="interpret")
+            rlloss.shared_prefix_attention(q, k, k, layout, backend=KERNEL_BACKEND)
         rlloss.shared_prefix_attention(q, k, k, layout, backend="torch")  # any d on torch
     q = torch.randn(5, 2, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match="q must have dtype in"):
-        rlloss.shared_prefix_attention(q, q[:, :1], q[:, :1], layout, backend="interpret")
+        rlloss.shared_prefix_attention(q, q[:, :1], q[:, :1], layout, backend=KERNEL_BACKEND)
 
 
 def test_layout_moves_to_the_inputs_device():

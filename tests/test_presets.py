@@ -370,7 +370,7 @@ def test_kernel_backend_routes_what_it_lacks_to_torch(config):
     assert not _kernel_supports(config)
     assert _kernel_supports(LossConfig.preset("grpo"))  # a term that is off does not count
     x = {k: (v.float() if v.is_floating_point() else v) for k, v in _inputs(seed=5).items()}
-    actual = _rlloss(config, x, "interpret")
+    actual = _rlloss(config, x, "triton")
     expected = _rlloss(config, {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}, "reference")
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)
@@ -492,7 +492,7 @@ def test_kernel_runs_presets_it_supports(config):
 
     assert _kernel_supports(config)
     x = {k: (v.float() if v.is_floating_point() else v) for k, v in _inputs(seed=6).items()}
-    actual = _rlloss(config, x, "interpret")
+    actual = _rlloss(config, x, "triton")
     expected = _rlloss(config, {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}, "reference")
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-6)

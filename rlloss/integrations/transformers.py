@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._backend import BACKENDS
+from .._backend import check_name
 from ..prefix_attention import SharedPrefixLayout, shared_prefix_attention
 from ..prefix_batch import SharedPrefixBatch
 
@@ -396,8 +396,8 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
     Args:
         model: a decoder-only transformers ``PreTrainedModel`` whose attention modules go through
             ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral and most modern decoders).
-        backend: backend of :func:`rlloss.shared_prefix_attention` ("triton", "interpret", "torch",
-            "reference"); default from ``RLLOSS_BACKEND`` or the device at each call.
+        backend: backend of :func:`rlloss.shared_prefix_attention` ("triton", "torch", "reference");
+            default from ``RLLOSS_BACKEND`` or the device at each call.
         deterministic: passed to :func:`rlloss.shared_prefix_attention`; False lets the kernel backends
             accumulate dQ with atomics inside the dK/dV pass (fewer FLOPs, not bitwise reproducible).
 
@@ -411,8 +411,7 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
             what is missing).
     """
     _transformers()
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    check_name(backend)
     deterministic = _checks.boolean("deterministic", deterministic)
     if not isinstance(model, torch.nn.Module) or not hasattr(getattr(model, "config", None),
                                                              "_attn_implementation"):
