@@ -43,3 +43,28 @@ def test_site_builds_strict(tmp_path):
     # The API reference is generated from the docstrings (mkdocstrings), not only the hand-written prose.
     assert 'id="rlloss.token_logprobs"' in (tmp_path / "site" / "api/token_logprobs/index.html").read_text(
         encoding="utf-8")
+
+
+# A repository path written in code, comments, docstrings or docs: docs/…, rlloss/…, kernels/…, tests/…,
+# benchmarks/…, examples/… (a glob such as benchmarks/test_*.py is checked as a glob).
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:docs|rlloss|kernels|tests|benchmarks|examples)/[\w./*-]*[\w*])")
+GENERATED = ("docs/benchmarks/",)  # reports written by the benchmark runs
+
+
+def test_paths_named_in_the_repository_exist():
+    """Docs and comments point at files that exist (a renamed file leaves no stale pointer behind)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    missing = []
+    for name in listed.stdout.split():
+        if not name.endswith((".py", ".md", ".yml")) or name.startswith(GENERATED):
+            continue
+        for number, line in enumerate((ROOT / name).read_text(encoding="utf-8").splitlines(), 1):
+            for found in REPO_PATH.findall(line):
+                path = found.rstrip(".")
+                if path.startswith(GENERATED):
+                    continue  # written by a benchmark run on some device (e.g. docs/benchmarks/<gpu-slug>/)
+                if not any(ROOT.glob(path)) if "*" in path else not (ROOT / path).exists():
+                    missing.append(f"{name}:{number}: {path}")
+    assert not missing, "paths that do not exist:\n" + "\n".join(missing)
