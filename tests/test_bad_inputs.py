@@ -403,12 +403,12 @@ LOSS_CONFIG = [
 ]
 
 CREDIT = [
-    _case("mode-unknown", ValueError, "mode must be one of", lambda: _credit(mode="ppo")),
-    _case("lam-range", ValueError, r"lam must lie in \[0, 1\]", lambda: _credit(lam=1.5)),
-    _case("lam-nan", ValueError, "lam must be finite", lambda: _credit(lam=NAN)),
-    _case("lam-str", TypeError, "lam must be a number", lambda: _credit(lam="0.5")),
-    _case("eps_w-one", ValueError, r"eps_w must lie in \[0, 1\)", lambda: _credit(eps_w=1.0)),
-    _case("eps_w-inf", ValueError, "eps_w must be finite", lambda: _credit(eps_w=INF)),
+    _case("credit-unknown", ValueError, "credit must be one of", lambda: _credit(credit="ppo")),
+    _case("credit_lambda-range", ValueError, r"credit_lambda must lie in \[0, 1\]", lambda: _credit(credit_lambda=1.5)),
+    _case("credit_lambda-nan", ValueError, "credit_lambda must be finite", lambda: _credit(credit_lambda=NAN)),
+    _case("credit_lambda-str", TypeError, "credit_lambda must be a number", lambda: _credit(credit_lambda="0.5")),
+    _case("credit_eps_w-one", ValueError, r"credit_eps_w must lie in \[0, 1\)", lambda: _credit(credit_eps_w=1.0)),
+    _case("credit_eps_w-inf", ValueError, "credit_eps_w must be finite", lambda: _credit(credit_eps_w=INF)),
     _case("mask-list", TypeError, "mask must be a torch.Tensor", lambda: _credit(mask=[[1] * T] * B)),
     _case("mask-1d", ValueError, r"mask must be 2-D \[B, T\]", lambda: _credit(mask=torch.ones(B, dtype=torch.bool))),
     _case("mask-values", ValueError, "mask must hold only 0 and 1", lambda: _credit(mask=torch.full((B, T), -1))),
@@ -419,15 +419,15 @@ CREDIT = [
           lambda: _credit(pos_logprobs=-torch.rand(B, T, 1))),
     _case("pos_logprobs-int", TypeError, "pos_logprobs must have dtype in",
           lambda: _credit(pos_logprobs=torch.zeros(B, T, dtype=torch.int64))),
-    _case("neg_logprobs-missing", ValueError, "mode='cepo' needs neg_logprobs", lambda: _credit(neg_logprobs=None)),
-    _case("base_logprobs-with-cepo", ValueError, "base_logprobs is the denominator of mode='rlsd'",
+    _case("neg_logprobs-missing", ValueError, "credit='cepo' needs neg_logprobs", lambda: _credit(neg_logprobs=None)),
+    _case("base_logprobs-with-cepo", ValueError, "base_logprobs is the denominator of credit='rlsd'",
           lambda: _credit(base_logprobs=-torch.rand(B, T))),
-    _case("base_logprobs-missing", ValueError, "mode='rlsd' needs base_logprobs",
-          lambda: _credit(mode="rlsd", neg_logprobs=None)),
-    _case("neg_logprobs-with-rlsd", ValueError, "neg_logprobs is for mode='cepo'",
-          lambda: _credit(mode="rlsd", base_logprobs=-torch.rand(B, T))),
+    _case("base_logprobs-missing", ValueError, "credit='rlsd' needs base_logprobs",
+          lambda: _credit(credit="rlsd", neg_logprobs=None)),
+    _case("neg_logprobs-with-rlsd", ValueError, "neg_logprobs is for credit='cepo'",
+          lambda: _credit(credit="rlsd", base_logprobs=-torch.rand(B, T))),
     _case("base_logprobs-shape", ValueError, "base_logprobs must have mask's shape",
-          lambda: _credit(mode="rlsd", neg_logprobs=None, base_logprobs=-torch.rand(B))),
+          lambda: _credit(credit="rlsd", neg_logprobs=None, base_logprobs=-torch.rand(B))),
     _case("backend-unknown", ValueError, r"backend='fast' is not a backend", lambda: _credit(backend="fast")),
 ]
 
@@ -545,7 +545,7 @@ PREFIX_BATCH = [
 ]
 
 TEACHER = [
-    _case("mode-unknown", ValueError, "mode must be one of", lambda: _teacher(mode="grpo")),
+    _case("credit-unknown", ValueError, "credit must be one of", lambda: _teacher(credit="grpo")),
     _case("fallback-unknown", ValueError, "fallback must be one of", lambda: _teacher(fallback="skip")),
     _case("packed-str", TypeError, "packed must be a bool", lambda: _teacher(packed="yes")),
     _case("rewards-nan", ValueError, "rewards must be finite", lambda: _teacher(rewards=[1.0, NAN])),
@@ -557,7 +557,7 @@ TEACHER = [
     _case("completion_ids-tensor", TypeError, "completion_ids must be a list of 1-D int64 tensors",
           lambda: _teacher(completion_ids=_ids(3, 4))),
     _case("answer_ids-empty", ValueError, r"answer_ids\[0\] must hold at least one token", lambda: _teacher(answer_ids=[_ids()])),
-    _case("wrong_answer_ids-missing", ValueError, "mode='cepo' needs wrong_answer_ids",
+    _case("wrong_answer_ids-missing", ValueError, "credit='cepo' needs wrong_answer_ids",
           lambda: _teacher(wrong_answer_ids=None)),
     _case("advantages-shape", ValueError, r"advantages must be \[B\] = \(2,\)", lambda: _teacher(advantages=torch.randn(3))),
     _case("reject_below-nan", TypeError, "reject_below must be a finite number", lambda: _teacher(reject_below=NAN)),

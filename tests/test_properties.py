@@ -661,7 +661,7 @@ def test_contrastive_credit(shape, seed, mode, lam, eps_w, spread, per_token, ze
     other = _randn(gen, B, T, scale=spread, offset=-2.0)
     poisoned = [torch.where(live, x, torch.full_like(x, NAN)) for x in (pos, other)]
     key = "neg_logprobs" if mode == "cepo" else "base_logprobs"
-    kw = dict(lam=lam, eps_w=eps_w, mode=mode)
+    kw = dict(credit=mode, credit_lambda=lam, credit_eps_w=eps_w)
     out = rlloss.contrastive_credit(adv, live, poisoned[0], backend="torch", **{key: poisoned[1]}, **kw)
     ref = rlloss.contrastive_credit(adv.double(), live, poisoned[0].double(), backend="reference",
                                     **{key: poisoned[1].double()}, **kw)
