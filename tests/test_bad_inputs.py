@@ -16,7 +16,7 @@ from conftest import HAS_CUDA
 
 import rlloss
 from rlloss import (FusedPolicyLoss, LinearDecay, LossConfig, SharedPrefixBatch, SharedPrefixLayout,
-                    contrastive_credit, group_advantages, logprobs_from_logits, policy_loss,
+                    contrastive_credit, fused_policy_loss, group_advantages, logprobs_from_logits, policy_loss,
                     shared_prefix_attention, token_logprobs)
 from rlloss.teacher import build_teacher_inputs
 
@@ -299,19 +299,46 @@ FUSED = [
           lambda: _fused(weight=torch.randn(V, D, dtype=torch.float64))),
     _case("mask-shape", ValueError, "mask must have logprobs' shape",
           lambda: _fused(mask=torch.ones(B, T - 1, dtype=torch.bool))),
-    _case("temperature-zero", ValueError, "temperature must be a finite number > 0", lambda: _fused(temperature=0)),
-    _case("temperature-inf", ValueError, "temperature must be a finite number > 0", lambda: _fused(temperature=INF)),
+    _case("temperature-zero", ValueError, "temperature must be a finite number > 0",
+          lambda: FusedPolicyLoss(LossConfig(), temperature=0)),
+    _case("temperature-inf", ValueError, "temperature must be a finite number > 0",
+          lambda: FusedPolicyLoss(LossConfig(), temperature=INF)),
     _case("rollout_weights-shape", ValueError, "rollout_weights must have logprobs'?s shape",
           lambda: _fused(rollout_weights=torch.rand(B, T + 1))),
-    _case("rollout_rs-on-policy", ValueError, "FusedPolicyLoss needs old_logprobs with config.rollout_rs",
+    _case("rollout_rs-on-policy", ValueError, "fused_policy_loss needs old_logprobs with config.rollout_rs",
           lambda: FusedPolicyLoss(LossConfig(rollout_rs="token_k2", rollout_rs_threshold=0.1))(
               torch.randn(B, T, D), torch.randn(V, D), torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.bool),
               torch.randn(B), rollout_logprobs=-torch.rand(B, T))),
     _case("rollout_is_batch_normalize-on-policy", ValueError,
-          "FusedPolicyLoss needs old_logprobs with config.rollout_is_batch_normalize",
+          "fused_policy_loss needs old_logprobs with config.rollout_is_batch_normalize",
           lambda: FusedPolicyLoss(LossConfig(rollout_correction="token_truncate", rollout_is_batch_normalize=True))(
               torch.randn(B, T, D), torch.randn(V, D), torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.bool),
               torch.randn(B), rollout_logprobs=-torch.rand(B, T))),
+]
+
+
+def _fused_fn(**kw):
+    """fused_policy_loss: the same checks as the module's, in policy_loss's argument order."""
+    args = dict(hidden=torch.randn(B, T, D), weight=torch.randn(V, D), targets=torch.randint(0, V, (B, T)),
+                old_logprobs=None, advantages=torch.randn(B), mask=torch.ones(B, T, dtype=torch.bool),
+                config=LossConfig())
+    args.update(kw)
+    return fused_policy_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("old_logprobs"),
+                             args.pop("advantages"), args.pop("mask"), **args)
+
+
+FUSED_FUNCTIONAL = [
+    _case("config-none", TypeError, "config must be a rlloss.LossConfig", lambda: _fused_fn(config=None)),
+    _case("temperature-zero", ValueError, "temperature must be a finite number > 0", lambda: _fused_fn(temperature=0)),
+    _case("softcap-negative", ValueError, "softcap must be a finite number > 0", lambda: _fused_fn(softcap=-1.0)),
+    _case("backend-unknown", ValueError, r"backend='gpu' is not a backend", lambda: _fused_fn(backend="gpu")),
+    _case("check_inputs-str", TypeError, "check_inputs must be a bool", lambda: _fused_fn(check_inputs="yes")),
+    _case("old_logprobs-shape", ValueError, "old_logprobs must have logprobs'?s shape",
+          lambda: _fused_fn(old_logprobs=-torch.rand(B, T + 1))),
+    _case("advantages-in-mask-place", ValueError, "mask must have logprobs' shape",
+          lambda: _fused_fn(mask=torch.ones(B, dtype=torch.bool))),
+    _case("targets-out-of-range", ValueError, r"targets must lie in \[0, 5\)",
+          lambda: _fused_fn(targets=torch.full((B, T), V))),
 ]
 
 
@@ -673,7 +700,8 @@ LOSS_CONFIG += [
 
 CATALOGUE = {
     "token_logprobs": TOKEN_LOGPROBS, "logprobs_from_logits": LOGITS, "group_advantages": ADVANTAGES,
-    "policy_loss": POLICY_LOSS, "FusedPolicyLoss": FUSED, "LossConfig": LOSS_CONFIG, "contrastive_credit": CREDIT,
+    "policy_loss": POLICY_LOSS, "FusedPolicyLoss": FUSED,
+    "fused_policy_loss": FUSED_FUNCTIONAL, "LossConfig": LOSS_CONFIG, "contrastive_credit": CREDIT,
     "LinearDecay": LINEAR_DECAY, "shared_prefix_attention": ATTENTION, "SharedPrefixLayout": LAYOUT_CASES,
     "SharedPrefixBatch": PREFIX_BATCH, "build_teacher_inputs": TEACHER, "PaddedBatch": PADDED_BATCH,
     "global_counts": GLOBAL_COUNTS, **FAMILY,

@@ -616,8 +616,8 @@ def test_fused_policy_loss(shape, config, v, d, seed, scale, temperature, softca
     for name, dtype, backend in (("torch", F32, "torch"), ("naive", F32, "reference"), ("ref", F64, "reference")):
         h, w = _leaves(hidden, weight, dtype=dtype)
         cast = {k: (None if x is None else x.to(dtype)) for k, x in policy_kw.items()}
-        out = rlloss.FusedPolicyLoss(config, softcap=softcap, backend=backend)(
-            h, w, targets, live, inp["advantages"].to(dtype), temperature=temperature, **cast)
+        out = rlloss.FusedPolicyLoss(config, temperature=temperature, softcap=softcap, backend=backend)(
+            h, w, targets, live, inp["advantages"].to(dtype), **cast)
         outputs[name] = (out.loss, *_grads(out.loss, [h, w]))
 
     # The float64 log-probs, entropies and d(loss)/d(them) the fused path forms, and their rounding.
