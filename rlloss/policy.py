@@ -39,7 +39,7 @@ _S = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
 class PolicyLossOutput(NamedTuple):
-    """Result of :func:`policy_loss`.
+    """Result of :func:`policy_loss` and :func:`fused_policy_loss`.
 
     loss:    0-d tensor, float32 (float64 for float64 log-probs), differentiable w.r.t. logprobs and entropy.
     metrics: dict of detached 0-d tensors (see :func:`metric_names` and docs/api/policy_loss.md).
@@ -1066,7 +1066,9 @@ def policy_loss(
     Per token: L_t = w_t·P_t + β·KL_t − c_H·H_t, where P is the surrogate of ``config.loss_mode`` on the ratio
     of ``config.importance_sampling_level``, w the detached rollout weight, KL the chosen estimator against
     ``ref_logprobs``; then aggregated by ``config.aggregation``. Differentiable w.r.t. ``logprobs`` and
-    ``entropy``; gradients are computed analytically in the same pass as the value.
+    ``entropy``; gradients are computed analytically in the same pass as the value. From hidden states and the
+    lm_head weight, :func:`fused_policy_loss` takes the same arguments in the same order (``logprobs`` →
+    ``hidden, weight, targets``). TRL's and verl's names for these arguments: docs/api/policy_loss.md.
 
     Args:
         logprobs: [B, T] log-probs of the sampled tokens under the current policy (float32; float64 too on the
