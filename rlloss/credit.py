@@ -17,7 +17,6 @@ the fused path forms Â in its own kernel, with no [B, T] pass.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -27,7 +26,7 @@ from torch import Tensor
 from . import _checks
 from . import reference
 from ._backend import resolve_backend
-from ._compat import renamed_keywords
+from ._compat import renamed_keywords, warn_deprecated
 
 __all__ = ["LinearDecay", "contrastive_credit", "credit_advantage", "check_credit_params", "check_credit_mode"]
 
@@ -223,8 +222,7 @@ _MOVED_TO_TEACHER = ("TeacherInputs", "PackedTeacherInputs", "build_teacher_inpu
 
 def __getattr__(name: str):
     if name in _MOVED_TO_TEACHER:
-        warnings.warn(f"rlloss.credit.{name} moved to rlloss.teacher.{name}; the old path will be removed in the "
-                      "next release", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"rlloss.credit.{name} moved to rlloss.teacher.{name}")
         from . import teacher
 
         return getattr(teacher, name)
