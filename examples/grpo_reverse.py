@@ -170,7 +170,7 @@ def teacher_logprobs(model, prompts, completion_ids, completion_mask, rewards, a
     wrong = [c[: (c == EOS).nonzero()[0, 0]] if bool((c == EOS).any()) else c for c in completions]
     teacher = rlloss.teacher.build_teacher_inputs(
         [torch.tensor([BOS, *p, SEP]) for p in prompts], completions, rewards, [group_size] * len(prompts),
-        [torch.tensor(p[::-1]) for p in prompts], wrong, advantages=advantages, mode="cepo",
+        [torch.tensor(p[::-1]) for p in prompts], wrong, advantages=advantages, credit="cepo",
         answer_suffix_ids=torch.tensor([SEP]), completion_length=completion_length, pad_token_id=PAD)
     if teacher.num_rows == 0:
         logprobs = torch.zeros(0, completion_length)

@@ -7,7 +7,7 @@ from .batching import PaddedBatch
 from .logprobs import TokenLogprobs, logprobs_from_logits, token_logprobs
 from .config import LossConfig
 from .distributed import GlobalCounts, global_counts
-from .policy import FusedPolicyLoss, PolicyLossOutput, policy_loss
+from .policy import FusedPolicyLoss, PolicyLossOutput, fused_policy_loss, policy_loss
 from . import credit, family, teacher
 from .family import d3s_sample_mask, discounted_returns, gigpo_advantages, mc_grpo_keep_mask, pairwise_advantages
 from .credit import LinearDecay, contrastive_credit
@@ -32,6 +32,7 @@ __all__ = [
     "d3s_sample_mask",
     "discounted_returns",
     "family",
+    "fused_policy_loss",
     "teacher",
     "gigpo_advantages",
     "mc_grpo_keep_mask",

@@ -284,14 +284,10 @@ class LossConfig:
                 raise ValueError(
                     f"LossConfig.max_completion_length must be > 0, got {self.max_completion_length}"
                 )
-        if self.credit is not None:
-            _choice("credit", self.credit, (None,) + CREDIT_MODES)
-        lam = _finite("credit_lambda", self.credit_lambda)
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"LossConfig.credit_lambda must lie in [0, 1], got {lam}")
-        eps_w = _finite("credit_eps_w", self.credit_eps_w)
-        if not 0.0 <= eps_w < 1.0:
-            raise ValueError(f"LossConfig.credit_eps_w must lie in [0, 1), got {eps_w}")
+        from .credit import check_credit_params  # imported here: rlloss.credit may import this module
+
+        _choice("credit", self.credit, (None,) + CREDIT_MODES)
+        check_credit_params(self.credit_lambda, self.credit_eps_w, where="LossConfig.")
         self._check_peer_variants()
         self._check_selection()
         for name, agg in zip(("aggregation", "kl_aggregation", "entropy_aggregation"), self.term_aggregations):

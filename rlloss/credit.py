@@ -17,7 +17,6 @@ the fused path forms Â in its own kernel, with no [B, T] pass.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -27,8 +26,9 @@ from torch import Tensor
 from . import _checks
 from . import reference
 from ._backend import accepted_dtypes, implementation, kernels, resolve_backend
+from ._compat import renamed_keywords, warn_deprecated
 
-__all__ = ["LinearDecay", "contrastive_credit", "credit_advantage"]
+__all__ = ["LinearDecay", "contrastive_credit", "credit_advantage", "check_credit_params", "check_credit_mode"]
 
 CREDIT_MODES = ("cepo", "rlsd")
 
@@ -47,26 +47,36 @@ def credit_advantage(adv: Tensor, delta: Tensor, lam: float, eps_w: float) -> Te
     return torch.where(adv != 0, scaled, torch.zeros((), dtype=scaled.dtype, device=scaled.device))
 
 
-def check_credit_params(lam: object, eps_w: object, lam_name: str = "lam", eps_name: str = "eps_w") -> Tuple[float, float]:
-    """λ ∈ [0, 1] and ε_w ∈ [0, 1) as floats (so the multiplier stays in [1 − λε_w, 1 + λε_w] ⊂ (0, 2))."""
+def check_credit_params(credit_lambda: object, credit_eps_w: object, where: str = "") -> Tuple[float, float]:
+    """λ ∈ [0, 1] and ε_w ∈ [0, 1) as floats (so the multiplier stays in [1 − λε_w, 1 + λε_w] ⊂ (0, 2)): the one
+    check of both, for :func:`contrastive_credit` and ``LossConfig`` (``where="LossConfig."`` prefixes the names)."""
     values = []
-    for name, value in ((lam_name, lam), (eps_name, eps_w)):
+    for name, value in (("credit_lambda", credit_lambda), ("credit_eps_w", credit_eps_w)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            raise TypeError(f"{where}{name} must be a number, got {type(value).__name__}")
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+            raise ValueError(f"{where}{name} must be finite, got {value}")
         values.append(float(value))
-    lam, eps_w = values
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"{lam_name} must lie in [0, 1], got {lam}")
-    if not 0.0 <= eps_w < 1.0:
-        raise ValueError(f"{eps_name} must lie in [0, 1), got {eps_w}")
-    return lam, eps_w
+    credit_lambda, credit_eps_w = values
+    if not 0.0 <= credit_lambda <= 1.0:
+        raise ValueError(f"{where}credit_lambda must lie in [0, 1], got {credit_lambda}")
+    if not 0.0 <= credit_eps_w < 1.0:
+        raise ValueError(f"{where}credit_eps_w must lie in [0, 1), got {credit_eps_w}")
+    return credit_lambda, credit_eps_w
+
+
+def check_credit_mode(credit: object, where: str = "") -> str:
+    """``credit`` one of CREDIT_MODES ("cepo", "rlsd"): for :func:`contrastive_credit`, the teacher builder and
+    ``LossConfig`` (whose None, no credit, it checks itself)."""
+    if credit not in CREDIT_MODES:
+        raise ValueError(f"{where}credit must be one of {CREDIT_MODES}, got {credit!r}")
+    return credit
 
 
 # --- contrastive_credit -----------------------------------------------------------------------------------
 
 
+@renamed_keywords(lam="credit_lambda", eps_w="credit_eps_w", mode="credit")
 def contrastive_credit(
     advantages: Tensor,
     mask: Tensor,
@@ -74,15 +84,15 @@ def contrastive_credit(
     *,
     neg_logprobs: Optional[Tensor] = None,
     base_logprobs: Optional[Tensor] = None,
-    lam: float = 0.5,
-    eps_w: float = 0.2,
-    mode: str = "cepo",
+    credit: str = "cepo",
+    credit_lambda: float = 0.5,
+    credit_eps_w: float = 0.2,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Per-token advantages Â [B, T] from sequence (or token) advantages and teacher log-probs (docs/math.md §7).
 
-    ``Â_t = A·((1 − λ) + λ·clip(exp(sign(A)·Δ_t), 1 − ε_w, 1 + ε_w))·m_t`` with Δ = ℓ⁺ − ℓ⁻ (``mode="cepo"``)
-    or Δ = ℓ⁺ − ℓ° (``mode="rlsd"``). The clip is applied to s·Δ in log space, so no Δ overflows. sign(Â) =
+    ``Â_t = A·((1 − λ) + λ·clip(exp(sign(A)·Δ_t), 1 − ε_w, 1 + ε_w))·m_t`` with Δ = ℓ⁺ − ℓ⁻ (``credit="cepo"``)
+    or Δ = ℓ⁺ − ℓ° (``credit="rlsd"``). The clip is applied to s·Δ in log space, so no Δ overflows. sign(Â) =
     sign(A), the multiplier lies in [1 − λε_w, 1 + λε_w], and Δ = 0 (or λ = 0) gives Â = A·m: plain GRPO.
     Nothing here is differentiable: Δ is a stop-gradient, and the result is an advantage.
 
@@ -94,23 +104,25 @@ def contrastive_credit(
         pos_logprobs: [B, T] ℓ⁺, log-probs of each rollout's own tokens under the model shown r⁺.
         neg_logprobs: [B, T] ℓ⁻, the same shown r⁻; required for "cepo", not allowed for "rlsd".
         base_logprobs: [B, T] ℓ°, the policy's (old) log-probs; required for "rlsd", not allowed for "cepo".
-        lam: λ ∈ [0, 1], the weight of the credit (see :class:`LinearDecay` for the usual schedule).
-        eps_w: ε_w ∈ [0, 1), the clip of the token weight.
-        mode: "cepo" or "rlsd".
+        credit: "cepo" or "rlsd", as ``LossConfig.credit``.
+        credit_lambda: λ ∈ [0, 1], the weight of the credit (see :class:`LinearDecay` for the usual schedule).
+        credit_eps_w: ε_w ∈ [0, 1), the clip of the token weight.
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    The keywords are ``LossConfig``'s names; the old ``lam=``, ``eps_w=`` and ``mode=`` work for one release, with
+    a DeprecationWarning.
 
     Returns:
         [B, T] float32 (float64 when an input is float64 on the ``torch`` / ``reference`` backends), detached.
 
     Raises:
         TypeError: non-tensors, non-floating dtypes, λ / ε_w not numbers.
-        ValueError: wrong shapes, an unknown mode, the log-probs a mode needs missing (or the other mode's
-            given), λ ∉ [0, 1], ε_w ∉ [0, 1), a non-0/1 mask, tensors on different devices.
+        ValueError: wrong shapes, an unknown credit mode, the log-probs a mode needs missing (or the other
+            mode's given), λ ∉ [0, 1], ε_w ∉ [0, 1), a non-0/1 mask, tensors on different devices.
     """
 
-    if mode not in CREDIT_MODES:
-        raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
-    lam, eps_w = check_credit_params(lam, eps_w)
+    mode = check_credit_mode(credit)
+    lam, eps_w = check_credit_params(credit_lambda, credit_eps_w)
     mask = _checks.tensor("mask", mask)
     _checks.ndim("mask", mask, 2, "[B, T]")
     shape = mask.shape
@@ -123,15 +135,15 @@ def contrastive_credit(
     pos_logprobs = _checks.float_like("pos_logprobs", pos_logprobs, shape, "mask")
     if mode == "cepo":
         if neg_logprobs is None:
-            raise ValueError("mode='cepo' needs neg_logprobs (ℓ⁻, the teacher shown a wrong answer), got None")
+            raise ValueError("credit='cepo' needs neg_logprobs (ℓ⁻, the teacher shown a wrong answer), got None")
         if base_logprobs is not None:
-            raise ValueError("base_logprobs is the denominator of mode='rlsd'; mode='cepo' uses neg_logprobs")
+            raise ValueError("base_logprobs is the denominator of credit='rlsd'; credit='cepo' uses neg_logprobs")
         base = _checks.float_like("neg_logprobs", neg_logprobs, shape, "mask")
     else:
         if base_logprobs is None:
-            raise ValueError("mode='rlsd' needs base_logprobs (ℓ°, the policy's own log-probs), got None")
+            raise ValueError("credit='rlsd' needs base_logprobs (ℓ°, the policy's own log-probs), got None")
         if neg_logprobs is not None:
-            raise ValueError("neg_logprobs is for mode='cepo'; mode='rlsd' contrasts with base_logprobs")
+            raise ValueError("neg_logprobs is for credit='cepo'; credit='rlsd' contrasts with base_logprobs")
         base = _checks.float_like("base_logprobs", base_logprobs, shape, "mask")
     _checks.same_device(advantages=advantages, mask=mask, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
                         base_logprobs=base_logprobs)
@@ -185,7 +197,7 @@ class LinearDecay:
     The loss config holds a number; a trainer sets it each optimizer step::
 
         decay = rlloss.LinearDecay(0.5, 25)
-        config = config.replace(credit_lambda=decay(step))   # or contrastive_credit(..., lam=decay(step))
+        config = config.replace(credit_lambda=decay(step))   # or contrastive_credit(..., credit_lambda=decay(step))
 
     Args:
         start: λ at step 0, in [0, 1].
@@ -222,8 +234,7 @@ _MOVED_TO_TEACHER = ("TeacherInputs", "PackedTeacherInputs", "build_teacher_inpu
 
 def __getattr__(name: str):
     if name in _MOVED_TO_TEACHER:
-        warnings.warn(f"rlloss.credit.{name} moved to rlloss.teacher.{name}; the old path will be removed in the "
-                      "next release", DeprecationWarning, stacklevel=2)
+        warn_deprecated(f"rlloss.credit.{name} moved to rlloss.teacher.{name}")
         from . import teacher
 
         return getattr(teacher, name)

@@ -18,16 +18,17 @@ from torch.autograd.function import once_differentiable
 from . import _checks
 from . import reference
 from ._backend import TORCH, accepted_dtypes, check_name, is_reference, kernels, resolve_backend, uses_kernels
+from ._compat import warn_deprecated
 from .config import NON_LOCAL_LOSS_MODES, LossConfig
 from .credit import credit_advantage
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
                        prepare_linear, run_pass)
 
-# Target id given to the tokens outside the mask inside FusedPolicyLoss (never a vocabulary row).
+# Target id given to the tokens outside the mask inside fused_policy_loss (never a vocabulary row).
 _NOT_COUNTED = -100
 
-__all__ = ["FusedPolicyLoss", "PolicyLossOutput", "policy_loss", "policy_loss_and_grads", "aggregation_normaliser",
-           "metric_names", "check_credit_inputs", "check_clip_range"]
+__all__ = ["FusedPolicyLoss", "PolicyLossOutput", "fused_policy_loss", "policy_loss", "policy_loss_and_grads",
+           "aggregation_normaliser", "metric_names", "check_credit_inputs", "check_clip_range"]
 
 # Column order of the per-row statistics both backends produce (kernels.policy.STAT_NAMES holds the same).
 STAT_NAMES = (
@@ -38,7 +39,7 @@ _S = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
 class PolicyLossOutput(NamedTuple):
-    """Result of :func:`policy_loss`.
+    """Result of :func:`policy_loss` and :func:`fused_policy_loss`.
 
     loss:    0-d tensor, float32 (float64 for float64 log-probs), differentiable w.r.t. logprobs and entropy.
     metrics: dict of detached 0-d tensors (see :func:`metric_names` and docs/api/policy_loss.md).
@@ -1059,7 +1060,9 @@ def policy_loss(
     Per token: L_t = w_t·P_t + β·KL_t − c_H·H_t, where P is the surrogate of ``config.loss_mode`` on the ratio
     of ``config.importance_sampling_level``, w the detached rollout weight, KL the chosen estimator against
     ``ref_logprobs``; then aggregated by ``config.aggregation``. Differentiable w.r.t. ``logprobs`` and
-    ``entropy``; gradients are computed analytically in the same pass as the value.
+    ``entropy``; gradients are computed analytically in the same pass as the value. From hidden states and the
+    lm_head weight, :func:`fused_policy_loss` takes the same arguments in the same order (``logprobs`` →
+    ``hidden, weight, targets``). TRL's and verl's names for these arguments: docs/api/policy_loss.md.
 
     Args:
         logprobs: [B, T] log-probs of the sampled tokens under the current policy (float32; float64 too on the
@@ -1298,56 +1301,199 @@ def _fused_backward(ctx, g_loss, *_):
 _fused_policy_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 
-class FusedPolicyLoss(torch.nn.Module):
+def fused_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logprobs: Optional[Tensor],
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    config: LossConfig,
+    bias: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    rollout_logprobs: Optional[Tensor] = None,
+    pos_logprobs: Optional[Tensor] = None,
+    neg_logprobs: Optional[Tensor] = None,
+    rollout_weights: Optional[Tensor] = None,
+    epsilon_low: Optional[Tensor] = None,
+    epsilon_high: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    num_items_in_batch: Union[int, Tensor, None] = None,
+    num_sequences_in_batch: Union[int, Tensor, None] = None,
+    max_scratch_bytes: Optional[int] = None,
+    batch_invariant: bool = False,
+    process_group=None,
+    check_inputs: bool = True,
+    backend: Optional[str] = None,
+) -> PolicyLossOutput:
     """Hidden states to the scalar policy loss in one call: :func:`rlloss.token_logprobs` (log-probs and
-    entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`.
+    entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`, whose
+    argument order it keeps with ``logprobs`` replaced by (``hidden``, ``weight``, ``targets``).
 
     For token-level losses (every preset but GSPO's and those of geo_mean, clip_cov, kl_cov and vespo, which need
     a whole sequence's or batch's log-probs first: statistics, then one recompute) the whole forward and backward
-    is one chunked pass:
-    each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient of each token is
-    formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive implementation, at a
-    bounded memory (docs/design/logprobs.md). The value and gradients equal
-    ``policy_loss(token_logprobs(hidden, weight, targets).logprobs, ...)``.
+    is one chunked pass: each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient
+    of each token is formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive
+    implementation, at a bounded memory (docs/design/logprobs.md). The value and gradients equal
+    ``policy_loss(token_logprobs(hidden, weight, targets, ...).logprobs, old_logprobs, advantages, mask, ...)``.
 
     Args:
-        config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
+        hidden: [B, T, D] final hidden states at the positions that predict each completion token
+            (float16, bfloat16, float32; float64 on the torch/reference backends).
+        weight: [V, D] lm_head weight, hidden's dtype.
+        targets: [B, T] int64 completion token ids; must lie in [0, V) where ``mask`` is 1 (anything
+            elsewhere: those positions are never read).
+        old_logprobs, advantages, mask, config: as in :func:`policy_loss`.
+        bias: optional [V] lm_head bias.
+        ref_logprobs, rollout_logprobs, num_items_in_batch, num_sequences_in_batch: as in :func:`policy_loss`.
+        pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (docs/math.md §7), as in
+            :func:`policy_loss`: the credit Â is formed inside the loss from them.
+        rollout_weights: [B, T] precomputed rollout weights, as in :func:`policy_loss`.
+            ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` need ``old_logprobs`` here (on-policy
+            they depend on the log-probs this call computes: use token_logprobs and policy_loss).
+        epsilon_low, epsilon_high: clip ranges per sequence ([B], [B, 1]) or per token ([B, T]), as in
+            :func:`policy_loss` (docs/math.md §9); they keep the one-pass route.
+        temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
         softcap: optional logit soft-cap c > 0 (``c·tanh(x/c)`` before the temperature), as in token_logprobs.
         max_scratch_bytes: bound on the logit scratch of one chunk of tokens, as in token_logprobs (None: 256 MiB
             on CUDA, 64 MiB elsewhere).
         batch_invariant: each token's log-prob bitwise independent of the batch, as in token_logprobs.
-        check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
-            0/1, tensor counts finite and > 0). With False the forward never synchronises with the host.
-        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
         process_group: a ``torch.distributed`` group over which the lm_head is sharded by vocabulary rows, as in
-            token_logprobs: the forward's ``weight`` (and ``bias``) are this rank's rows, everything else is the
-            same on every rank; the statistics are merged per chunk, so the one-pass losses stay one pass, and
-            the loss and the hidden states' gradient are the unsharded ones on every rank (docs/distributed.md).
+            token_logprobs: ``weight`` (and ``bias``) are this rank's rows, everything else is the same on every
+            rank; the statistics are merged per chunk, so the one-pass losses stay one pass, and the loss and the
+            hidden states' gradient are the unsharded ones on every rank (docs/distributed.md).
+        check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
+            0/1, tensor counts finite and > 0). With False the call never synchronises with the host.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
+
+    The selection options (``config.token_select``, ``config.off_policy_mask_threshold``) need the whole
+    batch first and take the two-pass route (statistics, then one recompute: 8·N·D·V).
+
+    Returns:
+        :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
+        The loss is differentiable w.r.t. hidden, weight and bias.
 
     Raises:
-        TypeError: at construction, for a config that is not a LossConfig or a non-numeric softcap or
-            max_scratch_bytes.
-        ValueError: at construction, for a softcap that is not finite and > 0, a max_scratch_bytes ≤ 0, or an
-            unknown backend name.
+        TypeError, ValueError: as :func:`policy_loss` and :func:`token_logprobs`, naming the argument.
 
     Example:
-        >>> loss_fn = FusedPolicyLoss(LossConfig.preset("dapo"))
+        >>> out = fused_policy_loss(hidden, lm_head.weight, completion_ids, old_logprobs, advantages,
+        ...                         completion_mask, config=LossConfig.preset("dapo"))
+        >>> out.loss.backward()
+    """
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+    check = _checks.boolean("check_inputs", check_inputs)
+    hidden = _checks.tensor("hidden", hidden)
+    _checks.ndim("hidden", hidden, 3, "[B, T, D]")
+    targets = _checks.tensor("targets", targets)
+    shape = hidden.shape[:2]
+    if targets.shape != shape:
+        raise ValueError(f"targets must be [B, T] = {tuple(shape)}, got {tuple(targets.shape)}")
+    old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
+        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check
+    )
+    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
+    rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
+    if old_logprobs is None and (config.rollout_rs is not None or config.rollout_is_batch_normalize):
+        option = "rollout_rs" if config.rollout_rs is not None else "rollout_is_batch_normalize"
+        raise ValueError(f"fused_policy_loss needs old_logprobs with config.{option} (on-policy the rejection and "
+                         "normalisation depend on the log-probs this call computes); use token_logprobs and "
+                         "policy_loss, or pass old_logprobs")
+    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check)
+    _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
+                        mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
+                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
+                        epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
+                                 ignore_index=_NOT_COUNTED, backend=backend, max_scratch_bytes=max_scratch_bytes,
+                                 batch_invariant=batch_invariant, check_range=False)
+    V = linear.weight.shape[0]
+    if process_group is not None:
+        from . import distributed
+
+        distributed.check_process_group(process_group, linear.options.backend)
+        layout = distributed.vocab_layout(V, process_group, hidden.device)
+        V = layout.vocab
+    if check:  # targets where they count (one host sync)
+        counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
+        _checks.targets_in_range(counted_targets, V, ignore_index=None)
+    # Positions outside the mask become ignored tokens: their hidden rows are never read.
+    kernel_targets = torch.where(mask, linear.targets, torch.full_like(linear.targets, _NOT_COUNTED))
+    linear = linear._replace(targets=kernel_targets)
+    options = linear.options
+
+    if is_reference(options.backend):
+        logprobs, entropy = reference.token_logprobs(
+            linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
+            softcap=options.softcap, ignore_index=_NOT_COUNTED,
+        )
+        return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
+                                      rollout_logprobs, num_items_in_batch, num_sequences_in_batch, pos_logprobs,
+                                      neg_logprobs, rollout_weights, epsilon_low, epsilon_high, check)
+
+    hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
+    mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,
+                                                           rollout_weights)
+    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
+             grad_on and bias is not None and linear.bias.requires_grad)
+    if process_group is not None:
+        loss, packed = distributed.vocab_parallel_fused_loss(
+            hidden_rows, weight, bias, flat_targets, (old_logprobs, advantages, mask, ref_logprobs,
+            rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high),
+            normaliser, config.key, list(needs), options, process_group, layout)
+    else:
+        loss, packed, *_ = _fused_policy_loss_op(
+            hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs,
+            rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
+            normaliser, config.key, list(needs), *options)
+    names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
+    return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
+
+
+class FusedPolicyLoss(torch.nn.Module):
+    """:func:`fused_policy_loss` as a module holding the config and the options of the logits: the loss of a
+    trainer whose temperature, soft-cap, backend … are fixed, called each step with the batch.
+
+    ``forward`` keeps its own argument order, (hidden, weight, targets, mask, advantages, *, old_logprobs=…),
+    unchanged since the first release (mask and advantages may both be [B, T], so a reordering would go
+    unnoticed); :func:`fused_policy_loss` is the one with :func:`policy_loss`'s order.
+
+    Args:
+        config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
+        temperature: T > 0 dividing the logits, as in :func:`token_logprobs` (the sampling temperature).
+        softcap: optional logit soft-cap c > 0 (``c·tanh(x/c)`` before the temperature), as in token_logprobs.
+        max_scratch_bytes, batch_invariant, check_inputs, backend, process_group: as in :func:`fused_policy_loss`.
+
+    Raises:
+        TypeError: at construction, for a config that is not a LossConfig or a non-numeric temperature, softcap
+            or max_scratch_bytes.
+        ValueError: at construction, for a temperature or softcap that is not finite and > 0, a
+            max_scratch_bytes ≤ 0, or an unknown backend name.
+
+    Example:
+        >>> loss_fn = FusedPolicyLoss(LossConfig.preset("dapo"), temperature=0.7)
         >>> out = loss_fn(hidden, lm_head.weight, completion_ids, completion_mask, advantages,
         ...               old_logprobs=old_logprobs)
         >>> out.loss.backward()
     """
 
-    def __init__(self, config: LossConfig, *, softcap: Optional[float] = None,
+    def __init__(self, config: LossConfig, *, temperature: float = 1.0, softcap: Optional[float] = None,
                  max_scratch_bytes: Optional[int] = None, batch_invariant: bool = False,
                  check_inputs: bool = True, backend: Optional[str] = None, process_group=None):
         super().__init__()
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
-        check_options(1.0, softcap, _NOT_COUNTED, TORCH, max_scratch_bytes, batch_invariant)
+        options = check_options(temperature, softcap, _NOT_COUNTED, TORCH, max_scratch_bytes, batch_invariant)
         check_name(backend)
         _checks.boolean("check_inputs", check_inputs)
         self.config = config
-        self.softcap = None if softcap is None else float(softcap)
+        self.temperature = options.temperature
+        self.softcap = options.softcap
         self.max_scratch_bytes = max_scratch_bytes
         self.batch_invariant = batch_invariant
         self.check_inputs = check_inputs
@@ -1355,8 +1501,9 @@ class FusedPolicyLoss(torch.nn.Module):
         self.process_group = process_group
 
     def extra_repr(self) -> str:
-        return (f"config={self.config!r}, softcap={self.softcap}, max_scratch_bytes={self.max_scratch_bytes}, "
-                f"batch_invariant={self.batch_invariant}, check_inputs={self.check_inputs}, backend={self.backend!r}")
+        return (f"config={self.config!r}, temperature={self.temperature}, softcap={self.softcap}, "
+                f"max_scratch_bytes={self.max_scratch_bytes}, batch_invariant={self.batch_invariant}, "
+                f"check_inputs={self.check_inputs}, backend={self.backend!r}")
 
     def forward(
         self,
@@ -1373,107 +1520,26 @@ class FusedPolicyLoss(torch.nn.Module):
         pos_logprobs: Optional[Tensor] = None,
         neg_logprobs: Optional[Tensor] = None,
         rollout_weights: Optional[Tensor] = None,
-        temperature: float = 1.0,
         num_items_in_batch: Union[int, Tensor, None] = None,
         num_sequences_in_batch: Union[int, Tensor, None] = None,
         epsilon_low: Optional[Tensor] = None,
         epsilon_high: Optional[Tensor] = None,
+        temperature: Optional[float] = None,
     ) -> PolicyLossOutput:
-        """The policy loss of the completion tokens.
-
-        Args:
-            hidden: [B, T, D] final hidden states at the positions that predict each completion token
-                (float16, bfloat16, float32; float64 on the torch/reference backends).
-            weight: [V, D] lm_head weight, hidden's dtype. bias: optional [V].
-            targets: [B, T] int64 completion token ids; must lie in [0, V) where ``mask`` is 1 (anything
-                elsewhere: those positions are never read).
-            mask: [B, T] bool or 0/1: the tokens that count.
-            advantages: [B] or [B, T].
-            old_logprobs, ref_logprobs, rollout_logprobs, num_items_in_batch, num_sequences_in_batch: as in
-                :func:`policy_loss`.
-            pos_logprobs, neg_logprobs: [B, T] teacher log-probs for ``config.credit`` (docs/math.md §7), as in
-                :func:`policy_loss`: the credit Â is formed inside the loss from them.
-            rollout_weights: [B, T] precomputed rollout weights, as in :func:`policy_loss`.
-                ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` need ``old_logprobs`` here (on-policy
-                they depend on the log-probs this call computes: use token_logprobs and policy_loss).
-            temperature: T > 0 dividing the logits, as in :func:`token_logprobs`.
-            epsilon_low, epsilon_high: clip ranges per sequence ([B], [B, 1]) or per token ([B, T]), as in
-                :func:`policy_loss` (docs/math.md §9); they keep the one-pass route.
-
-        The selection options (``config.token_select``, ``config.off_policy_mask_threshold``) need the whole
-        batch first and take the two-pass route (statistics, then one recompute: 8·N·D·V).
-
-        Returns:
-            :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
-            The loss is differentiable w.r.t. hidden, weight and bias.
-        """
-        config, check = self.config, self.check_inputs
-        hidden = _checks.tensor("hidden", hidden)
-        _checks.ndim("hidden", hidden, 3, "[B, T, D]")
-        targets = _checks.tensor("targets", targets)
-        shape = hidden.shape[:2]
-        if targets.shape != shape:
-            raise ValueError(f"targets must be [B, T] = {tuple(shape)}, got {tuple(targets.shape)}")
-        old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
-            shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check
-        )
-        pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
-        rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
-        if old_logprobs is None and (config.rollout_rs is not None or config.rollout_is_batch_normalize):
-            option = "rollout_rs" if config.rollout_rs is not None else "rollout_is_batch_normalize"
-            raise ValueError(f"FusedPolicyLoss needs old_logprobs with config.{option} (on-policy the rejection and "
-                             "normalisation depend on the log-probs this call computes); use token_logprobs and "
-                             "policy_loss, or pass old_logprobs")
-        epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check)
-        _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
-                            mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-                            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
-                            epsilon_low=epsilon_low, epsilon_high=epsilon_high)
-        linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=self.softcap,
-                                     ignore_index=_NOT_COUNTED, backend=self.backend,
-                                     max_scratch_bytes=self.max_scratch_bytes, batch_invariant=self.batch_invariant,
-                                     check_range=False)
-        V = linear.weight.shape[0]
-        if self.process_group is not None:
-            from . import distributed
-
-            distributed.check_process_group(self.process_group, linear.options.backend)
-            layout = distributed.vocab_layout(V, self.process_group, hidden.device)
-            V = layout.vocab
-        if check:  # targets where they count (one host sync)
-            counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
-            _checks.targets_in_range(counted_targets, V, ignore_index=None)
-        # Positions outside the mask become ignored tokens: their hidden rows are never read.
-        kernel_targets = torch.where(mask, linear.targets, torch.full_like(linear.targets, _NOT_COUNTED))
-        linear = linear._replace(targets=kernel_targets)
-        options = linear.options
-
-        if is_reference(options.backend):  # the inputs are checked: straight to the oracle
-            logprobs, entropy = reference.token_logprobs(
-                linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
-                softcap=options.softcap, ignore_index=_NOT_COUNTED,
-            )
-            return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
-                                          rollout_logprobs, num_items_in_batch, num_sequences_in_batch,
-                                          pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
-                                          check)
-
-        hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
-        mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,
-                                                               rollout_weights)
-        normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check)
-        grad_on = torch.is_grad_enabled()
-        needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
-                 grad_on and bias is not None and linear.bias.requires_grad)
-        if self.process_group is not None:
-            loss, packed = distributed.vocab_parallel_fused_loss(
-                hidden_rows, weight, bias, flat_targets, (old_logprobs, advantages, mask, ref_logprobs,
-                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high),
-                normaliser, config.key, list(needs), options, self.process_group, layout)
+        """:func:`fused_policy_loss` of these tensors with this module's config and options (see there for
+        each argument). ``temperature=`` here is deprecated: it overrides the constructor's for this call, with
+        a DeprecationWarning, for one release; pass it to the constructor (or call :func:`fused_policy_loss`)."""
+        if temperature is None:
+            temperature = self.temperature
         else:
-            loss, packed, *_ = _fused_policy_loss_op(
-                hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs,
-                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
-                normaliser, config.key, list(needs), *options)
-        names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
-        return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
+            warn_deprecated("FusedPolicyLoss.forward(temperature=...) moved to the constructor, next to softcap: "
+                            "FusedPolicyLoss(config, temperature=...), or call rlloss.fused_policy_loss",
+                            stacklevel=5)  # the caller of Module.__call__
+        return fused_policy_loss(
+            hidden, weight, targets, old_logprobs, advantages, mask, config=self.config, bias=bias,
+            ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, pos_logprobs=pos_logprobs,
+            neg_logprobs=neg_logprobs, rollout_weights=rollout_weights, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, temperature=temperature, softcap=self.softcap,
+            num_items_in_batch=num_items_in_batch, num_sequences_in_batch=num_sequences_in_batch,
+            max_scratch_bytes=self.max_scratch_bytes, batch_invariant=self.batch_invariant,
+            process_group=self.process_group, check_inputs=self.check_inputs, backend=self.backend)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .credit import CREDIT_MODES
+from ._compat import renamed_keywords
+from .credit import check_credit_mode
 from .prefix_attention import SharedPrefixLayout
 from .prefix_batch import _GatherPlan, _gather_tables, gather_predictors
 
@@ -48,7 +49,7 @@ class _TeacherRows:
         Skipped rollouts get 0 in both (Δ = 0). RLSD rollouts get ``base_logprobs`` ([B, T]: the old
         log-probs, or the policy's own computed under no_grad) as their ℓ⁻, so Δ = ℓ⁺ − ℓ° for them; it is
         required when any rollout is RLSD. Feed the pair to ``LossConfig(credit="cepo")`` or
-        :func:`contrastive_credit` with ``mode="cepo"``.
+        :func:`contrastive_credit` with ``credit="cepo"``.
         """
         logprobs = _checks.tensor("logprobs", logprobs)
         R, T = self.targets.shape
@@ -65,7 +66,7 @@ class _TeacherRows:
         if bool(self.rlsd.any()):
             if base_logprobs is None:
                 rows = self.rlsd.nonzero().flatten().tolist()
-                raise ValueError(f"rollouts {rows[:8]} use RLSD (no wrong answer in their group, or mode='rlsd'): "
+                raise ValueError(f"rollouts {rows[:8]} use RLSD (no wrong answer in their group, or credit='rlsd'): "
                                  "pass base_logprobs=[B, T] policy log-probs for their ℓ⁻")
             base_logprobs = _checks.tensor("base_logprobs", base_logprobs)
             if base_logprobs.shape != (B, T):
@@ -88,7 +89,7 @@ class TeacherInputs(_TeacherRows):
     positive: [R] bool, True for a [prompt | r⁺ | completion] row, False for [prompt | r⁻ | completion].
     skipped: [B] bool, rollouts with no teacher row (zero advantage, or no wrong answer with
         ``fallback="grpo"``): Δ = 0 for them, i.e. plain GRPO.
-    rlsd: [B] bool, rollouts with a positive row only (``mode="rlsd"``, or ``fallback="rlsd"`` in a group
+    rlsd: [B] bool, rollouts with a positive row only (``credit="rlsd"``, or ``fallback="rlsd"`` in a group
         without a wrong answer): their ℓ⁻ is the base (policy) log-prob, see :meth:`split`.
     negative_source: [G] int64, per group the rollout whose answer is r⁻, or −1 when there is none.
     ignore_index: the filler of ``targets``.
@@ -221,6 +222,7 @@ def _optional_ids(name: str, x: Optional[Tensor]) -> Tensor:
     return _non_negative_ids(name, x.detach().cpu())
 
 
+@renamed_keywords(mode="credit")
 def build_teacher_inputs(
     prompt_ids: Sequence[Tensor],
     completion_ids: Sequence[Tensor],
@@ -230,7 +232,7 @@ def build_teacher_inputs(
     wrong_answer_ids: Optional[Sequence[Optional[Tensor]]],
     *,
     advantages: Optional[Tensor] = None,
-    mode: str = "cepo",
+    credit: str = "cepo",
     fallback: str = "grpo",
     reject_below: float = 0.5,
     answer_prefix_ids: Optional[Tensor] = None,
@@ -257,10 +259,11 @@ def build_teacher_inputs(
         group_sizes: G ints ≥ 1 summing to B.
         answer_ids: G non-empty 1-D int64 tensors, r⁺ of each group (e.g. the tokens of "42").
         wrong_answer_ids: B entries, the boxed answer extracted from each rollout as token ids, or None (or an
-            empty tensor) when a rollout has no answer. Unused (may be None) with ``mode="rlsd"``.
+            empty tensor) when a rollout has no answer. Unused (may be None) with ``credit="rlsd"``.
         advantages: optional [B]; when given, rollouts with A = 0 get no teacher rows (their Â is 0 anyway).
             Without it a group is skipped when all its rewards are equal (A = 0 in every §2 mode).
-        mode: "cepo" (a positive and a negative context per rollout) or "rlsd" (positive only).
+        credit: "cepo" (a positive and a negative context per rollout) or "rlsd" (positive only), as
+            ``LossConfig.credit``; the old keyword ``mode=`` works for one release, with a DeprecationWarning.
         fallback: for a "cepo" group without a usable wrong answer: "grpo" (r⁻ = r⁺, i.e. Δ = 0: no teacher
             rows) or "rlsd" (positive rows only, Δ = ℓ⁺ − ℓ°).
         reject_below: the score under which a rollout is rejected (docs/math.md §7: 0.5).
@@ -290,8 +293,7 @@ def build_teacher_inputs(
         :meth:`~TeacherInputs.split` in both layouts, so their log-probs are interchangeable.
     """
     _checks.boolean("packed", packed)
-    if mode not in CREDIT_MODES:
-        raise ValueError(f"mode must be one of {CREDIT_MODES}, got {mode!r}")
+    mode = check_credit_mode(credit)
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     from .advantages import _check_group_sizes, _check_rewards
@@ -313,7 +315,7 @@ def build_teacher_inputs(
             raise ValueError(f"answer_ids[{g}] must hold at least one token (r⁺), got an empty tensor")
     if mode == "cepo":
         if wrong_answer_ids is None:
-            raise ValueError("mode='cepo' needs wrong_answer_ids (B entries, None where a rollout has no answer)")
+            raise ValueError("credit='cepo' needs wrong_answer_ids (B entries, None where a rollout has no answer)")
         wrong = _token_list("wrong_answer_ids", wrong_answer_ids, B, optional=True)
     else:
         wrong = [None] * B

@@ -16,7 +16,7 @@ from conftest import HAS_CUDA
 
 import rlloss
 from rlloss import (FusedPolicyLoss, LinearDecay, LossConfig, SharedPrefixBatch, SharedPrefixLayout,
-                    contrastive_credit, group_advantages, logprobs_from_logits, policy_loss,
+                    contrastive_credit, fused_policy_loss, group_advantages, logprobs_from_logits, policy_loss,
                     shared_prefix_attention, token_logprobs)
 from rlloss.teacher import build_teacher_inputs
 
@@ -300,19 +300,46 @@ FUSED = [
           lambda: _fused(weight=torch.randn(V, D, dtype=torch.float64))),
     _case("mask-shape", ValueError, "mask must have logprobs' shape",
           lambda: _fused(mask=torch.ones(B, T - 1, dtype=torch.bool))),
-    _case("temperature-zero", ValueError, "temperature must be a finite number > 0", lambda: _fused(temperature=0)),
-    _case("temperature-inf", ValueError, "temperature must be a finite number > 0", lambda: _fused(temperature=INF)),
+    _case("temperature-zero", ValueError, "temperature must be a finite number > 0",
+          lambda: FusedPolicyLoss(LossConfig(), temperature=0)),
+    _case("temperature-inf", ValueError, "temperature must be a finite number > 0",
+          lambda: FusedPolicyLoss(LossConfig(), temperature=INF)),
     _case("rollout_weights-shape", ValueError, "rollout_weights must have logprobs'?s shape",
           lambda: _fused(rollout_weights=torch.rand(B, T + 1))),
-    _case("rollout_rs-on-policy", ValueError, "FusedPolicyLoss needs old_logprobs with config.rollout_rs",
+    _case("rollout_rs-on-policy", ValueError, "fused_policy_loss needs old_logprobs with config.rollout_rs",
           lambda: FusedPolicyLoss(LossConfig(rollout_rs="token_k2", rollout_rs_threshold=0.1))(
               torch.randn(B, T, D), torch.randn(V, D), torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.bool),
               torch.randn(B), rollout_logprobs=-torch.rand(B, T))),
     _case("rollout_is_batch_normalize-on-policy", ValueError,
-          "FusedPolicyLoss needs old_logprobs with config.rollout_is_batch_normalize",
+          "fused_policy_loss needs old_logprobs with config.rollout_is_batch_normalize",
           lambda: FusedPolicyLoss(LossConfig(rollout_correction="token_truncate", rollout_is_batch_normalize=True))(
               torch.randn(B, T, D), torch.randn(V, D), torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.bool),
               torch.randn(B), rollout_logprobs=-torch.rand(B, T))),
+]
+
+
+def _fused_fn(**kw):
+    """fused_policy_loss: the same checks as the module's, in policy_loss's argument order."""
+    args = dict(hidden=torch.randn(B, T, D), weight=torch.randn(V, D), targets=torch.randint(0, V, (B, T)),
+                old_logprobs=None, advantages=torch.randn(B), mask=torch.ones(B, T, dtype=torch.bool),
+                config=LossConfig())
+    args.update(kw)
+    return fused_policy_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("old_logprobs"),
+                             args.pop("advantages"), args.pop("mask"), **args)
+
+
+FUSED_FUNCTIONAL = [
+    _case("config-none", TypeError, "config must be a rlloss.LossConfig", lambda: _fused_fn(config=None)),
+    _case("temperature-zero", ValueError, "temperature must be a finite number > 0", lambda: _fused_fn(temperature=0)),
+    _case("softcap-negative", ValueError, "softcap must be a finite number > 0", lambda: _fused_fn(softcap=-1.0)),
+    _case("backend-unknown", ValueError, r"backend='gpu' is not a backend", lambda: _fused_fn(backend="gpu")),
+    _case("check_inputs-str", TypeError, "check_inputs must be a bool", lambda: _fused_fn(check_inputs="yes")),
+    _case("old_logprobs-shape", ValueError, "old_logprobs must have logprobs'?s shape",
+          lambda: _fused_fn(old_logprobs=-torch.rand(B, T + 1))),
+    _case("advantages-in-mask-place", ValueError, "mask must have logprobs' shape",
+          lambda: _fused_fn(mask=torch.ones(B, dtype=torch.bool))),
+    _case("targets-out-of-range", ValueError, r"targets must lie in \[0, 5\)",
+          lambda: _fused_fn(targets=torch.full((B, T), V))),
 ]
 
 
@@ -404,12 +431,12 @@ LOSS_CONFIG = [
 ]
 
 CREDIT = [
-    _case("mode-unknown", ValueError, "mode must be one of", lambda: _credit(mode="ppo")),
-    _case("lam-range", ValueError, r"lam must lie in \[0, 1\]", lambda: _credit(lam=1.5)),
-    _case("lam-nan", ValueError, "lam must be finite", lambda: _credit(lam=NAN)),
-    _case("lam-str", TypeError, "lam must be a number", lambda: _credit(lam="0.5")),
-    _case("eps_w-one", ValueError, r"eps_w must lie in \[0, 1\)", lambda: _credit(eps_w=1.0)),
-    _case("eps_w-inf", ValueError, "eps_w must be finite", lambda: _credit(eps_w=INF)),
+    _case("credit-unknown", ValueError, "credit must be one of", lambda: _credit(credit="ppo")),
+    _case("credit_lambda-range", ValueError, r"credit_lambda must lie in \[0, 1\]", lambda: _credit(credit_lambda=1.5)),
+    _case("credit_lambda-nan", ValueError, "credit_lambda must be finite", lambda: _credit(credit_lambda=NAN)),
+    _case("credit_lambda-str", TypeError, "credit_lambda must be a number", lambda: _credit(credit_lambda="0.5")),
+    _case("credit_eps_w-one", ValueError, r"credit_eps_w must lie in \[0, 1\)", lambda: _credit(credit_eps_w=1.0)),
+    _case("credit_eps_w-inf", ValueError, "credit_eps_w must be finite", lambda: _credit(credit_eps_w=INF)),
     _case("mask-list", TypeError, "mask must be a torch.Tensor", lambda: _credit(mask=[[1] * T] * B)),
     _case("mask-1d", ValueError, r"mask must be 2-D \[B, T\]", lambda: _credit(mask=torch.ones(B, dtype=torch.bool))),
     _case("mask-values", ValueError, "mask must hold only 0 and 1", lambda: _credit(mask=torch.full((B, T), -1))),
@@ -420,15 +447,15 @@ CREDIT = [
           lambda: _credit(pos_logprobs=-torch.rand(B, T, 1))),
     _case("pos_logprobs-int", TypeError, "pos_logprobs must have dtype in",
           lambda: _credit(pos_logprobs=torch.zeros(B, T, dtype=torch.int64))),
-    _case("neg_logprobs-missing", ValueError, "mode='cepo' needs neg_logprobs", lambda: _credit(neg_logprobs=None)),
-    _case("base_logprobs-with-cepo", ValueError, "base_logprobs is the denominator of mode='rlsd'",
+    _case("neg_logprobs-missing", ValueError, "credit='cepo' needs neg_logprobs", lambda: _credit(neg_logprobs=None)),
+    _case("base_logprobs-with-cepo", ValueError, "base_logprobs is the denominator of credit='rlsd'",
           lambda: _credit(base_logprobs=-torch.rand(B, T))),
-    _case("base_logprobs-missing", ValueError, "mode='rlsd' needs base_logprobs",
-          lambda: _credit(mode="rlsd", neg_logprobs=None)),
-    _case("neg_logprobs-with-rlsd", ValueError, "neg_logprobs is for mode='cepo'",
-          lambda: _credit(mode="rlsd", base_logprobs=-torch.rand(B, T))),
+    _case("base_logprobs-missing", ValueError, "credit='rlsd' needs base_logprobs",
+          lambda: _credit(credit="rlsd", neg_logprobs=None)),
+    _case("neg_logprobs-with-rlsd", ValueError, "neg_logprobs is for credit='cepo'",
+          lambda: _credit(credit="rlsd", base_logprobs=-torch.rand(B, T))),
     _case("base_logprobs-shape", ValueError, "base_logprobs must have mask's shape",
-          lambda: _credit(mode="rlsd", neg_logprobs=None, base_logprobs=-torch.rand(B))),
+          lambda: _credit(credit="rlsd", neg_logprobs=None, base_logprobs=-torch.rand(B))),
     _case("backend-unknown", ValueError, r"backend='fast' is not a backend", lambda: _credit(backend="fast")),
 ]
 
@@ -546,7 +573,7 @@ PREFIX_BATCH = [
 ]
 
 TEACHER = [
-    _case("mode-unknown", ValueError, "mode must be one of", lambda: _teacher(mode="grpo")),
+    _case("credit-unknown", ValueError, "credit must be one of", lambda: _teacher(credit="grpo")),
     _case("fallback-unknown", ValueError, "fallback must be one of", lambda: _teacher(fallback="skip")),
     _case("packed-str", TypeError, "packed must be a bool", lambda: _teacher(packed="yes")),
     _case("rewards-nan", ValueError, "rewards must be finite", lambda: _teacher(rewards=[1.0, NAN])),
@@ -558,7 +585,7 @@ TEACHER = [
     _case("completion_ids-tensor", TypeError, "completion_ids must be a list of 1-D int64 tensors",
           lambda: _teacher(completion_ids=_ids(3, 4))),
     _case("answer_ids-empty", ValueError, r"answer_ids\[0\] must hold at least one token", lambda: _teacher(answer_ids=[_ids()])),
-    _case("wrong_answer_ids-missing", ValueError, "mode='cepo' needs wrong_answer_ids",
+    _case("wrong_answer_ids-missing", ValueError, "credit='cepo' needs wrong_answer_ids",
           lambda: _teacher(wrong_answer_ids=None)),
     _case("advantages-shape", ValueError, r"advantages must be \[B\] = \(2,\)", lambda: _teacher(advantages=torch.randn(3))),
     _case("reject_below-nan", TypeError, "reject_below must be a finite number", lambda: _teacher(reject_below=NAN)),
@@ -674,7 +701,8 @@ LOSS_CONFIG += [
 
 CATALOGUE = {
     "token_logprobs": TOKEN_LOGPROBS, "logprobs_from_logits": LOGITS, "group_advantages": ADVANTAGES,
-    "policy_loss": POLICY_LOSS, "FusedPolicyLoss": FUSED, "LossConfig": LOSS_CONFIG, "contrastive_credit": CREDIT,
+    "policy_loss": POLICY_LOSS, "FusedPolicyLoss": FUSED,
+    "fused_policy_loss": FUSED_FUNCTIONAL, "LossConfig": LOSS_CONFIG, "contrastive_credit": CREDIT,
     "LinearDecay": LINEAR_DECAY, "shared_prefix_attention": ATTENTION, "SharedPrefixLayout": LAYOUT_CASES,
     "SharedPrefixBatch": PREFIX_BATCH, "build_teacher_inputs": TEACHER, "PaddedBatch": PADDED_BATCH,
     "global_counts": GLOBAL_COUNTS, **FAMILY,

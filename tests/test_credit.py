@@ -47,7 +47,8 @@ def _credit(inp, mode, backend, dtype, *, lam=0.5, eps_w=0.2, poison=True):
     if poison:
         cast = {k: _poison(v, mask) for k, v in cast.items()}
     other = {"neg_logprobs": cast["neg_logprobs"]} if mode == "cepo" else {"base_logprobs": cast["old_logprobs"]}
-    return contrastive_credit(cast["advantages"], mask, cast["pos_logprobs"], lam=lam, eps_w=eps_w, mode=mode,
+    return contrastive_credit(cast["advantages"], mask, cast["pos_logprobs"], credit=mode, credit_lambda=lam,
+                              credit_eps_w=eps_w,
                               backend=backend, **other)
 
 
@@ -214,19 +215,19 @@ def _credit_call(**overrides):
 
 
 @pytest.mark.parametrize("overrides,error,match", [
-    (dict(mode="grpo"), ValueError, "mode"),
+    (dict(credit="grpo"), ValueError, "credit"),
     (dict(neg_logprobs=None), ValueError, "neg_logprobs"),
     (dict(base_logprobs=torch.zeros(B, T)), ValueError, "base_logprobs"),
-    (dict(mode="rlsd"), ValueError, "base_logprobs"),
-    (dict(mode="rlsd", base_logprobs=torch.zeros(B, T)), ValueError, "neg_logprobs"),
+    (dict(credit="rlsd"), ValueError, "base_logprobs"),
+    (dict(credit="rlsd", base_logprobs=torch.zeros(B, T)), ValueError, "neg_logprobs"),
     (dict(pos_logprobs=torch.zeros(B, T + 1)), ValueError, "pos_logprobs"),
     (dict(pos_logprobs=torch.zeros(B, T, dtype=torch.int64)), TypeError, "pos_logprobs"),
     (dict(advantages=torch.zeros(B + 1)), ValueError, "advantages"),
     (dict(mask=torch.ones(B * T)), ValueError, "mask"),
     (dict(mask=torch.full((B, T), 0.5)), ValueError, "mask"),
-    (dict(lam=1.5), ValueError, "lam"),
-    (dict(lam=True), TypeError, "lam"),
-    (dict(eps_w=1.0), ValueError, "eps_w"),
+    (dict(credit_lambda=1.5), ValueError, "credit_lambda"),
+    (dict(credit_lambda=True), TypeError, "credit_lambda"),
+    (dict(credit_eps_w=1.0), ValueError, "credit_eps_w"),
     (dict(backend="cuda"), ValueError, "backend"),
 ])
 def test_credit_errors(overrides, error, match):
@@ -276,7 +277,7 @@ LOSS_CONFIGS = [
 def _unfused_credit_args(config, inp, old):
     if config.credit == "cepo":
         return dict(neg_logprobs=inp["neg_logprobs"])
-    return dict(base_logprobs=old, mode="rlsd")
+    return dict(base_logprobs=old, credit="rlsd")
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
@@ -298,8 +299,8 @@ def test_policy_loss_credit_equals_loss_of_credit(name, fields, on_policy, backe
                         neg_logprobs=inp["neg_logprobs"] if config.credit == "cepo" else None, backend=backend)
     fused.loss.backward()
 
-    credit = contrastive_credit(inp["advantages"], inp["mask"], inp["pos_logprobs"], lam=config.credit_lambda,
-                                eps_w=config.credit_eps_w, backend=backend,
+    credit = contrastive_credit(inp["advantages"], inp["mask"], inp["pos_logprobs"], credit_lambda=config.credit_lambda,
+                                credit_eps_w=config.credit_eps_w, backend=backend,
                                 **_unfused_credit_args(config, inp, inp["logprobs"] if old is None else old))
     plain_logp = inp["logprobs"].clone().requires_grad_()
     plain = policy_loss(plain_logp, old, credit.to(dtype), inp["mask"], config=config.replace(credit=None),
@@ -365,8 +366,8 @@ def test_fused_policy_loss_credit_equals_unfused(name, fields, backend, dtype):
                                                      old_logprobs=inp["old_logprobs"], **teacher)
     fused.loss.backward()
 
-    credit = contrastive_credit(inp["advantages"], inp["mask"], inp["pos_logprobs"], lam=config.credit_lambda,
-                                eps_w=config.credit_eps_w, backend=backend,
+    credit = contrastive_credit(inp["advantages"], inp["mask"], inp["pos_logprobs"], credit_lambda=config.credit_lambda,
+                                credit_eps_w=config.credit_eps_w, backend=backend,
                                 **_unfused_credit_args(config, inp, inp["old_logprobs"]))
     h2, w2 = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
     lp = rlloss.token_logprobs(h2, w2, torch.where(inp["mask"], targets, -100), return_entropy=True, backend=backend)
@@ -469,7 +470,7 @@ def test_builder_all_correct_all_wrong_and_fallbacks():
     _check_layout(ti, prompts, completions, group_of, lambda i, pos: answers[group_of[i]] if pos else _ids(73))
 
     # pure RLSD: positive rows only, wrong answers unused
-    ti = build_teacher_inputs(prompts, completions, rewards, sizes, answers, None, mode="rlsd")
+    ti = build_teacher_inputs(prompts, completions, rewards, sizes, answers, None, credit="rlsd")
     assert ti.positive.all() and ti.rollout.tolist() == [2, 3, 4, 7, 8]
     assert ti.rlsd.tolist() == (~ti.skipped).tolist()
 
@@ -507,7 +508,7 @@ def test_builder_advantages_skip_rollouts_and_split():
     with pytest.raises(ValueError, match="logprobs"):
         ti.split(logprobs[:3])
 
-    ti = build_teacher_inputs(prompts, completions, rewards, [3], [_ids(9)], None, mode="rlsd")
+    ti = build_teacher_inputs(prompts, completions, rewards, [3], [_ids(9)], None, credit="rlsd")
     base = -torch.rand(3, 3)
     with pytest.raises(ValueError, match="base_logprobs"):
         ti.split(torch.zeros(3, 3))
@@ -523,7 +524,7 @@ def test_builder_advantages_skip_rollouts_and_split():
     (dict(wrong_answer_ids=None), ValueError, "wrong_answer_ids"),
     (dict(wrong_answer_ids=[None, None]), ValueError, "wrong_answer_ids"),
     (dict(rewards=[1.0, math.nan, 0.0]), ValueError, "rewards"),
-    (dict(mode="ppo"), ValueError, "mode"),
+    (dict(credit="ppo"), ValueError, "credit"),
     (dict(fallback="skip"), ValueError, "fallback"),
     (dict(completion_length=1), ValueError, "completion_length"),
     (dict(advantages=torch.zeros(2)), ValueError, "advantages"),
@@ -679,8 +680,8 @@ def test_tiny_llama_end_to_end(tiny_llama, backend, dtype):
         assert grad.abs().sum() > 0, name
 
     model.zero_grad()
-    credit = contrastive_credit(advantages, mask, pos, neg_logprobs=neg, lam=config.credit_lambda,
-                                eps_w=config.credit_eps_w, backend=backend)
+    credit = contrastive_credit(advantages, mask, pos, neg_logprobs=neg, credit_lambda=config.credit_lambda,
+                                credit_eps_w=config.credit_eps_w, backend=backend)
     logprobs = rlloss.token_logprobs(policy_hidden(), model.lm_head.weight, torch.where(mask, targets, -100),
                                      backend=backend).logprobs
     plain = policy_loss(logprobs, old, credit.to(dtype), mask, config=config.replace(credit=None), backend=backend)

@@ -136,7 +136,7 @@ def test_fallbacks_skipped_groups_and_rlsd_by_hand():
     assert packed.rollout.tolist() == [2, 3, 4, 7, 8, 7, 8] and packed.row_segments == (2, 3, 4, 7, 8, 10, 11)
     assert packed.logprob_positions.tolist() == [[1, 2], [1, 4], [1, 6], [9, 10], [9, 12], [14, 15], [14, 17]]
 
-    packed, _ = _both(prompts, completions, rewards, sizes, answers, None, mode="rlsd")  # positive passes only
+    packed, _ = _both(prompts, completions, rewards, sizes, answers, None, credit="rlsd")  # positive passes only
     assert packed.layout.parents == (-1, 0, 1, 1, 1, -1, 5, 6, 6)
     assert packed.positive.all() and packed.rlsd.tolist() == (~packed.skipped).tolist()
 
@@ -192,7 +192,7 @@ def test_random_groups_match_the_padded_variant(groups, mode_fallback, affix):
                       [r for _, r, _ in rollouts], [len(rs) for _, rs in groups],
                       [tokens(1 + g % 2) for g in range(len(groups))],
                       [tokens(w) if w else None for _, _, w in rollouts] if mode == "cepo" else None,
-                      mode=mode, fallback=fallback, answer_prefix_ids=tokens(affix) if affix else None,
+                      credit=mode, fallback=fallback, answer_prefix_ids=tokens(affix) if affix else None,
                       answer_suffix_ids=tokens(affix - 1) if affix > 1 else None)
 
 
@@ -290,7 +290,7 @@ def test_packed_teacher_pass_equals_padded(mode, fallback):
     advantages = rlloss.group_advantages(rewards, group_sizes=sizes)
     advantages[9] = 0.0  # a rollout with no teacher rows inside a group that has them
     args = (prompts, completions, rewards, sizes, answers, wrong if mode == "cepo" else None)
-    kwargs = dict(mode=mode, fallback=fallback, advantages=advantages, **affixes)
+    kwargs = dict(credit=mode, fallback=fallback, advantages=advantages, **affixes)
     packed, padded = _both(*args, **kwargs)
     assert packed.total_tokens < packed.unpacked_tokens
 

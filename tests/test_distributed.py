@@ -137,14 +137,16 @@ def _fused_case(rank, world, preset, backend="torch"):
     targets = torch.where(mask, targets.clamp(min=0), targets)
     lo, hi = BOUNDS[world][rank], BOUNDS[world][rank + 1]
     config = LossConfig.preset(preset, beta=0.05, entropy_coef=0.01, entropy_aggregation=None)
-    kwargs = dict(bias=None, temperature=0.9, **tokens)
+    kwargs = dict(bias=None, **tokens)
 
     h, w = _leaves(hidden, weight[lo:hi])
-    sharded = FusedPolicyLoss(config, max_scratch_bytes=SCRATCH, backend=backend, process_group=dist.group.WORLD)
+    sharded = FusedPolicyLoss(config, temperature=0.9, max_scratch_bytes=SCRATCH, backend=backend,
+                              process_group=dist.group.WORLD)
     out = sharded(h, w, targets, mask, **kwargs)
     out.loss.backward()
     hs, ws = _leaves(hidden, weight)
-    single = FusedPolicyLoss(config, max_scratch_bytes=SCRATCH, backend=backend)(hs, ws, targets, mask, **kwargs)
+    single = FusedPolicyLoss(config, temperature=0.9, max_scratch_bytes=SCRATCH, backend=backend)(
+        hs, ws, targets, mask, **kwargs)
     single.loss.backward()
     hr, wr = _leaves(hidden.double(), weight.double())
     ref_logp, ref_ent = reference.token_logprobs(hr, wr, torch.where(mask, targets, -100), temperature=0.9)
@@ -296,16 +298,16 @@ def tensor_and_data_parallel(rank, world):
     targets = torch.where(mask, targets.clamp(min=0), targets)
     rows = [slice(0, 1), slice(1, B)][dp_rank]  # uneven replicas
     config = LossConfig.preset("dapo", beta=0.05, entropy_coef=0.01, entropy_aggregation=None)
-    kwargs = dict(temperature=0.9, **tokens)
+    kwargs = dict(tokens)
 
     hs, ws = _leaves(hidden, weight)
-    FusedPolicyLoss(config)(hs, ws, targets, mask, **kwargs).loss.backward()
+    FusedPolicyLoss(config, temperature=0.9)(hs, ws, targets, mask, **kwargs).loss.backward()
 
     h, w = _leaves(hidden[rows], weight[lo:hi])
     counts = global_counts(mask[rows], group=dp_group)
-    mine = {key: value[rows] for key, value in kwargs.items() if key != "temperature"}
-    out = FusedPolicyLoss(config, process_group=tp_group)(
-        h, w, targets[rows], mask[rows], temperature=0.9, num_items_in_batch=counts.num_items_in_batch,
+    mine = {key: value[rows] for key, value in kwargs.items()}
+    out = FusedPolicyLoss(config, temperature=0.9, process_group=tp_group)(
+        h, w, targets[rows], mask[rows], num_items_in_batch=counts.num_items_in_batch,
         num_sequences_in_batch=counts.num_sequences_in_batch, **mine)
     out.loss.backward()
     dist.all_reduce(w.grad, group=dp_group)  # DDP's average over the replicas

@@ -42,13 +42,13 @@ def _batch(dtype, *, per_token_adv=False, bias=False, seed=0):
     return batch
 
 
-def _run(module, batch, *, temperature=1.0, **kw):
+def _run(module, batch, **kw):
     leaves = {k: batch[k].clone().requires_grad_() for k in ("hidden", "weight")}
     if batch["bias"] is not None:
         leaves["bias"] = batch["bias"].clone().requires_grad_()
     extra = {k: batch[k] for k in ("old_logprobs", "ref_logprobs", "rollout_logprobs")}
     out = module(leaves["hidden"], leaves["weight"], batch["targets"], batch["mask"], batch["advantages"],
-                 bias=leaves.get("bias"), temperature=temperature, **extra, **kw)
+                 bias=leaves.get("bias"), **extra, **kw)
     out.loss.backward()
     return out, {k: v.grad for k, v in leaves.items()}
 
@@ -136,7 +136,7 @@ def test_options_match_reference(options, backend, dtype):
 def test_bias_temperature_softcap_per_token_advantages(backend, dtype):
     config = LossConfig.preset("grpo", beta=0.02, entropy_coef=0.01)
     batch = _batch(dtype, per_token_adv=True, bias=True, seed=2)
-    out, grads = _run(FusedPolicyLoss(config, softcap=4.0, backend=backend), batch, temperature=0.7)
+    out, grads = _run(FusedPolicyLoss(config, temperature=0.7, softcap=4.0, backend=backend), batch)
     loss, metrics, ref_grads = _oracle(config, batch, temperature=0.7, softcap=4.0)
     assert set(grads) == {"hidden", "weight", "bias"}
     _assert_matches(out, grads, loss, metrics, ref_grads, backend)
@@ -247,7 +247,7 @@ def test_zero_advantages_give_zero_gradient():
 def test_random_configs_torch(preset, beta, entropy_coef, temperature, seed):
     config = _preset(preset, beta=beta, entropy_coef=entropy_coef)
     batch = _batch(torch.float64, seed=seed)
-    out, grads = _run(FusedPolicyLoss(config, backend="torch"), batch, temperature=temperature)
+    out, grads = _run(FusedPolicyLoss(config, temperature=temperature, backend="torch"), batch)
     loss, metrics, ref_grads = _oracle(config, batch, temperature=temperature)
     _assert_matches(out, grads, loss, metrics, ref_grads, "torch")
 

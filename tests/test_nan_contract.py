@@ -537,7 +537,8 @@ def test_contrastive_credit_nan(backend, poisoned):
 
     def credit(a):
         return rlloss.contrastive_credit(a["advantages"], mask, a["pos_logprobs"], neg_logprobs=a["neg_logprobs"],
-                                         lam=0.5, eps_w=0.2, mode="cepo", backend=backend)
+                                         credit="cepo", credit_lambda=0.5, credit_eps_w=0.2,
+                                         backend=backend)
 
     clean = credit(args)
     # masked garbage never matters

@@ -616,8 +616,8 @@ def test_fused_policy_loss(shape, config, v, d, seed, scale, temperature, softca
     for name, dtype, backend in (("torch", F32, "torch"), ("naive", F32, "reference"), ("ref", F64, "reference")):
         h, w = _leaves(hidden, weight, dtype=dtype)
         cast = {k: (None if x is None else x.to(dtype)) for k, x in policy_kw.items()}
-        out = rlloss.FusedPolicyLoss(config, softcap=softcap, backend=backend)(
-            h, w, targets, live, inp["advantages"].to(dtype), temperature=temperature, **cast)
+        out = rlloss.FusedPolicyLoss(config, temperature=temperature, softcap=softcap, backend=backend)(
+            h, w, targets, live, inp["advantages"].to(dtype), **cast)
         outputs[name] = (out.loss, *_grads(out.loss, [h, w]))
 
     # The float64 log-probs, entropies and d(loss)/d(them) the fused path forms, and their rounding.
@@ -661,7 +661,7 @@ def test_contrastive_credit(shape, seed, mode, lam, eps_w, spread, per_token, ze
     other = _randn(gen, B, T, scale=spread, offset=-2.0)
     poisoned = [torch.where(live, x, torch.full_like(x, NAN)) for x in (pos, other)]
     key = "neg_logprobs" if mode == "cepo" else "base_logprobs"
-    kw = dict(lam=lam, eps_w=eps_w, mode=mode)
+    kw = dict(credit=mode, credit_lambda=lam, credit_eps_w=eps_w)
     out = rlloss.contrastive_credit(adv, live, poisoned[0], backend="torch", **{key: poisoned[1]}, **kw)
     ref = rlloss.contrastive_credit(adv.double(), live, poisoned[0].double(), backend="reference",
                                     **{key: poisoned[1].double()}, **kw)

@@ -1,8 +1,8 @@
-"""TRL's ``GRPOTrainer`` with its loss taken from :class:`rlloss.FusedPolicyLoss` (TRL 1.16).
+"""TRL's ``GRPOTrainer`` with its loss taken from :func:`rlloss.fused_policy_loss` (TRL 1.16).
 
 :class:`RllossGRPOTrainer` is a drop-in ``trl.GRPOTrainer`` whose ``compute_loss`` runs the model to its last
 hidden states, slices the completion positions with :class:`rlloss.PaddedBatch` and takes the loss, straight
-from the lm_head weight, from :class:`rlloss.FusedPolicyLoss` — no logits anywhere. :func:`patch_grpo_trainer`
+from the lm_head weight, from :func:`rlloss.fused_policy_loss` — no logits anywhere. :func:`patch_grpo_trainer`
 does the same to an existing trainer instance. :func:`loss_config_from_grpo_config` maps a ``GRPOConfig`` to the
 :class:`rlloss.LossConfig` of the same loss and refuses, naming them, the options it cannot honour.
 
@@ -27,7 +27,7 @@ import torch
 
 from ..batching import PaddedBatch
 from ..config import LossConfig
-from ..policy import FusedPolicyLoss
+from ..policy import fused_policy_loss
 
 try:  # TRL is an optional dependency: pip install "rlloss[trl]"
     import trl
@@ -189,17 +189,6 @@ def _setup(trainer) -> None:
     _install_hidden_forward(target)
     trainer._rlloss_target = target
     trainer._rlloss_softcap, trainer._rlloss_logit_scale = _logit_transform(target)
-    trainer._rlloss_losses = {}
-
-
-def _loss_module(trainer, entropy_scale: float) -> FusedPolicyLoss:
-    config = trainer.rlloss_config
-    if config.entropy_coef != 0.0 and entropy_scale != 1.0:
-        config = config.replace(entropy_coef=config.entropy_coef / entropy_scale)
-    key = (config.key, trainer._rlloss_softcap)
-    if key not in trainer._rlloss_losses:
-        trainer._rlloss_losses[key] = FusedPolicyLoss(config, softcap=trainer._rlloss_softcap)
-    return trainer._rlloss_losses[key]
 
 
 def _global_mean(trainer, mean: torch.Tensor, count: torch.Tensor) -> float:
@@ -290,12 +279,14 @@ def _rlloss_compute_loss(trainer, model, inputs):
         num_items, divide, entropy_scale = normaliser, 1.0, accumulation
     else:
         num_items, divide, entropy_scale = None, accumulation, 1.0
-    loss_fn = _loss_module(trainer, entropy_scale)
+    if config.entropy_coef != 0.0 and entropy_scale != 1.0:
+        config = config.replace(entropy_coef=config.entropy_coef / entropy_scale)
     with torch.autocast(hidden.device.type, enabled=False):
-        out = loss_fn(hidden, weight, batch.targets, mask.bool(), advantages, bias=bias,
-                      old_logprobs=inputs.get("old_per_token_logps"), ref_logprobs=ref,
-                      rollout_logprobs=rollout_logprobs, rollout_weights=rollout_weights,
-                      temperature=float(trainer.temperature), num_items_in_batch=num_items)
+        out = fused_policy_loss(hidden, weight, batch.targets, inputs.get("old_per_token_logps"), advantages,
+                                mask.bool(), config=config, bias=bias, ref_logprobs=ref,
+                                rollout_logprobs=rollout_logprobs, rollout_weights=rollout_weights,
+                                temperature=float(trainer.temperature), softcap=trainer._rlloss_softcap,
+                                num_items_in_batch=num_items)
     loss = out.loss / divide if divide != 1.0 else out.loss
 
     metrics = trainer._metrics[mode]
@@ -306,7 +297,7 @@ def _rlloss_compute_loss(trainer, model, inputs):
         # top_entropy_quantile < 1 the bonus is the mean entropy of the kept tokens, which the fused loss does
         # not report: not logged then.
         if config.token_select is None:
-            policy = out.loss.detach() + loss_fn.config.entropy_coef * m["entropy"].detach()
+            policy = out.loss.detach() + config.entropy_coef * m["entropy"].detach()
             metrics["policy_loss"].append(trainer.accelerator.gather(policy).nanmean().item())
         if mode == "train" and trainer.accelerator.sync_gradients:
             metrics["entropy_coef"].append(trainer.entropy_coef)
@@ -326,7 +317,7 @@ def _rlloss_compute_loss(trainer, model, inputs):
 
 
 class RllossGRPOTrainer(_GRPOTrainer):
-    """``trl.GRPOTrainer`` whose loss is :class:`rlloss.FusedPolicyLoss` on the last hidden states.
+    """``trl.GRPOTrainer`` whose loss is :func:`rlloss.fused_policy_loss` on the last hidden states.
 
     Takes exactly ``GRPOTrainer``'s arguments; the loss comes from ``args`` through
     :func:`loss_config_from_grpo_config` (available afterwards as ``trainer.rlloss_config``), which raises for
