@@ -182,8 +182,8 @@ def test_interpret_still_runs_an_op():
     adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 3, dtype=torch.bool)
     pos, neg = torch.randn(2, 3), torch.randn(2, 3)
     with pytest.warns(DeprecationWarning, match="use backend='triton'"):
-        got = rlloss.contrastive_credit(adv, mask, pos, neg_logprobs=neg, lam=0.5, eps_w=0.2, backend="interpret")
-    want = rlloss.contrastive_credit(adv, mask, pos, neg_logprobs=neg, lam=0.5, eps_w=0.2, backend="triton")
+        got = rlloss.contrastive_credit(adv, mask, pos, neg_logprobs=neg, credit_lambda=0.5, credit_eps_w=0.2, backend="interpret")
+    want = rlloss.contrastive_credit(adv, mask, pos, neg_logprobs=neg, credit_lambda=0.5, credit_eps_w=0.2, backend="triton")
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     rlloss.FusedPolicyLoss(rlloss.LossConfig.preset("dapo"), backend="interpret")  # the constructor accepts it
 
