@@ -259,7 +259,8 @@ BTDV = ("B×T, D, V", lambda r: f"{r['B']}×{r['T']}, {r['D']}, {r['V']}")
 
 def spread(header: str = "min–max ms") -> Tuple[str, Callable[[Record], str]]:
     """The spread of a time: min–max of CPU repeats, 20th–80th percentile on CUDA."""
-    return header, lambda r: "—" if r.get("time_ms") is None else f"{fmt_ms(r['time_low_ms'])}–{fmt_ms(r['time_high_ms'])}"
+    return header, lambda r: ("—" if r.get("time_ms") is None
+                              else f"{fmt_ms(r['time_low_ms'])}–{fmt_ms(r['time_high_ms'])}")
 
 
 CPU_TIME_MEMORY_COLUMNS = (
@@ -599,6 +600,45 @@ class Case:
     note: str = ""
 
 
+def lm_head_inputs(lead: Tuple[int, ...], D: int, V: int, dtype: torch.dtype, device: str, logit_std: float,
+                   hidden_grad: bool = True, seed: int = 0):
+    """Random hidden states [*lead, D], an lm_head weight [V, D] scaled for logits of std ``logit_std`` (peaked,
+    as a trained model's), targets [*lead]: the same in every process. Also the ``randn`` that drew them, for the
+    suite's other inputs, and its generator."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
+    x = {"hidden": randn(*lead, D).to(dtype).requires_grad_(hidden_grad),
+         "weight": (randn(V, D) * (logit_std / D**0.5)).to(dtype).requires_grad_(),
+         "targets": torch.randint(0, V, lead, generator=gen, device=device)}
+    return x, randn, gen
+
+
+def loss_step(loss_fn: Callable[[Record], torch.Tensor], x: Record) -> Callable[[], Record]:
+    """Forward + backward of a scalar loss of the inputs ``x``; their gradients reset first, so calls do not
+    accumulate. Hands back the loss and the gradients of hidden states and weight."""
+    def step() -> Record:
+        x["hidden"].grad = x["weight"].grad = None
+        loss = loss_fn(x)
+        loss.backward()
+        return {"loss": loss.detach(), "grad_hidden": x["hidden"].grad, "grad_weight": x["weight"].grad}
+
+    return step
+
+
+def floor_row(record: Record, N: int, D: int, V: int, dtype: torch.dtype, device: str, gemms: Sequence[str],
+              matmul_tflops: Optional[float] = None) -> Record:
+    """``record`` with :func:`gemm_floor`, measured first and alone: its tensors are freed before the inputs are
+    built. Out of memory is recorded like any case."""
+    try:
+        record.update(gemm_floor(N, D, V, dtype, device, gemms, CUDA_PROBES.time))
+        if "flops" in record:
+            add_rates(record, matmul_tflops)
+    except Exception as exc:
+        failure(record, exc)
+    free(device)
+    return record
+
+
 def measure_cases(cases: Sequence[Case], base: Callable[[Case], Record], inputs: Callable[[], Any],
                   prepare: Callable[[Case, Any], Callable[[], Any]], probes: Probes, device: str,
                   progress: Callable[[Record], None], compare: Callable[[Record, Any, Any], None],
@@ -716,22 +756,29 @@ def times_worker(payload: Record) -> Record:
     return results
 
 
-def measure_cpu_isolated(module: str, cases: Sequence[Case], records: Dict[str, Record], payload: Record,
-                         progress: Callable[[str], None], warmup: int, calls: int) -> Dict[str, str]:
-    """The CPU default of a suite whose cases differ in memory: each case's peak memory in a fresh process of
-    its own (:func:`memory_worker`), then every time in one more (:func:`times_worker`), merged into
-    ``records``. Returns the paths of the saved outputs by case (in ``payload["tmp"]``)."""
+def measure_memory(module: str, names: Sequence[str], records: Dict[str, Record], payload: Record,
+                   progress: Callable[[str], None]) -> Dict[str, str]:
+    """Each case's peak memory in a fresh process of its own (:func:`memory_worker`), merged into ``records``.
+    Returns the paths of the saved outputs by case (in ``payload["tmp"]``)."""
     saved = {}
-    for case in cases:
-        path = str(Path(payload["tmp"]) / f"{case.name}.pt")
+    for name in names:
+        path = str(Path(payload["tmp"]) / f"{name}.pt")
         try:
-            records[case.name].update(run_isolated(f"{__name__}:memory_worker", {
-                **payload, "module": module, "impl": case.name, "outputs_path": path}, LIVE_MEMORY_ENV))
-            saved[case.name] = path
+            records[name].update(run_isolated(f"{__name__}:memory_worker", {
+                **payload, "module": module, "impl": name, "outputs_path": path}, LIVE_MEMORY_ENV))
+            saved[name] = path
         except RuntimeError as exc:
-            failure(records[case.name], exc)
-        progress(f"{module.rpartition('.')[2]} {case.name}: peak memory in a fresh process: "
-                 f"+{fmt_mib(records[case.name].get('peak_memory_bytes'))} MiB, {records[case.name]['status']}")
+            failure(records[name], exc)
+        progress(f"{module.rpartition('.')[2]} {name}: peak memory in a fresh process: "
+                 f"+{fmt_mib(records[name].get('peak_memory_bytes'))} MiB, {records[name]['status']}")
+    return saved
+
+
+def measure_cpu_isolated(module: str, records: Dict[str, Record], payload: Record, progress: Callable[[str], None],
+                         warmup: int, calls: int) -> None:
+    """The CPU default of a suite whose cases differ in memory: :func:`measure_memory`, then every time in one
+    more fresh process (:func:`times_worker`), merged into ``records``."""
+    saved = measure_memory(module, list(records), records, payload, progress)
     timed = [name for name in records if records[name]["status"] == "ok"]
     progress(f"{module.rpartition('.')[2]} {', '.join(timed)}: {calls} interleaved timed calls each in one "
              "fresh process")
@@ -739,12 +786,9 @@ def measure_cpu_isolated(module: str, cases: Sequence[Case], records: Dict[str, 
         results = run_isolated(f"{__name__}:times_worker", {**payload, "module": module, "impls": timed,
                                                             "outputs_paths": saved, "warmup": warmup, "calls": calls})
     except RuntimeError as exc:
-        for name in timed:
-            failure(records[name], exc)
-    else:
-        for name in timed:
-            records[name].update(results[name])
-    return saved
+        results = {name: failure(records[name], exc) for name in timed}
+    for name in timed:
+        records[name].update(results[name])
 
 
 def _worker_main(argv: List[str]) -> int:

@@ -1,10 +1,7 @@
-"""Suite ``advantages``: ``rlloss.group_advantages`` (docs/math.md §2) in every mode, groups of 16 and of varying
-size (8 to 24), against a naive torch implementation (``view(-1, G)`` then mean / std / median, as TRL computes
-GRPO's; a padded [groups, max size] view for varying sizes).
-
-GPU: 1M float32 rewards, the ``triton`` backend, ``triton.testing.do_bench``, the achieved bandwidth as a
-fraction of this GPU's copy bandwidth measured in the same run (issue: ≥ 50 %). CPU default: 64k rewards, the
-``torch`` backend, calls interleaved; every result held against the float64 reference and against rlloss's.
+"""Suite ``advantages``: ``rlloss.group_advantages`` (docs/math.md §2) in every mode, groups of 16 and of 8–24,
+against naive torch (``view(-1, G)`` then mean / std / median, as TRL computes GRPO's; a padded view for varying
+sizes). GPU: 1M rewards, achieved bandwidth over the copy bandwidth measured in the same run (issue: ≥ 50 %).
+CPU: 64k rewards, the ``torch`` backend, calls interleaved. Every result held against float64 and rlloss's.
 """
 from __future__ import annotations
 
@@ -165,7 +162,8 @@ def report(ctx: core.RunContext, mode: str, title: str, records, config, notes) 
     return core.Report("advantages", mode, f"advantages — {title}: group_advantages over {n} float32 rewards" + (
         ", torch backend vs naive" if mode == "cpu-default" else ", every mode"), {
         "rewards": n, "group_size": GROUP_SIZE, "variable_sizes": list(VARIABLE_SIZES), "eps": EPS, "seed": SEED,
-        **config, "modes": list(ADVANTAGE_MODES), "plot": {"facet": "grouping", "series": ["impl"], "category": "mode"}},
+        **config, "modes": list(ADVANTAGE_MODES),
+        "plot": {"facet": "grouping", "series": ["impl"], "category": "mode"}},
         records, columns(mode == "gpu"), notes=[
         f"{n} float32 rewards ~ N(0, 1); `G={GROUP_SIZE}`: groups of {GROUP_SIZE} (`group_size={GROUP_SIZE}`); "
         f"`G∈[{VARIABLE_SIZES[0]}, {VARIABLE_SIZES[1]}]`: group sizes drawn uniformly in that range (summing to the "

@@ -1,14 +1,8 @@
-"""Suite ``credit``: the contrastive-teacher credit of docs/math.md §7 (CEPO / RLSD), two comparisons.
-
-``teacher``: the teacher pass's read-out, forward only, final hidden states → gathered log-probs:
-``token_logprobs`` under ``no_grad`` (streaming over the vocabulary, no [N, V] tensor, no graph) against the
-materialised baseline. ``loss``: ``FusedPolicyLoss`` forward + backward with the credit formed inside its kernel
-(``credit="cepo"``) against the same loss without credit and against the credit computed first as a [B, T]
-tensor (``contrastive_credit``) passed as per-token advantages.
-
-CPU default: float32, ``torch`` backend, the teacher at B×T=4×256, D=128, V=32000 (each case's peak memory in a
-fresh process), the loss at 2×256, D=128, V=16384, all times in one more fresh process, every output held against
-the float64 reference. GPU: bfloat16, B×T=8×4096, D=4096, V=151936, ``triton``, do_bench and CUDA peak memory.
+"""Suite ``credit``: the contrastive-teacher credit of docs/math.md §7 (CEPO / RLSD). ``teacher``: the teacher's
+read-out, hidden states → log-probs, forward only, ``token_logprobs`` under ``no_grad`` vs materialised logits.
+``loss``: ``FusedPolicyLoss`` forward + backward with the credit formed in its kernel, vs the credit computed first
+as a [B, T] tensor (``contrastive_credit``) and vs no credit. CPU: float32, teacher memory per case in fresh
+processes, all times in one more, against float64. GPU: bfloat16, B×T=8×4096, D=4096, V=151936.
 """
 from __future__ import annotations
 
@@ -43,19 +37,15 @@ LOSS = {"fused-credit": ("subject", "FusedPolicyLoss(credit='cepo'): Â formed i
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, backend=None) -> Dict[str, torch.Tensor]:
     """The teacher's (``backend`` None: hidden [N, D] without grad) or the loss's inputs (sequences of varying
     length, on-policy old log-probs, teacher log-probs ℓ± = ℓ° + noise)."""
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
     lead = (shape.N,) if backend is None else (shape.B, shape.T)
-    hidden = randn(*lead, shape.D).to(dtype).requires_grad_(backend is not None)
-    weight = (randn(shape.V, shape.D) * (LOGIT_STD / shape.D**0.5)).to(dtype).requires_grad_()  # as an lm_head's
-    x = {"hidden": hidden, "weight": weight, "targets": torch.randint(0, shape.V, lead, generator=gen, device=device)}
+    x, randn, gen = core.lm_head_inputs(lead, shape.D, shape.V, dtype, device, LOGIT_STD, backend is not None, SEED)
     if backend is None:
         return x
     lengths = torch.randint(shape.T // 2, shape.T + 1, (shape.B,), generator=gen, device=device)
     x["mask"] = torch.arange(shape.T, device=device)[None, :] < lengths[:, None]
     x["advantages"] = randn(shape.B)
     with torch.no_grad():
-        x["old"] = rlloss.token_logprobs(hidden, weight, torch.where(x["mask"], x["targets"], -100),
+        x["old"] = rlloss.token_logprobs(x["hidden"], x["weight"], torch.where(x["mask"], x["targets"], -100),
                                          backend=backend).logprobs
     x["pos"], x["neg"] = (x["old"] + TEACHER_SPREAD * randn(shape.B, shape.T) for _ in "pn")
     return x
@@ -166,19 +156,9 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                                               shape, torch.float32, "cpu") for impl, (role, label) in TEACHER.items()}
     records.update({f"loss/{impl}": base_record("loss", impl, role, label + ", backend='torch'", loss_shape,
                                                 torch.float32, "cpu") for impl, (role, label) in LOSS.items()})
-    saved = {}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-credit-") as tmp:
-        for impl in TEACHER:
-            record, saved[impl] = records[f"teacher/{impl}"], f"{tmp}/{impl}.pt"
-            try:
-                record.update(core.run_isolated(f"{core.__name__}:memory_worker", {
-                    "module": __name__, "impl": impl, "shape": vars(shape), "outputs_path": saved[impl]},
-                    core.LIVE_MEMORY_ENV))
-            except RuntimeError as exc:
-                core.failure(record, exc)
-                del saved[impl]
-            ctx.progress(f"credit teacher {record['impl']}: peak +{core.fmt_mib(record.get('peak_memory_bytes'))} MiB, "
-                         f"status {record['status']}")
+        teacher = {impl: records[f"teacher/{impl}"] for impl in TEACHER}
+        saved = core.measure_memory(__name__, list(TEACHER), teacher, {"shape": vars(shape), "tmp": tmp}, ctx.progress)
         try:
             times = core.run_isolated(f"{__name__}:cpu_times", {"shape": vars(shape), "loss_shape": vars(loss_shape),
                                                                 "outputs_paths": saved})
@@ -229,8 +209,9 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
 
     records = core.measure_cases(
         [core.Case(impl, role, label) for impl, (role, label) in TEACHER.items()],
-        lambda c: base_record("teacher", f"rlloss-{GPU_BACKEND}" if c.name == "rlloss" else c.name, c.role, c.label, shape,
-                              GPU_DTYPE, device), teacher_inputs, lambda c, x: teacher_step(c.name, x, GPU_BACKEND),
+        lambda c: base_record("teacher", f"rlloss-{GPU_BACKEND}" if c.name == "rlloss" else c.name, c.role,
+                              c.label, shape, GPU_DTYPE, device),
+        teacher_inputs, lambda c, x: teacher_step(c.name, x, GPU_BACKEND),
         probes, device, done, lambda record, out, anchor: record.update(diff_rlloss=core.max_abs_diff(out, anchor)),
         lambda record, out: {"diff_reference": core.max_abs_diff(out[:GPU_REFERENCE_ROWS], expected[0])})
     records += core.measure_cases(

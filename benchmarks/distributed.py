@@ -151,7 +151,8 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                 if world > 1 and 1 in runs:
                     single = runs[1][0][case]
                     record["diff_value"] = abs(r["value"] - single["value"])
-                    record["diff_grad_hidden"] = max(abs(a - b) for a, b in zip(r["grad_hidden"], single["grad_hidden"]))
+                    record["diff_grad_hidden"] = max(abs(a - b)
+                                                     for a, b in zip(r["grad_hidden"], single["grad_hidden"]))
                 records.append(record)
     columns = (
         core.IMPL, core.col("case", "case"), core.col("vocab rows", "vocab_rows"), core.STATUS,

@@ -1,18 +1,9 @@
-"""Suite ``grpo_loss``: issue #9's GRPO-loss case — the loss from the final hidden states and the lm_head weight,
-forward + backward, rlloss against naive torch and the two libraries that fuse the lm_head with a loss.
-
-The loss is TRL's ``loss_type="bnpo"`` (rlloss preset ``bnpo``): ρ = exp(ℓ − ℓ°), −min(ρA, clip(ρ, 0.8, 1.2)A),
-no KL, no entropy bonus, summed over the batch's tokens and divided by their count. Cases: ``rlloss``
-(``FusedPolicyLoss``, automatic backend); ``rlloss-ext``, the same call through the one-pass extension points of
-docs/math.md §9 (advantages [B, T], clip ranges as [B] tensors: the same loss, so its time is those options'
-cost); ``rlloss-select``, TRL's ``top_entropy_quantile=0.2`` (the two-pass route; another loss); ``naive``
-(full logits, log_softmax, gather, :func:`bnpo_loss`); ``liger`` (``LigerFusedLinearGRPOLoss``); ``cce`` (Cut
-Cross-Entropy's −log p, then :func:`bnpo_loss`; on GPU also its Triton kernel, ``cce-kernel``).
-
-CPU default: float32, B×T=4×1024, D=256, V=32000, 2 torch threads, every measurement a fresh process of one
-case: one for peak memory (after a full-size warm-up call, so compilation is not counted), then rounds of timing
-processes, interleaved across the cases; the issue's targets (:data:`TARGETS`) evaluated on the run's numbers.
-GPU: the same in one process, ``triton.testing.do_bench``, with the three-GEMM floor row.
+"""Suite ``grpo_loss``: issue #9's case, TRL's GRPO loss with ``loss_type="bnpo"`` (rlloss preset ``bnpo``) from
+hidden states and the lm_head weight, forward + backward: rlloss (also through the one-pass extension points of
+docs/math.md §9, ``rlloss-ext``, and with TRL's ``top_entropy_quantile``, ``rlloss-select``) against naive torch,
+Liger-Kernel and Cut Cross-Entropy. CPU: float32, B×T=4×1024, D=256, V=32000, 2 threads, every measurement a
+fresh process of one case (memory after a full-size warm-up; timing rounds interleaved across the cases), the
+issue's :data:`TARGETS` evaluated. GPU: the same in one process, with the three-GEMM floor row.
 """
 from __future__ import annotations
 
@@ -47,18 +38,14 @@ CONFIG = rlloss.LossConfig.preset(PRESET)
 
 def make_inputs(shape: core.BatchShape, dtype: torch.dtype, device: str) -> Dict[str, torch.Tensor]:
     """Random inputs, the same in every process; old log-probs = the policy's own (plain torch) + noise."""
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
-    hidden = randn(shape.B, shape.T, shape.D).to(dtype).requires_grad_()
-    weight = (randn(shape.V, shape.D) * (LOGIT_STD / shape.D**0.5)).to(dtype).requires_grad_()
-    targets = torch.randint(0, shape.V, (shape.B, shape.T), generator=gen, device=device)
+    x, randn, _ = core.lm_head_inputs((shape.B, shape.T), shape.D, shape.V, dtype, device, LOGIT_STD, seed=SEED)
     advantages = randn(shape.B)
     with torch.no_grad():
-        h, t = hidden.reshape(-1, shape.D), targets.reshape(-1)
-        own = torch.cat([torch.log_softmax((h[i:i + INPUT_CHUNK_TOKENS] @ weight.T).float(), -1)
+        h, t = x["hidden"].reshape(-1, shape.D), x["targets"].reshape(-1)
+        own = torch.cat([torch.log_softmax((h[i:i + INPUT_CHUNK_TOKENS] @ x["weight"].T).float(), -1)
                          .gather(1, t[i:i + INPUT_CHUNK_TOKENS, None]).squeeze(1)
                          for i in range(0, shape.N, INPUT_CHUNK_TOKENS)]).view(shape.B, shape.T)
-    return {"hidden": hidden, "weight": weight, "targets": targets, "advantages": advantages,
+    return {**x, "advantages": advantages,
             "mask": torch.ones(shape.B, shape.T, dtype=torch.bool, device=device),
             "old_logprobs": own + OLD_SPREAD * randn(shape.B, shape.T)}
 
@@ -79,7 +66,8 @@ def fused(config: rlloss.LossConfig, extension_points: bool = False):
             return loss_fn(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"],
                            old_logprobs=x["old_logprobs"]).loss
         B, T = x["mask"].shape
-        eps = {k: torch.full((B,), getattr(config, k), device=x["mask"].device) for k in ("epsilon_low", "epsilon_high")}
+        eps = {k: torch.full((B,), getattr(config, k), device=x["mask"].device)
+               for k in ("epsilon_low", "epsilon_high")}
         return loss_fn(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"][:, None].expand(B, T),
                        old_logprobs=x["old_logprobs"], **eps).loss
     return forward
@@ -153,16 +141,6 @@ GPU_CASES = (*COMMON, core.Case("liger", "peer", "liger_kernel.chunked_loss.Lige
 GEMM_FLOOR = core.Case("gemm-floor", "floor", "bare cuBLAS GEMMs h·Wᵀ, dz·W, dzᵀ·h (torch.mm)")
 
 
-def loss_step(forward, x):
-    """Forward + backward of the scalar loss; input gradients reset first, so calls do not accumulate."""
-    def step():
-        x["hidden"].grad = x["weight"].grad = None
-        loss = forward(x)
-        loss.backward()
-        return {"loss": loss.detach(), "grad_hidden": x["hidden"].grad, "grad_weight": x["weight"].grad}
-    return step
-
-
 def base_record(case: core.Case, shape: core.BatchShape, device: str) -> Dict[str, Any]:
     return {"impl": case.name, "role": case.role, "label": case.label, "note": case.note, "preset": PRESET,
             **vars(shape), "N": shape.N, "tokens": shape.N, "dtype": core.dtype_name(DTYPE), "device": device,
@@ -185,7 +163,7 @@ def finish(records: List[Dict[str, Any]], shape: core.BatchShape) -> None:
 def cpu_step(payload: Dict[str, Any]):
     torch.set_num_threads(payload["threads"])
     make = next(c for c in CPU_CASES if c.name == payload["impl"]).make
-    return loss_step(make(), make_inputs(core.BatchShape(**payload["shape"]), DTYPE, "cpu"))
+    return core.loss_step(make(), make_inputs(core.BatchShape(**payload["shape"]), DTYPE, "cpu"))
 
 
 def cpu_time(payload: Dict[str, Any]) -> List[float]:
@@ -199,18 +177,9 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     cases, skips = core.split_available(CPU_CASES, ctx.progress)
     records = {c.name: base_record(c, shape, "cpu") for c in cases}
     samples: Dict[str, List[float]] = {c.name: [] for c in cases}
-    payload = {"shape": vars(shape), "threads": THREADS, "module": __name__, "warm": True}
+    payload = {"shape": vars(shape), "threads": THREADS, "warm": True}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-grpo-") as tmp:
-        saved = {}
-        for c in cases:
-            saved[c.name] = f"{tmp}/{c.name}.pt"
-            ctx.progress(f"grpo_loss {c.name}: peak memory in a fresh process")
-            try:
-                records[c.name].update(core.run_isolated(f"{core.__name__}:memory_worker", {
-                    **payload, "impl": c.name, "outputs_path": saved[c.name]}, core.LIVE_MEMORY_ENV))
-            except RuntimeError as exc:
-                core.failure(records[c.name], exc)
-                del saved[c.name]
+        saved = core.measure_memory(__name__, list(records), records, {**payload, "tmp": tmp}, ctx.progress)
         for round_index in range(1, rounds + 1):
             for name in [c.name for c in cases if records[c.name]["status"] == "ok"]:
                 try:
@@ -255,16 +224,12 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
     shape, device, probes = QUICK_SHAPE if ctx.quick else SHAPE, ctx.device.type, core.CUDA_PROBES
     cases, skips = core.split_available(GPU_CASES, ctx.progress)
     done = core.counter("grpo_loss", ("B", "T", "V"), len(cases) + 1, ctx.progress)
-    floor = base_record(GEMM_FLOOR, shape, device)
-    try:
-        floor.update(core.gemm_floor(shape.N, shape.D, shape.V, DTYPE, device, core.FUSED_LOSS_FLOOR_GEMMS, probes.time))
-    except Exception as exc:  # out of memory: recorded like any case
-        core.failure(floor, exc)
-    core.free(device)
+    floor = core.floor_row(base_record(GEMM_FLOOR, shape, device), shape.N, shape.D, shape.V, DTYPE, device,
+                           core.FUSED_LOSS_FLOOR_GEMMS)
     done(floor)
     records = [floor] + core.measure_cases(
         cases, lambda c: base_record(c, shape, device), lambda: make_inputs(shape, DTYPE, device),
-        lambda c, x: loss_step(c.make(), x), probes, device, done,
+        lambda c, x: core.loss_step(c.make(), x), probes, device, done,
         lambda record, out, anchor: record.update(core.diffs(out, anchor, "diff_rlloss", rel="only")),
         lambda record, out: {"loss": float(out["loss"])})
     core.add_floor_ratios(records, floor)
@@ -280,7 +245,8 @@ def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -
     eps, logits_bytes = CONFIG.epsilon_low, shape.N * shape.V * 4
     return core.Report(
         "grpo_loss", mode, f"grpo_loss — {where}: {shape}, float32, preset {PRESET!r}"
-        + ("" if gpu else " (TRL loss_type='bnpo')") + ", forward + backward" + ("" if gpu else f", {THREADS} threads"), {
+        + ("" if gpu else " (TRL loss_type='bnpo')") + ", forward + backward"
+        + ("" if gpu else f", {THREADS} threads"), {
             "shape": vars(shape), "dtype": "float32", "preset": PRESET, "loss_config": repr(CONFIG),
             "threads": THREADS, "warmup_calls": WARMUP_CALLS, "seed": SEED, "logit_std": LOGIT_STD,
             "old_spread": OLD_SPREAD, "mask": "all tokens counted",
@@ -290,7 +256,8 @@ def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -
         records, [
             core.IMPL, core.STATUS, ("loss", lambda r: "—" if r.get("loss") is None else f"{r['loss']:.6f}"),
             core.col("|Δloss| vs rlloss", "diff_rlloss_loss", core.fmt_err),
-            core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms), core.spread("20–80th pct ms" if gpu else "min–max ms"),
+            core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms),
+            core.spread("20–80th pct ms" if gpu else "min–max ms"),
             core.col("time / naive", "time_vs_naive", core.fmt_num, 2),
         ] + ([core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2)] if gpu else []) + [
             core.col("peak memory (MiB)", "peak_memory_bytes", core.fmt_mib),

@@ -1,12 +1,8 @@
-"""Suite ``logprobs``: ``rlloss.token_logprobs`` (log-probs and entropy from hidden states and the lm_head
-weight), forward + backward with both outputs and random upstream gradients.
-
-CPU default: the chunked ``torch`` backend against the naive materialised baseline at N=2048, D=256, V=32000,
-float32; each case's peak memory in a fresh process, the times in one more, both held against the float64
-reference. GPU: bfloat16, N ∈ {2048, 8192, 32768}, D=4096, V ∈ {32000, 131072, 151936}: ``triton`` against the
-naive baseline, ``torch.compile`` of it, Cut Cross-Entropy and Liger-Kernel (where they import), with peak
-memory, TFLOP/s against the measured bf16 matmul, every peer's log-probs checked against rlloss's, and the floor
-row of each shape: the four bare cuBLAS GEMMs (h·Wᵀ, h·Wᵀ again for the recompute, dz·W, dzᵀ·h).
+"""Suite ``logprobs``: ``rlloss.token_logprobs`` forward + backward (log-probs and entropy, random upstream
+gradients). CPU: the ``torch`` backend vs the naive materialised baseline, N=2048, D=256, V=32000, float32, memory
+per case in fresh processes, both against the float64 reference. GPU: bfloat16, N ∈ {2048, 8192, 32768}, D=4096,
+V ∈ {32000, 131072, 151936}: ``triton`` vs naive, ``torch.compile`` of it, Cut Cross-Entropy and Liger-Kernel, with
+TFLOP/s against the measured bf16 matmul and a floor row per shape (the four bare cuBLAS GEMMs).
 """
 from __future__ import annotations
 
@@ -37,13 +33,8 @@ NO_ENTROPY, UNIFORM_UPSTREAM = ("cce", "cce-exact", "liger"), ("liger",)
 
 
 def make_inputs(shape: Dict[str, int], dtype: torch.dtype, device: str) -> Dict[str, torch.Tensor]:
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    N, D, V = shape["N"], shape["D"], shape["V"]
-    randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
-    return {"hidden": randn(N, D).to(dtype).requires_grad_(),
-            "weight": (randn(V, D) * (LOGIT_STD / D**0.5)).to(dtype).requires_grad_(),
-            "targets": torch.randint(0, V, (N,), generator=gen, device=device),
-            "grad_logprobs": randn(N), "grad_entropy": randn(N)}
+    x, randn, _ = core.lm_head_inputs((shape["N"],), shape["D"], shape["V"], dtype, device, LOGIT_STD, seed=SEED)
+    return {**x, "grad_logprobs": randn(shape["N"]), "grad_entropy": randn(shape["N"])}
 
 
 def fwd_bwd(case: core.Case, x: Dict[str, torch.Tensor], with_grads: bool = True):
@@ -177,7 +168,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     N, D, V = shape["N"], shape["D"], shape["V"]
     records = {case.name: base_record(case, shape, CPU_DTYPE, "cpu") for case in CPU_CASES}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-logprobs-") as tmp:
-        core.measure_cpu_isolated(__name__, CPU_CASES, records, {"shape": shape, "tmp": tmp}, ctx.progress,
+        core.measure_cpu_isolated(__name__, records, {"shape": shape, "tmp": tmp}, ctx.progress,
                                   CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
     rows = list(records.values())
     done = core.counter("logprobs", ("N", "D", "V"), len(rows), ctx.progress)
@@ -196,7 +187,8 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "nominal_flops": FLOPS_PER_NDV * N * D * V, "diff_reference": "float64 rlloss.reference, autograd"},
         rows, [core.IMPL, ("N × D × V", lambda r: f"{r['N']} × {r['D']} × {r['V']}"), core.STATUS,
                *core.CPU_TIME_MEMORY_COLUMNS, core.col("max abs diff logprobs", "diff_logprobs", core.fmt_err),
-               core.col("entropy", "diff_entropy", core.fmt_err), core.col("d hidden", "diff_grad_hidden", core.fmt_err),
+               core.col("entropy", "diff_entropy", core.fmt_err),
+               core.col("d hidden", "diff_grad_hidden", core.fmt_err),
                core.col("d weight", "diff_grad_weight", core.fmt_err)],
         notes=[
             "Both implementations run forward + backward of (logprobs, entropy) with random upstream gradients; "
@@ -242,20 +234,13 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
 
     for shape in shapes:
         reference_rows = None
-        floor = base_record(GEMM_FLOOR, shape, GPU_DTYPE, device)
-        floor["outputs"] = "GEMMs only"
-        try:  # first, alone: its tensors are freed before the inputs are built
-            floor.update(core.gemm_floor(shape["N"], GPU_HIDDEN, shape["V"], GPU_DTYPE, device,
-                                         core.LOGPROBS_FLOOR_GEMMS, core.CUDA_PROBES.time))
-            core.add_rates(floor, matmul_tflops)
-        except Exception as exc:  # out of memory: recorded like any case
-            core.failure(floor, exc)
-        core.free(device)
+        floor = core.floor_row({**base_record(GEMM_FLOOR, shape, GPU_DTYPE, device), "outputs": "GEMMs only"},
+                               *shape.values(), GPU_DTYPE, device, core.LOGPROBS_FLOOR_GEMMS, matmul_tflops)
         done(floor)
         measured = core.measure_cases(
             cases, lambda case: base_record(case, shape, GPU_DTYPE, device), inputs,
-            lambda case, x: fwd_bwd(case, x, with_grads=False), core.CUDA_PROBES, device, done, lambda record, out, anchor: record.update(core.diffs(
-                out, {"logprobs": anchor["logprobs"], "entropy": anchor["entropy"]}, "diff_rlloss")), rates)
+            lambda case, x: fwd_bwd(case, x, with_grads=False), core.CUDA_PROBES, device, done,
+            lambda record, out, anchor: record.update(core.diffs(out, anchor, "diff_rlloss")), rates)
         core.add_floor_ratios([floor, *measured], floor)
         records += [floor, *measured]
     return core.Report(

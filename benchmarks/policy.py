@@ -1,17 +1,10 @@
-"""Suite ``policy``: the whole policy loss from hidden states — ``rlloss.FusedPolicyLoss`` (log-probs, entropy
-and the GRPO-family loss in one autograd node, never a [tokens × vocab] tensor), forward + backward, issue #3.
-
-Cases, on the same inputs, each checked against ``FusedPolicyLoss`` (loss and the gradients of hidden states and
-lm_head weight): ``fused`` (the subject); ``unfused`` (``token_logprobs`` then ``policy_loss``); ``trl``, TRL's
-GRPO math written here on materialised logits (input-dtype logits, float32 selective log-softmax, the loss in
-torch ops); ``liger`` (GPU), Liger-Kernel's ``LigerFusedLinearGRPOLoss`` with the preset mapped onto its
-arguments (what it cannot express, the entropy bonus, in the ``differs`` field); ``token_logprobs`` alone (the
-floor the fused loss is held against: within 10 %); ``gemm-floor`` (GPU), the three bare GEMMs h·Wᵀ, dz·W, dzᵀ·h.
-
-GPU: bfloat16, D=4096, V=151936, B×T ∈ {8×1024, 8×4096, 4×16384}, presets ``dapo`` and ``gspo``, each plain and
-with KL (β=0.04) and entropy bonus (c_H=0.01). CPU default: float32, ``torch`` backend, B×T=4×128, D=256,
-V=32000, ``dapo`` with KL and entropy: fused vs TRL-style vs unfused, each case's peak memory in a fresh process,
-times in one more, every result also held against ``FusedPolicyLoss`` on the ``reference`` backend in float64.
+"""Suite ``policy``: ``rlloss.FusedPolicyLoss`` (log-probs, entropy and the GRPO-family loss in one autograd node)
+forward + backward from hidden states, issue #3, against ``token_logprobs`` + ``policy_loss`` (``unfused``), TRL's
+GRPO math on materialised logits (``trl``), Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (GPU; what it cannot
+express goes to ``differs``), ``token_logprobs`` alone (the floor: within 10 %) and the three bare GEMMs (GPU).
+GPU: bfloat16, D=4096, V=151936, B×T ∈ {8×1024, 8×4096, 4×16384}, ``dapo`` and ``gspo``, each plain and with KL
+and entropy bonus. CPU: float32, B×T=4×128, D=256, V=32000, ``dapo`` with KL and entropy, memory per case in
+fresh processes, every result also against the ``reference`` backend in float64.
 """
 from __future__ import annotations
 
@@ -46,15 +39,11 @@ def loss_config(preset: str, variant: Dict[str, Any]) -> rlloss.LossConfig:
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, backend: str) -> Dict[str, torch.Tensor]:
     """Random inputs, the same in every process; old and reference log-probs are the policy's own plus noise."""
-    gen = torch.Generator(device=device).manual_seed(SEED)
-    randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
-    hidden = randn(shape.B, shape.T, shape.D).to(dtype).requires_grad_()
-    weight = (randn(shape.V, shape.D) * (LOGIT_STD / shape.D**0.5)).to(dtype).requires_grad_()
-    targets = torch.randint(0, shape.V, (shape.B, shape.T), generator=gen, device=device)
+    x, randn, _ = core.lm_head_inputs((shape.B, shape.T), shape.D, shape.V, dtype, device, LOGIT_STD, seed=SEED)
     advantages = randn(shape.B)
     with torch.no_grad():
-        own = rlloss.token_logprobs(hidden, weight, targets, backend=backend).logprobs.float()
-    return {"hidden": hidden, "weight": weight, "targets": targets, "advantages": advantages,
+        own = rlloss.token_logprobs(x["hidden"], x["weight"], x["targets"], backend=backend).logprobs.float()
+    return {**x, "advantages": advantages,
             "mask": torch.ones(shape.B, shape.T, dtype=torch.bool, device=device),  # every path does the same work
             "old_logprobs": own + OLD_SPREAD * randn(shape.B, shape.T),
             "ref_logprobs": own + REF_SPREAD * randn(shape.B, shape.T),
@@ -62,14 +51,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, backend: str) -> 
 
 
 def loss_step(forward, x: Dict[str, torch.Tensor], config: rlloss.LossConfig):
-    """Forward + backward of the scalar loss; input gradients reset first, so calls do not accumulate."""
-    def step():
-        x["hidden"].grad = x["weight"].grad = None
-        loss = forward(x, config)
-        loss.backward()
-        return {"loss": loss.detach(), "grad_hidden": x["hidden"].grad, "grad_weight": x["weight"].grad}
-
-    return step
+    return core.loss_step(lambda x: forward(x, config), x)
 
 
 def logprobs_step(x: Dict[str, torch.Tensor], backend: str):
@@ -237,7 +219,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     shape = CPU_QUICK_SHAPE if ctx.quick else CPU_SHAPE
     records = {c.name: base_record(c, shape, torch.float32, "cpu", CPU_PRESET, CPU_VARIANT) for c in CPU_CASES}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-policy-") as tmp:
-        core.measure_cpu_isolated(__name__, CPU_CASES, records, {"shape": vars(shape), "tmp": tmp}, ctx.progress,
+        core.measure_cpu_isolated(__name__, records, {"shape": vars(shape), "tmp": tmp}, ctx.progress,
                                   CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
     rows = list(records.values())
     logits_bytes, grad_bytes = shape.N * shape.V * 4, (shape.N + shape.V) * shape.D * 4
@@ -304,7 +286,8 @@ def target_lines(records: List[Dict[str, Any]]) -> List[str]:
             if rows["fused"].get("time_vs_gemm_floor") is not None:
                 parts.append(f"{rows['fused']['time_vs_gemm_floor']:.2f}× its three bare GEMMs' time")
             if parts:
-                lines.append(f"Issue #3 at B×T = {B}×{T}, {preset}/{variant['name']}: fused is " + ", ".join(parts) + ".")
+                lines.append(f"Issue #3 at B×T = {B}×{T}, {preset}/{variant['name']}: fused is "
+                             + ", ".join(parts) + ".")
     return lines
 
 
@@ -322,14 +305,8 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         return {"loss": float(outputs["loss"])} if "loss" in outputs else {}
 
     for shape in shapes:
-        floor = base_record(GEMM_FLOOR, shape, GPU_DTYPE, device)
-        try:  # first, alone: its tensors are freed before the inputs are built
-            floor.update(core.gemm_floor(shape.N, shape.D, shape.V, GPU_DTYPE, device, core.FUSED_LOSS_FLOOR_GEMMS,
-                                         probes.time))
-            core.add_rates(floor, matmul_tflops)
-        except Exception as exc:  # out of memory: recorded like any case
-            core.failure(floor, exc)
-        core.free(device)
+        floor = core.floor_row(base_record(GEMM_FLOOR, shape, GPU_DTYPE, device), shape.N, shape.D, shape.V,
+                               GPU_DTYPE, device, core.FUSED_LOSS_FLOOR_GEMMS, matmul_tflops)
         done(floor)
         shape_records, inputs = [floor], {}
 

@@ -1,18 +1,9 @@
-"""Suite ``prefix_attention``: ``rlloss.shared_prefix_attention`` (one prompt held once for its G completions),
-forward + backward with a random upstream gradient, against the ways a trainer runs the same attention today.
-
-GPU: bfloat16, Hq=32, Hkv=8, d=128, one prompt of P tokens and G completions of S tokens, G ∈ {8, 16},
-P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}. Cases: ``rlloss-triton`` (the kernels on the packed stream
-``[prompt | c_1 | … | c_G]``), ``rlloss-triton-fused-dq`` (``deterministic=False``: dQ inside the dK/dV pass),
-``sdpa-repeated`` (SDPA, flash backend, on the repeated-prompt batch ``[G, P+S]``: the baseline), ``flex``
-(compiled FlexAttention on the packed stream with the same visibility) and ``prefix-grouper`` (PrefixGrouper from
-PyPI). Each reports time, peak memory, the speed-up over ``sdpa-repeated`` next to the ideal FLOP ratio of
-docs/math.md §8 and over ``flex`` (issue #12's targets: ≥ 0.8 of the ideal, ≥ 1.3× flex) and the max abs
-difference of its output and gradients, mapped onto the packed stream, from rlloss's.
-
-CPU default: the ``torch`` backend against SDPA on the repeated batch, float32, in this process (time and equality
-with a float64 reference): one prompt with four completions, and the many-short-completions batch of a GRPO toy
-loop (16 prompts of 32 tokens, each with 8 completions of 3 tokens) where a per-segment implementation loses.
+"""Suite ``prefix_attention``: ``rlloss.shared_prefix_attention`` (one prompt held once for its G completions)
+forward + backward against SDPA on the repeated-prompt batch ``[G, P+S]`` (the baseline), FlexAttention on the
+packed stream and PrefixGrouper; speed-ups next to the ideal FLOP ratio of docs/math.md §8 and issue #12's
+targets, outputs and gradients mapped onto the packed stream and compared. GPU: bfloat16, Hq=32, Hkv=8, d=128,
+G ∈ {8, 16}, P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}. CPU: the ``torch`` backend vs SDPA in this process,
+one small group and a GRPO toy loop's many short completions, against a float64 reference.
 """
 from __future__ import annotations
 
@@ -340,7 +331,8 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             except Exception as exc:
                 core.failure(rows[case.name], exc)
         ctx.progress(f"prefix_attention {' / '.join(steps)}: {shape}, {CPU_TIMED_CALLS} timed calls each, interleaved")
-        for name, timed in (core.cpu_times_interleaved(steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS) if steps else {}).items():
+        timings = core.cpu_times_interleaved(steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS) if steps else {}
+        for name, timed in timings.items():
             outputs = collects[name]()
             rows[name].update(**timed, **outputs.pop("fields"), **core.diffs(outputs, expected, "diff"))
         records += [dict(record, case=case_name) for record in rows.values()]
@@ -427,4 +419,5 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         ] + [f"`{name}`: {note}" for name, note in notes.items()] + [
             f"targets, `{r['impl']}` G={r['G']} P={r['P']} S={r['S']}: fraction of ideal "
             f"{core.verdict(r.get('fraction_of_ideal'), TARGET_FRACTION_OF_IDEAL)}; speed-up vs flex "
-            f"{core.verdict(r.get('speedup_vs_flex'), TARGET_SPEEDUP_VS_FLEX)}" for r in records if r["role"] == "subject"])
+            f"{core.verdict(r.get('speedup_vs_flex'), TARGET_SPEEDUP_VS_FLEX)}"
+            for r in records if r["role"] == "subject"])

@@ -1,15 +1,7 @@
-"""Suite ``prefix_model``: a whole transformers model, forward + backward of a policy loss on G completions of
-one prompt — packed with shared-prefix attention (``SharedPrefixBatch`` + ``enable_shared_prefix``) against the
-repeated-prompt batch ``[G, P+S]`` through the model's own SDPA attention.
-
-GPU: a Qwen2-0.5B-shaped model (hidden 896, 24 layers, 14/2 heads of dim 64, MLP 4864, vocabulary 151936, tied
-embeddings) with random weights in bfloat16, P=4096, G=16, S=512; cases ``packed`` (Triton kernels),
-``packed-torch`` (the ``torch`` backend), ``repeated`` (the baseline: no padding, its best case) and both again
-with gradient checkpointing. The loss (``FusedPolicyLoss``, DAPO, random advantages, the tied lm_head) only
-sees the hidden states that predict the G·S completion tokens. Each case: time, peak memory, the speed-up over
-``repeated`` next to the ideal token ratio G(P+S)/(P+G·S) of docs/math.md §8 and issue #12's targets (≥ 3× at
-≤ 0.4× the memory), loss and gradient differences from ``packed``. ``--quick``: 4 layers, G=8, P=1024, S=256.
-CPU default: a smoke run of a tiny float32 model, ``packed-torch`` against ``repeated``, no memory figure.
+"""Suite ``prefix_model``: a whole transformers model, forward + backward of a DAPO loss on G completions of one
+prompt, packed with ``SharedPrefixBatch`` + ``enable_shared_prefix`` against the repeated-prompt batch through the
+model's own SDPA. GPU: a Qwen2-0.5B-shaped random model in bfloat16, G=16, P=4096, S=512, with and without
+gradient checkpointing, issue #12's targets (≥ 3× at ≤ 0.4× the memory). CPU: a tiny float32 model, a smoke run.
 """
 from __future__ import annotations
 
@@ -128,7 +120,8 @@ def measure(ctx: core.RunContext, m, group, dtype, device: str, cases, probes) -
     records = core.measure_cases(
         cases, base, lambda: build(m, group, dtype, device), lambda c, shared: prepare(c, shared, device), probes,
         device, core.counter("prefix_model", ("G", "P", "S"), len(cases), ctx.progress), compare,
-        lambda r, out: {"loss": float(out["loss"]), "completion_tokens_per_s": r["completion_tokens"] / (r["time_ms"] * 1e-3)})
+        lambda r, out: {"loss": float(out["loss"]),
+                        "completion_tokens_per_s": r["completion_tokens"] / (r["time_ms"] * 1e-3)})
     baselines = {r["checkpointing"]: r for r in records if r["role"] == "baseline" and r["status"] == "ok"}
     for r in records:  # against the repeated batch with the same checkpointing mode
         base_row = baselines.get(r["checkpointing"])
@@ -143,7 +136,8 @@ def measure(ctx: core.RunContext, m, group, dtype, device: str, cases, probes) -
 def report(mode: str, title: str, m, group, dtype, records, cases, config, with_memory: bool, notes) -> core.Report:
     G, P, S = group["G"], group["P"], group["S"]
     return core.Report(
-        "prefix_model", mode, f"{title}: {model_str(m)}, G={G} P={P} S={S}, {core.dtype_name(dtype)}, forward + backward",
+        "prefix_model", mode,
+        f"{title}: {model_str(m)}, G={G} P={P} S={S}, {core.dtype_name(dtype)}, forward + backward",
         {"model": m, "group": group, "dtype": core.dtype_name(dtype), "seed": SEED, **config,
          "cases": {c[0]: c[2] for c in cases}},
         records, [core.IMPL, core.col("tokens", "tokens"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
@@ -160,9 +154,9 @@ def report(mode: str, title: str, m, group, dtype, records, cases, config, with_
             "rlloss.FusedPolicyLoss (DAPO preset, random advantages, on-policy) on the G·S completion tokens only: "
             "the hidden states that predict them are gathered on the packed stream and sliced from the repeated "
             "batch, so the lm_head never runs on a prompt position in either case.",
-            "ideal (token ratio): G(P+S)/(P+G·S) of docs/math.md §8, the speed-up of every token-wise layer; attention's "
-            "own ratio differs, and the loss costs the same in every case. fraction_of_ideal in the JSON is the "
-            "speed-up over that ratio.",
+            "ideal (token ratio): G(P+S)/(P+G·S) of docs/math.md §8, the speed-up of every token-wise layer; "
+            "attention's own ratio differs, and the loss costs the same in every case. fraction_of_ideal in the JSON "
+            "is the speed-up over that ratio.",
             "|Δloss| and max ‖Δgrad‖/‖grad‖ (over every parameter tensor, its name in the JSON) compare each case "
             "with `packed` (the first subject); the two compute the same function, so they differ by rounding only.",
             "The repeated batch has no padding (every completion has S tokens), its best case; with variable "
