@@ -28,13 +28,13 @@ setup(
     install_requires=["torch>=2.4", "numpy", "triton>=3.2; platform_system == 'Linux'"],
     extras_require={
         # The test suite also builds the documentation site (tests/test_docs.py), hence the docs tools here.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "transformers>=4.56", "trl>=1.16,<1.17",
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.56", "trl>=1.16,<1.17",
                  "mkdocs>=1.6", "mkdocs-material>=9.5.20", "mkdocstrings[python]>=1.0", *VERL_IMPORTS],
         # Everything the default run of `python -m benchmarks` / `rlloss-bench` uses: matplotlib draws the PNG
         # plots, transformers builds the prefix_model suite's model, and the peers measured against rlloss
         # (pure-Python wheels that depend only on torch and Triton; liger-kernel requires Triton, which has Linux
         # wheels only, so elsewhere it is left out and its rows are skipped with the reason).
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "transformers>=4.56", "cut-cross-entropy>=25.1",
+        "bench": ["matplotlib>=3.7", "transformers>=4.56", "cut-cross-entropy>=25.1",
                   "liger-kernel>=0.6; platform_system == 'Linux'"],
         # rlloss.integrations.trl (RllossGRPOTrainer, patch_grpo_trainer) follows TRL 1.16's GRPOTrainer code.
         "trl": ["trl>=1.16,<1.17"],

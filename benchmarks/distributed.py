@@ -30,19 +30,20 @@ import torch.multiprocessing as mp
 
 import rlloss
 
-from . import _harness as harness
-from ._registry import Suite
+from . import _core as core
 
-SHAPE = harness.BatchShape(B=4, T=256, D=256, V=32000)
-QUICK_SHAPE = harness.BatchShape(B=2, T=64, D=64, V=4000)
+SHAPE = core.BatchShape(B=4, T=256, D=256, V=32000)
+QUICK_SHAPE = core.BatchShape(B=2, T=64, D=64, V=4000)
 WORLD = 2
 WARMUP_CALLS = 1
 TIMED_CALLS = 5
 SEED = 0
 CASES = ("token_logprobs", "FusedPolicyLoss dapo")
+DESCRIPTION = (f"vocabulary-parallel token_logprobs and FusedPolicyLoss over {WORLD} gloo ranks vs 1 process "
+               "(CPU; time and peak memory per rank)")
 
 
-def _inputs(shape: harness.BatchShape):
+def _inputs(shape: core.BatchShape):
     g = torch.Generator().manual_seed(SEED)
     hidden = torch.randn(shape.B, shape.T, shape.D, generator=g)
     weight = torch.randn(shape.V, shape.D, generator=g) * shape.D ** -0.5
@@ -54,7 +55,7 @@ def _inputs(shape: harness.BatchShape):
     return hidden, weight, targets, mask, advantages, old, upstream
 
 
-def _step(case: str, shape: harness.BatchShape, rows: slice, group):
+def _step(case: str, shape: core.BatchShape, rows: slice, group):
     """A forward + backward of ``case`` on the weight rows ``rows``: returns (call, the hidden leaf)."""
     hidden, weight, targets, mask, advantages, old, upstream = _inputs(shape)
     h = hidden.requires_grad_()
@@ -75,7 +76,7 @@ def _step(case: str, shape: harness.BatchShape, rows: slice, group):
     return call, h
 
 
-def _process(rank: int, world: int, port: int, shape: harness.BatchShape, out_dir: str) -> None:
+def _process(rank: int, world: int, port: int, shape: core.BatchShape, out_dir: str) -> None:
     """One process of a case: world 1 is the single process (no group), world 2 one gloo rank."""
     torch.set_num_threads(1)
     group = None
@@ -90,10 +91,7 @@ def _process(rank: int, world: int, port: int, shape: harness.BatchShape, out_di
         call, h = _step(case, shape, rows, group)
         for _ in range(WARMUP_CALLS):
             call()
-        was_reset = harness.reset_peak_rss()
-        before = harness.current_rss_bytes()
-        value = call()
-        peak = max(0, harness.peak_rss_bytes() - before)
+        peak, was_reset, value = core.cpu_peak_memory(call)
         samples = []
         for _ in range(TIMED_CALLS):
             if group is not None:
@@ -114,9 +112,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world: int, shape: harness.BatchShape, out_dir: str) -> List[Dict[str, Any]]:
-    saved = {key: os.environ.get(key) for key in harness.LIVE_MEMORY_ENV}
-    os.environ.update(harness.LIVE_MEMORY_ENV)  # inherited by the spawned processes: RSS follows live tensors
+def _run(world: int, shape: core.BatchShape, out_dir: str) -> List[Dict[str, Any]]:
+    saved = {key: os.environ.get(key) for key in core.LIVE_MEMORY_ENV}
+    os.environ.update(core.LIVE_MEMORY_ENV)  # inherited by the spawned processes: RSS follows live tensors
     try:
         mp.spawn(_process, args=(world, _free_port(), shape, out_dir), nprocs=world)
     finally:
@@ -128,7 +126,7 @@ def _run(world: int, shape: harness.BatchShape, out_dir: str) -> List[Dict[str, 
     return [json.loads(Path(out_dir, f"world{world}-rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
+def run_cpu(ctx: core.RunContext) -> core.Report:
     shape = QUICK_SHAPE if ctx.quick else SHAPE
     records: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as out_dir:
@@ -139,32 +137,31 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
                 runs[world] = _run(world, shape, out_dir)
             except Exception as exc:  # recorded as the failed case of the report
                 for case in CASES:
-                    records.append(harness.failure({"impl": f"{world} process(es)", "case": case, "shape": str(shape),
+                    records.append(core.failure({"impl": f"{world} process(es)", "case": case, "shape": str(shape),
                                                     "status": "error", "error": None}, exc))
     for world, ranks in runs.items():
         for rank, results in enumerate(ranks):
             for case in CASES:
                 r = results[case]
-                timing = harness.timing_from_samples(r["samples_ms"], f"time.perf_counter, median of {TIMED_CALLS} "
-                                                     f"calls after {WARMUP_CALLS} warm-up")
+                timing = core.timing(r["samples_ms"], f"time.perf_counter, median of {TIMED_CALLS} calls after "
+                                     f"{WARMUP_CALLS} warm-up")
                 record = {"impl": "1 process" if world == 1 else f"{world} gloo ranks: rank {rank}", "case": case,
                           "shape": str(shape), "vocab_rows": r["vocab_rows"], "status": "ok", "error": None,
-                          "value": r["value"], "peak_memory_bytes": r["peak_memory_bytes"], **timing.as_record()}
+                          "value": r["value"], "peak_memory_bytes": r["peak_memory_bytes"], **timing}
                 if world > 1 and 1 in runs:
                     single = runs[1][0][case]
                     record["diff_value"] = abs(r["value"] - single["value"])
-                    record["diff_grad_hidden"] = max(abs(a - b) for a, b in zip(r["grad_hidden"], single["grad_hidden"]))
+                    record["diff_grad_hidden"] = max(abs(a - b)
+                                                     for a, b in zip(r["grad_hidden"], single["grad_hidden"]))
                 records.append(record)
-    C = harness.Column
     columns = (
-        harness.IMPL_COLUMN, C("case", lambda r: r["case"]), C("vocab rows", lambda r: str(r.get("vocab_rows", "—"))),
-        harness.STATUS_COLUMN,
-        C("fwd+bwd ms (median)", lambda r: harness.fmt_ms(r.get("time_ms"))), harness.time_spread_column(),
-        C("peak memory beyond inputs (MiB)", lambda r: harness.fmt_mib(r.get("peak_memory_bytes"))),
-        C("|Δ value| vs 1 process", lambda r: harness.fmt_err(r.get("diff_value"))),
-        C("max |Δ dh| vs 1 process", lambda r: harness.fmt_err(r.get("diff_grad_hidden"))),
+        core.IMPL, core.col("case", "case"), core.col("vocab rows", "vocab_rows"), core.STATUS,
+        core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms), core.spread(),
+        core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", core.fmt_mib),
+        core.col("|Δ value| vs 1 process", "diff_value", core.fmt_err),
+        core.col("max |Δ dh| vs 1 process", "diff_grad_hidden", core.fmt_err),
     )
-    return harness.SuiteReport(
+    return core.Report(
         suite="distributed", mode="cpu-default",
         title=f"distributed — CPU: vocabulary-parallel over {WORLD} gloo ranks vs 1 process, {shape}, float32",
         config={"shape": str(shape), "world": WORLD, "threads_per_process": 1, "warmup_calls": WARMUP_CALLS,
@@ -176,7 +173,7 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
             f"{WORLD} ranks together use {WORLD}× the cores of the single process. A rank's time includes its waits "
             "on the per-chunk all-gather of the statistics and the all-reduce of the hidden states' gradient.",
             "Peak memory: the peak RSS during one forward + backward after a warm-up call, minus the RSS before it "
-            f"(glibc's mmap threshold pinned at {harness.MALLOC_MMAP_THRESHOLD_BYTES // harness.KIB} KiB so RSS "
+            f"(glibc's mmap threshold pinned at {core.MALLOC_MMAP_THRESHOLD_BYTES // core.KIB} KiB so RSS "
             "follows the live tensors); it includes the gradients the call returns.",
             "Δ dh compares the first 4096 entries of the hidden states' gradient.",
             "No GPU case yet (NCCL, bfloat16, the Triton kernels): GPU validation is pending; on CUDA machines this "
@@ -185,9 +182,5 @@ def run_cpu_default(ctx: harness.RunContext) -> harness.SuiteReport:
     )
 
 
-SUITE = Suite(
-    name="distributed",
-    description=f"vocabulary-parallel token_logprobs and FusedPolicyLoss over {WORLD} gloo ranks vs 1 process "
-                "(CPU; time and peak memory per rank)",
-    run_cpu=run_cpu_default, run_gpu=run_cpu_default,
-)
+
+run_gpu = run_cpu  # no GPU case yet (NCCL on ≥ 2 GPUs, bfloat16, the Triton kernels)

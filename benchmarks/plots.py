@@ -2,22 +2,13 @@
 
     python -m benchmarks.plots docs/benchmarks/cpu [more folders or .json files]
 
-writes ``<stem>.png`` next to each ``<stem>.json``. ``python -m benchmarks`` calls :func:`plot_reports` after
-its run. matplotlib is imported lazily: without it (``pip install -e ".[bench]"`` brings it) plotting is
-skipped with the reason printed, never an error.
-
-What is drawn, from the records whose status is "ok":
-
-* rows: the metrics a report holds — time (log scale on line plots), peak memory, the fraction of the measured bf16 matmul
-  rate (``matmul_fraction``), the speed-up next to its ideal (``speedup_vs_sdpa`` / ``ideal_attention_ratio``,
-  ``speedup_vs_repeated`` / ``ideal_tokenwise_speedup``), the fraction of the copy bandwidth
-  (``bandwidth_fraction``);
-* columns: one per axis the records vary (tokens, vocabulary, prompt length, completion length, group size),
-  the other varying axes held at their largest value, times one per value of the report's facet key; with no
-  varying axis, a bar per series (grouped by the report's category key, e.g. the advantage mode);
-* lines / bars: one per series (implementation, and the case / preset / variant where the report has them).
-
-A report steers this through ``config["plot"]``: ``{"facet": key, "series": [keys], "category": key}``.
+writes ``<stem>.png`` next to each ``<stem>.json`` (``python -m benchmarks`` calls :func:`plot_reports` after its
+run). matplotlib is imported lazily: without it plotting is skipped with the reason printed, never an error.
+From the records whose status is "ok": a row per metric the report holds (:data:`METRICS`), a column per axis
+the records vary (:data:`AXES`, the other axes at their largest value) times one per value of the report's facet
+key, or bars per series when nothing varies; a line or bar per series (implementation, and case / preset /
+variant where present). A report steers this through ``config["plot"]``: ``{"facet": key, "series": [keys],
+"category": key}``.
 """
 from __future__ import annotations
 
