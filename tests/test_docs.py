@@ -46,7 +46,7 @@ def test_site_builds_strict(tmp_path):
 
 
 # A repository path written in code, comments, docstrings or docs: docs/…, rlloss/…, kernels/…, tests/…,
-# benchmarks/…, examples/… (a glob such as benchmarks/test_*.py is checked as a glob).
+# benchmarks/…, examples/… (a glob such as examples/*.py is checked as a glob).
 REPO_PATH = re.compile(r"(?<![\w/.-])((?:docs|rlloss|kernels|tests|benchmarks|examples)/[\w./*-]*[\w*])")
 GENERATED = ("docs/benchmarks/",)  # reports written by the benchmark runs
 
