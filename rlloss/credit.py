@@ -27,10 +27,9 @@ from torch import Tensor
 from . import _checks
 from . import reference
 from ._backend import resolve_backend
+from .kernels.tables import CREDIT_MODES
 
 __all__ = ["LinearDecay", "contrastive_credit", "credit_advantage"]
-
-CREDIT_MODES = ("cepo", "rlsd")
 
 
 # --- the per-token formula --------------------------------------------------------------------------------

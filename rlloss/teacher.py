@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .credit import CREDIT_MODES
+from .kernels.tables import CREDIT_MODES
 from .prefix_attention import SharedPrefixLayout
 from .prefix_batch import _GatherPlan, _gather_tables, gather_predictors
 
