@@ -176,6 +176,18 @@ def _rollout_weight(w, rollout_min, rollout_max, TRUNCATE: tl.constexpr):
 
 
 @triton.jit
+def _row_block(live_row, logp_row, old_row, t, T, HAS_OLD: tl.constexpr):
+    """(in bounds, live, ℓ, ℓ°) at the tokens t of one row; ℓ° is ℓ without old log-probs (on-policy)."""
+    inb = t < T
+    live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
+    logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
+    old = logp
+    if HAS_OLD:
+        old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+    return inb, live, logp, old
+
+
+@triton.jit
 def _policy_loss_kernel(
     logp_ptr, old_ptr, adv_ptr, live_ptr, ref_ptr, roll_ptr, ent_ptr, pos_ptr, neg_ptr,
     grad_logp_ptr, grad_ent_ptr, stats_ptr, norm_ptr,
@@ -212,12 +224,7 @@ def _policy_loss_kernel(
     if ROW_PASS:
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs
-            inb = t < T
-            live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
-            logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
-            old = logp
-            if HAS_OLD:
-                old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+            inb, live, logp, old = _row_block(live_row, logp_row, old_row, t, T, HAS_OLD)
             n_acc += tl.where(live, 1.0, 0.0)
             u_acc += logp - old
             if SEQ_ROLLOUT:
@@ -258,12 +265,7 @@ def _policy_loss_kernel(
     seq_acc = zeros  # Σ c·∂L/∂ρ, for the pure sequence ratio
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
-        inb = t < T
-        live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
-        logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
-        old = logp
-        if HAS_OLD:
-            old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+        inb, live, logp, old = _row_block(live_row, logp_row, old_row, t, T, HAS_OLD)
         if ADV_PER_TOKEN:
             adv = tl.load(adv_row + t, mask=live, other=0.0).to(tl.float32)
         else:
@@ -382,6 +384,29 @@ def _bound(x: Optional[float], default: float) -> float:
     return default if x is None else float(x)
 
 
+def kernel_constexprs(*, loss_mode: str, credit: Optional[str], importance_sampling_level: str, kl_estimator: str,
+                      kl_ratio_weighted: bool, kl_clamp: bool, rollout_correction: Optional[str],
+                      per_sequence_mean: bool, write_grad_entropy: bool, has_old: bool, adv_per_token: bool,
+                      has_delta: bool, has_dual: bool, has_ref: bool, has_entropy: bool, has_rollout: bool,
+                      block_t: int) -> dict:
+    """The constexprs of ``_policy_loss_kernel`` for one launch of :func:`policy_loss_rows` (which inputs are
+    given and the options); tests/compile_kernels.py compiles its variants from the same mapping."""
+    token_rollout = rollout_correction in ("token_truncate", "token_mask")
+    seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
+    return dict(
+        LOSS_MODE=KERNEL_LOSS_MODES.index(loss_mode), CREDIT=_CREDIT.index(credit),
+        IS_LEVEL=IS_LEVELS.index(importance_sampling_level), HAS_OLD=bool(has_old),
+        ADV_PER_TOKEN=bool(adv_per_token), HAS_DELTA=bool(has_delta), HAS_DUAL=bool(has_dual),
+        HAS_REF=bool(has_ref), KL_ESTIMATOR=KERNEL_KL_ESTIMATORS.index(kl_estimator),
+        KL_WEIGHTED=bool(kl_ratio_weighted), KL_CLAMP=bool(kl_clamp), HAS_ENTROPY=bool(has_entropy),
+        WRITE_GRAD_ENT=bool(write_grad_entropy), HAS_ROLLOUT=bool(has_rollout), TOKEN_ROLLOUT=token_rollout,
+        SEQ_ROLLOUT=seq_rollout, TRUNCATE=rollout_correction is not None and rollout_correction.endswith("truncate"),
+        PER_SEQUENCE_MEAN=bool(per_sequence_mean),
+        ROW_PASS=importance_sampling_level != "token" or seq_rollout or bool(per_sequence_mean),
+        N_STATS=NUM_STATS, BLOCK_T=block_t,
+    )
+
+
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
@@ -449,8 +474,6 @@ def policy_loss_rows(
     neg = _row_major(neg_logprobs) if neg_logprobs is not None else logprobs
     log_w_low, log_w_high = log_weight_bounds(credit_eps_w)
     norm = normaliser.reshape(1).to(torch.float32)
-    token_rollout = rollout_correction in ("token_truncate", "token_mask")
-    seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
     block = max(MIN_BLOCK_T, min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T))
     _policy_loss_kernel[(B,)](
         logprobs, old, adv, live_u8, ref, roll, ent, pos, neg, grad_logp, grad_ent, stats, norm,
@@ -460,17 +483,15 @@ def policy_loss_rows(
         float(sapo_tau_pos), float(sapo_tau_neg), _bound(log_ratio_min, -math.inf), _bound(log_ratio_max, math.inf),
         float(beta), float(entropy_coef), _bound(rollout_threshold_low, 0.0), float(rollout_threshold_high),
         float(clip_metric_low), float(clip_metric_high), float(credit_lambda), log_w_low, log_w_high,
-        LOSS_MODE=KERNEL_LOSS_MODES.index(loss_mode), CREDIT=_CREDIT.index(credit),
-        IS_LEVEL=IS_LEVELS.index(importance_sampling_level),
-        HAS_OLD=old_logprobs is not None, ADV_PER_TOKEN=advantages.ndim == 2,
-        HAS_DELTA=delta is not None, HAS_DUAL=dual_clip is not None, HAS_REF=ref_logprobs is not None,
-        KL_ESTIMATOR=KERNEL_KL_ESTIMATORS.index(kl_estimator), KL_WEIGHTED=bool(kl_ratio_weighted),
-        KL_CLAMP=bool(kl_clamp), HAS_ENTROPY=entropy is not None, WRITE_GRAD_ENT=bool(write_grad_entropy),
-        HAS_ROLLOUT=rollout_logprobs is not None, TOKEN_ROLLOUT=token_rollout, SEQ_ROLLOUT=seq_rollout,
-        TRUNCATE=rollout_correction is not None and rollout_correction.endswith("truncate"),
-        PER_SEQUENCE_MEAN=bool(per_sequence_mean),
-        ROW_PASS=importance_sampling_level != "token" or seq_rollout or bool(per_sequence_mean),
-        N_STATS=NUM_STATS, BLOCK_T=block,
+        **kernel_constexprs(
+            loss_mode=loss_mode, credit=credit, importance_sampling_level=importance_sampling_level,
+            kl_estimator=kl_estimator, kl_ratio_weighted=kl_ratio_weighted, kl_clamp=kl_clamp,
+            rollout_correction=rollout_correction, per_sequence_mean=per_sequence_mean,
+            write_grad_entropy=write_grad_entropy, has_old=old_logprobs is not None,
+            adv_per_token=advantages.ndim == 2, has_delta=delta is not None, has_dual=dual_clip is not None,
+            has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
+            has_rollout=rollout_logprobs is not None, block_t=block,
+        ),
         num_warps=4,
     )
     return stats, grad_logp, (grad_ent if write_grad_entropy else None)
