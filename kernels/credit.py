@@ -34,7 +34,7 @@ def credit_advantage(adv, delta, lam, log_w_low, log_w_high):
 def _credit_kernel(
     adv_ptr, live_ptr, pos_ptr, base_ptr, out_ptr,
     T, stride_adv, stride_live, stride_pos, stride_base,
-    lam, log_w_low, log_w_high,
+    lam: tl.float32, log_w_low: tl.float32, log_w_high: tl.float32,
     ADV_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)

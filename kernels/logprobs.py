@@ -57,7 +57,8 @@ def _load_logits(x_ptr, b_ptr, rows, cols, live, col_mask, stride_x, inv_tempera
 
 @triton.jit
 def _stats_kernel(
-    x_ptr, b_ptr, tgt_ptr, stats_ptr, N, V, stride_x, tiles_per_split, ignore_index, inv_temperature, softcap,
+    x_ptr, b_ptr, tgt_ptr, stats_ptr, N, V, stride_x, tiles_per_split, ignore_index,
+    inv_temperature: tl.float32, softcap: tl.float32,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Partial (M, A, C, z_y) of a block of tokens over one vocabulary split, into stats [4, splits, N]."""
@@ -99,7 +100,7 @@ def _stats_kernel(
 @triton.jit
 def _dlogits_kernel(
     x_ptr, b_ptr, tgt_ptr, shift_ptr, coef_a_ptr, coef_b_ptr, coef_g_ptr, dz_ptr,
-    N, V, stride_x, stride_dz, ignore_index, inv_temperature, softcap,
+    N, V, stride_x, stride_dz, ignore_index, inv_temperature: tl.float32, softcap: tl.float32,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """d(loss)/dx of one [BLOCK_N, BLOCK_V] tile: e^s·(a·s + b) + g·1[v = y], s = z − M, through the cap."""

@@ -35,31 +35,14 @@ import triton
 import triton.language as tl
 
 from .credit import credit_advantage, log_weight_bounds
+from .tables import (CREDIT_MODES, IS_LEVELS, KERNEL_KL_ESTIMATORS, KERNEL_LOSS_MODES, NUM_STATS, STAT_NAMES,  # noqa: F401
+                     VERL_KL_VALUE_CLAMP, VERL_LOG_RATIO_CLAMP)
 
-# Column order of the per-row statistics: each is a sum over the row's live tokens unless noted.
-STAT_NAMES = (
-    "loss",            # Σ_t c_t·L_t, the row's share of the scalar loss
-    "tokens",          # n_i
-    "clip_low",        # ρ < lower bound and A < 0
-    "clip_high",       # ρ > upper bound and A > 0
-    "clip_dual",       # the dual-clip cap −c·A is active (A < 0)
-    "ratio",           # ρ
-    "ppo_kl",          # ℓ° − ℓ
-    "kl",              # the KL term as it enters the loss (times ρ when kl_ratio_weighted)
-    "entropy",         # H
-    "is_sum",          # rollout weight w: over live tokens, or w_i once per row for sequence modes
-    "is_count",        # how many weights is_sum holds
-    "is_min",          # min of w (+inf when none)
-    "is_max",          # max of w (−inf when none)
-    "logp_diff_sum",   # |ℓ° − ℓˢ|
-    "logp_diff_max",   # max |ℓ° − ℓˢ| (0 when none)
-)
-NUM_STATS = len(STAT_NAMES)
-
-LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
-IS_LEVELS = ("token", "sequence", "sequence_token")
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
-CREDIT_MODES = (None, "cepo", "rlsd")
+# The kernel's modes are indices into the tables' KERNEL_* tuples (credit: into (None,) + CREDIT_MODES).
+_CREDIT = (None,) + CREDIT_MODES
+# verl's low_var_kl bounds as constexpr globals, the form a @triton.jit function reads a module constant in.
+_KL_X_CLAMP = tl.constexpr(VERL_LOG_RATIO_CLAMP)
+_KL_VALUE_CLAMP = tl.constexpr(VERL_KL_VALUE_CLAMP)
 
 # Largest block of tokens one program holds at once (tests lower it to exercise the block loop).
 MAX_BLOCK_T = 1024
@@ -167,12 +150,12 @@ def _kl_term(x, KL_ESTIMATOR: tl.constexpr, KL_CLAMP: tl.constexpr):
         dK = -x
     else:
         if KL_CLAMP:  # verl: x clamped to ±20 before exp, the value to ±10
-            xc = _clamp(x, -20.0, 20.0)
+            xc = _clamp(x, -_KL_X_CLAMP, _KL_X_CLAMP)
             e = tl.exp(xc)
             K = _k3_value(xc, e)
-            dK = tl.where((x < -20.0) | (x > 20.0), 0.0, 1.0 - e)
-            dK = tl.where((K < -10.0) | (K > 10.0), 0.0, dK)
-            K = _clamp(K, -10.0, 10.0)
+            dK = tl.where((x < -_KL_X_CLAMP) | (x > _KL_X_CLAMP), 0.0, 1.0 - e)
+            dK = tl.where((K < -_KL_VALUE_CLAMP) | (K > _KL_VALUE_CLAMP), 0.0, dK)
+            K = _clamp(K, -_KL_VALUE_CLAMP, _KL_VALUE_CLAMP)
         else:
             e = tl.exp(x)
             K = _k3_value(x, e)
@@ -193,13 +176,27 @@ def _rollout_weight(w, rollout_min, rollout_max, TRUNCATE: tl.constexpr):
 
 
 @triton.jit
+def _row_block(live_row, logp_row, old_row, t, T, HAS_OLD: tl.constexpr):
+    """(in bounds, live, ℓ, ℓ°) at the tokens t of one row; ℓ° is ℓ without old log-probs (on-policy)."""
+    inb = t < T
+    live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
+    logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
+    old = logp
+    if HAS_OLD:
+        old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+    return inb, live, logp, old
+
+
+@triton.jit
 def _policy_loss_kernel(
     logp_ptr, old_ptr, adv_ptr, live_ptr, ref_ptr, roll_ptr, ent_ptr, pos_ptr, neg_ptr,
     grad_logp_ptr, grad_ent_ptr, stats_ptr, norm_ptr,
     T, stride_logp, stride_old, stride_adv, stride_live, stride_ref, stride_roll, stride_ent, stride_pos,
     stride_neg,
-    eps_low, eps_high, delta, dual_c, tau_pos, tau_neg, log_ratio_min, log_ratio_max, beta, entropy_coef,
-    rollout_min, rollout_max, clip_metric_low, clip_metric_high, credit_lambda, log_w_low, log_w_high,
+    eps_low: tl.float32, eps_high: tl.float32, delta: tl.float32, dual_c: tl.float32, tau_pos: tl.float32,
+    tau_neg: tl.float32, log_ratio_min: tl.float32, log_ratio_max: tl.float32, beta: tl.float32,
+    entropy_coef: tl.float32, rollout_min: tl.float32, rollout_max: tl.float32, clip_metric_low: tl.float32,
+    clip_metric_high: tl.float32, credit_lambda: tl.float32, log_w_low: tl.float32, log_w_high: tl.float32,
     LOSS_MODE: tl.constexpr, CREDIT: tl.constexpr, IS_LEVEL: tl.constexpr, HAS_OLD: tl.constexpr, ADV_PER_TOKEN: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr,
     KL_WEIGHTED: tl.constexpr, KL_CLAMP: tl.constexpr, HAS_ENTROPY: tl.constexpr, WRITE_GRAD_ENT: tl.constexpr,
@@ -227,12 +224,7 @@ def _policy_loss_kernel(
     if ROW_PASS:
         for t0 in range(0, T, BLOCK_T):
             t = t0 + offs
-            inb = t < T
-            live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
-            logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
-            old = logp
-            if HAS_OLD:
-                old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+            inb, live, logp, old = _row_block(live_row, logp_row, old_row, t, T, HAS_OLD)
             n_acc += tl.where(live, 1.0, 0.0)
             u_acc += logp - old
             if SEQ_ROLLOUT:
@@ -273,12 +265,7 @@ def _policy_loss_kernel(
     seq_acc = zeros  # Σ c·∂L/∂ρ, for the pure sequence ratio
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs
-        inb = t < T
-        live = inb & (tl.load(live_row + t, mask=inb, other=0) != 0)
-        logp = tl.load(logp_row + t, mask=live, other=0.0).to(tl.float32)
-        old = logp
-        if HAS_OLD:
-            old = tl.load(old_row + t, mask=live, other=0.0).to(tl.float32)
+        inb, live, logp, old = _row_block(live_row, logp_row, old_row, t, T, HAS_OLD)
         if ADV_PER_TOKEN:
             adv = tl.load(adv_row + t, mask=live, other=0.0).to(tl.float32)
         else:
@@ -397,6 +384,29 @@ def _bound(x: Optional[float], default: float) -> float:
     return default if x is None else float(x)
 
 
+def kernel_constexprs(*, loss_mode: str, credit: Optional[str], importance_sampling_level: str, kl_estimator: str,
+                      kl_ratio_weighted: bool, kl_clamp: bool, rollout_correction: Optional[str],
+                      per_sequence_mean: bool, write_grad_entropy: bool, has_old: bool, adv_per_token: bool,
+                      has_delta: bool, has_dual: bool, has_ref: bool, has_entropy: bool, has_rollout: bool,
+                      block_t: int) -> dict:
+    """The constexprs of ``_policy_loss_kernel`` for one launch of :func:`policy_loss_rows` (which inputs are
+    given and the options); tests/compile_kernels.py compiles its variants from the same mapping."""
+    token_rollout = rollout_correction in ("token_truncate", "token_mask")
+    seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
+    return dict(
+        LOSS_MODE=KERNEL_LOSS_MODES.index(loss_mode), CREDIT=_CREDIT.index(credit),
+        IS_LEVEL=IS_LEVELS.index(importance_sampling_level), HAS_OLD=bool(has_old),
+        ADV_PER_TOKEN=bool(adv_per_token), HAS_DELTA=bool(has_delta), HAS_DUAL=bool(has_dual),
+        HAS_REF=bool(has_ref), KL_ESTIMATOR=KERNEL_KL_ESTIMATORS.index(kl_estimator),
+        KL_WEIGHTED=bool(kl_ratio_weighted), KL_CLAMP=bool(kl_clamp), HAS_ENTROPY=bool(has_entropy),
+        WRITE_GRAD_ENT=bool(write_grad_entropy), HAS_ROLLOUT=bool(has_rollout), TOKEN_ROLLOUT=token_rollout,
+        SEQ_ROLLOUT=seq_rollout, TRUNCATE=rollout_correction is not None and rollout_correction.endswith("truncate"),
+        PER_SEQUENCE_MEAN=bool(per_sequence_mean),
+        ROW_PASS=importance_sampling_level != "token" or seq_rollout or bool(per_sequence_mean),
+        N_STATS=NUM_STATS, BLOCK_T=block_t,
+    )
+
+
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
@@ -464,8 +474,6 @@ def policy_loss_rows(
     neg = _row_major(neg_logprobs) if neg_logprobs is not None else logprobs
     log_w_low, log_w_high = log_weight_bounds(credit_eps_w)
     norm = normaliser.reshape(1).to(torch.float32)
-    token_rollout = rollout_correction in ("token_truncate", "token_mask")
-    seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
     block = max(MIN_BLOCK_T, min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T))
     _policy_loss_kernel[(B,)](
         logprobs, old, adv, live_u8, ref, roll, ent, pos, neg, grad_logp, grad_ent, stats, norm,
@@ -475,16 +483,15 @@ def policy_loss_rows(
         float(sapo_tau_pos), float(sapo_tau_neg), _bound(log_ratio_min, -math.inf), _bound(log_ratio_max, math.inf),
         float(beta), float(entropy_coef), _bound(rollout_threshold_low, 0.0), float(rollout_threshold_high),
         float(clip_metric_low), float(clip_metric_high), float(credit_lambda), log_w_low, log_w_high,
-        LOSS_MODE=LOSS_MODES.index(loss_mode), CREDIT=CREDIT_MODES.index(credit), IS_LEVEL=IS_LEVELS.index(importance_sampling_level),
-        HAS_OLD=old_logprobs is not None, ADV_PER_TOKEN=advantages.ndim == 2,
-        HAS_DELTA=delta is not None, HAS_DUAL=dual_clip is not None, HAS_REF=ref_logprobs is not None,
-        KL_ESTIMATOR=KL_ESTIMATORS.index(kl_estimator), KL_WEIGHTED=bool(kl_ratio_weighted),
-        KL_CLAMP=bool(kl_clamp), HAS_ENTROPY=entropy is not None, WRITE_GRAD_ENT=bool(write_grad_entropy),
-        HAS_ROLLOUT=rollout_logprobs is not None, TOKEN_ROLLOUT=token_rollout, SEQ_ROLLOUT=seq_rollout,
-        TRUNCATE=rollout_correction is not None and rollout_correction.endswith("truncate"),
-        PER_SEQUENCE_MEAN=bool(per_sequence_mean),
-        ROW_PASS=importance_sampling_level != "token" or seq_rollout or bool(per_sequence_mean),
-        N_STATS=NUM_STATS, BLOCK_T=block,
+        **kernel_constexprs(
+            loss_mode=loss_mode, credit=credit, importance_sampling_level=importance_sampling_level,
+            kl_estimator=kl_estimator, kl_ratio_weighted=kl_ratio_weighted, kl_clamp=kl_clamp,
+            rollout_correction=rollout_correction, per_sequence_mean=per_sequence_mean,
+            write_grad_entropy=write_grad_entropy, has_old=old_logprobs is not None,
+            adv_per_token=advantages.ndim == 2, has_delta=delta is not None, has_dual=dual_clip is not None,
+            has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
+            has_rollout=rollout_logprobs is not None, block_t=block,
+        ),
         num_warps=4,
     )
     return stats, grad_logp, (grad_ent if write_grad_entropy else None)

@@ -35,7 +35,7 @@ _warned_aliases: set = set()
 def triton_import_error() -> Optional[str]:
     """Why the Triton kernels cannot be imported here, or None when they can."""
     try:
-        from . import kernels  # noqa: F401
+        from .kernels import logprobs  # noqa: F401  (rlloss.kernels itself loads no Triton)
     except ImportError as exc:  # no triton wheel for this platform
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -13,22 +13,21 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+# The mode tables and verl's log-ratio guard are the kernels' (kernels/tables.py), re-exported here.
+from .kernels.tables import CREDIT_MODES, IS_LEVELS, KL_ESTIMATORS, LOSS_MODES, VERL_LOG_RATIO_CLAMP
+
 __all__ = ["LossConfig", "LOSS_MODES", "KL_ESTIMATORS", "IS_LEVELS", "ROLLOUT_CORRECTIONS", "AGGREGATIONS",
            "TERM_AGGREGATIONS", "CREDIT_MODES", "ROLLOUT_RS_OPTIONS", "TOKEN_SELECT_SCORES"]
 
-LOSS_MODES = ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo",
-              "geo_mean", "clip_cov", "kl_cov", "dppo_tv", "dppo_kl", "dro", "vespo")
 # Loss modes whose per-token term needs quantities of the whole sequence (geo_mean, vespo) or of the whole batch
 # (clip_cov, kl_cov) at the current log-probs: FusedPolicyLoss takes its two-pass route for them.
 NON_LOCAL_LOSS_MODES = ("geo_mean", "clip_cov", "kl_cov", "vespo")
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+", "k1+", "abs+")
 # verl's kl_loss_type names, normalised on construction to (kl_estimator, kl_clamp or None = unchanged). verl's
 # trailing "+" means: the estimator's value with the k2 gradient (straight-through); on k2 itself it changes nothing.
 VERL_KL_NAMES = {
     "kl": ("k1", None), "kl+": ("k1+", None), "mse": ("k2", None), "mse+": ("k2", None), "k2+": ("k2", None),
     "low_var_kl": ("k3", True), "low_var_kl+": ("k3+", True),
 }
-IS_LEVELS = ("token", "sequence", "sequence_token")
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # verl's rejection-sampling criteria (rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS): a divergence of ℓ° from ℓˢ
 # per token, or its sum / mean / max over the sequence, k1 bounded on both sides, k2 and k3 from above.
@@ -44,12 +43,9 @@ AGGREGATIONS = (
 # Aggregations of the KL and entropy terms (kl_aggregation, entropy_aggregation): the policy's, plus TRL's entropy
 # mean over the local mask whatever num_items_in_batch says.
 TERM_AGGREGATIONS = AGGREGATIONS + ("token_mean_local",)
-CREDIT_MODES = ("cepo", "rlsd")
 # Scores of the token selection (token_select): the entropy H (TRL's top_entropy_quantile) or |Â|·H (D³S).
 TOKEN_SELECT_SCORES = ("entropy", "adv_entropy")
 
-# verl's numerical guard on the token log-ratio (core_algos: clamp(log_prob − old_log_prob, −20, 20)).
-VERL_LOG_RATIO_CLAMP = 20.0
 # verl's guard on the GSPO token-form log-ratio (clamp(log ρ, max=10)).
 VERL_GSPO_LOG_RATIO_MAX = 10.0
 

@@ -27,10 +27,9 @@ from . import _checks
 from . import reference
 from ._backend import accepted_dtypes, implementation, kernels, resolve_backend
 from ._compat import renamed_keywords, warn_deprecated
+from .kernels.tables import CREDIT_MODES
 
 __all__ = ["LinearDecay", "contrastive_credit", "credit_advantage", "check_credit_params", "check_credit_mode"]
-
-CREDIT_MODES = ("cepo", "rlsd")
 
 
 # --- the per-token formula --------------------------------------------------------------------------------

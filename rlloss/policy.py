@@ -21,6 +21,7 @@ from ._backend import TORCH, accepted_dtypes, check_name, is_reference, kernels,
 from ._compat import warn_deprecated
 from .config import NON_LOCAL_LOSS_MODES, LossConfig
 from .credit import credit_advantage
+from .kernels.tables import KERNEL_KL_ESTIMATORS, KERNEL_LOSS_MODES, STAT_NAMES, VERL_KL_VALUE_CLAMP, VERL_LOG_RATIO_CLAMP
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
                        prepare_linear, run_pass)
 
@@ -30,11 +31,7 @@ _NOT_COUNTED = -100
 __all__ = ["FusedPolicyLoss", "PolicyLossOutput", "fused_policy_loss", "policy_loss", "policy_loss_and_grads",
            "aggregation_normaliser", "metric_names", "check_credit_inputs", "check_clip_range"]
 
-# Column order of the per-row statistics both backends produce (kernels.policy.STAT_NAMES holds the same).
-STAT_NAMES = (
-    "loss", "tokens", "clip_low", "clip_high", "clip_dual", "ratio", "ppo_kl", "kl", "entropy",
-    "is_sum", "is_count", "is_min", "is_max", "logp_diff_sum", "logp_diff_max",
-)
+# Columns of the per-row statistics both backends produce: STAT_NAMES, the kernels' table.
 _S = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
@@ -275,12 +272,13 @@ def _kl_term(config: LossConfig, x: Tensor):
     if est == "k2":
         return 0.5 * x * x, -x
     if config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
-        xc = x.clamp(-20.0, 20.0)
+        x_max, k_max = VERL_LOG_RATIO_CLAMP, VERL_KL_VALUE_CLAMP
+        xc = x.clamp(-x_max, x_max)
         e = torch.exp(xc)
         K = k3_value(xc, e)
-        dK = torch.where((x < -20.0) | (x > 20.0), torch.zeros_like(x), 1.0 - e)
-        dK = torch.where((K < -10.0) | (K > 10.0), torch.zeros_like(x), dK)
-        K = K.clamp(-10.0, 10.0)
+        dK = torch.where((x < -x_max) | (x > x_max), torch.zeros_like(x), 1.0 - e)
+        dK = torch.where((K < -k_max) | (K > k_max), torch.zeros_like(x), dK)
+        K = K.clamp(-k_max, k_max)
     else:
         e = torch.exp(x)
         K, dK = k3_value(x, e), -torch.expm1(x)
@@ -771,9 +769,8 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
 
 def _kernel_supports(config: LossConfig) -> bool:
     """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
-    return (config.uniform_aggregation and config.kl_estimator in ("k1", "abs", "k2", "k3", "k3+")
-            and config.loss_mode in ("ppo_clip", "cispo_trl", "cispo_verl", "gpg", "sapo")
-            and not config.selects)
+    return (config.uniform_aggregation and config.kl_estimator in KERNEL_KL_ESTIMATORS
+            and config.loss_mode in KERNEL_LOSS_MODES and not config.selects)
 
 
 def policy_loss_and_grads(

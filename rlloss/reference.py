@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .kernels.tables import VERL_KL_VALUE_CLAMP, VERL_LOG_RATIO_CLAMP
+
 
 # --- docs/math.md §1: token log-probs and entropy -------------------------------------------------------------
 
@@ -445,8 +447,8 @@ def policy_loss(
             kl = 0.5 * x ** 2
         else:
             if config.kl_clamp:
-                xc = torch.clamp(x, -20.0, 20.0)
-                kl = torch.clamp(torch.exp(xc) - xc - 1.0, -10.0, 10.0)
+                xc = torch.clamp(x, -VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP)
+                kl = torch.clamp(torch.exp(xc) - xc - 1.0, -VERL_KL_VALUE_CLAMP, VERL_KL_VALUE_CLAMP)
             else:
                 kl = torch.exp(x) - x - 1.0
         if est.endswith("+"):  # the estimator's value, the gradient of k2 (verl's straight-through)

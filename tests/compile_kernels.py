@@ -14,15 +14,22 @@ Exit status 0 when every case compiles, 1 otherwise (each failure is printed wit
 reports its shared memory (``metadata.shared``, against the H100's 227 KiB per block) and, from ptxas's log,
 its registers and spill bytes: those are reported, not failed on.
 
-The signatures mirror the launchers: pointer dtypes, int32 scalars, float32 scalars, the constexprs, and
-Triton's specialisations of a launch (16-byte aligned pointers; integer arguments equal to 1, such as the
-stride of a [B] advantage vector or a GQA group of 1, become constexprs). Block sizes, num_warps and
-num_stages are read from the kernel modules' own CUDA tables, so a retuned table is checked as it is.
+Each case is a kernel and example arguments: a dtype for each pointer, a value for each scalar (by parameter name
+or an fnmatch pattern such as ``"*_ptr"`` or ``"stride_*"``), the constexprs the launchers pass, and the launch's
+num_warps / num_stages. The parameter list, which parameters are constexprs and the type of each float scalar (the
+kernels annotate them ``tl.float32``) come from the kernel itself; Triton's own launch binder turns the example
+values into the signature and specialisations as a real launch does (pointers 16-byte aligned, integers that are
+multiples of 16 marked divisible by 16, an integer equal to 1, such as the stride of a [B] advantage vector or a
+GQA group of 1, a constexpr). A new kernel parameter needs an edit here only when no pattern gives its example.
+Block sizes, num_warps and num_stages are read from the kernel modules' own CUDA tables, so a retuned table is
+checked as it is.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
+import functools
 import io
 import multiprocessing
 import os
@@ -41,21 +48,32 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 # Triton 3.9 warns when this is unset; 1 is the default of every release so far (and of the launchers).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.jit import MockTensor, create_function_from_signature  # noqa: E402
 
 from rlloss.kernels import advantages as adv_k  # noqa: E402
 from rlloss.kernels import credit as credit_k  # noqa: E402
 from rlloss.kernels import logprobs as lp_k  # noqa: E402
 from rlloss.kernels import policy as pol_k  # noqa: E402
 from rlloss.kernels import prefix_attention as pa_k  # noqa: E402
+from rlloss.kernels import tables  # noqa: E402
 
 TARGET_ARCH = 90
+TARGET = GPUTarget("cuda", TARGET_ARCH, 32)
 H100_SHARED_PER_BLOCK = 227 * 1024  # 228 KiB per SM, of which 227 KiB are available to one block
 DEFAULT_NUM_WARPS = 4
 DEFAULT_NUM_STAGES = 3  # Triton's CUDA default, what a launch without num_stages gets
 
-_TORCH_TO_TL = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp64": "fp64"}
+# Example scalars: an int Triton sees as a plain i32 (not 1, not a multiple of 16), one real launches keep a
+# multiple of 16 (marked divisible by 16), and the example of each annotated scalar type.
+INT = 1003
+ALIGNED = 1024
+_ANNOTATED = {"fp32": 0.5}
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+           "u8": torch.uint8, "i32": torch.int32, "i64": torch.int64}
 
 
 @dataclass
@@ -63,7 +81,7 @@ class Case:
     name: str
     kernel: object
     signature: Dict[str, str]
-    constexprs: Dict[str, object]
+    constexprs: Dict[Tuple[int, ...], object]
     attrs: Dict[Tuple[int, ...], list]
     options: Dict[str, object]
     quick: bool = True  # part of the --quick subset (the test's)
@@ -83,44 +101,63 @@ class Result:
     notes: List[str] = field(default_factory=list)
 
 
-def make_case(name, kernel, *, ptrs, const, floats=(), i64=(), aligned_ints=(), num_warps=DEFAULT_NUM_WARPS,
-              num_stages=DEFAULT_NUM_STAGES, quick=True) -> Case:
-    """A compile case from the kernel's own parameter list.
+def _example(case: str, kernel, param, args: Dict[str, object]):
+    """The example value of a plain (not constexpr) parameter: ``args`` by name, then its first matching pattern,
+    then the parameter's annotation, then INT; a pointer's example is a dtype name, made a tensor stand-in."""
+    value = args.get(param.name)
+    if value is None:
+        value = next((v for k, v in args.items() if fnmatch.fnmatchcase(param.name, k)), None)
+    if value is None:
+        if param.name.endswith("_ptr"):
+            raise ValueError(f"{case}: pointer {param.name} of {kernel.__name__} has no dtype")
+        value = _ANNOTATED[param.annotation] if param.annotation else INT
+    if isinstance(value, str):  # a dtype name: a tensor whose data pointer is 16-byte aligned, as torch's are
+        return MockTensor(_DTYPES[value])
+    return value
 
-    ptrs: {pointer arg: element type}; const: {arg: value} for the constexpr parameters and for plain
-    arguments a launch specialises to a constant (an int equal to 1); floats: float32 scalars; i64: int64
-    scalars; every other argument is an int32 scalar. aligned_ints: int32 arguments that are multiples of 16
-    in real launches (Triton marks those divisible by 16). Every parameter must be accounted for, so a
-    signature drifting from the kernel fails here rather than silently compiling something else.
+
+@functools.lru_cache(maxsize=None)
+def _backend():
+    return triton.compiler.make_backend(TARGET)
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(kernel):
+    """Triton's launch binder of ``kernel``: example arguments to (bound arguments, specialisation, options)."""
+    return create_function_from_signature(kernel.signature, kernel.params, _backend())
+
+
+def make_case(name, kernel, *, args=None, const=None, num_warps=DEFAULT_NUM_WARPS, num_stages=DEFAULT_NUM_STAGES,
+              quick=True) -> Case:
+    """A compile case of ``kernel`` from example arguments, specialised by Triton's own launch binder.
+
+    args: example values of the plain parameters by name or fnmatch pattern (first match wins after an exact
+    name): a dtype name ("fp32", "bf16", "u8", "i64", ...) for a pointer, an int or a float for a scalar; the rest
+    default as :func:`_example` says. const: the value of every constexpr parameter without a default.
     """
-    params = kernel.params
-    names = [p.name for p in params]
-    unknown = (set(ptrs) | set(const) | set(floats) | set(i64) | set(aligned_ints)) - set(names)
+    args, const = dict(args or {}), dict(const or {})
+    names = [p.name for p in kernel.params]
+    unknown = (set(const) | {k for k in args if not any(c in k for c in "*?[")}) - set(names)
     if unknown:
         raise ValueError(f"{name}: not parameters of {kernel.__name__}: {sorted(unknown)}")
-    signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(params):
+    values = {}
+    for p in kernel.params:
         if p.is_constexpr:
-            if p.name not in const:
+            if p.name not in const and not p.has_default:
                 raise ValueError(f"{name}: constexpr {p.name} of {kernel.__name__} has no value")
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = const[p.name]
-        elif p.name in const:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = const[p.name]
-        elif p.name in ptrs:
-            signature[p.name] = "*" + _TORCH_TO_TL.get(ptrs[p.name], ptrs[p.name])
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif p.name.endswith("_ptr"):
-            raise ValueError(f"{name}: pointer {p.name} of {kernel.__name__} has no dtype")
-        elif p.name in floats:
-            signature[p.name] = "fp32"
-        elif p.name in i64:
-            signature[p.name] = "i64"
+            if p.name in const:
+                values[p.name] = const[p.name]
         else:
-            signature[p.name] = "i32"
-            if p.name in aligned_ints:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+            values[p.name] = _example(name, kernel, p, args)
+    bound, specialization, _ = _binder(kernel)(**values)
+    signature = {p.name: spec[0] for p, spec in zip(kernel.params, specialization)}
+    # specialization: per parameter ("constexpr", value) or (type, attribute string: "D" = divisible by 16).
+    constexprs, attrs = {}, {}
+    for i, ((kind, attr), value) in enumerate(zip(specialization, bound.values())):
+        if kind == "constexpr":
+            constexprs[(i,)] = value
+        elif attr:
+            attrs[(i,)] = _backend().parse_attr(attr)
     return Case(name, kernel, signature, constexprs, attrs, dict(num_warps=num_warps, num_stages=num_stages),
                 quick)
 
@@ -132,8 +169,7 @@ def logprobs_cases() -> List[Case]:
     GEMM output (the hidden-state path) or a trainer's logits in any float dtype, with and without bias
     and soft-cap; the gradient written in place (float32) or into a 16-bit buffer."""
     cases = []
-    floats = ("inv_temperature", "softcap")
-    c = dict(lp_k.blocks(lp_k.torch.device("cuda")))
+    c = dict(lp_k.blocks(torch.device("cuda")))
     nw = c.pop("num_warps", DEFAULT_NUM_WARPS)
     ns = c.pop("num_stages", DEFAULT_NUM_STAGES)
     variants = ((False, False), (True, True), (True, False), (False, True))  # (bias, softcap)
@@ -141,16 +177,16 @@ def logprobs_cases() -> List[Case]:
         for i, (bias, cap) in enumerate(variants):
             cases.append(make_case(
                 f"logprobs.stats[{xt},bias={int(bias)},softcap={int(cap)}]", lp_k._stats_kernel,
-                ptrs=dict(x_ptr=xt, b_ptr=xt, tgt_ptr="i64", stats_ptr="fp32"), floats=floats,
-                aligned_ints=("stride_x",), num_warps=nw, num_stages=ns,
+                args=dict(tgt_ptr="i64", stats_ptr="fp32", stride_x=ALIGNED, **{"*_ptr": xt}),
+                num_warps=nw, num_stages=ns,
                 const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, **c), quick=i < 2,
             ))
             for dzt in sorted({xt, "bf16"} if xt == "fp32" else {xt}):
                 cases.append(make_case(
                     f"logprobs.dlogits[{xt}->{dzt},bias={int(bias)},softcap={int(cap)}]", lp_k._dlogits_kernel,
-                    ptrs=dict(x_ptr=xt, b_ptr=xt, tgt_ptr="i64", shift_ptr="fp32", coef_a_ptr="fp32",
-                              coef_b_ptr="fp32", coef_g_ptr="fp32", dz_ptr=dzt),
-                    floats=floats, aligned_ints=("stride_x", "stride_dz"), num_warps=nw, num_stages=ns,
+                    args={"x_ptr": xt, "b_ptr": xt, "tgt_ptr": "i64", "dz_ptr": dzt, "*_ptr": "fp32",
+                          "stride_*": ALIGNED},
+                    num_warps=nw, num_stages=ns,
                     const=dict(HAS_BIAS=bias, HAS_SOFTCAP=cap, **c), quick=i < 2,
                 ))
     return cases
@@ -160,64 +196,49 @@ def logprobs_cases() -> List[Case]:
 
 def policy_cases() -> List[Case]:
     """A covering set: every loss mode, IS level, KL estimator (with and without verl's clamp and ratio
-    weighting), credit mode and rollout correction appears at least once, with the block sizes' extremes."""
+    weighting), credit mode and rollout correction appears at least once, with the block sizes' extremes. Each
+    variant is the launcher's options (kernels.policy.kernel_constexprs maps them to constexprs, as it does for
+    policy_loss_rows), the log-prob dtype and the block size; kl=None: no reference log-probs."""
     P = pol_k
+    off = dict(credit=None, rollout_correction=None, per_sequence_mean=False, adv_per_token=False, has_old=True,
+               has_delta=False, has_dual=False, has_entropy=False, kl_ratio_weighted=False, kl_clamp=False)
     variants = [
-        # loss, IS level, KL, credit, rollout, per-seq mean, adv per token, has old, delta, dual, ent, block, dtype
-        dict(loss="ppo_clip", isl="token", kl="k1", credit=None, roll=None, psm=False, apt=False, old=True,
-             delta=True, dual=True, ent=True, kl_w=False, kl_clamp=False, block=P.MAX_BLOCK_T, dt="fp32"),
-        dict(loss="ppo_clip", isl="sequence", kl="k3", credit="cepo", roll="sequence_truncate", psm=True,
-             apt=True, old=True, delta=False, dual=False, ent=False, kl_w=True, kl_clamp=True, block=P.MIN_BLOCK_T,
-             dt="bf16"),
-        dict(loss="cispo_trl", isl="sequence_token", kl="k2", credit="rlsd", roll="token_mask", psm=False,
-             apt=False, old=True, delta=False, dual=False, ent=True, kl_w=False, kl_clamp=False, block=256,
-             dt="fp32"),
-        dict(loss="cispo_verl", isl="token", kl="abs", credit=None, roll="token_truncate", psm=True, apt=True,
-             old=True, delta=True, dual=False, ent=False, kl_w=True, kl_clamp=False, block=P.MAX_BLOCK_T,
-             dt="bf16"),
-        dict(loss="gpg", isl="token", kl="k3+", credit="rlsd", roll=None, psm=False, apt=False, old=False,
-             delta=False, dual=False, ent=True, kl_w=False, kl_clamp=True, block=64, dt="fp32"),
-        dict(loss="sapo", isl="sequence", kl="k3", credit=None, roll="sequence_mask", psm=False, apt=True,
-             old=True, delta=False, dual=False, ent=True, kl_w=False, kl_clamp=False, block=P.MAX_BLOCK_T,
-             dt="fp32"),
-        dict(loss="sapo", isl="token", kl=None, credit="cepo", roll=None, psm=False, apt=False, old=True,
-             delta=False, dual=False, ent=False, kl_w=False, kl_clamp=False, block=P.MAX_BLOCK_T, dt="fp16"),
-        dict(loss="ppo_clip", isl="sequence_token", kl="k3+", credit=None, roll="token_mask", psm=True,
-             apt=True, old=True, delta=True, dual=True, ent=True, kl_w=True, kl_clamp=False, block=128,
-             dt="fp32"),
+        dict(off, loss_mode="ppo_clip", importance_sampling_level="token", kl="k1", has_delta=True, has_dual=True,
+             has_entropy=True, block_t=P.MAX_BLOCK_T, dt="fp32"),
+        dict(off, loss_mode="ppo_clip", importance_sampling_level="sequence", kl="k3", credit="cepo",
+             rollout_correction="sequence_truncate", per_sequence_mean=True, adv_per_token=True,
+             kl_ratio_weighted=True, kl_clamp=True, block_t=P.MIN_BLOCK_T, dt="bf16"),
+        dict(off, loss_mode="cispo_trl", importance_sampling_level="sequence_token", kl="k2", credit="rlsd",
+             rollout_correction="token_mask", has_entropy=True, block_t=256, dt="fp32"),
+        dict(off, loss_mode="cispo_verl", importance_sampling_level="token", kl="abs",
+             rollout_correction="token_truncate", per_sequence_mean=True, adv_per_token=True, has_delta=True,
+             kl_ratio_weighted=True, block_t=P.MAX_BLOCK_T, dt="bf16"),
+        dict(off, loss_mode="gpg", importance_sampling_level="token", kl="k3+", credit="rlsd", has_old=False,
+             has_entropy=True, kl_clamp=True, block_t=64, dt="fp32"),
+        dict(off, loss_mode="sapo", importance_sampling_level="sequence", kl="k3", rollout_correction="sequence_mask",
+             adv_per_token=True, has_entropy=True, block_t=P.MAX_BLOCK_T, dt="fp32"),
+        dict(off, loss_mode="sapo", importance_sampling_level="token", kl=None, credit="cepo", block_t=P.MAX_BLOCK_T,
+             dt="fp16"),
+        dict(off, loss_mode="ppo_clip", importance_sampling_level="sequence_token", kl="k3+",
+             rollout_correction="token_mask", per_sequence_mean=True, adv_per_token=True, has_delta=True,
+             has_dual=True, has_entropy=True, kl_ratio_weighted=True, block_t=128, dt="fp32"),
     ]
-    covered = {k: {v[k] for v in variants} for k in ("loss", "isl", "kl", "credit", "roll")}
-    assert covered["loss"] >= set(P.LOSS_MODES) and covered["isl"] >= set(P.IS_LEVELS)
-    assert covered["kl"] >= set(P.KL_ESTIMATORS) and covered["credit"] >= set(P.CREDIT_MODES)
+    covered = {k: {v[k] for v in variants} for k in ("loss_mode", "importance_sampling_level", "kl", "credit")}
+    assert covered["loss_mode"] >= set(tables.KERNEL_LOSS_MODES)
+    assert covered["importance_sampling_level"] >= set(tables.IS_LEVELS)
+    assert covered["kl"] >= set(tables.KERNEL_KL_ESTIMATORS) and covered["credit"] >= set(tables.CREDIT_MODES)
     cases = []
-    floats = ("eps_low", "eps_high", "delta", "dual_c", "tau_pos", "tau_neg", "log_ratio_min", "log_ratio_max",
-              "beta", "entropy_coef", "rollout_min", "rollout_max", "clip_metric_low", "clip_metric_high",
-              "credit_lambda", "log_w_low", "log_w_high")
     for v in variants:
-        dt = v["dt"]
-        token_rollout = v["roll"] in ("token_truncate", "token_mask")
-        seq_rollout = v["roll"] in ("sequence_truncate", "sequence_mask")
-        const = dict(
-            LOSS_MODE=P.LOSS_MODES.index(v["loss"]), CREDIT=P.CREDIT_MODES.index(v["credit"]),
-            IS_LEVEL=P.IS_LEVELS.index(v["isl"]), HAS_OLD=v["old"], ADV_PER_TOKEN=v["apt"],
-            HAS_DELTA=v["delta"], HAS_DUAL=v["dual"], HAS_REF=v["kl"] is not None,
-            KL_ESTIMATOR=P.KL_ESTIMATORS.index(v["kl"] or "k3"), KL_WEIGHTED=v["kl_w"], KL_CLAMP=v["kl_clamp"],
-            HAS_ENTROPY=v["ent"], WRITE_GRAD_ENT=v["ent"], HAS_ROLLOUT=v["roll"] is not None,
-            TOKEN_ROLLOUT=token_rollout, SEQ_ROLLOUT=seq_rollout,
-            TRUNCATE=v["roll"] is not None and v["roll"].endswith("truncate"), PER_SEQUENCE_MEAN=v["psm"],
-            ROW_PASS=v["isl"] != "token" or seq_rollout or v["psm"], N_STATS=P.NUM_STATS, BLOCK_T=v["block"],
-        )
-        if not v["apt"]:
-            const["stride_adv"] = 1  # a contiguous [B] advantage vector: Triton specialises a stride of 1
-        name = (f"policy[{v['loss']},{v['isl']},kl={v['kl']},credit={v['credit']},rollout={v['roll']},"
-                f"{dt},BLOCK_T={v['block']}]")
-        cases.append(make_case(
-            name, P._policy_loss_kernel,
-            ptrs=dict(logp_ptr=dt, old_ptr=dt, adv_ptr="fp32", live_ptr="u8", ref_ptr=dt, roll_ptr=dt,
-                      ent_ptr=dt, pos_ptr=dt, neg_ptr=dt, grad_logp_ptr="fp32", grad_ent_ptr="fp32",
-                      stats_ptr="fp32", norm_ptr="fp32"),
-            floats=floats, const=const,
-        ))
+        v = dict(v)
+        dt, kl = v.pop("dt"), v.pop("kl")
+        const = P.kernel_constexprs(kl_estimator=kl or "k3", has_ref=kl is not None, has_rollout=v[
+            "rollout_correction"] is not None, write_grad_entropy=v["has_entropy"], **v)
+        name = (f"policy[{v['loss_mode']},{v['importance_sampling_level']},kl={kl},credit={v['credit']},"
+                f"rollout={v['rollout_correction']},{dt},BLOCK_T={v['block_t']}]")
+        # A [B] advantage vector is contiguous: Triton specialises its stride of 1 into a constexpr.
+        args = {"adv_ptr": "fp32", "live_ptr": "u8", "grad_*_ptr": "fp32", "stats_ptr": "fp32", "norm_ptr": "fp32",
+                "*_ptr": dt, "stride_adv": INT if v["adv_per_token"] else 1}
+        cases.append(make_case(name, P._policy_loss_kernel, args=args, const=const))
     return cases
 
 
@@ -242,7 +263,7 @@ def advantages_cases() -> List[Case]:
                     cases.append(make_case(
                         f"advantages.group[{mode},{rewards},BLOCK={block},verl_singleton={verl}]",
                         A._group_advantages_kernel,
-                        ptrs=dict(rewards_ptr=rewards, lengths_ptr=lengths, out_ptr=target, offsets_ptr="i64",
+                        args=dict(rewards_ptr=rewards, lengths_ptr=lengths, out_ptr=target, offsets_ptr="i64",
                                   scalars_ptr="fp64"),
                         const=dict(MODE=mode, VERL_SINGLETON=verl, BLOCK=block, COMPUTE=compute), num_warps=4,
                     ))
@@ -250,27 +271,27 @@ def advantages_cases() -> List[Case]:
             for weighted, lengths in ((False, values), (True, "i64"), (True, "fp32")):
                 cases.append(make_case(
                     f"advantages.batch_moments[{values},weighted={weighted},{lengths}]", A._batch_moments_kernel,
-                    ptrs=dict(values_ptr=values, lengths_ptr=lengths, scalars_ptr="fp64"),
+                    args=dict(values_ptr=values, lengths_ptr=lengths, scalars_ptr="fp64"),
                     const=dict(WEIGHTED=weighted, BLOCK=A.BATCH_BLOCK),
                 ))
             cases.append(make_case(
                 f"advantages.whiten[{values}]", A._whiten_kernel,
-                ptrs=dict(values_ptr=values, out_ptr=out, scalars_ptr="fp64"), const=dict(BLOCK=A.BATCH_BLOCK),
+                args=dict(values_ptr=values, out_ptr=out, scalars_ptr="fp64"), const=dict(BLOCK=A.BATCH_BLOCK),
             ))
         cases.append(make_case(
             f"advantages.difference[{rewards}]", A._difference_kernel,
-            ptrs=dict(rewards_ptr=rewards, baselines_ptr=rewards, out_ptr=out), const=dict(BLOCK=A.BATCH_BLOCK),
+            args=dict(rewards_ptr=rewards, baselines_ptr=rewards, out_ptr=out), const=dict(BLOCK=A.BATCH_BLOCK),
         ))
     # B = 1 arrives as the constexpr 1 (the kernels count rather than cast B for this reason).
     cases.append(make_case(
         "advantages.batch_moments[fp32,B=1]", A._batch_moments_kernel,
-        ptrs=dict(values_ptr="fp32", lengths_ptr="fp32", scalars_ptr="fp64"),
-        const=dict(B=1, WEIGHTED=False, BLOCK=A.BATCH_BLOCK),
+        args=dict(values_ptr="fp32", lengths_ptr="fp32", scalars_ptr="fp64", B=1),
+        const=dict(WEIGHTED=False, BLOCK=A.BATCH_BLOCK),
     ))
     cases.append(make_case(
         "advantages.group[grpo,fp32,B=1]", A._group_advantages_kernel,
-        ptrs=dict(rewards_ptr="fp32", lengths_ptr="fp32", out_ptr="fp32", offsets_ptr="i64", scalars_ptr="fp64"),
-        const=dict(B=1, MODE="grpo", VERL_SINGLETON=True, BLOCK=16, COMPUTE=tl.float32), num_warps=4,
+        args=dict(offsets_ptr="i64", scalars_ptr="fp64", B=1, **{"*_ptr": "fp32"}),
+        const=dict(MODE="grpo", VERL_SINGLETON=True, BLOCK=16, COMPUTE=tl.float32), num_warps=4,
     ))
     return cases
 
@@ -280,13 +301,11 @@ def advantages_cases() -> List[Case]:
 def credit_cases() -> List[Case]:
     cases = []
     for apt, dt in ((True, "fp32"), (False, "fp32"), (True, "bf16"), (False, "fp16")):
-        const = dict(ADV_PER_TOKEN=apt, BLOCK=credit_k.BLOCK_T)
-        if not apt:
-            const["stride_adv"] = 1
         cases.append(make_case(
             f"credit[adv_per_token={int(apt)},{dt}]", credit_k._credit_kernel,
-            ptrs=dict(adv_ptr="fp32", live_ptr="u8", pos_ptr=dt, base_ptr=dt, out_ptr="fp32"),
-            floats=("lam", "log_w_low", "log_w_high"), const=const, num_warps=4,
+            args=dict(adv_ptr="fp32", live_ptr="u8", pos_ptr=dt, base_ptr=dt, out_ptr="fp32",
+                      stride_adv=INT if apt else 1),  # a [B] vector's stride 1 is specialised to a constexpr
+            const=dict(ADV_PER_TOKEN=apt, BLOCK=credit_k.BLOCK_T), num_warps=4,
         ))
     return cases
 
@@ -300,9 +319,9 @@ def prefix_attention_cases() -> List[Case]:
     5-15 s each to lower: d = 64 only); the fused dQ variant where it adds to the dK/dV kernel's
     specialisations, at a padded head dim and at GROUP = 1."""
     cases = []
-    tables = ("order_ptr", "block_first_ptr", "block_segment_ptr", "block_start_ptr", "seg_start_ptr",
-              "seg_len_ptr")
-    torch_dtype = {"bf16": pa_k.torch.bfloat16, "fp16": pa_k.torch.float16, "fp32": pa_k.torch.float32}
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # Strides and the autotuning keys are multiples of 16 in real launches; every pointer not named is a table.
+    ints = {"stride_*": ALIGNED, "seg_len_key": ALIGNED, "tokens_key": ALIGNED}
     kernels = (("fwd", "fwd", pa_k._fwd, {}), ("dq", "dq", pa_k._dq, {}),
                ("dkdv", "dkdv", pa_k._dkdv, dict(FUSED_DQ=False)),
                ("dkdv+dq", "dkdv", pa_k._dkdv_dq, dict(FUSED_DQ=True)))
@@ -316,38 +335,28 @@ def prefix_attention_cases() -> List[Case]:
             for group in (4, 1):  # GQA, and MHA where the launch's GROUP = 1 becomes a constexpr
                 if group == 1 and d not in (64, 128):
                     continue
-                extra = dict(GROUP=1) if group == 1 else {}
                 for kind, table, tuned, switch in kernels:
                     kernel = tuned.fn
-                    ptrs = {n: "i32" for n in tables}
-                    if kind.startswith("dkdv"):
-                        # Unfused, dq_ptr is a placeholder (the launch passes dK) that the kernel never reads.
-                        ptrs.update(desc_ptr_ptr="i32", desc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, do_ptr=dt,
-                                    lse_ptr="fp32", delta_ptr="fp32", dk_ptr=dt, dv_ptr=dt,
-                                    dq_ptr="fp32" if switch["FUSED_DQ"] else dt)
-                    elif kind == "dq":
-                        ptrs.update(anc_ptr_ptr="i32", anc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, do_ptr=dt,
-                                    lse_ptr="fp32", delta_ptr="fp32", dq_ptr=dt)
-                    else:
-                        ptrs.update(anc_ptr_ptr="i32", anc_ptr="i32", q_ptr=dt, k_ptr=dt, v_ptr=dt, o_ptr=dt,
-                                    lse_ptr="fp32")
-                    strides = [p.name for p in kernel.params if p.name.startswith("stride_")]
+                    # The fused dQ is a float32 buffer; unfused, dq_ptr is a placeholder (the launch passes dK)
+                    # that the kernel never reads.
+                    tensors = {"q_ptr": dt, "k_ptr": dt, "v_ptr": dt, "o_ptr": dt, "do_ptr": dt, "dk_ptr": dt,
+                               "dv_ptr": dt, "dq_ptr": "fp32" if switch.get("FUSED_DQ") else dt,
+                               "lse_ptr": "fp32", "delta_ptr": "fp32"}
+                    args = {n: t for n, t in tensors.items() if n in kernel.arg_names}
+                    args.update(ints, GROUP=group, **{"*_ptr": "i32"})  # a GROUP of 1 becomes a constexpr
                     for i, (block_m, block_n, nw, ns) in enumerate(pa_k._candidates(table, torch_dtype[dt])):
                         tag = (f"{dt},d={d}" + (",group=1" if group == 1 else "") +
                                f",{block_m}x{block_n},w{nw},s{ns}")
                         quick = i == 0 and (dt, d, group) in (covering_fused if switch.get("FUSED_DQ") else covering)
                         cases.append(make_case(
-                            f"prefix_attention.{kind}[{tag}]", kernel, ptrs=ptrs,
-                            floats=("qk_scale",) if kind == "fwd" else ("scale", "qk_scale"),
-                            aligned_ints=strides + ["seg_len_key", "tokens_key"], num_warps=nw, num_stages=ns,
+                            f"prefix_attention.{kind}[{tag}]", kernel, args=args, num_warps=nw, num_stages=ns,
                             const=dict(PAD_D=block_d != d, DOT_PRECISION=precision, BLOCK_M=block_m,
-                                       BLOCK_N=block_n, **head, **switch, **extra),
+                                       BLOCK_N=block_n, **head, **switch),
                             quick=quick,
                         ))
             cases.append(make_case(
                 f"prefix_attention.preprocess[{dt},d={d}]", pa_k._delta_kernel,
-                ptrs=dict(o_ptr=dt, do_ptr=dt, delta_ptr="fp32"),
-                aligned_ints=("stride_ot", "stride_oh", "stride_dot", "stride_doh"),
+                args={"o_ptr": dt, "do_ptr": dt, "delta_ptr": "fp32", "stride_*": ALIGNED},
                 const=dict(BLOCK_M=pa_k._DELTA_BLOCK_M, **head),
             ))
     return cases
@@ -372,8 +381,6 @@ def _drop_cubin_stage(*args):
 
 
 def compile_case(case: Case, ptx_only: bool) -> Result:
-    from triton.backends.compiler import GPUTarget
-
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:  # set both ways: forked workers inherit the parent's knobs
         knobs.runtime.add_stages_inspection_hook = _drop_cubin_stage if ptx_only else None
@@ -384,7 +391,7 @@ def compile_case(case: Case, ptx_only: bool) -> Result:
         src = triton.compiler.ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs,
                                         attrs=case.attrs)
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=case.options)
+            compiled = triton.compile(src, target=TARGET, options=case.options)
     except Exception as e:  # noqa: BLE001 - every failure is a finding
         msg = "".join(traceback.format_exception_only(type(e), e)).strip()
         return Result(case.name, False, time.perf_counter() - start, error=msg + _tail(log.getvalue()))
@@ -481,7 +488,7 @@ def main(argv=None) -> int:
         # changes type has to fail to compile, or nothing below means anything.
         os.environ["TRITON_CACHE_DIR"] = cache_dir
         control = compile_case(make_case("self-check (must fail)", _loop_type_change_kernel,
-                                         ptrs=dict(out_ptr="fp32"), const={}), ptx_only=True)
+                                         args=dict(out_ptr="fp32")), ptx_only=True)
         if control.ok or "Loop-carried" not in control.error:
             print("FAIL self-check: a kernel with a loop-carried type change did not fail as it must; the harness "
                   "is not really compiling\n     " + (control.error or "it compiled"))
