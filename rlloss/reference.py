@@ -278,23 +278,20 @@ def contrastive_credit(
     eps_w: float = 0.2,
     mode: str = "cepo",
 ) -> Tensor:
-    """Â [B, T] in float64, detached: the formula of docs/math.md §7 as written.
-
-    Δ = ℓ⁺ − ℓ⁻ ("cepo") or ℓ⁺ − ℓ° ("rlsd", ℓ° = ``base_logprobs``); s = sign(A);
-    w = clip(exp(s·Δ), 1 − ε_w, 1 + ε_w); Â = A·((1 − λ) + λ·w)·m. ``advantages`` is [B] or [B, T]. The clip
-    is taken after exp (exp overflows to inf and clips to 1 + ε_w, which is still exact); masked tokens are
-    zeroed before any arithmetic.
+    """Â [B, T] in float64, detached: docs/math.md §7, Δ = ℓ⁺ − ℓ⁻ ("cepo") or ℓ⁺ − ℓ° ("rlsd", ℓ° =
+    ``base_logprobs``), Â = A·((1 − λ) + λ·clip(exp(sign(A)·Δ), 1 − ε_w, 1 + ε_w))·m, with the formula of
+    rlloss.credit.credit_advantage (its one torch copy) run in float64. ``advantages`` is [B] or [B, T]; masked
+    tokens are zeroed before any arithmetic.
     """
+    from .credit import credit_advantage  # rlloss.credit imports this module
+
     m = mask if mask.dtype == torch.bool else mask != 0
     B, T = m.shape
-    f64 = torch.float64
-    zero = torch.zeros((), dtype=f64, device=m.device)
+    zero = torch.zeros((), dtype=torch.float64, device=m.device)
 
     def clean(x):
-        return torch.where(m, x.detach().to(f64), zero)
+        return torch.where(m, x.detach().to(torch.float64), zero)
 
     A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
     other = neg_logprobs if mode == "cepo" else base_logprobs
-    delta = clean(pos_logprobs) - clean(other)
-    w = torch.clamp(torch.exp(torch.sign(A) * delta), 1.0 - eps_w, 1.0 + eps_w)
-    return A * ((1.0 - lam) + lam * w) * m.to(f64)
+    return credit_advantage(A, clean(pos_logprobs) - clean(other), lam, eps_w)
