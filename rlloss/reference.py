@@ -71,103 +71,27 @@ def token_logprobs(
 # --- docs/math.md §2: group advantages ---------------------------------------------------------------------
 
 
-def _lower_median(x: Tensor) -> Tensor:
-    """The lower median: the element of sorted rank ⌊(n−1)/2⌋, as torch.median returns it."""
-    return x.sort().values[(x.numel() - 1) // 2]
-
-
-def _whiten(x: Tensor, n: Tensor, eps: float) -> Tensor:
-    """(x − μ)/√(σ² + ε), μ and σ² (unbiased, N − 1) over N = Σ n tokens, x_i counted n_i times."""
-    N = n.sum()
-    mean = (n * x).sum() / N if N > 0 else torch.zeros((), dtype=x.dtype)
-    var = (n * (x - mean).square()).sum() / (N - 1) if N > 1 else torch.zeros((), dtype=x.dtype)
-    root = (var + eps).sqrt()
-    return (x - mean) / root if root > 0 else torch.zeros_like(x)
-
-
-def _group_advantage(r: Tensor, mode: str, eps: float, batch_std: Tensor, alpha: Tensor, n: Tensor,
-                     singleton: str) -> Tensor:
-    """Advantages of one group of float64 rewards ``r`` [G] (docs/math.md §2); n [G] the token counts."""
-    G = r.numel()
-    zeros = torch.zeros_like(r)
-    if G == 1 and singleton == "verl":  # verl: mean 0 and std 1 for a group of one
-        scale = {"grpo": 1 / (1 + eps), "gpg": alpha}.get(mode, 1.0)
-        return r * scale
-    if bool((r == r[0]).all()):  # zero variance (a singleton included): exactly 0 in every mode
-        return zeros
-    if mode in ("median", "median_mad", "mc_grpo"):
-        centered = r - _lower_median(r)
-        if mode == "median":
-            return centered
-        scale = _lower_median(centered.abs()) + eps
-        A = centered / scale if scale > 0 else zeros
-        if mode == "mc_grpo":  # non-zero advantages times G / #{|A| > 1e-6}, G counting the pivot
-            nonzero = A.abs() > 1e-6
-            A = torch.where(nonzero, A * G / max(int(nonzero.sum()), 1), A)
-        return A
-    if mode == "rank_gaussian":
-        less = (r[None, :] < r[:, None]).sum(1).to(r.dtype)
-        ties = (r[None, :] == r[:, None]).sum(1).to(r.dtype)
-        rank = less + (ties + 1) / 2  # 1-based, ties share their mean rank
-        return torch.special.ndtri((rank - 0.5) / G)
-    if mode in ("grpo_passk", "grpo_passk_no_std"):
-        top = r.sort(descending=True).values
-        gap = top[0] - top[1]  # second largest with multiplicity: a tied best gives 0
-        if mode == "grpo_passk":
-            gap = gap / (r.std() + eps) if r.std() + eps > 0 else zeros[0]
-        return torch.where(r == top[0], gap, zeros)
-    if mode == "opo":  # a group without any token gets 0
-        return r - (n * r).sum() / n.sum() if n.sum() > 0 else zeros
-    centered = r - r.mean()
-    if mode in ("no_std", "reinforce_plus_plus_baseline"):
-        return centered
-    if mode == "rloo":
-        return centered * G / (G - 1)
-    if mode == "gpg":
-        return alpha * centered
-    scale = (r.std() if mode == "grpo" else batch_std) + eps
-    return centered / scale if scale > 0 else zeros
-
-
 def group_advantages(rewards: Tensor, group_sizes, *, mode: str = "grpo", eps: float = 1e-6,
                      singleton: str = "zero", response_lengths: Optional[Tensor] = None,
                      baselines: Optional[Tensor] = None, group_ids: Optional[Tensor] = None) -> Tensor:
-    """Group-relative advantages [B] of ``rewards`` [B] split into consecutive groups of ``group_sizes``, or
-    into the groups of equal ``group_ids`` (then ``group_sizes`` is None; members need not be adjacent).
+    """Group-relative advantages [B] of ``rewards`` [B] split into consecutive groups of ``group_sizes`` (a list
+    of ints; None for the ungrouped modes reinforce_plus_plus and remax), or into the groups of equal
+    ``group_ids`` (then ``group_sizes`` is None), in float64 whatever the rewards' dtype (advantages carry no
+    gradient). Modes and arguments as :func:`rlloss.group_advantages`, ε given explicitly.
 
-    A plain loop over the groups, computed and returned in float64 whatever the rewards' dtype (advantages
-    carry no gradient). Modes as in docs/math.md §2: grpo, no_std, batch_std, rloo, median, median_mad
-    ((R − median)/(MAD + ε)), rank_gaussian, and verl's gpg, grpo_passk, grpo_passk_no_std, opo,
-    reinforce_plus_plus, reinforce_plus_plus_baseline and remax (``response_lengths`` [B] the token counts of
-    opo and the reinforce_plus_plus modes, ``baselines`` [B] remax's baseline rewards; ``group_sizes`` may be
-    None for reinforce_plus_plus and remax). Medians are lower medians (torch.median); σ is unbiased; a group
-    whose rewards are all equal gives exactly 0 (before the whitening of reinforce_plus_plus_baseline); a zero
-    denominator (only possible with ε = 0) gives 0; ``singleton="verl"`` gives a group of one mean 0 and std 1.
-    ε is the API's explicit value: it sits under the square root (σ² + ε) in the reinforce_plus_plus modes.
-    The naive mean cannot resolve a spread far below the rewards' common offset (1e-2 on 1e12); every mode
-    is translation invariant, so hand such rewards over with the offset taken off.
+    The formulas of docs/math.md §2 are not written a second time here: this is the torch backend's
+    (rlloss/advantages.py, which computes every statistic in float64) on float64 rewards, so the kernel is held
+    against one torch copy. The naive mean cannot resolve a spread far below the rewards' common offset (1e-2
+    on 1e12); every mode is translation invariant, so hand such rewards over with the offset taken off.
     """
-    r = rewards.detach().to(torch.float64)
-    n = (torch.ones_like(r) if response_lengths is None
-         else response_lengths.detach().to(device=r.device, dtype=torch.float64))
-    if mode == "remax":
-        return r - baselines.detach().to(device=r.device, dtype=torch.float64)
-    if mode == "reinforce_plus_plus":
-        return _whiten(r, n, eps)
-    # TRL's scale_rewards="batch": the unbiased std of all rewards (0 for a single reward).
-    batch_std = r.std() if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
-    alpha = r.numel() / max(int(torch.count_nonzero(r)), 1)  # GPG: B / #{R ≠ 0}
-    out = torch.zeros_like(r)
-    if group_ids is not None:
-        members = [(group_ids == g).nonzero().flatten() for g in group_ids.unique()]
-    else:
-        bounds = [0] + torch.tensor([int(s) for s in group_sizes]).cumsum(0).tolist()
-        members = [torch.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    for group in members:
-        out[group] = _group_advantage(r[group], mode, eps, batch_std, alpha, n[group], singleton)
-    if mode == "reinforce_plus_plus_baseline":
-        return _whiten(out, n, eps)
-    return out
+    from .advantages import group_advantages as torch_group_advantages  # rlloss.advantages imports this module
+
+    def wide(x):
+        return None if x is None else x.detach().to(torch.float64)
+
+    return torch_group_advantages(
+        wide(rewards), group_sizes=group_sizes, group_ids=group_ids, mode=mode, eps=eps, singleton=singleton,
+        response_lengths=wide(response_lengths), baselines=wide(baselines), backend="torch")
 
 
 def gigpo_advantages(episode_rewards: Tensor, step_returns: Tensor, episode_ids: Tensor, anchor_ids: Tensor, *,
