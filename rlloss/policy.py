@@ -181,8 +181,9 @@ def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tens
 
 # --- the per-token math (docs/math.md §3–§6): its one torch copy; kernels/policy.py is the kernel's ---------------
 #
-# Written as values only. The torch backend takes the per-token gradients by torch.func.vjp (plain autograd is off
-# inside a torch.library op) and rlloss.reference runs the same functions in float64 under autograd. Wherever the
+# Written as values only. The torch backend takes the per-token gradients by autograd on the O(B·T) per-token loss
+# (:func:`_vjp`, also inside a torch.library op) and rlloss.reference runs the same functions in float64 under
+# autograd, differentiating straight into the caller's log-probs and entropy. Wherever the
 # kernel's derivative multiplies by a 0/1 slope (a clamp, the absolute value, GMPO's sign clip, a straight-through
 # KL estimator) the value goes through :func:`_straight_through`, so that 0·NaN stays NaN (the NaN contract) where
 # autograd's own clamp, abs and minimum would drop it.
