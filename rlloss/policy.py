@@ -666,6 +666,29 @@ def _autograd_on():
         yield
 
 
+def _normal(x):
+    """x, with any tensor made in torch.inference_mode (in a tuple too) copied to a normal one that autograd may
+    save; call outside inference mode."""
+    if isinstance(x, Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, tuple):
+        items = [_normal(item) for item in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    return x
+
+
+def _outside_inference_mode(fn):
+    """``fn`` run outside torch.inference_mode on normal copies of its tensor arguments when called inside it
+    (autograd cannot record on inference tensors), else as it is."""
+    def run(*args):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args)
+        with torch.inference_mode(False):
+            return fn(*(_normal(arg) for arg in args))
+
+    return run
+
+
 def _vjp(fn, *inputs: Tensor):
     """(fn's first output, detached; its other outputs; d(Σ first output)/d(each input)): per-token gradients of
     the value formulas by autograd, on the O(B·T) per-token loss only."""
@@ -676,6 +699,7 @@ def _vjp(fn, *inputs: Tensor):
     return out.detach(), aux, tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
 
 
+@_outside_inference_mode
 def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs,
                     write_grad_entropy: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(d(loss)/dℓ_t, d(loss)/dH_t) of a token-level loss for any set of tokens: what the one-pass fused
@@ -778,6 +802,7 @@ def loss_inputs(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
     return (_load(logprobs, live, cd), _load(entropy, live, cd), _load(rollout_logprobs, live, cd), tokens, n_safe)
 
 
+@_outside_inference_mode
 def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
                 normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
                 clip_range=(None, None)):
