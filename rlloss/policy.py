@@ -1,13 +1,16 @@
 """Policy losses of the GRPO family (docs/math.md §3–§6): ratios, clipped / CISPO / SAPO / GPG surrogates, KL to a
 reference, entropy bonus, rollout (sampler) correction and aggregation to a scalar, with the TRL-style metrics.
 
-Layout of this module: the aggregation normaliser and metric bookkeeping shared by every backend, the torch
-backend (the kernel's algorithm, vectorised), :func:`policy_loss_and_grads` (value AND analytic gradients in
-one pass, the function a fused log-prob + loss path calls), the autograd Function, and the public API. The
-Triton kernel lives in ``rlloss.kernels.policy``; the naive autograd oracle in ``rlloss.reference``.
+Layout of this module: the aggregation normaliser and metric bookkeeping shared by every backend, the per-token
+math (values only: the one torch copy of the formulas, vectorised over [B, T] or a chunk of tokens; the torch
+backend takes its gradients by autograd on the O(B·T) per-token loss, and ``rlloss.reference`` runs it in float64),
+:func:`policy_loss_and_grads` (value and gradients together, the function a fused log-prob + loss path calls),
+the autograd Function, and the public API. The Triton kernel, with its hand-derived gradients, lives in
+``rlloss.kernels.policy``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -21,7 +24,8 @@ from ._backend import TORCH, accepted_dtypes, check_name, is_reference, kernels,
 from ._compat import warn_deprecated
 from .config import NON_LOCAL_LOSS_MODES, LossConfig
 from .credit import credit_advantage
-from .kernels.tables import KERNEL_KL_ESTIMATORS, KERNEL_LOSS_MODES, STAT_NAMES, VERL_KL_VALUE_CLAMP, VERL_LOG_RATIO_CLAMP
+from .kernels.tables import (KERNEL_KL_ESTIMATORS, KERNEL_LOSS_MODES, STAT_NAMES, VERL_KL_VALUE_CLAMP,
+                             VERL_LOG_RATIO_CLAMP)
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
                        prepare_linear, run_pass)
 
@@ -174,117 +178,126 @@ def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tens
     return {name: values[name].detach() for name in names}
 
 
-# --- torch backend: the kernel's algorithm, vectorised over [B, T] --------------------------------------
+# --- the per-token math (docs/math.md §3–§6): its one torch copy; kernels/policy.py is the kernel's ---------------
+#
+# Written as values only. The torch backend takes the per-token gradients by autograd on the O(B·T) per-token loss
+# (:func:`_vjp`, also inside a torch.library op) and rlloss.reference runs the same functions in float64 under
+# autograd, differentiating straight into the caller's log-probs and entropy. Wherever the
+# kernel's derivative multiplies by a 0/1 slope (a clamp, the absolute value, GMPO's sign clip, a straight-through
+# KL estimator) the value goes through :func:`_straight_through`, so that 0·NaN stays NaN (the NaN contract) where
+# autograd's own clamp, abs and minimum would drop it.
+
+
+def _straight_through(value: Tensor, x: Tensor, slope: Tensor) -> Tensor:
+    """``value`` (computed from x), whose derivative w.r.t. x is ``slope``, multiplied in: an upstream NaN stays NaN
+    where the slope is 0 (autograd's clamp and where select 0 instead). An infinite x passes no gradient."""
+    step = torch.where(x.isinf(), torch.zeros((), dtype=x.dtype, device=x.device), x - x.detach())
+    return value.detach() + slope.detach() * step
+
+
+def _clip(x: Tensor, lo=None, hi=None) -> Tensor:
+    """clamp(x, lo, hi) with the gradient 1 on the closed interval and 0 outside; NaN counts as inside (it
+    propagates). ``lo`` / ``hi``: numbers, tensors or None (no bound)."""
+    value, inside = x, torch.ones_like(x)
+    if lo is not None:
+        value, inside = torch.clamp(value, min=lo), inside * ~(x < lo)
+    if hi is not None:
+        value, inside = torch.clamp(value, max=hi), inside * ~(x > hi)
+    return _straight_through(value, x, inside)
+
+
+def _abs(x: Tensor) -> Tensor:
+    """|x| with the gradient sign(x), NaN at NaN (autograd's abs gives 0 there)."""
+    return _straight_through(x.abs(), x, torch.where(x.isnan(), x, torch.sign(x)))
 
 
 def _policy_term(config: LossConfig, rho: Tensor, logp: Tensor, adv: Tensor, old: Tensor,
-                 coupled: Optional[Tensor] = None, eps_low=None, eps_high=None):
-    """(P, ∂P/∂ρ, ∂P/∂ℓ direct, dual-clip active) of docs/math.md §4; clamps pass the gradient on the closed
-    interval, as torch.clamp does. ``old`` is ℓ° (ℓ itself on-policy); ``coupled`` the per-token factor a mode
-    takes from the whole sequence or batch (:func:`_coupled_terms`): clip_cov / kl_cov 1 on the selected tokens,
-    vespo φ(w_i). geo_mean arrives with ρ = its sequence ratio and A = the sequence mean Ā. ``eps_low`` /
-    ``eps_high``: per-token clip ranges replacing the config's (ppo_clip and cispo_*, see
-    :func:`check_clip_range`)."""
+                 coupled: Optional[Tensor] = None, eps_low=None, eps_high=None) -> Tuple[Tensor, Tensor]:
+    """(P, dual-clip active) of docs/math.md §4, differentiable in ``rho`` and ``logp``; sg(·) is ``.detach()``.
+    ``old`` is ℓ° (sg(ℓ) on-policy); ``coupled`` the per-token factor a mode takes from the whole sequence or batch
+    (:func:`_coupled_terms`): clip_cov / kl_cov 1 on the selected tokens, vespo φ(w_i). geo_mean arrives with ρ =
+    its sequence ratio and A = the sequence mean Ā. ``eps_low`` / ``eps_high``: per-token clip ranges replacing
+    the config's (ppo_clip and cispo_*, see :func:`check_clip_range`)."""
     eps_low = config.epsilon_low if eps_low is None else eps_low
     eps_high = config.epsilon_high if eps_high is None else eps_high
-    zero = torch.zeros_like(rho)
     dual = torch.zeros_like(rho, dtype=torch.bool)
     mode = config.loss_mode
     if mode in ("geo_mean", "kl_cov"):  # −A·ρ (+ kl_cov_coef·|ℓ − ℓ°| on the selected tokens)
-        P, d_rho, direct = -adv * rho, -adv, zero
+        P = -adv * rho
         if mode == "kl_cov":
-            u = logp - old
-            P = P + config.kl_cov_coef * coupled * u.abs()
-            direct = config.kl_cov_coef * coupled * torch.where(u.isnan(), u, torch.sign(u))
-        return P, d_rho, direct, dual
+            P = P + config.kl_cov_coef * coupled * _abs(logp - old)
+        return P, dual
     if mode in ("dppo_tv", "dppo_kl"):  # −A·sg(min(ρ, c))·ℓ inside the divergence trust region
-        p, p_old = torch.exp(logp), torch.exp(old)
+        p, p_old = torch.exp(logp.detach()), torch.exp(old)
         if mode == "dppo_tv":
             outside = torch.where(adv > 0, p - p_old > config.epsilon_high, p - p_old < -config.epsilon_low)
         else:
-            binary_kl = p_old * (old - logp) + (1.0 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+            binary_kl = (p_old * (old - logp.detach())
+                         + (1.0 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8)))
             outside = torch.where(adv > 0, (binary_kl > config.epsilon_high) & (p > p_old),
                                   (binary_kl > config.epsilon_low) & (p < p_old))
         # NaN counts as inside: it propagates
-        weight = torch.where(outside, zero, -adv * rho.clamp(max=config.dppo_ratio_cap))
-        return weight * logp, zero, weight, dual
+        weight = torch.where(outside, torch.zeros_like(rho), -adv * rho.clamp(max=config.dppo_ratio_cap))
+        return weight.detach() * logp, dual
     if mode == "dro":  # −(A·ℓ − ½·β_dro·(ℓ − ℓ°)²)
         u = logp - old
-        return -(adv * logp - 0.5 * config.dro_beta * u * u), zero, -adv + config.dro_beta * u, dual
+        return -(adv * logp - 0.5 * config.dro_beta * u * u), dual
     if mode == "vespo":  # −sg(φ)·A·ℓ
-        return -coupled * adv * logp, zero, -coupled * adv, dual
+        return -coupled * adv * logp, dual
     if mode in ("ppo_clip", "clip_cov"):
-        unclipped, d_unclipped = rho, torch.ones_like(rho)
-        if config.delta is not None:
-            unclipped = rho.clamp(max=config.delta)
-            d_unclipped = (~(rho > config.delta)).to(rho.dtype)  # NaN counts as inside: it propagates
-        lo, hi = 1.0 - eps_low, 1.0 + eps_high
-        clipped = rho.clamp(lo, hi)
-        d_clipped = (~((rho < lo) | (rho > hi))).to(rho.dtype)
-        surr1, surr2 = unclipped * adv, clipped * adv
-        take1 = surr1 <= surr2
-        P = -torch.where(take1, surr1, surr2)
-        d_rho = -adv * torch.where(take1, d_unclipped, d_clipped)
+        unclipped = rho if config.delta is None else _clip(rho, hi=config.delta)
+        surr1, surr2 = unclipped * adv, _clip(rho, 1.0 - eps_low, 1.0 + eps_high) * adv
+        P = -torch.where(surr1 <= surr2, surr1, surr2)
         if config.dual_clip is not None:
             cap = -config.dual_clip * adv
             dual = (adv < 0) & (P > cap)
             P = torch.where(dual, cap, P)
-            d_rho = torch.where(dual, zero, d_rho)
         if mode == "clip_cov":  # the selected tokens' loss and gradient dropped
-            P, d_rho = P * (1.0 - coupled), d_rho * (1.0 - coupled)
-        return P, d_rho, zero, dual
-    if mode in ("cispo_trl", "cispo_verl"):
-        if mode == "cispo_trl":
-            weight = rho.clamp(max=eps_high)
-        else:
-            weight = rho.clamp(1.0 - eps_low, 1.0 + eps_high)
-        return -weight * adv * logp, zero, -weight * adv, dual
+            P = P * (1.0 - coupled)
+        return P, dual
+    if mode in ("cispo_trl", "cispo_verl"):  # −sg(clip(ρ))·A·ℓ
+        weight = rho.clamp(max=eps_high) if mode == "cispo_trl" else rho.clamp(1.0 - eps_low, 1.0 + eps_high)
+        return -weight.detach() * adv * logp, dual
     if mode == "gpg":
-        return -adv * logp, zero, -adv, dual
+        return -adv * logp, dual
     # sapo
     tau = torch.where(adv > 0, torch.full_like(rho, config.sapo_tau_pos), torch.full_like(rho, config.sapo_tau_neg))
-    gate = torch.sigmoid(tau * (rho - 1.0))
-    return -(4.0 / tau) * gate * adv, -4.0 * gate * (1.0 - gate) * adv, zero, dual
+    return -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv, dual
 
 
-def k3_value(x: Tensor, e: Tensor) -> Tensor:
+def k3_value(x: Tensor) -> Tensor:
     """e^x − x − 1 without cancellation: its Taylor series x²·Σ_{k≥2} x^{k−2}/k! for |x| < 1/2 (to k = 17:
-    truncation below 1e-19 relative, exact in float64), the direct form elsewhere. kernels/policy.py
-    evaluates the series to float32 precision."""
+    truncation below 1e-19 relative, exact in float64), the direct form elsewhere; differentiable (the series'
+    input is 0 where it is not taken, so no overflow there reaches a gradient). kernels/policy.py evaluates the
+    series to float32 precision."""
+    small = x.abs() < 0.5
+    xs = torch.where(small, x, torch.zeros((), dtype=x.dtype, device=x.device))
     series = torch.full_like(x, 1.0 / math.factorial(_K3_TERMS))
     for k in range(_K3_TERMS - 1, 1, -1):
-        series = series * x + 1.0 / math.factorial(k)
-    return torch.where(x.abs() < 0.5, x * x * series, e - x - 1.0)
+        series = series * xs + 1.0 / math.factorial(k)
+    return torch.where(small, xs * xs * series, torch.exp(x) - x - 1.0)
 
 
 _K3_TERMS = 17
 
 
-def _kl_term(config: LossConfig, x: Tensor):
-    """(KL_t, ∂KL_t/∂ℓ) for x = ℓʳ − ℓ (docs/math.md §4)."""
+def _kl_term(config: LossConfig, x: Tensor) -> Tensor:
+    """KL_t for x = ℓʳ − ℓ (docs/math.md §4), differentiable in x."""
     est = config.kl_estimator
-    if est == "k1":
-        return -x, torch.ones_like(x)
-    if est == "abs":
-        return x.abs(), torch.where(x.isnan(), x, -torch.sign(x))
-    if est in ("k1+", "abs+"):  # verl: the value of k1 / abs, the gradient of k2 (straight-through)
-        return (-x if est == "k1+" else x.abs()), -x
-    if est == "k2":
-        return 0.5 * x * x, -x
-    if config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
-        x_max, k_max = VERL_LOG_RATIO_CLAMP, VERL_KL_VALUE_CLAMP
-        xc = x.clamp(-x_max, x_max)
-        e = torch.exp(xc)
-        K = k3_value(xc, e)
-        dK = torch.where((x < -x_max) | (x > x_max), torch.zeros_like(x), 1.0 - e)
-        dK = torch.where((K < -k_max) | (K > k_max), torch.zeros_like(x), dK)
-        K = K.clamp(-k_max, k_max)
+    if est in ("k1", "k1+"):
+        K = -x
+    elif est in ("abs", "abs+"):
+        K = _abs(x)
+    elif est == "k2":
+        K = 0.5 * x * x
+    elif config.kl_clamp:  # verl: x clamped to ±20 before exp, the value to ±10
+        K = _clip(k3_value(_clip(x, -VERL_LOG_RATIO_CLAMP, VERL_LOG_RATIO_CLAMP)),
+                  -VERL_KL_VALUE_CLAMP, VERL_KL_VALUE_CLAMP)
     else:
-        e = torch.exp(x)
-        K, dK = k3_value(x, e), -torch.expm1(x)
-    if est == "k3+":
-        dK = -x
-    return K, dK
+        K = k3_value(x)
+    if est.endswith("+"):  # verl: the estimator's value, the gradient of k2 (straight-through)
+        K = _straight_through(K, x, x)
+    return K
 
 
 def _rollout_weight(config: LossConfig, w: Tensor) -> Tensor:
@@ -378,6 +391,7 @@ def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho:
     tokens with the rollout weights it consumes removed: clip_cov's and kl_cov's selections (1 on the selected
     tokens) and VESPO's φ(w_i) with the token rollout weights folded into w_i (docs/math.md §4)."""
     mode, live, adv = config.loss_mode, tokens.live, tokens.adv
+    logp, rho = logp.detach(), rho.detach()  # the factor is a stop-gradient
     old = logp if tokens.old is None else tokens.old
     mf = live.to(logp.dtype)
     selected = torch.zeros_like(logp)
@@ -418,22 +432,22 @@ def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho:
     return phi, tokens._replace(rollout=None, weight=None)
 
 
-def _geo_mean_inputs(config: LossConfig, logp: Tensor, tokens: "TokenInputs", n_safe: Tensor):
-    """GMPO (verl ``geo_mean``): (s_i [B], ds_i/dℓ_t ÷ (s_i/n_i) [B, T], tokens with A → Ā_i and the rollout
-    weights → their geometric mean over the sequence). s_i = exp(Σ_t m·ũ_t / n_i), ũ = sign(A)·min(sign(A)·u,
-    sign(A)·clip(u, −ε_lo, ε_hi)) with u = ℓ − ℓ° (clamped by log_ratio_min/max when set)."""
+def _geo_mean_ratio(config: LossConfig, logp: Tensor, tokens: "TokenInputs", n_safe: Tensor):
+    """GMPO (verl ``geo_mean``): (s_i [B], differentiable in ℓ; tokens with A → Ā_i and the rollout weights → their
+    geometric mean over the sequence). s_i = exp(Σ_t m·ũ_t / n_i), ũ = sign(A)·min(sign(A)·u, sign(A)·clip(u, −ε_lo,
+    ε_hi)) with u = ℓ − ℓ° (clamped by log_ratio_min/max when set); dũ/du is 1 where neither clip binds, else 0."""
     live, adv = tokens.live, tokens.adv
     mf = live.to(logp.dtype)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     lo, hi = _ratio_bounds(config)
-    old = logp if tokens.old is None else tokens.old
+    old = logp.detach() if tokens.old is None else tokens.old
     u = logp - old
     u_r = u.clamp(lo, hi)
     sign = torch.sign(adv)
     u_min = sign * torch.minimum(sign * u_r, sign * u_r.clamp(-config.epsilon_low, config.epsilon_high))
-    gate = ~((u < lo) | (u > hi) | (sign == 0) | ((sign > 0) & (u_r > config.epsilon_high))
+    free = ~((u < lo) | (u > hi) | (sign == 0) | ((sign > 0) & (u_r > config.epsilon_high))
              | ((sign < 0) & (u_r < -config.epsilon_low)))
-    s = torch.exp((u_min * mf).sum(1) / n_safe)
+    s = torch.exp((_straight_through(u_min, u, free.to(u.dtype)) * mf).sum(1) / n_safe)
     adv_mean = ((adv * mf).sum(1) / n_safe)[:, None] * mf
     weights = tokens.weight
     if tokens.rollout is not None:
@@ -441,7 +455,7 @@ def _geo_mean_inputs(config: LossConfig, logp: Tensor, tokens: "TokenInputs", n_
     if weights is not None:  # verl: exp(Σ_t m·log(w_t + 1e-10) / n_i)
         geo = torch.exp((torch.log(weights + _GEO_WEIGHT_EPS) * mf).sum(1) / n_safe)
         weights = geo[:, None].expand(live.shape)
-    return s, gate.to(logp.dtype), tokens._replace(adv=adv_mean, rollout=None, weight=weights)
+    return s, tokens._replace(adv=adv_mean, rollout=None, weight=weights)
 
 
 class TokenInputs(NamedTuple):
@@ -525,12 +539,9 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
 
 
 class TokenTerms(NamedTuple):
-    """Per-token pieces of the loss (docs/math.md §3–§6) for given log-probs, each already times its term's
-    aggregation coefficient (``coef`` for the policy term, ``coef_kl`` for the KL term); see :func:`token_terms`."""
+    """Per-token pieces of the loss (docs/math.md §3–§6) for given log-probs; see :func:`token_terms`."""
 
-    loss: Tensor        # c·w·P + c_kl·β·KL (− c_ent·c_H·H is added by the caller that has H)
-    direct: Tensor      # ∂(that)/∂ℓ_t along everything but the ratio
-    via_ratio: Tensor   # ∂(that)/∂ρ
+    loss: Tensor        # c·w·P + c_kl·β·KL − c_ent·c_H·H, differentiable in ℓ and H
     rho: Tensor         # the ratio used (token or sequence)
     adv: Tensor         # the advantage used (after the credit)
     dual: Tensor        # dual-clip active
@@ -539,51 +550,32 @@ class TokenTerms(NamedTuple):
 
 
 def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tensor,
-                coupled: Optional[Tensor] = None) -> TokenTerms:
-    """The per-token policy, rollout and KL terms at ratio ``rho``, weighted by their aggregation coefficients —
-    elementwise, so the same function serves a whole [B, T] batch and one chunk of flat tokens of the fused
-    loss (the one place these formulas live in torch; kernels/policy.py is the kernel's copy). ``coupled``: the
-    batch- or sequence-wide factor of clip_cov, kl_cov and vespo (:func:`_coupled_terms`)."""
+                coupled: Optional[Tensor] = None, entropy: Optional[Tensor] = None) -> TokenTerms:
+    """The per-token policy, rollout, KL and entropy terms at ratio ``rho``, weighted by their aggregation
+    coefficients — elementwise, so the same function serves a whole [B, T] batch and one chunk of flat tokens of
+    the fused loss (the one place these formulas live in torch; kernels/policy.py is the kernel's copy).
+    ``coupled``: the batch- or sequence-wide factor of clip_cov, kl_cov and vespo (:func:`_coupled_terms`)."""
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    old = logp if tokens.old is None else tokens.old
+    old = logp.detach() if tokens.old is None else tokens.old
     adv = _used_advantage(config, logp, tokens)
-    P, dP_drho, dP_dlogp, dual = _policy_term(config, rho, logp, adv, old, coupled, tokens.eps_low, tokens.eps_high)
+    P, dual = _policy_term(config, rho, logp, adv, old, coupled, tokens.eps_low, tokens.eps_high)
     w = tokens.weight
     if tokens.rollout is not None:  # token-level rollout correction (docs/math.md §5): a detached weight
         w = _rollout_weight(config, torch.exp(torch.where(tokens.live, old - tokens.rollout, zero)))
-    if w is None:
-        loss_t, direct, via_ratio = P, dP_dlogp, dP_drho
-    else:
-        loss_t, direct, via_ratio = w * P, w * dP_dlogp, w * dP_drho
+    loss = P if w is None else w * P
     if tokens.select is not None:  # selection (docs/math.md §9): dropped tokens lose the policy term exactly
-        loss_t, direct, via_ratio = (torch.where(tokens.select, x, zero) for x in (loss_t, direct, via_ratio))
+        loss = torch.where(tokens.select, loss, zero)
+    loss = tokens.coef * loss
     K = None
     if tokens.ref is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
-        K, dK = _kl_term(config, tokens.ref - logp)
-        if config.beta == 0.0:  # switched off: the kl metric only, never the loss or its gradient
-            c = tokens.coef
-            return TokenTerms(c * loss_t, c * direct, c * via_ratio, rho, adv, dual,
-                              K * rho if config.kl_ratio_weighted else K, w)
-        if tokens.coef_kl is tokens.coef:  # one coefficient: add the KL before weighting
-            if config.kl_ratio_weighted:
-                direct = direct + config.beta * dK * rho
-                via_ratio = via_ratio + config.beta * K
-                K = K * rho
-            else:
-                direct = direct + config.beta * dK
-            loss_t = loss_t + config.beta * K
-        else:
-            c, ck = tokens.coef, tokens.coef_kl
-            if config.kl_ratio_weighted:
-                direct = c * direct + ck * (config.beta * dK * rho)
-                via_ratio = c * via_ratio + ck * (config.beta * K)
-                K = K * rho
-            else:
-                direct = c * direct + ck * (config.beta * dK)
-                via_ratio = c * via_ratio
-            return TokenTerms(c * loss_t + ck * (config.beta * K), direct, via_ratio, rho, adv, dual, K, w)
-    c = tokens.coef
-    return TokenTerms(c * loss_t, c * direct, c * via_ratio, rho, adv, dual, K, w)
+        K = _kl_term(config, tokens.ref - logp)
+        if config.kl_ratio_weighted:
+            K = K * rho
+        if config.beta != 0.0:  # switched off: the kl metric only, never the loss or its gradient
+            loss = loss + tokens.coef_kl * (config.beta * K)
+    if entropy is not None and config.entropy_coef != 0.0:  # − c_H·H_t (a zero coefficient never reads H)
+        loss = loss - config.entropy_coef * tokens.coef_ent * entropy
+    return TokenTerms(loss, rho, adv, dual, K, w)
 
 
 def _used_advantage(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tensor:
@@ -591,7 +583,7 @@ def _used_advantage(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Te
     or ℓ⁺ − ℓ°, no gradient)."""
     if config.credit is None:
         return tokens.adv
-    base = tokens.neg if config.credit == "cepo" else (logp if tokens.old is None else tokens.old)
+    base = tokens.neg if config.credit == "cepo" else (logp.detach() if tokens.old is None else tokens.old)
     return credit_advantage(tokens.adv, tokens.pos - base, config.credit_lambda, config.credit_eps_w)
 
 
@@ -641,82 +633,128 @@ def _ratio_bounds(config: LossConfig) -> Tuple[float, float]:
     return lo, hi
 
 
-def token_ratio(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tuple[Tensor, Tensor]:
-    """(ρ_t, dρ_t/dℓ_t) of the token-level ratio (docs/math.md §3); NaN propagates (it counts as inside)."""
-    lo, hi = _ratio_bounds(config)
-    u = logp - (logp if tokens.old is None else tokens.old)
-    rho = torch.exp(u.clamp(lo, hi))
-    return rho, torch.where((u < lo) | (u > hi), torch.zeros_like(rho), rho)
+def token_ratio(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tensor:
+    """ρ_t = exp(clip(ℓ_t − ℓ°_t)) of the token-level ratio (docs/math.md §3), differentiable in ℓ."""
+    u = logp - (logp.detach() if tokens.old is None else tokens.old)
+    return torch.exp(_clip(u, config.log_ratio_min, config.log_ratio_max))
 
 
+def _sequence_ratio(config: LossConfig, logp: Tensor, tokens: TokenInputs, n_safe: Tensor) -> Tensor:
+    """[B, T] ratio of the sequence levels (docs/math.md §3): s_i = exp(clip(Σ_t m·(ℓ − ℓ°) / n_i)) on every token,
+    its gradient reaching every token of the row ("sequence"), or only the token's own, log ρ_t = ℓ_t − sg(ℓ_t)
+    + sg(log s_i) ("sequence_token")."""
+    u = logp - (logp.detach() if tokens.old is None else tokens.old)
+    log_s = ((u * tokens.live.to(u.dtype)).sum(1) / n_safe)[:, None]
+    if config.importance_sampling_level == "sequence_token":
+        log_s = logp - logp.detach() + log_s.detach()
+    return torch.exp(_clip(log_s.expand(logp.shape), config.log_ratio_min, config.log_ratio_max))
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Plain autograd, also inside a torch.library op, whose implementation runs with the autograd dispatch keys
+    excluded: they are let back in for the block (torch's dispatch TLS, as torch.func re-enters autograd itself;
+    torch.func's wrapped tensors would trip opcheck's schema check and torch.compile)."""
+    keys = torch._C.DispatchKey
+    excluded = (torch._C._dispatch_tls_local_exclude_set().remove(keys.AutogradFunctionality)
+                .remove(keys.ADInplaceOrView))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), torch.enable_grad():
+        yield
+
+
+def _normal(x):
+    """x, with any tensor made in torch.inference_mode (in a tuple too) copied to a normal one that autograd may
+    save; call outside inference mode."""
+    if isinstance(x, Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, tuple):
+        items = [_normal(item) for item in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    return x
+
+
+def _outside_inference_mode(fn):
+    """``fn`` run outside torch.inference_mode on normal copies of its tensor arguments when called inside it
+    (autograd cannot record on inference tensors), else as it is."""
+    def run(*args):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args)
+        with torch.inference_mode(False):
+            return fn(*(_normal(arg) for arg in args))
+
+    return run
+
+
+def _vjp(fn, *inputs: Tensor):
+    """(fn's first output, detached; its other outputs; d(Σ first output)/d(each input)): per-token gradients of
+    the value formulas by autograd, on the O(B·T) per-token loss only."""
+    with _autograd_on():
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        out, aux = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+    return out.detach(), aux, tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+
+@_outside_inference_mode
 def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs,
                     write_grad_entropy: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(d(loss)/dℓ_t, d(loss)/dH_t) of a token-level loss for any set of tokens: what the one-pass fused
     loss asks for each chunk. Not for sequence-level ratios (their gradient needs the whole sequence)."""
-    rho, d_rho = token_ratio(config, logp, tokens)
-    terms = token_terms(config, logp, tokens, rho)
-    grad = terms.direct + terms.via_ratio * d_rho
-    grad_ent = -config.entropy_coef * tokens.coef_ent if write_grad_entropy else None
-    return grad, grad_ent
+    if write_grad_entropy:
+        def loss(lp, ent):
+            return token_terms(config, lp, tokens, token_ratio(config, lp, tokens), entropy=ent).loss, ()
+
+        _, _, (grad, grad_ent) = _vjp(loss, logp, entropy)
+        return grad, grad_ent
+
+    def loss(lp):
+        return token_terms(config, lp, tokens, token_ratio(config, lp, tokens)).loss, ()
+
+    return _vjp(loss, logp)[2][0], None
 
 
-def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
-                clip_range=(None, None)):
-    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
-    cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    B, T = logprobs.shape
-    zero = torch.zeros((), dtype=cd, device=logprobs.device)
+def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs, n_safe: Tensor,
+               rollout: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(per-token loss [B, T], differentiable in ``logp`` and ``entropy``; stats [B, NUM_STATS]) of the whole
+    [B, T] batch: the selections, the sequence-level and coupled factors, then :func:`token_terms`. ``logp``,
+    ``entropy`` and ``rollout`` (ℓˢ) are loaded (0 where not counted) in the compute dtype."""
+    cd, live = logp.dtype, tokens.live
+    B, T = logp.shape
+    zero = torch.zeros((), dtype=cd, device=logp.device)
     mf = live.to(cd)
-    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
-    logp = _load(logprobs, live, cd)
     if config.selects:
-        keep, keep_entropy = selection_masks(config, logp, _load(entropy, live, cd), tokens,
-                                             _load(rollout_logprobs, live, cd))
+        keep, keep_entropy = selection_masks(config, logp.detach(), entropy, tokens, rollout)
         tokens = tokens._replace(select=keep)
         if keep_entropy is not None and config.entropy_coef != 0.0:  # the bonus acts on the kept tokens (TRL)
             coef_ent = tokens.coef_ent * keep_entropy
             if config.term_aggregations[2] == "token_mean_local":
                 coef_ent = keep_entropy.to(cd) / keep_entropy.sum().clamp(min=1).to(cd)
             tokens = tokens._replace(coef_ent=coef_ent)
-    old = logp if tokens.old is None else tokens.old
-    u = logp - old
-
-    # ratio ρ and dρ/dℓ_t along the token's own path (docs/math.md §3)
-    if config.importance_sampling_level == "token":
-        rho, d_rho = token_ratio(config, logp, tokens)
-        ds = None
-    else:
-        lo, hi = _ratio_bounds(config)
-        log_s = (u * mf).sum(1) / n_safe
-        s = torch.exp(log_s.clamp(lo, hi))
-        ds = torch.where((log_s < lo) | (log_s > hi), zero, s)
-        rho = s[:, None].expand(B, T)
-        d_rho = ds[:, None].expand(B, T)
-    if (rollout_logprobs is not None and config.rollout_correction is not None
-            and config.rollout_correction.startswith("sequence") and tokens.old is None
-            and rollout_weights is None):
+    old = logp.detach() if tokens.old is None else tokens.old
+    if tokens.rollout is not None and config.rollout_correction.startswith("sequence"):
         # on-policy sequence-level rollout weight: ℓ° = sg(ℓ), known only now
-        w_row = _rollout_weight(config, torch.exp((logp - _load(rollout_logprobs, live, cd)).sum(1)))
+        w_row = _rollout_weight(config, torch.exp((old - tokens.rollout).sum(1)))
         tokens = tokens._replace(weight=w_row[:, None].expand(B, T), rollout=None)
     is_weight = tokens.weight  # the rollout weights, for the metrics
     if tokens.rollout is not None:
         is_weight = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, zero)))
-    coupled = gate = None
+    coupled = None
     if config.loss_mode == "geo_mean":  # the sequence ratio s_i, through the tokens its clip leaves free
-        s, gate, tokens = _geo_mean_inputs(config, logp, tokens, n_safe)
+        s, tokens = _geo_mean_ratio(config, logp, tokens, n_safe)
         rho = s[:, None].expand(B, T)
-    elif config.loss_mode in ("clip_cov", "kl_cov", "vespo"):
+    elif config.importance_sampling_level == "token":
+        rho = token_ratio(config, logp, tokens)
+    else:
+        rho = _sequence_ratio(config, logp, tokens, n_safe)
+    if config.loss_mode in ("clip_cov", "kl_cov", "vespo"):
         coupled, tokens = _coupled_terms(config, logp, tokens, rho)
-    terms = token_terms(config, logp, tokens, rho, coupled)
-    loss_t = terms.loss
+    terms = token_terms(config, logp, tokens, rho, coupled, entropy)
 
-    stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logprobs.device)
-    if rollout_logprobs is not None:  # divergence metrics (docs/math.md §5)
-        d = torch.where(live, old - rollout_logprobs.to(cd), zero)
-        stats[:, _S["logp_diff_sum"]] = d.abs().sum(1)
-        stats[:, _S["logp_diff_max"]] = d.abs().amax(1) if T else 0.0
+    stats = torch.zeros((B, len(STAT_NAMES)), dtype=cd, device=logp.device)
+    if rollout is not None:  # divergence metrics (docs/math.md §5)
+        d = torch.where(live, old - rollout, zero).abs()
+        stats[:, _S["logp_diff_sum"]] = d.sum(1)
+        stats[:, _S["logp_diff_max"]] = d.amax(1) if T else 0.0
         if config.rollout_correction is not None:
             w = is_weight
             if config.rollout_correction.startswith("token"):
@@ -734,33 +772,47 @@ def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
                 stats[:, _S["is_min"]] = w_row
                 stats[:, _S["is_max"]] = w_row
     if terms.kl is not None:
-        stats[:, _S["kl"]] = (terms.kl * mf).sum(1)
-    if entropy is not None:  # − c_H·H_t (a zero coefficient never reads the entropy)
-        ent = _load(entropy, live, cd)
-        if config.entropy_coef != 0.0:
-            loss_t = loss_t - config.entropy_coef * tokens.coef_ent * ent
-        stats[:, _S["entropy"]] = ent.sum(1)
-
-    if config.importance_sampling_level == "sequence":  # s_i reaches every token: dℓ_t += (m_t/n_i)·s_i·Σ c·∂L/∂ρ
-        seq = terms.via_ratio.sum(1) * ds / n_safe
-        grad = terms.direct + torch.where(live, seq[:, None], zero)
-    elif gate is not None:  # geo_mean: the same through the tokens whose log-ratio is not clipped
-        seq = terms.via_ratio.sum(1) * s / n_safe
-        grad = terms.direct + torch.where(live, seq[:, None] * gate, zero)
-    else:
-        grad = terms.direct + terms.via_ratio * d_rho
-    grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
-    grad_ent = -config.entropy_coef * tokens.coef_ent if write_grad_entropy else None
-
+        stats[:, _S["kl"]] = (terms.kl.detach() * mf).sum(1)
+    if entropy is not None:
+        stats[:, _S["entropy"]] = entropy.detach().sum(1)
     low, high = clip_metric_bounds(config, tokens.eps_low, tokens.eps_high)
-    adv = terms.adv
-    stats[:, _S["loss"]] = loss_t.sum(1)
+    rho, adv = rho.detach(), terms.adv.detach()
+    stats[:, _S["loss"]] = terms.loss.detach().sum(1)
     stats[:, _S["tokens"]] = mf.sum(1)
     stats[:, _S["clip_low"]] = (live & (rho < low) & (adv < 0)).to(cd).sum(1)
     stats[:, _S["clip_high"]] = (live & (rho > high) & (adv > 0)).to(cd).sum(1)
     stats[:, _S["clip_dual"]] = (live & terms.dual).to(cd).sum(1)
     stats[:, _S["ratio"]] = (rho * mf).sum(1)
-    stats[:, _S["ppo_kl"]] = (-u).sum(1)
+    stats[:, _S["ppo_kl"]] = (old - logp.detach()).sum(1)
+    return terms.loss, stats
+
+
+def loss_inputs(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
+                pos_logprobs=None, neg_logprobs=None, rollout_weights=None, clip_range=(None, None), cd=None):
+    """(ℓ, H, ℓˢ loaded, TokenInputs, n_i) in the compute dtype ``cd`` (default: float64 for float64 log-probs,
+    else float32) for :func:`_loss_rows`; ℓ and H keep their autograd graph."""
+    if cd is None:
+        cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
+    return (_load(logprobs, live, cd), _load(entropy, live, cd), _load(rollout_logprobs, live, cd), tokens, n_safe)
+
+
+@_outside_inference_mode
+def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
+                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
+                clip_range=(None, None)):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
+    logp, ent, rollout, tokens, n_safe = loss_inputs(
+        logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
+        pos_logprobs, neg_logprobs, rollout_weights, clip_range)
+    if write_grad_entropy:
+        _, stats, (grad, grad_ent) = _vjp(lambda lp, h: _loss_rows(config, lp, h, tokens, n_safe, rollout), logp, ent)
+    else:
+        _, stats, (grad,) = _vjp(lambda lp: _loss_rows(config, lp, ent, tokens, n_safe, rollout), logp)
+        grad_ent = None
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
     return stats, grad, grad_ent
 
 
@@ -789,7 +841,7 @@ def policy_loss_and_grads(
     rollout_weights: Optional[Tensor] = None,
     clip_range: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
 ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Optional[Tensor]]:
-    """The policy loss, its metrics and its analytic gradients, computed together (no autograd).
+    """The policy loss, its metrics and its gradients w.r.t. the log-probs and entropy, computed together.
 
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
     [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
@@ -797,7 +849,8 @@ def policy_loss_and_grads(
     ``backend`` "torch" or "triton"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
     ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights;
     ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
-    :func:`check_clip_range`). Nothing here builds an autograd graph.
+    :func:`check_clip_range`). The gradients are the kernel's, or (torch) autograd's on the per-token loss
+    alone: nothing here joins the caller's autograd graph.
 
     Returns:
         (loss, metrics, grad_logprobs, grad_entropy): the 0-d loss (float32, float64 for float64 log-probs on the
@@ -1057,9 +1110,9 @@ def policy_loss(
     Per token: L_t = w_t·P_t + β·KL_t − c_H·H_t, where P is the surrogate of ``config.loss_mode`` on the ratio
     of ``config.importance_sampling_level``, w the detached rollout weight, KL the chosen estimator against
     ``ref_logprobs``; then aggregated by ``config.aggregation``. Differentiable w.r.t. ``logprobs`` and
-    ``entropy``; gradients are computed analytically in the same pass as the value. From hidden states and the
-    lm_head weight, :func:`fused_policy_loss` takes the same arguments in the same order (``logprobs`` →
-    ``hidden, weight, targets``). TRL's and verl's names for these arguments: docs/api/policy_loss.md.
+    ``entropy``; gradients are computed with the value (by the kernel, or by autograd on the per-token loss). From
+    hidden states and the lm_head weight, :func:`fused_policy_loss` takes the same arguments in the same order
+    (``logprobs`` → ``hidden, weight, targets``). TRL's and verl's names for these arguments: docs/api/policy_loss.md.
 
     Args:
         logprobs: [B, T] log-probs of the sampled tokens under the current policy (float32; float64 too on the

@@ -13,8 +13,6 @@ masked ones still exactly 0, and the other rows clean. The loss is linear in the
 −c_H·c_t and d(loss)/dℓ never read H: NaN entropy makes the loss NaN and leaves every gradient the clean one.
 Through FusedPolicyLoss a NaN token poisons its own hidden row and, through dW = dzᵀ·h and db = Σ dz, all of
 the weight and bias gradients.
-
-Departures found on code outside the kernels' policy loss are marked xfail(strict=True) with the exact cause.
 """
 import dataclasses
 import functools
@@ -132,44 +130,6 @@ def _row_wide(config: LossConfig, poisoned: str) -> bool:
     return poisoned != "ref_logprobs" or config.kl_ratio_weighted
 
 
-# --- known departures outside kernels/policy.py ---------------------------------------------------------
-
-# rlloss/reference.py policy_loss differentiates torch.clamp, whose backward passes the gradient only where
-# lo <= x <= hi — False for NaN.
-_REF_CLAMP_DROPS_NAN = pytest.mark.xfail(
-    strict=True, reason="rlloss/reference.py: torch.clamp's backward zeroes the gradient at NaN, so a NaN log-ratio "
-    "under log_ratio_min/max (or a NaN ℓʳ − ℓ under kl_clamp) gives d(loss)/dℓ = 0 at the NaN token, not NaN")
-
-
-def _reference_paths_all_clamped(config: LossConfig, poisoned: str) -> bool:
-    """Whether every path from ``poisoned`` to d(loss)/dℓ passes a torch.clamp in the reference: the ratio
-    (ℓ, ℓ°) under log_ratio_min/max, the KL term (ℓ, ℓʳ) under verl's kl_clamp."""
-    # DPPO takes the (clamped) ratio as a value only: its gradient path is −A·sg(min(ρ, c))·ℓ, never clamped
-    ratio_clamped = (config.log_ratio_min is not None or config.log_ratio_max is not None) and \
-        config.loss_mode not in ("dppo_tv", "dppo_kl")
-    kl_clamped = config.kl_clamp and config.kl_estimator == "k3"
-    return {"logprobs": ratio_clamped and kl_clamped, "old_logprobs": ratio_clamped,
-            "ref_logprobs": kl_clamped}.get(poisoned, False)
-
-
-# rlloss/reference.py differentiates GMPO's sign-clip (torch.clamp, torch.minimum) by autograd, whose backward
-# gives the clipped tokens exactly 0 even when the row's ratio s_i or mean advantage is NaN.
-_REF_GMPO_CLIP_DROPS_NAN = pytest.mark.xfail(
-    strict=True, reason="rlloss/reference.py: autograd through GMPO's clip gives the clipped tokens of a row "
-    "d(loss)/dℓ = 0 (not NaN) when the row's ratio or mean advantage is NaN")
-
-
-def _departures(backend: str, config_name: str, poisoned: str):
-    config = CONFIGS[config_name]
-    marks = []
-    if backend == "reference" and _reference_paths_all_clamped(config, poisoned):
-        marks.append(_REF_CLAMP_DROPS_NAN)
-    if backend == "reference" and config.loss_mode == "geo_mean" and poisoned in ("logprobs", "old_logprobs",
-                                                                                 "advantages"):
-        marks.append(_REF_GMPO_CLIP_DROPS_NAN)
-    return marks[:1]
-
-
 # --- (1) NaN in a counted input reaches the loss and that token's gradient -----------------------------
 
 
@@ -177,8 +137,7 @@ def _nan_cases():
     for backend in POLICY_BACKENDS:
         for config_name in CONFIGS:
             for poisoned in NAN_INPUTS:
-                yield pytest.param(backend, config_name, poisoned, id=f"{backend}-{config_name}-{poisoned}",
-                                   marks=_departures(backend, config_name, poisoned))
+                yield pytest.param(backend, config_name, poisoned, id=f"{backend}-{config_name}-{poisoned}")
 
 
 @pytest.mark.parametrize("backend,config_name,poisoned", list(_nan_cases()))
@@ -220,10 +179,7 @@ def test_per_sequence_nan_advantage_reaches_its_row(backend):
 def _agree_cases():
     for config_name in CONFIGS:
         for poisoned in NAN_INPUTS:
-            departed = any(_departures(b, config_name, poisoned) for b in POLICY_BACKENDS)
-            marks = [pytest.mark.xfail(strict=True, reason="a backend departs from the contract here (see the "
-                                       "xfail of test_counted_nan_reaches_loss_and_its_gradient)")] if departed else []
-            yield pytest.param(config_name, poisoned, id=f"{config_name}-{poisoned}", marks=marks)
+            yield pytest.param(config_name, poisoned, id=f"{config_name}-{poisoned}")
 
 
 @pytest.mark.parametrize("config_name,poisoned", list(_agree_cases()))

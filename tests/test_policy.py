@@ -826,6 +826,27 @@ def test_kernel_backend_rejects_float64():
                     config=LossConfig(), backend=KERNEL_BACKEND)
 
 
+@pytest.mark.parametrize("name", ["dapo", "gspo"])
+def test_torch_backend_runs_under_inference_mode(name):
+    """The torch backend takes its per-token gradients by autograd, which cannot record on inference tensors: under
+    torch.inference_mode (an evaluation loop) policy_loss and FusedPolicyLoss still give the no_grad values."""
+    inp = _inputs()
+    config = LossConfig.preset(name, beta=0.04)
+    args = (inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(B, T, 6, generator=g), torch.nn.Parameter(torch.randn(11, 6, generator=g))
+    targets = torch.randint(0, 11, (B, T), generator=g)
+    fused = rlloss.FusedPolicyLoss(config, backend="torch")
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            plain = policy_loss(*args, config=config, ref_logprobs=inp["ref_logprobs"], backend="torch").loss
+            whole = fused(hidden, weight, targets, inp["mask"], inp["advantages"].float(),
+                          old_logprobs=inp["old_logprobs"].float(), ref_logprobs=inp["ref_logprobs"].float()).loss
+            results.append((plain.clone(), whole.clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
 # --- GPU: realistic sizes --------------------------------------------------------------------------------
 
 
