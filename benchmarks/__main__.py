@@ -26,7 +26,7 @@ SUITES = ("advantages", "credit", "distributed", "grpo_loss", "logprobs", "polic
 SUMMARY_COLUMNS = (
     core.col("suite", "suite"), core.col("mode", "mode"), core.col("cases", "cases"),
     core.col("status", "statuses"), core.col("skipped peers", "skipped"), core.col("targets", "targets"),
-    core.col("wall time (s)", "wall_time_s", core.fmt_num), core.col("files", "files"),
+    core.col("wall time (s)", "wall_time_s", ".1f"), core.col("files", "files"),
 )
 
 

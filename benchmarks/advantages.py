@@ -148,12 +148,11 @@ def compare(num_rewards: int, device: str, impls: List[core.Case], timer, progre
 def columns(gpu: bool):
     return [
         core.IMPL, core.col("groups", "grouping"), core.col("mode", "mode"), core.STATUS,
-        core.col("ms (median)", "time_ms", core.fmt_ms), core.col("time / rlloss", "time_vs_subject", core.fmt_num, 2),
-        ("GB/s", lambda r: core.fmt_num(r.get("bandwidth_bytes_per_s") and r["bandwidth_bytes_per_s"] / 1e9, 2)),
-    ] + ([("% of copy bandwidth", lambda r: "—" if r.get("bandwidth_fraction") is None
-           else f"{100 * r['bandwidth_fraction']:.0f}")] if gpu else []) + [
-        core.col("max abs diff vs rlloss", "diff_subject", core.fmt_err),
-        core.col("vs float64 reference", "diff_reference", core.fmt_err),
+        core.col("ms (median)", "time_ms", core.MS), core.col("time / rlloss", "time_vs_subject", ".2f"),
+        ("GB/s", lambda r: core.fmt(r.get("bandwidth_bytes_per_s"), ".2f", 1e9)),
+    ] + ([core.col("% of copy bandwidth", "bandwidth_fraction", *core.PCT)] if gpu else []) + [
+        core.col("max abs diff vs rlloss", "diff_subject", core.ERR),
+        core.col("vs float64 reference", "diff_reference", core.ERR),
     ]
 
 

@@ -112,12 +112,12 @@ def base_record(case: str, impl: str, role: str, label: str, shape: Shape, dtype
 
 COLUMNS = [
     ("case", lambda r: "teacher pass (fwd only)" if r["case"] == "teacher" else "policy loss fwd+bwd"), core.IMPL,
-    core.BTDV, core.STATUS, core.col("ms (median)", "time_ms", core.fmt_ms), core.spread("low–high ms"),
-    core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", core.fmt_mib),
-    core.col("= [N, V] fp32 tensors", "peak_memory_in_logits_tensors", core.fmt_num, 2),
-    core.col("max abs diff vs reference", "diff_reference", core.fmt_err),
-    ("vs rlloss / fused-credit", lambda r: core.fmt_err(
-        r.get("diff_rlloss") if r.get("diff_rlloss") is not None else r.get("diff_fused_credit"))),
+    core.BTDV, core.STATUS, core.col("ms (median)", "time_ms", core.MS), core.spread("low–high ms"),
+    core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", *core.MIB_COL),
+    core.col("= [N, V] fp32 tensors", "peak_memory_in_logits_tensors", ".2f"),
+    core.col("max abs diff vs reference", "diff_reference", core.ERR),
+    ("vs rlloss / fused-credit", lambda r: core.fmt(
+        r.get("diff_rlloss") if r.get("diff_rlloss") is not None else r.get("diff_fused_credit"), core.ERR)),
 ]
 
 # --- CPU default --------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                                                 torch.float32, "cpu") for impl, (role, label) in LOSS.items()})
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-credit-") as tmp:
         teacher = {impl: records[f"teacher/{impl}"] for impl in TEACHER}
-        saved = core.measure_memory(__name__, list(TEACHER), teacher, {"shape": vars(shape), "tmp": tmp}, ctx.progress)
+        saved = core.measure_memory(__name__, teacher, {"shape": vars(shape), "tmp": tmp}, ctx.progress)
         try:
             times = core.run_isolated(f"{__name__}:cpu_times", {"shape": vars(shape), "loss_shape": vars(loss_shape),
                                                                 "outputs_paths": saved})

@@ -156,10 +156,10 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                 records.append(record)
     columns = (
         core.IMPL, core.col("case", "case"), core.col("vocab rows", "vocab_rows"), core.STATUS,
-        core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms), core.spread(),
-        core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", core.fmt_mib),
-        core.col("|Δ value| vs 1 process", "diff_value", core.fmt_err),
-        core.col("max |Δ dh| vs 1 process", "diff_grad_hidden", core.fmt_err),
+        core.col("fwd+bwd ms (median)", "time_ms", core.MS), core.spread(),
+        core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", *core.MIB_COL),
+        core.col("|Δ value| vs 1 process", "diff_value", core.ERR),
+        core.col("max |Δ dh| vs 1 process", "diff_grad_hidden", core.ERR),
     )
     return core.Report(
         suite="distributed", mode="cpu-default",

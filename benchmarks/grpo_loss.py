@@ -179,7 +179,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     samples: Dict[str, List[float]] = {c.name: [] for c in cases}
     payload = {"shape": vars(shape), "threads": THREADS, "warm": True}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-grpo-") as tmp:
-        saved = core.measure_memory(__name__, list(records), records, {**payload, "tmp": tmp}, ctx.progress)
+        saved = core.measure_memory(__name__, records, {**payload, "tmp": tmp}, ctx.progress)
         for round_index in range(1, rounds + 1):
             for name in [c.name for c in cases if records[c.name]["status"] == "ok"]:
                 try:
@@ -255,16 +255,16 @@ def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -
             **config},
         records, [
             core.IMPL, core.STATUS, ("loss", lambda r: "—" if r.get("loss") is None else f"{r['loss']:.6f}"),
-            core.col("|Δloss| vs rlloss", "diff_rlloss_loss", core.fmt_err),
-            core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms),
+            core.col("|Δloss| vs rlloss", "diff_rlloss_loss", core.ERR),
+            core.col("fwd+bwd ms (median)", "time_ms", core.MS),
             core.spread("20–80th pct ms" if gpu else "min–max ms"),
-            core.col("time / naive", "time_vs_naive", core.fmt_num, 2),
-        ] + ([core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2)] if gpu else []) + [
-            core.col("peak memory (MiB)", "peak_memory_bytes", core.fmt_mib),
-            core.col("memory / naive", "memory_vs_naive", core.fmt_num, 3),
-            core.col("= [N, V] tensors", "peak_memory_in_logits_tensors", core.fmt_num, 2),
-            core.col("d hidden rel vs rlloss", "diff_rlloss_grad_hidden_rel", core.fmt_err),
-            core.col("d weight rel vs rlloss", "diff_rlloss_grad_weight_rel", core.fmt_err)],
+            core.col("time / naive", "time_vs_naive", ".2f"),
+        ] + ([core.col("time / GEMM floor", "time_vs_gemm_floor", ".2f")] if gpu else []) + [
+            core.col("peak memory (MiB)", "peak_memory_bytes", *core.MIB_COL),
+            core.col("memory / naive", "memory_vs_naive", ".3f"),
+            core.col("= [N, V] tensors", "peak_memory_in_logits_tensors", ".2f"),
+            core.col("d hidden rel vs rlloss", "diff_rlloss_grad_hidden_rel", core.ERR),
+            core.col("d weight rel vs rlloss", "diff_rlloss_grad_weight_rel", core.ERR)],
         skips, [
             f"The loss: TRL's GRPO with loss_type='bnpo' (rlloss preset `{PRESET}`): ρ = exp(ℓ − ℓ°), "
             f"−min(ρA, clip(ρ, {1 - eps:g}, {1 + eps:g})A) per token, summed and divided by the batch's token count; "

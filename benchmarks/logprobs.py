@@ -186,10 +186,10 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "input_bytes": grad_bytes + N * 8 + 2 * N * 4, "input_grad_bytes": grad_bytes,
             "nominal_flops": FLOPS_PER_NDV * N * D * V, "diff_reference": "float64 rlloss.reference, autograd"},
         rows, [core.IMPL, ("N × D × V", lambda r: f"{r['N']} × {r['D']} × {r['V']}"), core.STATUS,
-               *core.CPU_TIME_MEMORY_COLUMNS, core.col("max abs diff logprobs", "diff_logprobs", core.fmt_err),
-               core.col("entropy", "diff_entropy", core.fmt_err),
-               core.col("d hidden", "diff_grad_hidden", core.fmt_err),
-               core.col("d weight", "diff_grad_weight", core.fmt_err)],
+               *core.CPU_TIME_MEMORY_COLUMNS, core.col("max abs diff logprobs", "diff_logprobs", core.ERR),
+               core.col("entropy", "diff_entropy", core.ERR),
+               core.col("d hidden", "diff_grad_hidden", core.ERR),
+               core.col("d weight", "diff_grad_weight", core.ERR)],
         notes=[
             "Both implementations run forward + backward of (logprobs, entropy) with random upstream gradients; "
             "`rlloss-torch` is the chunked torch backend (never an [N, V] tensor), `naive` materialises [N, V] "
@@ -252,14 +252,13 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "implementations": {c.name: {"label": c.label, "note": c.note} for c in (*GPU_CASES, GEMM_FLOOR)}},
         records, [
             core.IMPL, core.col("N", "N"), core.col("V", "V"), core.col("outputs", "outputs"), core.STATUS,
-            core.col("fwd+bwd ms", "time_ms", core.fmt_ms), core.col("TFLOP/s (8·N·D·V)", "tflops", core.fmt_num),
-            ("% of bf16 matmul", lambda r: "—" if r.get("matmul_fraction") is None
-             else f"{100 * r['matmul_fraction']:.0f}"),
-            core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2),
-            core.col("peak memory (GiB)", "peak_memory_bytes", core.fmt_gib),
-            core.col("max abs diff logprobs vs rlloss", "diff_rlloss_logprobs", core.fmt_err),
-            core.col("entropy vs rlloss", "diff_rlloss_entropy", core.fmt_err),
-            core.col(f"logprobs vs fp32 ref ({rows} rows)", "diff_ref_rows_logprobs", core.fmt_err)],
+            core.col("fwd+bwd ms", "time_ms", core.MS), core.col("TFLOP/s (8·N·D·V)", "tflops", ".1f"),
+            core.col("% of bf16 matmul", "matmul_fraction", *core.PCT),
+            core.col("time / GEMM floor", "time_vs_gemm_floor", ".2f"),
+            core.col("peak memory (GiB)", "peak_memory_bytes", *core.GIB_COL),
+            core.col("max abs diff logprobs vs rlloss", "diff_rlloss_logprobs", core.ERR),
+            core.col("entropy vs rlloss", "diff_rlloss_entropy", core.ERR),
+            core.col(f"logprobs vs fp32 ref ({rows} rows)", "diff_ref_rows_logprobs", core.ERR)],
         skips, notes=[
             "Each case: one untimed warm-up call (kernel compilation, torch.compile, autotuning), one call for "
             "peak memory and the outputs, then timing. Forward + backward with random upstream gradients of "

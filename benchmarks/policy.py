@@ -228,7 +228,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     done = core.counter("policy", ("B", "T", "preset", "variant"), len(rows), ctx.progress)
     for record in rows:
         done(record)
-    fmt = core.fmt_err
+    fmt = core.ERR
     return core.Report(
         "policy", "cpu-default", f"policy — CPU default: {shape}, float32, {CPU_PRESET} with KL and entropy, "
         "forward + backward", {
@@ -333,7 +333,6 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         core.free(device)
         core.add_floor_ratios(shape_records, floor)
         records += shape_records
-    pct = lambda value: "—" if value is None else f"{100 * value:.0f}"  # noqa: E731
     return core.Report(
         "policy", "gpu-peers", f"policy — {ctx.device.name}: FusedPolicyLoss vs Liger, TRL-style and unfused, "
         f"bfloat16, D={GPU_HIDDEN}, V={GPU_VOCAB}, forward + backward", {
@@ -347,16 +346,16 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "plot": {"facet": "preset", "series": ["variant", "impl"]}},
         records, [
             core.IMPL, ("B×T", lambda r: f"{r['B']}×{r['T']}"), ("preset", lambda r: r["preset"] or "—"),
-            ("variant", lambda r: r["variant"] or "—"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
-            core.col("time / fused", "time_vs_fused", core.fmt_num, 2),
-            core.col("fused / token_logprobs", "time_vs_token_logprobs", core.fmt_num, 2),
-            core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2),
-            core.col("peak GiB", "peak_memory_bytes", core.fmt_gib),
-            core.col("fused peak / this", "fused_memory_fraction", core.fmt_num, 2),
-            ("% of bf16 matmul (8·N·D·V)", lambda r: pct(r.get("matmul_fraction"))),
-            core.col("|Δloss| vs fused", "diff_fused_loss", core.fmt_err),
-            core.col("d hidden rel", "diff_fused_grad_hidden_rel", core.fmt_err),
-            core.col("d weight rel", "diff_fused_grad_weight_rel", core.fmt_err),
+            ("variant", lambda r: r["variant"] or "—"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.MS),
+            core.col("time / fused", "time_vs_fused", ".2f"),
+            core.col("fused / token_logprobs", "time_vs_token_logprobs", ".2f"),
+            core.col("time / GEMM floor", "time_vs_gemm_floor", ".2f"),
+            core.col("peak GiB", "peak_memory_bytes", *core.GIB_COL),
+            core.col("fused peak / this", "fused_memory_fraction", ".2f"),
+            core.col("% of bf16 matmul (8·N·D·V)", "matmul_fraction", *core.PCT),
+            core.col("|Δloss| vs fused", "diff_fused_loss", core.ERR),
+            core.col("d hidden rel", "diff_fused_grad_hidden_rel", core.ERR),
+            core.col("d weight rel", "diff_fused_grad_weight_rel", core.ERR),
             ("differs", lambda r: r.get("differs") or "")],
         skips, notes=target_lines(records) + [
             "Each case: one untimed warm-up call (kernel compilation, torch.compile, autotuning), one call for "

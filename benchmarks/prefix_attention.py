@@ -304,14 +304,14 @@ def float64_reference(x) -> Dict[str, torch.Tensor]:
 
 
 def diff_columns(prefix: str, against: str):
-    return [core.col(f"max abs diff out vs {against}", f"{prefix}_out", core.fmt_err)] + [
-        core.col(name, f"{prefix}_{name}", core.fmt_err) for name in ("dq", "dk", "dv")]
+    return [core.col(f"max abs diff out vs {against}", f"{prefix}_out", core.ERR)] + [
+        core.col(name, f"{prefix}_{name}", core.ERR) for name in ("dq", "dk", "dv")]
 
 
 SHAPE_COLUMNS = [core.col(name, name) for name in ("G", "P", "S")]
-SPEEDUP_COLUMNS = [core.col("speed-up vs sdpa-repeated", "speedup_vs_sdpa", core.fmt_num, 2),
-                   core.col("ideal (FLOP ratio)", "ideal_attention_ratio", core.fmt_num, 2),
-                   core.col("fraction of ideal", "fraction_of_ideal", core.fmt_num, 2)]
+SPEEDUP_COLUMNS = [core.col("speed-up vs sdpa-repeated", "speedup_vs_sdpa", ".2f"),
+                   core.col("ideal (FLOP ratio)", "ideal_attention_ratio", ".2f"),
+                   core.col("fraction of ideal", "fraction_of_ideal", ".2f")]
 
 
 def run_cpu(ctx: core.RunContext) -> core.Report:
@@ -344,7 +344,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "dtype": "float32", "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS, "seed": SEED,
             "diff_reference": "float64 rlloss.reference (dense mask), autograd", "plot": {"facet": "case"}},
         records, [core.IMPL, core.col("groups", "groups"), *SHAPE_COLUMNS, core.STATUS,
-                  core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms), core.spread(), *SPEEDUP_COLUMNS,
+                  core.col("fwd+bwd ms (median)", "time_ms", core.MS), core.spread(), *SPEEDUP_COLUMNS,
                   core.col("threads", "intra_op_threads"), *diff_columns("diff", "float64")],
         notes=[
             "Keeps `python -m benchmarks` short on a CPU: equality and time at two small shapes, no memory figure. "
@@ -394,11 +394,11 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "shapes": [vars(s) for s in shapes], "dtype": "bfloat16", "seed": SEED,
             "flops_convention": f"{FWD_BWD_FLOP_FACTOR} × 4·d·Hq per visible (query, key) pair of the shared layout",
             "implementations": {c.name: {"label": c.label, "note": notes.get(c.name, "")} for c in GPU_CASES}},
-        records, [core.IMPL, *SHAPE_COLUMNS, core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
-                  *SPEEDUP_COLUMNS, core.col("speed-up vs flex", "speedup_vs_flex", core.fmt_num, 2),
-                  core.col("useful TFLOP/s", "tflops", core.fmt_num),
-                  core.col("peak memory (GiB)", "peak_memory_bytes", core.fmt_gib),
-                  core.col("setup ms", "setup_ms", core.fmt_ms), *diff_columns("diff_rlloss", "rlloss")],
+        records, [core.IMPL, *SHAPE_COLUMNS, core.STATUS, core.col("fwd+bwd ms", "time_ms", core.MS),
+                  *SPEEDUP_COLUMNS, core.col("speed-up vs flex", "speedup_vs_flex", ".2f"),
+                  core.col("useful TFLOP/s", "tflops", ".1f"),
+                  core.col("peak memory (GiB)", "peak_memory_bytes", *core.GIB_COL),
+                  core.col("setup ms", "setup_ms", core.MS), *diff_columns("diff_rlloss", "rlloss")],
         skips, notes=[
             "One prompt of P tokens and G completions of S tokens. Each case: one untimed warm-up call "
             "(Triton compilation, torch.compile, autotuning), one call for peak memory and the outputs, then "

@@ -140,14 +140,14 @@ def report(mode: str, title: str, m, group, dtype, records, cases, config, with_
         f"{title}: {model_str(m)}, G={G} P={P} S={S}, {core.dtype_name(dtype)}, forward + backward",
         {"model": m, "group": group, "dtype": core.dtype_name(dtype), "seed": SEED, **config,
          "cases": {c[0]: c[2] for c in cases}},
-        records, [core.IMPL, core.col("tokens", "tokens"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
-                  core.col("speed-up vs repeated", "speedup_vs_repeated", core.fmt_num, 2),
-                  core.col("ideal (token ratio)", "ideal_tokenwise_speedup", core.fmt_num, 2),
-                  core.col("completion tokens/s", "completion_tokens_per_s", core.fmt_num, 0)]
-        + ([core.col("peak memory (GiB)", "peak_memory_bytes", core.fmt_gib),
-            core.col("memory vs repeated", "memory_vs_repeated", core.fmt_num, 2)] if with_memory else [])
-        + [core.col("|Δloss| vs packed", "diff_loss", core.fmt_err),
-           core.col("max ‖Δgrad‖/‖grad‖ vs packed", "grad_rel_diff", core.fmt_err)],
+        records, [core.IMPL, core.col("tokens", "tokens"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.MS),
+                  core.col("speed-up vs repeated", "speedup_vs_repeated", ".2f"),
+                  core.col("ideal (token ratio)", "ideal_tokenwise_speedup", ".2f"),
+                  core.col("completion tokens/s", "completion_tokens_per_s", ".0f")]
+        + ([core.col("peak memory (GiB)", "peak_memory_bytes", *core.GIB_COL),
+            core.col("memory vs repeated", "memory_vs_repeated", ".2f")] if with_memory else [])
+        + [core.col("|Δloss| vs packed", "diff_loss", core.ERR),
+           core.col("max ‖Δgrad‖/‖grad‖ vs packed", "grad_rel_diff", core.ERR)],
         notes=[
             f"One prompt of P={P} tokens and G={G} completions of S={S} tokens: the packed stream holds {P + G * S} "
             f"tokens, the repeated batch {G * (P + S)}. Forward + backward of the whole model and of "
