@@ -1,11 +1,6 @@
-"""``python -m benchmarks`` (in the repository root) or ``rlloss-bench`` / ``python -m rlloss.bench`` (anywhere,
-after ``pip install``): run the benchmark suites on this machine's device and write their reports.
-
-Without a GPU every suite runs its CPU default; on a CUDA machine its GPU comparison. Each suite writes
-``<suite>.{json,md}`` and a PNG drawn from its JSON (``plots``) to ``--out DIR`` (default
-``./rlloss-bench-results/<device-slug>/``), or with ``--update-docs`` to ``docs/benchmarks/<device-slug>/`` of the
-checkout. Exit status 1 when an rlloss case failed with an error (an out-of-memory case or a failing peer is
-recorded, not fatal).
+"""``python -m benchmarks`` / ``rlloss-bench``: run the suites on this machine's device (CPU default or GPU
+comparison), writing ``<suite>.{json,md,png}`` per suite. Exit status 1 when an rlloss case failed with an error
+(an out-of-memory case or a failing peer is recorded, not fatal).
 """
 from __future__ import annotations
 
