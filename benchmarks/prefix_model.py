@@ -1,5 +1,6 @@
 """Suite ``prefix_model``: a whole transformers model, forward + backward of a DAPO loss on G completions of one
-prompt, packed (``SharedPrefixBatch`` + ``enable_shared_prefix``) against the repeated-prompt batch; issue #12's targets.
+prompt, packed (``SharedPrefixBatch`` + ``enable_shared_prefix``) against the repeated-prompt batch; issue #12's
+targets.
 """
 from __future__ import annotations
 
