@@ -62,13 +62,11 @@ def _cpu_model() -> str:
 
 def detect_device(requested: str = "auto") -> Device:
     """CUDA when present (or asked for), else the CPU. Raises ValueError for "cuda" without a CUDA device."""
-    use_cuda = torch.cuda.is_available() if requested == "auto" else requested == "cuda"
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-        name = torch.cuda.get_device_name()
-        return Device("cuda", name, slugify(name))
-    return Device("cpu", _cpu_model(), "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return Device("cpu", _cpu_model(), "cpu")
+    return Device("cuda", torch.cuda.get_device_name(), slugify(torch.cuda.get_device_name()))
 
 
 def docs_results_dir(device: Device) -> Path:
@@ -99,8 +97,7 @@ def environment(device: Device, command: str) -> Record:
     """Everything needed to tell two runs apart: commit, device, library versions, threads, time."""
     status = _git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE_PATHS)
     try:
-        import triton
-        triton_version = triton.__version__
+        from triton import __version__ as triton_version
     except ImportError:
         triton_version = None
     env = {
@@ -152,9 +149,8 @@ class RunContext:
 
 @dataclass
 class Report:
-    """What a suite measured: ``records`` one flat dict per case (plots group and filter on their keys),
-    ``columns`` (header, render) pairs of the markdown table, ``skips`` ``{"impl", "reason"}`` of peers that
-    could not run, ``notes`` how it was measured, ``targets`` evaluated :class:`Target` rows."""
+    """``records``: one flat dict per case; ``columns``: (header, render) of the markdown table; ``skips``:
+    ``{"impl", "reason"}`` of peers that could not run; ``notes``: how it was measured; ``targets``: Target rows."""
 
     suite: str
     mode: str
@@ -309,22 +305,19 @@ def timing(samples_ms: Sequence[float], method: str) -> Record:
 
 
 def timed_calls_ms(fn: Callable[[], Any], warmup: int, calls: int) -> List[float]:
-    for _ in range(warmup):
-        fn()
     samples = []
-    for _ in range(calls):
+    for _ in range(warmup + calls):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    return samples[warmup:]
 
 
 def cpu_times_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, Record]:
     """Each function's median of ``repeats`` calls after ``warmup``, the calls interleaved round by round
     (A B A B ...) so that load from other processes that comes and goes slows each of them alike."""
     for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+        timed_calls_ms(fn, warmup, 0)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
