@@ -20,8 +20,8 @@ Shape = core.BatchShape
 CPU_TEACHER_SHAPE, CPU_LOSS_SHAPE = Shape(B=4, T=256, D=128, V=32000), Shape(B=2, T=256, D=128, V=16384)
 CPU_QUICK_TEACHER_SHAPE, CPU_QUICK_LOSS_SHAPE = Shape(B=2, T=128, D=64, V=16384), Shape(B=2, T=64, D=64, V=4096)
 CPU_WARMUP_CALLS, CPU_TIMED_CALLS, TINY_SHAPE = 1, 3, Shape(B=1, T=16, D=16, V=256)
-GPU_SHAPE, GPU_QUICK_SHAPE, GPU_DTYPE = Shape(B=8, T=4096, D=4096, V=151936), Shape(B=2, T=4096, D=4096, V=151936), \
-    torch.bfloat16
+GPU_SHAPE, GPU_QUICK_SHAPE = Shape(B=8, T=4096, D=4096, V=151936), Shape(B=2, T=4096, D=4096, V=151936)
+GPU_DTYPE = torch.bfloat16
 GPU_BACKEND, GPU_REFERENCE_ROWS = "triton", 256  # teacher rows checked against float64 log-probs of the inputs
 LOGIT_STD, TEACHER_SPREAD, SEED = 2.0, 0.5, 0  # std of ℓ± − ℓ°: the clip is hit on some tokens
 LOSS_PRESET = "verl_dapo"  # the CEPO setting of docs/math.md §7: ε 0.2 / 0.28, dual clip 3, token-mean, no KL
@@ -66,23 +66,18 @@ def loss_config(credit: bool) -> rlloss.LossConfig:
 
 def loss_step(impl: str, x, backend: str):
     """One forward + backward of the policy loss; input gradients reset first."""
-    credit, plain = loss_config(True), loss_config(False)
-    fused_credit, fused_plain = rlloss.FusedPolicyLoss(credit, backend=backend), rlloss.FusedPolicyLoss(plain,
-                                                                                                      backend=backend)
+    credit, loss_fn = loss_config(True), rlloss.FusedPolicyLoss(loss_config(impl == "fused-credit"), backend=backend)
 
     def step():
         x["hidden"].grad = x["weight"].grad = None
-        args = (x["hidden"], x["weight"], x["targets"], x["mask"])
+        advantages, teacher = x["advantages"], {}
         if impl == "fused-credit":
-            out = fused_credit(*args, x["advantages"], pos_logprobs=x["pos"], neg_logprobs=x["neg"],
-                               old_logprobs=x["old"])
+            teacher = {"pos_logprobs": x["pos"], "neg_logprobs": x["neg"]}
         elif impl == "credit-then-fused":
-            advantages = rlloss.contrastive_credit(x["advantages"], x["mask"], x["pos"], neg_logprobs=x["neg"],
+            advantages = rlloss.contrastive_credit(advantages, x["mask"], x["pos"], neg_logprobs=x["neg"],
                                                    lam=credit.credit_lambda, eps_w=credit.credit_eps_w,
                                                    backend=backend)
-            out = fused_plain(*args, advantages, old_logprobs=x["old"])
-        else:
-            out = fused_plain(*args, x["advantages"], old_logprobs=x["old"])
+        out = loss_fn(x["hidden"], x["weight"], x["targets"], x["mask"], advantages, old_logprobs=x["old"], **teacher)
         out.loss.backward()
         return out.loss.detach()
     return step
