@@ -332,7 +332,7 @@ def cpu_time_note(warmup: int, calls: int, where: str = "in one fresh process wi
     """The "Time:" note of a CPU default whose calls are interleaved round by round."""
     return (f"Time: median of {calls} calls after {warmup} warm-up call, {where}, the implementations' calls "
             f"interleaved (A B A B ...) so that other load slows them alike; {threads or torch.get_num_threads()} "
-            "torch threads; the JSON's `load_average_1min*` tell whether other work shared the machine.")
+            "torch threads (other work on the machine: the JSON's `load_average_1min*`).")
 
 
 # triton.testing.do_bench budgets in milliseconds (it picks the call counts) and the quantiles it reports.
@@ -411,18 +411,16 @@ def add_floor_ratios(records: Sequence[Record], floor: Record) -> None:
 # the live tensors, as torch.cuda.max_memory_allocated does. Only memory-measuring processes run with it.
 MALLOC_MMAP_THRESHOLD_BYTES = 128 * KIB
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD_BYTES)}
-MMAP_NOTE = (f"glibc's mmap threshold pinned at {MALLOC_MMAP_THRESHOLD_BYTES // KIB} KiB (`MALLOC_MMAP_THRESHOLD_`), "
-             "so RSS follows the live tensors (as `torch.cuda.max_memory_allocated` does) rather than what malloc "
-             "keeps cached")
+MMAP_NOTE = (f"glibc's mmap threshold pinned at {MALLOC_MMAP_THRESHOLD_BYTES // KIB} KiB (`MALLOC_MMAP_THRESHOLD_`): "
+             "RSS follows the live tensors, as `torch.cuda.max_memory_allocated` does, not malloc's cache")
 
 
 def cpu_memory_note(warm: str = "a tiny-shape call has started the thread pools", call: str = "forward + backward"):
     """How :func:`memory_worker` measures, for the notes."""
-    return (f"CPU peak memory: each case in a fresh Python process of its own with {MMAP_NOTE}. After the inputs "
-            f"are built and {warm}, the kernel's peak-RSS counter is reset (`/proc/self/clear_refs` ← 5); the "
-            f"figure is the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits) during one full-size {call} "
-            "minus the RSS before it, the input gradients the call returns included. Timing runs in other "
-            "processes with the default allocator.")
+    return (f"CPU peak memory: each case in a fresh process of its own with {MMAP_NOTE}. After the inputs are "
+            f"built and {warm}, the peak-RSS counter is reset (`/proc/self/clear_refs` ← 5); the figure is the peak "
+            f"RSS (`VmHWM`, not the inherited `ru_maxrss`) during one full-size {call} minus the RSS before it, the "
+            "input gradients it returns included. Timing runs in other processes with the default allocator.")
 
 
 CPU_MEMORY_METHOD = cpu_memory_note()
