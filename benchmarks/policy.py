@@ -357,7 +357,8 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             f"faster). % of bf16 matmul: {FLOPS_PER_NDV}·N·D·V FLOPs / time over a {core.MATMUL_REFERENCE_SIZE}³ "
             f"bf16 matmul measured in the same run ({matmul_tflops:.0f} TFLOP/s).",
             "|Δloss| vs fused: |Δ| of the loss; d hidden / d weight rel: max |Δ| of the gradient from "
-            "FusedPolicyLoss's over its max abs. A filled `differs` column means another loss, so its difference is not rounding.",
+            "FusedPolicyLoss's over its max abs. A filled `differs` column means another loss, so its difference is "
+            "not rounding.",
             core.GEMM_FLOOR_NOTE + " Here three GEMMs (h·Wᵀ, dz·W, dzᵀ·h): the fused loss forms dz in its forward, "
             "no logit recompute; `token_logprobs` needs a fourth.",
         ] + [f"`{c.name}`: {c.note}" for c in GPU_CASES if c.note])
