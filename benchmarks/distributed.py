@@ -21,34 +21,20 @@ import rlloss
 
 from . import _core as core
 
-SHAPE = core.BatchShape(B=4, T=256, D=256, V=32000)
-QUICK_SHAPE = core.BatchShape(B=2, T=64, D=64, V=4000)
-WORLD = 2
-WARMUP_CALLS = 1
-TIMED_CALLS = 5
-SEED = 0
+SHAPE, QUICK_SHAPE = core.BatchShape(B=4, T=256, D=256, V=32000), core.BatchShape(B=2, T=64, D=64, V=4000)
+WORLD, WARMUP_CALLS, TIMED_CALLS, SEED = 2, 1, 5, 0
 CASES = ("token_logprobs", "FusedPolicyLoss dapo")
 DESCRIPTION = (f"vocabulary-parallel token_logprobs and FusedPolicyLoss over {WORLD} gloo ranks vs 1 process "
                "(CPU; time and peak memory per rank)")
 
 
-def _inputs(shape: core.BatchShape):
-    g = torch.Generator().manual_seed(SEED)
-    hidden = torch.randn(shape.B, shape.T, shape.D, generator=g)
-    weight = torch.randn(shape.V, shape.D, generator=g) * shape.D ** -0.5
-    targets = torch.randint(0, shape.V, (shape.B, shape.T), generator=g)
-    mask = torch.rand(shape.B, shape.T, generator=g) > 0.1
-    advantages = torch.randn(shape.B, generator=g)
-    old = -torch.rand(shape.B, shape.T, generator=g) * 3
-    upstream = torch.randn(2, shape.B, shape.T, generator=g)
-    return hidden, weight, targets, mask, advantages, old, upstream
-
-
 def _step(case: str, shape: core.BatchShape, rows: slice, group):
     """A forward + backward of ``case`` on the weight rows ``rows``: returns (call, the hidden leaf)."""
-    hidden, weight, targets, mask, advantages, old, upstream = _inputs(shape)
-    h = hidden.requires_grad_()
-    w = weight[rows].clone().requires_grad_()
+    x, randn, gen = core.lm_head_inputs((shape.B, shape.T), shape.D, shape.V, torch.float32, "cpu", 1.0, seed=SEED)
+    h, w, targets = x["hidden"], x["weight"][rows].detach().clone().requires_grad_(), x["targets"]
+    mask = torch.rand(shape.B, shape.T, generator=gen) > 0.1
+    advantages, old = randn(shape.B), -torch.rand(shape.B, shape.T, generator=gen) * 3
+    upstream = randn(2, shape.B, shape.T)
     loss_fn = rlloss.FusedPolicyLoss(rlloss.LossConfig.preset("dapo"), backend="torch", process_group=group)
 
     def call() -> float:
