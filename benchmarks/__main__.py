@@ -73,7 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if report.targets:
             print("\nTargets (this run's numbers; reported, never asserted):")
             for row in report.targets:
-                print("  " + core.target_line(row))
+                print(f"  {row['status'].upper():<12} {row['target']}: "
+                      + (f"measured {row['ratio']:.2f}×" if row["ratio"] is not None else row["reason"]))
         print(f"\nwrote {json_path}\nwrote {md_path}", flush=True)
         pngs = plot_reports([json_path], log=lambda line: print(line, flush=True))
         statuses = Counter(r.get("status", "?") for r in report.records)

@@ -276,11 +276,6 @@ class Target:
                 "reason": f"no {self.key} for {' and '.join(missing)} in this run" if missing else None}
 
 
-def target_line(row: Record) -> str:
-    measured = f"measured {row['ratio']:.2f}×" if row["ratio"] is not None else row["reason"]
-    return f"{row['status'].upper():<12} {row['target']}: {measured}"
-
-
 def verdict(value: Optional[float], target: float, at_least: bool = True) -> str:
     """'1.52 (met, target ≥ 1.3)' for a target stated on one record's figure."""
     if value is None:
