@@ -1,11 +1,6 @@
-"""``python -m benchmarks`` (in the repository root) or ``rlloss-bench`` / ``python -m rlloss.bench`` (anywhere,
-after ``pip install``): run the benchmark suites on this machine's device and write their reports.
-
-Without a GPU every suite runs its CPU default; on a CUDA machine its GPU comparison. Each suite writes
-``<suite>.{json,md}`` and a PNG drawn from its JSON (``plots``) to ``--out DIR`` (default
-``./rlloss-bench-results/<device-slug>/``), or with ``--update-docs`` to ``docs/benchmarks/<device-slug>/`` of the
-checkout. Exit status 1 when an rlloss case failed with an error (an out-of-memory case or a failing peer is
-recorded, not fatal).
+"""``python -m benchmarks`` / ``rlloss-bench``: run the suites on this machine's device (CPU default or GPU
+comparison), writing ``<suite>.{json,md,png}`` per suite. Exit status 1 when an rlloss case failed with an error
+(an out-of-memory case or a failing peer is recorded, not fatal).
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ SUITES = ("advantages", "credit", "distributed", "grpo_loss", "logprobs", "polic
 SUMMARY_COLUMNS = (
     core.col("suite", "suite"), core.col("mode", "mode"), core.col("cases", "cases"),
     core.col("status", "statuses"), core.col("skipped peers", "skipped"), core.col("targets", "targets"),
-    core.col("wall time (s)", "wall_time_s", core.fmt_num), core.col("files", "files"),
+    core.col("wall time (s)", "wall_time_s", ".1f"), core.col("files", "files"),
 )
 
 
@@ -78,7 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if report.targets:
             print("\nTargets (this run's numbers; reported, never asserted):")
             for row in report.targets:
-                print("  " + core.target_line(row))
+                print(f"  {row['status'].upper():<12} {row['target']}: "
+                      + (f"measured {row['ratio']:.2f}×" if row["ratio"] is not None else row["reason"]))
         print(f"\nwrote {json_path}\nwrote {md_path}", flush=True)
         pngs = plot_reports([json_path], log=lambda line: print(line, flush=True))
         statuses = Counter(r.get("status", "?") for r in report.records)

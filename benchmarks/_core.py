@@ -1,11 +1,6 @@
-"""What every suite shares: the device and environment record, timing (``triton.testing.do_bench`` on a GPU,
-interleaved ``perf_counter`` rounds on a CPU), peak memory, the GEMM floor, running a case in a fresh process,
-measuring a list of cases, targets, and the JSON + markdown report. A suite module holds only its data (shapes,
-cases, columns, notes) and the small functions that build a case's call.
-
-CUDA-only pieces import Triton and touch ``torch.cuda`` inside the functions that need them, so this module
-imports and its CPU half runs on a machine without a GPU. ``python -m <package>._core module:function payload.json
-result.json`` is the entry point of a case run in its own process (:func:`run_isolated`).
+"""What every suite shares: environment record, timing, peak memory, GEMM floor, fresh processes, the loop over
+cases, targets and the JSON + markdown report. CUDA-only pieces import Triton inside the functions that need them.
+``python -m <package>._core module:function payload.json result.json`` runs a case in its own process.
 """
 from __future__ import annotations
 
@@ -67,13 +62,11 @@ def _cpu_model() -> str:
 
 def detect_device(requested: str = "auto") -> Device:
     """CUDA when present (or asked for), else the CPU. Raises ValueError for "cuda" without a CUDA device."""
-    use_cuda = torch.cuda.is_available() if requested == "auto" else requested == "cuda"
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-        name = torch.cuda.get_device_name()
-        return Device("cuda", name, slugify(name))
-    return Device("cpu", _cpu_model(), "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return Device("cpu", _cpu_model(), "cpu")
+    return Device("cuda", torch.cuda.get_device_name(), slugify(torch.cuda.get_device_name()))
 
 
 def docs_results_dir(device: Device) -> Path:
@@ -104,8 +97,7 @@ def environment(device: Device, command: str) -> Record:
     """Everything needed to tell two runs apart: commit, device, library versions, threads, time."""
     status = _git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE_PATHS)
     try:
-        import triton
-        triton_version = triton.__version__
+        from triton import __version__ as triton_version
     except ImportError:
         triton_version = None
     env = {
@@ -157,9 +149,8 @@ class RunContext:
 
 @dataclass
 class Report:
-    """What a suite measured: ``records`` one flat dict per case (plots group and filter on their keys),
-    ``columns`` (header, render) pairs of the markdown table, ``skips`` ``{"impl", "reason"}`` of peers that
-    could not run, ``notes`` how it was measured, ``targets`` evaluated :class:`Target` rows."""
+    """``records``: one flat dict per case; ``columns``: (header, render) of the markdown table; ``skips``:
+    ``{"impl", "reason"}`` of peers that could not run; ``notes``: how it was measured; ``targets``: Target rows."""
 
     suite: str
     mode: str
@@ -227,31 +218,23 @@ def write_report(report: Report, env: Record, out_dir: Path, quick: bool) -> Tup
 # --- formatting and the columns every table shares ----------------------------------------------------------
 
 
-def fmt_ms(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.1f}" if value >= 10 else f"{value:.3f}"
+def fmt(value: Optional[float], spec: str = ".1f", scale: float = 1) -> str:
+    """``value / scale`` in ``spec``; "ms" picks .1f from 10 on, .3f below; "—" for None."""
+    if value is None:
+        return "—"
+    return format(value / scale, (".1f" if value >= 10 else ".3f") if spec == "ms" else spec)
 
 
 def fmt_mib(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value / MIB:.1f}"
+    return fmt(value, ".1f", MIB)
 
 
-def fmt_gib(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value / GIB:.2f}"
+def col(header: str, key: str, spec: Optional[str] = None, scale: float = 1) -> Tuple[str, Callable[[Record], str]]:
+    """A column showing ``record[key]`` formatted by :func:`fmt` (as text where ``spec`` is None)."""
+    return header, lambda r: str(r.get(key, "—")) if spec is None else fmt(r.get(key), spec, scale)
 
 
-def fmt_err(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.1e}"
-
-
-def fmt_num(value: Optional[float], digits: int = 1) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def col(header: str, key: str, fmt: Callable[..., str] = str, *args: Any) -> Tuple[str, Callable[[Record], str]]:
-    """A column showing ``record[key]`` through ``fmt`` (missing values through fmt's "—")."""
-    return header, lambda r: fmt(r.get(key), *args) if fmt is not str else str(r.get(key, "—"))
-
-
+MS, ERR, MIB_COL, GIB_COL, PCT = "ms", ".1e", (".1f", MIB), (".2f", GIB), (".0f", 0.01)
 IMPL = ("impl", lambda r: f"`{r['impl']}`")
 STATUS = ("status", lambda r: r["status"] if r["error"] is None else f"{r['status']}: {r['error']}")
 BTDV = ("B×T, D, V", lambda r: f"{r['B']}×{r['T']}, {r['D']}, {r['V']}")
@@ -260,14 +243,12 @@ BTDV = ("B×T, D, V", lambda r: f"{r['B']}×{r['T']}, {r['D']}, {r['V']}")
 def spread(header: str = "min–max ms") -> Tuple[str, Callable[[Record], str]]:
     """The spread of a time: min–max of CPU repeats, 20th–80th percentile on CUDA."""
     return header, lambda r: ("—" if r.get("time_ms") is None
-                              else f"{fmt_ms(r['time_low_ms'])}–{fmt_ms(r['time_high_ms'])}")
+                              else f"{fmt(r['time_low_ms'], 'ms')}–{fmt(r['time_high_ms'], 'ms')}")
 
 
-CPU_TIME_MEMORY_COLUMNS = (
-    col("fwd+bwd ms (median)", "time_ms", fmt_ms), spread(),
-    col("peak memory beyond inputs (MiB)", "peak_memory_bytes", fmt_mib),
-    col("= [N, V] tensors", "peak_memory_in_logits_tensors", fmt_num, 2),
-)
+CPU_TIME_MEMORY_COLUMNS = (col("fwd+bwd ms (median)", "time_ms", MS), spread(),
+                           col("peak memory beyond inputs (MiB)", "peak_memory_bytes", *MIB_COL),
+                           col("= [N, V] tensors", "peak_memory_in_logits_tensors", ".2f"))
 
 # --- targets ----------------------------------------------------------------------------------------------
 
@@ -285,21 +266,14 @@ class Target:
 
     def evaluate(self, records: Sequence[Record]) -> Record:
         by_impl = {r["impl"]: r for r in records if r.get("status") == "ok"}
-        values = [by_impl.get(name, {}).get(self.key) for name in (self.subject, self.baseline)]
-        row = {"target": self.text, "key": self.key, "subject": self.subject, "baseline": self.baseline,
-               "limit": self.limit, "ratio": None, "status": "not measured", "reason": None}
-        missing = [name for name, value in zip((self.subject, self.baseline), values) if not value]
-        if missing:
-            row["reason"] = f"no {self.key} for {' and '.join(missing)} in this run"
-            return row
-        row["ratio"] = values[0] / values[1]
-        row["status"] = "met" if row["ratio"] <= self.limit else "missed"
-        return row
-
-
-def target_line(row: Record) -> str:
-    measured = f"measured {row['ratio']:.2f}×" if row["ratio"] is not None else row["reason"]
-    return f"{row['status'].upper():<12} {row['target']}: {measured}"
+        names = (self.subject, self.baseline)
+        a, b = (by_impl.get(name, {}).get(self.key) for name in names)
+        missing = [name for name, value in zip(names, (a, b)) if not value]
+        ratio = None if missing else a / b
+        return {"target": self.text, "key": self.key, "subject": self.subject, "baseline": self.baseline,
+                "limit": self.limit, "ratio": ratio, "status": "not measured" if missing else
+                "met" if ratio <= self.limit else "missed",
+                "reason": f"no {self.key} for {' and '.join(missing)} in this run" if missing else None}
 
 
 def verdict(value: Optional[float], target: float, at_least: bool = True) -> str:
@@ -321,28 +295,24 @@ TARGET_COLUMNS = (
 
 
 def timing(samples_ms: Sequence[float], method: str) -> Record:
-    """The record fields of a time distribution: median and min–max of wall times."""
     return {"time_ms": statistics.median(samples_ms), "time_low_ms": min(samples_ms),
             "time_high_ms": max(samples_ms), "time_samples": len(samples_ms), "time_method": method}
 
 
 def timed_calls_ms(fn: Callable[[], Any], warmup: int, calls: int) -> List[float]:
-    for _ in range(warmup):
-        fn()
     samples = []
-    for _ in range(calls):
+    for _ in range(warmup + calls):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return samples
+    return samples[warmup:]
 
 
 def cpu_times_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeats: int) -> Dict[str, Record]:
     """Each function's median of ``repeats`` calls after ``warmup``, the calls interleaved round by round
     (A B A B ...) so that load from other processes that comes and goes slows each of them alike."""
     for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+        timed_calls_ms(fn, warmup, 0)
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -352,10 +322,21 @@ def cpu_times_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int, repeat
     return {name: timing(s, method) for name, s in samples.items()}
 
 
+def cpu_time_note(warmup: int, calls: int, where: str = "in one fresh process with the default allocator",
+                  threads: Optional[int] = None) -> str:
+    """The "Time:" note of a CPU default whose calls are interleaved round by round."""
+    return (f"Time: median of {calls} calls after {warmup} warm-up call, {where}, the implementations' calls "
+            f"interleaved (A B A B ...) so that other load slows them alike; {threads or torch.get_num_threads()} "
+            "torch threads (other work on the machine: the JSON's `load_average_1min*`).")
+
+
 # triton.testing.do_bench budgets in milliseconds (it picks the call counts) and the quantiles it reports.
 DO_BENCH_WARMUP_MS, DO_BENCH_REP_MS = 25, 100
 CUDA_TIME_NOTE = (f"Time: `triton.testing.do_bench` median (L2 flushed before every call; warm-up "
-                  f"{DO_BENCH_WARMUP_MS} ms, repetitions {DO_BENCH_REP_MS} ms).")
+                  f"{DO_BENCH_WARMUP_MS} ms, repetitions {DO_BENCH_REP_MS} ms); the JSON's low/high are the "
+                  "20th/80th percentiles.")
+CUDA_CASE_NOTE = ("Each case in this one process: one untimed warm-up call (Triton compilation, torch.compile, "
+                  "autotuning), one call for peak memory and the outputs, then the timing.")
 
 
 def cuda_time(fn: Callable[[], Any]) -> Record:
@@ -372,7 +353,7 @@ MATMUL_REFERENCE_SIZE = 8192  # square bf16 matmul whose rate is the GPU's refer
 
 
 def reference_matmul_tflops(ctx: RunContext, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Measured rate of a large ``torch.matmul`` on this GPU in TFLOP/s, announced on the progress."""
+    """Measured TFLOP/s of a large ``torch.matmul`` on this GPU."""
     a, b = (torch.randn(MATMUL_REFERENCE_SIZE, MATMUL_REFERENCE_SIZE, device="cuda", dtype=dtype) for _ in "ab")
     tflops = 2 * MATMUL_REFERENCE_SIZE**3 / (cuda_time(lambda: torch.matmul(a, b))["time_ms"] * 1e-3) / 1e12
     ctx.progress(f"bf16 torch.matmul {MATMUL_REFERENCE_SIZE}³: {tflops:.0f} TFLOP/s (reference peak)")
@@ -380,7 +361,7 @@ def reference_matmul_tflops(ctx: RunContext, dtype: torch.dtype = torch.bfloat16
 
 
 def add_rates(record: Record, matmul_tflops: Optional[float]) -> None:
-    """Achieved TFLOP/s of a timed record (its nominal ``flops`` over its median time), fraction of the matmul's."""
+    """TFLOP/s of a timed record (nominal ``flops`` over its median time) and its fraction of the matmul's."""
     record["tflops"] = record["flops"] / (record["time_ms"] * 1e-3) / 1e12
     record["matmul_fraction"] = record["tflops"] / matmul_tflops if matmul_tflops else None
 
@@ -390,16 +371,15 @@ def add_rates(record: Record, matmul_tflops: Optional[float]) -> None:
 LOGPROBS_FLOOR_GEMMS = ("h·Wᵀ", "h·Wᵀ", "dz·W", "dzᵀ·h")  # forward, backward recompute, the two gradients
 FUSED_LOSS_FLOOR_GEMMS = ("h·Wᵀ", "dz·W", "dzᵀ·h")  # the fused loss forms dz in its forward: no recompute
 GEMM_FLOOR_NOTE = (
-    "GEMM floor: the bare cuBLAS GEMMs an op of this shape cannot avoid, `torch.mm` into preallocated outputs on "
-    "random inputs of the same dtype, timed the same way in the same run (each GEMM is also timed alone, in the "
-    "JSON's `gemm_times_ms`); × GEMM floor is a row's time over the floor's time at its shape."
-)
+    "GEMM floor: the bare cuBLAS GEMMs an op of this shape cannot avoid (`torch.mm` into preallocated outputs, "
+    "random inputs, same dtype), timed the same way in the same run (each alone in the JSON's `gemm_times_ms`); "
+    "time / GEMM floor is a row's time over the floor's at its shape.")
 
 
 def gemm_floor(N: int, D: int, V: int, dtype: torch.dtype, device: str, gemms: Sequence[str],
                time_fn: Callable[[Callable[[], Any]], Record]) -> Record:
-    """``gemms`` back to back, and each distinct one alone, on random h, W and one [N, V] buffer that is both
-    the logits written and the dz read (random, not zeros: GPUs run GEMMs on zeros faster)."""
+    """``gemms`` back to back, and each alone, on random h, W and one [N, V] buffer that is both the logits
+    written and the dz read (random: GPUs run GEMMs on zeros faster)."""
     gen = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(N, D, generator=gen, device=device, dtype=dtype)
     w = torch.randn(V, D, generator=gen, device=device, dtype=dtype) * D**-0.5
@@ -414,7 +394,6 @@ def gemm_floor(N: int, D: int, V: int, dtype: torch.dtype, device: str, gemms: S
 
 
 def add_floor_ratios(records: Sequence[Record], floor: Record) -> None:
-    """``time_vs_gemm_floor`` of every timed record (the floor's own row included)."""
     for record in records:
         if floor.get("time_ms") and record.get("time_ms"):
             record["time_vs_gemm_floor"] = record["time_ms"] / floor["time_ms"]
@@ -427,22 +406,23 @@ def add_floor_ratios(records: Sequence[Record], floor: Record) -> None:
 # the live tensors, as torch.cuda.max_memory_allocated does. Only memory-measuring processes run with it.
 MALLOC_MMAP_THRESHOLD_BYTES = 128 * KIB
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD_BYTES)}
-CPU_MEMORY_METHOD = (
-    "CPU peak memory: each case's memory is measured in a fresh Python process of its own. After the inputs "
-    "are built (and a tiny-shape call has started the thread pools) the kernel's peak-RSS counter is reset "
-    "(`/proc/self/clear_refs` ← 5) and the RSS read; one full-size forward + backward follows, and the figure "
-    "is the peak RSS (`VmHWM` of `/proc/self/status`, which that reset lowers; not `ru_maxrss`, which a child "
-    "inherits from its parent) minus that RSS. That process runs with glibc's "
-    f"mmap threshold pinned at {MALLOC_MMAP_THRESHOLD_BYTES // KIB} KiB (`MALLOC_MMAP_THRESHOLD_`), so every "
-    "tensor is mapped when allocated and unmapped when freed and RSS follows the live tensors (as "
-    "`torch.cuda.max_memory_allocated` does on a GPU) rather than what malloc keeps cached; timing runs in "
-    "another process with the default allocator. The figure includes the input gradients the call returns."
-)
+MMAP_NOTE = (f"glibc's mmap threshold pinned at {MALLOC_MMAP_THRESHOLD_BYTES // KIB} KiB (`MALLOC_MMAP_THRESHOLD_`): "
+             "RSS follows the live tensors, as `torch.cuda.max_memory_allocated` does, not malloc's cache")
+
+
+def cpu_memory_note(warm: str = "a tiny-shape call has started the thread pools", call: str = "forward + backward"):
+    """How :func:`memory_worker` measures, for the notes."""
+    return (f"CPU peak memory: each case in a fresh process of its own with {MMAP_NOTE}. After the inputs are "
+            f"built and {warm}, the peak-RSS counter is reset (`/proc/self/clear_refs` ← 5); the figure is the peak "
+            f"RSS (`VmHWM`, not the inherited `ru_maxrss`) during one full-size {call} minus the RSS before it, the "
+            "input gradients it returns included. Timing runs in other processes with the default allocator.")
+
+
+CPU_MEMORY_METHOD = cpu_memory_note()
 CUDA_MEMORY_METHOD = (
-    "CUDA peak memory: `torch.cuda.max_memory_allocated()` during one forward+backward (after warm-up and "
+    "CUDA peak memory: `torch.cuda.max_memory_allocated()` during one call (after warm-up and "
     "`reset_peak_memory_stats`) minus `memory_allocated()` just before it, inputs and upstream gradients "
-    "already allocated; it includes the input gradients the call returns."
-)
+    "already allocated; it includes the input gradients the call returns.")
 
 
 def _proc_status_bytes(key: str) -> Optional[int]:
@@ -453,28 +433,21 @@ def _proc_status_bytes(key: str) -> Optional[int]:
         return None
 
 
-def reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS counter (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def peak_rss_bytes() -> int:
     """``VmHWM`` (which clear_refs resets); not ``ru_maxrss``, which a child inherits from its parent."""
-    hwm = _proc_status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss if sys.platform == "darwin" else maxrss * KIB
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else KIB)
+    return _proc_status_bytes("VmHWM") or maxrss
 
 
 def cpu_peak_memory(fn: Callable[[], Any]) -> Tuple[int, bool, Any]:
-    """(peak RSS during ``fn`` minus RSS before it, whether the peak counter could be reset, fn's result)."""
-    was_reset = reset_peak_rss()
+    """(peak RSS during ``fn`` minus RSS before it, whether the peak counter could be reset (Linux ≥ 4.0), fn's
+    result)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        was_reset = True
+    except OSError:
+        was_reset = False
     before = _proc_status_bytes("VmRSS") or peak_rss_bytes()
     result = fn()
     return max(0, peak_rss_bytes() - before), was_reset, result
@@ -492,7 +465,6 @@ def cuda_peak_memory(fn: Callable[[], Any]) -> Tuple[int, Any]:
 @dataclass(frozen=True)
 class Probes:
     """How a case is timed and its peak memory taken: CUDA, or a CPU in-process stand-in (no memory figure)."""
-
     time: Callable[[Callable[[], Any]], Record]
     peak_memory: Callable[[Callable[[], Any]], Tuple[Optional[int], Any]]
 
@@ -546,15 +518,11 @@ def import_error(module: str, pip_name: str) -> Callable[[], Optional[str]]:
 
 def split_available(impls: Sequence[Any], progress: Callable[[str], None]) -> Tuple[List[Any], List[Dict[str, str]]]:
     """(the cases that can run here, ``{"impl", "reason"}`` for those whose peer does not import)."""
-    ready, skips = [], []
-    for impl in impls:
-        reason = impl.unavailable() if impl.unavailable else None
-        if reason is None:
-            ready.append(impl)
-        else:
-            skips.append({"impl": impl.name, "reason": reason})
-            progress(f"skip {impl.name}: {reason}")
-    return ready, skips
+    reasons = {impl.name: impl.unavailable() for impl in impls if impl.unavailable}
+    skips = [{"impl": name, "reason": reason} for name, reason in reasons.items() if reason]
+    for skip in skips:
+        progress(f"skip {skip['impl']}: {skip['reason']}")
+    return [impl for impl in impls if not reasons.get(impl.name)], skips
 
 
 def max_abs_diff(a: Any, b: Any, block: int = 1 << 24) -> Optional[float]:
@@ -588,9 +556,8 @@ def diffs(outputs: Record, expected: Record, prefix: str, rel: str = "") -> Reco
 
 @dataclass(frozen=True)
 class Case:
-    """One contender of a suite: ``role`` "subject" (rlloss), "baseline", "peer" (another library), "rlloss"
-    or "floor"; ``make`` is the suite's function that builds it (the suite decides its signature);
-    ``unavailable`` says why it cannot run here (a missing peer); ``note`` goes to the report."""
+    """One contender: ``role`` "subject" (rlloss), "baseline", "peer" (another library), "rlloss" or "floor";
+    ``make`` builds it (the suite decides its signature); ``unavailable`` says why a peer cannot run here."""
 
     name: str
     role: str
@@ -602,9 +569,8 @@ class Case:
 
 def lm_head_inputs(lead: Tuple[int, ...], D: int, V: int, dtype: torch.dtype, device: str, logit_std: float,
                    hidden_grad: bool = True, seed: int = 0):
-    """Random hidden states [*lead, D], an lm_head weight [V, D] scaled for logits of std ``logit_std`` (peaked,
-    as a trained model's), targets [*lead]: the same in every process. Also the ``randn`` that drew them, for the
-    suite's other inputs, and its generator."""
+    """Hidden states [*lead, D], an lm_head weight [V, D] scaled for logits of std ``logit_std`` (peaked, as a
+    trained model's), targets [*lead], the same in every process; and the ``randn`` and generator that drew them."""
     gen = torch.Generator(device=device).manual_seed(seed)
     randn = lambda *size: torch.randn(*size, generator=gen, device=device)  # noqa: E731
     x = {"hidden": randn(*lead, D).to(dtype).requires_grad_(hidden_grad),
@@ -614,8 +580,7 @@ def lm_head_inputs(lead: Tuple[int, ...], D: int, V: int, dtype: torch.dtype, de
 
 
 def loss_step(loss_fn: Callable[[Record], torch.Tensor], x: Record) -> Callable[[], Record]:
-    """Forward + backward of a scalar loss of the inputs ``x``; their gradients reset first, so calls do not
-    accumulate. Hands back the loss and the gradients of hidden states and weight."""
+    """Forward + backward of a scalar loss of ``x``, its gradients reset first: the loss and the gradients."""
     def step() -> Record:
         x["hidden"].grad = x["weight"].grad = None
         loss = loss_fn(x)
@@ -627,8 +592,7 @@ def loss_step(loss_fn: Callable[[Record], torch.Tensor], x: Record) -> Callable[
 
 def floor_row(record: Record, N: int, D: int, V: int, dtype: torch.dtype, device: str, gemms: Sequence[str],
               matmul_tflops: Optional[float] = None) -> Record:
-    """``record`` with :func:`gemm_floor`, measured first and alone: its tensors are freed before the inputs are
-    built. Out of memory is recorded like any case."""
+    """``record`` with :func:`gemm_floor`, measured first and alone (freed before the inputs are built)."""
     try:
         record.update(gemm_floor(N, D, V, dtype, device, gemms, CUDA_PROBES.time))
         if "flops" in record:
@@ -643,11 +607,9 @@ def measure_cases(cases: Sequence[Case], base: Callable[[Case], Record], inputs:
                   prepare: Callable[[Case, Any], Callable[[], Any]], probes: Probes, device: str,
                   progress: Callable[[Record], None], compare: Callable[[Record, Any, Any], None],
                   after: Callable[[Record, Any], Record] = lambda record, outputs: {}) -> List[Record]:
-    """Every case on the same inputs: ``prepare(case, inputs)`` gives its call; one untimed warm-up call
-    (compiles, autotunes), one call for peak memory and the outputs, then the timing. The first subject's
-    outputs are the anchor, ``compare(record, outputs, anchor)`` fills the differences of the others;
-    ``after(record, outputs)`` adds fields of a timed case's own (its loss, its rate). A failing case (out of
-    memory, a peer's unsupported option) is recorded and the next one runs."""
+    """Every case on the same inputs: ``prepare(case, inputs)`` gives its call; one untimed warm-up call, one for
+    peak memory and the outputs, then the timing. ``compare(record, outputs, anchor)`` holds a case against the
+    first subject's outputs; ``after(record, outputs)`` adds a timed case's own fields. A failure is recorded."""
     records: List[Record] = []
     try:
         shared = inputs()
@@ -690,7 +652,7 @@ def progress_line(suite: str, keys: Sequence[str], index: int, total: int, recor
     head = f"[{index}/{total}] {suite} {record['impl']:<14} " + " ".join(f"{k}={record.get(k)}" for k in keys)
     if record["status"] != "ok":
         return f"{head}: {record['status']}: {record['error']}"
-    parts = [f"{fmt_ms(record.get('time_ms'))} ms"]
+    parts = [f"{fmt(record.get('time_ms'), 'ms')} ms"]
     if record.get("peak_memory_bytes") is not None:
         parts.append(f"peak {fmt_mib(record['peak_memory_bytes'])} MiB")
     for key, text in (("loss", "loss {:.6f}"), ("tflops", "{:.1f} TFLOP/s"), ("time_vs_gemm_floor", "{:.2f}× floor")):
@@ -756,12 +718,12 @@ def times_worker(payload: Record) -> Record:
     return results
 
 
-def measure_memory(module: str, names: Sequence[str], records: Dict[str, Record], payload: Record,
+def measure_memory(module: str, records: Dict[str, Record], payload: Record,
                    progress: Callable[[str], None]) -> Dict[str, str]:
     """Each case's peak memory in a fresh process of its own (:func:`memory_worker`), merged into ``records``.
     Returns the paths of the saved outputs by case (in ``payload["tmp"]``)."""
     saved = {}
-    for name in names:
+    for name in records:
         path = str(Path(payload["tmp"]) / f"{name}.pt")
         try:
             records[name].update(run_isolated(f"{__name__}:memory_worker", {
@@ -778,7 +740,7 @@ def measure_cpu_isolated(module: str, records: Dict[str, Record], payload: Recor
                          warmup: int, calls: int) -> None:
     """The CPU default of a suite whose cases differ in memory: :func:`measure_memory`, then every time in one
     more fresh process (:func:`times_worker`), merged into ``records``."""
-    saved = measure_memory(module, list(records), records, payload, progress)
+    saved = measure_memory(module, records, payload, progress)
     timed = [name for name in records if records[name]["status"] == "ok"]
     progress(f"{module.rpartition('.')[2]} {', '.join(timed)}: {calls} interleaved timed calls each in one "
              "fresh process")

@@ -1,7 +1,5 @@
-"""Suite ``advantages``: ``rlloss.group_advantages`` (docs/math.md §2) in every mode, groups of 16 and of 8–24,
-against naive torch (``view(-1, G)`` then mean / std / median, as TRL computes GRPO's; a padded view for varying
-sizes). GPU: 1M rewards, achieved bandwidth over the copy bandwidth measured in the same run (issue: ≥ 50 %).
-CPU: 64k rewards, the ``torch`` backend, calls interleaved. Every result held against float64 and rlloss's.
+"""Suite ``advantages``: ``rlloss.group_advantages`` (docs/math.md §2), every mode, groups of 16 and of 8–24, against
+naive torch; GPU: 1M rewards and the fraction of the copy bandwidth (issue: ≥ 50 %); CPU: 64k rewards.
 """
 from __future__ import annotations
 
@@ -86,19 +84,15 @@ def naive_advantages(rewards: Tensor, sizes: Tensor, equal: bool, mode: str) -> 
     return _rows(r[index], valid, sizes[:, None].float(), mode, batch_std)[valid]
 
 
-def cases(backend: str) -> List[core.Case]:
-    return [core.Case(f"rlloss-{backend}", "subject", f"rlloss.group_advantages, backend={backend!r}",
-                      rlloss_advantages(backend)),
-            core.Case("naive", "baseline", "torch view(-1, G) mean/std/median (padded gather for varying sizes)",
-                      naive_advantages)]
-
-
-def compare(num_rewards: int, device: str, impls: List[core.Case], timer, progress,
+def compare(num_rewards: int, device: str, backend: str, timer, progress,
             copy_bandwidth: Optional[float] = None) -> List[Dict[str, Any]]:
     """Every implementation, mode and grouping, each checked against the float64 reference and rlloss's."""
+    impls = [core.Case(f"rlloss-{backend}", "subject", f"rlloss.group_advantages, backend={backend!r}",
+                       rlloss_advantages(backend)),
+             core.Case("naive", "baseline", "torch view(-1, G) mean/std/median (padded gather for varying sizes)",
+                       naive_advantages)]
     records: List[Dict[str, Any]] = []
-    done = core.counter("advantages", ("grouping", "mode"), len(GROUPINGS) * len(ADVANTAGE_MODES) * len(impls),
-                        progress)
+    done = core.counter("advantages", ("grouping", "mode"), len(GROUPINGS) * len(ADVANTAGE_MODES) * 2, progress)
     for grouping in GROUPINGS:
         gen = torch.Generator().manual_seed(SEED)
         rewards = torch.randn(num_rewards, generator=gen).to(device)
@@ -107,38 +101,33 @@ def compare(num_rewards: int, device: str, impls: List[core.Case], timer, progre
         moved = 2 * num_rewards * 4 + (0 if equal else (sizes.numel() + 1) * 8)  # rewards in, advantages out, offsets
         for mode in ADVANTAGE_MODES:
             expected = reference.group_advantages(rewards.cpu(), sizes.tolist(), mode=mode, eps=EPS)
-            rows, outputs = {}, {}
-            for impl in impls:
-                rows[impl.name] = {"impl": impl.name, "role": impl.role, "label": impl.label, "mode": mode,
-                                   "grouping": grouping, "rewards": num_rewards, "groups": sizes.numel(),
-                                   "dtype": "float32", "device": device, "bytes_moved": moved, "status": "ok",
-                                   "error": None}
+            calls = {impl.name: (lambda impl=impl: impl.make(rewards, sizes, equal, mode)) for impl in impls}
+            rows = {impl.name: {"impl": impl.name, "role": impl.role, "label": impl.label, "mode": mode,
+                                "grouping": grouping, "rewards": num_rewards, "groups": sizes.numel(),
+                                "dtype": "float32", "device": device, "bytes_moved": moved, "status": "ok",
+                                "error": None} for impl in impls}
+            outputs, timings, subject = {}, {}, impls[0].name
+            for name, call in calls.items():
                 try:
-                    outputs[impl.name] = impl.make(rewards, sizes, equal, mode)
+                    outputs[name] = call()
                 except Exception as exc:
-                    core.failure(rows[impl.name], exc)
+                    core.failure(rows[name], exc)
             try:
-                timings = timer({impl.name: (lambda impl=impl: impl.make(rewards, sizes, equal, mode))
-                                 for impl in impls if impl.name in outputs})
+                timings = timer({name: calls[name] for name in outputs})
             except Exception as exc:
-                timings = {name: None for name in outputs}
                 for name in outputs:
                     core.failure(rows[name], exc)
-            first = next(iter(outputs), None)
-            for impl in impls:
-                record = rows[impl.name]
-                if timings.get(impl.name):
-                    record.update(timings[impl.name])
-                    record["bandwidth_bytes_per_s"] = moved / (record["time_ms"] * 1e-3)
+            for name, record in rows.items():
+                if name in timings:
+                    record.update(timings[name], bandwidth_bytes_per_s=moved / (timings[name]["time_ms"] * 1e-3))
                     if copy_bandwidth:
                         record["bandwidth_fraction"] = record["bandwidth_bytes_per_s"] / copy_bandwidth
-                if impl.name in outputs:
-                    record["diff_reference"] = core.max_abs_diff(outputs[impl.name].cpu(), expected)
-                    if impl.name != first:
-                        record["diff_subject"] = core.max_abs_diff(outputs[impl.name], outputs[first])
-                subject = rows[impls[0].name].get("time_ms")
-                if impl is not impls[0] and subject and record.get("time_ms"):
-                    record["time_vs_subject"] = record["time_ms"] / subject
+                    if name != subject and subject in timings:
+                        record["time_vs_subject"] = record["time_ms"] / timings[subject]["time_ms"]
+                if name in outputs:
+                    record["diff_reference"] = core.max_abs_diff(outputs[name].cpu(), expected)
+                    if name != subject and subject in outputs:
+                        record["diff_subject"] = core.max_abs_diff(outputs[name], outputs[subject])
                 records.append(record)
                 done(record)
         core.free(device)
@@ -148,12 +137,11 @@ def compare(num_rewards: int, device: str, impls: List[core.Case], timer, progre
 def columns(gpu: bool):
     return [
         core.IMPL, core.col("groups", "grouping"), core.col("mode", "mode"), core.STATUS,
-        core.col("ms (median)", "time_ms", core.fmt_ms), core.col("time / rlloss", "time_vs_subject", core.fmt_num, 2),
-        ("GB/s", lambda r: core.fmt_num(r.get("bandwidth_bytes_per_s") and r["bandwidth_bytes_per_s"] / 1e9, 2)),
-    ] + ([("% of copy bandwidth", lambda r: "—" if r.get("bandwidth_fraction") is None
-           else f"{100 * r['bandwidth_fraction']:.0f}")] if gpu else []) + [
-        core.col("max abs diff vs rlloss", "diff_subject", core.fmt_err),
-        core.col("vs float64 reference", "diff_reference", core.fmt_err),
+        core.col("ms (median)", "time_ms", core.MS), core.col("time / rlloss", "time_vs_subject", ".2f"),
+        ("GB/s", lambda r: core.fmt(r.get("bandwidth_bytes_per_s"), ".2f", 1e9)),
+    ] + ([core.col("% of copy bandwidth", "bandwidth_fraction", *core.PCT)] if gpu else []) + [
+        core.col("max abs diff vs rlloss", "diff_subject", core.ERR),
+        core.col("vs float64 reference", "diff_reference", core.ERR),
     ]
 
 
@@ -165,17 +153,16 @@ def report(ctx: core.RunContext, mode: str, title: str, records, config, notes) 
         **config, "modes": list(ADVANTAGE_MODES),
         "plot": {"facet": "grouping", "series": ["impl"], "category": "mode"}},
         records, columns(mode == "gpu"), notes=[
-        f"{n} float32 rewards ~ N(0, 1); `G={GROUP_SIZE}`: groups of {GROUP_SIZE} (`group_size={GROUP_SIZE}`); "
-        f"`G∈[{VARIABLE_SIZES[0]}, {VARIABLE_SIZES[1]}]`: group sizes drawn uniformly in that range (summing to the "
-        "count exactly), passed as a [groups] int64 tensor on the rewards' device (`group_sizes=`); the time "
-        "includes the API's argument checks (the finiteness check and, for varying sizes, the host copy of the sizes).",
-        "`naive`: the rewards viewed as [groups, G] (for varying sizes gathered into a padded "
-        f"[groups, {VARIABLE_SIZES[1]}] view with a validity mask), then mean / unbiased std / lower median "
-        "along the rows (torch.median, nanmedian), rank_gaussian by pairwise comparison, written here.",
-        "Bytes moved: the rewards read and the advantages written (4 bytes each), plus the group offsets "
-        "(8 bytes each) for varying sizes; GB/s is that over the median time.",
-        "max abs diff: against `rlloss` (the first row of each mode) and against `rlloss.reference` (a loop over "
-        "the groups in float64).",
+        f"{n} float32 rewards ~ N(0, 1); `G={GROUP_SIZE}`: `group_size={GROUP_SIZE}`; `G∈[{VARIABLE_SIZES[0]}, "
+        f"{VARIABLE_SIZES[1]}]`: sizes drawn uniformly in that range (summing to the count), passed as a [groups] "
+        "int64 tensor on the rewards' device (`group_sizes=`); the time includes the API's argument checks "
+        "(finiteness, and the host copy of varying sizes).",
+        f"`naive`: the rewards viewed as [groups, G] (a padded [groups, {VARIABLE_SIZES[1]}] gather with a validity "
+        "mask for varying sizes), then mean / unbiased std / lower median along the rows, rank_gaussian by "
+        "pairwise comparison, written here.",
+        "GB/s: the rewards read and advantages written (4 bytes each) plus the group offsets (8 bytes each, varying "
+        "sizes) over the median time. max abs diff: against `rlloss` (each mode's first row) and against "
+        "`rlloss.reference` (a loop over the groups in float64).",
     ] + notes)
 
 
@@ -186,27 +173,26 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
     copy_bandwidth = 2 * COPY_ELEMENTS * 4 / (time(lambda: dst.copy_(src))["time_ms"] * 1e-3)
     del src, dst
     ctx.progress(f"float32 copy of {COPY_ELEMENTS} elements: {copy_bandwidth / 1e9:.0f} GB/s (reference bandwidth)")
-    records = compare(REWARDS["gpu-quick" if ctx.quick else "gpu"], device, cases(GPU_BACKEND),
+    records = compare(REWARDS["gpu-quick" if ctx.quick else "gpu"], device, GPU_BACKEND,
                       lambda fns: {name: time(fn) for name, fn in fns.items()}, ctx.progress, copy_bandwidth)
     return report(ctx, "gpu", ctx.device.name, records,
                   {"copy_elements": COPY_ELEMENTS, "copy_bandwidth_bytes_per_s": copy_bandwidth}, [
         core.CUDA_TIME_NOTE,
-        f"% of copy bandwidth: GB/s over this GPU's copy bandwidth measured in the same run "
-        f"({copy_bandwidth / 1e9:.0f} GB/s: read + write of a {COPY_ELEMENTS * 4 >> 30} GiB float32 `copy_`, timed "
-        "by do_bench). At 1M rewards a call moves 8 MB, a few microseconds at full bandwidth, so launch and host "
-        "overheads weigh in the fraction."])
+        f"% of copy bandwidth: GB/s over the copy bandwidth measured in the same run ({copy_bandwidth / 1e9:.0f} "
+        f"GB/s: a {COPY_ELEMENTS * 4 >> 30} GiB float32 `copy_`, by do_bench). A call on 1M rewards moves 8 MB, a "
+        "few microseconds at full bandwidth, so launch and host overheads weigh in."])
 
 
 def run_cpu(ctx: core.RunContext) -> core.Report:
     threads = torch.get_num_threads()
     torch.set_num_threads(CPU_THREADS)  # a few hundred KiB per call: a thread pool only adds wake-up jitter
     try:
-        records = compare(REWARDS["cpu-quick" if ctx.quick else "cpu"], "cpu", cases("torch"),
+        records = compare(REWARDS["cpu-quick" if ctx.quick else "cpu"], "cpu", "torch",
                           lambda fns: core.cpu_times_interleaved(fns, CPU_WARMUP_CALLS, CPU_TIMED_CALLS), ctx.progress)
     finally:
         torch.set_num_threads(threads)
     return report(ctx, "cpu-default", "CPU default", records, {
         "torch_threads": CPU_THREADS, "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS}, [
-        f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call in the benchmark's process, "
-        f"the two implementations' calls interleaved; {CPU_THREADS} torch thread (the work per call is far too small "
-        "to share). No memory figure (the tensors are a few hundred KiB). The GPU run measures the Triton kernel."])
+        core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS, "in the benchmark's process", CPU_THREADS)
+        + " One thread: the work per call is too small to share. No memory figure (a few hundred KiB). The GPU run "
+        "measures the Triton kernel."])

@@ -1,8 +1,6 @@
-"""Suite ``credit``: the contrastive-teacher credit of docs/math.md §7 (CEPO / RLSD). ``teacher``: the teacher's
-read-out, hidden states → log-probs, forward only, ``token_logprobs`` under ``no_grad`` vs materialised logits.
-``loss``: ``FusedPolicyLoss`` forward + backward with the credit formed in its kernel, vs the credit computed first
-as a [B, T] tensor (``contrastive_credit``) and vs no credit. CPU: float32, teacher memory per case in fresh
-processes, all times in one more, against float64. GPU: bfloat16, B×T=8×4096, D=4096, V=151936.
+"""Suite ``credit``: the contrastive-teacher credit of docs/math.md §7 (CEPO / RLSD): the teacher's read-out
+(``token_logprobs`` under ``no_grad`` vs materialised logits) and ``FusedPolicyLoss`` with the credit formed in its
+kernel, vs ``contrastive_credit`` first and vs no credit. CPU float32; GPU bfloat16, B×T=8×4096, D=4096, V=151936.
 """
 from __future__ import annotations
 
@@ -22,8 +20,8 @@ Shape = core.BatchShape
 CPU_TEACHER_SHAPE, CPU_LOSS_SHAPE = Shape(B=4, T=256, D=128, V=32000), Shape(B=2, T=256, D=128, V=16384)
 CPU_QUICK_TEACHER_SHAPE, CPU_QUICK_LOSS_SHAPE = Shape(B=2, T=128, D=64, V=16384), Shape(B=2, T=64, D=64, V=4096)
 CPU_WARMUP_CALLS, CPU_TIMED_CALLS, TINY_SHAPE = 1, 3, Shape(B=1, T=16, D=16, V=256)
-GPU_SHAPE, GPU_QUICK_SHAPE, GPU_DTYPE = Shape(B=8, T=4096, D=4096, V=151936), Shape(B=2, T=4096, D=4096, V=151936), \
-    torch.bfloat16
+GPU_SHAPE, GPU_QUICK_SHAPE = Shape(B=8, T=4096, D=4096, V=151936), Shape(B=2, T=4096, D=4096, V=151936)
+GPU_DTYPE = torch.bfloat16
 GPU_BACKEND, GPU_REFERENCE_ROWS = "triton", 256  # teacher rows checked against float64 log-probs of the inputs
 LOGIT_STD, TEACHER_SPREAD, SEED = 2.0, 0.5, 0  # std of ℓ± − ℓ°: the clip is hit on some tokens
 LOSS_PRESET = "verl_dapo"  # the CEPO setting of docs/math.md §7: ε 0.2 / 0.28, dual clip 3, token-mean, no KL
@@ -68,23 +66,18 @@ def loss_config(credit: bool) -> rlloss.LossConfig:
 
 def loss_step(impl: str, x, backend: str):
     """One forward + backward of the policy loss; input gradients reset first."""
-    credit, plain = loss_config(True), loss_config(False)
-    fused_credit, fused_plain = rlloss.FusedPolicyLoss(credit, backend=backend), rlloss.FusedPolicyLoss(plain,
-                                                                                                      backend=backend)
+    credit, loss_fn = loss_config(True), rlloss.FusedPolicyLoss(loss_config(impl == "fused-credit"), backend=backend)
 
     def step():
         x["hidden"].grad = x["weight"].grad = None
-        args = (x["hidden"], x["weight"], x["targets"], x["mask"])
+        advantages, teacher = x["advantages"], {}
         if impl == "fused-credit":
-            out = fused_credit(*args, x["advantages"], pos_logprobs=x["pos"], neg_logprobs=x["neg"],
-                               old_logprobs=x["old"])
+            teacher = {"pos_logprobs": x["pos"], "neg_logprobs": x["neg"]}
         elif impl == "credit-then-fused":
-            advantages = rlloss.contrastive_credit(x["advantages"], x["mask"], x["pos"], neg_logprobs=x["neg"],
+            advantages = rlloss.contrastive_credit(advantages, x["mask"], x["pos"], neg_logprobs=x["neg"],
                                                    lam=credit.credit_lambda, eps_w=credit.credit_eps_w,
                                                    backend=backend)
-            out = fused_plain(*args, advantages, old_logprobs=x["old"])
-        else:
-            out = fused_plain(*args, x["advantages"], old_logprobs=x["old"])
+        out = loss_fn(x["hidden"], x["weight"], x["targets"], x["mask"], advantages, old_logprobs=x["old"], **teacher)
         out.loss.backward()
         return out.loss.detach()
     return step
@@ -110,14 +103,18 @@ def base_record(case: str, impl: str, role: str, label: str, shape: Shape, dtype
             "dtype": core.dtype_name(dtype), "device": device, "status": "ok", "error": None}
 
 
+TEACHER_NOTE = ("Teacher pass: final hidden states of the completion tokens (as after `TeacherInputs.gather_hidden`) → "
+                "their log-probs, forward only; `naive` materialises the logits.")
+LOSS_NOTE = ("Policy loss: `FusedPolicyLoss` forward + backward (`verl_dapo`), gradients w.r.t. hidden states and "
+             "lm_head weight")
 COLUMNS = [
     ("case", lambda r: "teacher pass (fwd only)" if r["case"] == "teacher" else "policy loss fwd+bwd"), core.IMPL,
-    core.BTDV, core.STATUS, core.col("ms (median)", "time_ms", core.fmt_ms), core.spread("low–high ms"),
-    core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", core.fmt_mib),
-    core.col("= [N, V] fp32 tensors", "peak_memory_in_logits_tensors", core.fmt_num, 2),
-    core.col("max abs diff vs reference", "diff_reference", core.fmt_err),
-    ("vs rlloss / fused-credit", lambda r: core.fmt_err(
-        r.get("diff_rlloss") if r.get("diff_rlloss") is not None else r.get("diff_fused_credit"))),
+    core.BTDV, core.STATUS, core.col("ms (median)", "time_ms", core.MS), core.spread("low–high ms"),
+    core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", *core.MIB_COL),
+    core.col("= [N, V] fp32 tensors", "peak_memory_in_logits_tensors", ".2f"),
+    core.col("max abs diff vs reference", "diff_reference", core.ERR),
+    ("vs rlloss / fused-credit", lambda r: core.fmt(
+        r.get("diff_rlloss") if r.get("diff_rlloss") is not None else r.get("diff_fused_credit"), core.ERR)),
 ]
 
 # --- CPU default --------------------------------------------------------------------------------------------
@@ -158,7 +155,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                                                 torch.float32, "cpu") for impl, (role, label) in LOSS.items()})
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-credit-") as tmp:
         teacher = {impl: records[f"teacher/{impl}"] for impl in TEACHER}
-        saved = core.measure_memory(__name__, list(TEACHER), teacher, {"shape": vars(shape), "tmp": tmp}, ctx.progress)
+        saved = core.measure_memory(__name__, teacher, {"shape": vars(shape), "tmp": tmp}, ctx.progress)
         try:
             times = core.run_isolated(f"{__name__}:cpu_times", {"shape": vars(shape), "loss_shape": vars(loss_shape),
                                                                 "outputs_paths": saved})
@@ -178,19 +175,14 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS, "seed": SEED, "logit_std": LOGIT_STD,
             "teacher_spread": TEACHER_SPREAD, "loss_preset": LOSS_PRESET, "logits_tensor_bytes": logits_bytes},
         list(records.values()), COLUMNS, notes=[
-            "Teacher pass: final hidden states of the completion tokens → their log-probs, forward only, as "
-            "after `TeacherInputs.gather_hidden`. `rlloss-torch` streams over the vocabulary in chunks (no "
-            "[N, V] tensor, no autograd graph although the weight requires grad); `naive` materialises the "
-            f"logits. One float32 [N, V] tensor here is {core.fmt_mib(logits_bytes)} MiB. max abs diff: "
-            "log-probs against `rlloss.reference` in float64.",
-            "Policy loss: `FusedPolicyLoss` forward + backward with the `verl_dapo` preset, random [B] "
-            "advantages, on-policy old log-probs, teacher log-probs ℓ± = ℓ° + N(0, 0.5²); 'max abs diff' of "
-            "the two credit implementations is the loss value against the float64 reference (logits, §3–§7).",
-            core.CPU_MEMORY_METHOD.replace("forward + backward", "teacher read-out"),
-            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, all cases in one "
-            f"fresh process with the default allocator, the calls of each comparison interleaved round by round, "
-            f"{torch.get_num_threads()} torch threads; the JSON's `load_average_1min` tells whether other work "
-            "shared the machine.",
+            TEACHER_NOTE + " `rlloss-torch` streams over the vocabulary in chunks (no [N, V] tensor, no autograd "
+            f"graph although the weight requires grad). One float32 [N, V] tensor here is {core.fmt_mib(logits_bytes)}"
+            " MiB. max abs diff: log-probs against `rlloss.reference` in float64.",
+            LOSS_NOTE + f", random [B] advantages, on-policy old log-probs, teacher log-probs ℓ± = ℓ° + N(0, "
+            f"{TEACHER_SPREAD}²); max abs diff of the two credit paths: the loss against the float64 reference.",
+            core.cpu_memory_note(call="teacher read-out"),
+            core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS) + " The teacher and the loss cases are two "
+            "comparisons, each interleaved.",
         ])
 
 
@@ -227,14 +219,10 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "teacher_spread": TEACHER_SPREAD, "loss_preset": LOSS_PRESET, "reference_rows": GPU_REFERENCE_ROWS,
             "logits_tensor_bytes_fp32": shape.N * shape.V * 4},
         records, COLUMNS, notes=[
-            "Teacher pass: final hidden states of the completion tokens → their log-probs, forward only "
-            "(one untimed warm-up call compiles the kernels). `naive` holds bf16 logits and their float32 "
-            f"log_softmax. 'max abs diff vs reference': the first {GPU_REFERENCE_ROWS} tokens against float64 "
-            "log-probs of the same bf16 inputs; the JSON's `diff_rlloss` compares naive with rlloss on all tokens.",
-            "Policy loss: `FusedPolicyLoss` forward + backward (`verl_dapo`), gradients w.r.t. hidden and "
-            "lm_head weight; `credit-then-fused` includes the separate `contrastive_credit` launch and its [B, T] "
-            "tensor; the JSON's `diff_fused_credit` is its loss value against `fused-credit`.",
-            core.CUDA_MEMORY_METHOD,
-            f"Time: `triton.testing.do_bench` median (warm-up {core.DO_BENCH_WARMUP_MS} ms, repetitions "
-            f"{core.DO_BENCH_REP_MS} ms); low/high are the 20th/80th percentiles.",
+            TEACHER_NOTE + f" `naive` holds bf16 logits and their float32 log_softmax. max abs diff vs reference: "
+            f"the first {GPU_REFERENCE_ROWS} tokens against float64 log-probs of the same bf16 inputs; the JSON's "
+            "`diff_rlloss`: naive against rlloss on all tokens.",
+            LOSS_NOTE + "; `credit-then-fused` includes the separate `contrastive_credit` launch and its [B, T] "
+            "tensor; the JSON's `diff_fused_credit`: its loss against `fused-credit`'s.",
+            core.CUDA_CASE_NOTE, core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE,
         ])

@@ -1,18 +1,6 @@
-"""Suite ``distributed``: the vocabulary-parallel path (docs/distributed.md) against one process.
-
-``token_logprobs`` (log-probs and entropy, random upstream gradients) and ``FusedPolicyLoss`` (preset ``dapo``:
-the one-pass loss), forward + backward from hidden states, float32, the ``torch`` backend:
-
-- one process holding the whole lm_head;
-- 2 processes over gloo, each holding half of the vocabulary rows (``process_group=``).
-
-Every process is fresh and runs one torch thread, so the 2 ranks use twice the cores of the single process.
-Per process: the wall time of a forward + backward (median of timed calls, the ranks released together by a
-barrier before each call, so a rank's time includes its waits on the collectives) and its peak memory beyond
-the inputs, the loss (or the log-probs' sum), and for the ranks the difference from the single process.
-
-There is no GPU case yet (NCCL on ≥ 2 GPUs, bfloat16, the Triton kernels): on a CUDA machine the suite runs the
-same CPU case and says so.
+"""Suite ``distributed``: the vocabulary-parallel path (docs/distributed.md), ``token_logprobs`` (log-probs and
+entropy) and ``FusedPolicyLoss`` (``dapo``) forward + backward, float32, ``torch`` backend: one process holding the
+whole lm_head against 2 gloo ranks holding half of its rows each. No GPU case yet: CUDA machines run the CPU case.
 """
 from __future__ import annotations
 
@@ -22,6 +10,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 from typing import Any, Dict, List
 
 import torch
@@ -32,34 +21,20 @@ import rlloss
 
 from . import _core as core
 
-SHAPE = core.BatchShape(B=4, T=256, D=256, V=32000)
-QUICK_SHAPE = core.BatchShape(B=2, T=64, D=64, V=4000)
-WORLD = 2
-WARMUP_CALLS = 1
-TIMED_CALLS = 5
-SEED = 0
+SHAPE, QUICK_SHAPE = core.BatchShape(B=4, T=256, D=256, V=32000), core.BatchShape(B=2, T=64, D=64, V=4000)
+WORLD, WARMUP_CALLS, TIMED_CALLS, SEED = 2, 1, 5, 0
 CASES = ("token_logprobs", "FusedPolicyLoss dapo")
 DESCRIPTION = (f"vocabulary-parallel token_logprobs and FusedPolicyLoss over {WORLD} gloo ranks vs 1 process "
                "(CPU; time and peak memory per rank)")
 
 
-def _inputs(shape: core.BatchShape):
-    g = torch.Generator().manual_seed(SEED)
-    hidden = torch.randn(shape.B, shape.T, shape.D, generator=g)
-    weight = torch.randn(shape.V, shape.D, generator=g) * shape.D ** -0.5
-    targets = torch.randint(0, shape.V, (shape.B, shape.T), generator=g)
-    mask = torch.rand(shape.B, shape.T, generator=g) > 0.1
-    advantages = torch.randn(shape.B, generator=g)
-    old = -torch.rand(shape.B, shape.T, generator=g) * 3
-    upstream = torch.randn(2, shape.B, shape.T, generator=g)
-    return hidden, weight, targets, mask, advantages, old, upstream
-
-
 def _step(case: str, shape: core.BatchShape, rows: slice, group):
     """A forward + backward of ``case`` on the weight rows ``rows``: returns (call, the hidden leaf)."""
-    hidden, weight, targets, mask, advantages, old, upstream = _inputs(shape)
-    h = hidden.requires_grad_()
-    w = weight[rows].clone().requires_grad_()
+    x, randn, gen = core.lm_head_inputs((shape.B, shape.T), shape.D, shape.V, torch.float32, "cpu", 1.0, seed=SEED)
+    h, w, targets = x["hidden"], x["weight"][rows].detach().clone().requires_grad_(), x["targets"]
+    mask = torch.rand(shape.B, shape.T, generator=gen) > 0.1
+    advantages, old = randn(shape.B), -torch.rand(shape.B, shape.T, generator=gen) * 3
+    upstream = randn(2, shape.B, shape.T)
     loss_fn = rlloss.FusedPolicyLoss(rlloss.LossConfig.preset("dapo"), backend="torch", process_group=group)
 
     def call() -> float:
@@ -113,16 +88,8 @@ def _free_port() -> int:
 
 
 def _run(world: int, shape: core.BatchShape, out_dir: str) -> List[Dict[str, Any]]:
-    saved = {key: os.environ.get(key) for key in core.LIVE_MEMORY_ENV}
-    os.environ.update(core.LIVE_MEMORY_ENV)  # inherited by the spawned processes: RSS follows live tensors
-    try:
+    with mock.patch.dict(os.environ, core.LIVE_MEMORY_ENV):  # inherited by the spawned processes
         mp.spawn(_process, args=(world, _free_port(), shape, out_dir), nprocs=world)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return [json.loads(Path(out_dir, f"world{world}-rank{rank}.json").read_text()) for rank in range(world)]
 
 
@@ -156,10 +123,10 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                 records.append(record)
     columns = (
         core.IMPL, core.col("case", "case"), core.col("vocab rows", "vocab_rows"), core.STATUS,
-        core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms), core.spread(),
-        core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", core.fmt_mib),
-        core.col("|Δ value| vs 1 process", "diff_value", core.fmt_err),
-        core.col("max |Δ dh| vs 1 process", "diff_grad_hidden", core.fmt_err),
+        core.col("fwd+bwd ms (median)", "time_ms", core.MS), core.spread(),
+        core.col("peak memory beyond inputs (MiB)", "peak_memory_bytes", *core.MIB_COL),
+        core.col("|Δ value| vs 1 process", "diff_value", core.ERR),
+        core.col("max |Δ dh| vs 1 process", "diff_grad_hidden", core.ERR),
     )
     return core.Report(
         suite="distributed", mode="cpu-default",
@@ -170,17 +137,16 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
         records=records, columns=columns,
         notes=[
             "Each configuration runs in fresh processes (torch.multiprocessing spawn), one torch thread each: the "
-            f"{WORLD} ranks together use {WORLD}× the cores of the single process. A rank's time includes its waits "
-            "on the per-chunk all-gather of the statistics and the all-reduce of the hidden states' gradient.",
-            "Peak memory: the peak RSS during one forward + backward after a warm-up call, minus the RSS before it "
-            f"(glibc's mmap threshold pinned at {core.MALLOC_MMAP_THRESHOLD_BYTES // core.KIB} KiB so RSS "
-            "follows the live tensors); it includes the gradients the call returns.",
-            "Δ dh compares the first 4096 entries of the hidden states' gradient.",
-            "No GPU case yet (NCCL, bfloat16, the Triton kernels): GPU validation is pending; on CUDA machines this "
-            "suite runs the same CPU case.",
+            f"{WORLD} ranks use {WORLD}× the cores of the single process. Time: median of {TIMED_CALLS} calls after "
+            f"{WARMUP_CALLS} warm-up, the ranks released together by a barrier before each call, so a rank's time "
+            "includes its waits on the all-gather of the statistics and the all-reduce of the hidden gradient.",
+            "Peak memory: the peak RSS during one forward + backward after the warm-up, minus the RSS before it, "
+            f"with {core.MMAP_NOTE}; it includes the gradients the call returns. Δ dh: the first 4096 entries of "
+            "the hidden states' gradient.",
+            "No GPU case yet (NCCL on ≥ 2 GPUs, bfloat16, the Triton kernels): on CUDA machines this suite runs the "
+            "same CPU case.",
         ],
     )
-
 
 
 run_gpu = run_cpu  # no GPU case yet (NCCL on ≥ 2 GPUs, bfloat16, the Triton kernels)

@@ -1,9 +1,6 @@
-"""Suite ``grpo_loss``: issue #9's case, TRL's GRPO loss with ``loss_type="bnpo"`` (rlloss preset ``bnpo``) from
-hidden states and the lm_head weight, forward + backward: rlloss (also through the one-pass extension points of
-docs/math.md §9, ``rlloss-ext``, and with TRL's ``top_entropy_quantile``, ``rlloss-select``) against naive torch,
-Liger-Kernel and Cut Cross-Entropy. CPU: float32, B×T=4×1024, D=256, V=32000, 2 threads, every measurement a
-fresh process of one case (memory after a full-size warm-up; timing rounds interleaved across the cases), the
-issue's :data:`TARGETS` evaluated. GPU: the same in one process, with the three-GEMM floor row.
+"""Suite ``grpo_loss``: issue #9's case, TRL's GRPO loss with ``loss_type="bnpo"`` from hidden states, forward +
+backward: rlloss (also ``rlloss-ext``, docs/math.md §9, and ``rlloss-select``) against naive torch, Liger-Kernel and
+Cut Cross-Entropy; on a CPU every measurement is a fresh process of one case, and the issue's :data:`TARGETS`.
 """
 from __future__ import annotations
 
@@ -179,7 +176,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     samples: Dict[str, List[float]] = {c.name: [] for c in cases}
     payload = {"shape": vars(shape), "threads": THREADS, "warm": True}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-grpo-") as tmp:
-        saved = core.measure_memory(__name__, list(records), records, {**payload, "tmp": tmp}, ctx.progress)
+        saved = core.measure_memory(__name__, records, {**payload, "tmp": tmp}, ctx.progress)
         for round_index in range(1, rounds + 1):
             for name in [c.name for c in cases if records[c.name]["status"] == "ok"]:
                 try:
@@ -209,15 +206,10 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
         done(record)
     return report(ctx, "cpu-default", "CPU default", shape, rows, skips, cases, False,
                   {"rounds": rounds, "calls": calls, "logits_bytes": shape.N * shape.V * 4}, [
-        "Peak memory: each implementation in a fresh Python process of its own, after one full-size untimed "
-        "call (thread pools started, CCE's graph compiled), the input gradients dropped and the kernel's "
-        "peak-RSS counter reset (`/proc/self/clear_refs`); the figure is the peak RSS (`VmHWM`) during one "
-        "more forward + backward minus the RSS before it, in a process with glibc's mmap threshold pinned at "
-        f"{core.MALLOC_MMAP_THRESHOLD_BYTES // core.KIB} KiB (`MALLOC_MMAP_THRESHOLD_`) so that RSS "
-        "follows the live tensors. It includes the input gradients the call returns.",
+        core.cpu_memory_note("one full-size untimed call has run (thread pools started, CCE's graph "
+                             "compiled; the input gradients dropped)"),
         f"Time: {method}; every process runs {THREADS} torch threads and the default allocator. The JSON holds "
-        "every sample and each process's median (`round_medians_ms`). A CPU time is not a statement about the "
-        "Triton kernels."])
+        "every sample and each process's median (`round_medians_ms`). Not a statement about the Triton kernels."])
 
 
 def run_gpu(ctx: core.RunContext) -> core.Report:
@@ -236,9 +228,7 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
     finish(records, shape)
     return report(ctx, "gpu-peers", ctx.device.name, shape, records, skips, cases, True, {
         "logits_bytes": shape.N * shape.V * 4, "floor_gemms": list(core.FUSED_LOSS_FLOOR_GEMMS)}, [
-        "Each case in this one process: one untimed warm-up call (compilation, autotuning), one call for peak "
-        "memory, the loss and the gradients, then the timing.",
-        core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE, core.GEMM_FLOOR_NOTE])
+        core.CUDA_CASE_NOTE, core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE, core.GEMM_FLOOR_NOTE])
 
 
 def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -> core.Report:
@@ -255,25 +245,23 @@ def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -
             **config},
         records, [
             core.IMPL, core.STATUS, ("loss", lambda r: "—" if r.get("loss") is None else f"{r['loss']:.6f}"),
-            core.col("|Δloss| vs rlloss", "diff_rlloss_loss", core.fmt_err),
-            core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms),
+            core.col("|Δloss| vs rlloss", "diff_rlloss_loss", core.ERR),
+            core.col("fwd+bwd ms (median)", "time_ms", core.MS),
             core.spread("20–80th pct ms" if gpu else "min–max ms"),
-            core.col("time / naive", "time_vs_naive", core.fmt_num, 2),
-        ] + ([core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2)] if gpu else []) + [
-            core.col("peak memory (MiB)", "peak_memory_bytes", core.fmt_mib),
-            core.col("memory / naive", "memory_vs_naive", core.fmt_num, 3),
-            core.col("= [N, V] tensors", "peak_memory_in_logits_tensors", core.fmt_num, 2),
-            core.col("d hidden rel vs rlloss", "diff_rlloss_grad_hidden_rel", core.fmt_err),
-            core.col("d weight rel vs rlloss", "diff_rlloss_grad_weight_rel", core.fmt_err)],
+            core.col("time / naive", "time_vs_naive", ".2f"),
+        ] + ([core.col("time / GEMM floor", "time_vs_gemm_floor", ".2f")] if gpu else []) + [
+            core.col("peak memory (MiB)", "peak_memory_bytes", *core.MIB_COL),
+            core.col("memory / naive", "memory_vs_naive", ".3f"),
+            core.col("= [N, V] tensors", "peak_memory_in_logits_tensors", ".2f"),
+            core.col("d hidden rel vs rlloss", "diff_rlloss_grad_hidden_rel", core.ERR),
+            core.col("d weight rel vs rlloss", "diff_rlloss_grad_weight_rel", core.ERR)],
         skips, [
-            f"The loss: TRL's GRPO with loss_type='bnpo' (rlloss preset `{PRESET}`): ρ = exp(ℓ − ℓ°), "
-            f"−min(ρA, clip(ρ, {1 - eps:g}, {1 + eps:g})A) per token, summed and divided by the batch's token count; "
-            "β = 0, no entropy term. Same inputs for everyone: hidden ~ N(0, 1), lm_head weight scaled for logits of "
-            f"std {LOGIT_STD}, uniform targets, every token counted, advantages ~ N(0, 1), old log-probs = the "
-            f"policy's own + N(0, {OLD_SPREAD}²), seed {SEED}.",
-            f"One float32 [N, V] tensor here is {core.fmt_mib(logits_bytes)} MiB; the input gradients every path "
-            f"returns are {core.fmt_mib((shape.N + shape.V) * shape.D * 4)} MiB. loss: the value each path "
-            "computed; vs rlloss: its absolute difference from rlloss's loss and the max abs difference of its "
+            f"TRL's GRPO with loss_type='bnpo' (preset `{PRESET}`): ρ = exp(ℓ − ℓ°), −min(ρA, clip(ρ, {1 - eps:g}, "
+            f"{1 + eps:g})A) per token, summed over the batch's token count; β = 0, no entropy term. Inputs: hidden ~ "
+            f"N(0, 1), weight scaled for logits of std {LOGIT_STD}, uniform targets, every token counted, advantages ~"
+            f" N(0, 1), old log-probs = the policy's own + N(0, {OLD_SPREAD}²), seed {SEED}.",
+            f"One float32 [N, V] tensor is {core.fmt_mib(logits_bytes)} MiB; the input gradients every path returns "
+            f"{core.fmt_mib((shape.N + shape.V) * shape.D * 4)} MiB. vs rlloss: |Δ| of the loss, and max |Δ| of the "
             "gradients over the max abs of rlloss's.",
         ] + notes + [f"`{c.name}`: {c.note}" for c in cases if c.note],
         [t.evaluate(records) for t in TARGETS])

@@ -1,7 +1,5 @@
 """Suite ``logprobs``: ``rlloss.token_logprobs`` forward + backward (log-probs and entropy, random upstream
-gradients). CPU: the ``torch`` backend vs the naive materialised baseline, N=2048, D=256, V=32000, float32, memory
-per case in fresh processes, both against the float64 reference. GPU: bfloat16, N ∈ {2048, 8192, 32768}, D=4096,
-V ∈ {32000, 131072, 151936}: ``triton`` vs naive, ``torch.compile`` of it, Cut Cross-Entropy and Liger-Kernel, with
+gradients) against materialised logits; on a GPU also ``torch.compile`` of them, Cut Cross-Entropy, Liger-Kernel,
 TFLOP/s against the measured bf16 matmul and a floor row per shape (the four bare cuBLAS GEMMs).
 """
 from __future__ import annotations
@@ -186,24 +184,17 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "input_bytes": grad_bytes + N * 8 + 2 * N * 4, "input_grad_bytes": grad_bytes,
             "nominal_flops": FLOPS_PER_NDV * N * D * V, "diff_reference": "float64 rlloss.reference, autograd"},
         rows, [core.IMPL, ("N × D × V", lambda r: f"{r['N']} × {r['D']} × {r['V']}"), core.STATUS,
-               *core.CPU_TIME_MEMORY_COLUMNS, core.col("max abs diff logprobs", "diff_logprobs", core.fmt_err),
-               core.col("entropy", "diff_entropy", core.fmt_err),
-               core.col("d hidden", "diff_grad_hidden", core.fmt_err),
-               core.col("d weight", "diff_grad_weight", core.fmt_err)],
+               *core.CPU_TIME_MEMORY_COLUMNS, core.col("max abs diff logprobs", "diff_logprobs", core.ERR),
+               core.col("entropy", "diff_entropy", core.ERR),
+               core.col("d hidden", "diff_grad_hidden", core.ERR),
+               core.col("d weight", "diff_grad_weight", core.ERR)],
         notes=[
-            "Both implementations run forward + backward of (logprobs, entropy) with random upstream gradients; "
             "`rlloss-torch` is the chunked torch backend (never an [N, V] tensor), `naive` materialises [N, V] "
-            f"logits and autograd keeps several [N, V] tensors. One float32 [N, V] tensor here is "
-            f"{core.fmt_mib(logits_bytes)} MiB; the input gradients both return are {core.fmt_mib(grad_bytes)} MiB.",
-            core.CPU_MEMORY_METHOD,
-            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, in one fresh process "
-            "with the default allocator, the implementations' calls interleaved (A B A B ...) so that other "
-            f"load on the machine slows them alike; {torch.get_num_threads()} torch threads. The JSON's "
-            "`load_average_1min*` fields tell whether other work shared the machine.",
-            "max abs diff: against `rlloss.reference` evaluated in float64 on the same inputs and upstream "
-            "gradients (logprobs, entropy, d hidden, d weight).",
-            f"Random inputs: hidden ~ N(0, 1), weight scaled for logits of std {LOGIT_STD}, uniform targets, "
-            f"seed {SEED}.",
+            f"logits and autograd keeps several. One float32 [N, V] tensor here is {core.fmt_mib(logits_bytes)} MiB; "
+            f"the input gradients both return are {core.fmt_mib(grad_bytes)} MiB. Inputs: hidden ~ N(0, 1), weight "
+            f"scaled for logits of std {LOGIT_STD}, uniform targets, seed {SEED}.",
+            core.CPU_MEMORY_METHOD, core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS),
+            "max abs diff: against `rlloss.reference` in float64 on the same inputs and upstream gradients.",
         ])
 
 
@@ -252,31 +243,22 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "implementations": {c.name: {"label": c.label, "note": c.note} for c in (*GPU_CASES, GEMM_FLOOR)}},
         records, [
             core.IMPL, core.col("N", "N"), core.col("V", "V"), core.col("outputs", "outputs"), core.STATUS,
-            core.col("fwd+bwd ms", "time_ms", core.fmt_ms), core.col("TFLOP/s (8·N·D·V)", "tflops", core.fmt_num),
-            ("% of bf16 matmul", lambda r: "—" if r.get("matmul_fraction") is None
-             else f"{100 * r['matmul_fraction']:.0f}"),
-            core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2),
-            core.col("peak memory (GiB)", "peak_memory_bytes", core.fmt_gib),
-            core.col("max abs diff logprobs vs rlloss", "diff_rlloss_logprobs", core.fmt_err),
-            core.col("entropy vs rlloss", "diff_rlloss_entropy", core.fmt_err),
-            core.col(f"logprobs vs fp32 ref ({rows} rows)", "diff_ref_rows_logprobs", core.fmt_err)],
+            core.col("fwd+bwd ms", "time_ms", core.MS), core.col("TFLOP/s (8·N·D·V)", "tflops", ".1f"),
+            core.col("% of bf16 matmul", "matmul_fraction", *core.PCT),
+            core.col("time / GEMM floor", "time_vs_gemm_floor", ".2f"),
+            core.col("peak memory (GiB)", "peak_memory_bytes", *core.GIB_COL),
+            core.col("max abs diff logprobs vs rlloss", "diff_rlloss_logprobs", core.ERR),
+            core.col("entropy vs rlloss", "diff_rlloss_entropy", core.ERR),
+            core.col(f"logprobs vs fp32 ref ({rows} rows)", "diff_ref_rows_logprobs", core.ERR)],
         skips, notes=[
-            "Each case: one untimed warm-up call (kernel compilation, torch.compile, autotuning), one call for "
-            "peak memory and the outputs, then timing. Forward + backward with random upstream gradients of "
-            "every output the implementation returns (peers: log-probs only).",
-            core.CUDA_MEMORY_METHOD,
-            f"Time: `triton.testing.do_bench` median (L2 cache flushed before every call; warm-up "
-            f"{core.DO_BENCH_WARMUP_MS} ms, repetitions {core.DO_BENCH_REP_MS} ms); the JSON also holds "
-            "the 20th/80th percentiles.",
-            f"TFLOP/s counts {FLOPS_PER_NDV}·N·D·V FLOPs for forward + backward for every implementation (logits, "
-            "d hidden, d weight and one logit recompute, 2·N·D·V each; naive really does 6, rlloss's kernels 10), so "
-            f"it is a rescaled speed. The fraction is of a bf16 torch.matmul of {core.MATMUL_REFERENCE_SIZE}³ "
-            f"measured in the same run: {matmul_tflops:.0f} TFLOP/s.",
-            "Peers compute cross-entropy, so their output is −log p (negated here) and they have no entropy; "
-            "'vs rlloss' is the max abs difference of their log-probs from rlloss's over all tokens. "
-            f"'vs fp32 ref' checks the first {rows} tokens of every implementation against float32 "
-            "logits of the same bf16 inputs.",
-            core.GEMM_FLOOR_NOTE + " Here the floor is four GEMMs (h·Wᵀ for the forward, h·Wᵀ again for the "
-            "backward's logit recompute, dz·W, dzᵀ·h): exactly the 8·N·D·V FLOPs of the convention above, so its "
-            "TFLOP/s is the GEMMs' real rate.",
+            core.CUDA_CASE_NOTE + " Random upstream gradients of every output a case returns (peers: log-probs "
+            "only).", core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE,
+            f"TFLOP/s counts {FLOPS_PER_NDV}·N·D·V FLOPs for every implementation (logits, d hidden, d weight, one "
+            "logit recompute, 2·N·D·V each; naive really does 6, rlloss's kernels 10): a rescaled speed. % of bf16 "
+            f"matmul: of a {core.MATMUL_REFERENCE_SIZE}³ torch.matmul in the same run, {matmul_tflops:.0f} TFLOP/s.",
+            "Peers compute cross-entropy: −log p (negated here), no entropy. vs rlloss: max abs difference from "
+            f"rlloss's over all tokens; vs fp32 ref: the first {rows} tokens against float32 logits of the same "
+            "bf16 inputs.",
+            core.GEMM_FLOOR_NOTE + " Here four GEMMs (h·Wᵀ, h·Wᵀ again for the backward's recompute, dz·W, dzᵀ·h): "
+            "exactly the 8·N·D·V FLOPs of the convention, so its TFLOP/s is the GEMMs' real rate.",
         ] + [f"`{c.name}`: {c.note}" for c in GPU_CASES if c.note])

@@ -1,14 +1,10 @@
-"""PNG plots of benchmark reports, drawn from their JSON only (so committed results can be re-plotted):
+"""PNG plots of benchmark reports, drawn from their JSON only (matplotlib optional: without it plots are skipped):
 
     python -m benchmarks.plots docs/benchmarks/cpu [more folders or .json files]
 
-writes ``<stem>.png`` next to each ``<stem>.json`` (``python -m benchmarks`` calls :func:`plot_reports` after its
-run). matplotlib is imported lazily: without it plotting is skipped with the reason printed, never an error.
-From the records whose status is "ok": a row per metric the report holds (:data:`METRICS`), a column per axis
-the records vary (:data:`AXES`, the other axes at their largest value) times one per value of the report's facet
-key, or bars per series when nothing varies; a line or bar per series (implementation, and case / preset /
-variant where present). A report steers this through ``config["plot"]``: ``{"facet": key, "series": [keys],
-"category": key}``.
+writes ``<stem>.png`` beside each ``<stem>.json``: a row per metric (:data:`METRICS`), a column per axis the "ok"
+records vary (:data:`AXES`) times one per facet value, or bars per series; steered by ``config["plot"]``:
+``{"facet": key, "series": [keys], "category": key}``.
 """
 from __future__ import annotations
 
@@ -61,13 +57,9 @@ def _plan(report: Dict[str, Any]):
     """(ok records, facet key or None, series keys, category key or None, x axes, metrics) of a report."""
     records = [r for r in report.get("records", []) if r.get("status") == "ok"]
     hints = (report.get("config") or {}).get("plot") or {}
-    facet = hints.get("facet")
-    if facet is not None and not _varying(records, facet):
-        facet = None
+    facet, category = (key if key and _varying(records, key) else None for key in (hints.get("facet"),
+                                                                                 hints.get("category")))
     series = [k for k in hints.get("series", DEFAULT_SERIES) if k == "impl" or _varying(records, k)]
-    category = hints.get("category")
-    if category is not None and not _varying(records, category):
-        category = None
     axes = [(key, label) for key, label in AXES if _varying(records, key)]
     if any(key == "tokens" for key, _ in axes):  # tokens and N are the same axis where both exist
         axes = [(key, label) for key, label in axes if key != "N"]
@@ -159,17 +151,15 @@ def plot_report(json_path: Path, png_path: Optional[Path] = None) -> Tuple[Optio
                 ax.set_ylabel(metric[1], fontsize=8)
             ax.tick_params(labelsize=8)
             ax.grid(True, alpha=0.3)
-    handles, labels = {}, []
+    handles: Dict[str, Any] = {}
     for ax in grid.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in handles:
-                handles[label] = handle
-                labels.append(label)
+            handles.setdefault(label, handle)
     env = report.get("environment", {})
     fig.suptitle(f"{report.get('suite')} — {env.get('device_name', '?')} ({report.get('mode')}), "
                  f"commit {(env.get('commit') or '?')[:12]}", fontsize=10)
-    if labels:
-        fig.legend([handles[l] for l in labels], labels, loc="center right", fontsize=7, frameon=False)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 0.95))
     png_path = Path(png_path) if png_path is not None else json_path.with_suffix(".png")
     fig.savefig(png_path, dpi=90)

@@ -1,10 +1,6 @@
-"""Suite ``policy``: ``rlloss.FusedPolicyLoss`` (log-probs, entropy and the GRPO-family loss in one autograd node)
-forward + backward from hidden states, issue #3, against ``token_logprobs`` + ``policy_loss`` (``unfused``), TRL's
-GRPO math on materialised logits (``trl``), Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (GPU; what it cannot
-express goes to ``differs``), ``token_logprobs`` alone (the floor: within 10 %) and the three bare GEMMs (GPU).
-GPU: bfloat16, D=4096, V=151936, B×T ∈ {8×1024, 8×4096, 4×16384}, ``dapo`` and ``gspo``, each plain and with KL
-and entropy bonus. CPU: float32, B×T=4×128, D=256, V=32000, ``dapo`` with KL and entropy, memory per case in
-fresh processes, every result also against the ``reference`` backend in float64.
+"""Suite ``policy`` (issue #3): ``rlloss.FusedPolicyLoss`` forward + backward from hidden states against
+``token_logprobs`` + ``policy_loss``, TRL's GRPO math on materialised logits, Liger-Kernel (GPU), ``token_logprobs``
+alone and the three bare GEMMs (GPU); ``dapo`` and ``gspo``, plain and with KL + entropy bonus.
 """
 from __future__ import annotations
 
@@ -31,6 +27,10 @@ GPU_HIDDEN, GPU_VOCAB, GPU_DTYPE, GPU_BACKEND = 4096, 151936, torch.bfloat16, "t
 GPU_BATCHES, TARGET_BT = ((8, 1024), (8, 4096), (4, 16384)), (8, 4096)  # the issue's targets are at TARGET_BT
 FLOPS_PER_NDV = 8  # as in the logprobs suite: logits, d hidden, d weight and one recompute, 2·N·D·V each
 LOGIT_STD, OLD_SPREAD, REF_SPREAD, SEED = 2.0, 0.05, 0.1, 0  # std of ℓ° − ℓ, ℓʳ − ℓ: the clip is hit on some tokens
+
+
+INPUTS_NOTE = (f"uniform targets, every token counted (so every path does the same work), advantages ~ N(0, 1), old "
+               f"log-probs = the policy's own + N(0, {OLD_SPREAD}²), reference = own + N(0, {REF_SPREAD}²).")
 
 
 def loss_config(preset: str, variant: Dict[str, Any]) -> rlloss.LossConfig:
@@ -228,7 +228,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     done = core.counter("policy", ("B", "T", "preset", "variant"), len(rows), ctx.progress)
     for record in rows:
         done(record)
-    fmt = core.fmt_err
+    fmt = core.ERR
     return core.Report(
         "policy", "cpu-default", f"policy — CPU default: {shape}, float32, {CPU_PRESET} with KL and entropy, "
         "forward + backward", {
@@ -245,49 +245,40 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                core.col("d hidden vs float64", "diff_reference_grad_hidden", fmt),
                core.col("d weight vs float64", "diff_reference_grad_weight", fmt)],
         notes=[
-            f"The `{CPU_PRESET}` preset with β = {CPU_VARIANT['beta']} (k3 KL to reference log-probs) and entropy "
-            f"bonus c_H = {CPU_VARIANT['entropy_coef']}; every token counted; old log-probs = the policy's own + "
-            f"N(0, {OLD_SPREAD}²), reference = own + N(0, {REF_SPREAD}²). `fused` and `unfused` are the chunked "
-            "torch backend (never an [N, V] tensor); `trl` materialises the float32 logits and autograd keeps "
-            f"several [N, V] tensors. One float32 [N, V] tensor here is {core.fmt_mib(logits_bytes)} MiB; the "
-            f"input gradients every path returns are {core.fmt_mib(grad_bytes)} MiB.",
+            f"`{CPU_PRESET}` with β = {CPU_VARIANT['beta']} (k3 KL) and entropy bonus c_H = "
+            f"{CPU_VARIANT['entropy_coef']}; " + INPUTS_NOTE + " `fused` and `unfused` are the chunked torch backend "
+            "(never an [N, V] tensor); `trl` materialises float32 logits, autograd keeps several [N, V] tensors. One "
+            f"float32 [N, V] tensor is {core.fmt_mib(logits_bytes)} MiB; the input gradients every path returns "
+            f"{core.fmt_mib(grad_bytes)} MiB.",
             core.CPU_MEMORY_METHOD,
-            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call in one fresh process "
-            "with the default allocator, the implementations' calls interleaved; "
-            f"{torch.get_num_threads()} torch threads. A CPU time is not a statement about the Triton kernels.",
-            "vs fused: absolute differences of the loss and max abs differences of the gradients from "
-            "FusedPolicyLoss's; vs float64: from FusedPolicyLoss on the reference backend in float64.",
+            core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS) + " Not a statement about the Triton kernels.",
+            "vs fused: |Δ| of the loss and max |Δ| of the gradients from FusedPolicyLoss's; vs float64: from "
+            "FusedPolicyLoss on the reference backend in float64.",
         ])
 
 
 # --- GPU comparison ---------------------------------------------------------------------------------------
 
 
+# Issue #3's targets at TARGET_BT: (row, its key, the phrase of its value).
+TARGET_PHRASES = (("liger", "time_vs_fused", "{:.2f}× faster than Liger (target ≥ 2)"),
+                  ("liger", "fused_memory_fraction", "peak {:.2f}× Liger's (target ≤ 0.5)"),
+                  ("trl", "time_vs_fused", "{:.2f}× faster than TRL-style (target ≥ 3)"),
+                  ("fused", "time_vs_token_logprobs", "{:.2f}× token_logprobs' time (target ≤ 1.10)"),
+                  ("fused", "time_vs_gemm_floor", "{:.2f}× its three bare GEMMs' time"))
+
+
 def target_lines(records: List[Dict[str, Any]]) -> List[str]:
     """The issue's targets, read off the records at the target shape (a sentence per configuration)."""
-    B, T = TARGET_BT
-    at = [r for r in records if (r["B"], r["T"]) == TARGET_BT and r["status"] == "ok"]
-    floor, lines = next((r for r in at if r["impl"] == LOGPROBS_ONLY.name), None), []
-    for preset in PRESETS:
-        for variant in VARIANTS:
-            rows = {r["impl"]: r for r in at if r["preset"] == preset and r["variant"] == variant["name"]}
-            if "fused" not in rows:
-                continue
-            parts = []
-            if "liger" in rows:
-                parts.append(f"{rows['liger']['time_vs_fused']:.2f}× faster than Liger (target ≥ 2)")
-                if rows["liger"].get("fused_memory_fraction") is not None:
-                    parts.append(f"peak {rows['liger']['fused_memory_fraction']:.2f}× Liger's (target ≤ 0.5)")
-            if "trl" in rows:
-                parts.append(f"{rows['trl']['time_vs_fused']:.2f}× faster than TRL-style (target ≥ 3)")
-            if floor is not None:
-                parts.append(f"{rows['fused']['time_ms'] / floor['time_ms']:.2f}× token_logprobs' time "
-                             "(target ≤ 1.10)")
-            if rows["fused"].get("time_vs_gemm_floor") is not None:
-                parts.append(f"{rows['fused']['time_vs_gemm_floor']:.2f}× its three bare GEMMs' time")
-            if parts:
-                lines.append(f"Issue #3 at B×T = {B}×{T}, {preset}/{variant['name']}: fused is "
-                             + ", ".join(parts) + ".")
+    lines = []
+    for preset, variant in ((p, v["name"]) for p in PRESETS for v in VARIANTS):
+        rows = {r["impl"]: r for r in records if (r["B"], r["T"]) == TARGET_BT and r["status"] == "ok"
+                and r["preset"] == preset and r["variant"] == variant}
+        parts = [text.format(rows[impl][key]) for impl, key, text in TARGET_PHRASES
+                 if "fused" in rows and rows.get(impl, {}).get(key) is not None]
+        if parts:
+            lines.append(f"Issue #3 at B×T = {TARGET_BT[0]}×{TARGET_BT[1]}, {preset}/{variant}: fused is "
+                         + ", ".join(parts) + ".")
     return lines
 
 
@@ -333,7 +324,6 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         core.free(device)
         core.add_floor_ratios(shape_records, floor)
         records += shape_records
-    pct = lambda value: "—" if value is None else f"{100 * value:.0f}"  # noqa: E731
     return core.Report(
         "policy", "gpu-peers", f"policy — {ctx.device.name}: FusedPolicyLoss vs Liger, TRL-style and unfused, "
         f"bfloat16, D={GPU_HIDDEN}, V={GPU_VOCAB}, forward + backward", {
@@ -347,34 +337,28 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "plot": {"facet": "preset", "series": ["variant", "impl"]}},
         records, [
             core.IMPL, ("B×T", lambda r: f"{r['B']}×{r['T']}"), ("preset", lambda r: r["preset"] or "—"),
-            ("variant", lambda r: r["variant"] or "—"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
-            core.col("time / fused", "time_vs_fused", core.fmt_num, 2),
-            core.col("fused / token_logprobs", "time_vs_token_logprobs", core.fmt_num, 2),
-            core.col("time / GEMM floor", "time_vs_gemm_floor", core.fmt_num, 2),
-            core.col("peak GiB", "peak_memory_bytes", core.fmt_gib),
-            core.col("fused peak / this", "fused_memory_fraction", core.fmt_num, 2),
-            ("% of bf16 matmul (8·N·D·V)", lambda r: pct(r.get("matmul_fraction"))),
-            core.col("|Δloss| vs fused", "diff_fused_loss", core.fmt_err),
-            core.col("d hidden rel", "diff_fused_grad_hidden_rel", core.fmt_err),
-            core.col("d weight rel", "diff_fused_grad_weight_rel", core.fmt_err),
+            ("variant", lambda r: r["variant"] or "—"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.MS),
+            core.col("time / fused", "time_vs_fused", ".2f"),
+            core.col("fused / token_logprobs", "time_vs_token_logprobs", ".2f"),
+            core.col("time / GEMM floor", "time_vs_gemm_floor", ".2f"),
+            core.col("peak GiB", "peak_memory_bytes", *core.GIB_COL),
+            core.col("fused peak / this", "fused_memory_fraction", ".2f"),
+            core.col("% of bf16 matmul (8·N·D·V)", "matmul_fraction", *core.PCT),
+            core.col("|Δloss| vs fused", "diff_fused_loss", core.ERR),
+            core.col("d hidden rel", "diff_fused_grad_hidden_rel", core.ERR),
+            core.col("d weight rel", "diff_fused_grad_weight_rel", core.ERR),
             ("differs", lambda r: r.get("differs") or "")],
         skips, notes=target_lines(records) + [
-            "Each case: one untimed warm-up call (kernel compilation, torch.compile, autotuning), one call for "
-            "peak memory and the loss and gradients, then the timing. Forward + backward of the scalar loss; "
-            "`token_logprobs` (one row per shape) is log-probs + entropy with random upstream gradients, the "
-            "floor the fused loss is held against.",
-            "Inputs: hidden [B, T, D] and lm_head weight [V, D] in bfloat16, uniform targets, every token "
-            f"counted (mask all ones, so every path does the same work), advantages ~ N(0, 1), old log-probs = "
-            f"the policy's own + N(0, {OLD_SPREAD}²), reference log-probs = own + N(0, {REF_SPREAD}²).",
-            core.CUDA_MEMORY_METHOD,
-            f"Time: `triton.testing.do_bench` median (L2 flushed before every call; warm-up "
-            f"{core.DO_BENCH_WARMUP_MS} ms, repetitions {core.DO_BENCH_REP_MS} ms). time / fused: this "
-            "path's time over FusedPolicyLoss's for the same configuration (> 1: fused is faster). "
-            f"% of bf16 matmul: {FLOPS_PER_NDV}·N·D·V FLOPs / time over a {core.MATMUL_REFERENCE_SIZE}³ bf16 "
-            f"matmul measured in the same run ({matmul_tflops:.0f} TFLOP/s).",
-            "|Δloss| vs fused: absolute difference of the loss values; d hidden / d weight rel: max abs gradient "
-            "difference from FusedPolicyLoss's over the max abs of FusedPolicyLoss's gradient. A path whose "
-            "`differs` column is filled computes another loss, so its difference is not rounding.",
-            core.GEMM_FLOOR_NOTE + " Here the floor is three GEMMs (h·Wᵀ, dz·W, dzᵀ·h): the fused loss forms "
-            "dz in its forward, so it needs no logit recompute; `token_logprobs` needs a fourth.",
+            core.CUDA_CASE_NOTE + " `token_logprobs` (one row per shape: log-probs + entropy, random upstream "
+            "gradients) is the floor the fused loss is held against.",
+            "bfloat16 hidden [B, T, D] and lm_head weight [V, D]; " + INPUTS_NOTE,
+            core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE,
+            "time / fused: this path's time over FusedPolicyLoss's for the same configuration (> 1: fused is "
+            f"faster). % of bf16 matmul: {FLOPS_PER_NDV}·N·D·V FLOPs / time over a {core.MATMUL_REFERENCE_SIZE}³ "
+            f"bf16 matmul measured in the same run ({matmul_tflops:.0f} TFLOP/s).",
+            "|Δloss| vs fused: |Δ| of the loss; d hidden / d weight rel: max |Δ| of the gradient from "
+            "FusedPolicyLoss's over its max abs. A filled `differs` column means another loss, so its difference is "
+            "not rounding.",
+            core.GEMM_FLOOR_NOTE + " Here three GEMMs (h·Wᵀ, dz·W, dzᵀ·h): the fused loss forms dz in its forward, "
+            "no logit recompute; `token_logprobs` needs a fourth.",
         ] + [f"`{c.name}`: {c.note}" for c in GPU_CASES if c.note])

@@ -1,9 +1,6 @@
 """Suite ``prefix_attention``: ``rlloss.shared_prefix_attention`` (one prompt held once for its G completions)
-forward + backward against SDPA on the repeated-prompt batch ``[G, P+S]`` (the baseline), FlexAttention on the
-packed stream and PrefixGrouper; speed-ups next to the ideal FLOP ratio of docs/math.md §8 and issue #12's
-targets, outputs and gradients mapped onto the packed stream and compared. GPU: bfloat16, Hq=32, Hkv=8, d=128,
-G ∈ {8, 16}, P ∈ {1024, 4096, 16384}, S ∈ {256, 512, 2048}. CPU: the ``torch`` backend vs SDPA in this process,
-one small group and a GRPO toy loop's many short completions, against a float64 reference.
+forward + backward against SDPA on the repeated-prompt batch ``[G, P+S]``, FlexAttention and PrefixGrouper on the
+packed stream; speed-ups next to the ideal FLOP ratio of docs/math.md §8 and issue #12's targets.
 """
 from __future__ import annotations
 
@@ -54,6 +51,12 @@ CPU_WARMUP_CALLS, CPU_TIMED_CALLS, SEED = 1, 7, 0
 # credited with the pairs of the shared layout, so TFLOP/s is a rescaled speed.
 FWD_BWD_FLOP_FACTOR = 3.5
 TARGET_FRACTION_OF_IDEAL, TARGET_SPEEDUP_VS_FLEX = 0.8, 1.3  # issue #12, for the kernels on a GPU
+
+
+IDEAL_NOTE = "ideal: the attention FLOP ratio of docs/math.md §8, G(P+S)² / (P² + G·S(2P+S))"
+GRADIENTS_NOTE = ("Every case gets one random upstream gradient (the repeated batch each prompt copy 1/G of it), so "
+                  "all compute the same gradients once mapped onto the packed stream (a prompt's summed over its "
+                  "copies)")
 
 
 def layout_of(shape: Shape, device) -> rlloss.SharedPrefixLayout:
@@ -304,14 +307,14 @@ def float64_reference(x) -> Dict[str, torch.Tensor]:
 
 
 def diff_columns(prefix: str, against: str):
-    return [core.col(f"max abs diff out vs {against}", f"{prefix}_out", core.fmt_err)] + [
-        core.col(name, f"{prefix}_{name}", core.fmt_err) for name in ("dq", "dk", "dv")]
+    return [core.col(f"max abs diff out vs {against}", f"{prefix}_out", core.ERR)] + [
+        core.col(name, f"{prefix}_{name}", core.ERR) for name in ("dq", "dk", "dv")]
 
 
 SHAPE_COLUMNS = [core.col(name, name) for name in ("G", "P", "S")]
-SPEEDUP_COLUMNS = [core.col("speed-up vs sdpa-repeated", "speedup_vs_sdpa", core.fmt_num, 2),
-                   core.col("ideal (FLOP ratio)", "ideal_attention_ratio", core.fmt_num, 2),
-                   core.col("fraction of ideal", "fraction_of_ideal", core.fmt_num, 2)]
+SPEEDUP_COLUMNS = [core.col("speed-up vs sdpa-repeated", "speedup_vs_sdpa", ".2f"),
+                   core.col("ideal (FLOP ratio)", "ideal_attention_ratio", ".2f"),
+                   core.col("fraction of ideal", "fraction_of_ideal", ".2f")]
 
 
 def run_cpu(ctx: core.RunContext) -> core.Report:
@@ -344,24 +347,18 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "dtype": "float32", "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS, "seed": SEED,
             "diff_reference": "float64 rlloss.reference (dense mask), autograd", "plot": {"facet": "case"}},
         records, [core.IMPL, core.col("groups", "groups"), *SHAPE_COLUMNS, core.STATUS,
-                  core.col("fwd+bwd ms (median)", "time_ms", core.fmt_ms), core.spread(), *SPEEDUP_COLUMNS,
+                  core.col("fwd+bwd ms (median)", "time_ms", core.MS), core.spread(), *SPEEDUP_COLUMNS,
                   core.col("threads", "intra_op_threads"), *diff_columns("diff", "float64")],
         notes=[
-            "Keeps `python -m benchmarks` short on a CPU: equality and time at two small shapes, no memory figure. "
-            "The Triton kernels do not run on a CPU (the interpreter is a test tool); the GPU table is the "
-            "comparison of the kernels.",
-            "`rlloss-torch` runs query blocks of the packed stream (every prompt once) against the keys each "
-            "block sees, a masked SDPA call per bucket of blocks with similar key counts; `sdpa-repeated` runs "
-            "causal SDPA on the repeated-prompt batch [groups·G, P+S]. Both get the same random upstream "
-            "gradient (each prompt copy 1/G of it); their gradients are mapped onto the packed stream (a "
-            "prompt's summed over its copies) and compared with the float64 reference.",
-            f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, the two "
-            f"implementations' calls interleaved, in the benchmark's process; {torch.get_num_threads()} torch "
-            "threads. threads: the intra-op threads `rlloss-torch` ran on (all of them, but where other "
-            "processes keep cores busy — load average less its own busy threads, plus its threads, ≥ cores + "
-            "0.5 — at most one per 4 ms of estimated work); `sdpa-repeated` runs on all of them.",
-            "ideal: the attention FLOP ratio of docs/math.md §8, G(P+S)² / (P² + G·S(2P+S)) (the same for any number "
-            "of equal groups).",
+            "Equality and time at two small shapes, no memory figure; the Triton kernels do not run on a CPU (the "
+            "interpreter is a test tool), the GPU table compares them.",
+            "`rlloss-torch` runs query blocks of the packed stream against the keys each block sees, a masked SDPA "
+            "call per bucket of blocks with similar key counts; `sdpa-repeated` runs causal SDPA on [groups·G, P+S]. "
+            + GRADIENTS_NOTE + ", compared with the float64 reference.",
+            core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS, "in the benchmark's process") + " threads: the "
+            "intra-op threads `rlloss-torch` ran on (all, but where other processes keep cores busy — load average "
+            "less its own busy threads, plus its threads, ≥ cores + 0.5 — at most one per 4 ms of estimated work); "
+            "`sdpa-repeated` runs on all.", IDEAL_NOTE + " (the same for any number of equal groups).",
         ])
 
 
@@ -394,28 +391,22 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
             "shapes": [vars(s) for s in shapes], "dtype": "bfloat16", "seed": SEED,
             "flops_convention": f"{FWD_BWD_FLOP_FACTOR} × 4·d·Hq per visible (query, key) pair of the shared layout",
             "implementations": {c.name: {"label": c.label, "note": notes.get(c.name, "")} for c in GPU_CASES}},
-        records, [core.IMPL, *SHAPE_COLUMNS, core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
-                  *SPEEDUP_COLUMNS, core.col("speed-up vs flex", "speedup_vs_flex", core.fmt_num, 2),
-                  core.col("useful TFLOP/s", "tflops", core.fmt_num),
-                  core.col("peak memory (GiB)", "peak_memory_bytes", core.fmt_gib),
-                  core.col("setup ms", "setup_ms", core.fmt_ms), *diff_columns("diff_rlloss", "rlloss")],
+        records, [core.IMPL, *SHAPE_COLUMNS, core.STATUS, core.col("fwd+bwd ms", "time_ms", core.MS),
+                  *SPEEDUP_COLUMNS, core.col("speed-up vs flex", "speedup_vs_flex", ".2f"),
+                  core.col("useful TFLOP/s", "tflops", ".1f"),
+                  core.col("peak memory (GiB)", "peak_memory_bytes", *core.GIB_COL),
+                  core.col("setup ms", "setup_ms", core.MS), *diff_columns("diff_rlloss", "rlloss")],
         skips, notes=[
-            "One prompt of P tokens and G completions of S tokens. Each case: one untimed warm-up call "
-            "(Triton compilation, torch.compile, autotuning), one call for peak memory and the outputs, then "
-            "timing. Forward + backward with one random upstream gradient; the repeated batch gets each prompt "
-            "copy 1/G of it, so all implementations compute the same gradients once mapped onto the packed "
-            "stream (a prompt's summed over its copies), which the diff columns compare with rlloss's.",
-            core.CUDA_MEMORY_METHOD + " The repeated batch's inputs (G copies of the prompt) are allocated "
-            "before the measurement; the gradients each call returns are inside it.",
+            "One prompt of P tokens and G completions of S tokens. " + core.CUDA_CASE_NOTE + " " + GRADIENTS_NOTE
+            + ", which the diff columns compare with rlloss's.",
+            core.CUDA_MEMORY_METHOD + " The repeated batch's inputs (G copies of the prompt) are allocated before.",
             core.CUDA_TIME_NOTE,
-            "speed-up vs sdpa-repeated: its time over this row's. ideal: the attention FLOP ratio of docs/math.md §8, "
-            "G(P+S)² / (P² + G·S(2P+S)) — the speed-up a kernel as fast per FLOP as flash attention would reach; "
-            "fraction of ideal = speed-up / ideal (the issue's target for rlloss: ≥ 0.8). speed-up vs flex: the "
-            "issue's target for rlloss is ≥ 1.3.",
+            "speed-up vs sdpa-repeated: its time over this row's. " + IDEAL_NOTE + ", the speed-up of a kernel as "
+            f"fast per FLOP as flash attention; fraction of ideal = speed-up / ideal (issue #12's target for rlloss: "
+            f"≥ {TARGET_FRACTION_OF_IDEAL}; vs flex: ≥ {TARGET_SPEEDUP_VS_FLEX}).",
             f"useful TFLOP/s credits every implementation with the shared layout's pairs ({FWD_BWD_FLOP_FACTOR} × "
-            "4·d·Hq FLOPs per visible (query, key) pair), whatever it computes, so it is a rescaled speed.",
-            "setup ms: building the layout and its kernel tables (rlloss), the block mask (flex) or the group "
-            "info (PrefixGrouper), once per batch, outside the timed call.",
+            "4·d·Hq FLOPs per visible (query, key) pair): a rescaled speed. setup ms: the layout and its kernel "
+            "tables (rlloss), the block mask (flex) or the group info (PrefixGrouper), once per batch, untimed.",
         ] + [f"`{name}`: {note}" for name, note in notes.items()] + [
             f"targets, `{r['impl']}` G={r['G']} P={r['P']} S={r['S']}: fraction of ideal "
             f"{core.verdict(r.get('fraction_of_ideal'), TARGET_FRACTION_OF_IDEAL)}; speed-up vs flex "

@@ -1,7 +1,6 @@
 """Suite ``prefix_model``: a whole transformers model, forward + backward of a DAPO loss on G completions of one
-prompt, packed with ``SharedPrefixBatch`` + ``enable_shared_prefix`` against the repeated-prompt batch through the
-model's own SDPA. GPU: a Qwen2-0.5B-shaped random model in bfloat16, G=16, P=4096, S=512, with and without
-gradient checkpointing, issue #12's targets (≥ 3× at ≤ 0.4× the memory). CPU: a tiny float32 model, a smoke run.
+prompt, packed (``SharedPrefixBatch`` + ``enable_shared_prefix``) against the repeated-prompt batch; issue #12's
+targets.
 """
 from __future__ import annotations
 
@@ -140,27 +139,24 @@ def report(mode: str, title: str, m, group, dtype, records, cases, config, with_
         f"{title}: {model_str(m)}, G={G} P={P} S={S}, {core.dtype_name(dtype)}, forward + backward",
         {"model": m, "group": group, "dtype": core.dtype_name(dtype), "seed": SEED, **config,
          "cases": {c[0]: c[2] for c in cases}},
-        records, [core.IMPL, core.col("tokens", "tokens"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.fmt_ms),
-                  core.col("speed-up vs repeated", "speedup_vs_repeated", core.fmt_num, 2),
-                  core.col("ideal (token ratio)", "ideal_tokenwise_speedup", core.fmt_num, 2),
-                  core.col("completion tokens/s", "completion_tokens_per_s", core.fmt_num, 0)]
-        + ([core.col("peak memory (GiB)", "peak_memory_bytes", core.fmt_gib),
-            core.col("memory vs repeated", "memory_vs_repeated", core.fmt_num, 2)] if with_memory else [])
-        + [core.col("|Δloss| vs packed", "diff_loss", core.fmt_err),
-           core.col("max ‖Δgrad‖/‖grad‖ vs packed", "grad_rel_diff", core.fmt_err)],
+        records, [core.IMPL, core.col("tokens", "tokens"), core.STATUS, core.col("fwd+bwd ms", "time_ms", core.MS),
+                  core.col("speed-up vs repeated", "speedup_vs_repeated", ".2f"),
+                  core.col("ideal (token ratio)", "ideal_tokenwise_speedup", ".2f"),
+                  core.col("completion tokens/s", "completion_tokens_per_s", ".0f")]
+        + ([core.col("peak memory (GiB)", "peak_memory_bytes", *core.GIB_COL),
+            core.col("memory vs repeated", "memory_vs_repeated", ".2f")] if with_memory else [])
+        + [core.col("|Δloss| vs packed", "diff_loss", core.ERR),
+           core.col("max ‖Δgrad‖/‖grad‖ vs packed", "grad_rel_diff", core.ERR)],
         notes=[
-            f"One prompt of P={P} tokens and G={G} completions of S={S} tokens: the packed stream holds {P + G * S} "
-            f"tokens, the repeated batch {G * (P + S)}. Forward + backward of the whole model and of "
-            "rlloss.FusedPolicyLoss (DAPO preset, random advantages, on-policy) on the G·S completion tokens only: "
-            "the hidden states that predict them are gathered on the packed stream and sliced from the repeated "
-            "batch, so the lm_head never runs on a prompt position in either case.",
-            "ideal (token ratio): G(P+S)/(P+G·S) of docs/math.md §8, the speed-up of every token-wise layer; "
-            "attention's own ratio differs, and the loss costs the same in every case. fraction_of_ideal in the JSON "
-            "is the speed-up over that ratio.",
+            f"The packed stream holds {P + G * S} tokens, the repeated batch {G * (P + S)}. Forward + backward of the "
+            "model and of rlloss.FusedPolicyLoss (DAPO, random advantages, on-policy) on the G·S completion tokens "
+            "only (their hidden states gathered from the packed stream, sliced from the repeated batch): the lm_head "
+            "never runs on a prompt position. The repeated batch has no padding (all completions have S tokens), "
+            "its best case.",
+            "ideal (token ratio): G(P+S)/(P+G·S) of docs/math.md §8, the speed-up of every token-wise layer "
+            "(attention's differs, the loss costs the same); the JSON's fraction_of_ideal is the speed-up over it.",
             "|Δloss| and max ‖Δgrad‖/‖grad‖ (over every parameter tensor, its name in the JSON) compare each case "
-            "with `packed` (the first subject); the two compute the same function, so they differ by rounding only.",
-            "The repeated batch has no padding (every completion has S tokens), its best case; with variable "
-            "lengths it would also pay for padding.",
+            "with `packed` (the first subject): the same function, so rounding only.",
         ] + notes)
 
 
@@ -170,22 +166,20 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                       core.cpu_probes(CPU_WARMUP_CALLS, CPU_TIMED_CALLS))
     return report("cpu-default", "prefix_model — CPU smoke run", CPU_MODEL, group, torch.float32, records, CPU_CASES,
                   {"warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS}, False, [
-        f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, in the benchmark's "
-        f"own process, {torch.get_num_threads()} torch threads. No memory figure on CPU. A smoke run of the "
-        "code path and of the equality, not a performance claim: the GPU run is the measurement."])
+        f"Time: median of {CPU_TIMED_CALLS} calls after {CPU_WARMUP_CALLS} warm-up call, in the benchmark's process, "
+        f"{torch.get_num_threads()} torch threads; no memory figure. A smoke run of the code path and the equality, "
+        "not a performance claim: the GPU run is the measurement."])
 
 
 def run_gpu(ctx: core.RunContext) -> core.Report:
     m, group = (QWEN2_05B_QUICK, GPU_GROUP_QUICK) if ctx.quick else (QWEN2_05B, GPU_GROUP)
     records = measure(ctx, m, group, torch.bfloat16, ctx.device.type, GPU_CASES, core.CUDA_PROBES)
     return report("gpu", f"prefix_model — {ctx.device.name}", m, group, torch.bfloat16, records, GPU_CASES, {}, True, [
-        "Each case: one untimed warm-up call (Triton compilation), one call for peak memory and the outputs, "
-        "then timing, all on one random-weight model switched between cases (enable_shared_prefix / "
-        "disable_shared_prefix, gradient checkpointing on or off).",
-        core.CUDA_MEMORY_METHOD + " The model's weights are allocated before; its parameter gradients are "
-        "dropped before every call, so each call's peak includes allocating them.",
-        core.CUDA_TIME_NOTE,
-        "speed-up and memory vs repeated: against the repeated batch with the same checkpointing mode.",
+        core.CUDA_CASE_NOTE + " One random-weight model, switched between cases (enable_shared_prefix / "
+        "disable_shared_prefix, gradient checkpointing). speed-up and memory vs repeated: against the repeated "
+        "batch with the same checkpointing mode.",
+        core.CUDA_MEMORY_METHOD + " The weights are allocated before; the parameter gradients are dropped before "
+        "every call, so each peak includes allocating them.", core.CUDA_TIME_NOTE,
     ] + [f"targets, `{r['impl']}`: speed-up vs repeated {core.verdict(r.get('speedup_vs_repeated'), TARGET_SPEEDUP)}; "
          f"memory vs repeated {core.verdict(r.get('memory_vs_repeated'), TARGET_MEMORY_RATIO, False)}"
          for r in records if r["role"] == "subject"])
