@@ -9,7 +9,7 @@ turns, branch points, unscored tool outputs, scored completions).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -322,15 +322,10 @@ class SharedPrefixBatch:
 
     def to(self, device) -> "SharedPrefixBatch":
         """The same batch with every tensor (and the layout) on ``device``."""
-        input_ids = self.input_ids.to(device)
-        device = input_ids.device
-        return SharedPrefixBatch(
-            input_ids=input_ids, position_ids=self.position_ids.to(device),
-            layout=None if self.layout is None else self.layout.to(device), prompt_lengths=self.prompt_lengths,
-            completion_lengths=self.completion_lengths, predictor_index=self.predictor_index.to(device),
-            token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device),
-            _plan=self._plan.to(device), scored_segments=self.scored_segments,
-            attention_mask=None if self.attention_mask is None else self.attention_mask.to(device))
+        device = self.input_ids.to(device).device  # "cuda" resolved to "cuda:0", as the layout wants
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: x.to(device) for name, x in values.items()
+                                if isinstance(x, (Tensor, SharedPrefixLayout, _GatherPlan))})
 
     # --- sizes ----------------------------------------------------------------------------------------
 
