@@ -48,6 +48,15 @@ def positive_finite(name: str, value: float) -> float:
     return float(value)
 
 
+def device(value: object) -> torch.device:
+    """``value`` as a torch.device: a torch.device or a device string such as 'cuda:0'."""
+    try:
+        return torch.device(value)
+    except (TypeError, RuntimeError):
+        error = ValueError if isinstance(value, str) else TypeError
+        raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {value!r}") from None
+
+
 def integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -12,6 +12,7 @@ kernels), the ``torch`` backend, the autograd function over the Triton kernels o
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -30,9 +31,7 @@ __all__ = ["SharedPrefixLayout", "shared_prefix_attention"]
 
 def _csr(lists: Sequence[Sequence[int]], device) -> Tuple[Tensor, Tensor]:
     """(ptr [len+1], values) int32 tensors of a list of int lists."""
-    ptr = [0]
-    for items in lists:
-        ptr.append(ptr[-1] + len(items))
+    ptr = list(itertools.accumulate(map(len, lists), initial=0))
     values = [v for items in lists for v in items]
     return (torch.tensor(ptr, dtype=torch.int32, device=device),
             torch.tensor(values if values else [0], dtype=torch.int32, device=device))
@@ -75,12 +74,7 @@ class SharedPrefixLayout:
                                  f"(starts[i] = lengths[0] + … + lengths[i-1]), got {start}")
             total += n
         self._check_parents(parents)
-        try:
-            device = torch.device(self.device)
-        except (TypeError, RuntimeError):
-            error = ValueError if isinstance(self.device, str) else TypeError
-            raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {self.device!r}") \
-                from None
+        device = _checks.device(self.device)
         for name, value in (("starts", starts), ("lengths", lengths), ("parents", parents), ("device", device)):
             object.__setattr__(self, name, value)
 
@@ -140,11 +134,8 @@ class SharedPrefixLayout:
         if len(lengths) != len(parents):
             raise ValueError(f"lengths and parents must have one entry per segment, got {len(lengths)} and "
                              f"{len(parents)}")
-        starts, total = [], 0
-        for n in lengths:
-            starts.append(total)
-            total += n
-        return cls(tuple(starts), lengths, parents, "cpu" if device is None else device)  # checked on construction
+        starts = tuple(itertools.accumulate(lengths[:-1], initial=0))
+        return cls(starts, lengths, parents, "cpu" if device is None else device)  # checked on construction
 
     @classmethod
     def from_groups(cls, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]],
@@ -169,12 +160,8 @@ class SharedPrefixLayout:
                               why="every completion needs at least one token")
             if len(comps) == 0:
                 raise ValueError(f"group {g} has no completions; every group needs at least one")
-            root = len(lengths)
-            lengths.append(p_len)
-            parents.append(-1)
-            for s_len in comps:
-                lengths.append(s_len)
-                parents.append(root)
+            parents += [-1] + [len(lengths)] * len(comps)
+            lengths += [p_len, *comps]
         return cls.from_tree(lengths, parents, device)
 
     def to(self, device) -> "SharedPrefixLayout":
@@ -194,17 +181,13 @@ class SharedPrefixLayout:
 
     def _segment(self, segment: object) -> int:
         """``segment`` checked to be a segment index in [0, S) (a negative index would silently wrap)."""
-        if isinstance(segment, bool) or not isinstance(segment, int):
-            raise TypeError(f"segment must be an int, got {type(segment).__name__}")
-        if not 0 <= segment < self.num_segments:
+        if not 0 <= _checks.integer("segment", segment) < self.num_segments:
             raise ValueError(f"segment must lie in [0, {self.num_segments}), got {segment}")
         return segment
 
     @staticmethod
     def _positive(name: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 1:
+        if _checks.integer(name, value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
         return value
 

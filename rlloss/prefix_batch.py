@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import _checks
 from .prefix_attention import SharedPrefixLayout
 
 __all__ = ["SharedPrefixBatch"]
@@ -54,16 +55,6 @@ def _sequence(name: str, x: object) -> Sequence:
     if isinstance(x, Tensor) or not isinstance(x, (list, tuple)):
         raise TypeError(f"{name} must be a list of 1-D tensors, got {type(x).__name__}")
     return x
-
-
-def _resolve_device(device: object) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (TypeError, RuntimeError):
-        error = ValueError if isinstance(device, str) else TypeError
-        raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
 
 
 def _same_device(pieces: Sequence[Tensor], what: str) -> None:
@@ -194,7 +185,7 @@ class SharedPrefixBatch:
     def _build_unpacked(cls, pieces: List[Tensor], names: List[str], prompt_lengths: List[int],
                         completion_lengths: List[Tuple[int, ...]], device) -> "SharedPrefixBatch":
         """The padded batch: row c = [0-padding | prompt | completion c | 0-padding], L = P_max + S_max."""
-        device = _resolve_device(device)
+        device = None if device is None else _checks.device(device)
         flat = torch.cat(pieces)
         if bool((flat < 0).any()):
             _no_negative_ids(names, pieces)
@@ -300,7 +291,7 @@ class SharedPrefixBatch:
     @classmethod
     def _build(cls, pieces: List[Tensor], names: List[str], lengths: List[int], parents: Sequence[int],
                scored: List[bool], device) -> "SharedPrefixBatch":
-        device = _resolve_device(device)
+        device = None if device is None else _checks.device(device)
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
         if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
             _no_negative_ids(names, pieces)

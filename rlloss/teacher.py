@@ -313,12 +313,7 @@ def build_teacher_inputs(
             raise ValueError(f"completion_length must be >= the longest completion ({longest}), got {T}")
     pad_token_id = _checks.integer("pad_token_id", pad_token_id)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    if device is None:
-        device = completion_ids[0].device if B else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}") from exc
+    device = _checks.device(device) if device is not None else completion_ids[0].device if B else torch.device("cpu")
 
     skipped = torch.zeros(B, dtype=torch.bool)
     rlsd = torch.zeros(B, dtype=torch.bool)
