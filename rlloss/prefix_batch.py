@@ -134,7 +134,7 @@ class SharedPrefixBatch:
                              f"{len(groups)} lists")
         pieces: List[Tensor] = []
         names: List[str] = []
-        prompt_lengths, completion_lengths = [], []
+        prompt_lengths, completion_lengths, parents = [], [], []
         for g, (prompt, completions) in enumerate(zip(prompts, groups)):
             names.append(f"prompt_ids[{g}]")
             pieces.append(_token_ids(names[-1], prompt))
@@ -145,18 +145,13 @@ class SharedPrefixBatch:
             pieces += [_token_ids(name, c) for name, c in zip(names[-len(completions):], completions)]
             prompt_lengths.append(prompt.numel())
             completion_lengths.append(tuple(c.numel() for c in completions))
+            parents += [-1] + [len(parents)] * len(completions)
         _same_device(pieces, "prompt and completion ids")
         if packed == "auto":
             packed = cls.packing_pays(prompt_lengths, completion_lengths)
         if not packed:
             return cls._build_unpacked(pieces, names, prompt_lengths, completion_lengths, device)
-        layout_lengths, parents, scored = [], [], []
-        for P, lengths in zip(prompt_lengths, completion_lengths):
-            root = len(layout_lengths)
-            layout_lengths += [P, *lengths]
-            parents += [-1] + [root] * len(lengths)
-            scored += [False] + [True] * len(lengths)
-        return cls._build(pieces, names, layout_lengths, parents, scored, device)
+        return cls._build(pieces, names, parents, [p != -1 for p in parents], device)
 
     @staticmethod
     def packing_pays(prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]], *,
@@ -286,11 +281,12 @@ class SharedPrefixBatch:
                                  f"of the later tree of segment {tree[i - 1]}: store each tree's segments "
                                  "contiguously (e.g. depth-first)")
         _same_device(pieces, "segment ids")
-        return cls._build(pieces, names, [x.numel() for x in pieces], parents, list(scored), device)
+        return cls._build(pieces, names, parents, list(scored), device)
 
     @classmethod
-    def _build(cls, pieces: List[Tensor], names: List[str], lengths: List[int], parents: Sequence[int],
-               scored: List[bool], device) -> "SharedPrefixBatch":
+    def _build(cls, pieces: List[Tensor], names: List[str], parents: Sequence[int], scored: List[bool],
+               device) -> "SharedPrefixBatch":
+        lengths = [x.numel() for x in pieces]
         device = None if device is None else _checks.device(device)
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
         if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
