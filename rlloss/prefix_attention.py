@@ -670,9 +670,8 @@ def shared_prefix_attention(
     q, k, v = (_checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
     if not isinstance(layout, SharedPrefixLayout):
         raise TypeError(f"layout must be a rlloss.SharedPrefixLayout, got {type(layout).__name__}")
-    _checks.ndim("q", q, 3, "[T, Hq, d]")
-    _checks.ndim("k", k, 3, "[T, Hkv, d]")
-    _checks.ndim("v", v, 3, "[T, Hkv, d]")
+    for n, x, shape in (("q", q, "[T, Hq, d]"), ("k", k, "[T, Hkv, d]"), ("v", v, "[T, Hkv, d]")):
+        _checks.ndim(n, x, 3, shape)
     T, Hq, d = q.shape
     if T != layout.total_tokens:
         raise ValueError(f"q must have layout.total_tokens = {layout.total_tokens} rows, got {T}")
@@ -686,8 +685,7 @@ def shared_prefix_attention(
         raise ValueError(f"q's heads Hq = {Hq} must be a multiple of k's heads Hkv = {k.shape[1]}")
     _checks.same_device(q=q, k=k, v=v)
     name = resolve_backend(backend, q.device)
-    allowed = accepted_dtypes(name)
-    _checks.dtype_in("q", q, allowed)
+    _checks.dtype_in("q", q, accepted_dtypes(name))
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     if uses_kernels(name) and not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:

@@ -151,7 +151,7 @@ class SharedPrefixBatch:
             packed = cls.packing_pays(prompt_lengths, completion_lengths)
         if not packed:
             return cls._build_unpacked(pieces, names, prompt_lengths, completion_lengths, device)
-        return cls._build(pieces, names, parents, [p != -1 for p in parents], device)
+        return cls._build(pieces, names, parents, [s for s, p in enumerate(parents) if p != -1], device)
 
     @staticmethod
     def packing_pays(prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]], *,
@@ -281,11 +281,15 @@ class SharedPrefixBatch:
                                  f"of the later tree of segment {tree[i - 1]}: store each tree's segments "
                                  "contiguously (e.g. depth-first)")
         _same_device(pieces, "segment ids")
-        return cls._build(pieces, names, parents, list(scored), device)
+        return cls._build(pieces, names, parents, [s for s, flag in enumerate(scored) if flag], device)
 
     @classmethod
-    def _build(cls, pieces: List[Tensor], names: List[str], parents: Sequence[int], scored: List[bool],
-               device) -> "SharedPrefixBatch":
+    def _build(cls, pieces: List[Tensor], names: List[str], parents: Sequence[int], rows: List[Optional[int]],
+               device, width: Optional[int] = None) -> "SharedPrefixBatch":
+        """The one packer behind :meth:`pack`, :meth:`pack_tree` and ``build_teacher_inputs(packed=True)``: the
+        stream of the segments ``pieces`` (``names`` for errors; parents as in
+        :meth:`SharedPrefixLayout.from_tree`), with one row per entry of ``rows`` (a segment, or None for a row
+        of padding only), ``width`` wide (default the longest)."""
         lengths = [x.numel() for x in pieces]
         device = None if device is None else _checks.device(device)
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
@@ -293,17 +297,17 @@ class SharedPrefixBatch:
             _no_negative_ids(names, pieces)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
         layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
-        rows = [s for s in range(len(lengths)) if scored[s]]
         roots = [s for s in range(len(lengths)) if parents[s] == -1]
         root_of = []
         for s, p in enumerate(parents):
             root_of.append(s if p == -1 else root_of[p])
-        predictor, token, mask, plan = _gather_tables(layout, rows)
+        predictor, token, mask, plan = _gather_tables(layout, rows, width)
         predictor, token, mask, plan = predictor.to(device), token.to(device), mask.to(device), plan.to(device)
         targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
         return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
                    prompt_lengths=tuple(lengths[r] for r in roots),
-                   completion_lengths=tuple(tuple(lengths[s] for s in rows if root_of[s] == r) for r in roots),
+                   completion_lengths=tuple(tuple(lengths[s] for s in rows if s is not None and root_of[s] == r)
+                                            for r in roots),
                    predictor_index=predictor, token_index=token, targets=targets, mask=mask, _plan=plan,
                    scored_segments=tuple(rows))
 

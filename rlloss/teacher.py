@@ -3,8 +3,8 @@
 :func:`build_teacher_inputs` lays out the two teacher contexts ``[prompt | prefix | r± | suffix | completion]``
 of every rollout as a right-padded batch for one causal-LM forward (:class:`TeacherInputs`) or, with
 ``packed=True``, as one shared-prefix stream holding each group's prompt and answers once
-(:class:`PackedTeacherInputs`, on the layout and gather tables of :mod:`rlloss.prefix_batch`); both give the
-same rows and the same :meth:`~TeacherInputs.split`, whose (ℓ⁺, ℓ⁻) pair feeds :func:`rlloss.contrastive_credit`
+(:class:`PackedTeacherInputs`, built by the one shared-prefix packer of :mod:`rlloss.prefix_batch`); both give
+the same rows and the same :meth:`~TeacherInputs.split`, whose (ℓ⁺, ℓ⁻) pair feeds :func:`rlloss.contrastive_credit`
 or ``LossConfig(credit=...)``.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from . import _checks
 from ._compat import renamed_keywords
 from .credit import check_credit_mode
 from .prefix_attention import SharedPrefixLayout
-from .prefix_batch import _GatherPlan, _gather_tables, gather_predictors
+from .prefix_batch import SharedPrefixBatch, _GatherPlan, gather_predictors
 
 __all__ = ["PackedTeacherInputs", "TeacherInputs", "build_teacher_inputs"]
 
@@ -382,16 +382,15 @@ def build_teacher_inputs(
 
 def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions, group_of,
                        skipped, rlsd, T, ignore_index, device, common) -> PackedTeacherInputs:
-    """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``)."""
-    lengths: List[int] = []
+    """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``): their segment tree,
+    packed as :meth:`SharedPrefixBatch.pack_tree` packs one, with the rows in the teacher's order."""
     parents: List[int] = []
     pieces: List[Tensor] = []
 
     def segment(tokens: Tensor, parent: int) -> int:
-        lengths.append(tokens.numel())
         parents.append(parent)
         pieces.append(tokens)
-        return len(lengths) - 1
+        return len(pieces) - 1
 
     members_of: List[List[int]] = [[] for _ in prompts]  # the rollouts with rows, per group
     for i, g in enumerate(group_of):
@@ -419,11 +418,9 @@ def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, s
         return PackedTeacherInputs(input_ids=empty, position_ids=empty, layout=None, row_segments=(),
                                    logprob_positions=torch.zeros((0, T), dtype=torch.int64, device=device),
                                    unpacked_tokens=0, ignore_index=ignore_index, **common)
-    input_ids = torch.cat(pieces).to(device)
-    device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal the hidden's
-    layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
-    predictor, _, _, plan = _gather_tables(layout, [s if s >= 0 else None for s in row_segments], width=T)
+    stream = SharedPrefixBatch._build(pieces, [f"segment {s}" for s in range(len(pieces))], parents,
+                                      [s if s >= 0 else None for s in row_segments], device, width=T)
     return PackedTeacherInputs(
-        input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
-        row_segments=tuple(row_segments), logprob_positions=predictor.to(device), unpacked_tokens=unpacked,
-        ignore_index=ignore_index, _plan=plan.to(device), **common)
+        input_ids=stream.input_ids, position_ids=stream.position_ids, layout=stream.layout,
+        row_segments=tuple(row_segments), logprob_positions=stream.predictor_index, unpacked_tokens=unpacked,
+        ignore_index=ignore_index, _plan=stream._plan, **common)
