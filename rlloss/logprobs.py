@@ -778,11 +778,10 @@ def token_logprobs(
 
 def _reference_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor]:
     options = inputs.options
-    logprobs, entropy = reference.token_logprobs(
-        inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias, temperature=options.temperature,
-        softcap=options.softcap, ignore_index=options.ignore_index)
-    out_dtype = compute_dtype(inputs.hidden.dtype)
-    return logprobs.to(out_dtype), entropy.to(out_dtype)
+    out = reference.token_logprobs(inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias,
+                                   temperature=options.temperature, softcap=options.softcap,
+                                   ignore_index=options.ignore_index)
+    return tuple(x.to(compute_dtype(inputs.hidden.dtype)) for x in out)
 
 
 def _chunked_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor]:
@@ -866,10 +865,8 @@ def logprobs_from_logits(
 
 def _reference_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
                       inplace_backward: bool) -> Tuple[Tensor, Tensor]:
-    logprobs, entropy = reference.logprobs_from_logits(logits / options.temperature, targets,
-                                                       ignore_index=options.ignore_index)
-    out_dtype = compute_dtype(logits.dtype)
-    return logprobs.to(out_dtype), entropy.to(out_dtype)
+    out = reference.logprobs_from_logits(logits / options.temperature, targets, ignore_index=options.ignore_index)
+    return tuple(x.to(compute_dtype(logits.dtype)) for x in out)
 
 
 def _chunked_logits(logits: Tensor, targets: Tensor, options: LinearOptions,

@@ -42,8 +42,11 @@ def _token_ids(name: str, x: object) -> Tensor:
     return x
 
 
-def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor]) -> None:
-    """Raise naming the first id tensor that holds a negative id (-100 and the like are padding, not tokens)."""
+def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor], joined: Tensor) -> None:
+    """Raise naming the first id tensor that holds a negative id (-100 and the like are padding, not tokens):
+    one host sync for ``joined`` (the pieces concatenated); the culprit is looked for only on error."""
+    if not bool((joined < 0).any()):
+        return
     for name, x in zip(names, pieces):
         negative = x < 0
         if bool(negative.any()):
@@ -181,9 +184,7 @@ class SharedPrefixBatch:
                         completion_lengths: List[Tuple[int, ...]], device) -> "SharedPrefixBatch":
         """The padded batch: row c = [0-padding | prompt | completion c | 0-padding], L = P_max + S_max."""
         device = None if device is None else _checks.device(device)
-        flat = torch.cat(pieces)
-        if bool((flat < 0).any()):
-            _no_negative_ids(names, pieces)
+        _no_negative_ids(names, pieces, torch.cat(pieces))
         P_max = max(prompt_lengths)
         S_max = max(max(c) for c in completion_lengths)
         L = P_max + S_max
@@ -193,8 +194,7 @@ class SharedPrefixBatch:
             for S in lengths:
                 completion, k = pieces[k], k + 1
                 rows.append(torch.cat([prompt.new_zeros(P_max - P), prompt, completion, prompt.new_zeros(S_max - S)]))
-                masks.append(torch.arange(L) >= P_max - P)
-                masks[-1] &= torch.arange(L) < P_max + S
+                masks.append((torch.arange(L) >= P_max - P) & (torch.arange(L) < P_max + S))
         input_ids = torch.stack(rows).to(device if device is not None else pieces[0].device)
         device = input_ids.device
         attention_mask = torch.stack(masks).long()
@@ -293,8 +293,7 @@ class SharedPrefixBatch:
         lengths = [x.numel() for x in pieces]
         device = None if device is None else _checks.device(device)
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
-        if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
-            _no_negative_ids(names, pieces)
+        _no_negative_ids(names, pieces, input_ids)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
         layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
         roots = [s for s in range(len(lengths)) if parents[s] == -1]
