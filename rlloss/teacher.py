@@ -9,6 +9,7 @@ or ``LossConfig(credit=...)``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -319,22 +320,17 @@ def build_teacher_inputs(
     rlsd = torch.zeros(B, dtype=torch.bool)
     negative_source = torch.full((G,), -1, dtype=torch.int64)
     negative_answer: List[Optional[Tensor]] = [None] * G
-    group_of = []
-    begin = 0
-    for g, size in enumerate(sizes):
-        members = range(begin, begin + size)
-        group_of += [g] * size
-        r = rewards[begin : begin + size]
+    group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
+    for g, (begin, size) in enumerate(zip(itertools.accumulate(sizes[:-1], initial=0), sizes)):
+        span, members = slice(begin, begin + size), range(begin, begin + size)
         if advantages is not None:
-            for i in members:
-                skipped[i] = bool(advantages[i] == 0)
-        elif bool((r == r[0]).all()):
-            skipped[begin : begin + size] = True
-        if bool(skipped[begin : begin + size].all()):  # no teacher compute for this group at all
-            begin += size
+            skipped[span] = advantages[span] == 0
+        elif bool((rewards[span] == rewards[begin]).all()):
+            skipped[span] = True
+        if bool(skipped[span].all()):  # no teacher compute for this group at all
             continue
         if mode == "rlsd":
-            rlsd[begin : begin + size] = ~skipped[begin : begin + size]
+            rlsd[span] = ~skipped[span]
         else:
             candidates = [i for i in members if float(rewards[i]) < reject_below and wrong[i] is not None
                           and wrong[i].numel() > 0 and not torch.equal(wrong[i], answers[g])]
@@ -343,10 +339,9 @@ def build_teacher_inputs(
                 negative_source[g] = source
                 negative_answer[g] = wrong[source]
             elif fallback == "grpo":
-                skipped[begin : begin + size] = True
+                skipped[span] = True
             else:
-                rlsd[begin : begin + size] = ~skipped[begin : begin + size]
-        begin += size
+                rlsd[span] = ~skipped[span]
 
     rows = ([(i, True, answers[group_of[i]]) for i in range(B) if not skipped[i]]  # (rollout, positive, answer)
             + [(i, False, negative_answer[group_of[i]]) for i in range(B) if not skipped[i] and not rlsd[i]])
