@@ -211,14 +211,18 @@ class SharedPrefixLayout:
                 inside.add(s)
         return below
 
+    def _context_lengths(self) -> List[int]:
+        """Per segment, the tokens of its ancestors: where its positions start in its own sequence."""
+        above: List[int] = []
+        for p in self.parents:  # every parent precedes its children
+            above.append(0 if p == -1 else above[p] + self.lengths[p])
+        return above
+
     def position_ids(self) -> Tensor:
         """[total_tokens] int64: a token's position in its own root-to-segment sequence (each completion
         restarts at its prompt's length)."""
-        pieces = []
-        for s in range(self.num_segments):
-            offset = sum(self.lengths[a] for a in self.ancestors(s))
-            pieces.append(torch.arange(offset, offset + self.lengths[s]))
-        return torch.cat(pieces).to(self.device)
+        return torch.cat([torch.arange(a, a + n) for a, n in zip(self._context_lengths(), self.lengths)]).to(
+            self.device)
 
     def dense_mask(self) -> Tensor:
         """[T, T] bool: mask[i, j] = query i may attend to key j. For tests and the reference only."""
@@ -235,10 +239,7 @@ class SharedPrefixLayout:
     def attention_flops(self, head_dim: int, num_heads: int) -> int:
         """Forward FLOPs of the visible (query, key) pairs: 4·d·H per pair (QKᵀ and PV)."""
         head_dim, num_heads = self._positive("head_dim", head_dim), self._positive("num_heads", num_heads)
-        pairs = 0
-        for s in range(self.num_segments):
-            n = self.lengths[s]
-            pairs += n * sum(self.lengths[a] for a in self.ancestors(s)) + n * (n + 1) // 2
+        pairs = sum(n * a + n * (n + 1) // 2 for a, n in zip(self._context_lengths(), self.lengths))
         return 4 * head_dim * num_heads * pairs
 
     # --- device tables for the kernels ----------------------------------------------------------------
@@ -257,6 +258,7 @@ class SharedPrefixLayout:
         key = (self._positive("block", block), str(self.device))
         if key not in self._cache:
             ancestors = [self.ancestors(s) for s in range(self.num_segments)]
+            context = self._context_lengths()
             descendants = [[] for _ in range(self.num_segments)]
             for s in range(self.num_segments):  # stream order: each list comes out in stream order
                 for a in ancestors[s]:
@@ -264,12 +266,11 @@ class SharedPrefixLayout:
             block_segment, block_start, query_work, key_work = [], [], [], []
             for s in range(self.num_segments):
                 start, end = self.starts[s], self.starts[s] + self.lengths[s]
-                above = sum(self.lengths[a] for a in ancestors[s])
                 below = sum(self.lengths[c] for c in descendants[s])
                 for b in range(start, end, block):
                     block_segment.append(s)
                     block_start.append(b)
-                    query_work.append(above + min(b + block, end) - start)
+                    query_work.append(context[s] + min(b + block, end) - start)
                     key_work.append(end - b + below)
             heaviest_first = lambda work: sorted(range(len(work)), key=lambda i: -work[i])  # noqa: E731
             as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731

@@ -135,8 +135,7 @@ def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_m
             raise ValueError(f"{where} uses {what} (`{name}`), which shared-prefix attention does not support")
     window = kwargs.get("sliding_window")
     if window is not None:  # against the longest root-to-segment sequence (a prompt plus its longest completion)
-        longest = _fact(layout, "longest", lambda: max(sum(layout.lengths[a] for a in layout.ancestors(s))
-                                                       + layout.lengths[s] for s in range(layout.num_segments)))
+        longest = _fact(layout, "longest", lambda: max(map(sum, zip(layout._context_lengths(), layout.lengths))))
         if longest > window:
             raise ValueError(f"{where} uses a sliding window of {window} tokens but a packed sequence (prompt + "
                              f"completion) has {longest}; shared-prefix attention has no sliding-window mask, so "
