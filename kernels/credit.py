@@ -57,6 +57,7 @@ def log_weight_bounds(eps_w: float):
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along its last dim, copied only when it must (the policy and credit launchers)."""
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
 
 
@@ -68,10 +69,8 @@ def credit_rows(advantages: torch.Tensor, live: torch.Tensor, pos_logprobs: torc
     out = torch.empty((B, T), dtype=torch.float32, device=live.device)
     if B == 0 or T == 0:
         return out
-    adv = _row_major(advantages)
+    adv, pos, base = (_row_major(x) for x in (advantages, pos_logprobs, base_logprobs))
     live_u8 = _row_major(live).view(torch.uint8)
-    pos = _row_major(pos_logprobs)
-    base = _row_major(base_logprobs)
     low, high = log_weight_bounds(eps_w)
     grid = (B, triton.cdiv(T, BLOCK_T))
     _credit_kernel[grid](

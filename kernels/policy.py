@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .credit import credit_advantage, log_weight_bounds
+from .credit import _row_major, credit_advantage, log_weight_bounds
 from .tables import (CREDIT_MODES, IS_LEVELS, KERNEL_KL_ESTIMATORS, KERNEL_LOSS_MODES, NUM_STATS, STAT_NAMES,  # noqa: F401
                      VERL_KL_VALUE_CLAMP, VERL_LOG_RATIO_CLAMP)
 
@@ -407,10 +407,6 @@ def kernel_constexprs(*, loss_mode: str, credit: Optional[str], importance_sampl
     )
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
-
-
 def policy_loss_rows(
     logprobs: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
@@ -463,15 +459,9 @@ def policy_loss_rows(
     grad_ent = torch.empty((B, T), dtype=torch.float32, device=device) if write_grad_entropy else grad_logp
     if B == 0:
         return stats, grad_logp, (grad_ent if write_grad_entropy else None)
-    logprobs = _row_major(logprobs)
-    old = _row_major(old_logprobs) if old_logprobs is not None else logprobs
-    adv = _row_major(advantages)
-    live_u8 = _row_major(live).view(torch.uint8)
-    ref = _row_major(ref_logprobs) if ref_logprobs is not None else logprobs
-    roll = _row_major(rollout_logprobs) if rollout_logprobs is not None else logprobs
-    ent = _row_major(entropy) if entropy is not None else logprobs
-    pos = _row_major(pos_logprobs) if pos_logprobs is not None else logprobs
-    neg = _row_major(neg_logprobs) if neg_logprobs is not None else logprobs
+    logprobs, adv, live_u8 = _row_major(logprobs), _row_major(advantages), _row_major(live).view(torch.uint8)
+    old, ref, roll, ent, pos, neg = (logprobs if x is None else _row_major(x) for x in (  # absent: never read
+        old_logprobs, ref_logprobs, rollout_logprobs, entropy, pos_logprobs, neg_logprobs))
     log_w_low, log_w_high = log_weight_bounds(credit_eps_w)
     norm = normaliser.reshape(1).to(torch.float32)
     block = max(MIN_BLOCK_T, min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T))

@@ -27,6 +27,13 @@ def dtype_in(name: str, x: Tensor, allowed: Sequence[torch.dtype]) -> None:
         raise TypeError(f"{name} must have dtype in ({_names(allowed)}), got {str(x.dtype).replace('torch.', '')}")
 
 
+def floating(name: str, x: object) -> Tensor:
+    """``x`` checked to be a tensor of a floating dtype."""
+    x = tensor(name, x)
+    dtype_in(name, x, FLOAT_DTYPES)
+    return x
+
+
 def ndim(name: str, x: Tensor, expected: int, shape_doc: str) -> None:
     if x.ndim != expected:
         raise ValueError(f"{name} must be {expected}-D {shape_doc}, got shape {tuple(x.shape)}")
@@ -48,6 +55,15 @@ def positive_finite(name: str, value: float) -> float:
     return float(value)
 
 
+def device(value: object) -> torch.device:
+    """``value`` as a torch.device: a torch.device or a device string such as 'cuda:0'."""
+    try:
+        return torch.device(value)
+    except (TypeError, RuntimeError):
+        error = ValueError if isinstance(value, str) else TypeError
+        raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {value!r}") from None
+
+
 def integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -67,8 +83,7 @@ def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: Optional[in
 
 def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
     """A floating tensor of exactly ``shape`` (the shape of the argument named ``like``)."""
-    x = tensor(name, x)
-    dtype_in(name, x, FLOAT_DTYPES)
+    x = floating(name, x)
     if x.shape != shape:
         raise ValueError(f"{name} must have {like}'s shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
     return x

@@ -58,6 +58,12 @@ def _finite(name: str, value: object) -> float:
     return float(value)
 
 
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LossConfig.{name} must be an int, got {type(value).__name__}")
+    return value
+
+
 def _choice(name: str, value: object, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
@@ -218,15 +224,11 @@ class LossConfig:
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         for name in ("kl_aggregation", "entropy_aggregation"):
-            if getattr(self, name) is not None:
-                _choice(name, getattr(self, name), (None,) + TERM_AGGREGATIONS)
-        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int):
-            raise TypeError(f"LossConfig.dp_size must be an int, got {type(self.dp_size).__name__}")
-        if self.dp_size < 1:
+            _choice(name, getattr(self, name), (None,) + TERM_AGGREGATIONS)
+        if _integer("dp_size", self.dp_size) < 1:
             raise ValueError(f"LossConfig.dp_size must be >= 1, got {self.dp_size}")
-        if self.rollout_correction is not None:
-            _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
-        for name in ("kl_ratio_weighted", "kl_clamp"):
+        _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
+        for name in ("kl_ratio_weighted", "kl_clamp", "rollout_is_batch_normalize"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LossConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
@@ -245,9 +247,7 @@ class LossConfig:
                 raise ValueError(f"LossConfig.delta must be > 1 (TRL recommends > 1 + ε), got {self.delta}")
         if self.dual_clip is not None:
             if self.loss_mode != "ppo_clip":
-                raise ValueError(
-                    f"LossConfig.dual_clip applies to loss_mode='ppo_clip' only, got {self.loss_mode!r}"
-                )
+                raise ValueError(f"LossConfig.dual_clip applies to loss_mode='ppo_clip' only, got {self.loss_mode!r}")
             if _finite("dual_clip", self.dual_clip) <= 1.0:
                 raise ValueError(f"LossConfig.dual_clip must be > 1 (verl clip_ratio_c), got {self.dual_clip}")
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
@@ -270,16 +270,8 @@ class LossConfig:
                     f"LossConfig.rollout_threshold_low must lie in [0, rollout_threshold_high = {c_max}), "
                     f"got {c_min}"
                 )
-        if self.max_completion_length is not None:
-            if isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int):
-                raise TypeError(
-                    f"LossConfig.max_completion_length must be an int, got "
-                    f"{type(self.max_completion_length).__name__}"
-                )
-            if self.max_completion_length <= 0:
-                raise ValueError(
-                    f"LossConfig.max_completion_length must be > 0, got {self.max_completion_length}"
-                )
+        if self.max_completion_length is not None and _integer("max_completion_length", self.max_completion_length) < 1:
+            raise ValueError(f"LossConfig.max_completion_length must be > 0, got {self.max_completion_length}")
         from .credit import check_credit_params  # imported here: rlloss.credit may import this module
 
         _choice("credit", self.credit, (None,) + CREDIT_MODES)
@@ -322,9 +314,6 @@ class LossConfig:
         if mode == "vespo" and self.rollout_correction is not None and self.rollout_correction.startswith("sequence"):
             raise ValueError("LossConfig.loss_mode='vespo' folds token-level rollout weights into its sequence "
                              f"ratio (as TRL): rollout_correction must be token-level, got {self.rollout_correction!r}")
-        if not isinstance(self.rollout_is_batch_normalize, bool):
-            raise TypeError(f"LossConfig.rollout_is_batch_normalize must be a bool, got "
-                            f"{type(self.rollout_is_batch_normalize).__name__}")
         if self.rollout_is_batch_normalize and self.rollout_correction is None:
             raise ValueError("LossConfig.rollout_is_batch_normalize needs a rollout_correction to normalise, got None")
         if self.rollout_rs is None:
@@ -375,9 +364,9 @@ class LossConfig:
                                  f"got {part!r}")
             bounds.append((option, lower, upper))
         return tuple(bounds)
+
     def _check_selection(self) -> None:
-        if self.token_select is not None:
-            _choice("token_select", self.token_select, (None,) + TOKEN_SELECT_SCORES)
+        _choice("token_select", self.token_select, (None,) + TOKEN_SELECT_SCORES)
         q = _finite("token_select_fraction", self.token_select_fraction)
         if not 0.0 < q <= 1.0:
             raise ValueError(f"LossConfig.token_select_fraction must lie in (0, 1], got {q}")

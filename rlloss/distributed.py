@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._backend import is_reference
-from .logprobs import LinearOptions, RowStats, VocabShard, merge_stats, run_pass
+from .logprobs import LinearOptions, RowStats, VocabShard, _needs_graph, merge_stats, run_pass
 
 __all__ = ["GlobalCounts", "global_counts"]
 
@@ -131,7 +131,7 @@ def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
         _checks.targets_in_range(targets, layout.vocab, options.ignore_index)
     shard = vocab_shard(group, layout)
     ids = local_targets(targets, layout, options.ignore_index)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+    if _needs_graph(hidden, weight, bias):
         return _VocabParallelLogprobs.apply(hidden, weight, bias, ids, options, shard, group)
     result = run_pass(hidden, weight, bias, ids, options, shard=shard)
     return result.logprobs, result.entropy

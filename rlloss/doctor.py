@@ -83,6 +83,18 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp(min=1e-30))
 
 
+def _error(ours: Callable, theirs: Callable, inputs, grads=None) -> float:
+    """The worst :func:`_rel` of the outputs of ``ours`` (on ``inputs``) against ``theirs`` (on float64 copies)
+    and of the inputs' gradients for upstream gradients ``grads`` (default ones)."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    leaves64 = [x.double().requires_grad_() for x in inputs]
+    got, want = ours(*leaves), theirs(*leaves64)
+    grads = grads or [torch.ones_like(w) for w in want]
+    torch.autograd.backward(got, [g.to(x) for g, x in zip(grads, got)])
+    torch.autograd.backward(want, [g.double() for g in grads])
+    return max([_rel(a, b) for a, b in zip(got, want)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, leaves64)])
+
+
 def _check_token_logprobs(device, backend, dtype):
     from .logprobs import token_logprobs
 
@@ -92,15 +104,9 @@ def _check_token_logprobs(device, backend, dtype):
     weight = (0.1 * torch.randn(v, d, generator=g)).to(device, dtype)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     targets[::7] = -100
-    g_logp = torch.randn(n, generator=g).to(device)
-    g_ent = torch.randn(n, generator=g).to(device)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = token_logprobs(h, w, targets, return_entropy=True, backend=backend)
-    torch.autograd.backward([out.logprobs, out.entropy], [g_logp, g_ent])
-    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    lp, ent = reference.token_logprobs(h64, w64, targets)
-    torch.autograd.backward([lp, ent], [g_logp.double(), g_ent.double()])
-    return max(_rel(out.logprobs, lp), _rel(out.entropy, ent), _rel(h.grad, h64.grad), _rel(w.grad, w64.grad))
+    grads = [torch.randn(n, generator=g).to(device) for _ in range(2)]
+    return _error(lambda h, w: token_logprobs(h, w, targets, return_entropy=True, backend=backend),
+                  lambda h, w: reference.token_logprobs(h, w, targets), (hidden, weight), grads)
 
 
 def _check_logits(device, backend, dtype):
@@ -109,13 +115,8 @@ def _check_logits(device, backend, dtype):
     g = torch.Generator(device="cpu").manual_seed(1)
     logits = (3 * torch.randn(129, 3001, generator=g)).to(device, dtype)
     targets = torch.randint(0, 3001, (129,), generator=g).to(device)
-    z = logits.clone().requires_grad_()
-    out = logprobs_from_logits(z, targets, return_entropy=True, temperature=0.8, backend=backend)
-    (out.logprobs.sum() + out.entropy.sum()).backward()
-    z64 = logits.double().requires_grad_()
-    lp, ent = reference.logprobs_from_logits(z64 / 0.8, targets)
-    (lp.sum() + ent.sum()).backward()
-    return max(_rel(out.logprobs, lp), _rel(out.entropy, ent), _rel(z.grad, z64.grad))
+    return _error(lambda z: logprobs_from_logits(z, targets, return_entropy=True, temperature=0.8, backend=backend),
+                  lambda z: reference.logprobs_from_logits(z / 0.8, targets), (logits,))
 
 
 def _check_advantages(device, backend, dtype):
@@ -149,16 +150,13 @@ def _check_policy(device, backend, dtype):
         config = LossConfig.preset(preset, beta=0.04, entropy_coef=0.01)
         batch = _policy_batch(device, dtype, seed=3)
         logprobs = (batch["old"] + 0.1 * torch.randn_like(batch["old"])).detach()
-        entropy = torch.rand_like(logprobs)
-        lp, ent = logprobs.clone().requires_grad_(), entropy.clone().requires_grad_()
-        out = policy_loss(lp, batch["old"], batch["adv"], batch["mask"], config=config, ref_logprobs=batch["ref"],
-                          entropy=ent, backend=backend)
-        out.loss.backward()
-        lp64, ent64 = logprobs.double().requires_grad_(), entropy.double().requires_grad_()
-        loss, _ = reference.policy_loss(lp64, batch["old"].double(), batch["adv"].double(), batch["mask"],
-                                        config=config, ref_logprobs=batch["ref"].double(), entropy=ent64)
-        loss.backward()
-        worst = max(worst, _rel(out.loss, loss), _rel(lp.grad, lp64.grad), _rel(ent.grad, ent64.grad))
+        old, adv, mask, ref = batch["old"], batch["adv"], batch["mask"], batch["ref"]
+        worst = max(worst, _error(
+            lambda lp, ent: [policy_loss(lp, old, adv, mask, config=config, ref_logprobs=ref, entropy=ent,
+                                         backend=backend).loss],
+            lambda lp, ent: reference.policy_loss(lp, old.double(), adv.double(), mask, config=config,
+                                                  ref_logprobs=ref.double(), entropy=ent)[:1],
+            (logprobs, torch.rand_like(logprobs))))
     return worst
 
 
@@ -175,14 +173,14 @@ def _check_fused_policy(device, backend, dtype):
     mask = batch["mask"][:b, :t]
     adv, old = batch["adv"][:b], batch["old"][:b, :t] - 5.0
     config = LossConfig.preset("dapo", entropy_coef=0.01)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = FusedPolicyLoss(config, backend=backend)(h, w, targets, mask, adv, old_logprobs=old)
-    out.loss.backward()
-    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    lp, ent = reference.token_logprobs(h64, w64, torch.where(mask, targets, -100))
-    loss, _ = reference.policy_loss(lp, old.double(), adv.double(), mask, config=config, entropy=ent)
-    loss.backward()
-    return max(_rel(out.loss, loss), _rel(h.grad, h64.grad), _rel(w.grad, w64.grad))
+
+    def theirs(h, w):
+        lp, ent = reference.token_logprobs(h, w, torch.where(mask, targets, -100))
+        return reference.policy_loss(lp, old.double(), adv.double(), mask, config=config, entropy=ent)[:1]
+
+    return _error(lambda h, w: [FusedPolicyLoss(config, backend=backend)(h, w, targets, mask, adv,
+                                                                         old_logprobs=old).loss],
+                  theirs, (hidden, weight))
 
 
 def _check_prefix_attention(device, backend, dtype):
@@ -193,13 +191,9 @@ def _check_prefix_attention(device, backend, dtype):
     T, hq, hkv, d = layout.total_tokens, 4, 2, 64
     q, k, v = (torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
     grad_out = torch.randn(T, hq, d, generator=g).to(device)
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = shared_prefix_attention(*leaves, layout, backend=backend)
-    out.backward(grad_out.to(out.dtype))
-    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
-    want = reference.shared_prefix_attention(*leaves64, layout.dense_mask(), scale=d ** -0.5)
-    want.backward(grad_out.double())
-    return max([_rel(out, want)] + [_rel(a.grad, b.grad) for a, b in zip(leaves, leaves64)])
+    return _error(lambda *qkv: [shared_prefix_attention(*qkv, layout, backend=backend)],
+                  lambda *qkv: [reference.shared_prefix_attention(*qkv, layout.dense_mask(), scale=d ** -0.5)],
+                  (q, k, v), [grad_out])
 
 
 # (name, check, tolerance for float32 inputs)

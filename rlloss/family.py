@@ -65,8 +65,7 @@ def mc_grpo_keep_mask(rewards: Tensor, *, group_size: Optional[int] = None, grou
         [B] bool on rewards' device. Select the kept rows (``x[keep]``) before the loss, as the paper's code
         does, or pass ``mask & keep[:, None]`` with ``num_sequences_in_batch`` set to the kept count.
     """
-    rewards = _checks.tensor("rewards", rewards)
-    index = _group_index(rewards, group_size, group_sizes, group_ids)
+    index = _group_index(rewards, group_size, group_sizes, group_ids)  # checks rewards: [B] floating, finite
     centered = group_advantages(rewards.double(), group_size=group_size, group_sizes=group_sizes,
                                 group_ids=group_ids, mode="median", backend=TORCH)
     return ~_first_per_group(centered == 0, index)
@@ -90,8 +89,7 @@ def d3s_sample_mask(advantages: Tensor, keep: int, *, group_size: Optional[int] 
     Returns:
         [B] bool, True for the kept completions.
     """
-    advantages = _checks.tensor("advantages", advantages)
-    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
+    advantages = _checks.floating("advantages", advantages)
     keep = _checks.integer("keep", keep)
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -125,8 +123,7 @@ def discounted_returns(rewards: Tensor, trajectory_ids: Tensor, gamma: float) ->
     Returns:
         [B] float64 returns.
     """
-    rewards = _checks.tensor("rewards", rewards)
-    _checks.dtype_in("rewards", rewards, _checks.FLOAT_DTYPES)
+    rewards = _checks.floating("rewards", rewards)
     trajectory_ids = _checks.tensor("trajectory_ids", trajectory_ids)
     if trajectory_ids.shape != rewards.shape:
         raise ValueError(f"trajectory_ids must have rewards' shape {tuple(rewards.shape)}, got "
@@ -195,15 +192,12 @@ def pairwise_advantages(rewards: Tensor, pair_weights: Optional[Tensor] = None, 
     Returns:
         [B] float64 advantages.
     """
-    rewards = _checks.tensor("rewards", rewards)
-    _checks.dtype_in("rewards", rewards, _checks.FLOAT_DTYPES)
-    index = _group_index(rewards, group_size, group_sizes, group_ids)
+    index = _group_index(rewards, group_size, group_sizes, group_ids)  # checks rewards: [B] floating, finite
     r = rewards.detach().double()
     same = (index[:, None] == index[None, :]) & ~torch.eye(r.numel(), dtype=torch.bool, device=r.device)
     w = torch.ones_like(same, dtype=torch.float64)
     if pair_weights is not None:
-        pair_weights = _checks.tensor("pair_weights", pair_weights)
-        _checks.dtype_in("pair_weights", pair_weights, _checks.FLOAT_DTYPES)
+        pair_weights = _checks.floating("pair_weights", pair_weights)
         if pair_weights.shape != same.shape:
             raise ValueError(f"pair_weights must be [B, B] = {tuple(same.shape)}, got {tuple(pair_weights.shape)}")
         w = pair_weights.detach().double()

@@ -452,11 +452,6 @@ def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, wei
 EMPTY = (0,)  # the shape of an absent optional result of a registered op
 
 
-def _options_args(options: LinearOptions) -> tuple:
-    return (options.temperature, options.softcap, options.ignore_index, options.backend, options.max_scratch_bytes,
-            options.batch_invariant)
-
-
 def token_logprobs_impl(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                        temperature: float, softcap: Optional[float], ignore_index: int, backend: str,
                        max_scratch_bytes: int, batch_invariant: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -525,11 +520,6 @@ def _token_logprobs_backward(ctx, g_logp, g_ent, *_):
 _token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
 
 
-def _linear_logprobs(h, w, b, t, options: LinearOptions):
-    logprobs, entropy, *_ = _token_logprobs_op(h, w, b, t, *_options_args(options))
-    return logprobs, entropy
-
-
 class _LogitsLogprobs(torch.autograd.Function):
     """(logprobs, entropy) [N] from logits [N, V] and targets [N]."""
 
@@ -578,11 +568,6 @@ def masked_targets(mask: object, targets: Tensor, ignore_index: int, check_value
         raise ValueError(f"mask must have targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
     _checks.same_device(targets=targets, mask=mask)
     return targets.masked_fill(~_checks.mask(mask, targets.shape, check_values), ignore_index)
-
-
-def _check_float_dtype(name: str, x: Tensor, backend: str) -> None:
-    allowed = accepted_dtypes(backend)
-    _checks.dtype_in(name, x, allowed)
 
 
 def _needs_graph(*tensors: Optional[Tensor]) -> bool:
@@ -658,7 +643,7 @@ def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, 
         _checks.ndim("bias", bias, 1, "[V]")
     _checks.same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     name = resolve_backend(backend, hidden.device)
-    _check_float_dtype("hidden", hidden, name)
+    _checks.dtype_in("hidden", hidden, accepted_dtypes(name))
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     V, D = weight.shape
@@ -793,17 +778,16 @@ def token_logprobs(
 
 def _reference_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor]:
     options = inputs.options
-    logprobs, entropy = reference.token_logprobs(
-        inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias, temperature=options.temperature,
-        softcap=options.softcap, ignore_index=options.ignore_index)
-    out_dtype = compute_dtype(inputs.hidden.dtype)
-    return logprobs.to(out_dtype), entropy.to(out_dtype)
+    out = reference.token_logprobs(inputs.hidden, inputs.weight, inputs.targets, bias=inputs.bias,
+                                   temperature=options.temperature, softcap=options.softcap,
+                                   ignore_index=options.ignore_index)
+    return tuple(x.to(compute_dtype(inputs.hidden.dtype)) for x in out)
 
 
 def _chunked_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor]:
     """The chunked executor, its elementwise pass in torch or in the kernels (``options.backend``). Forward only
     when nothing needs a gradient (teacher or old-policy passes): no autograd node."""
-    logprobs, entropy = _linear_logprobs(*prepare_linear(inputs), inputs.options)
+    logprobs, entropy, *_ = _token_logprobs_op(*prepare_linear(inputs), *inputs.options)
     return logprobs.view(inputs.targets.shape), entropy.view(inputs.targets.shape)
 
 
@@ -860,7 +844,7 @@ def logprobs_from_logits(
     targets = _check_targets(targets, logits.shape[:-1], "logits")
     _checks.same_device(logits=logits, targets=targets)
     name = resolve_backend(backend, logits.device)
-    _check_float_dtype("logits", logits, name)
+    _checks.dtype_in("logits", logits, accepted_dtypes(name))
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits must have a vocabulary dimension of at least 1, got V = 0")
@@ -881,10 +865,8 @@ def logprobs_from_logits(
 
 def _reference_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
                       inplace_backward: bool) -> Tuple[Tensor, Tensor]:
-    logprobs, entropy = reference.logprobs_from_logits(logits / options.temperature, targets,
-                                                       ignore_index=options.ignore_index)
-    out_dtype = compute_dtype(logits.dtype)
-    return logprobs.to(out_dtype), entropy.to(out_dtype)
+    out = reference.logprobs_from_logits(logits / options.temperature, targets, ignore_index=options.ignore_index)
+    return tuple(x.to(compute_dtype(logits.dtype)) for x in out)
 
 
 def _chunked_logits(logits: Tensor, targets: Tensor, options: LinearOptions,

@@ -12,6 +12,7 @@ kernels), the ``torch`` backend, the autograd function over the Triton kernels o
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -30,9 +31,7 @@ __all__ = ["SharedPrefixLayout", "shared_prefix_attention"]
 
 def _csr(lists: Sequence[Sequence[int]], device) -> Tuple[Tensor, Tensor]:
     """(ptr [len+1], values) int32 tensors of a list of int lists."""
-    ptr = [0]
-    for items in lists:
-        ptr.append(ptr[-1] + len(items))
+    ptr = list(itertools.accumulate(map(len, lists), initial=0))
     values = [v for items in lists for v in items]
     return (torch.tensor(ptr, dtype=torch.int32, device=device),
             torch.tensor(values if values else [0], dtype=torch.int32, device=device))
@@ -75,12 +74,7 @@ class SharedPrefixLayout:
                                  f"(starts[i] = lengths[0] + … + lengths[i-1]), got {start}")
             total += n
         self._check_parents(parents)
-        try:
-            device = torch.device(self.device)
-        except (TypeError, RuntimeError):
-            error = ValueError if isinstance(self.device, str) else TypeError
-            raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {self.device!r}") \
-                from None
+        device = _checks.device(self.device)
         for name, value in (("starts", starts), ("lengths", lengths), ("parents", parents), ("device", device)):
             object.__setattr__(self, name, value)
 
@@ -140,11 +134,8 @@ class SharedPrefixLayout:
         if len(lengths) != len(parents):
             raise ValueError(f"lengths and parents must have one entry per segment, got {len(lengths)} and "
                              f"{len(parents)}")
-        starts, total = [], 0
-        for n in lengths:
-            starts.append(total)
-            total += n
-        return cls(tuple(starts), lengths, parents, "cpu" if device is None else device)  # checked on construction
+        starts = tuple(itertools.accumulate(lengths[:-1], initial=0))
+        return cls(starts, lengths, parents, "cpu" if device is None else device)  # checked on construction
 
     @classmethod
     def from_groups(cls, prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]],
@@ -169,12 +160,8 @@ class SharedPrefixLayout:
                               why="every completion needs at least one token")
             if len(comps) == 0:
                 raise ValueError(f"group {g} has no completions; every group needs at least one")
-            root = len(lengths)
-            lengths.append(p_len)
-            parents.append(-1)
-            for s_len in comps:
-                lengths.append(s_len)
-                parents.append(root)
+            parents += [-1] + [len(lengths)] * len(comps)
+            lengths += [p_len, *comps]
         return cls.from_tree(lengths, parents, device)
 
     def to(self, device) -> "SharedPrefixLayout":
@@ -194,17 +181,13 @@ class SharedPrefixLayout:
 
     def _segment(self, segment: object) -> int:
         """``segment`` checked to be a segment index in [0, S) (a negative index would silently wrap)."""
-        if isinstance(segment, bool) or not isinstance(segment, int):
-            raise TypeError(f"segment must be an int, got {type(segment).__name__}")
-        if not 0 <= segment < self.num_segments:
+        if not 0 <= _checks.integer("segment", segment) < self.num_segments:
             raise ValueError(f"segment must lie in [0, {self.num_segments}), got {segment}")
         return segment
 
     @staticmethod
     def _positive(name: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < 1:
+        if _checks.integer(name, value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
         return value
 
@@ -228,14 +211,18 @@ class SharedPrefixLayout:
                 inside.add(s)
         return below
 
+    def _context_lengths(self) -> List[int]:
+        """Per segment, the tokens of its ancestors: where its positions start in its own sequence."""
+        above: List[int] = []
+        for p in self.parents:  # every parent precedes its children
+            above.append(0 if p == -1 else above[p] + self.lengths[p])
+        return above
+
     def position_ids(self) -> Tensor:
         """[total_tokens] int64: a token's position in its own root-to-segment sequence (each completion
         restarts at its prompt's length)."""
-        pieces = []
-        for s in range(self.num_segments):
-            offset = sum(self.lengths[a] for a in self.ancestors(s))
-            pieces.append(torch.arange(offset, offset + self.lengths[s]))
-        return torch.cat(pieces).to(self.device)
+        return torch.cat([torch.arange(a, a + n) for a, n in zip(self._context_lengths(), self.lengths)]).to(
+            self.device)
 
     def dense_mask(self) -> Tensor:
         """[T, T] bool: mask[i, j] = query i may attend to key j. For tests and the reference only."""
@@ -252,10 +239,7 @@ class SharedPrefixLayout:
     def attention_flops(self, head_dim: int, num_heads: int) -> int:
         """Forward FLOPs of the visible (query, key) pairs: 4·d·H per pair (QKᵀ and PV)."""
         head_dim, num_heads = self._positive("head_dim", head_dim), self._positive("num_heads", num_heads)
-        pairs = 0
-        for s in range(self.num_segments):
-            n = self.lengths[s]
-            pairs += n * sum(self.lengths[a] for a in self.ancestors(s)) + n * (n + 1) // 2
+        pairs = sum(n * a + n * (n + 1) // 2 for a, n in zip(self._context_lengths(), self.lengths))
         return 4 * head_dim * num_heads * pairs
 
     # --- device tables for the kernels ----------------------------------------------------------------
@@ -274,6 +258,7 @@ class SharedPrefixLayout:
         key = (self._positive("block", block), str(self.device))
         if key not in self._cache:
             ancestors = [self.ancestors(s) for s in range(self.num_segments)]
+            context = self._context_lengths()
             descendants = [[] for _ in range(self.num_segments)]
             for s in range(self.num_segments):  # stream order: each list comes out in stream order
                 for a in ancestors[s]:
@@ -281,12 +266,11 @@ class SharedPrefixLayout:
             block_segment, block_start, query_work, key_work = [], [], [], []
             for s in range(self.num_segments):
                 start, end = self.starts[s], self.starts[s] + self.lengths[s]
-                above = sum(self.lengths[a] for a in ancestors[s])
                 below = sum(self.lengths[c] for c in descendants[s])
                 for b in range(start, end, block):
                     block_segment.append(s)
                     block_start.append(b)
-                    query_work.append(above + min(b + block, end) - start)
+                    query_work.append(context[s] + min(b + block, end) - start)
                     key_work.append(end - b + below)
             heaviest_first = lambda work: sorted(range(len(work)), key=lambda i: -work[i])  # noqa: E731
             as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=self.device)  # noqa: E731
@@ -687,9 +671,8 @@ def shared_prefix_attention(
     q, k, v = (_checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
     if not isinstance(layout, SharedPrefixLayout):
         raise TypeError(f"layout must be a rlloss.SharedPrefixLayout, got {type(layout).__name__}")
-    _checks.ndim("q", q, 3, "[T, Hq, d]")
-    _checks.ndim("k", k, 3, "[T, Hkv, d]")
-    _checks.ndim("v", v, 3, "[T, Hkv, d]")
+    for n, x, shape in (("q", q, "[T, Hq, d]"), ("k", k, "[T, Hkv, d]"), ("v", v, "[T, Hkv, d]")):
+        _checks.ndim(n, x, 3, shape)
     T, Hq, d = q.shape
     if T != layout.total_tokens:
         raise ValueError(f"q must have layout.total_tokens = {layout.total_tokens} rows, got {T}")
@@ -703,8 +686,7 @@ def shared_prefix_attention(
         raise ValueError(f"q's heads Hq = {Hq} must be a multiple of k's heads Hkv = {k.shape[1]}")
     _checks.same_device(q=q, k=k, v=v)
     name = resolve_backend(backend, q.device)
-    allowed = accepted_dtypes(name)
-    _checks.dtype_in("q", q, allowed)
+    _checks.dtype_in("q", q, accepted_dtypes(name))
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     if uses_kernels(name) and not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:

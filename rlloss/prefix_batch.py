@@ -9,13 +9,14 @@ turns, branch points, unscored tool outputs, scored completions).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import _checks
 from .prefix_attention import SharedPrefixLayout
 
 __all__ = ["SharedPrefixBatch"]
@@ -41,8 +42,11 @@ def _token_ids(name: str, x: object) -> Tensor:
     return x
 
 
-def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor]) -> None:
-    """Raise naming the first id tensor that holds a negative id (-100 and the like are padding, not tokens)."""
+def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor], joined: Tensor) -> None:
+    """Raise naming the first id tensor that holds a negative id (-100 and the like are padding, not tokens):
+    one host sync for ``joined`` (the pieces concatenated); the culprit is looked for only on error."""
+    if not bool((joined < 0).any()):
+        return
     for name, x in zip(names, pieces):
         negative = x < 0
         if bool(negative.any()):
@@ -54,16 +58,6 @@ def _sequence(name: str, x: object) -> Sequence:
     if isinstance(x, Tensor) or not isinstance(x, (list, tuple)):
         raise TypeError(f"{name} must be a list of 1-D tensors, got {type(x).__name__}")
     return x
-
-
-def _resolve_device(device: object) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (TypeError, RuntimeError):
-        error = ValueError if isinstance(device, str) else TypeError
-        raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {device!r}") from None
 
 
 def _same_device(pieces: Sequence[Tensor], what: str) -> None:
@@ -143,7 +137,7 @@ class SharedPrefixBatch:
                              f"{len(groups)} lists")
         pieces: List[Tensor] = []
         names: List[str] = []
-        prompt_lengths, completion_lengths = [], []
+        prompt_lengths, completion_lengths, parents = [], [], []
         for g, (prompt, completions) in enumerate(zip(prompts, groups)):
             names.append(f"prompt_ids[{g}]")
             pieces.append(_token_ids(names[-1], prompt))
@@ -154,18 +148,13 @@ class SharedPrefixBatch:
             pieces += [_token_ids(name, c) for name, c in zip(names[-len(completions):], completions)]
             prompt_lengths.append(prompt.numel())
             completion_lengths.append(tuple(c.numel() for c in completions))
+            parents += [-1] + [len(parents)] * len(completions)
         _same_device(pieces, "prompt and completion ids")
         if packed == "auto":
             packed = cls.packing_pays(prompt_lengths, completion_lengths)
         if not packed:
             return cls._build_unpacked(pieces, names, prompt_lengths, completion_lengths, device)
-        layout_lengths, parents, scored = [], [], []
-        for P, lengths in zip(prompt_lengths, completion_lengths):
-            root = len(layout_lengths)
-            layout_lengths += [P, *lengths]
-            parents += [-1] + [root] * len(lengths)
-            scored += [False] + [True] * len(lengths)
-        return cls._build(pieces, names, layout_lengths, parents, scored, device)
+        return cls._build(pieces, names, parents, [s for s, p in enumerate(parents) if p != -1], device)
 
     @staticmethod
     def packing_pays(prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]], *,
@@ -194,10 +183,8 @@ class SharedPrefixBatch:
     def _build_unpacked(cls, pieces: List[Tensor], names: List[str], prompt_lengths: List[int],
                         completion_lengths: List[Tuple[int, ...]], device) -> "SharedPrefixBatch":
         """The padded batch: row c = [0-padding | prompt | completion c | 0-padding], L = P_max + S_max."""
-        device = _resolve_device(device)
-        flat = torch.cat(pieces)
-        if bool((flat < 0).any()):
-            _no_negative_ids(names, pieces)
+        device = None if device is None else _checks.device(device)
+        _no_negative_ids(names, pieces, torch.cat(pieces))
         P_max = max(prompt_lengths)
         S_max = max(max(c) for c in completion_lengths)
         L = P_max + S_max
@@ -207,8 +194,7 @@ class SharedPrefixBatch:
             for S in lengths:
                 completion, k = pieces[k], k + 1
                 rows.append(torch.cat([prompt.new_zeros(P_max - P), prompt, completion, prompt.new_zeros(S_max - S)]))
-                masks.append(torch.arange(L) >= P_max - P)
-                masks[-1] &= torch.arange(L) < P_max + S
+                masks.append((torch.arange(L) >= P_max - P) & (torch.arange(L) < P_max + S))
         input_ids = torch.stack(rows).to(device if device is not None else pieces[0].device)
         device = input_ids.device
         attention_mask = torch.stack(masks).long()
@@ -295,42 +281,41 @@ class SharedPrefixBatch:
                                  f"of the later tree of segment {tree[i - 1]}: store each tree's segments "
                                  "contiguously (e.g. depth-first)")
         _same_device(pieces, "segment ids")
-        return cls._build(pieces, names, [x.numel() for x in pieces], parents, list(scored), device)
+        return cls._build(pieces, names, parents, [s for s, flag in enumerate(scored) if flag], device)
 
     @classmethod
-    def _build(cls, pieces: List[Tensor], names: List[str], lengths: List[int], parents: Sequence[int],
-               scored: List[bool], device) -> "SharedPrefixBatch":
-        device = _resolve_device(device)
+    def _build(cls, pieces: List[Tensor], names: List[str], parents: Sequence[int], rows: List[Optional[int]],
+               device, width: Optional[int] = None) -> "SharedPrefixBatch":
+        """The one packer behind :meth:`pack`, :meth:`pack_tree` and ``build_teacher_inputs(packed=True)``: the
+        stream of the segments ``pieces`` (``names`` for errors; parents as in
+        :meth:`SharedPrefixLayout.from_tree`), with one row per entry of ``rows`` (a segment, or None for a row
+        of padding only), ``width`` wide (default the longest)."""
+        lengths = [x.numel() for x in pieces]
+        device = None if device is None else _checks.device(device)
         input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
-        if bool((input_ids < 0).any()):  # one host sync for the whole batch; the culprit is found only on error
-            _no_negative_ids(names, pieces)
+        _no_negative_ids(names, pieces, input_ids)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
         layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
-        rows = [s for s in range(len(lengths)) if scored[s]]
         roots = [s for s in range(len(lengths)) if parents[s] == -1]
         root_of = []
         for s, p in enumerate(parents):
             root_of.append(s if p == -1 else root_of[p])
-        predictor, token, mask, plan = _gather_tables(layout, rows)
+        predictor, token, mask, plan = _gather_tables(layout, rows, width)
         predictor, token, mask, plan = predictor.to(device), token.to(device), mask.to(device), plan.to(device)
         targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
         return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
                    prompt_lengths=tuple(lengths[r] for r in roots),
-                   completion_lengths=tuple(tuple(lengths[s] for s in rows if root_of[s] == r) for r in roots),
+                   completion_lengths=tuple(tuple(lengths[s] for s in rows if s is not None and root_of[s] == r)
+                                            for r in roots),
                    predictor_index=predictor, token_index=token, targets=targets, mask=mask, _plan=plan,
                    scored_segments=tuple(rows))
 
     def to(self, device) -> "SharedPrefixBatch":
         """The same batch with every tensor (and the layout) on ``device``."""
-        input_ids = self.input_ids.to(device)
-        device = input_ids.device
-        return SharedPrefixBatch(
-            input_ids=input_ids, position_ids=self.position_ids.to(device),
-            layout=None if self.layout is None else self.layout.to(device), prompt_lengths=self.prompt_lengths,
-            completion_lengths=self.completion_lengths, predictor_index=self.predictor_index.to(device),
-            token_index=self.token_index.to(device), targets=self.targets.to(device), mask=self.mask.to(device),
-            _plan=self._plan.to(device), scored_segments=self.scored_segments,
-            attention_mask=None if self.attention_mask is None else self.attention_mask.to(device))
+        device = self.input_ids.to(device).device  # "cuda" resolved to "cuda:0", as the layout wants
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: x.to(device) for name, x in values.items()
+                                if isinstance(x, (Tensor, SharedPrefixLayout, _GatherPlan))})
 
     # --- sizes ----------------------------------------------------------------------------------------
 

@@ -3,12 +3,13 @@
 :func:`build_teacher_inputs` lays out the two teacher contexts ``[prompt | prefix | r± | suffix | completion]``
 of every rollout as a right-padded batch for one causal-LM forward (:class:`TeacherInputs`) or, with
 ``packed=True``, as one shared-prefix stream holding each group's prompt and answers once
-(:class:`PackedTeacherInputs`, on the layout and gather tables of :mod:`rlloss.prefix_batch`); both give the
-same rows and the same :meth:`~TeacherInputs.split`, whose (ℓ⁺, ℓ⁻) pair feeds :func:`rlloss.contrastive_credit`
+(:class:`PackedTeacherInputs`, built by the one shared-prefix packer of :mod:`rlloss.prefix_batch`); both give
+the same rows and the same :meth:`~TeacherInputs.split`, whose (ℓ⁺, ℓ⁻) pair feeds :func:`rlloss.contrastive_credit`
 or ``LossConfig(credit=...)``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -20,13 +21,14 @@ from . import _checks
 from ._compat import renamed_keywords
 from .credit import check_credit_mode
 from .prefix_attention import SharedPrefixLayout
-from .prefix_batch import _GatherPlan, _gather_tables, gather_predictors
+from .prefix_batch import SharedPrefixBatch, _GatherPlan, gather_predictors
 
 __all__ = ["PackedTeacherInputs", "TeacherInputs", "build_teacher_inputs"]
 
 FALLBACKS = ("grpo", "rlsd")
 
 
+@dataclass(frozen=True, eq=False)
 class _TeacherRows:
     """What both teacher layouts share: R teacher rows (positive rows of the non-skipped rollouts in batch
     order, then their negative rows), each scoring one rollout's completion against ``targets`` [R, T]."""
@@ -36,6 +38,7 @@ class _TeacherRows:
     positive: Tensor
     skipped: Tensor
     rlsd: Tensor
+    negative_source: Tensor
 
     @property
     def num_rows(self) -> int:
@@ -99,12 +102,6 @@ class TeacherInputs(_TeacherRows):
     attention_mask: Tensor
     position_ids: Tensor
     logprob_positions: Tensor
-    targets: Tensor
-    rollout: Tensor
-    positive: Tensor
-    skipped: Tensor
-    rlsd: Tensor
-    negative_source: Tensor
     ignore_index: int = -100
 
     def model_inputs(self) -> Dict[str, Tensor]:
@@ -147,12 +144,6 @@ class PackedTeacherInputs(_TeacherRows):
     layout: Optional[SharedPrefixLayout]
     row_segments: Tuple[int, ...]
     logprob_positions: Tensor
-    targets: Tensor
-    rollout: Tensor
-    positive: Tensor
-    skipped: Tensor
-    rlsd: Tensor
-    negative_source: Tensor
     unpacked_tokens: int
     ignore_index: int = -100
     _plan: Optional[_GatherPlan] = field(default=None, repr=False)
@@ -189,37 +180,22 @@ def _token_list(name: str, values: object, length: int, *, optional: bool = Fals
         raise TypeError(f"{name} must be a list of 1-D int64 tensors, got {type(values).__name__}")
     if len(values) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(values)}")
-    out = []
-    for k, x in enumerate(values):
-        if x is None and optional:
-            out.append(None)
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor{' or None' if optional else ''}, "
-                            f"got {type(x).__name__}")
-        if x.dtype != torch.int64 or x.ndim != 1:
-            raise TypeError(f"{name}[{k}] must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} "
-                            f"of shape {tuple(x.shape)}")
-        out.append(_non_negative_ids(f"{name}[{k}]", x.detach().cpu()))
-    return out
+    return [None if x is None and optional else _ids(f"{name}[{k}]", x, " or None" if optional else "")
+            for k, x in enumerate(values)]
 
 
-def _non_negative_ids(name: str, x: Tensor) -> Tensor:
-    """Token ids must be >= 0 (they index an embedding); checked on the host copy."""
+def _ids(name: str, x: object, alternative: str = "") -> Tensor:
+    """The host copy of a 1-D int64 tensor of token ids, each >= 0 (they index an embedding)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a 1-D int64 tensor{alternative}, got {type(x).__name__}")
+    if x.dtype != torch.int64 or x.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
+                        f"{tuple(x.shape)}")
+    x = x.detach().cpu()
     if x.numel() and bool((x < 0).any()):
         position = int((x < 0).nonzero()[0, 0])
         raise ValueError(f"{name} must hold token ids >= 0, got {int(x[position])} at position {position}")
     return x
-
-
-def _optional_ids(name: str, x: Optional[Tensor]) -> Tensor:
-    if x is None:
-        return torch.zeros(0, dtype=torch.int64)
-    x = _checks.tensor(name, x)
-    if x.dtype != torch.int64 or x.ndim != 1:
-        raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
-                        f"{tuple(x.shape)}")
-    return _non_negative_ids(name, x.detach().cpu())
 
 
 @renamed_keywords(mode="credit")
@@ -326,8 +302,9 @@ def build_teacher_inputs(
         advantages = advantages.detach().cpu()
     if isinstance(reject_below, bool) or not isinstance(reject_below, (int, float)) or not math.isfinite(reject_below):
         raise TypeError(f"reject_below must be a finite number, got {reject_below!r}")
-    prefix = _optional_ids("answer_prefix_ids", answer_prefix_ids)
-    suffix = _optional_ids("answer_suffix_ids", answer_suffix_ids)
+    prefix, suffix = (torch.zeros(0, dtype=torch.int64) if x is None else _ids(name, x, " or None")
+                      for name, x in (("answer_prefix_ids", answer_prefix_ids),
+                                      ("answer_suffix_ids", answer_suffix_ids)))
     longest = max((c.numel() for c in completions), default=0)
     if completion_length is None:
         T = longest
@@ -337,33 +314,23 @@ def build_teacher_inputs(
             raise ValueError(f"completion_length must be >= the longest completion ({longest}), got {T}")
     pad_token_id = _checks.integer("pad_token_id", pad_token_id)
     ignore_index = _checks.integer("ignore_index", ignore_index)
-    if device is None:
-        device = completion_ids[0].device if B else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must name a torch device (e.g. 'cpu', 'cuda:0'), got {device!r}") from exc
+    device = _checks.device(device) if device is not None else completion_ids[0].device if B else torch.device("cpu")
 
     skipped = torch.zeros(B, dtype=torch.bool)
     rlsd = torch.zeros(B, dtype=torch.bool)
     negative_source = torch.full((G,), -1, dtype=torch.int64)
     negative_answer: List[Optional[Tensor]] = [None] * G
-    group_of = []
-    begin = 0
-    for g, size in enumerate(sizes):
-        members = range(begin, begin + size)
-        group_of += [g] * size
-        r = rewards[begin : begin + size]
+    group_of = [g for g, size in enumerate(sizes) for _ in range(size)]
+    for g, (begin, size) in enumerate(zip(itertools.accumulate(sizes[:-1], initial=0), sizes)):
+        span, members = slice(begin, begin + size), range(begin, begin + size)
         if advantages is not None:
-            for i in members:
-                skipped[i] = bool(advantages[i] == 0)
-        elif bool((r == r[0]).all()):
-            skipped[begin : begin + size] = True
-        if bool(skipped[begin : begin + size].all()):  # no teacher compute for this group at all
-            begin += size
+            skipped[span] = advantages[span] == 0
+        elif bool((rewards[span] == rewards[begin]).all()):
+            skipped[span] = True
+        if bool(skipped[span].all()):  # no teacher compute for this group at all
             continue
         if mode == "rlsd":
-            rlsd[begin : begin + size] = ~skipped[begin : begin + size]
+            rlsd[span] = ~skipped[span]
         else:
             candidates = [i for i in members if float(rewards[i]) < reject_below and wrong[i] is not None
                           and wrong[i].numel() > 0 and not torch.equal(wrong[i], answers[g])]
@@ -372,66 +339,53 @@ def build_teacher_inputs(
                 negative_source[g] = source
                 negative_answer[g] = wrong[source]
             elif fallback == "grpo":
-                skipped[begin : begin + size] = True
+                skipped[span] = True
             else:
-                rlsd[begin : begin + size] = ~skipped[begin : begin + size]
-        begin += size
+                rlsd[span] = ~skipped[span]
 
-    rows = []  # (rollout, positive, answer tokens)
-    for i in range(B):
-        if not skipped[i]:
-            rows.append((i, True, answers[group_of[i]]))
-    for i in range(B):
-        if not skipped[i] and not rlsd[i]:
-            rows.append((i, False, negative_answer[group_of[i]]))
+    rows = ([(i, True, answers[group_of[i]]) for i in range(B) if not skipped[i]]  # (rollout, positive, answer)
+            + [(i, False, negative_answer[group_of[i]]) for i in range(B) if not skipped[i] and not rlsd[i]])
 
+    targets = torch.full((len(rows), T), ignore_index, dtype=torch.int64)
+    for k, (i, _, _) in enumerate(rows):
+        targets[k, : completions[i].numel()] = completions[i]
+    common = {name: x.to(device) for name, x in dict(
+        targets=targets, rollout=torch.tensor([i for i, _, _ in rows], dtype=torch.int64),
+        positive=torch.tensor([p for _, p, _ in rows], dtype=torch.bool), skipped=skipped, rlsd=rlsd,
+        negative_source=negative_source).items()}
     heads = [torch.cat([prompts[group_of[i]], prefix, answer, suffix]) for i, _, answer in rows]
     if packed:
         return _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions,
-                                  group_of, skipped, rlsd, negative_source, T, ignore_index, device)
+                                  group_of, skipped, rlsd, T, ignore_index, device, common)
 
-    contexts, starts = [], []
-    for (i, _, _), head in zip(rows, heads):
-        contexts.append(torch.cat([head, completions[i]]))
-        starts.append(head.numel())
+    contexts = [torch.cat([head, completions[i]]) for (i, _, _), head in zip(rows, heads)]
     R = len(rows)
     L = max((c.numel() for c in contexts), default=0)
     input_ids = torch.full((R, L), pad_token_id, dtype=torch.int64)
     attention_mask = torch.zeros((R, L), dtype=torch.int64)
     positions = torch.zeros((R, T), dtype=torch.int64)
-    targets = torch.full((R, T), ignore_index, dtype=torch.int64)
-    for k, ((i, _, _), context, start) in enumerate(zip(rows, contexts, starts)):
-        n = completions[i].numel()
+    for k, ((i, _, _), context, head) in enumerate(zip(rows, contexts, heads)):
         input_ids[k, : context.numel()] = context
         attention_mask[k, : context.numel()] = 1
-        positions[k, :n] = torch.arange(start - 1, start - 1 + n)  # the output at p predicts token p + 1
-        targets[k, :n] = completions[i]
+        # the output at p predicts token p + 1
+        positions[k, : completions[i].numel()] = torch.arange(head.numel() - 1, context.numel() - 1)
     position_ids = torch.arange(L, dtype=torch.int64).expand(R, L).contiguous()
-
-    def to(x):
-        return x.to(device)
-
-    return TeacherInputs(
-        input_ids=to(input_ids), attention_mask=to(attention_mask), position_ids=to(position_ids),
-        logprob_positions=to(positions), targets=to(targets),
-        rollout=to(torch.tensor([i for i, _, _ in rows], dtype=torch.int64)),
-        positive=to(torch.tensor([p for _, p, _ in rows], dtype=torch.bool)),
-        skipped=to(skipped), rlsd=to(rlsd), negative_source=to(negative_source), ignore_index=ignore_index,
-    )
+    return TeacherInputs(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         position_ids=position_ids.to(device), logprob_positions=positions.to(device),
+                         ignore_index=ignore_index, **common)
 
 
 def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions, group_of,
-                       skipped, rlsd, negative_source, T, ignore_index, device) -> PackedTeacherInputs:
-    """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``)."""
-    lengths: List[int] = []
+                       skipped, rlsd, T, ignore_index, device, common) -> PackedTeacherInputs:
+    """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``): their segment tree,
+    packed as :meth:`SharedPrefixBatch.pack_tree` packs one, with the rows in the teacher's order."""
     parents: List[int] = []
     pieces: List[Tensor] = []
 
     def segment(tokens: Tensor, parent: int) -> int:
-        lengths.append(tokens.numel())
         parents.append(parent)
         pieces.append(tokens)
-        return len(lengths) - 1
+        return len(pieces) - 1
 
     members_of: List[List[int]] = [[] for _ in prompts]  # the rollouts with rows, per group
     for i, g in enumerate(group_of):
@@ -454,24 +408,14 @@ def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, s
                     completion_segment[(i, positive)] = segment(completions[i], parent)
     row_segments = [completion_segment.get((i, positive), -1) for i, positive, _ in rows]
     unpacked = sum(head.numel() + completions[i].numel() for (i, _, _), head in zip(rows, heads))
-
-    targets = torch.full((len(rows), T), ignore_index, dtype=torch.int64)
-    for k, (i, _, _) in enumerate(rows):
-        targets[k, : completions[i].numel()] = completions[i]
-    tensors = dict(targets=targets, rollout=torch.tensor([i for i, _, _ in rows], dtype=torch.int64),
-                   positive=torch.tensor([p for _, p, _ in rows], dtype=torch.bool), skipped=skipped, rlsd=rlsd,
-                   negative_source=negative_source)
     if not rows:
         empty = torch.zeros((1, 0), dtype=torch.int64, device=device)
         return PackedTeacherInputs(input_ids=empty, position_ids=empty, layout=None, row_segments=(),
                                    logprob_positions=torch.zeros((0, T), dtype=torch.int64, device=device),
-                                   unpacked_tokens=0, ignore_index=ignore_index,
-                                   **{name: x.to(device) for name, x in tensors.items()})
-    input_ids = torch.cat(pieces).to(device)
-    device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal the hidden's
-    layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
-    predictor, _, _, plan = _gather_tables(layout, [s if s >= 0 else None for s in row_segments], width=T)
+                                   unpacked_tokens=0, ignore_index=ignore_index, **common)
+    stream = SharedPrefixBatch._build(pieces, [f"segment {s}" for s in range(len(pieces))], parents,
+                                      [s if s >= 0 else None for s in row_segments], device, width=T)
     return PackedTeacherInputs(
-        input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
-        row_segments=tuple(row_segments), logprob_positions=predictor.to(device), unpacked_tokens=unpacked,
-        ignore_index=ignore_index, _plan=plan.to(device), **{name: x.to(device) for name, x in tensors.items()})
+        input_ids=stream.input_ids, position_ids=stream.position_ids, layout=stream.layout,
+        row_segments=tuple(row_segments), logprob_positions=stream.predictor_index, unpacked_tokens=unpacked,
+        ignore_index=ignore_index, _plan=stream._plan, **common)

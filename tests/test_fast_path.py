@@ -52,12 +52,12 @@ def test_token_logprobs_costs_eight_ndv(backend):
     hidden, weight, targets, *_ = _inputs()
     h, y = hidden.reshape(N, D), targets.reshape(N)
     opts = _options(backend)
-    args = (h, weight, None, y, *lp._options_args(opts))
+    args = (h, weight, None, y, *opts)
     forward = _flops(lambda: lp.token_logprobs_impl(*args))
     _, _, shift, total, ratio = lp.token_logprobs_impl(*args)
     g = torch.randn(N)
     backward = _flops(lambda: lp.token_logprobs_backward_impl(g, g, h, weight, None, y, shift, total, ratio,
-                                                              [True, True, False], *lp._options_args(opts)))
+                                                              [True, True, False], *opts))
     assert forward == 2 * N * D * V
     assert backward == 6 * N * D * V
 
@@ -68,7 +68,7 @@ def _fused_flops(config, backend, old, rollout_weights=None):
     normaliser = pl.aggregation_normaliser(config, mask)
     opts = _options(backend)
     args = (hidden.reshape(N, D), weight, None, y, old, adv, mask, None, None, None, None, rollout_weights, None, None,
-            normaliser, config.key, [True, True, False], *lp._options_args(opts))
+            normaliser, config.key, [True, True, False], *opts)
     forward = _flops(lambda: pl.fused_policy_loss_impl(*args))
     out = pl.fused_policy_loss_impl(*args)
     if out[2].numel():  # one pass: the backward only scales the gradients formed in the forward
@@ -76,7 +76,7 @@ def _fused_flops(config, backend, old, rollout_weights=None):
     shift, total, ratio, grad, _ = out[5:]
     backward = _flops(lambda: lp.token_logprobs_backward_impl(
         grad.reshape(-1), None, hidden.reshape(N, D), weight, None, y, shift, total, ratio, [True, True, False],
-        *lp._options_args(opts)))
+        *opts))
     return forward, backward
 
 
@@ -143,7 +143,7 @@ def test_opcheck_every_op():
     h = hidden.reshape(N, D).requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     y = torch.where(mask, targets, torch.full_like(targets, -100)).reshape(N)
-    opts = lp._options_args(_options("torch"))
+    opts = tuple(_options("torch"))
     torch.library.opcheck(torch.ops.rlloss.token_logprobs.default, (h, w, None, y, *opts))
     _, _, shift, total, ratio = lp.token_logprobs_impl(h.detach(), weight, None, y, *opts)
     g = torch.randn(N)

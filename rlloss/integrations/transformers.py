@@ -85,20 +85,11 @@ def _transformers():
 _LAYOUT_FACTS: "weakref.WeakKeyDictionary[SharedPrefixLayout, Dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
-def _longest_sequence(layout: SharedPrefixLayout) -> int:
-    """Tokens of the longest root-to-segment sequence (a prompt plus its longest completion)."""
+def _fact(layout: SharedPrefixLayout, key: Any, compute) -> Any:
+    """``compute()``, computed once per layout and ``key``."""
     facts = _LAYOUT_FACTS.setdefault(layout, {})
-    if "longest" not in facts:
-        facts["longest"] = max(sum(layout.lengths[a] for a in layout.ancestors(s)) + layout.lengths[s]
-                               for s in range(layout.num_segments))
-    return facts["longest"]
-
-
-def _expected_positions(layout: SharedPrefixLayout, device: torch.device) -> Tensor:
-    facts = _LAYOUT_FACTS.setdefault(layout, {})
-    key = ("positions", str(device))
     if key not in facts:
-        facts[key] = layout.position_ids().to(device)
+        facts[key] = compute()
     return facts[key]
 
 
@@ -143,15 +134,18 @@ def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_m
         if kwargs.get(name) is not None:
             raise ValueError(f"{where} uses {what} (`{name}`), which shared-prefix attention does not support")
     window = kwargs.get("sliding_window")
-    if window is not None and _longest_sequence(layout) > window:
-        raise ValueError(f"{where} uses a sliding window of {window} tokens but a packed sequence (prompt + "
-                         f"completion) has {_longest_sequence(layout)}; shared-prefix attention has no "
-                         "sliding-window mask, so it is exact only while every sequence fits in the window")
+    if window is not None:  # against the longest root-to-segment sequence (a prompt plus its longest completion)
+        longest = _fact(layout, "longest", lambda: max(map(sum, zip(layout._context_lengths(), layout.lengths))))
+        if longest > window:
+            raise ValueError(f"{where} uses a sliding window of {window} tokens but a packed sequence (prompt + "
+                             f"completion) has {longest}; shared-prefix attention has no sliding-window mask, so "
+                             "it is exact only while every sequence fits in the window")
     positions = kwargs.get("position_ids")
     if getattr(module, "layer_idx", None) == 0 and isinstance(positions, Tensor):
         # Once per forward (first layer): a missing position_ids (the model then counts 0..T-1) would silently
         # shift every completion's rotary positions.
-        expected = _expected_positions(layout, positions.device)
+        expected = _fact(layout, ("positions", str(positions.device)),
+                         lambda: layout.position_ids().to(positions.device))
         if positions.numel() != expected.numel() or not torch.equal(positions.reshape(-1), expected):
             raise ValueError("position_ids do not match the layout: pass position_ids=layout.position_ids()[None] "
                              "(SharedPrefixBatch.model_inputs() does), where each completion restarts at its "

@@ -132,11 +132,8 @@ def _logit_transform(model) -> tuple:
     """(softcap, logit_scale) TRL's fused LM head applies to the logits (trl.trainer.utils.add_fused_lm_head)."""
     text_config = model.config.get_text_config()
     softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
+    scale = next((getattr(text_config, name) for name in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                  if getattr(text_config, name, None) is not None), None)
     if scale is None and getattr(text_config, "logits_scaling", None) is not None:
         scaling = text_config.logits_scaling
         scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
@@ -164,28 +161,19 @@ def _install_hidden_forward(target) -> None:
     target._rlloss_hidden_forward = True
 
 
-def _patch_target(trainer):
-    model = trainer.model
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model()
-    return model
-
-
-def _check_trainer(trainer) -> None:
+def _setup(trainer) -> None:
+    trainer.rlloss_config = loss_config_from_grpo_config(trainer.args)
     if getattr(trainer, "aux_loss_enabled", False):
         raise ValueError("rlloss's GRPOTrainer cannot honour the MoE load-balancing loss (router_aux_loss_coef "
                          "≠ 0 on a model that returns router logits); set router_aux_loss_coef=0.0")
-
-
-def _setup(trainer) -> None:
-    trainer.rlloss_config = loss_config_from_grpo_config(trainer.args)
-    _check_trainer(trainer)
     if trainer.rlloss_config.token_select is not None and trainer.accelerator.num_processes > 1:
         warnings.warn(f"top_entropy_quantile={trainer.args.top_entropy_quantile} with "
                       f"{trainer.accelerator.num_processes} processes: rlloss takes the entropy quantile over each "
                       "process's micro-batch, TRL over the tokens gathered from every process, so the kept tokens "
                       "(and the loss) can differ from the stock trainer's", stacklevel=3)
-    target = _patch_target(trainer)
+    target = trainer.model
+    if hasattr(target, "get_base_model") and hasattr(target, "peft_config"):  # PEFT: patch the base model
+        target = target.get_base_model()
     _install_hidden_forward(target)
     trainer._rlloss_target = target
     trainer._rlloss_softcap, trainer._rlloss_logit_scale = _logit_transform(target)
@@ -229,10 +217,7 @@ def _rlloss_compute_loss(trainer, model, inputs):
         pass
     # TRL's head computes in the autocast dtype when autocast is on (GRPOConfig's default bf16=True), else in the
     # hidden states' dtype; in float32 with cast_lm_head_to_fp32. The same here (the casts carry the gradient).
-    if getattr(trainer.args, "cast_lm_head_to_fp32", False):
-        dtype = torch.float32
-    else:
-        dtype = autocast_dtype or hidden.dtype
+    dtype = torch.float32 if getattr(trainer.args, "cast_lm_head_to_fp32", False) else autocast_dtype or hidden.dtype
     hidden = hidden.to(device=weight.device, dtype=dtype)
     weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None

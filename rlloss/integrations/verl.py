@@ -463,15 +463,6 @@ def _forward_step(self, micro_batch, loss_function, forward_only):
     return loss, output
 
 
-def _check_engine(engine) -> None:
-    impl = _engine_module()
-    cls = type(engine)
-    if not isinstance(engine, impl.FSDPEngineWithLMHead) or \
-            cls.prepare_model_outputs is not impl.FSDPEngineWithLMHead.prepare_model_outputs:
-        raise TypeError(f"rlloss's verl actor patch takes verl's FSDPEngineWithLMHead (the actor / reference "
-                        f"engine), got {cls.__name__}")
-
-
 def patch_engine(engine: Any) -> Any:
     """Make one verl ``FSDPEngineWithLMHead`` (actor or reference) compute log-probs and entropy with
     :func:`rlloss.token_logprobs` from the last hidden states and the lm_head weight (in place; returns it).
@@ -487,7 +478,10 @@ def patch_engine(engine: Any) -> Any:
             ``use_fused_kernels``, ``calculate_sum_pi_squared``, top-K distillation, multimodal inputs, and a
             per-sample temperature with an lm_head bias or a logit soft-cap.
     """
-    _check_engine(engine)
+    stock = _engine_module().FSDPEngineWithLMHead
+    if not isinstance(engine, stock) or type(engine).prepare_model_outputs is not stock.prepare_model_outputs:
+        raise TypeError(f"rlloss's verl actor patch takes verl's FSDPEngineWithLMHead (the actor / reference "
+                        f"engine), got {type(engine).__name__}")
     if getattr(engine, "module", None) is not None:  # else installed at the first step (built by initialize())
         _install_logprob_forward(_inner_model(engine.module))
     engine.forward_step = types.MethodType(_patched_forward_step, engine)
