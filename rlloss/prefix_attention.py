@@ -331,14 +331,15 @@ class SharedPrefixLayout:
 _TORCH_BLOCKS = (16, 32, 64, 128, 256)
 # The cost model of a plan, in estimated nanoseconds of forward + backward (float32, d = 64; only the ratios
 # steer the choice): per (query, key) pair, q head and head-dim lane of SDPA, divided among the intra-op
-# threads; per gathered key row, kv head and lane (the copies, the gradient's scatter, SDPA's per-key work) and
-# per SDPA call (a bucket), which do not shrink with threads. Fitted on a 2-core x86 CPU to the block choices
-# that were fastest, interleaved, on 7 layouts at 1 and 2 threads : the
-# plan is within 0.2% of the best block on each. A per-call cost fitted at one core only, as before, picked
-# 64-row blocks where one 256-row call is 10% faster at 2 threads.
-_NS_PER_PAIR = 0.36
+# threads; per gathered key row, kv head and lane (the copies, the gradient's scatter, SDPA's per-key work),
+# which does not shrink with threads; per SDPA call (a bucket), which grows with them (each call's parallel
+# regions). Fitted on a 2-core x86 CPU at 1 and 2 threads (the forward + backward of every block size, with the
+# buckets planned for either thread count, on 7 layouts, timed interleaved on an idle machine), then set to the
+# values that pick the fastest block on each layout at both thread counts. A model fitted at one thread only
+# picked 64-row blocks where one 256-row call is 10–16% faster at 2 threads.
+_NS_PER_PAIR = 0.26
 _NS_PER_KEY_ROW = 10.0
-_NS_PER_CALL = 600_000.0
+_NS_PER_CALL = 250_000.0
 # Key counts are binned on a geometric grid of this ratio before the buckets are chosen (exactly, by dynamic
 # programming over the bins).
 _BUCKET_GRID = 1.25
@@ -394,9 +395,9 @@ def _block_key_ranges(layout: SharedPrefixLayout, block: int) -> List[List[Tuple
     return ranges
 
 
-def _buckets(block_keys: List[int], ns_per_key: float) -> Tuple[float, List[List[int]]]:
+def _buckets(block_keys: List[int], ns_per_key: float, ns_per_call: float) -> Tuple[float, List[List[int]]]:
     """(estimated ns, buckets): the blocks grouped into buckets, each padded to its largest key count, at the
-    least cost ``Σ (_NS_PER_CALL + blocks · K · ns_per_key)``. Exact over key counts binned on the
+    least cost ``Σ (ns_per_call + blocks · K · ns_per_key)``. Exact over key counts binned on the
     `_BUCKET_GRID` grid: a bucket is a run of consecutive bins (dynamic programming over ≤ log_1.25(T) bins)."""
     bins: Dict[int, List[int]] = {}
     for b, n in enumerate(block_keys):
@@ -410,7 +411,7 @@ def _buckets(block_keys: List[int], ns_per_key: float) -> Tuple[float, List[List
         count = 0
         for j in range(i - 1, -1, -1):
             count += sizes[j]
-            cost = best[j] + _NS_PER_CALL + count * widths[i - 1] * ns_per_key
+            cost = best[j] + ns_per_call + count * widths[i - 1] * ns_per_key
             if cost < best[i]:
                 best[i], cut[i] = cost, j
     buckets, i = [], len(levels)
@@ -439,7 +440,8 @@ def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: 
     for size in _TORCH_BLOCKS if block is None else (block,):
         ranges = _block_key_ranges(layout, size)
         ns, buckets = _buckets([sum(n for _, n in r) for r in ranges],
-                               d * (size * Hq * _NS_PER_PAIR / threads + Hkv * _NS_PER_KEY_ROW))
+                               d * (size * Hq * _NS_PER_PAIR / threads + Hkv * _NS_PER_KEY_ROW),
+                               _NS_PER_CALL * threads)
         choices[size] = (ns, ranges, buckets)
     block = min(choices, key=lambda size: choices[size][0])
     _, ranges, buckets = choices[block]
