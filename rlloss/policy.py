@@ -700,17 +700,11 @@ def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
                     write_grad_entropy: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """(d(loss)/dℓ_t, d(loss)/dH_t) of a token-level loss for any set of tokens: what the one-pass fused
     loss asks for each chunk. Not for sequence-level ratios (their gradient needs the whole sequence)."""
-    if write_grad_entropy:
-        def loss(lp, ent):
-            return token_terms(config, lp, tokens, token_ratio(config, lp, tokens), entropy=ent).loss, ()
+    def loss(lp, ent=None):
+        return token_terms(config, lp, tokens, token_ratio(config, lp, tokens), entropy=ent).loss, ()
 
-        _, _, (grad, grad_ent) = _vjp(loss, logp, entropy)
-        return grad, grad_ent
-
-    def loss(lp):
-        return token_terms(config, lp, tokens, token_ratio(config, lp, tokens)).loss, ()
-
-    return _vjp(loss, logp)[2][0], None
+    grads = _vjp(loss, logp, entropy)[2] if write_grad_entropy else _vjp(loss, logp)[2]
+    return grads[0], (grads[1] if write_grad_entropy else None)
 
 
 def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs, n_safe: Tensor,
@@ -801,16 +795,21 @@ def loss_inputs(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs,
 @_outside_inference_mode
 def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
                 normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
-                clip_range=(None, None)):
-    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype."""
+                clip_range=(None, None), with_grads=True):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype; without
+    ``with_grads`` the gradients are None and no autograd runs."""
     logp, ent, rollout, tokens, n_safe = loss_inputs(
         logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
         pos_logprobs, neg_logprobs, rollout_weights, clip_range)
-    if write_grad_entropy:
-        _, stats, (grad, grad_ent) = _vjp(lambda lp, h: _loss_rows(config, lp, h, tokens, n_safe, rollout), logp, ent)
-    else:
-        _, stats, (grad,) = _vjp(lambda lp: _loss_rows(config, lp, ent, tokens, n_safe, rollout), logp)
-        grad_ent = None
+    if not with_grads:
+        with torch.no_grad():
+            return _loss_rows(config, logp, ent, tokens, n_safe, rollout)[1], None, None
+
+    def loss(lp, h=ent):
+        return _loss_rows(config, lp, h, tokens, n_safe, rollout)
+
+    _, stats, grads = _vjp(loss, logp, ent) if write_grad_entropy else _vjp(loss, logp)
+    grad, grad_ent = grads[0], (grads[1] if write_grad_entropy else None)
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
     return stats, grad, grad_ent
@@ -840,7 +839,8 @@ def policy_loss_and_grads(
     neg_logprobs: Optional[Tensor] = None,
     rollout_weights: Optional[Tensor] = None,
     clip_range: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
-) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Optional[Tensor]]:
+    with_grads: bool = True,
+) -> Tuple[Tensor, Dict[str, Tensor], Optional[Tensor], Optional[Tensor]]:
     """The policy loss, its metrics and its gradients w.r.t. the log-probs and entropy, computed together.
 
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
@@ -850,7 +850,8 @@ def policy_loss_and_grads(
     ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights;
     ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
     :func:`check_clip_range`). The gradients are the kernel's, or (torch) autograd's on the per-token loss
-    alone: nothing here joins the caller's autograd graph.
+    alone: nothing here joins the caller's autograd graph. ``with_grads=False`` (the one-pass fused loss, whose
+    chunks formed them) skips the torch gradients and returns None for both.
 
     Returns:
         (loss, metrics, grad_logprobs, grad_entropy): the 0-d loss (float32, float64 for float64 log-probs on the
@@ -868,7 +869,7 @@ def policy_loss_and_grads(
             or rollout_weights is not None or clip_range[0] is not None):
         stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
                                             rollout_logprobs, config, normaliser, write_grad_entropy,
-                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range)
+                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range, with_grads)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = kernels("policy").policy_loss_rows(
@@ -889,7 +890,7 @@ def policy_loss_and_grads(
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     metrics = _metrics_from_stats(stats, names)
     loss = stats[:, _S["loss"]].sum()
-    grad = grad.to(logprobs.dtype)
+    grad = grad.to(logprobs.dtype) if grad is not None else None
     grad_ent = grad_ent.to(entropy.dtype) if grad_ent is not None else None
     return loss, metrics, grad, grad_ent
 
@@ -1273,7 +1274,7 @@ def fused_pass(
     loss, metrics, grad, grad_ent = policy_loss_and_grads(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
         rollout_logprobs, cfg, normaliser, TORCH, pos_logprobs, neg_logprobs, rollout_weights,
-        (epsilon_low, epsilon_high))
+        (epsilon_low, epsilon_high), with_grads=not fused)  # one pass: the chunks formed them
     empty = hidden.new_empty(EMPTY)
     if fused:
         grads = tuple(g if g is not None else empty.clone() for g in result[3:])
