@@ -1,27 +1,12 @@
-"""Triton kernels for group-relative advantages (docs/math.md §2).
+"""Triton kernels for group-relative advantages (docs/math.md §2; algorithms and costs in
+docs/api/group_advantages.md, "Conventions" and "Backends and cost").
 
 One program per group: groups are consecutive runs of the rewards delimited by ``offsets`` [num_groups + 1],
-of any size and any mix of sizes, and a program loops over its group in blocks of BLOCK rewards.
-
-- Mean-based modes (grpo, no_std, batch_std, rloo, gpg, opo, the residuals of reinforce_plus_plus_baseline)
-  take two or three passes: the shifted sum (and the largest shifted magnitude), the sum of squared residuals
-  (grpo only), then the advantages. Every reward is first shifted by the group's first reward, so a group of
-  equal rewards has residuals of exactly 0 and gives exactly 0 (not rounding noise divided by ε), and large
-  offsets shared by a group cost no precision.
-- Group statistics are accumulated in float64 whatever the rewards' dtype, and the squares of the std are
-  taken of residuals divided by the group's largest |R − pivot|: no square overflows or underflows, so
-  rewards of any magnitude (1e-30 … 1e30 in float32, and far beyond in float64) give advantages exact to a
-  few ulps of the output dtype.
-- grpo_passk needs the group's two largest rewards (with multiplicity): a max pass, then a pass counting the
-  maximum's copies and taking the largest reward below it.
-- Order-based modes (median, median_mad, rank_gaussian) need each reward's place in the group's sorted
-  order. A program finds it by counting over [BLOCK, BLOCK] tiles, O(G²) comparisons, exact for any size:
-  reward i holds the sorted positions [#{j: R_j < R_i}, #{j: R_j ≤ R_i}); its mean rank (ties share theirs)
-  is the middle of that range and the k-th order statistic is the reward whose range contains k. They
-  compare and subtract in the rewards' compute dtype (float32, float64 for float64 rewards), which is exact.
-- Batch-wide statistics (σ_batch of batch_std; the token-weighted mean and std that whiten the
-  reinforce_plus_plus modes) come from a one-program moments kernel; the whitening itself, and remax's
-  R − b, are elementwise kernels over blocks.
+of any size and any mix of sizes, and a program loops over its group in blocks of BLOCK rewards. The mean
+modes shift every reward by the group's first one (a constant group gives exactly 0, and a large shared
+offset costs no precision) and accumulate in float64 with scaled squares (_centre, _group_std); the order
+modes count over [BLOCK, BLOCK] tiles, O(G²) and exact for ties (_count_below); the batch-wide statistics
+come from a one-program moments kernel, the whitening and remax's R − b from elementwise kernels.
 
 Floating-point scalars (ε, σ_batch, GPG's α, the batch mean) travel in a small float64 tensor, because float
 kernel arguments and bare float literals are float32 in compiled Triton.
@@ -40,7 +25,6 @@ import triton
 import triton.language as tl
 
 ORDER_MODES = ("median", "median_mad", "rank_gaussian")
-PASSK_MODES = ("grpo_passk", "grpo_passk_no_std")
 # Modes whose group pass reads the completions' token counts, and modes whitened over the batch afterwards.
 WEIGHTED_MODES = ("opo",)
 WHITENED_MODES = ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -367,14 +351,10 @@ def _group_advantages_kernel(rewards_ptr, lengths_ptr, out_ptr, offsets_ptr, sca
     eps = tl.load(scalars_ptr + EPS_SLOT)
     if MODE == "rank_gaussian":
         _rank_gaussian(rewards_ptr, out_ptr, begin, end, BLOCK, COMPUTE)
-    elif MODE == "median":
-        _median_modes(rewards_ptr, out_ptr, begin, end, eps, False, BLOCK, COMPUTE)
-    elif MODE == "median_mad":
-        _median_modes(rewards_ptr, out_ptr, begin, end, eps, True, BLOCK, COMPUTE)
-    elif MODE == "grpo_passk":
-        _passk(rewards_ptr, out_ptr, begin, end, eps, True, BLOCK, COMPUTE)
-    elif MODE == "grpo_passk_no_std":
-        _passk(rewards_ptr, out_ptr, begin, end, eps, False, BLOCK, COMPUTE)
+    elif MODE == "median" or MODE == "median_mad":
+        _median_modes(rewards_ptr, out_ptr, begin, end, eps, MODE == "median_mad", BLOCK, COMPUTE)
+    elif MODE == "grpo_passk" or MODE == "grpo_passk_no_std":
+        _passk(rewards_ptr, out_ptr, begin, end, eps, MODE == "grpo_passk", BLOCK, COMPUTE)
     else:
         batch_std = tl.load(scalars_ptr + BATCH_STD_SLOT)
         alpha = tl.load(scalars_ptr + ALPHA_SLOT)

@@ -74,6 +74,11 @@ def _check_group_size(group_size: object, B: int) -> int:
     return group_size
 
 
+def _check_integer_dtype(name: str, x: Tensor) -> None:
+    if x.dtype == torch.bool or x.dtype.is_floating_point or x.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {str(x.dtype).replace('torch.', '')}")
+
+
 def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -> Tensor:
     """group_sizes as an int64 tensor: 1-D integers, each >= 1, summing to B.
 
@@ -81,9 +86,7 @@ def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -
     tensor) only with check_inputs; without, it stays where it is, checked for dtype and rank only.
     """
     if isinstance(group_sizes, Tensor):
-        if group_sizes.dtype == torch.bool or group_sizes.dtype.is_floating_point or group_sizes.is_complex():
-            dtype = str(group_sizes.dtype).replace("torch.", "")
-            raise TypeError(f"group_sizes must hold integers, got dtype {dtype}")
+        _check_integer_dtype("group_sizes", group_sizes)
         _checks.ndim("group_sizes", group_sizes, 1, "[num_groups]")
         if group_sizes.numel() == 0 and B > 0:
             raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got no groups")
@@ -95,13 +98,6 @@ def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"group_sizes must hold ints, got an element of type {type(s).__name__}")
         sizes = torch.tensor(list(group_sizes), dtype=torch.int64)
-        if any(s < 1 for s in group_sizes):
-            empty = next(i for i, s in enumerate(group_sizes) if s < 1)
-            raise ValueError(
-                f"group_sizes must all be >= 1 (no empty groups), got {group_sizes[empty]} at index {empty}")
-        if sum(group_sizes) != B:
-            raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got a sum of {sum(group_sizes)}")
-        return sizes
     else:
         raise TypeError(
             f"group_sizes must be a 1-D integer tensor or a sequence of ints, got {type(group_sizes).__name__}"
@@ -139,8 +135,7 @@ def check_grouping(rewards: Tensor, group_size: object, group_sizes: object, gro
 def _check_group_ids(group_ids: object, rewards: Tensor) -> Tensor:
     """group_ids: an integer tensor of rewards' shape [B] on rewards' device (any values, in any order)."""
     group_ids = _checks.tensor("group_ids", group_ids)
-    if group_ids.dtype == torch.bool or group_ids.dtype.is_floating_point or group_ids.is_complex():
-        raise TypeError(f"group_ids must hold integers, got dtype {str(group_ids.dtype).replace('torch.', '')}")
+    _check_integer_dtype("group_ids", group_ids)
     _per_completion("group_ids", group_ids, rewards)
     return group_ids.detach()
 
@@ -490,61 +485,12 @@ def group_advantages(
     The rewards are split into consecutive groups (the completions of one prompt): runs of ``group_size``,
     or of the lengths in ``group_sizes``; or into the groups of equal ``group_ids``, whose members may sit
     anywhere in the batch (a second grouping level, e.g. GiGPO's anchor states: docs/math.md §9). With μ_g,
-    σ_g the mean and unbiased std of group g (size G):
-
-    ================  =====================================================  ======================================
-    mode              A_i                                                    reproduces
-    ================  =====================================================  ======================================
-    ``grpo``          (R_i − μ_g)/(σ_g + ε)                                  TRL scale_rewards="group" (ε=1e-4),
-                                                                             verl grpo (ε=1e-6; see singletons)
-    ``no_std``        R_i − μ_g                                              Dr. GRPO; TRL scale_rewards="none";
-                                                                             verl norm_adv_by_std_in_grpo=False
-    ``batch_std``     (R_i − μ_g)/(σ_batch + ε), σ_batch the unbiased std    TRL scale_rewards="batch"
-                      of all B rewards (0 when B = 1)
-    ``rloo``          G/(G−1)·(R_i − μ_g)                                    RLOO; verl rloo
-    ``median``        R_i − med_g                                            MC-GRPO without scaling
-    ``median_mad``    (R_i − med_g)/(MAD_g + ε), MAD_g = med_g|R − med_g|    MC-GRPO (ε=1e-3)
-    ``rank_gaussian`` Φ⁻¹((rank_i − ½)/G), ties share their mean rank        G²RPO
-    ``mc_grpo``       ``median_mad`` (ε = 1e-3), then the non-zero A_i of    MC-GRPO, complete (its G + 1 group;
-                      each group times G/#{j: |A_j| > 1e-6}                  drop the pivot with
-                                                                             :func:`rlloss.family.mc_grpo_keep_mask`)
-    ================  =====================================================  ======================================
-
-    verl's other outcome estimators (``algorithm.adv_estimator``), written from verl's
-    ``verl/trainer/ppo/core_algos.py``; n_i is completion i's token count (``response_lengths``):
-
-    ==================================  ===========================================================================
-    mode                                A_i
-    ==================================  ===========================================================================
-    ``gpg``                             α·(R_i − μ_g), α = B / max(#{j: R_j ≠ 0}, 1) over the whole batch
-    ``grpo_passk``                      (R_max − R_second)/(σ_g + ε) for the group's best completion, 0 for the
-                                        others; R_second the second largest with multiplicity (a tied best: all 0)
-    ``grpo_passk_no_std``               R_max − R_second for the best, 0 for the others
-                                        (verl grpo_passk with norm_adv_by_std_in_grpo=False)
-    ``opo``                             R_i − Σ_g n_j R_j / Σ_g n_j (length-weighted group baseline; 0 for a
-                                        group without any token)
-    ``reinforce_plus_plus``             (R_i − μ)/√(σ² + ε), μ and σ (unbiased, N − 1) over all N = Σ n_j
-                                        counted tokens of the batch, each completion counted n_i times:
-                                        verl's masked_whiten of the γ = 1 returns; no groups needed
-    ``reinforce_plus_plus_baseline``    the same whitening of R_i − μ_g
-    ``remax``                           R_i − b_i, b_i = ``baselines[i]`` (the greedy completion's reward);
-                                        no groups needed
-    ==================================  ===========================================================================
-
-    med is the lower median (sorted position ⌊(G−1)/2⌋, as torch.median). A group whose rewards are all
-    equal gives exactly 0 in every grouped mode (before the batch whitening of reinforce_plus_plus_baseline),
-    never rounding noise divided by ε and never NaN; a zero denominator (possible only with ε = 0) gives 0.
-    Statistics are accumulated in float64, and squares are taken of residuals scaled by the group's largest
-    |R − R_first| wherever float64's range could be exceeded, so rewards of any magnitude (1e-30 … 1e30 in
-    float32, 1e±200 in float64) give advantages exact to a few ulps.
-
-    Singletons: a group of one carries no comparison. With ``singleton="zero"`` (the default, as TRL) its
-    advantage is 0 (its residual is 0 before the whitening of reinforce_plus_plus_baseline). verl instead
-    gives a group of one mean 0 and std 1, so its ``grpo`` is R/(1 + ε), its ``no_std``, ``rloo`` and ``opo``
-    are R, its ``gpg`` α·R (verl's ``rloo_vectorized`` gives 0); ``singleton="verl"`` reproduces that in the
-    modes where verl has that rule (grpo, no_std, rloo, gpg, opo, reinforce_plus_plus_baseline; a ValueError
-    for the others — verl's grpo_passk rejects groups of one). So ``grpo`` equals verl's grpo either with
-    ``singleton="verl"`` or when no group has a single completion.
+    σ_g the mean and unbiased std of group g, ``grpo`` gives A_i = (R_i − μ_g)/(σ_g + ε); the formula of
+    every mode and the TRL / verl setting it reproduces are tabled in docs/api/group_advantages.md ("Modes"),
+    its conventions under "Conventions" there: a group of equal rewards gives exactly 0 in every grouped mode
+    (never NaN), a zero denominator (ε = 0 only) gives 0, medians are lower medians, statistics are exact to
+    a few ulps at any reward magnitude, and ``singleton`` picks TRL's (A = 0) or verl's (mean 0, std 1) rule
+    for a group of one.
 
     Args:
         rewards: [B] float16, bfloat16, float32 or float64, finite.
@@ -555,7 +501,7 @@ def group_advantages(
             sort and one host read (the number of groups).
             Exactly one of ``group_size``, ``group_sizes`` and ``group_ids`` must be given, except for the modes
             without groups (``reinforce_plus_plus``, ``remax``), where all are optional and unused.
-        mode: one of ``ALL_MODES`` (the tables above).
+        mode: one of ``ALL_MODES`` (their formulas: docs/api/group_advantages.md).
         eps: ε >= 0. Added to the denominator σ in ``grpo``, ``batch_std``, ``median_mad`` and ``grpo_passk``
             (default 1e-6, verl's epsilon) and to the variance under the square root in the
             ``reinforce_plus_plus`` modes (default 1e-8, verl's masked_whiten); unused by the other modes.
@@ -594,26 +540,34 @@ def group_advantages(
     """
     _checks.boolean("check_inputs", check_inputs)
     rewards = _check_rewards(rewards, check_inputs).detach()
-    B = rewards.shape[0]
     mode = _check_mode(mode)
     grouped = mode not in _UNGROUPED_MODES
     group_size, sizes, group_ids = check_grouping(rewards, group_size, group_sizes, group_ids, grouped, check_inputs)
-    if group_ids is not None:
-        return _by_group_ids(rewards, group_ids, mode=mode, eps=eps, singleton=singleton,
-                             response_lengths=response_lengths, baselines=baselines, check_inputs=check_inputs,
-                             backend=backend)
     sizes_on_host = sizes is not None and sizes.device.type == "cpu" and (
         check_inputs or not isinstance(group_sizes, Tensor))
     eps = _check_eps(eps, mode)
     _check_singleton(singleton, mode)
     lengths = _check_response_lengths(response_lengths, mode, rewards, check_inputs)
     baselines = _check_baselines(baselines, mode, rewards, check_inputs)
-    impl = _backend.implementation(_IMPLEMENTATIONS, resolve_backend(backend, rewards.device))
+    name = resolve_backend(backend, rewards.device)
+    impl = _backend.implementation(_IMPLEMENTATIONS, name)
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
 
-    if B == 0:
+    if rewards.shape[0] == 0:
         return torch.empty((0,), dtype=out_dtype, device=rewards.device)
-    return impl(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines).to(out_dtype)
+    if group_ids is not None and _backend.is_reference(name):
+        return reference.group_advantages(rewards, None, group_ids=group_ids, mode=mode, eps=eps, singleton=singleton,
+                                          response_lengths=lengths, baselines=baselines).to(out_dtype)
+    if group_ids is None:
+        return impl(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines).to(out_dtype)
+    # The batch sorted by id (stably) is a run of consecutive groups; the advantages go back to the original order.
+    order = torch.argsort(group_ids, stable=True)
+    sizes = torch.unique_consecutive(group_ids[order], return_counts=True)[1]  # one host read (their number)
+    if check_inputs:  # read on the host, as a checked group_sizes tensor, so the blocks fit the largest group
+        sizes = sizes.cpu()
+    lengths, baselines = (None if x is None else x[order] for x in (lengths, baselines))
+    sorted_advantages = impl(rewards[order], None, sizes, check_inputs, mode, eps, singleton, lengths, baselines)
+    return torch.empty_like(sorted_advantages).index_copy_(0, order, sorted_advantages).to(out_dtype)
 
 
 # One signature for every backend: checked rewards [B] (B > 0), the grouping (group_size or [G] sizes, and whether
@@ -649,27 +603,3 @@ def _kernel_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, sin
 
 
 _IMPLEMENTATIONS = dict(reference=_reference_advantages, torch=_torch_advantages, kernel=_kernel_advantages)
-
-
-def _by_group_ids(rewards: Tensor, group_ids: Tensor, *, mode, eps, singleton, response_lengths, baselines,
-                  check_inputs, backend) -> Tensor:
-    """:func:`group_advantages` over the groups of equal ``group_ids``: the batch sorted by id (stably) is a
-    run of consecutive groups; the advantages go back to the original order."""
-    if _backend.is_reference(resolve_backend(backend, rewards.device)):
-        _check_singleton(singleton, mode)
-        out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-        return reference.group_advantages(
-            rewards, None, group_ids=group_ids, mode=mode, eps=_check_eps(eps, mode), singleton=singleton,
-            response_lengths=_check_response_lengths(response_lengths, mode, rewards, check_inputs),
-            baselines=_check_baselines(baselines, mode, rewards, check_inputs)).to(out_dtype)
-    order = torch.argsort(group_ids, stable=True)
-    sizes = torch.unique_consecutive(group_ids[order], return_counts=True)[1]  # one host read (their number)
-
-    def permuted(x):
-        return x[order] if isinstance(x, Tensor) and x.shape == rewards.shape else x
-
-    sorted_advantages = group_advantages(
-        rewards[order], group_sizes=sizes, mode=mode, eps=eps, singleton=singleton,
-        response_lengths=permuted(response_lengths), baselines=permuted(baselines), check_inputs=check_inputs,
-        backend=backend)
-    return torch.empty_like(sorted_advantages).index_copy_(0, order, sorted_advantages)
