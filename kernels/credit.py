@@ -1,5 +1,4 @@
-"""Triton kernel for the contrastive-teacher token credit (docs/math.md §7): Â_t = A·((1−λ) + λ·w_t)·m_t with
-w_t = clip(exp(s·Δ_t), 1−ε_w, 1+ε_w), s = sign(A), Δ_t = ℓ⁺_t − ℓ⁻_t (CEPO) or ℓ⁺_t − ℓ°_t (RLSD).
+"""Triton kernel for the contrastive-teacher token credit Â_t = A·((1−λ) + λ·w_t)·m_t (docs/math.md §7).
 
 ``credit_advantage`` is the per-token formula; the policy-loss kernel (``kernels.policy``) calls the same
 function on the advantage it loads, so the credit is formed inside the loss without an extra [B, T] pass.

@@ -1,11 +1,9 @@
-"""Group-relative advantages (docs/math.md §2): GRPO, Dr. GRPO, batch-std, RLOO, median (MC-GRPO) and
-rank-Gaussian normalisation of per-completion rewards, over groups of equal or varying size, and verl's
-outcome estimators that fit one-reward-per-completion: GPG, GRPO pass@k, OPO, REINFORCE++ (with and without
-group baseline) and ReMax.
+"""Group-relative advantages of per-completion rewards (docs/math.md §2; every mode and its source:
+docs/api/group_advantages.md), over groups of equal or varying size.
 
-Layout of this module: the argument checks, the vectorised ``torch`` backend, and the public API. The Triton
-kernel lives in ``rlloss.kernels.advantages``; the naive oracle in ``rlloss.reference``. Advantages carry no
-gradient (rewards come from outside the graph), so there is no autograd function: the result is detached.
+The argument checks, the vectorised ``torch`` backend and the public API; the Triton kernel lives in
+``rlloss.kernels.advantages``, the naive oracle in ``rlloss.reference``. Advantages carry no gradient (rewards
+come from outside the graph), so there is no autograd function: the result is detached.
 """
 from __future__ import annotations
 
@@ -123,21 +121,16 @@ def check_grouping(rewards: Tensor, group_size: object, group_sizes: object, gro
     if grouped and not given:
         raise ValueError("exactly one of group_size, group_sizes and group_ids must be given, got none")
     B = rewards.shape[0]
-    if group_ids is not None:
-        return None, None, _check_group_ids(group_ids, rewards)
+    if group_ids is not None:  # any integer values, in any order
+        group_ids = _checks.tensor("group_ids", group_ids)
+        _check_integer_dtype("group_ids", group_ids)
+        _per_completion("group_ids", group_ids, rewards)
+        return None, None, group_ids.detach()
     if group_size is not None:
         return _check_group_size(group_size, B), None, None
     if group_sizes is not None:
         return None, _check_group_sizes(group_sizes, B, check_inputs), None
     return None, None, None
-
-
-def _check_group_ids(group_ids: object, rewards: Tensor) -> Tensor:
-    """group_ids: an integer tensor of rewards' shape [B] on rewards' device (any values, in any order)."""
-    group_ids = _checks.tensor("group_ids", group_ids)
-    _check_integer_dtype("group_ids", group_ids)
-    _per_completion("group_ids", group_ids, rewards)
-    return group_ids.detach()
 
 
 def _check_mode(mode: object) -> str:
@@ -156,8 +149,7 @@ def _check_eps(eps: object, mode: str) -> float:
     return float(eps)
 
 
-def _check_singleton(singleton: object, mode: str) -> bool:
-    """True for verl's rule (a group of one has mean 0 and std 1), False for the default (A = 0)."""
+def _check_singleton(singleton: object, mode: str) -> None:
     if not isinstance(singleton, str) or singleton not in SINGLETON_RULES:
         raise ValueError(f"singleton must be one of {SINGLETON_RULES}, got {singleton!r}")
     if singleton == "verl" and mode not in _VERL_SINGLETON_MODES:
@@ -165,7 +157,6 @@ def _check_singleton(singleton: object, mode: str) -> bool:
             f"singleton='verl' applies to the modes where verl gives a group of one mean 0 and std 1, "
             f"{_VERL_SINGLETON_MODES}; got mode={mode!r}"
         )
-    return singleton == "verl"
 
 
 def _check_response_lengths(lengths: object, mode: str, rewards: Tensor, check_inputs: bool) -> Optional[Tensor]:
@@ -211,11 +202,6 @@ def _per_completion(name: str, x: Tensor, rewards: Tensor) -> None:
 
 
 # --- torch backend: every group at once, no host read ---------------------------------------------------
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    """float64 for all statistics (MPS has no float64: float32 there, kept overflow-free by the scaling)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _to_device(sizes: Tensor, device: torch.device) -> Tensor:
@@ -335,13 +321,6 @@ def _residuals(r: Tensor, groups: _Groups, weights: Optional[Tensor], verl_singl
     return shifted, residual
 
 
-def _squares_need_scaling(rewards_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
-    """Whether the squares of residuals can leave the compute dtype's range. float16/bfloat16/float32
-    rewards differ by at most ~7e38, whose square (~5e77) and the square of the smallest float32 subnormal
-    (~2e-90) are normal float64 numbers; float64 rewards (or float32 compute, on MPS) need the scaling."""
-    return rewards_dtype == torch.float64 or compute_dtype != torch.float64
-
-
 def _group_std(shifted: Tensor, residual: Tensor, groups: _Groups, scaled: bool) -> Tensor:
     """Unbiased std per group. scaled: from squares of residuals divided by the group's largest
     |R − pivot|, each in [0, 4], so no overflow or underflow at any reward magnitude."""
@@ -381,23 +360,6 @@ def _whiten(v: Tensor, weights: Tensor, eps: float, scaled: bool) -> Tensor:
     return residual * _reciprocal(torch.hypot(std, torch.full_like(std, math.sqrt(eps))))
 
 
-def _mean_advantages(r, groups, mode, eps, verl_singleton, lengths, scaled):
-    shifted, residual = _residuals(r, groups, lengths if mode == "opo" else None, verl_singleton)
-    if mode in ("no_std", "opo", "reinforce_plus_plus_baseline"):
-        return residual
-    if mode == "rloo":
-        G = groups.sizes.to(r.dtype)
-        return residual * groups.expand(torch.where(G > 1, G / (G - 1).clamp(min=1), torch.ones_like(G)))
-    if mode == "gpg":
-        return residual * (r.numel() / torch.count_nonzero(r).clamp(min=1).to(r.dtype))
-    if mode == "batch_std":
-        return residual * _reciprocal(_batch_moments(r.reshape(-1), None, scaled)[1] + eps)
-    std = _group_std(shifted, residual, groups, scaled)  # grpo
-    if verl_singleton:
-        std = torch.where(groups.sizes == 1, torch.ones_like(std), std)
-    return residual * groups.expand(_reciprocal(std + eps))
-
-
 def _passk_advantages(r: Tensor, groups: _Groups, eps: float, normalise: bool, scaled: bool) -> Tensor:
     top = groups.max(r)
     at_top = r == groups.expand(top)
@@ -429,41 +391,33 @@ def _group_mode_advantages(r: Tensor, groups: _Groups, mode: str, eps: float, ve
         centered = r - groups.expand(groups.lower_median(r))
         if mode == "median":
             return centered
-        scaled = centered * groups.expand(_reciprocal(groups.lower_median(centered.abs()) + eps))
+        by_mad = centered * groups.expand(_reciprocal(groups.lower_median(centered.abs()) + eps))
         if mode == "median_mad":
-            return scaled
+            return by_mad
         # MC-GRPO: the non-zero advantages times G / #{|A| > 1e-6} of their group (G counts the pivot)
-        nonzero = (scaled.abs() > 1e-6).to(r.dtype)
+        nonzero = (by_mad.abs() > 1e-6).to(r.dtype)
         factor = groups.sizes.to(r.dtype) / groups.sum(nonzero).clamp(min=1.0)
-        return torch.where(nonzero > 0, scaled * groups.expand(factor), scaled)
+        return torch.where(nonzero > 0, by_mad * groups.expand(factor), by_mad)
     if mode in ("grpo_passk", "grpo_passk_no_std"):
         return _passk_advantages(r, groups, eps, mode == "grpo_passk", scaled)
-    return _mean_advantages(r, groups, mode, eps, verl_singleton, lengths, scaled)
-
-
-def _torch_group_advantages(rewards: Tensor, groups: Optional[_Groups], mode: str, eps: float,
-                            verl_singleton: bool, lengths: Optional[Tensor], baselines: Optional[Tensor]) -> Tensor:
-    r = rewards.to(_compute_dtype(rewards.device))
-    if mode == "remax":
-        return r - baselines.to(r.dtype)
-    scaled = _squares_need_scaling(rewards.dtype, r.dtype)
-    if mode == "reinforce_plus_plus":
-        return _whiten(r, lengths, eps, scaled)
-    advantages = _group_mode_advantages(groups.rows(r), groups, mode, eps, verl_singleton, lengths, scaled)
-    advantages = advantages.reshape(-1)
-    if mode == "reinforce_plus_plus_baseline":
-        return _whiten(advantages, lengths, eps, scaled)
-    return advantages
+    # the mean modes: (R − baseline_g)·scale
+    shifted, residual = _residuals(r, groups, lengths if mode == "opo" else None, verl_singleton)
+    if mode in ("no_std", "opo", "reinforce_plus_plus_baseline"):
+        return residual
+    if mode == "rloo":
+        G = groups.sizes.to(r.dtype)
+        return residual * groups.expand(torch.where(G > 1, G / (G - 1).clamp(min=1), torch.ones_like(G)))
+    if mode == "gpg":
+        return residual * (r.numel() / torch.count_nonzero(r).clamp(min=1).to(r.dtype))
+    if mode == "batch_std":
+        return residual * _reciprocal(_batch_moments(r.reshape(-1), None, scaled)[1] + eps)
+    std = _group_std(shifted, residual, groups, scaled)  # grpo
+    if verl_singleton:
+        std = torch.where(groups.sizes == 1, torch.ones_like(std), std)
+    return residual * groups.expand(_reciprocal(std + eps))
 
 
 # --- public API -----------------------------------------------------------------------------------------
-
-
-def _offsets(B: int, group_size: Optional[int], sizes: Optional[Tensor], device: torch.device) -> Tensor:
-    if group_size is not None:
-        return torch.arange(0, B + 1, group_size, dtype=torch.int64, device=device)
-    sizes = _to_device(sizes, device)
-    return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
 
 
 def group_advantages(
@@ -511,13 +465,11 @@ def group_advantages(
             modes, refused by the others. verl's whitening equals the token-level one for right-padded masks
             (no holes).
         baselines: [B] floating, the baseline reward b_i of each completion; required by ``remax`` only.
-        check_inputs: run the checks that read device values: rewards, baselines and response_lengths
-            finite, response_lengths >= 0, and a ``group_sizes`` tensor's values (each >= 1, summing to B;
-            one copy to the host). With False the call never synchronises with the host (CUDA graphs), and on
-            the ``torch`` backend it traces under ``torch.compile(fullgraph=True)`` without a graph break; bad
-            values then give unspecified results (the kernels never access memory outside the batch) instead
-            of an error. Every check that needs no device read — types, shapes, dtypes, devices, mode, eps,
-            singleton, ``group_size`` dividing B, a Python sequence of sizes — always runs.
+        check_inputs: run the checks that read device values (rewards, baselines and response_lengths finite,
+            response_lengths >= 0, a ``group_sizes`` tensor's values; one host sync each). With False the call
+            never synchronises with the host (CUDA graphs; ``torch.compile(fullgraph=True)`` on the torch
+            backend) and bad values give unspecified results instead of an error, never an access outside the
+            batch; the checks that need no device read always run (docs/api/group_advantages.md).
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
             ``reference`` always reads the sizes on the host. ``mc_grpo`` runs the torch backend under
             "triton" (the kernels have no count of non-zero advantages).
@@ -526,12 +478,8 @@ def group_advantages(
         Advantages [B], float32 (float64 for float64 rewards), detached: no gradient flows to the rewards.
 
     Raises:
-        TypeError: rewards not a floating tensor, group_size/group_sizes/eps/response_lengths/baselines of
-            the wrong type, check_inputs not a bool.
-        ValueError: rewards not 1-D or not finite, both or neither of group_size/group_sizes, a size < 1,
-            sizes not tiling B, unknown mode or singleton rule, singleton="verl" for a mode without it, eps < 0
-            or not finite, response_lengths/baselines missing where needed, given where not used, of the wrong
-            shape or device, negative or not finite; an unusable backend.
+        TypeError, ValueError: for a bad argument, on the host before anything runs (each case:
+            docs/api/group_advantages.md); ValueError also for an unusable backend.
 
     Example:
         >>> r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
@@ -583,19 +531,35 @@ def _reference_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, 
 
 
 def _torch_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines):
-    groups = _Groups(rewards.shape[0], group_size, sizes, rewards.device) if mode not in _UNGROUPED_MODES else None
-    return _torch_group_advantages(rewards, groups, mode, eps, singleton == "verl", lengths, baselines)
+    # float64 for all statistics (MPS has no float64: float32 there, kept overflow-free by the scaling)
+    r = rewards.to(torch.float32 if rewards.device.type == "mps" else torch.float64)
+    if mode == "remax":
+        return r - baselines.to(r.dtype)
+    # Whether the squares of residuals can leave the compute dtype's range: float16/bfloat16/float32 rewards
+    # differ by at most ~7e38, whose square (~5e77) and the square of the smallest float32 subnormal (~2e-90)
+    # are normal float64 numbers; float64 rewards (or float32 compute, on MPS) need the scaling.
+    scaled = rewards.dtype == torch.float64 or r.dtype != torch.float64
+    if mode == "reinforce_plus_plus":
+        return _whiten(r, lengths, eps, scaled)
+    groups = _Groups(rewards.shape[0], group_size, sizes, rewards.device)
+    advantages = _group_mode_advantages(groups.rows(r), groups, mode, eps, singleton == "verl", lengths, scaled)
+    advantages = advantages.reshape(-1)
+    if mode == "reinforce_plus_plus_baseline":
+        return _whiten(advantages, lengths, eps, scaled)
+    return advantages
 
 
 def _kernel_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines):
     if mode == "mc_grpo":  # the kernels have no count of non-zero advantages
         return _torch_advantages(rewards, group_size, sizes, sizes_on_host, mode, eps, singleton, lengths, baselines)
-    B = rewards.shape[0]
-    if group_size is not None:
+    offsets = max_size = None  # the modes without groups need neither
+    if mode not in _UNGROUPED_MODES and group_size is not None:
         max_size = group_size
-    else:
+        offsets = torch.arange(0, rewards.shape[0] + 1, group_size, dtype=torch.int64, device=rewards.device)
+    elif mode not in _UNGROUPED_MODES:
         max_size = int(sizes.max()) if sizes_on_host else None  # never a device read
-    offsets = _offsets(B, group_size, sizes, rewards.device) if mode not in _UNGROUPED_MODES else None
+        sizes = _to_device(sizes, rewards.device)
+        offsets = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
     return _backend.kernels("advantages").group_advantages(
         rewards.contiguous(), offsets, mode=mode, eps=eps, max_group_size=max_size,
         verl_singleton=singleton == "verl", lengths=lengths, baselines=baselines,

@@ -1,18 +1,10 @@
 """Contrastive-teacher token credit (docs/math.md §7): CEPO and RLSD.
 
-The model itself, shown the correct answer r⁺ between the prompt and its own response, is the teacher:
-tokens it favours more than the same model shown a wrong answer r⁻ (CEPO) — or than the plain policy (RLSD) —
-get a larger share of the sequence advantage when the rollout was right, a smaller one when it was wrong:
-
-    Δ_t = sg(ℓ⁺_t − ℓ⁻_t)  (CEPO)   or   sg(ℓ⁺_t − ℓ°_t)  (RLSD),      s_i = sign(A_i)
-    w_t = clip(exp(s_i·Δ_t), 1 − ε_w, 1 + ε_w)   (clipped in log space: no overflow for any Δ)
-    Â_it = A_i·((1 − λ) + λ·w_t)·m_t
-
-This module holds the per-token formula (torch twin of ``rlloss.kernels.credit.credit_advantage``, also called
-by the torch backend of the policy loss), the public op :func:`contrastive_credit` and the λ schedule
-:class:`LinearDecay`. The teacher contexts whose log-probs give ℓ⁺ and ℓ⁻ are laid out by
-:mod:`rlloss.teacher`. The same credit is available inside the policy loss (``LossConfig(credit=...)``), so
-the fused path forms Â in its own kernel, with no [B, T] pass.
+The per-token formula (torch twin of ``rlloss.kernels.credit.credit_advantage``, also called by the torch
+backend of the policy loss), the public op :func:`contrastive_credit` and the λ schedule :class:`LinearDecay`.
+The teacher contexts whose log-probs give ℓ⁺ and ℓ⁻ are laid out by :mod:`rlloss.teacher`. The same credit is
+available inside the policy loss (``LossConfig(credit=...)``), so the fused path forms Â in its own kernel,
+with no [B, T] pass.
 """
 from __future__ import annotations
 
@@ -211,15 +203,13 @@ class LinearDecay:
             raise TypeError(f"LinearDecay.start must be a number, got {type(self.start).__name__}")
         if not (math.isfinite(self.start) and 0.0 <= self.start <= 1.0):
             raise ValueError(f"LinearDecay.start must lie in [0, 1], got {self.start}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
-            raise TypeError(f"LinearDecay.steps must be an int, got {type(self.steps).__name__}")
+        _checks.integer("LinearDecay.steps", self.steps)
         if self.steps < 0:
             raise ValueError(f"LinearDecay.steps must be >= 0, got {self.steps}")
 
     def __call__(self, step: int) -> float:
         """λ at optimizer step ``step`` (an int ≥ 0): start·(1 − step/steps) before ``steps``, then 0."""
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        _checks.integer("step", step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if step >= self.steps:

@@ -36,16 +36,6 @@ def _group_index(rewards: Tensor, group_size: Optional[int], group_sizes: GroupS
     return torch.repeat_interleave(torch.arange(sizes.numel(), device=rewards.device), sizes)
 
 
-def _first_per_group(flag: Tensor, index: Tensor) -> Tensor:
-    """Bool [B]: True at the first position (in batch order) of each group where ``flag`` holds."""
-    B = flag.shape[0]
-    position = torch.arange(B, device=flag.device)
-    candidate = torch.where(flag, position, torch.full_like(position, B))
-    first = torch.full((int(index.max()) + 1 if B else 0,), B, dtype=torch.int64, device=flag.device)
-    first = first.scatter_reduce(0, index, candidate, reduce="amin")
-    return position == first[index]
-
-
 def mc_grpo_keep_mask(rewards: Tensor, *, group_size: Optional[int] = None, group_sizes: GroupSizes = None,
                       group_ids: Optional[Tensor] = None) -> Tensor:
     """MC-GRPO's keep-mask (docs/math.md §9): False at each group's pivot, True elsewhere.
@@ -68,7 +58,12 @@ def mc_grpo_keep_mask(rewards: Tensor, *, group_size: Optional[int] = None, grou
     index = _group_index(rewards, group_size, group_sizes, group_ids)  # checks rewards: [B] floating, finite
     centered = group_advantages(rewards.double(), group_size=group_size, group_sizes=group_sizes,
                                 group_ids=group_ids, mode="median", backend=TORCH)
-    return ~_first_per_group(centered == 0, index)
+    # The pivot: the first position (in batch order) of each group where the centred reward is 0.
+    B = centered.shape[0]
+    position = torch.arange(B, device=centered.device)
+    candidate = torch.where(centered == 0, position, torch.full_like(position, B))
+    first = torch.full((int(index.max()) + 1 if B else 0,), B, dtype=torch.int64, device=centered.device)
+    return position != first.scatter_reduce(0, index, candidate, reduce="amin")[index]
 
 
 def d3s_sample_mask(advantages: Tensor, keep: int, *, group_size: Optional[int] = None,

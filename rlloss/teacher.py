@@ -252,12 +252,9 @@ def build_teacher_inputs(
         ignore_index: filler of ``targets`` past each completion.
         device: where the tensors go (default: the device of ``completion_ids[0]``).
         packed: False for :class:`TeacherInputs` (right-padded rows, any causal LM); True for
-            :class:`PackedTeacherInputs`: per group that is not skipped, the segments ``[prompt | prefix]``
-            (the root), ``[r⁺ | suffix]`` and ``[r⁻ | suffix]`` (its children; r⁻ only when some rollout needs
-            it) and each rollout's completion under each answer it is scored with, in stream order
-            ``prompt, r⁺, c_1 … c_G, r⁻, c_1 … c_G``, one ``[1, N]`` stream for a model with shared-prefix
-            attention. An empty ``[prompt | prefix]`` makes the answers roots; an empty completion gets no
-            segment (its row is padding only).
+            :class:`PackedTeacherInputs`, one ``[1, N]`` stream for a model with shared-prefix attention holding,
+            per group that is not skipped, ``[prompt | prefix]`` once, ``[r± | suffix]`` once below it and each
+            rollout's completion under each answer it is scored with (the tree: docs/api/credit.md).
 
     r⁻ of a group is the answer of its lowest-scoring rejected rollout that has one (score < reject_below,
     answer not None, not empty and not equal to r⁺); ties go to the first in batch order. It is shared by
@@ -356,7 +353,7 @@ def build_teacher_inputs(
     heads = [torch.cat([prompts[group_of[i]], prefix, answer, suffix]) for i, _, answer in rows]
     if packed:
         return _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions,
-                                  group_of, skipped, rlsd, T, ignore_index, device, common)
+                                  group_of, rlsd, T, ignore_index, device, common)
 
     contexts = [torch.cat([head, completions[i]]) for (i, _, _), head in zip(rows, heads)]
     R = len(rows)
@@ -376,7 +373,7 @@ def build_teacher_inputs(
 
 
 def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, suffix, completions, group_of,
-                       skipped, rlsd, T, ignore_index, device, common) -> PackedTeacherInputs:
+                       rlsd, T, ignore_index, device, common) -> PackedTeacherInputs:
     """The rows of :func:`build_teacher_inputs` as one shared-prefix stream (``packed=True``): their segment tree,
     packed as :meth:`SharedPrefixBatch.pack_tree` packs one, with the rows in the teacher's order."""
     parents: List[int] = []
@@ -387,14 +384,10 @@ def _pack_teacher_rows(rows, heads, prompts, answers, negative_answer, prefix, s
         pieces.append(tokens)
         return len(pieces) - 1
 
-    members_of: List[List[int]] = [[] for _ in prompts]  # the rollouts with rows, per group
-    for i, g in enumerate(group_of):
-        if not skipped[i]:
-            members_of[g].append(i)
     completion_segment: Dict[Tuple[int, bool], int] = {}
-    for g, members in enumerate(members_of):
-        if not members:
-            continue
+    # The positive rows are the rollouts with rows, in batch order: each group's are consecutive.
+    for g, members in itertools.groupby((i for i, positive, _ in rows if positive), key=group_of.__getitem__):
+        members = list(members)
         head = torch.cat([prompts[g], prefix])
         root = segment(head, -1) if head.numel() else -1
         for positive in (True, False):
