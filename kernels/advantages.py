@@ -123,7 +123,8 @@ def _hypot(a, b):
 
 @triton.jit
 def _load_values(rewards_ptr, idx, mask, center, ABS_DEVIATION: tl.constexpr, COMPUTE: tl.constexpr):
-    """Rewards at idx in the compute dtype, or their absolute deviations |R − center|."""
+    """Rewards at idx in the compute dtype (float32, float64 for float64 rewards: the order modes compare and
+    subtract in it, exactly), or their absolute deviations |R − center|."""
     x = tl.load(rewards_ptr + idx, mask=mask, other=0.0).to(COMPUTE)
     if ABS_DEVIATION:
         x = tl.abs(x - center)
