@@ -69,17 +69,11 @@ def _transformers():
     return transformers
 
 
-# --- per-layout facts, computed once per layout --------------------------------------------------------
-
-_LAYOUT_FACTS: "weakref.WeakKeyDictionary[SharedPrefixLayout, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-
-
-def _fact(layout: SharedPrefixLayout, key: Any, compute) -> Any:
-    """``compute()``, computed once per layout and ``key``."""
-    facts = _LAYOUT_FACTS.setdefault(layout, {})
-    if key not in facts:
-        facts[key] = compute()
-    return facts[key]
+def _fact(layout: SharedPrefixLayout, key: tuple, compute) -> Any:
+    """``compute()``, once per layout (in the layout's own cache, which its copies on other devices share)."""
+    if key not in layout._cache:
+        layout._cache[key] = compute()
+    return layout._cache[key]
 
 
 # --- the attention function ----------------------------------------------------------------------------
@@ -124,7 +118,7 @@ def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_m
             raise ValueError(f"{where} uses {what} (`{name}`), which shared-prefix attention does not support")
     window = kwargs.get("sliding_window")
     if window is not None:  # against the longest root-to-segment sequence (a prompt plus its longest completion)
-        longest = _fact(layout, "longest", lambda: max(map(sum, zip(layout._context_lengths(), layout.lengths))))
+        longest = _fact(layout, ("longest",), lambda: max(map(sum, zip(layout._context_lengths(), layout.lengths))))
         if longest > window:
             raise ValueError(f"{where} uses a sliding window of {window} tokens but a packed sequence (prompt + "
                              f"completion) has {longest}; shared-prefix attention has no sliding-window mask, so "
