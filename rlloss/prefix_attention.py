@@ -431,25 +431,21 @@ def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: 
     block = min(choices, key=lambda size: choices[size][0])
     _, ranges, buckets = choices[block]
     order = [b for members in buckets for b in members]
-    # Key tokens of every (block, slot), flattened in `order`: range r covers start_r … start_r + count_r − 1.
-    spans = [ranges[b] for b in order]
-    range_start = torch.tensor([s for r in spans for s, _ in r])
-    range_count = torch.tensor([n for r in spans for _, n in r])
-    range_block = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([len(r) for r in spans]))
     widths = [max(sum(n for _, n in ranges[b]) for b in members) for members in buckets]
     ns = sum(_NS_PER_CALL + len(members) * K * d * (block * Hq * _NS_PER_PAIR + Hkv * _NS_PER_KEY_ROW)
              for members, K in zip(buckets, widths))  # on one core
+    # Key tokens of every (block, slot), flattened in `order`: the i-th key of all the blocks' ranges is token
+    # i + (its range's start − the range's first i), in slot i + (its block's first slot − the block's first i).
+    spans = [ranges[b] for b in order]
+    counts = torch.tensor([n for r in spans for _, n in r])
+    block_keys = torch.tensor([sum(n for _, n in r) for r in spans])
     width = torch.repeat_interleave(torch.tensor(widths), torch.tensor([len(m) for m in buckets]))
-    first_slot = torch.cumsum(width, 0) - width                    # of each block in `order`
-    key_range = torch.repeat_interleave(torch.arange(len(range_count)), range_count)
-    first_of_range = torch.cumsum(range_count, 0) - range_count
-    first_of_block = torch.zeros(len(spans), dtype=torch.long).index_add_(0, range_block, range_count)
-    first_of_block = torch.cumsum(first_of_block, 0) - first_of_block
-    offset = torch.arange(int(range_count.sum())) - first_of_range[key_range]
-    block_of_key = range_block[key_range]
-    slot = first_slot[block_of_key] + first_of_range[key_range] + offset - first_of_block[block_of_key]
+    token_shift = torch.tensor([s for r in spans for s, _ in r]) - (torch.cumsum(counts, 0) - counts)
+    slot_shift = (torch.cumsum(width, 0) - width) - (torch.cumsum(block_keys, 0) - block_keys)
+    index = torch.arange(int(counts.sum()))
+    slot = index + torch.repeat_interleave(slot_shift, block_keys)
     keys = torch.zeros(int(width.sum()), dtype=torch.long)
-    keys[slot] = range_start[key_range] + offset
+    keys[slot] = index + torch.repeat_interleave(token_shift, counts)
     valid = torch.zeros(int(width.sum()), dtype=torch.bool)
     valid[slot] = True
     # Query token i sees key token j iff j ≤ i and seg(j) is seg(i) or one of its ancestors.
@@ -629,10 +625,8 @@ def shared_prefix_attention(
 ) -> Tensor:
     """Attention over a packed stream of prompts and their completions, each prompt held once (docs/math.md §8).
 
-    A query at position j of a completion attends to all keys of its prompt (and, in deeper trees, of every
-    ancestor segment) and to the keys of its own completion at positions ≤ j; prompt queries attend causally
-    within the prompt. The result and the gradients equal running every ``[prompt | completion]`` sequence
-    separately through causal attention; the prompt's K/V gradient is the sum over every query that saw it.
+    Outputs and gradients equal running every ``[prompt | completion]`` (root-to-segment) sequence separately
+    through causal attention (docs/api/shared_prefix_attention.md, "The layout").
 
     Args:
         q: [T, Hq, d] queries, T = ``layout.total_tokens``; float16, bfloat16, float32 (float64 on
@@ -642,9 +636,8 @@ def shared_prefix_attention(
         scale: softmax scale, default 1/√d.
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
         deterministic: True (default): bitwise reproducible gradients. False lets the kernel backends form dQ
-            inside the dK/dV pass, adding into a float32 buffer with atomics: about 29% fewer backward FLOPs
-            (an estimate by arithmetic, docs/design/prefix_attention.md), dQ's last bits vary from run to
-            run. The ``torch`` and ``reference`` backends are deterministic either way.
+            with float32 atomics inside the dK/dV pass: fewer FLOPs, dQ's last bits vary from run to run
+            (docs/design/prefix_attention.md). ``torch`` and ``reference`` are deterministic either way.
 
     Returns:
         [T, Hq, d] in q's dtype, differentiable w.r.t. q, k and v.

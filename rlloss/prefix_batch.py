@@ -66,22 +66,14 @@ def _same_device(pieces: Sequence[Tensor], what: str) -> None:
 class SharedPrefixBatch:
     """Groups ``[prompt_g | c_g1 | … | c_gG]`` packed one after another into one stream of T tokens.
 
-    Build with :meth:`pack`. Fields (all on one device):
-
-    - ``input_ids``, ``position_ids``: ``[1, T]`` int64; each completion's positions restart at its prompt's
-      length, as if it were run as its own ``[prompt | completion]`` sequence.
-    - ``layout``: the :class:`~rlloss.SharedPrefixLayout` of the stream.
-    - ``predictor_index``: ``[C, S_max]`` int64 — for completion c's token j, the stream row whose hidden
-      state predicts it: the prompt's last row for j = 0, row j − 1 of the same completion otherwise.
-    - ``token_index``: ``[C, S_max]`` int64 — the stream row of completion c's token j.
-    - ``targets``: ``[C, S_max]`` int64 completion token ids, ``-100`` on padding.
-    - ``mask``: ``[C, S_max]`` bool, True on the S_c real tokens of each completion.
-    - ``scored_segments``: the layout segment of each of the C rows.
-    - ``attention_mask``: None; ``[C, L]`` for the unpacked batch of ``pack(..., packed=False)``.
-
-    C is the number of completions (in stream order: group 0's, then group 1's, …) and S_max the longest.
-    Index entries on padding point at row 0. :meth:`pack_tree` builds the same fields for rollout trees, with
-    one row per scored segment.
+    Build with :meth:`pack` or :meth:`pack_tree`. Fields, all on one device, each explained in
+    docs/api/shared_prefix_batch.md: ``input_ids``, ``position_ids`` ``[1, T]`` int64 (each completion's
+    positions restart at its prompt's length); ``layout``, the :class:`~rlloss.SharedPrefixLayout`;
+    ``predictor_index`` (the stream row whose hidden state predicts completion c's token j), ``token_index``
+    (the row of the token), ``targets`` (``-100`` on padding) ``[C, S_max]`` int64, index entries on padding 0;
+    ``mask`` ``[C, S_max]`` bool; ``prompt_lengths``, ``completion_lengths``, ``scored_segments`` (the layout
+    segment of each row); ``attention_mask``, None (``[C, L]`` for ``pack(..., packed=False)``). C counts the
+    completions (pack_tree: the scored segments) in stream order, S_max is the longest.
     """
 
     input_ids: Tensor
