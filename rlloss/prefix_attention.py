@@ -243,14 +243,11 @@ class SharedPrefixLayout:
 
     def tables(self, block: int) -> Dict[str, Tensor]:
         """int32 device tables for kernels that tile each segment into blocks of ``block`` tokens (blocks
-        never cross a segment boundary). Cached per block size.
-
-        ``seg_start``, ``seg_len`` [S]; ``block_segment``, ``block_start`` [num_blocks] (the segment of each
-        block and its first token); ``anc_ptr`` [S+1] / ``anc`` (CSR: ancestors of each segment, whose keys
-        a query sees in full); ``desc_ptr`` [S+1] / ``desc`` (CSR: descendants, whose queries see a key in
-        full); ``query_block_order`` / ``key_block_order`` [num_blocks]: the block indices sorted by the
-        work of a block of queries (keys it sees) / of keys (queries that see them), heaviest first, so the
-        kernels start the long programs — a prompt's key blocks — first.
+        never cross a segment boundary), cached per block size: ``seg_start``, ``seg_len`` [S];
+        ``block_segment``, ``block_start`` [num_blocks] (each block's segment and first token); ``anc_ptr`` [S+1]
+        / ``anc`` and ``desc_ptr`` [S+1] / ``desc``, each segment's ancestors and descendants (CSR);
+        ``query_block_order`` / ``key_block_order`` [num_blocks], the blocks heaviest first by the keys a query
+        block sees / the queries that see a key block (docs/api/shared_prefix_attention.md, "Kernel design").
         """
         key = (self._positive("block", block), str(self.device))
         if key not in self._cache:

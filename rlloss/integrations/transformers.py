@@ -220,14 +220,13 @@ _LAYOUT_CALLS: "contextvars.ContextVar[Tuple[bool, ...]]" = contextvars.ContextV
                                                                                    default=())
 
 
-class _ConfigState:
+class _ConfigState(NamedTuple):
     """A config object that names the rlloss attention: what it named before, and the enabled models using it
     (two models may share one config object; the config is restored when the last of them is disabled)."""
 
-    def __init__(self, config, previous: str):
-        self.config = weakref.ref(config)
-        self.previous = previous
-        self.models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+    config: "weakref.ref"
+    previous: str
+    models: "weakref.WeakSet[torch.nn.Module]"
 
 
 _CONFIGS: Dict[int, _ConfigState] = {}  # by id(config): configs are unhashable; entries die with their config
@@ -238,7 +237,7 @@ def _config_state(config, previous: Optional[str] = None) -> Optional[_ConfigSta
     if state is not None and state.config() is not config:  # a dead config's id reused
         state = None
     if state is None and previous is not None:
-        state = _CONFIGS[id(config)] = _ConfigState(config, previous)
+        state = _CONFIGS[id(config)] = _ConfigState(weakref.ref(config), previous, weakref.WeakSet())
         weakref.finalize(config, _CONFIGS.pop, id(config), None)
     return state
 
