@@ -1,42 +1,20 @@
 """Triton kernels for shared-prefix attention (docs/math.md §8): flash attention over a forest of segments.
 
-The packed stream is cut into segments (a prompt, each of its completions, deeper turns); a query of segment s
-sees every key of s's ancestor segments and the keys of s up to its own position. The layout arrives as the
-int32 tables of ``SharedPrefixLayout.kernel_tables(blocks)``: the tables of ``tables(b)`` for every block size
-b of ``blocks`` in one set (blocks never cross a segment), so an autotuned kernel finds those of its own
-BLOCK size:
+A query of segment s sees every key of s's ancestor segments and the keys of s up to its own position. The
+layout arrives as the int32 tables of ``SharedPrefixLayout.kernel_tables(blocks)``, those of every block size
+an autotuned kernel may tile with, in one set: each kernel finds its own BLOCK's through ``block_first``.
 
-    seg_start, seg_len [S]         block_segment, block_start [Σ_b B_b]  anc_ptr/anc, desc_ptr/desc (CSR)
-    query_block_order, key_block_order [Σ_b B_b]: block indices, heaviest first within each size
-    block_first [max b + 1]: entry of the first b-token block in the order tables
+Forward, one program per (query block, q head): online softmax in float32 in the log2 domain; writes O and
+lse [Hq, T] (natural log, float32). Backward: delta = rowsum(dO · O); dK/dV, one program per (key block, kv
+head) over the queries of its own segment and of every descendant, for each q head of its group, so every
+output row has one writer; dQ from its own pass like the forward (deterministic, flash-attention 2's split)
+or, with ``deterministic=False``, added into a float32 buffer with atomics inside the dK/dV pass. Programs
+run heaviest first: the grid is 1-D over (block order × heads), heads fastest. The loop structure:
+docs/api/shared_prefix_attention.md, "Kernel design"; the autotuned candidates, where the softmax scale
+enters and the two dQ paths: docs/design/prefix_attention.md.
 
-Forward, one program per (query block, q head): the block's BLOCK_M queries fold in each ancestor segment's
-keys (whole tiles unmasked, a bounds mask on the last one), then their own segment's keys from its start
-(unmasked tiles before the block, the causal mask on the diagonal tiles only), with the online softmax in
-float32 in the log2 domain: the raw scores q·k enter exp2 through one multiply-add with scale·log2(e)
-(the softmax scale is folded into that constant once, never applied to the scores separately). Writes O and
-lse [Hq, T] (natural log, float32).
-
-Backward:
-  * preprocess: delta = rowsum(dO · O) [Hq, T];
-  * dK/dV, one program per (key block, kv head): its BLOCK_N keys loop over the Hq/Hkv query heads of their
-    group × (their own segment's queries from the block's first key on — causal on the diagonal tiles —
-    then every descendant segment's queries in full). A prompt's K/V are stored once and their gradient is
-    the sum over every query that saw them, reduced in float32 registers by the one program that owns those
-    rows: each output row has exactly one writer;
-  * dQ, deterministic (the default, flash-attention-2's split): one program per (query block, q head),
-    iterating over keys exactly like the forward and recomputing Q·Kᵀ and dO·Vᵀ; every row has one writer,
-    so the backward is bitwise reproducible;
-  * dQ fused (``deterministic=False``): the dK/dV pass also forms dS·K for the query tile it holds and adds
-    it into a float32 dQ buffer with atomics (as flash-attention 2 does), saving the two recomputed
-    products; the order of the float additions, hence the last bits of dQ, varies from run to run.
-
-Programs run heaviest first (a prompt key block does G× the work of a completion key block): the grid is
-1-D over (block order × heads), heads fastest.
-
-Block sizes, warps and stages are autotuned per kernel (``triton.autotune``; one fixed config under the
-interpreter). This module imports nothing from rlloss: it takes tensors (and a ``tables(blocks)`` callable) and
-returns tensors.
+This module imports nothing from rlloss: it takes tensors (and a ``tables(blocks)`` callable) and returns
+tensors.
 """
 from __future__ import annotations
 
@@ -61,31 +39,21 @@ Tables = Callable[[Sequence[int]], dict]
 
 @triton.jit
 def _load_tile(base, rows, stride_t, live, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
-               PAD_D: tl.constexpr):
-    """[len(rows), BLOCK_D] tile of one head; rows that are not live and padded head-dim lanes read 0."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
-    if ROW_MASK and PAD_D:
-        tile = tl.load(ptrs, mask=live[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    elif ROW_MASK:
-        tile = tl.load(ptrs, mask=live[:, None], other=0.0)
-    elif PAD_D:
-        tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+               PAD_D: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """[len(rows), BLOCK_D] tile of one head, or its transpose [BLOCK_D, len(rows)] read straight from memory;
+    rows that are not live and padded head-dim lanes read 0."""
+    if TRANSPOSED:
+        ptrs = base + rows.to(tl.int64)[None, :] * stride_t + offs_d[:, None]
+        row_mask, d_mask = live[None, :], (offs_d < HEAD_DIM)[:, None]
     else:
-        tile = tl.load(ptrs)
-    return tile
-
-
-@triton.jit
-def _load_tile_t(base, rows, stride_t, live, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
-                 PAD_D: tl.constexpr):
-    """The transposed tile [BLOCK_D, len(rows)], read straight from memory."""
-    ptrs = base + rows.to(tl.int64)[None, :] * stride_t + offs_d[:, None]
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_t + offs_d[None, :]
+        row_mask, d_mask = live[:, None], (offs_d < HEAD_DIM)[None, :]
     if ROW_MASK and PAD_D:
-        tile = tl.load(ptrs, mask=live[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+        tile = tl.load(ptrs, mask=row_mask & d_mask, other=0.0)
     elif ROW_MASK:
-        tile = tl.load(ptrs, mask=live[None, :], other=0.0)
+        tile = tl.load(ptrs, mask=row_mask, other=0.0)
     elif PAD_D:
-        tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
+        tile = tl.load(ptrs, mask=d_mask, other=0.0)
     else:
         tile = tl.load(ptrs)
     return tile
@@ -126,7 +94,7 @@ def _fwd_keys(acc, l_i, m_i, q, k_head, v_head, stride_kt, stride_vt, rows, lo, 
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         live = cols < hi
-        k_t = _load_tile_t(k_head, cols, stride_kt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
+        k_t = _load_tile(k_head, cols, stride_kt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D, True)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if MODE == _CAUSAL:
             s = tl.where(live[None, :] & (cols[None, :] <= rows[:, None]), s, float("-inf"))
@@ -219,8 +187,8 @@ def _dq_keys(dq, q, do, lse2, delta, k_head, v_head, stride_kt, stride_vt, rows,
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
         live = cols < hi
-        k_t = _load_tile_t(k_head, cols, stride_kt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
-        v_t = _load_tile_t(v_head, cols, stride_vt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
+        k_t = _load_tile(k_head, cols, stride_kt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D, True)
+        v_t = _load_tile(v_head, cols, stride_vt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D, True)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MODE == _CAUSAL:
@@ -292,7 +260,7 @@ def _dkdv_queries(dk, dv, k, v, q_head, do_head, lse_head, delta_head, dq_head, 
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
         live = rows < hi
-        q_t = _load_tile_t(q_head, rows, stride_qt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
+        q_t = _load_tile(q_head, rows, stride_qt, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D, True)
         do = _load_tile(do_head, rows, stride_dot, live, offs_d, HEAD_DIM, MODE != _FULL, PAD_D)
         if MODE == _FULL:
             lse2 = tl.load(lse_head + rows) * _LOG2E
@@ -386,10 +354,7 @@ def _dkdv_kernel(
 # Candidate blocks, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per kernel. The forward and dQ
 # kernels tile queries by BLOCK_M and loop over keys by BLOCK_N; dK/dV tiles keys by BLOCK_N and loops over
 # queries by BLOCK_M. The tiled block is a multiple of the looped one (a segment's tiles before the block are
-# whole, its diagonal tiles end on a tile edge). 8 warps only where the looped tile, the N of the dots, is
-# ≥ 64: with 8 warps a 32-wide dot is split into narrow MMA instructions. The 16-bit lists hold the Triton
-# fused-attention tutorial's settings (forward 128×64; backward dQ 128×32 and dK/dV 128 keys × 32 queries, 4
-# warps, 5 stages) and their neighbours; float32 (IEEE products, no tensor cores) takes smaller tiles.
+# whole, its diagonal tiles end on a tile edge). Why these values: docs/design/prefix_attention.md.
 _CANDIDATES_16BIT = {
     "fwd": ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)),
     "dq": ((128, 32, 4, 5), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)),

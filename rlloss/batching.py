@@ -1,12 +1,6 @@
-"""From a trainer's padded batch to the inputs of the fused loss.
-
-TRL (and most GRPO trainers) hold a batch as left-padded prompts next to right-padded completions:
-``prompt_ids [B, P]`` with ``prompt_mask``, ``completion_ids [B, C]`` with ``completion_mask``. The model runs
-on ``[prompt | completion]``; the hidden state at position t predicts token t + 1, so completion token j is
-predicted by position P − 1 + j, and the positions P − 1 … P + C − 2 are the ones the lm_head must see.
-:class:`PaddedBatch` builds the model inputs and slices exactly those hidden states, so that
-``FusedPolicyLoss(hidden, weight, targets, mask, advantages)`` and ``token_logprobs(hidden, weight, targets)``
-never touch a prompt position or materialise logits.
+"""From a trainer's padded batch (TRL's left-padded prompts next to right-padded completions) to the inputs of
+the fused loss: :class:`PaddedBatch` slices the hidden states that predict completion tokens, positions
+P − 1 … P + C − 2, so the lm_head never sees a prompt position (docs/examples.md, "rlloss.PaddedBatch").
 """
 from __future__ import annotations
 
@@ -54,9 +48,8 @@ class PaddedBatch:
     - ``input_ids``: ``[B, P + C]`` int64, ``cat(prompt_ids, completion_ids)``.
     - ``attention_mask``: ``[B, P + C]`` int64, ``cat(prompt_mask, completion_mask)`` as TRL passes it.
     - ``position_ids``: ``[B, P + C]`` int64, ``cumsum(attention_mask) − 1`` clamped at 0: the positions
-      ``model.generate`` gave the tokens while sampling (each prompt's first real token at 0). Rotary models
-      give the same attention with TRL's default ``0 … P + C − 1`` up to rounding (rotary scores depend only on
-      position differences); passing these makes the training forward match the sampler's exactly.
+      ``model.generate`` gave the tokens while sampling, so the training forward matches the sampler's exactly
+      (TRL's default ``0 … P + C − 1`` gives rotary models the same attention only up to rounding).
     - ``targets``: ``[B, C]`` int64, the completion ids with ``-100`` where ``completion_mask`` is 0.
     - ``mask``: ``[B, C]`` bool, ``completion_mask``.
     - ``prompt_length``: P.

@@ -5,13 +5,10 @@ its completions a child. A query at local position j of segment s attends to eve
 to the keys of s at local positions ≤ j — nothing else. Deeper trees (a completion that is itself the prefix
 of later turns) are the same structure with longer ancestor chains, so the kernels take ancestor and
 descendant lists, not a two-level special case.
-
-Layout of this module: :class:`SharedPrefixLayout` (host-built once per batch, device tables for the
-kernels), the ``torch`` backend, the autograd function over the Triton kernels of
-``rlloss.kernels.prefix_attention``, and the public :func:`shared_prefix_attention`.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -246,14 +243,11 @@ class SharedPrefixLayout:
 
     def tables(self, block: int) -> Dict[str, Tensor]:
         """int32 device tables for kernels that tile each segment into blocks of ``block`` tokens (blocks
-        never cross a segment boundary). Cached per block size.
-
-        ``seg_start``, ``seg_len`` [S]; ``block_segment``, ``block_start`` [num_blocks] (the segment of each
-        block and its first token); ``anc_ptr`` [S+1] / ``anc`` (CSR: ancestors of each segment, whose keys
-        a query sees in full); ``desc_ptr`` [S+1] / ``desc`` (CSR: descendants, whose queries see a key in
-        full); ``query_block_order`` / ``key_block_order`` [num_blocks]: the block indices sorted by the
-        work of a block of queries (keys it sees) / of keys (queries that see them), heaviest first, so the
-        kernels start the long programs — a prompt's key blocks — first.
+        never cross a segment boundary), cached per block size: ``seg_start``, ``seg_len`` [S];
+        ``block_segment``, ``block_start`` [num_blocks] (each block's segment and first token); ``anc_ptr`` [S+1]
+        / ``anc`` and ``desc_ptr`` [S+1] / ``desc``, each segment's ancestors and descendants (CSR);
+        ``query_block_order`` / ``key_block_order`` [num_blocks], the blocks heaviest first by the keys a query
+        block sees / the queries that see a key block (docs/api/shared_prefix_attention.md, "Kernel design").
         """
         key = (self._positive("block", block), str(self.device))
         if key not in self._cache:
@@ -317,58 +311,46 @@ class SharedPrefixLayout:
 
 # --- torch backend ------------------------------------------------------------------------------------
 #
-# The stream is cut into query blocks of `block` consecutive tokens (a block may cross segment boundaries).
-# Each block gathers the keys its queries can see — every key of the ancestors of the segments it touches
-# and those segments' own keys up to the block's end — and blocks with similar key counts form a bucket,
-# padded to its longest: one SDPA call per bucket runs its blocks as one batch under a boolean mask (key ≤
-# query and the key's segment is the query's or one of its ancestors). The Python loop runs over the buckets
-# (a handful), never over segments: one call per segment cost 8.7× the unpacked batch's time at 144 short
-# segments. SDPA recomputes the attention weights in its backward, so no [tokens × keys × heads] tensor is
-# kept; the gathered K/V (blocks × keys rows) are. FlexAttention has no CPU backward in torch 2.13, and one
-# dense [T, T] mask does T² work where the blocks do about the visible pairs.
+# Query blocks of `block` consecutive tokens (a block may cross segment boundaries), each against the keys its
+# queries see; blocks with similar key counts form a bucket, one masked SDPA call per bucket. Why this shape
+# (not a call per segment, FlexAttention or a dense mask): docs/api/shared_prefix_attention.md, "The torch
+# backend (CPU)".
 
 # Candidate query-block sizes; the plan takes the cheapest by the cost model below.
 _TORCH_BLOCKS = (16, 32, 64, 128, 256)
 # The cost model of a plan, in estimated nanoseconds of forward + backward (float32, d = 64; only the ratios
-# steer the choice): per (query, key) pair, q head and head-dim lane of SDPA, divided among the intra-op
-# threads; per gathered key row, kv head and lane (the copies, the gradient's scatter, SDPA's per-key work),
-# which does not shrink with threads; per SDPA call (a bucket), which grows with them (each call's parallel
-# regions). Fitted on a 2-core x86 CPU at 1 and 2 threads (the forward + backward of every block size, with the
-# buckets planned for either thread count, on 7 layouts, timed interleaved on an idle machine), then set to the
-# values that pick the fastest block on each layout at both thread counts. A model fitted at one thread only
-# picked 64-row blocks where one 256-row call is 10–16% faster at 2 threads.
+# steer the choice): per (query, key) pair, q head and head-dim lane, divided among the intra-op threads; per
+# gathered key row, kv head and lane, which does not shrink with threads; per SDPA call, which grows with them.
+# Fitted on a 2-core x86 CPU to pick the fastest block of 7 layouts at 1 and 2 threads (timed interleaved, idle
+# machine): a model fitted at one thread only picked 64-row blocks where one 256-row call is 10–16% faster at 2.
 _NS_PER_PAIR = 0.26
 _NS_PER_KEY_ROW = 10.0
 _NS_PER_CALL = 250_000.0
 # Key counts are binned on a geometric grid of this ratio before the buckets are chosen (exactly, by dynamic
 # programming over the bins).
 _BUCKET_GRID = 1.25
-# Intra-op threads on a busy machine: at most one per this many estimated nanoseconds of work. A parallel
-# region costs microseconds on an idle machine but a scheduler slice (milliseconds) when its second OpenMP
-# thread is descheduled on a loaded one: a 48-token call took 0.43 s on 2 threads against 12 ms on 1. On an
-# idle machine the cap left the suite's default shape on 1 thread while SDPA used 2 (0.99× its speed; on 1
-# thread each, 2.2× its speed, measured interleaved on a loaded machine).
+# Intra-op threads on a busy machine: at most one per this many estimated nanoseconds of work (a parallel region
+# waits a scheduler slice for a descheduled OpenMP thread there; docs/api/shared_prefix_attention.md, "Threads").
 _NS_PER_THREAD = 4_000_000.0
 
 
 def _preorder_spans(parents: Sequence[int]) -> Tuple[List[int], List[int]]:
-    """(enter, leave) of every segment in a depth-first walk of the forest: segment a is segment s or one of
-    its ancestors iff enter[a] ≤ enter[s] < leave[a]."""
-    children: List[List[int]] = [[] for _ in parents]
-    roots = []
+    """(enter, leave) of every segment in a preorder numbering of the forest (children in stream order):
+    segment a is segment s or one of its ancestors iff enter[a] ≤ enter[s] < leave[a]."""
+    size = [1] * len(parents)
+    for s in range(len(parents) - 1, -1, -1):  # every parent precedes its children
+        if parents[s] != -1:
+            size[parents[s]] += size[s]
+    enter, free, used = [], [], 0  # free[s]: the next unnumbered entry of s's span
     for s, p in enumerate(parents):
-        (roots if p == -1 else children[p]).append(s)
-    enter, leave = [0] * len(parents), [0] * len(parents)
-    clock, stack = 0, [(r, False) for r in reversed(roots)]
-    while stack:
-        s, done = stack.pop()
-        if done:
-            leave[s] = clock
-            continue
-        enter[s], clock = clock, clock + 1
-        stack.append((s, True))
-        stack.extend((c, False) for c in reversed(children[s]))
-    return enter, leave
+        if p == -1:
+            enter.append(used)
+            used += size[s]
+        else:
+            enter.append(free[p])
+            free[p] += size[s]
+        free.append(enter[s] + 1)
+    return enter, [e + n for e, n in zip(enter, size)]
 
 
 def _block_key_ranges(layout: SharedPrefixLayout, block: int) -> List[List[Tuple[int, int]]]:
@@ -446,25 +428,21 @@ def _torch_plan(layout: SharedPrefixLayout, heads: Tuple[int, int, int], block: 
     block = min(choices, key=lambda size: choices[size][0])
     _, ranges, buckets = choices[block]
     order = [b for members in buckets for b in members]
-    # Key tokens of every (block, slot), flattened in `order`: range r covers start_r … start_r + count_r − 1.
-    spans = [ranges[b] for b in order]
-    range_start = torch.tensor([s for r in spans for s, _ in r])
-    range_count = torch.tensor([n for r in spans for _, n in r])
-    range_block = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor([len(r) for r in spans]))
     widths = [max(sum(n for _, n in ranges[b]) for b in members) for members in buckets]
     ns = sum(_NS_PER_CALL + len(members) * K * d * (block * Hq * _NS_PER_PAIR + Hkv * _NS_PER_KEY_ROW)
              for members, K in zip(buckets, widths))  # on one core
+    # Key tokens of every (block, slot), flattened in `order`: the i-th key of all the blocks' ranges is token
+    # i + (its range's start − the range's first i), in slot i + (its block's first slot − the block's first i).
+    spans = [ranges[b] for b in order]
+    counts = torch.tensor([n for r in spans for _, n in r])
+    block_keys = torch.tensor([sum(n for _, n in r) for r in spans])
     width = torch.repeat_interleave(torch.tensor(widths), torch.tensor([len(m) for m in buckets]))
-    first_slot = torch.cumsum(width, 0) - width                    # of each block in `order`
-    key_range = torch.repeat_interleave(torch.arange(len(range_count)), range_count)
-    first_of_range = torch.cumsum(range_count, 0) - range_count
-    first_of_block = torch.zeros(len(spans), dtype=torch.long).index_add_(0, range_block, range_count)
-    first_of_block = torch.cumsum(first_of_block, 0) - first_of_block
-    offset = torch.arange(int(range_count.sum())) - first_of_range[key_range]
-    block_of_key = range_block[key_range]
-    slot = first_slot[block_of_key] + first_of_range[key_range] + offset - first_of_block[block_of_key]
+    token_shift = torch.tensor([s for r in spans for s, _ in r]) - (torch.cumsum(counts, 0) - counts)
+    slot_shift = (torch.cumsum(width, 0) - width) - (torch.cumsum(block_keys, 0) - block_keys)
+    index = torch.arange(int(counts.sum()))
+    slot = index + torch.repeat_interleave(slot_shift, block_keys)
     keys = torch.zeros(int(width.sum()), dtype=torch.long)
-    keys[slot] = range_start[key_range] + offset
+    keys[slot] = index + torch.repeat_interleave(token_shift, counts)
     valid = torch.zeros(int(width.sum()), dtype=torch.bool)
     valid[slot] = True
     # Query token i sees key token j iff j ≤ i and seg(j) is seg(i) or one of its ancestors.
@@ -550,12 +528,16 @@ def _torch_threads(plan: dict) -> int:
     return max(1, min(threads, int(plan["ns"] // _NS_PER_THREAD)))
 
 
-def _set_threads(threads: int) -> int:
-    """Sets torch's intra-op threads, returns the previous count."""
+@contextlib.contextmanager
+def _intra_op_threads(threads: int):
     before = torch.get_num_threads()
     if threads != before:
         torch.set_num_threads(threads)
-    return before
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class _FewerThreads(torch.autograd.Function):
@@ -564,13 +546,9 @@ class _FewerThreads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, threads):
-        before = _set_threads(threads)
-        try:
-            with torch.enable_grad():
-                leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad)]
-                out = _blocked_attention(*leaves, plan, scale)
-        finally:
-            _set_threads(before)
+        with _intra_op_threads(threads), torch.enable_grad():
+            leaves = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad)]
+            out = _blocked_attention(*leaves, plan, scale)
         ctx.leaves, ctx.out, ctx.threads = leaves, out, threads
         return out.detach()
 
@@ -578,11 +556,8 @@ class _FewerThreads(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do):
         wanted = [x for x in ctx.leaves if x.requires_grad]
-        before = _set_threads(ctx.threads)
-        try:
+        with _intra_op_threads(ctx.threads):
             grads = iter(torch.autograd.grad(ctx.out, wanted, do))
-        finally:
-            _set_threads(before)
         return (*(next(grads) if x.requires_grad else None for x in ctx.leaves), None, None, None)
 
 
@@ -602,11 +577,8 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SharedPrefixLayout
         return _blocked_attention(q, k, v, plan, scale)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _FewerThreads.apply(q, k, v, plan, scale, threads)
-    before = _set_threads(threads)
-    try:
+    with _intra_op_threads(threads):
         return _blocked_attention(q, k, v, plan, scale)
-    finally:
-        _set_threads(before)
 
 
 # --- autograd over the kernels ------------------------------------------------------------------------
@@ -650,10 +622,8 @@ def shared_prefix_attention(
 ) -> Tensor:
     """Attention over a packed stream of prompts and their completions, each prompt held once (docs/math.md §8).
 
-    A query at position j of a completion attends to all keys of its prompt (and, in deeper trees, of every
-    ancestor segment) and to the keys of its own completion at positions ≤ j; prompt queries attend causally
-    within the prompt. The result and the gradients equal running every ``[prompt | completion]`` sequence
-    separately through causal attention; the prompt's K/V gradient is the sum over every query that saw it.
+    Outputs and gradients equal running every ``[prompt | completion]`` (root-to-segment) sequence separately
+    through causal attention (docs/api/shared_prefix_attention.md, "The layout").
 
     Args:
         q: [T, Hq, d] queries, T = ``layout.total_tokens``; float16, bfloat16, float32 (float64 on
@@ -663,9 +633,8 @@ def shared_prefix_attention(
         scale: softmax scale, default 1/√d.
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
         deterministic: True (default): bitwise reproducible gradients. False lets the kernel backends form dQ
-            inside the dK/dV pass, adding into a float32 buffer with atomics: about 29% fewer backward FLOPs
-            (an estimate by arithmetic, docs/design/prefix_attention.md), dQ's last bits vary from run to
-            run. The ``torch`` and ``reference`` backends are deterministic either way.
+            with float32 atomics inside the dK/dV pass: fewer FLOPs, dQ's last bits vary from run to run
+            (docs/design/prefix_attention.md). ``torch`` and ``reference`` are deterministic either way.
 
     Returns:
         [T, Hq, d] in q's dtype, differentiable w.r.t. q, k and v.

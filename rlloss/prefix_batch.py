@@ -4,8 +4,7 @@
 for a model whose attention runs :func:`rlloss.shared_prefix_attention` (see
 ``rlloss.integrations.transformers``), and gathers from the model's output, for every completion token, the
 hidden state that predicts it — so the lm_head (and the loss) never runs on prompt positions.
-:meth:`SharedPrefixBatch.pack_tree` packs any rollout tree the same way (multi-turn and agentic rollouts: shared
-turns, branch points, unscored tool outputs, scored completions).
+:meth:`SharedPrefixBatch.pack_tree` packs any rollout tree (multi-turn and agentic rollouts) the same way.
 """
 from __future__ import annotations
 
@@ -23,10 +22,7 @@ __all__ = ["SharedPrefixBatch"]
 
 # Target id of the padding in ``SharedPrefixBatch.targets``: ignored by token_logprobs and cross-entropy.
 IGNORE_INDEX = -100
-# Pack only when the padded batch [C, P_max + S_max] holds at least this many times the tokens of the packed stream
-# (SharedPrefixBatch.packing_pays). Measured on CPU (docs/api/shared_prefix_batch.md, "When packing pays"): the
-# whole-model forward + backward of the packed stream ran at 0.7–0.95 of the token ratio's ideal speed-up, so
-# below about 1.25 the packed run is no faster.
+# SharedPrefixBatch.packing_pays's default: below this token ratio the packed run was no faster on CPU.
 PACKING_MIN_TOKEN_RATIO = 1.25
 
 
@@ -70,22 +66,14 @@ def _same_device(pieces: Sequence[Tensor], what: str) -> None:
 class SharedPrefixBatch:
     """Groups ``[prompt_g | c_g1 | … | c_gG]`` packed one after another into one stream of T tokens.
 
-    Build with :meth:`pack`. Fields (all on one device):
-
-    - ``input_ids``, ``position_ids``: ``[1, T]`` int64; each completion's positions restart at its prompt's
-      length, as if it were run as its own ``[prompt | completion]`` sequence.
-    - ``layout``: the :class:`~rlloss.SharedPrefixLayout` of the stream.
-    - ``predictor_index``: ``[C, S_max]`` int64 — for completion c's token j, the stream row whose hidden
-      state predicts it: the prompt's last row for j = 0, row j − 1 of the same completion otherwise.
-    - ``token_index``: ``[C, S_max]`` int64 — the stream row of completion c's token j.
-    - ``targets``: ``[C, S_max]`` int64 completion token ids, ``-100`` on padding.
-    - ``mask``: ``[C, S_max]`` bool, True on the S_c real tokens of each completion.
-    - ``scored_segments``: the layout segment of each of the C rows.
-    - ``attention_mask``: None; ``[C, L]`` for the unpacked batch of ``pack(..., packed=False)``.
-
-    C is the number of completions (in stream order: group 0's, then group 1's, …) and S_max the longest.
-    Index entries on padding point at row 0. :meth:`pack_tree` builds the same fields for rollout trees, with
-    one row per scored segment.
+    Build with :meth:`pack` or :meth:`pack_tree`. Fields, all on one device, each explained in
+    docs/api/shared_prefix_batch.md: ``input_ids``, ``position_ids`` ``[1, T]`` int64 (each completion's
+    positions restart at its prompt's length); ``layout``, the :class:`~rlloss.SharedPrefixLayout`;
+    ``predictor_index`` (the stream row whose hidden state predicts completion c's token j), ``token_index``
+    (the row of the token), ``targets`` (``-100`` on padding) ``[C, S_max]`` int64, index entries on padding 0;
+    ``mask`` ``[C, S_max]`` bool; ``prompt_lengths``, ``completion_lengths``, ``scored_segments`` (the layout
+    segment of each row); ``attention_mask``, None (``[C, L]`` for ``pack(..., packed=False)``). C counts the
+    completions (pack_tree: the scored segments) in stream order, S_max is the longest.
     """
 
     input_ids: Tensor
@@ -114,11 +102,9 @@ class SharedPrefixBatch:
                 padding), each non-empty.
             device: where the packed tensors live; default the inputs' device.
             packed: True: the shared-prefix stream. False: the ordinary padded batch ``[C, L]``, one
-                ``[prompt | completion]`` per row (prompts left-padded, completions right-padded, L = P_max +
-                S_max), with ``attention_mask`` and ``position_ids`` and no layout — the same fields, methods
-                and gathers, so a training step runs either unchanged (``model(**batch.model_inputs())`` with
-                shared-prefix attention enabled runs the model's own attention for it). "auto": packed when
-                :meth:`packing_pays`.
+                ``[prompt | completion]`` per row, L = P_max + S_max, with ``attention_mask`` and no layout,
+                the same fields and methods (docs/api/shared_prefix_batch.md, "The padded batch"). "auto":
+                packed when :meth:`packing_pays`.
 
         Raises:
             TypeError: a container is not a list/tuple, an id tensor is not a tensor or not int64.
@@ -160,12 +146,9 @@ class SharedPrefixBatch:
     def packing_pays(prompt_lengths: Sequence[int], completion_lengths: Sequence[Sequence[int]], *,
                      min_token_ratio: float = PACKING_MIN_TOKEN_RATIO) -> bool:
         """Whether the packed stream is worth it: the padded batch ``[C, P_max + S_max]`` holds at least
-        ``min_token_ratio`` times the tokens of the packed stream ``Σ_g (P_g + Σ_i S_gi)``.
-
-        Every token-wise layer (projections, MLP, norms) costs in proportion to the tokens, so that ratio is
-        the ideal speed-up; measured on CPU the packed run reached 0.7–0.95 of it, with a fixed cost for the
-        host tables and the blocked attention, hence the default 1.25 (docs/api/shared_prefix_batch.md, "When
-        packing pays"). One completion per prompt never pays (ratio ≤ 1 without padding)."""
+        ``min_token_ratio`` times the tokens of the packed stream ``Σ_g (P_g + Σ_i S_gi)``; the lengths as in
+        :meth:`SharedPrefixLayout.from_groups`. That ratio is the ideal speed-up of every token-wise layer; the
+        default 1.25 was measured (docs/api/shared_prefix_batch.md, "When packing pays")."""
         prompts = SharedPrefixLayout._ints("prompt_lengths", prompt_lengths, minimum=1, why="≥ 1 token")
         if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence) \
                 or len(completion_lengths) != len(prompts) or not prompts:
@@ -183,7 +166,6 @@ class SharedPrefixBatch:
     def _build_unpacked(cls, pieces: List[Tensor], names: List[str], prompt_lengths: List[int],
                         completion_lengths: List[Tuple[int, ...]], device) -> "SharedPrefixBatch":
         """The padded batch: row c = [0-padding | prompt | completion c | 0-padding], L = P_max + S_max."""
-        device = None if device is None else _checks.device(device)
         _no_negative_ids(names, pieces, torch.cat(pieces))
         P_max = max(prompt_lengths)
         S_max = max(max(c) for c in completion_lengths)
@@ -195,7 +177,7 @@ class SharedPrefixBatch:
                 completion, k = pieces[k], k + 1
                 rows.append(torch.cat([prompt.new_zeros(P_max - P), prompt, completion, prompt.new_zeros(S_max - S)]))
                 masks.append((torch.arange(L) >= P_max - P) & (torch.arange(L) < P_max + S))
-        input_ids = torch.stack(rows).to(device if device is not None else pieces[0].device)
+        input_ids = torch.stack(rows).to(pieces[0].device if device is None else _checks.device(device))
         device = input_ids.device
         attention_mask = torch.stack(masks).long()
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -223,13 +205,9 @@ class SharedPrefixBatch:
                   *, device=None) -> "SharedPrefixBatch":
         """Pack rollout trees (multi-turn and agentic rollouts): segments with parent links, some scored.
 
-        Segment i holds ``segment_ids[i]`` and follows its parent ``parents[i]`` (an earlier segment, or -1 for
-        a root such as a prompt). A root-to-leaf chain of segments is one rollout: each token's position id is
-        its position in that sequence, and it attends to exactly the tokens before it in that sequence. Scored
-        segments (model turns) get a row of ``targets``/``mask`` each; unscored ones (prompts, tool outputs,
-        user turns) are context only. A scored segment that several rollouts share (a turn before a branch
-        point) has one row: the loss counts its tokens once, where running the rollouts separately would count
-        them once per rollout through it (see :meth:`path_rows`).
+        A root-to-leaf chain of segments is one rollout, each token attending to exactly the tokens before it
+        in that sequence. A scored segment several rollouts share has one row, counted once by the loss (see
+        :meth:`path_rows`; docs/api/shared_prefix_batch.md, "Rollout trees").
 
         Args:
             segment_ids: one 1-D int64 tensor of token ids (≥ 0) per segment, in stream order, each non-empty.
@@ -238,10 +216,8 @@ class SharedPrefixBatch:
                 be scored (nothing predicts its first token); at least one segment must be.
             device: where the packed tensors live; default the inputs' device.
 
-        The result has the fields of :meth:`pack`, with one row per scored segment (in stream order; its
-        segment index in ``scored_segments``), ``prompt_lengths`` = the root lengths and
-        ``completion_lengths`` = per root, the lengths of the scored segments of its tree, so ``group_sizes``
-        and :meth:`unpack` group the rows by tree.
+        Returns the fields of :meth:`pack`, one row per scored segment (in stream order, ``scored_segments``),
+        ``prompt_lengths`` the root lengths and ``completion_lengths`` per tree its scored segments' lengths.
 
         Raises:
             TypeError: a container is not a list/tuple, an id tensor is not an int64 tensor, a parent is not an
@@ -291,8 +267,7 @@ class SharedPrefixBatch:
         :meth:`SharedPrefixLayout.from_tree`), with one row per entry of ``rows`` (a segment, or None for a row
         of padding only), ``width`` wide (default the longest)."""
         lengths = [x.numel() for x in pieces]
-        device = None if device is None else _checks.device(device)
-        input_ids = torch.cat(pieces).to(device if device is not None else pieces[0].device)
+        input_ids = torch.cat(pieces).to(pieces[0].device if device is None else _checks.device(device))
         _no_negative_ids(names, pieces, input_ids)
         device = input_ids.device  # "cuda" resolved to "cuda:0": the layout's device must equal q's exactly
         layout = SharedPrefixLayout.from_tree(lengths, parents, device=device)
@@ -381,10 +356,8 @@ class SharedPrefixBatch:
 
         Returns:
             ``[C, S_max, ...]``: row ``[c, j]`` is the stream row ``predictor_index[c, j]``; padding rows (where
-            ``mask`` is False) are 0 and pass no gradient. Differentiable: the forward is one
-            ``index_select``; the backward writes every stream row once (each completion row predicts one
-            token) and forms the prompt's last row — which predicts the first token of each of its G
-            completions — as a fixed-order sum over its group, so the gradient is deterministic (no atomics).
+            ``mask`` is False) are 0 and pass no gradient. Differentiable, with a deterministic backward (a
+            fixed-order sum over each prompt's completions, no atomics).
         """
         padded = self.layout is None and isinstance(hidden, Tensor) and hidden.ndim >= 2
         if padded and tuple(hidden.shape[:2]) == tuple(self.input_ids.shape):
@@ -466,18 +439,15 @@ class _GatherPredictors(torch.autograd.Function):
         return grad_hidden, None
 
 
-def _gather_tables(layout: SharedPrefixLayout, segments: Optional[Sequence[Optional[int]]] = None,
+def _gather_tables(layout: SharedPrefixLayout, segments: Sequence[Optional[int]],
                    width: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, _GatherPlan]:
     """(predictor_index, token_index, mask, plan), the first three [C, width], built on the host.
 
-    One row per scored segment of ``segments`` (default: every non-root segment in stream order — the
-    completions of a two-level layout; ``None`` gives a row of padding only). Token j ≥ 1 of segment s is
+    One row per scored segment of ``segments`` (``None`` gives a row of padding only). Token j ≥ 1 of segment s is
     predicted by its row j − 1, token 0 by the last row of s's parent; ``width`` defaults to the longest.
     Each scored segment appears once, so every stream row is read by at most one slot, except a parent's last
     row (which its own segment's tokens never read, scored or not), which the backward sums over its children.
     """
-    if segments is None:
-        segments = [s for s in range(layout.num_segments) if layout.parents[s] != -1]
     C = len(segments)
     starts = torch.tensor([layout.starts[s] if s is not None else 0 for s in segments], dtype=torch.int64)
     lengths = torch.tensor([layout.lengths[s] if s is not None else 0 for s in segments], dtype=torch.int64)

@@ -7,21 +7,10 @@ switches the model to it; the packed layout then travels as a keyword argument o
     enable_shared_prefix(model)
     hidden = model.model(**batch.model_inputs()).last_hidden_state   # input_ids, position_ids, shared_prefix
 
-Only calls that carry the layout run shared-prefix attention: any other call of an enabled model
-(``model.generate``, an ordinary padded batch such as ``SharedPrefixBatch.pack(..., packed=False)``) runs the
-implementation the model had before, with its own masks, so generation needs no switching. The switch is per
-model even when two models share one config object. :func:`shared_prefix` scopes it to a ``with`` block.
-
-How the layout reaches the attention function: the causal-LM wrapper, the decoder, every decoder layer and
-every attention module forward their ``**kwargs`` unchanged to the attention function, so
-``model(..., shared_prefix=layout)`` arrives there as ``kwargs["shared_prefix"]`` (checked for Llama, Qwen2,
-Qwen3 and Mistral on transformers 4.56.2, 5.17 and 5.23, with and without gradient checkpointing).
-
-Masks: the rlloss names are registered with ``AttentionMaskInterface`` too, with a mask function that returns
-``None`` for a call that carries a layout (the forward pre-hook of the enabled model records that), so no
-``[T, T]`` mask is ever built and the layout is the whole mask, and otherwise the original implementation's
-mask (padding, cache). A mask that still arrives with a layout (a user's 4-D mask) is an error rather than
-being ignored.
+Only calls that carry the layout run shared-prefix attention; any other call (``model.generate``, an ordinary
+padded batch) runs the implementation the model had before, with its own masks. How the layout reaches the
+attention function (transformers forwards the model call's ``**kwargs`` to it), the per-model switch and the
+masks: docs/api/shared_prefix_batch.md, "rlloss.integrations.transformers".
 """
 from __future__ import annotations
 
@@ -80,17 +69,11 @@ def _transformers():
     return transformers
 
 
-# --- per-layout facts, computed once per layout --------------------------------------------------------
-
-_LAYOUT_FACTS: "weakref.WeakKeyDictionary[SharedPrefixLayout, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-
-
-def _fact(layout: SharedPrefixLayout, key: Any, compute) -> Any:
-    """``compute()``, computed once per layout and ``key``."""
-    facts = _LAYOUT_FACTS.setdefault(layout, {})
-    if key not in facts:
-        facts[key] = compute()
-    return facts[key]
+def _fact(layout: SharedPrefixLayout, key: tuple, compute) -> Any:
+    """``compute()``, once per layout (in the layout's own cache, which its copies on other devices share)."""
+    if key not in layout._cache:
+        layout._cache[key] = compute()
+    return layout._cache[key]
 
 
 # --- the attention function ----------------------------------------------------------------------------
@@ -135,7 +118,7 @@ def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_m
             raise ValueError(f"{where} uses {what} (`{name}`), which shared-prefix attention does not support")
     window = kwargs.get("sliding_window")
     if window is not None:  # against the longest root-to-segment sequence (a prompt plus its longest completion)
-        longest = _fact(layout, "longest", lambda: max(map(sum, zip(layout._context_lengths(), layout.lengths))))
+        longest = _fact(layout, ("longest",), lambda: max(map(sum, zip(layout._context_lengths(), layout.lengths))))
         if longest > window:
             raise ValueError(f"{where} uses a sliding window of {window} tokens but a packed sequence (prompt + "
                              f"completion) has {longest}; shared-prefix attention has no sliding-window mask, so "
@@ -152,39 +135,35 @@ def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_m
                              "prompt's length")
 
 
-def _make_attention(backend: Optional[str]):
-    def shared_prefix_attention_forward(
-        module: torch.nn.Module,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Optional[Tensor],
-        scaling: Optional[float] = None,
-        dropout: float = 0.0,
-        **kwargs,
-    ) -> Tuple[Tensor, None]:
-        """transformers' attention-function contract: query [1, Hq, T, d], key/value [1, Hkv, T, d] →
-        ([1, T, Hq, d], no attention weights). A call without a layout (generation, ordinary batches) runs the
-        implementation the model had before shared-prefix attention was enabled, with its own mask."""
-        layout = _layout_from(kwargs)
-        enabled = getattr(module, _ENABLED, None)
-        if layout is None:
-            previous = enabled.previous if enabled is not None else _config_previous(module)
-            return _original_attention(module, previous)(module, query, key, value, attention_mask,
-                                                         scaling=scaling, dropout=dropout, **kwargs)
-        if enabled is None:
-            raise ValueError(
-                f"{type(module).__name__} got `{LAYOUT_KWARG}=` but shared-prefix attention is not enabled on its "
-                "model: its config names the rlloss attention because it is shared with a model where it is "
-                "enabled. Call enable_shared_prefix(model) on this model too (the switch is per model)")
-        _check_call(module, query, key, attention_mask, dropout, layout, kwargs)
-        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d] views
-        out = shared_prefix_attention(q, k, v, layout, scale=scaling, backend=enabled.backend,
-                                      deterministic=enabled.deterministic)
-        return out.unsqueeze(0), None
-
-    shared_prefix_attention_forward.__qualname__ = f"shared_prefix_attention_forward[{backend}]"
-    return shared_prefix_attention_forward
+def _attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> Tuple[Tensor, None]:
+    """transformers' attention-function contract: query [1, Hq, T, d], key/value [1, Hkv, T, d] →
+    ([1, T, Hq, d], no attention weights). Registered under every rlloss name: the backend and options are the
+    module's own (its model's `_Enabled` record), since two models sharing one config share its name."""
+    layout = _layout_from(kwargs)
+    enabled = getattr(module, _ENABLED, None)
+    if layout is None:
+        previous = enabled.previous if enabled is not None else _config_previous(module)
+        return _original_attention(module, previous)(module, query, key, value, attention_mask,
+                                                     scaling=scaling, dropout=dropout, **kwargs)
+    if enabled is None:
+        raise ValueError(
+            f"{type(module).__name__} got `{LAYOUT_KWARG}=` but shared-prefix attention is not enabled on its "
+            "model: its config names the rlloss attention because it is shared with a model where it is "
+            "enabled. Call enable_shared_prefix(model) on this model too (the switch is per model)")
+    _check_call(module, query, key, attention_mask, dropout, layout, kwargs)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d] views
+    out = shared_prefix_attention(q, k, v, layout, scale=scaling, backend=enabled.backend,
+                                  deterministic=enabled.deterministic)
+    return out.unsqueeze(0), None
 
 
 def _original_attention(module: torch.nn.Module, previous: str):
@@ -218,7 +197,7 @@ def _register(backend: Optional[str]) -> str:
     if backend not in _REGISTERED:
         name = attention_implementation_name(backend)
         transformers = _transformers()
-        transformers.AttentionInterface.register(name, _make_attention(backend))
+        transformers.AttentionInterface.register(name, _attention)
         transformers.AttentionMaskInterface.register(name, _mask)
         _REGISTERED[backend] = name
     return _REGISTERED[backend]
@@ -241,14 +220,13 @@ _LAYOUT_CALLS: "contextvars.ContextVar[Tuple[bool, ...]]" = contextvars.ContextV
                                                                                    default=())
 
 
-class _ConfigState:
+class _ConfigState(NamedTuple):
     """A config object that names the rlloss attention: what it named before, and the enabled models using it
     (two models may share one config object; the config is restored when the last of them is disabled)."""
 
-    def __init__(self, config, previous: str):
-        self.config = weakref.ref(config)
-        self.previous = previous
-        self.models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+    config: "weakref.ref"
+    previous: str
+    models: "weakref.WeakSet[torch.nn.Module]"
 
 
 _CONFIGS: Dict[int, _ConfigState] = {}  # by id(config): configs are unhashable; entries die with their config
@@ -259,7 +237,7 @@ def _config_state(config, previous: Optional[str] = None) -> Optional[_ConfigSta
     if state is not None and state.config() is not config:  # a dead config's id reused
         state = None
     if state is None and previous is not None:
-        state = _CONFIGS[id(config)] = _ConfigState(config, previous)
+        state = _CONFIGS[id(config)] = _ConfigState(weakref.ref(config), previous, weakref.WeakSet())
         weakref.finalize(config, _CONFIGS.pop, id(config), None)
     return state
 
@@ -378,14 +356,9 @@ def enable_shared_prefix(model: torch.nn.Module, *, backend: Optional[str] = Non
     A forward that passes the layout — ``model(input_ids=[1, T], position_ids=[1, T], shared_prefix=layout)``
     (``SharedPrefixBatch.model_inputs()`` builds these), batch size 1, no attention_mask — runs shared-prefix
     attention; any other call (``model.generate``, an ordinary padded batch) runs the implementation the model
-    had before, with its own masks, so nothing needs switching around generation. A packed stream passed
-    without its layout (position ids that restart, no attention mask) raises rather than running as one
-    causal sequence. Calling it again changes the options; :func:`disable_shared_prefix` restores the
-    implementation the model had before the first call; :func:`shared_prefix` scopes it to a ``with`` block.
-
-    The switch is per model: transformers reads the implementation from the config, so a second model that
-    shares the config object (``Model(config)`` twice) sees the rlloss name too, but its calls without a layout
-    run the original attention, and a call with a layout raises until it is enabled on that model as well.
+    had before, and a packed stream passed without its layout raises. Calling it again changes the options.
+    The switch is per model, even for models sharing one config object (docs/api/shared_prefix_batch.md,
+    "No juggling around generation" and "Per model").
 
     Args:
         model: a decoder-only transformers ``PreTrainedModel`` whose attention modules go through
