@@ -97,9 +97,8 @@ class LossConfig:
         dual_clip: verl's dual-clip constant c > 1 (``clip_ratio_c``): for A < 0, L = min(L, −c·A).
         sapo_tau_pos, sapo_tau_neg: SAPO temperatures for A > 0 and A ≤ 0.
     Ratios (docs/math.md §3):
-        importance_sampling_level: "token" (ρ_t = exp(ℓ_t − ℓ°_t)), "sequence" (GSPO, ρ = s_i with the
-            gradient flowing through s_i to every token), "sequence_token" (GSPO-token, log ρ_t = ℓ_t − sg(ℓ_t)
-            + sg(log s_i)).
+        importance_sampling_level: "token", "sequence" (GSPO: the sequence ratio s_i, its gradient reaching
+            every token) or "sequence_token" (GSPO-token: s_i's value, each token's own gradient).
         log_ratio_min, log_ratio_max: clamp of the log importance ratio before exp (token: ℓ − ℓ°; sequence
             levels: log s_i) — zero gradient outside. verl: ±20 (token), max 10 (GSPO). None = no clamp.
     KL to the reference (docs/math.md §4), added as +β·KL_t:
@@ -132,8 +131,7 @@ class LossConfig:
             take global counts (``num_items_in_batch``, ``num_sequences_in_batch``) divided by the world size.
     Contrastive-teacher token credit (docs/math.md §7), formed inside the loss from teacher log-probs:
         credit: None, "cepo" (Δ = ℓ⁺ − ℓ⁻, needs ``pos_logprobs`` and ``neg_logprobs``) or "rlsd"
-            (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy).
-            Â_t = A·((1−λ) + λ·clip(exp(sign(A)·Δ_t), 1−ε_w, 1+ε_w)) replaces A.
+            (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy); Â_t replaces A.
         credit_lambda: λ ∈ [0, 1] (0 = plain GRPO). A schedule is the trainer's: ``config.replace(
             credit_lambda=rlloss.LinearDecay(0.5, 25)(step))`` at each step.
         credit_eps_w: ε_w ∈ [0, 1), the clip of the token weight w.

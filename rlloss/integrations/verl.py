@@ -381,7 +381,6 @@ def _install_logprob_forward(model: torch.nn.Module) -> None:
 
 def _refused(engine, micro_batch) -> list:
     """The options of this micro-batch the patched forward cannot honour, each named."""
-    flag = lambda key: tu.get_non_tensor_data(data=micro_batch, key=key, default=False)  # noqa: E731
     refused = []
     if getattr(engine, "use_ulysses_sp", False):
         refused.append("ulysses_sequence_parallel_size > 1")
@@ -391,7 +390,7 @@ def _refused(engine, micro_batch) -> list:
                      ("calculate_sum_pi_squared", "needs the full logits"),
                      ("distillation_use_topk", "needs the full logits"),
                      ("distillation_only", "no log-probs to compute")):
-        if flag(key):
+        if tu.get_non_tensor_data(data=micro_batch, key=key, default=False):
             refused.append(f"{key}=True ({why})")
     if len(micro_batch.get("multi_modal_inputs", [])):
         refused.append("multimodal inputs (multi_modal_inputs)")
