@@ -100,8 +100,8 @@ def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
     :data:`VERL_POLICY_LOSSES`, or its registered ``rlloss_`` name), plus ``kl_loss_coef``·KL (``kl_loss_type``)
     when ``use_kl_loss``, minus ``entropy_coeff``·H, each aggregated by ``loss_agg_mode`` (SAPO's policy term by
     seq-mean-token-mean and geo_mean's by a mean over the rows, as verl). The options honoured are listed in
-    docs/integrations.md (verl); verl's rollout correction is applied by its trainer before the loss, so it is no part of this
-    config: pass ``rollout_is_weights`` as ``rollout_weights``. The global counts come from
+    docs/integrations.md (verl); verl's rollout correction is applied by its trainer before the loss, so it is no
+    part of this config: pass ``rollout_is_weights`` as ``rollout_weights``. The global counts come from
     :func:`batch_counts_from_verl`.
 
     Args:
