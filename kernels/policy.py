@@ -107,17 +107,14 @@ def _policy_term(rho, logp, adv, eps_low, eps_high, delta, dual_c, tau_pos, tau_
             dual = (adv < 0.0) & (P > cap)
             P = tl.where(dual, cap, P)
             d_rho = tl.where(dual, 0.0, d_rho)
-    elif LOSS_MODE == 1:  # cispo (TRL): −sg(min(ρ, ε_hi))·A·ℓ
-        weight = _min(rho, eps_high)
-        P = -weight * adv * logp
+    elif LOSS_MODE <= 3:  # −sg(w)·A·ℓ: cispo (TRL) w = min(ρ, ε_hi), cispo (verl) clip(ρ, 1−ε_lo, 1+ε_hi), gpg 1
+        weight = zero + 1.0
+        if LOSS_MODE == 1:
+            weight = _min(rho, eps_high)
+        elif LOSS_MODE == 2:
+            weight = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
         d_logp = -weight * adv
-    elif LOSS_MODE == 2:  # cispo (verl): −sg(clip(ρ, 1−ε_lo, 1+ε_hi))·A·ℓ
-        weight = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
-        P = -weight * adv * logp
-        d_logp = -weight * adv
-    elif LOSS_MODE == 3:  # gpg / reinforce: −A·ℓ
-        P = -adv * logp
-        d_logp = -adv
+        P = d_logp * logp
     else:  # sapo: −(4/τ)·σ(τ(ρ−1))·A, τ = τ_pos if A > 0 else τ_neg
         tau = tl.where(adv > 0.0, tau_pos, tau_neg)
         gate = 1.0 / (1.0 + tl.exp(-tau * (rho - 1.0)))

@@ -24,6 +24,8 @@ from typing import Mapping, Optional, Tuple, TypeVar
 
 import torch
 
+from . import _checks
+
 TRITON, TORCH, REFERENCE = "triton", "torch", "reference"
 BACKENDS = (TRITON, TORCH, REFERENCE)
 DEPRECATED_ALIASES = {"interpret": TRITON}  # old name -> its replacement, accepted for one release
@@ -100,14 +102,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 def accepted_dtypes(name: str) -> Tuple[torch.dtype, ...]:
     """The floating dtypes backend ``name`` computes in: the kernels have no float64."""
-    from . import _checks
-
     return _checks.KERNEL_DTYPES if uses_kernels(name) else _checks.FLOAT_DTYPES
 
 
 # --- the one place backend names are compared -------------------------------------------------------------
-# Op modules never compare backend names themselves: they ask the predicates below, or give ``implementation``
-# their table {"reference": ..., "torch": ..., "kernel": ...} and call what it returns.
 
 T = TypeVar("T")
 IMPL_KEYS = (REFERENCE, TORCH, "kernel")
@@ -119,12 +117,10 @@ def uses_kernels(name: str) -> bool:
 
 
 def is_reference(name: str) -> bool:
-    """True for the float64-capable naive oracle of ``rlloss.reference``."""
     return name == REFERENCE
 
 
 def is_torch(name: str) -> bool:
-    """True for the chunked PyTorch backend."""
     return name == TORCH
 
 

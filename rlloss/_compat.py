@@ -8,12 +8,10 @@ from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-REMOVAL = "the old name will be removed in the next release"
-
-
 def warn_deprecated(message: str, stacklevel: int = 3) -> None:
     """One DeprecationWarning ``message`` (plus when it goes away), pointing at the caller of the caller."""
-    warnings.warn(f"{message}; {REMOVAL}", DeprecationWarning, stacklevel=stacklevel)
+    warnings.warn(f"{message}; the old name will be removed in the next release", DeprecationWarning,
+                  stacklevel=stacklevel)
 
 
 def renamed_keywords(**renames: str) -> Callable[[F], F]:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from . import _checks
+
 # The mode tables and verl's log-ratio guard are the kernels' (kernels/tables.py), re-exported here.
 from .kernels.tables import CREDIT_MODES, IS_LEVELS, KL_ESTIMATORS, LOSS_MODES, VERL_LOG_RATIO_CLAMP
 
@@ -58,15 +60,24 @@ def _finite(name: str, value: object) -> float:
     return float(value)
 
 
-def _integer(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"LossConfig.{name} must be an int, got {type(value).__name__}")
-    return value
-
-
 def _choice(name: str, value: object, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+# The numeric fields: (names, the test each passes, the range the error states); each must be a finite number, and
+# those of _OPTIONAL_NUMBERS may be None. epsilon_high, delta, dual_clip and rollout_threshold_low depend on other
+# fields and are checked in __post_init__.
+_RANGES = (
+    (("epsilon_low",), lambda x: 0.0 <= x <= 1.0, "lie in [0, 1]"),
+    (("beta",), lambda x: x >= 0.0, "be >= 0"),
+    (("sapo_tau_pos", "sapo_tau_neg", "rollout_threshold_high", "dppo_ratio_cap", "dro_beta"), lambda x: x > 0.0,
+     "be > 0"),
+    (("clip_cov_ratio", "kl_cov_ratio", "token_select_fraction"), lambda x: 0.0 < x <= 1.0, "lie in (0, 1]"),
+    (("log_ratio_min", "log_ratio_max", "entropy_coef", "clip_cov_lb", "clip_cov_ub", "kl_cov_coef", "vespo_k_pos",
+      "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold"), lambda x: True, ""),
+)
+_OPTIONAL_NUMBERS = ("log_ratio_min", "log_ratio_max", "dro_beta", "off_policy_mask_threshold")
 
 
 @dataclass(frozen=True)
@@ -86,9 +97,8 @@ class LossConfig:
         dual_clip: verl's dual-clip constant c > 1 (``clip_ratio_c``): for A < 0, L = min(L, −c·A).
         sapo_tau_pos, sapo_tau_neg: SAPO temperatures for A > 0 and A ≤ 0.
     Ratios (docs/math.md §3):
-        importance_sampling_level: "token" (ρ_t = exp(ℓ_t − ℓ°_t)), "sequence" (GSPO, ρ = s_i with the
-            gradient flowing through s_i to every token), "sequence_token" (GSPO-token, log ρ_t = ℓ_t − sg(ℓ_t)
-            + sg(log s_i)).
+        importance_sampling_level: "token", "sequence" (GSPO: the sequence ratio s_i, its gradient reaching
+            every token) or "sequence_token" (GSPO-token: s_i's value, each token's own gradient).
         log_ratio_min, log_ratio_max: clamp of the log importance ratio before exp (token: ℓ − ℓ°; sequence
             levels: log s_i) — zero gradient outside. verl: ±20 (token), max 10 (GSPO). None = no clamp.
     KL to the reference (docs/math.md §4), added as +β·KL_t:
@@ -121,18 +131,14 @@ class LossConfig:
             take global counts (``num_items_in_batch``, ``num_sequences_in_batch``) divided by the world size.
     Contrastive-teacher token credit (docs/math.md §7), formed inside the loss from teacher log-probs:
         credit: None, "cepo" (Δ = ℓ⁺ − ℓ⁻, needs ``pos_logprobs`` and ``neg_logprobs``) or "rlsd"
-            (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy).
-            Â_t = A·((1−λ) + λ·clip(exp(sign(A)·Δ_t), 1−ε_w, 1+ε_w)) replaces A.
+            (Δ = ℓ⁺ − ℓ°, needs ``pos_logprobs``; ℓ° = ``old_logprobs``, or sg(ℓ) on-policy); Â_t replaces A.
         credit_lambda: λ ∈ [0, 1] (0 = plain GRPO). A schedule is the trainer's: ``config.replace(
             credit_lambda=rlloss.LinearDecay(0.5, 25)(step))`` at each step.
         credit_eps_w: ε_w ∈ [0, 1), the clip of the token weight w.
     Peer loss variants (docs/math.md §4, §5; docs/presets.md names the peer option of each):
-        loss_mode also takes verl's "geo_mean" (GMPO: −Ā_i·exp(mean_t of the sign-clipped log-ratio)),
-            "clip_cov" (ppo_clip without dual clip, the gradient of a random few high-covariance tokens dropped),
-            "kl_cov" (−A·ρ, plus ``kl_cov_coef``·|ℓ − ℓ°| on the highest-covariance tokens), "dppo_tv" /
-            "dppo_kl" (−A·sg(min(ρ, ``dppo_ratio_cap``))·ℓ on the tokens inside the divergence trust region
-            ε_lo / ε_hi), "dro" (−(A·ℓ − ½·``dro_beta``·(ℓ − ℓ°)²)), and TRL's "vespo" (−sg(φ(w_i))·A·ℓ,
-            φ the gamma weight of the sequence ratio w_i). "clip_cov" draws its tokens with
+        loss_mode also takes verl's "geo_mean" (GMPO), "clip_cov", "kl_cov", "dppo_tv", "dppo_kl" (ε_lo / ε_hi
+            the bounds of the divergence trust region), "dro" and TRL's "vespo", each term as in docs/math.md §4
+            (the peer variants' table). "clip_cov" draws its tokens with
             ``torch.randperm`` on torch's default generator, as verl does: seed it (``torch.manual_seed``) to
             reproduce a selection.
         clip_cov_ratio, clip_cov_lb, clip_cov_ub: fraction of the counted tokens whose gradient "clip_cov"
@@ -225,16 +231,18 @@ class LossConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         for name in ("kl_aggregation", "entropy_aggregation"):
             _choice(name, getattr(self, name), (None,) + TERM_AGGREGATIONS)
-        if _integer("dp_size", self.dp_size) < 1:
+        if _checks.integer("LossConfig.dp_size", self.dp_size) < 1:
             raise ValueError(f"LossConfig.dp_size must be >= 1, got {self.dp_size}")
         _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
         for name in ("kl_ratio_weighted", "kl_clamp", "rollout_is_batch_normalize"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"LossConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+            _checks.boolean(f"LossConfig.{name}", getattr(self, name))
+        for names, in_range, expected in _RANGES:
+            for name in names:
+                value = getattr(self, name)
+                if (value is not None or name not in _OPTIONAL_NUMBERS) and not in_range(_finite(name, value)):
+                    raise ValueError(f"LossConfig.{name} must {expected}, got {value}")
 
-        eps_lo, eps_hi = _finite("epsilon_low", self.epsilon_low), _finite("epsilon_high", self.epsilon_high)
-        if not 0.0 <= eps_lo <= 1.0:
-            raise ValueError(f"LossConfig.epsilon_low must lie in [0, 1], got {eps_lo}")
+        eps_hi = _finite("epsilon_high", self.epsilon_high)
         if eps_hi < 0.0 or (self.loss_mode == "cispo_trl" and eps_hi <= 0.0):
             raise ValueError(
                 f"LossConfig.epsilon_high must be >= 0 (> 0 for loss_mode='cispo_trl', where it is the absolute "
@@ -250,34 +258,28 @@ class LossConfig:
                 raise ValueError(f"LossConfig.dual_clip applies to loss_mode='ppo_clip' only, got {self.loss_mode!r}")
             if _finite("dual_clip", self.dual_clip) <= 1.0:
                 raise ValueError(f"LossConfig.dual_clip must be > 1 (verl clip_ratio_c), got {self.dual_clip}")
-        for name in ("sapo_tau_pos", "sapo_tau_neg"):
-            if _finite(name, getattr(self, name)) <= 0.0:
-                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
-        lo = None if self.log_ratio_min is None else _finite("log_ratio_min", self.log_ratio_min)
-        hi = None if self.log_ratio_max is None else _finite("log_ratio_max", self.log_ratio_max)
+        lo, hi = self.log_ratio_min, self.log_ratio_max
         if lo is not None and hi is not None and not lo < hi:
             raise ValueError(f"LossConfig.log_ratio_min must be < log_ratio_max, got {lo} and {hi}")
-        if _finite("beta", self.beta) < 0.0:
-            raise ValueError(f"LossConfig.beta must be >= 0, got {self.beta}")
-        _finite("entropy_coef", self.entropy_coef)
-        c_max = _finite("rollout_threshold_high", self.rollout_threshold_high)
-        if c_max <= 0.0:
-            raise ValueError(f"LossConfig.rollout_threshold_high must be > 0, got {c_max}")
         if self.rollout_threshold_low is not None:
-            c_min = _finite("rollout_threshold_low", self.rollout_threshold_low)
+            c_min, c_max = _finite("rollout_threshold_low", self.rollout_threshold_low), self.rollout_threshold_high
             if not 0.0 <= c_min < c_max:
                 raise ValueError(
                     f"LossConfig.rollout_threshold_low must lie in [0, rollout_threshold_high = {c_max}), "
                     f"got {c_min}"
                 )
-        if self.max_completion_length is not None and _integer("max_completion_length", self.max_completion_length) < 1:
+        if self.max_completion_length is not None and _checks.integer(
+                "LossConfig.max_completion_length", self.max_completion_length) < 1:
             raise ValueError(f"LossConfig.max_completion_length must be > 0, got {self.max_completion_length}")
         from .credit import check_credit_params  # imported here: rlloss.credit may import this module
 
         _choice("credit", self.credit, (None,) + CREDIT_MODES)
         check_credit_params(self.credit_lambda, self.credit_eps_w, where="LossConfig.")
         self._check_peer_variants()
-        self._check_selection()
+        _choice("token_select", self.token_select, (None,) + TOKEN_SELECT_SCORES)
+        if self.token_select_fraction != 1.0 and self.token_select is None:
+            raise ValueError(f"LossConfig.token_select_fraction = {self.token_select_fraction} needs token_select "
+                             "('entropy' or 'adv_entropy'), got None")
         for name, agg in zip(("aggregation", "kl_aggregation", "entropy_aggregation"), self.term_aggregations):
             if agg == "seq_mean_token_sum_norm" and self.max_completion_length is None:
                 raise ValueError(
@@ -289,22 +291,12 @@ class LossConfig:
 
     def _check_peer_variants(self) -> None:
         mode = self.loss_mode
-        for name in ("clip_cov_ratio", "kl_cov_ratio"):
-            if not 0.0 < _finite(name, getattr(self, name)) <= 1.0:
-                raise ValueError(f"LossConfig.{name} must lie in (0, 1], got {getattr(self, name)}")
-        if not _finite("clip_cov_lb", self.clip_cov_lb) < _finite("clip_cov_ub", self.clip_cov_ub):
+        if not self.clip_cov_lb < self.clip_cov_ub:
             raise ValueError(f"LossConfig.clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} and "
                              f"{self.clip_cov_ub}")
-        _finite("kl_cov_coef", self.kl_cov_coef)
-        if _finite("dppo_ratio_cap", self.dppo_ratio_cap) <= 0.0:
-            raise ValueError(f"LossConfig.dppo_ratio_cap must be > 0, got {self.dppo_ratio_cap}")
-        if self.dro_beta is not None and _finite("dro_beta", self.dro_beta) <= 0.0:
-            raise ValueError(f"LossConfig.dro_beta must be > 0, got {self.dro_beta}")
         if mode == "dro" and self.dro_beta is None:
             raise ValueError("LossConfig.dro_beta is required when loss_mode='dro' (verl policy_loss.dro_beta), "
                              "got None")
-        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
-            _finite(name, getattr(self, name))
         if mode in ("geo_mean", "vespo") and self.importance_sampling_level != "token":
             raise ValueError(f"LossConfig.loss_mode={mode!r} forms its own sequence ratio: "
                              f"importance_sampling_level must be 'token', got {self.importance_sampling_level!r}")
@@ -364,17 +356,6 @@ class LossConfig:
                                  f"got {part!r}")
             bounds.append((option, lower, upper))
         return tuple(bounds)
-
-    def _check_selection(self) -> None:
-        _choice("token_select", self.token_select, (None,) + TOKEN_SELECT_SCORES)
-        q = _finite("token_select_fraction", self.token_select_fraction)
-        if not 0.0 < q <= 1.0:
-            raise ValueError(f"LossConfig.token_select_fraction must lie in (0, 1], got {q}")
-        if q != 1.0 and self.token_select is None:
-            raise ValueError(f"LossConfig.token_select_fraction = {q} needs token_select ('entropy' or "
-                             "'adv_entropy'), got None")
-        if self.off_policy_mask_threshold is not None:
-            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
 
     @property
     def selects(self) -> bool:

@@ -78,7 +78,6 @@ def environment_report(device: torch.device) -> List[str]:
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got − want| / max(|want|, tiny)."""
     got, want = got.detach().double(), want.detach().double()
     return float((got - want).abs().max() / want.abs().max().clamp(min=1e-30))
 

@@ -6,14 +6,10 @@ from the lm_head weight, from :func:`rlloss.fused_policy_loss` — no logits any
 does the same to an existing trainer instance. :func:`loss_config_from_grpo_config` maps a ``GRPOConfig`` to the
 :class:`rlloss.LossConfig` of the same loss and refuses, naming them, the options it cannot honour.
 
-The value, the gradients and TRL's logged metrics equal the stock trainer's (tests/test_integration_trl.py),
-except for metrics the fused loss cannot give, which are not logged (never logged with another meaning):
-``clip_ratio/low_min`` and ``clip_ratio/high_max`` (per-sequence extremes of the clip fractions), and, with
-``importance_sampling_level="sequence"`` or vLLM's masked importance-sampling modes, the clip fractions (TRL
-counts them per sequence, resp. counts the rejected tokens too; the fused loss reports token means of w·A),
-``vespo/phi_seq_mean``, and ``policy_loss`` with ``top_entropy_quantile`` < 1 and an entropy bonus. With more
-than one process, ``top_entropy_quantile`` takes its quantile over each process's tokens, not over all of them
-as TRL does (a warning says so).
+The value, the gradients and TRL's logged metrics equal the stock trainer's (tests/test_integration_trl.py);
+the metrics the fused loss cannot give are not logged, never logged with another meaning. The options honoured
+and refused, those metrics, and where ``top_entropy_quantile`` differs with several processes:
+docs/integrations.md (TRL).
 """
 from __future__ import annotations
 
@@ -47,29 +43,16 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_atten
 
 
 def loss_config_from_grpo_config(args: Any) -> LossConfig:
-    """The :class:`rlloss.LossConfig` of the loss a ``trl.GRPOConfig`` asks for.
+    """The :class:`rlloss.LossConfig` of the loss a ``trl.GRPOConfig`` (``args``) asks for.
 
-    Honoured: ``loss_type`` (grpo, dapo, dr_grpo, bnpo, cispo, sapo, luspo, vespo), ``epsilon`` /
-    ``epsilon_high``, ``delta`` (TRL applies it to grpo / dapo / dr_grpo / bnpo / luspo only, and so does this),
-    ``beta`` (k3 KL), ``use_bias_correction_kl``, ``importance_sampling_level`` ("token", "sequence"),
-    ``sapo_temperature_pos`` / ``_neg``, ``vespo_k_pos`` / ``vespo_lambda_pos`` / ``vespo_k_neg`` /
-    ``vespo_lambda_neg``, ``max_completion_length`` (dr_grpo), ``entropy_coef`` (a static bonus),
-    ``top_entropy_quantile`` (token_select="entropy": the policy term and the entropy bonus on the tokens whose
-    entropy reaches the (1 − q)-quantile), ``off_policy_mask_threshold`` (the off-policy sequence mask; the
-    trainer passes TRL's sampling log-probs), ``temperature`` (checked here, applied by the trainer to the
-    logits). Options that only shape the batch upstream of the loss (rewards, advantages, generation, masks,
-    ``num_iterations``) need nothing here.
+    The options honoured and refused are listed in docs/integrations.md (TRL): ``loss_type`` picks the preset of
+    the same name, the loss options override its fields, ``temperature`` is checked here and applied by the
+    trainer, and vLLM's importance-sampling correction is the trainer's (``_rlloss_compute_loss``).
 
     Raises:
         ValueError: naming every option set to a value this integration cannot honour (``use_adaptive_entropy``,
             ``use_liger_kernel``; vespo with ``importance_sampling_level="sequence"`` and a ratio-weighted KL,
             whose KL weight TRL takes from the sequence ratio) and any invalid value.
-
-    vLLM's importance-sampling correction (``use_vllm`` with ``vllm_importance_sampling_correction``, any
-    ``vllm_importance_sampling_mode``) needs nothing here: TRL computes the detached weight w ≥ 0 into the batch
-    (``importance_sampling_ratio``); the trainer folds it into the advantages (w·P(ρ, A) = P(ρ, w·A) for every
-    loss but vespo, w ≥ 0, which keeps the one-pass kernel) and, for vespo, passes it as ``rollout_weights``,
-    which vespo folds into its sequence ratio as TRL does.
     """
     refused = []
     loss_type = getattr(args, "loss_type", "dapo")

@@ -1,26 +1,13 @@
 """rlloss inside verl 0.9.1: registered policy losses and advantage estimators, and an actor patch.
 
-Importing this module registers, in verl's own registries,
+Importing this module registers the policy losses ``rlloss_<mode>`` (:data:`VERL_POLICY_LOSSES`, each verl's
+``<mode>`` policy term by :func:`rlloss.policy_loss`) and the advantage estimators ``rlloss_<estimator>``
+(:data:`VERL_ADVANTAGE_ESTIMATORS`, by :func:`rlloss.group_advantages`) in verl's own registries, so that
+``actor_rollout_ref.model.external_lib=rlloss.integrations.verl`` is all a run needs. :func:`patch_engine` makes
+verl's FSDP actor engine compute the log-probs and entropy from the hidden states, never the logits;
+:func:`patch_engine_class`, or ``RLLOSS_VERL_PATCH_ENGINE=1`` at import, does it for every engine of the process.
 
-* the policy losses ``rlloss_<mode>`` (``actor_rollout_ref.actor.policy_loss.loss_mode``), each computing verl's
-  ``<mode>`` policy term with :func:`rlloss.policy_loss`: ``rlloss_vanilla``, ``rlloss_gspo``, ``rlloss_sapo``,
-  ``rlloss_cispo``, ``rlloss_gpg``, ``rlloss_geo_mean``, ``rlloss_clip_cov``, ``rlloss_kl_cov``,
-  ``rlloss_dppo_tv``, ``rlloss_dppo_kl``, ``rlloss_dro`` (:data:`VERL_POLICY_LOSSES`), verl's
-  ``rollout_is_weights`` passed on as ``rollout_weights``;
-* the advantage estimators ``rlloss_<estimator>`` (``algorithm.adv_estimator``), each computing verl's
-  ``<estimator>`` with :func:`rlloss.group_advantages` (:data:`VERL_ADVANTAGE_ESTIMATORS`).
-
-so that ``actor_rollout_ref.model.external_lib=rlloss.integrations.verl`` (or the environment variable
-``VERL_USE_EXTERNAL_MODULES=rlloss.integrations.verl``) is all a run needs. verl's ``ppo_loss`` still adds the KL
-and entropy terms itself; :func:`loss_config_from_verl` gives the :class:`rlloss.LossConfig` of the whole actor
-loss (policy term, KL, entropy) for code that calls rlloss directly.
-
-:func:`patch_engine` makes verl's FSDP actor engine (``FSDPEngineWithLMHead``, remove-padding layout) compute the
-log-probs and entropy with :func:`rlloss.token_logprobs` from the last hidden states and the lm_head weight, never
-materialising the logits; :func:`patch_engine_class` does it for every engine of the process, and so does
-importing this module with ``RLLOSS_VERL_PATCH_ENGINE=1`` set.
-
-Parity with verl's own functions: tests/test_integration_verl.py; docs/integrations.md.
+Set-up, the options honoured and refused, metrics and parity: docs/integrations.md; tests/test_integration_verl.py.
 """
 from __future__ import annotations
 
@@ -76,20 +63,15 @@ VERL_ADVANTAGE_ESTIMATORS = {
     "reinforce_plus_plus": "reinforce_plus_plus", "reinforce_plus_plus_baseline": "reinforce_plus_plus_baseline",
     "remax": "remax",
 }
-# verl names that rlloss does not compute: refused by name, never approximated. bypass_mode forms its rollout
-# correction inside the loss from the current log-probs (ℓ° = ℓˢ there) and, for its default loss_type
-# "ppo_clip", rejects tokens (rollout_rs) by the divergence of the current policy from the rollout policy, which
-# rlloss's rollout_rs (ℓ° against ℓˢ) does not measure; it also logs the rollout-correction metrics.
+# verl names that rlloss does not compute: refused by name, never approximated (why: docs/integrations.md).
 NOT_IN_RLLOSS = ("bypass_mode",)
 _STD_FREE = {"grpo": "no_std", "grpo_passk": "grpo_passk_no_std"}
 # group_advantages modes with verl's rule for a group of one (mean 0, std 1).
 _VERL_SINGLETON = ("grpo", "no_std", "rloo", "gpg", "opo", "reinforce_plus_plus_baseline")
 # Estimators of verl that use the token-level returns: rlloss takes one outcome reward per completion.
 _OUTCOME_ONLY = ("reinforce_plus_plus", "remax")
-# verl's clip fractions have rlloss's meaning for these losses only (SAPO logs a constant 0, CISPO counts clipping
-# whatever the sign of A; geo_mean counts the clipped log-ratios, clip_cov the dropped tokens, dppo_* the tokens
-# outside the trust region); actor/ppo_kl (the mean of ℓ° − ℓ) has it for every loss with a ratio but kl_cov,
-# whose actor/ppo_kl is the mean of |ℓ − ℓ°|.
+# verl's clip fractions have rlloss's meaning for these losses only, actor/ppo_kl (the mean of ℓ° − ℓ) for every
+# loss with a ratio but kl_cov (the mean of |ℓ − ℓ°| there): what the others log is in docs/integrations.md.
 _SAME_CLIP_METRICS = ("vanilla", "gspo")
 _WITHOUT_PPO_KL = ("gpg", "kl_cov")
 
@@ -101,14 +83,13 @@ def _get(config: Any, name: str, default: Any = None) -> Any:
 
 
 def _verl_mode(loss_mode: str) -> str:
-    mode = loss_mode[len(PREFIX):] if loss_mode.startswith(PREFIX) else loss_mode
-    if mode in VERL_POLICY_LOSSES:
-        return mode
-    if mode in NOT_IN_RLLOSS:
-        raise ValueError(f"policy_loss.loss_mode={loss_mode!r}: rlloss does not compute verl's {mode!r} loss; "
-                         f"supported: {', '.join(VERL_POLICY_LOSSES)} (registered as {PREFIX}<name>)")
-    raise ValueError(f"policy_loss.loss_mode={loss_mode!r} is not a verl policy loss rlloss knows; supported: "
-                     f"{', '.join(VERL_POLICY_LOSSES)} (registered as {PREFIX}<name>)")
+    mode = loss_mode.removeprefix(PREFIX)
+    if mode not in VERL_POLICY_LOSSES:
+        why = f": rlloss does not compute verl's {mode!r} loss" if mode in NOT_IN_RLLOSS else (
+            " is not a verl policy loss rlloss knows")
+        raise ValueError(f"policy_loss.loss_mode={loss_mode!r}{why}; supported: {', '.join(VERL_POLICY_LOSSES)} "
+                         f"(registered as {PREFIX}<name>)")
+    return mode
 
 
 def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
@@ -118,18 +99,10 @@ def loss_config_from_verl(actor_config: Any, *, loss_mode: Optional[str] = None,
     The loss of verl 0.9.1's ``ppo_loss``: the policy term of ``policy_loss.loss_mode`` (a key of
     :data:`VERL_POLICY_LOSSES`, or its registered ``rlloss_`` name), plus ``kl_loss_coef``·KL (``kl_loss_type``)
     when ``use_kl_loss``, minus ``entropy_coeff``·H, each aggregated by ``loss_agg_mode`` (SAPO's policy term by
-    seq-mean-token-mean and geo_mean's by a mean over the rows, as verl). Honoured: ``clip_ratio`` /
-    ``clip_ratio_low`` / ``clip_ratio_high`` (dppo_*: the divergence bounds), ``clip_ratio_c`` (vanilla's dual
-    clip, dppo_*'s ratio cap), ``tau_pos`` / ``tau_neg`` (SAPO), ``policy_loss.clip_cov_ratio`` /
-    ``clip_cov_lb`` / ``clip_cov_ub`` (clip_cov), ``policy_loss.kl_cov_ratio`` / ``ppo_kl_coef`` (kl_cov),
-    ``policy_loss.dro_beta`` (dro), ``loss_agg_mode``, ``loss_scale_factor`` and ``global_batch_info["dp_size"]``
-    (``token-sum``), ``use_kl_loss``, ``kl_loss_coef``, ``kl_loss_type`` (every name verl's ``kl_penalty``
-    computes), ``entropy_coeff``. The global counts come from :func:`batch_counts_from_verl`.
-
-    verl's rollout correction (``algorithm.rollout_correction``: ``rollout_is``, ``rollout_is_batch_normalize``,
-    ``rollout_rs``, ``rollout_rs_threshold``) is applied by verl's trainer before the loss: the loss receives the
-    (normalised) ``rollout_is_weights`` and a response mask without the rejected tokens. So it is not part of
-    this config; pass the weights as ``rollout_weights`` (the registered losses do).
+    seq-mean-token-mean and geo_mean's by a mean over the rows, as verl). The options honoured are listed in
+    docs/integrations.md (verl); verl's rollout correction is applied by its trainer before the loss, so it is no
+    part of this config: pass ``rollout_is_weights`` as ``rollout_weights``. The global counts come from
+    :func:`batch_counts_from_verl`.
 
     Args:
         actor_config: verl's ``ActorConfig`` (or an omegaconf ``DictConfig`` with its fields).
@@ -311,25 +284,23 @@ def _advantage_fn(estimator: str):
             _check_outcome(name, token_level_rewards, response_mask)
         with torch.no_grad():
             scores = token_level_rewards.sum(-1)
-            order = sizes = None
+            order, sizes = torch.arange(scores.shape[0]), None  # the outcome-only estimators have no groups
             if mode not in _OUTCOME_ONLY:
                 order, sizes = _groups(index, scores.shape[0])
-                order = order.to(scores.device)
                 if mode.startswith("grpo_passk") and bool((sizes < 2).any()):
                     raise ValueError(f"{name} needs at least 2 completions per group (as verl's grpo_passk)")
-            sort = (lambda x: x) if order is None else (lambda x: x[order])  # noqa: E731
+            order = order.to(scores.device)
             kwargs: Dict[str, Any] = dict(mode=mode, group_sizes=sizes)
             if mode in _VERL_SINGLETON:
                 kwargs["singleton"] = "verl"
             if mode in ("opo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
-                kwargs["response_lengths"] = sort(response_mask.sum(-1))
+                kwargs["response_lengths"] = response_mask.sum(-1)[order]
             if mode == "remax":
                 if reward_baselines is None:
                     raise ValueError(f"{name} needs reward_baselines (the greedy completion's reward)")
                 kwargs["baselines"] = reward_baselines
-            values = group_advantages(sort(scores), **kwargs)
-            if order is not None:
-                values = torch.empty_like(values).index_copy_(0, order, values)
+            values = group_advantages(scores[order], **kwargs)
+            values = torch.empty_like(values).index_copy_(0, order, values)
             advantages = values.to(scores.dtype).unsqueeze(-1) * response_mask
             if mode in _OUTCOME_ONLY:  # verl's returns: the reward-to-go of the counted tokens
                 returns = (token_level_rewards * response_mask).flip(-1).cumsum(-1).flip(-1)
@@ -410,7 +381,6 @@ def _install_logprob_forward(model: torch.nn.Module) -> None:
 
 def _refused(engine, micro_batch) -> list:
     """The options of this micro-batch the patched forward cannot honour, each named."""
-    flag = lambda key: tu.get_non_tensor_data(data=micro_batch, key=key, default=False)  # noqa: E731
     refused = []
     if getattr(engine, "use_ulysses_sp", False):
         refused.append("ulysses_sequence_parallel_size > 1")
@@ -420,7 +390,7 @@ def _refused(engine, micro_batch) -> list:
                      ("calculate_sum_pi_squared", "needs the full logits"),
                      ("distillation_use_topk", "needs the full logits"),
                      ("distillation_only", "no log-probs to compute")):
-        if flag(key):
+        if tu.get_non_tensor_data(data=micro_batch, key=key, default=False):
             refused.append(f"{key}=True ({why})")
     if len(micro_batch.get("multi_modal_inputs", [])):
         refused.append("multimodal inputs (multi_modal_inputs)")
@@ -429,6 +399,7 @@ def _refused(engine, micro_batch) -> list:
 
 def _forward_step(self, micro_batch, loss_function, forward_only):
     """verl 0.9.1 ``FSDPEngineWithLMHead.forward_step`` with the log-probs and entropy from rlloss."""
+    _install_logprob_forward(_inner_model(self.module))  # the module is built after the engine (initialize)
     impl = _engine_module()
     refused = _refused(self, micro_batch)
     if refused:
@@ -446,13 +417,10 @@ def _forward_step(self, micro_batch, loss_function, forward_only):
         log_probs, entropy = self.module(**model_inputs, use_cache=False,
                                          rlloss_targets=output_args["input_ids_rmpad_rolled"],
                                          rlloss_temperature=temperature, rlloss_entropy=calculate_entropy)
-        cu_seqlens = micro_batch["input_ids"].offsets()
-        pad = output_args["pad_size"]
-        model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(
-            self._gather_and_unpad_packed(log_probs, pad), cu_seqlens)}
-        if calculate_entropy:
-            model_output["entropy"] = torch.nested.nested_tensor_from_jagged(
-                self._gather_and_unpad_packed(entropy, pad), cu_seqlens)
+        cu_seqlens, pad = micro_batch["input_ids"].offsets(), output_args["pad_size"]
+        per_token = dict(log_probs=log_probs, entropy=entropy) if calculate_entropy else dict(log_probs=log_probs)
+        model_output = {key: torch.nested.nested_tensor_from_jagged(self._gather_and_unpad_packed(x, pad), cu_seqlens)
+                        for key, x in per_token.items()}
         if loss_function is not None:
             loss, metrics = loss_function(model_output=model_output, data=micro_batch,
                                           dp_group=self.get_data_parallel_group())
@@ -484,13 +452,8 @@ def patch_engine(engine: Any) -> Any:
                         f"engine), got {type(engine).__name__}")
     if getattr(engine, "module", None) is not None:  # else installed at the first step (built by initialize())
         _install_logprob_forward(_inner_model(engine.module))
-    engine.forward_step = types.MethodType(_patched_forward_step, engine)
+    engine.forward_step = types.MethodType(_forward_step, engine)
     return engine
-
-
-def _patched_forward_step(self, micro_batch, loss_function, forward_only):
-    _install_logprob_forward(_inner_model(self.module))  # the module is built after the engine (initialize)
-    return _forward_step(self, micro_batch, loss_function, forward_only)
 
 
 def patch_engine_class() -> None:
@@ -504,7 +467,7 @@ def patch_engine_class() -> None:
     def forward_step(self, micro_batch, loss_function, forward_only):
         if type(self).prepare_model_outputs is not impl.FSDPEngineWithLMHead.prepare_model_outputs:
             return stock(self, micro_batch, loss_function, forward_only)
-        return _patched_forward_step(self, micro_batch, loss_function, forward_only)
+        return _forward_step(self, micro_batch, loss_function, forward_only)
 
     forward_step._rlloss = True
     impl.FSDPEngineWithLMHead.forward_step = forward_step
