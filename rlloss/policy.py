@@ -1,12 +1,9 @@
 """Policy losses of the GRPO family (docs/math.md §3–§6): ratios, clipped / CISPO / SAPO / GPG surrogates, KL to a
 reference, entropy bonus, rollout (sampler) correction and aggregation to a scalar, with the TRL-style metrics.
 
-Layout of this module: the aggregation normaliser and metric bookkeeping shared by every backend, the per-token
-math (values only: the one torch copy of the formulas, vectorised over [B, T] or a chunk of tokens; the torch
-backend takes its gradients by autograd on the O(B·T) per-token loss, and ``rlloss.reference`` runs it in float64),
-:func:`policy_loss_and_grads` (value and gradients together, the function a fused log-prob + loss path calls),
-the autograd Function, and the public API. The Triton kernel, with its hand-derived gradients, lives in
-``rlloss.kernels.policy``.
+The per-token math is written here once, as values (docs/design/guide.md): the torch backend takes its gradients by
+autograd on the O(B·T) per-token loss and ``rlloss.reference`` runs it in float64; the Triton kernel, with its
+hand-derived gradients, is ``rlloss.kernels.policy``.
 """
 from __future__ import annotations
 
@@ -132,10 +129,8 @@ def aggregation_normaliser(
     batch size; seq_mean_token_sum_norm: B·L_norm; token_sum: 1 / ``config.dp_size``. Each term is then
     Σ_i Σ_t m·L (/ max(n_i, 1) for seq_mean_token_mean) / D.
     """
-    found = {}
-    for agg in config.term_aggregations:
-        if agg not in found:
-            found[agg] = _term_normaliser(agg, config, live, num_items_in_batch, num_sequences_in_batch, check_values)
+    found = {agg: _term_normaliser(agg, config, live, num_items_in_batch, num_sequences_in_batch, check_values)
+             for agg in dict.fromkeys(config.term_aggregations)}
     return torch.stack([found[agg] for agg in config.term_aggregations])
 
 
@@ -476,8 +471,7 @@ class TokenInputs(NamedTuple):
 
 
 def _load(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor]:
-    """A [B] or [B, T] input as [B, T] in the compute dtype, exactly 0 where not counted whatever it holds (NaN,
-    inf)."""
+    """A [B] or [B, T] input as [B, T] in the compute dtype, exactly 0 where not counted (NaN and inf included)."""
     if x is None:
         return None
     x = x[:, None] if x.ndim == 1 else x
@@ -682,12 +676,16 @@ def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
     return grads[0], (grads[1] if write_grad_entropy else None)
 
 
-def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs, n_safe: Tensor,
-               rollout: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(per-token loss [B, T], differentiable in ``logp`` and ``entropy``; stats [B, NUM_STATS]) of the whole
-    [B, T] batch: the selections, the sequence-level and coupled factors, then :func:`token_terms`. ``logp``,
-    ``entropy`` and ``rollout`` (ℓˢ) are loaded (0 where not counted) in the compute dtype."""
-    cd, live = logp.dtype, tokens.live
+def _loss_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
+               pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
+               clip_range=(None, None)) -> Tuple[Tensor, Tensor]:
+    """(per-token loss [B, T], differentiable in ``logprobs`` and ``entropy``; stats [B, NUM_STATS]) of the whole
+    [B, T] batch in the compute dtype, from the inputs of :func:`policy_loss_and_grads`: the selections, the
+    sequence-level and coupled factors, then :func:`token_terms`."""
+    cd = compute_dtype(logprobs.dtype)
+    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
+    logp, entropy, rollout = (_load(x, live, cd) for x in (logprobs, entropy, rollout_logprobs))
     B, T = logp.shape
     zero = torch.zeros((), dtype=cd, device=logp.device)
     mf = live.to(cd)
@@ -700,7 +698,7 @@ def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], toke
                 coef_ent = keep_entropy.to(cd) / keep_entropy.sum().clamp(min=1).to(cd)
             tokens = tokens._replace(coef_ent=coef_ent)
     old = logp.detach() if tokens.old is None else tokens.old
-    is_weight = tokens.rollout_weight(config, old)  # for the metrics
+    is_weight = tokens.rollout_weight(config, old)
     if tokens.rollout is not None and config.rollout_correction.startswith("sequence"):
         tokens = tokens._replace(weight=is_weight, rollout=None)  # on-policy: ℓ° = sg(ℓ), known only now
     coupled = None
@@ -721,21 +719,19 @@ def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], toke
         stats[:, _S["logp_diff_sum"]] = d.sum(1)
         stats[:, _S["logp_diff_max"]] = d.amax(1) if T else 0.0
         if config.rollout_correction is not None:
-            w = is_weight
             if config.rollout_correction.startswith("token"):
-                stats[:, _S["is_sum"]] = (w * mf).sum(1)
+                stats[:, _S["is_sum"]] = (is_weight * mf).sum(1)
                 stats[:, _S["is_count"]] = mf.sum(1)
-                stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
-                stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
+                stats[:, _S["is_min"]] = torch.where(live, is_weight, math.inf).amin(1) if T else math.inf
+                stats[:, _S["is_max"]] = torch.where(live, is_weight, -math.inf).amax(1) if T else -math.inf
             else:
                 # a row without a counted token reports the weight of d = 0, as the kernel does
                 empty_row = _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device))
-                w_row = (torch.where(live.any(1), torch.where(live, w, -math.inf).amax(1), empty_row) if T
+                w_row = (torch.where(live.any(1), torch.where(live, is_weight, -math.inf).amax(1), empty_row) if T
                          else empty_row)
-                stats[:, _S["is_sum"]] = w_row
                 stats[:, _S["is_count"]] = 1.0
-                stats[:, _S["is_min"]] = w_row
-                stats[:, _S["is_max"]] = w_row
+                for key in ("is_sum", "is_min", "is_max"):
+                    stats[:, _S[key]] = w_row
     if terms.kl is not None:
         stats[:, _S["kl"]] = (terms.kl.detach() * mf).sum(1)
     if entropy is not None:
@@ -752,45 +748,37 @@ def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], toke
     return terms.loss, stats
 
 
-def loss_inputs(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
-                pos_logprobs=None, neg_logprobs=None, rollout_weights=None, clip_range=(None, None), cd=None):
-    """(ℓ, H, ℓˢ loaded, TokenInputs, n_i) in the compute dtype ``cd`` (default: float64 for float64 log-probs,
-    else float32) for :func:`_loss_rows`; ℓ and H keep their autograd graph."""
-    cd = compute_dtype(logprobs.dtype) if cd is None else cd
-    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
-    return (_load(logprobs, live, cd), _load(entropy, live, cd), _load(rollout_logprobs, live, cd), tokens, n_safe)
-
-
 @_outside_inference_mode
-def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
-                clip_range=(None, None), with_grads=True):
-    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype; without
-    ``with_grads`` the gradients are None and no autograd runs."""
-    logp, ent, rollout, tokens, n_safe = loss_inputs(
-        logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
-        pos_logprobs, neg_logprobs, rollout_weights, clip_range)
+def _torch_rows(write_grad_entropy: bool, with_grads: bool, logprobs: Tensor, entropy: Optional[Tensor], *inputs):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) of :func:`_loss_rows`, the gradients
+    in the dtypes of ℓ and H (exactly 0 where not counted: a NaN shared by the row, s_i, never reaches a masked
+    token); without ``with_grads`` the gradients are None and no autograd runs."""
     if not with_grads:
         with torch.no_grad():
-            return _loss_rows(config, logp, ent, tokens, n_safe, rollout)[1], None, None
+            return _loss_rows(logprobs, entropy, *inputs)[1], None, None
 
-    def loss(lp, h=ent):
-        return _loss_rows(config, lp, h, tokens, n_safe, rollout)
+    def loss(lp, h=entropy):
+        return _loss_rows(lp, h, *inputs)
 
-    _, stats, grads = _vjp(loss, logp, ent) if write_grad_entropy else _vjp(loss, logp)
-    grad, grad_ent = grads[0], (grads[1] if write_grad_entropy else None)
-    grad = torch.where(live, grad, 0.0)  # a NaN shared by the row (s_i) never reaches a masked token
-    return stats, grad, grad_ent
+    _, stats, grads = _vjp(loss, logprobs, entropy) if write_grad_entropy else _vjp(loss, logprobs)
+    return stats, grads[0], (grads[1] if write_grad_entropy else None)
 
 
 # --- value and gradients in one pass -------------------------------------------------------------------
 
 
 def _kernel_supports(config: LossConfig) -> bool:
-    """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
+    """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch): one
+    aggregation coefficient per token, the estimators and loss modes of its tables, no selection options."""
     return (config.uniform_aggregation and config.kl_estimator in KERNEL_KL_ESTIMATORS
             and config.loss_mode in KERNEL_LOSS_MODES and not config.selects)
+
+
+# The LossConfig fields kernels/policy.py's policy_loss_rows takes under their own names.
+_KERNEL_CONFIG_FIELDS = ("loss_mode", "importance_sampling_level", "epsilon_low", "epsilon_high", "delta", "dual_clip",
+                         "sapo_tau_pos", "sapo_tau_neg", "log_ratio_min", "log_ratio_max", "beta", "kl_estimator",
+                         "kl_ratio_weighted", "kl_clamp", "entropy_coef", "rollout_correction",
+                         "rollout_threshold_low", "rollout_threshold_high", "credit", "credit_lambda", "credit_eps_w")
 
 
 def policy_loss_and_grads(
@@ -813,11 +801,10 @@ def policy_loss_and_grads(
     """The policy loss, its metrics and its gradients w.r.t. the log-probs and entropy, computed together.
 
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
-    [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
-    serves every term);
-    ``backend`` "torch" or "triton"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
-    ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights;
-    ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
+    [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser`
+    (a 0-d D serves every term); ``backend`` "torch" or "triton"; ``pos_logprobs`` / ``neg_logprobs`` the teacher
+    log-probs of ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout
+    weights; ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
     :func:`check_clip_range`). The gradients are the kernel's, or (torch) autograd's on the per-token loss
     alone: nothing here joins the caller's autograd graph. ``with_grads=False`` (the one-pass fused loss, whose
     chunks formed them) skips the torch gradients and returns None for both.
@@ -829,33 +816,21 @@ def policy_loss_and_grads(
         Multiply both gradients by the upstream gradient of the loss.
     """
     write_grad_entropy = entropy is not None and config.entropy_coef != 0.0
-    # The kernel has one aggregation coefficient per token and the estimators k1, abs, k2, k3, k3+: a config
-    # with a KL or entropy term aggregated otherwise, or the k1+ / abs+ estimators, runs the torch formulas on
-    # the same device instead (never an option silently dropped); so does every loss mode but ppo_clip, cispo_*,
-    # gpg and sapo, precomputed rollout weights, the selection options and clip ranges given as tensors
-    # (docs/math.md §9).
+    # What the kernel lacks (_kernel_supports, precomputed rollout weights, clip ranges given as tensors) runs the
+    # torch formulas on the same device instead: never an option silently dropped.
     if (not uses_kernels(backend) or logprobs.numel() == 0 or not _kernel_supports(config)
             or rollout_weights is not None or clip_range[0] is not None):
-        stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                            rollout_logprobs, config, normaliser, write_grad_entropy,
-                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range, with_grads)
+        stats, grad, grad_ent = _torch_rows(write_grad_entropy, with_grads, logprobs, entropy, old_logprobs,
+                                            advantages, mask, ref_logprobs, rollout_logprobs, config, normaliser,
+                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = kernels("policy").policy_loss_rows(
             logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy,
-            normaliser.reshape(-1)[:1], loss_mode=config.loss_mode, importance_sampling_level=config.importance_sampling_level,
-            epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, delta=config.delta,
-            dual_clip=config.dual_clip, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
-            log_ratio_min=config.log_ratio_min, log_ratio_max=config.log_ratio_max, beta=config.beta,
-            kl_estimator=config.kl_estimator, kl_ratio_weighted=config.kl_ratio_weighted,
-            kl_clamp=config.kl_clamp, entropy_coef=config.entropy_coef,
-            rollout_correction=config.rollout_correction, rollout_threshold_low=config.rollout_threshold_low,
-            rollout_threshold_high=config.rollout_threshold_high,
-            per_sequence_mean=config.aggregation == "seq_mean_token_mean",
+            normaliser.reshape(-1)[:1], per_sequence_mean=config.aggregation == "seq_mean_token_mean",
             clip_metric_low=low, clip_metric_high=high, write_grad_entropy=write_grad_entropy,
-            credit=config.credit, credit_lambda=config.credit_lambda, credit_eps_w=config.credit_eps_w,
             pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-        )
+            **{field: getattr(config, field) for field in _KERNEL_CONFIG_FIELDS})
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     metrics = _metrics_from_stats(stats, names)
     loss = stats[:, _S["loss"]].sum()
@@ -931,21 +906,22 @@ _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_l
 # --- public API ---------------------------------------------------------------------------------------
 
 
-def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
-                        check_values: bool = True):
-    """Check the per-token inputs of a policy loss over [B, T] = ``shape`` against ``config`` (host side).
+def _check_loss_inputs(shape, config: LossConfig, check_values: bool, old_logprobs, advantages, mask, ref_logprobs,
+                       rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
+                       **others: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+    """The per-token inputs of :func:`policy_loss` and :func:`fused_policy_loss` over [B, T] = ``shape`` checked
+    against ``config`` (host side), as a dict in the order both ops take them (the mask bool; the teacher log-probs,
+    rollout weights and clip ranges detached). ``others`` (the caller's own tensors) join the device check.
 
-    Returns (old_logprobs, advantages, mask as bool, ref_logprobs, rollout_logprobs).
-    """
+    ``rollout_weights`` are final weights: they exclude ``config.rollout_correction`` (which forms weights from
+    ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
     B = shape[0]
     if old_logprobs is not None:
         old_logprobs = _checks.float_like("old_logprobs", old_logprobs, shape, "logprobs")
     advantages = _checks.tensor("advantages", advantages)
     _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
     if advantages.shape != (B,) and advantages.shape != shape:
-        raise ValueError(
-            f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}")
     mask = _checks.mask(mask, shape, check_values)
     if ref_logprobs is not None:
         ref_logprobs = _checks.float_like("ref_logprobs", ref_logprobs, shape, "logprobs")
@@ -957,7 +933,21 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
         raise ValueError(
             f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
         )
-    return old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs
+    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
+    if config.rollout_rs is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_logprobs is required when config.rollout_rs = {config.rollout_rs!r}, got None")
+    if rollout_weights is not None:
+        if config.rollout_correction is not None:
+            raise ValueError(f"rollout_weights and config.rollout_correction = {config.rollout_correction!r} were "
+                             "both given: the weights are either precomputed (rollout_weights) or formed from "
+                             "rollout_logprobs (rollout_correction), not both")
+        rollout_weights = _checks.float_like("rollout_weights", rollout_weights, shape, "logprobs").detach()
+    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check_values)
+    inputs = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
+                  rollout_logprobs=rollout_logprobs, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
+                  rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    _checks.same_device(**others, **inputs)
+    return inputs
 
 
 def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
@@ -986,22 +976,6 @@ def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
         raise ValueError("neg_logprobs is not used when config.credit = 'rlsd' (its base is old_logprobs, or "
                          "sg(logprobs) on-policy); use credit='cepo' to contrast with a wrong answer")
     return pos_logprobs, neg_logprobs
-
-
-def check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config: LossConfig) -> Optional[Tensor]:
-    """Check the precomputed rollout weights against ``config`` (host side); returns them detached.
-
-    ``rollout_weights`` are final weights: they exclude ``config.rollout_correction`` (which forms weights from
-    ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
-    if config.rollout_rs is not None and rollout_logprobs is None:
-        raise ValueError(f"rollout_logprobs is required when config.rollout_rs = {config.rollout_rs!r}, got None")
-    if rollout_weights is None:
-        return None
-    if config.rollout_correction is not None:
-        raise ValueError(f"rollout_weights and config.rollout_correction = {config.rollout_correction!r} were both "
-                         "given: the weights are either precomputed (rollout_weights) or formed from "
-                         "rollout_logprobs (rollout_correction), not both")
-    return _checks.float_like("rollout_weights", rollout_weights, shape, "logprobs").detach()
 
 
 # The loss modes whose surrogate clips each token's ratio by [1 − ε_lo, 1 + ε_hi] (or ε_hi): the ones that take
@@ -1108,16 +1082,10 @@ def policy_loss(
             finite and > 0, clip ranges in range). With False the call never synchronises with the host (except
             clip_cov and kl_cov, whose selections are host-side as in verl, and the selection options of
             docs/math.md §9, which read a quantile).
-        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
-            The Triton kernel implements one aggregation for every term and the estimators k1, abs, k2, k3, k3+:
-            on "triton" a config whose active KL or entropy term has its own aggregation
-            (``kl_aggregation`` / ``entropy_aggregation``, e.g. the TRL presets with ``entropy_coef`` ≠ 0,
-            ``verl_sapo`` with β or c_H ≠ 0), a "k1+" / "abs+" estimator, a loss mode other than ppo_clip,
-            cispo_*, gpg and sapo (the verl and TRL variants: geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo),
-            given ``rollout_weights``, ``config.token_select``, ``config.off_policy_mask_threshold`` (docs/math.md
-            §9) or clip ranges given as tensors is computed by the torch formulas on the same device instead.
-            ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` act on the whole call before the
-            loss (docs/math.md §5), on every backend.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device. On "triton",
+            what the kernel does not implement (per-term aggregations, "k1+" / "abs+", the verl and TRL loss
+            variants, ``rollout_weights``, the selection options, clip ranges as tensors: docs/api/policy_loss.md,
+            "Lower level") runs the torch formulas on the same device instead.
 
     Returns:
         :class:`PolicyLossOutput` (loss, metrics).
@@ -1160,25 +1128,7 @@ def policy_loss(
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
 
-def _check_loss_inputs(shape, config: LossConfig, check_values: bool, old_logprobs, advantages, mask, ref_logprobs,
-                       rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
-                       **others: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
-    """The per-token inputs of :func:`policy_loss` and :func:`fused_policy_loss` over [B, T] = ``shape``, checked,
-    as a dict in the order both ops take them; ``others`` (the caller's own tensors) join the device check."""
-    old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
-        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check_values)
-    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
-    rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
-    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check_values)
-    inputs = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
-                  rollout_logprobs=rollout_logprobs, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-                  rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
-    _checks.same_device(**others, **inputs)
-    return inputs
-
-
-def _reference_policy_loss(logprobs, entropy, inputs, config, num_items_in_batch,
-                           num_sequences_in_batch) -> PolicyLossOutput:
+def _reference_policy_loss(logprobs, entropy, inputs, config, num_items_in_batch, num_sequences_in_batch):
     """:func:`policy_loss` on the reference backend, from checked inputs (:func:`_check_loss_inputs`)."""
     out_dtype = compute_dtype(logprobs.dtype)
     loss, metrics = reference.policy_loss(logprobs, config=config, entropy=entropy,
@@ -1282,7 +1232,6 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprob
 
 def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    hidden, weight, bias, targets = inputs[:4]
     ctx.options = inputs[17:]
     ctx.needs = inputs[16]
     ctx.fused = output[2].shape != (0,) or output[3].shape != (0,) or output[4].shape != (0,)
@@ -1290,7 +1239,7 @@ def _fused_setup(ctx, inputs, output):
     if ctx.fused:
         ctx.save_for_backward(*output[2:5])
     else:
-        ctx.save_for_backward(hidden, weight, bias, targets, *output[5:10])
+        ctx.save_for_backward(*inputs[:4], *output[5:10])  # hidden, weight, bias, targets
     ctx.set_materialize_grads(False)
 
 
@@ -1344,11 +1293,10 @@ def fused_policy_loss(
     entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`, whose
     argument order it keeps with ``logprobs`` replaced by (``hidden``, ``weight``, ``targets``).
 
-    For token-level losses (every preset but GSPO's and those of geo_mean, clip_cov, kl_cov and vespo, which need
-    a whole sequence's or batch's log-probs first: statistics, then one recompute) the whole forward and backward
-    is one chunked pass: each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient
-    of each token is formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive
-    implementation, at a bounded memory (docs/design/logprobs.md). The value and gradients equal
+    Token-level losses run forward and backward as one chunked pass (6·N·D·V FLOPs, as a naive implementation, at a
+    bounded memory); those that need a whole sequence's or batch's log-probs first (GSPO, geo_mean, clip_cov,
+    kl_cov, vespo, the selection options) take statistics, then one recompute (8·N·D·V): docs/design/logprobs.md.
+    The value and gradients equal
     ``policy_loss(token_logprobs(hidden, weight, targets, ...).logprobs, old_logprobs, advantages, mask, ...)``.
 
     Args:
@@ -1379,9 +1327,6 @@ def fused_policy_loss(
         check_inputs: run the checks that read device values (targets in range, a non-bool mask holds only
             0/1, tensor counts finite and > 0). With False the call never synchronises with the host.
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
-
-    The selection options (``config.token_select``, ``config.off_policy_mask_threshold``) need the whole
-    batch first and take the two-pass route (statistics, then one recompute: 8·N·D·V).
 
     Returns:
         :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
@@ -1424,10 +1369,9 @@ def fused_policy_loss(
         layout = distributed.vocab_layout(V, process_group, hidden.device)
         V = layout.vocab
     if check:  # targets where they count (one host sync)
-        counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
-        _checks.targets_in_range(counted_targets, V, ignore_index=None)
+        _checks.targets_in_range(torch.where(mask, linear.targets, 0), V, ignore_index=None)
     # Positions outside the mask become ignored tokens: their hidden rows are never read.
-    kernel_targets = torch.where(mask, linear.targets, torch.full_like(linear.targets, _NOT_COUNTED))
+    kernel_targets = torch.where(mask, linear.targets, _NOT_COUNTED)
     linear = linear._replace(targets=kernel_targets)
     options = linear.options
 
@@ -1442,16 +1386,15 @@ def fused_policy_loss(
     inputs["mask"], inputs["rollout_weights"] = apply_rollout_rs_and_normalise(
         config, mask, inputs["old_logprobs"], inputs["rollout_logprobs"], inputs["rollout_weights"])
     normaliser = aggregation_normaliser(config, inputs["mask"], num_items_in_batch, num_sequences_in_batch, check)
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
-             grad_on and bias is not None and linear.bias.requires_grad)
+    needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
+             for t in (linear.hidden, linear.weight, linear.bias)]
     if process_group is not None:
         loss, packed = distributed.vocab_parallel_fused_loss(hidden_rows, weight, bias, flat_targets,
                                                              tuple(inputs.values()), normaliser, config.key,
-                                                             list(needs), options, process_group, layout)
+                                                             needs, options, process_group, layout)
     else:
         loss, packed, *_ = _fused_policy_loss_op(hidden_rows, weight, bias, flat_targets, *inputs.values(),
-                                                 normaliser, config.key, list(needs), *options)
+                                                 normaliser, config.key, needs, *options)
     names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
@@ -1460,9 +1403,8 @@ class FusedPolicyLoss(torch.nn.Module):
     """:func:`fused_policy_loss` as a module holding the config and the options of the logits: the loss of a
     trainer whose temperature, soft-cap, backend … are fixed, called each step with the batch.
 
-    ``forward`` keeps its own argument order, (hidden, weight, targets, mask, advantages, *, old_logprobs=…),
-    unchanged since the first release (mask and advantages may both be [B, T], so a reordering would go
-    unnoticed); :func:`fused_policy_loss` is the one with :func:`policy_loss`'s order.
+    ``forward`` keeps its first release's argument order, (hidden, weight, targets, mask, advantages, *,
+    old_logprobs=…), not :func:`policy_loss`'s (docs/api/fused_policy_loss.md).
 
     Args:
         config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).
