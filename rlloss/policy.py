@@ -13,7 +13,6 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _checks
 from . import reference
@@ -485,7 +484,7 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
     """(TokenInputs over [B, T], n_i = max(Σ_t m, 1) per row). Given ``rollout_weights`` (precomputed, detached)
     are the rollout weights, in place of any formed from ``rollout_logprobs``; ``clip_range`` the call's
     (ε_lo, ε_hi) tensors."""
-    B, T = live.shape
+    B = live.shape[0]
     mf = live.to(cd)
     n_safe = mf.sum(1).clamp(min=1.0)
     old = _load(old_logprobs, live, cd)

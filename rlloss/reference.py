@@ -206,12 +206,11 @@ def contrastive_credit(
     from .credit import credit_advantage  # rlloss.credit imports this module
 
     m = mask if mask.dtype == torch.bool else mask != 0
-    B, T = m.shape
     zero = torch.zeros((), dtype=torch.float64, device=m.device)
 
     def clean(x):
         return torch.where(m, x.detach().to(torch.float64), zero)
 
-    A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    A = clean(advantages[:, None] if advantages.ndim == 1 else advantages)
     other = neg_logprobs if mode == "cepo" else base_logprobs
     return credit_advantage(A, clean(pos_logprobs) - clean(other), lam, eps_w)
