@@ -1,12 +1,9 @@
 """Policy losses of the GRPO family (docs/math.md §3–§6): ratios, clipped / CISPO / SAPO / GPG surrogates, KL to a
 reference, entropy bonus, rollout (sampler) correction and aggregation to a scalar, with the TRL-style metrics.
 
-Layout of this module: the aggregation normaliser and metric bookkeeping shared by every backend, the per-token
-math (values only: the one torch copy of the formulas, vectorised over [B, T] or a chunk of tokens; the torch
-backend takes its gradients by autograd on the O(B·T) per-token loss, and ``rlloss.reference`` runs it in float64),
-:func:`policy_loss_and_grads` (value and gradients together, the function a fused log-prob + loss path calls),
-the autograd Function, and the public API. The Triton kernel, with its hand-derived gradients, lives in
-``rlloss.kernels.policy``.
+The per-token math is written here once, as values (docs/design/guide.md): the torch backend takes its gradients by
+autograd on the O(B·T) per-token loss and ``rlloss.reference`` runs it in float64; the Triton kernel, with its
+hand-derived gradients, is ``rlloss.kernels.policy``.
 """
 from __future__ import annotations
 
@@ -16,7 +13,6 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _checks
 from . import reference
@@ -132,11 +128,15 @@ def aggregation_normaliser(
     batch size; seq_mean_token_sum_norm: B·L_norm; token_sum: 1 / ``config.dp_size``. Each term is then
     Σ_i Σ_t m·L (/ max(n_i, 1) for seq_mean_token_mean) / D.
     """
-    found = {}
-    for agg in config.term_aggregations:
-        if agg not in found:
-            found[agg] = _term_normaliser(agg, config, live, num_items_in_batch, num_sequences_in_batch, check_values)
+    found = {agg: _term_normaliser(agg, config, live, num_items_in_batch, num_sequences_in_batch, check_values)
+             for agg in dict.fromkeys(config.term_aggregations)}
     return torch.stack([found[agg] for agg in config.term_aggregations])
+
+
+# The metrics that are a mean over the counted tokens of one statistic column.
+_TOKEN_MEANS = {"clip_ratio/low_mean": "clip_low", "clip_ratio/high_mean": "clip_high",
+                "clip_ratio/dual_mean": "clip_dual", "ratio/mean": "ratio", "ppo_kl": "ppo_kl", "kl": "kl",
+                "entropy": "entropy", "sampling/sampling_logp_difference/mean": "logp_diff_sum"}
 
 
 def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tensor]:
@@ -145,37 +145,23 @@ def _metrics_from_stats(stats: Tensor, names: Tuple[str, ...]) -> Dict[str, Tens
     tokens = total[_S["tokens"]].clamp(min=1.0)
     zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
 
-    def mean(key):
-        return total[_S[key]] / tokens
+    def metric(name):
+        if name in _TOKEN_MEANS:
+            return total[_S[_TOKEN_MEANS[name]]] / tokens
+        if name == "clip_ratio/region_mean":
+            return (total[_S["clip_low"]] + total[_S["clip_high"]]) / tokens
+        if name == "sampling/importance_sampling_ratio/mean":
+            return total[_S["is_sum"]] / total[_S["is_count"]].clamp(min=1.0)
+        if not stats.shape[0]:
+            return zero
+        if name == "sampling/sampling_logp_difference/max":
+            return stats[:, _S["logp_diff_max"]].max()
+        some = total[_S["is_count"]] > 0  # the importance-weight extremes: 0 without a counted weight
+        if name.endswith("min"):
+            return torch.where(some, stats[:, _S["is_min"]].min(), zero)
+        return torch.where(some, stats[:, _S["is_max"]].max(), zero)
 
-    values = {
-        "clip_ratio/low_mean": mean("clip_low"),
-        "clip_ratio/high_mean": mean("clip_high"),
-        "clip_ratio/region_mean": (total[_S["clip_low"]] + total[_S["clip_high"]]) / tokens,
-        "clip_ratio/dual_mean": mean("clip_dual"),
-        "ratio/mean": mean("ratio"),
-        "ppo_kl": mean("ppo_kl"),
-    }
-    if "kl" in names:
-        values["kl"] = mean("kl")
-    if "entropy" in names:
-        values["entropy"] = mean("entropy")
-    if "sampling/sampling_logp_difference/mean" in names:
-        values["sampling/sampling_logp_difference/mean"] = mean("logp_diff_sum")
-        values["sampling/sampling_logp_difference/max"] = (
-            stats[:, _S["logp_diff_max"]].max() if stats.shape[0] else zero
-        )
-    if "sampling/importance_sampling_ratio/mean" in names:
-        count = total[_S["is_count"]]
-        some = count > 0
-        values["sampling/importance_sampling_ratio/min"] = (
-            torch.where(some, stats[:, _S["is_min"]].min(), zero) if stats.shape[0] else zero
-        )
-        values["sampling/importance_sampling_ratio/mean"] = total[_S["is_sum"]] / count.clamp(min=1.0)
-        values["sampling/importance_sampling_ratio/max"] = (
-            torch.where(some, stats[:, _S["is_max"]].max(), zero) if stats.shape[0] else zero
-        )
-    return {name: values[name].detach() for name in names}
+    return {name: metric(name).detach() for name in names}
 
 
 # --- the per-token math (docs/math.md §3–§6): its one torch copy; kernels/policy.py is the kernel's ---------------
@@ -375,7 +361,7 @@ def apply_rollout_rs_and_normalise(config: LossConfig, mask: Tensor, old: Option
     on-policy). Without either option, nothing changes (the weights are formed inside the loss)."""
     if not (config.rollout_is_batch_normalize or config.rollout_rs is not None):
         return mask, rollout_weights
-    cd = torch.float64 if old.dtype == torch.float64 else torch.float32
+    cd = compute_dtype(old.dtype)
     old, rollout = old.to(cd), rollout.to(cd)
     if config.rollout_correction is not None:
         rollout_weights = _rollout_weights(config, mask, old, rollout)
@@ -417,9 +403,7 @@ def _coupled_terms(config: LossConfig, logp: Tensor, tokens: "TokenInputs", rho:
         return selected, tokens
     # vespo: log w_i = clamp(Σ_t m·clamp(ℓ − ℓ°, ±20) + Σ_t m·clamp(log w_t, log 1e-8, 20), log 1e-8, 20)
     log_w = (torch.where(live, logp - old, 0.0).clamp(-20.0, 20.0) * mf).sum(1)
-    weights = tokens.weight
-    if tokens.rollout is not None:
-        weights = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, 0.0)))
+    weights = tokens.rollout_weight(config, old)
     if weights is not None:
         log_w = log_w + (torch.log(weights).clamp(_VESPO_LOG_W_MIN, 20.0) * mf).sum(1)
     log_w = log_w.clamp(_VESPO_LOG_W_MIN, 20.0)[:, None]
@@ -438,8 +422,8 @@ def _geo_mean_ratio(config: LossConfig, logp: Tensor, tokens: "TokenInputs", n_s
     ε_hi)) with u = ℓ − ℓ° (clamped by log_ratio_min/max when set); dũ/du is 1 where neither clip binds, else 0."""
     live, adv = tokens.live, tokens.adv
     mf = live.to(logp.dtype)
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    lo, hi = _ratio_bounds(config)
+    lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
+    hi = math.inf if config.log_ratio_max is None else config.log_ratio_max
     old = logp.detach() if tokens.old is None else tokens.old
     u = logp - old
     u_r = u.clamp(lo, hi)
@@ -449,9 +433,7 @@ def _geo_mean_ratio(config: LossConfig, logp: Tensor, tokens: "TokenInputs", n_s
              | ((sign < 0) & (u_r < -config.epsilon_low)))
     s = torch.exp((_straight_through(u_min, u, free.to(u.dtype)) * mf).sum(1) / n_safe)
     adv_mean = ((adv * mf).sum(1) / n_safe)[:, None] * mf
-    weights = tokens.weight
-    if tokens.rollout is not None:
-        weights = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, zero)))
+    weights = tokens.rollout_weight(config, old)
     if weights is not None:  # verl: exp(Σ_t m·log(w_t + 1e-10) / n_i)
         geo = torch.exp((torch.log(weights + _GEO_WEIGHT_EPS) * mf).sum(1) / n_safe)
         weights = geo[:, None].expand(live.shape)
@@ -482,19 +464,17 @@ class TokenInputs(NamedTuple):
         """The flat tokens [begin, end) of a [B, T] preparation (a chunk of the fused loss)."""
         return TokenInputs(*(t.reshape(-1)[begin:end] if isinstance(t, Tensor) else t for t in self))
 
+    def rollout_weight(self, config: LossConfig, old: Tensor) -> Optional[Tensor]:
+        """The detached rollout weights (docs/math.md §5): precomputed, or formed from ℓˢ at ℓ° = ``old``."""
+        return self.weight if self.rollout is None else _rollout_weights(config, self.live, old, self.rollout)
+
 
 def _load(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor]:
-    """x in the compute dtype, exactly 0 where not counted whatever it holds (NaN, inf)."""
+    """A [B] or [B, T] input as [B, T] in the compute dtype, exactly 0 where not counted (NaN and inf included)."""
     if x is None:
         return None
+    x = x[:, None] if x.ndim == 1 else x
     return torch.where(live, x.to(cd), torch.zeros((), dtype=cd, device=x.device))
-
-
-def _per_token(x: Optional[Tensor], live: Tensor, cd: torch.dtype) -> Optional[Tensor]:
-    """A [B] or [B, T] input as [B, T] in the compute dtype, 0 where not counted."""
-    if x is None:
-        return None
-    return _load(x[:, None].expand(live.shape) if x.ndim == 1 else x, live, cd)
 
 
 def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
@@ -504,11 +484,11 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
     """(TokenInputs over [B, T], n_i = max(Σ_t m, 1) per row). Given ``rollout_weights`` (precomputed, detached)
     are the rollout weights, in place of any formed from ``rollout_logprobs``; ``clip_range`` the call's
     (ε_lo, ε_hi) tensors."""
-    B, T = live.shape
+    B = live.shape[0]
     mf = live.to(cd)
     n_safe = mf.sum(1).clamp(min=1.0)
     old = _load(old_logprobs, live, cd)
-    adv = _load(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages, live, cd)
+    adv = _load(advantages, live, cd)
     ref = _load(ref_logprobs, live, cd)
     rollout = weight = None
     if rollout_logprobs is not None and config.rollout_correction is not None:
@@ -534,7 +514,7 @@ def prepare_tokens(config: LossConfig, live: Tensor, old_logprobs, advantages, r
     tokens = TokenInputs(live, old, adv, _load(pos_logprobs, live, cd), _load(neg_logprobs, live, cd), ref,
                          rollout, weight, coef, coef_of(1) if config.beta != 0.0 else coef,
                          coef_of(2) if config.entropy_coef != 0.0 else coef,
-                         _per_token(clip_range[0], live, cd), _per_token(clip_range[1], live, cd))
+                         _load(clip_range[0], live, cd), _load(clip_range[1], live, cd))
     return tokens, n_safe
 
 
@@ -542,11 +522,9 @@ class TokenTerms(NamedTuple):
     """Per-token pieces of the loss (docs/math.md §3–§6) for given log-probs; see :func:`token_terms`."""
 
     loss: Tensor        # c·w·P + c_kl·β·KL − c_ent·c_H·H, differentiable in ℓ and H
-    rho: Tensor         # the ratio used (token or sequence)
     adv: Tensor         # the advantage used (after the credit)
     dual: Tensor        # dual-clip active
     kl: Optional[Tensor]      # KL_t (·ρ when kl_ratio_weighted), unweighted: the metric
-    weight: Optional[Tensor]  # rollout weight
 
 
 def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tensor,
@@ -555,16 +533,13 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
     coefficients — elementwise, so the same function serves a whole [B, T] batch and one chunk of flat tokens of
     the fused loss (the one place these formulas live in torch; kernels/policy.py is the kernel's copy).
     ``coupled``: the batch- or sequence-wide factor of clip_cov, kl_cov and vespo (:func:`_coupled_terms`)."""
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     old = logp.detach() if tokens.old is None else tokens.old
     adv = _used_advantage(config, logp, tokens)
     P, dual = _policy_term(config, rho, logp, adv, old, coupled, tokens.eps_low, tokens.eps_high)
-    w = tokens.weight
-    if tokens.rollout is not None:  # token-level rollout correction (docs/math.md §5): a detached weight
-        w = _rollout_weight(config, torch.exp(torch.where(tokens.live, old - tokens.rollout, zero)))
+    w = tokens.rollout_weight(config, old)
     loss = P if w is None else w * P
     if tokens.select is not None:  # selection (docs/math.md §9): dropped tokens lose the policy term exactly
-        loss = torch.where(tokens.select, loss, zero)
+        loss = torch.where(tokens.select, loss, 0.0)
     loss = tokens.coef * loss
     K = None
     if tokens.ref is not None:  # + β·KL_t, times ρ when kl_ratio_weighted
@@ -575,7 +550,7 @@ def token_terms(config: LossConfig, logp: Tensor, tokens: TokenInputs, rho: Tens
             loss = loss + tokens.coef_kl * (config.beta * K)
     if entropy is not None and config.entropy_coef != 0.0:  # − c_H·H_t (a zero coefficient never reads H)
         loss = loss - config.entropy_coef * tokens.coef_ent * entropy
-    return TokenTerms(loss, rho, adv, dual, K, w)
+    return TokenTerms(loss, adv, dual, K)
 
 
 def _used_advantage(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tensor:
@@ -619,18 +594,11 @@ def selection_masks(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
     keep = keep_entropy
     if config.off_policy_mask_threshold is not None:
         reference_logp = sampling if sampling is not None else (logp if tokens.old is None else tokens.old)
-        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-        kl = torch.where(live, torch.nan_to_num(reference_logp - logp, nan=0.0), zero)
+        kl = torch.where(live, torch.nan_to_num(reference_logp - logp, nan=0.0), 0.0)
         mean_kl = kl.sum(1) / live.sum(1).clamp(min=1).to(logp.dtype)
         in_policy = (tokens.adv >= 0) | (mean_kl <= config.off_policy_mask_threshold)[:, None]
         keep = in_policy if keep is None else keep & in_policy
     return keep, keep_entropy
-
-
-def _ratio_bounds(config: LossConfig) -> Tuple[float, float]:
-    lo = -math.inf if config.log_ratio_min is None else config.log_ratio_min
-    hi = math.inf if config.log_ratio_max is None else config.log_ratio_max
-    return lo, hi
 
 
 def token_ratio(config: LossConfig, logp: Tensor, tokens: TokenInputs) -> Tensor:
@@ -707,12 +675,16 @@ def token_gradients(config: LossConfig, logp: Tensor, entropy: Optional[Tensor],
     return grads[0], (grads[1] if write_grad_entropy else None)
 
 
-def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], tokens: TokenInputs, n_safe: Tensor,
-               rollout: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(per-token loss [B, T], differentiable in ``logp`` and ``entropy``; stats [B, NUM_STATS]) of the whole
-    [B, T] batch: the selections, the sequence-level and coupled factors, then :func:`token_terms`. ``logp``,
-    ``entropy`` and ``rollout`` (ℓˢ) are loaded (0 where not counted) in the compute dtype."""
-    cd, live = logp.dtype, tokens.live
+def _loss_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
+               pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
+               clip_range=(None, None)) -> Tuple[Tensor, Tensor]:
+    """(per-token loss [B, T], differentiable in ``logprobs`` and ``entropy``; stats [B, NUM_STATS]) of the whole
+    [B, T] batch in the compute dtype, from the inputs of :func:`policy_loss_and_grads`: the selections, the
+    sequence-level and coupled factors, then :func:`token_terms`."""
+    cd = compute_dtype(logprobs.dtype)
+    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
+                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
+    logp, entropy, rollout = (_load(x, live, cd) for x in (logprobs, entropy, rollout_logprobs))
     B, T = logp.shape
     zero = torch.zeros((), dtype=cd, device=logp.device)
     mf = live.to(cd)
@@ -725,13 +697,9 @@ def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], toke
                 coef_ent = keep_entropy.to(cd) / keep_entropy.sum().clamp(min=1).to(cd)
             tokens = tokens._replace(coef_ent=coef_ent)
     old = logp.detach() if tokens.old is None else tokens.old
+    is_weight = tokens.rollout_weight(config, old)
     if tokens.rollout is not None and config.rollout_correction.startswith("sequence"):
-        # on-policy sequence-level rollout weight: ℓ° = sg(ℓ), known only now
-        w_row = _rollout_weight(config, torch.exp((old - tokens.rollout).sum(1)))
-        tokens = tokens._replace(weight=w_row[:, None].expand(B, T), rollout=None)
-    is_weight = tokens.weight  # the rollout weights, for the metrics
-    if tokens.rollout is not None:
-        is_weight = _rollout_weight(config, torch.exp(torch.where(live, old - tokens.rollout, zero)))
+        tokens = tokens._replace(weight=is_weight, rollout=None)  # on-policy: ℓ° = sg(ℓ), known only now
     coupled = None
     if config.loss_mode == "geo_mean":  # the sequence ratio s_i, through the tokens its clip leaves free
         s, tokens = _geo_mean_ratio(config, logp, tokens, n_safe)
@@ -750,21 +718,19 @@ def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], toke
         stats[:, _S["logp_diff_sum"]] = d.sum(1)
         stats[:, _S["logp_diff_max"]] = d.amax(1) if T else 0.0
         if config.rollout_correction is not None:
-            w = is_weight
             if config.rollout_correction.startswith("token"):
-                stats[:, _S["is_sum"]] = (w * mf).sum(1)
+                stats[:, _S["is_sum"]] = (is_weight * mf).sum(1)
                 stats[:, _S["is_count"]] = mf.sum(1)
-                stats[:, _S["is_min"]] = torch.where(live, w, math.inf).amin(1) if T else math.inf
-                stats[:, _S["is_max"]] = torch.where(live, w, -math.inf).amax(1) if T else -math.inf
+                stats[:, _S["is_min"]] = torch.where(live, is_weight, math.inf).amin(1) if T else math.inf
+                stats[:, _S["is_max"]] = torch.where(live, is_weight, -math.inf).amax(1) if T else -math.inf
             else:
                 # a row without a counted token reports the weight of d = 0, as the kernel does
                 empty_row = _rollout_weight(config, torch.ones(B, dtype=cd, device=live.device))
-                w_row = (torch.where(live.any(1), torch.where(live, w, -math.inf).amax(1), empty_row) if T
+                w_row = (torch.where(live.any(1), torch.where(live, is_weight, -math.inf).amax(1), empty_row) if T
                          else empty_row)
-                stats[:, _S["is_sum"]] = w_row
                 stats[:, _S["is_count"]] = 1.0
-                stats[:, _S["is_min"]] = w_row
-                stats[:, _S["is_max"]] = w_row
+                for key in ("is_sum", "is_min", "is_max"):
+                    stats[:, _S[key]] = w_row
     if terms.kl is not None:
         stats[:, _S["kl"]] = (terms.kl.detach() * mf).sum(1)
     if entropy is not None:
@@ -781,47 +747,37 @@ def _loss_rows(config: LossConfig, logp: Tensor, entropy: Optional[Tensor], toke
     return terms.loss, stats
 
 
-def loss_inputs(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
-                pos_logprobs=None, neg_logprobs=None, rollout_weights=None, clip_range=(None, None), cd=None):
-    """(ℓ, H, ℓˢ loaded, TokenInputs, n_i) in the compute dtype ``cd`` (default: float64 for float64 log-probs,
-    else float32) for :func:`_loss_rows`; ℓ and H keep their autograd graph."""
-    if cd is None:
-        cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    tokens, n_safe = prepare_tokens(config, live, old_logprobs, advantages, ref_logprobs, rollout_logprobs,
-                                    normaliser, pos_logprobs, neg_logprobs, cd, rollout_weights, clip_range)
-    return (_load(logprobs, live, cd), _load(entropy, live, cd), _load(rollout_logprobs, live, cd), tokens, n_safe)
-
-
 @_outside_inference_mode
-def _torch_rows(logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config,
-                normaliser, write_grad_entropy, pos_logprobs=None, neg_logprobs=None, rollout_weights=None,
-                clip_range=(None, None), with_grads=True):
-    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) in the compute dtype; without
-    ``with_grads`` the gradients are None and no autograd runs."""
-    logp, ent, rollout, tokens, n_safe = loss_inputs(
-        logprobs, entropy, old_logprobs, advantages, live, ref_logprobs, rollout_logprobs, config, normaliser,
-        pos_logprobs, neg_logprobs, rollout_weights, clip_range)
+def _torch_rows(write_grad_entropy: bool, with_grads: bool, logprobs: Tensor, entropy: Optional[Tensor], *inputs):
+    """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None) of :func:`_loss_rows`, the gradients
+    in the dtypes of ℓ and H (exactly 0 where not counted: a NaN shared by the row, s_i, never reaches a masked
+    token); without ``with_grads`` the gradients are None and no autograd runs."""
     if not with_grads:
         with torch.no_grad():
-            return _loss_rows(config, logp, ent, tokens, n_safe, rollout)[1], None, None
+            return _loss_rows(logprobs, entropy, *inputs)[1], None, None
 
-    def loss(lp, h=ent):
-        return _loss_rows(config, lp, h, tokens, n_safe, rollout)
+    def loss(lp, h=entropy):
+        return _loss_rows(lp, h, *inputs)
 
-    _, stats, grads = _vjp(loss, logp, ent) if write_grad_entropy else _vjp(loss, logp)
-    grad, grad_ent = grads[0], (grads[1] if write_grad_entropy else None)
-    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
-    grad = torch.where(live, grad, zero)  # a NaN shared by the row (s_i) never reaches a masked token
-    return stats, grad, grad_ent
+    _, stats, grads = _vjp(loss, logprobs, entropy) if write_grad_entropy else _vjp(loss, logprobs)
+    return stats, grads[0], (grads[1] if write_grad_entropy else None)
 
 
 # --- value and gradients in one pass -------------------------------------------------------------------
 
 
 def _kernel_supports(config: LossConfig) -> bool:
-    """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch)."""
+    """Whether kernels/policy.py implements ``config`` (else :func:`policy_loss_and_grads` uses torch): one
+    aggregation coefficient per token, the estimators and loss modes of its tables, no selection options."""
     return (config.uniform_aggregation and config.kl_estimator in KERNEL_KL_ESTIMATORS
             and config.loss_mode in KERNEL_LOSS_MODES and not config.selects)
+
+
+# The LossConfig fields kernels/policy.py's policy_loss_rows takes under their own names.
+_KERNEL_CONFIG_FIELDS = ("loss_mode", "importance_sampling_level", "epsilon_low", "epsilon_high", "delta", "dual_clip",
+                         "sapo_tau_pos", "sapo_tau_neg", "log_ratio_min", "log_ratio_max", "beta", "kl_estimator",
+                         "kl_ratio_weighted", "kl_clamp", "entropy_coef", "rollout_correction",
+                         "rollout_threshold_low", "rollout_threshold_high", "credit", "credit_lambda", "credit_eps_w")
 
 
 def policy_loss_and_grads(
@@ -844,11 +800,10 @@ def policy_loss_and_grads(
     """The policy loss, its metrics and its gradients w.r.t. the log-probs and entropy, computed together.
 
     Inputs are taken as already checked (see :func:`policy_loss`): [B, T] tensors except advantages ([B] or
-    [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser` (a 0-d D
-    serves every term);
-    ``backend`` "torch" or "triton"; ``pos_logprobs`` / ``neg_logprobs`` the teacher log-probs of
-    ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout weights;
-    ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
+    [B, T]); ``mask`` bool; ``normaliser`` the [3] aggregation denominators from :func:`aggregation_normaliser`
+    (a 0-d D serves every term); ``backend`` "torch" or "triton"; ``pos_logprobs`` / ``neg_logprobs`` the teacher
+    log-probs of ``config.credit`` (see :func:`check_credit_inputs`); ``rollout_weights`` the precomputed rollout
+    weights; ``clip_range`` the call's (ε_lo, ε_hi) tensors, [B] or [B, T], or (None, None) (see
     :func:`check_clip_range`). The gradients are the kernel's, or (torch) autograd's on the per-token loss
     alone: nothing here joins the caller's autograd graph. ``with_grads=False`` (the one-pass fused loss, whose
     chunks formed them) skips the torch gradients and returns None for both.
@@ -860,33 +815,21 @@ def policy_loss_and_grads(
         Multiply both gradients by the upstream gradient of the loss.
     """
     write_grad_entropy = entropy is not None and config.entropy_coef != 0.0
-    # The kernel has one aggregation coefficient per token and the estimators k1, abs, k2, k3, k3+: a config
-    # with a KL or entropy term aggregated otherwise, or the k1+ / abs+ estimators, runs the torch formulas on
-    # the same device instead (never an option silently dropped); so does every loss mode but ppo_clip, cispo_*,
-    # gpg and sapo, precomputed rollout weights, the selection options and clip ranges given as tensors
-    # (docs/math.md §9).
+    # What the kernel lacks (_kernel_supports, precomputed rollout weights, clip ranges given as tensors) runs the
+    # torch formulas on the same device instead: never an option silently dropped.
     if (not uses_kernels(backend) or logprobs.numel() == 0 or not _kernel_supports(config)
             or rollout_weights is not None or clip_range[0] is not None):
-        stats, grad, grad_ent = _torch_rows(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                            rollout_logprobs, config, normaliser, write_grad_entropy,
-                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range, with_grads)
+        stats, grad, grad_ent = _torch_rows(write_grad_entropy, with_grads, logprobs, entropy, old_logprobs,
+                                            advantages, mask, ref_logprobs, rollout_logprobs, config, normaliser,
+                                            pos_logprobs, neg_logprobs, rollout_weights, clip_range)
     else:
         low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = kernels("policy").policy_loss_rows(
             logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy,
-            normaliser.reshape(-1)[:1], loss_mode=config.loss_mode, importance_sampling_level=config.importance_sampling_level,
-            epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high, delta=config.delta,
-            dual_clip=config.dual_clip, sapo_tau_pos=config.sapo_tau_pos, sapo_tau_neg=config.sapo_tau_neg,
-            log_ratio_min=config.log_ratio_min, log_ratio_max=config.log_ratio_max, beta=config.beta,
-            kl_estimator=config.kl_estimator, kl_ratio_weighted=config.kl_ratio_weighted,
-            kl_clamp=config.kl_clamp, entropy_coef=config.entropy_coef,
-            rollout_correction=config.rollout_correction, rollout_threshold_low=config.rollout_threshold_low,
-            rollout_threshold_high=config.rollout_threshold_high,
-            per_sequence_mean=config.aggregation == "seq_mean_token_mean",
+            normaliser.reshape(-1)[:1], per_sequence_mean=config.aggregation == "seq_mean_token_mean",
             clip_metric_low=low, clip_metric_high=high, write_grad_entropy=write_grad_entropy,
-            credit=config.credit, credit_lambda=config.credit_lambda, credit_eps_w=config.credit_eps_w,
             pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-        )
+            **{field: getattr(config, field) for field in _KERNEL_CONFIG_FIELDS})
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     metrics = _metrics_from_stats(stats, names)
     loss = stats[:, _S["loss"]].sum()
@@ -946,18 +889,14 @@ def _(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, rollout_l
 def _policy_loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(output[2], output[3])
-    ctx.has_grad_ent = inputs[1] is not None and output[3].numel() > 0
+    ctx.has_grad_ent = output[3].numel() > 0  # empty without entropy or with entropy_coef = 0
     ctx.set_materialize_grads(False)
 
 
 def _policy_loss_backward(ctx, g_loss, *_):
-    grad, grad_ent = ctx.saved_tensors
-    g_logp = g_ent = None
-    if g_loss is not None:
-        g_logp = grad * g_loss.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1] and ctx.has_grad_ent:
-            g_ent = grad_ent * g_loss.to(grad_ent.dtype)
-    return (g_logp, g_ent) + (None,) * 13
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_grad_ent)
+    return tuple(g * g_loss.to(g.dtype) if n and g_loss is not None else None
+                 for g, n in zip(ctx.saved_tensors, needs)) + (None,) * 13
 
 
 _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_loss_setup)
@@ -966,21 +905,22 @@ _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_l
 # --- public API ---------------------------------------------------------------------------------------
 
 
-def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config,
-                        check_values: bool = True):
-    """Check the per-token inputs of a policy loss over [B, T] = ``shape`` against ``config`` (host side).
+def _check_loss_inputs(shape, config: LossConfig, check_values: bool, old_logprobs, advantages, mask, ref_logprobs,
+                       rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
+                       **others: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+    """The per-token inputs of :func:`policy_loss` and :func:`fused_policy_loss` over [B, T] = ``shape`` checked
+    against ``config`` (host side), as a dict in the order both ops take them (the mask bool; the teacher log-probs,
+    rollout weights and clip ranges detached). ``others`` (the caller's own tensors) join the device check.
 
-    Returns (old_logprobs, advantages, mask as bool, ref_logprobs, rollout_logprobs).
-    """
+    ``rollout_weights`` are final weights: they exclude ``config.rollout_correction`` (which forms weights from
+    ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
     B = shape[0]
     if old_logprobs is not None:
         old_logprobs = _checks.float_like("old_logprobs", old_logprobs, shape, "logprobs")
     advantages = _checks.tensor("advantages", advantages)
     _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
     if advantages.shape != (B,) and advantages.shape != shape:
-        raise ValueError(
-            f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}")
     mask = _checks.mask(mask, shape, check_values)
     if ref_logprobs is not None:
         ref_logprobs = _checks.float_like("ref_logprobs", ref_logprobs, shape, "logprobs")
@@ -992,7 +932,21 @@ def check_policy_inputs(shape, old_logprobs, advantages, mask, ref_logprobs, rol
         raise ValueError(
             f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
         )
-    return old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs
+    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
+    if config.rollout_rs is not None and rollout_logprobs is None:
+        raise ValueError(f"rollout_logprobs is required when config.rollout_rs = {config.rollout_rs!r}, got None")
+    if rollout_weights is not None:
+        if config.rollout_correction is not None:
+            raise ValueError(f"rollout_weights and config.rollout_correction = {config.rollout_correction!r} were "
+                             "both given: the weights are either precomputed (rollout_weights) or formed from "
+                             "rollout_logprobs (rollout_correction), not both")
+        rollout_weights = _checks.float_like("rollout_weights", rollout_weights, shape, "logprobs").detach()
+    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check_values)
+    inputs = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
+                  rollout_logprobs=rollout_logprobs, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
+                  rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    _checks.same_device(**others, **inputs)
+    return inputs
 
 
 def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
@@ -1023,22 +977,6 @@ def check_credit_inputs(shape, pos_logprobs, neg_logprobs, config):
     return pos_logprobs, neg_logprobs
 
 
-def check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config: LossConfig) -> Optional[Tensor]:
-    """Check the precomputed rollout weights against ``config`` (host side); returns them detached.
-
-    ``rollout_weights`` are final weights: they exclude ``config.rollout_correction`` (which forms weights from
-    ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
-    if config.rollout_rs is not None and rollout_logprobs is None:
-        raise ValueError(f"rollout_logprobs is required when config.rollout_rs = {config.rollout_rs!r}, got None")
-    if rollout_weights is None:
-        return None
-    if config.rollout_correction is not None:
-        raise ValueError(f"rollout_weights and config.rollout_correction = {config.rollout_correction!r} were both "
-                         "given: the weights are either precomputed (rollout_weights) or formed from "
-                         "rollout_logprobs (rollout_correction), not both")
-    return _checks.float_like("rollout_weights", rollout_weights, shape, "logprobs").detach()
-
-
 # The loss modes whose surrogate clips each token's ratio by [1 − ε_lo, 1 + ε_hi] (or ε_hi): the ones that take
 # per-sequence or per-token clip ranges.
 CLIP_RANGE_MODES = ("ppo_clip", "cispo_trl", "cispo_verl")
@@ -1058,31 +996,26 @@ def check_clip_range(shape, epsilon_low, epsilon_high, config: LossConfig, check
         raise ValueError(f"epsilon_low / epsilon_high tensors need a loss mode with a per-token clip range "
                          f"{CLIP_RANGE_MODES}, got config.loss_mode = {config.loss_mode!r}")
     B = shape[0]
-    checked = []
-    for name, x, default in (("epsilon_low", epsilon_low, config.epsilon_low),
-                             ("epsilon_high", epsilon_high, config.epsilon_high)):
-        if x is None:
-            checked.append(None)
-            continue
-        x = _checks.tensor(name, x)
-        _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
-        if x.shape == (B, 1):
-            x = x[:, 0]
-        if x.shape != (B,) and x.shape != shape:
-            raise ValueError(f"{name} must be [B] = ({B},), [B, 1] or [B, T] = {tuple(shape)} (a clip range per "
-                             f"sequence or per token), got {tuple(x.shape)}")
-        checked.append(x.detach())
-    device = next(x for x in checked if x is not None).device
-    lo, hi = (torch.full((B,), default, dtype=torch.float32, device=device) if x is None else x
-              for x, default in zip(checked, (config.epsilon_low, config.epsilon_high)))
+    checked = {}
+    for name, x in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+        if x is not None:
+            x = _checks.tensor(name, x)
+            _checks.dtype_in(name, x, _checks.FLOAT_DTYPES)
+            x = x[:, 0] if x.shape == (B, 1) else x
+            if x.shape != (B,) and x.shape != shape:
+                raise ValueError(f"{name} must be [B] = ({B},), [B, 1] or [B, T] = {tuple(shape)} (a clip range "
+                                 f"per sequence or per token), got {tuple(x.shape)}")
+            checked[name] = x.detach()
+    device = next(iter(checked.values())).device
+    lo, hi = (checked[name] if name in checked else
+              torch.full((B,), getattr(config, name), dtype=torch.float32, device=device)
+              for name in ("epsilon_low", "epsilon_high"))
     if check_values:
-        if lo.numel() and not bool(((lo >= 0) & (lo <= 1)).all()):  # one host sync
-            raise ValueError(f"epsilon_low must lie in [0, 1] everywhere, got e.g. "
-                             f"{lo[~((lo >= 0) & (lo <= 1))].flatten()[0].item()}")
-        bad = ~(hi > 0) if config.loss_mode == "cispo_trl" else ~(hi >= 0)
-        if hi.numel() and bool(bad.any()):
-            raise ValueError(f"epsilon_high must be >= 0 everywhere (> 0 for loss_mode='cispo_trl'), got e.g. "
-                             f"{hi[bad].flatten()[0].item()}")
+        high_ok = hi > 0 if config.loss_mode == "cispo_trl" else hi >= 0
+        for x, ok, rule in ((lo, (lo >= 0) & (lo <= 1), "epsilon_low must lie in [0, 1] everywhere"),
+                            (hi, high_ok, "epsilon_high must be >= 0 everywhere (> 0 for loss_mode='cispo_trl')")):
+            if x.numel() and not bool(ok.all()):  # one host sync
+                raise ValueError(f"{rule}, got e.g. {x[~ok].flatten()[0].item()}")
     return lo, hi
 
 
@@ -1148,16 +1081,10 @@ def policy_loss(
             finite and > 0, clip ranges in range). With False the call never synchronises with the host (except
             clip_cov and kl_cov, whose selections are host-side as in verl, and the selection options of
             docs/math.md §9, which read a quantile).
-        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
-            The Triton kernel implements one aggregation for every term and the estimators k1, abs, k2, k3, k3+:
-            on "triton" a config whose active KL or entropy term has its own aggregation
-            (``kl_aggregation`` / ``entropy_aggregation``, e.g. the TRL presets with ``entropy_coef`` ≠ 0,
-            ``verl_sapo`` with β or c_H ≠ 0), a "k1+" / "abs+" estimator, a loss mode other than ppo_clip,
-            cispo_*, gpg and sapo (the verl and TRL variants: geo_mean, clip_cov, kl_cov, dppo_*, dro, vespo),
-            given ``rollout_weights``, ``config.token_select``, ``config.off_policy_mask_threshold`` (docs/math.md
-            §9) or clip ranges given as tensors is computed by the torch formulas on the same device instead.
-            ``config.rollout_is_batch_normalize`` and ``config.rollout_rs`` act on the whole call before the
-            loss (docs/math.md §5), on every backend.
+        backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device. On "triton",
+            what the kernel does not implement (per-term aggregations, "k1+" / "abs+", the verl and TRL loss
+            variants, ``rollout_weights``, the selection options, clip ranges as tensors: docs/api/policy_loss.md,
+            "Lower level") runs the torch formulas on the same device instead.
 
     Returns:
         :class:`PolicyLossOutput` (loss, metrics).
@@ -1174,11 +1101,6 @@ def policy_loss(
     logprobs = _checks.tensor("logprobs", logprobs)
     _checks.ndim("logprobs", logprobs, 2, "[B, T]")
     shape = logprobs.shape
-    old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
-        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check_inputs
-    )
-    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
-    rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
     if entropy is not None:
         entropy = _checks.float_like("entropy", entropy, shape, "logprobs")
     elif config.entropy_coef != 0.0:
@@ -1186,42 +1108,31 @@ def policy_loss(
     elif config.token_select is not None:
         raise ValueError(f"entropy is required when config.token_select = {config.token_select!r} (its score "
                          "needs H), got None")
-    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check_inputs)
-    _checks.same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                        ref_logprobs=ref_logprobs, entropy=entropy, rollout_logprobs=rollout_logprobs,
-                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
-                        epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    inputs = _check_loss_inputs(shape, config, check_inputs, old_logprobs, advantages, mask, ref_logprobs,
+                                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low,
+                                epsilon_high, logprobs=logprobs, entropy=entropy)
     name = resolve_backend(backend, logprobs.device)
-    allowed = accepted_dtypes(name)
-    _checks.dtype_in("logprobs", logprobs, allowed)
+    _checks.dtype_in("logprobs", logprobs, accepted_dtypes(name))
 
     if is_reference(name):
-        return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
-                                      rollout_logprobs, num_items_in_batch, num_sequences_in_batch, pos_logprobs,
-                                      neg_logprobs, rollout_weights, epsilon_low, epsilon_high, check_inputs)
+        return _reference_policy_loss(logprobs, entropy, inputs, config, num_items_in_batch, num_sequences_in_batch)
 
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
-    mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old, rollout_logprobs, rollout_weights)
-    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)
-    loss, packed, _, _ = _policy_loss_op(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs,
-                                         rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights,
-                                         epsilon_low, epsilon_high, normaliser, config.key, name)
+    old = logprobs.detach() if old_logprobs is None else inputs["old_logprobs"]
+    inputs["mask"], inputs["rollout_weights"] = apply_rollout_rs_and_normalise(
+        config, inputs["mask"], old, inputs["rollout_logprobs"], inputs["rollout_weights"])
+    normaliser = aggregation_normaliser(config, inputs["mask"], num_items_in_batch, num_sequences_in_batch,
+                                        check_inputs)
+    loss, packed, _, _ = _policy_loss_op(logprobs, entropy, *inputs.values(), normaliser, config.key, name)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
 
-def _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy, rollout_logprobs,
-                           num_items_in_batch, num_sequences_in_batch, pos_logprobs, neg_logprobs, rollout_weights,
-                           epsilon_low, epsilon_high, check_inputs) -> PolicyLossOutput:
-    """:func:`policy_loss` on the reference backend, from inputs :func:`policy_loss` (or FusedPolicyLoss) checked."""
-    aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check_inputs)  # checks
-    out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-    loss, metrics = reference.policy_loss(
-        logprobs, old_logprobs, advantages, mask, config=config, ref_logprobs=ref_logprobs, entropy=entropy,
-        rollout_logprobs=rollout_logprobs, num_items_in_batch=num_items_in_batch,
-        num_sequences_in_batch=num_sequences_in_batch, pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-        rollout_weights=rollout_weights, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-    )
+def _reference_policy_loss(logprobs, entropy, inputs, config, num_items_in_batch, num_sequences_in_batch):
+    """:func:`policy_loss` on the reference backend, from checked inputs (:func:`_check_loss_inputs`)."""
+    out_dtype = compute_dtype(logprobs.dtype)
+    loss, metrics = reference.policy_loss(logprobs, config=config, entropy=entropy,
+                                          num_items_in_batch=num_items_in_batch,
+                                          num_sequences_in_batch=num_sequences_in_batch, **inputs)
     return PolicyLossOutput(loss.to(out_dtype), {k: v.to(out_dtype) for k, v in metrics.items()})
 
 
@@ -1275,12 +1186,15 @@ def fused_pass(
         result.logprobs.view(shape), result.entropy.view(shape), old_logprobs, advantages, mask, ref_logprobs,
         rollout_logprobs, cfg, normaliser, TORCH, pos_logprobs, neg_logprobs, rollout_weights,
         (epsilon_low, epsilon_high), with_grads=not fused)  # one pass: the chunks formed them
-    empty = hidden.new_empty(EMPTY)
     if fused:
-        grads = tuple(g if g is not None else empty.clone() for g in result[3:])
-        return (loss, _packed(metrics, loss), *grads) + tuple(empty.clone() for _ in range(5))
-    return (loss, _packed(metrics, loss), empty.clone(), empty.clone(), empty.clone(), *result.stats[:3], grad,
-            grad_ent if grad_ent is not None else empty.clone())
+        return _fused_outputs(hidden, loss, _packed(metrics, loss), grads=result[3:])
+    return _fused_outputs(hidden, loss, _packed(metrics, loss), recompute=(*result.stats[:3], grad, grad_ent))
+
+
+def _fused_outputs(hidden: Tensor, loss: Tensor, packed: Tensor, grads=(None,) * 3, recompute=(None,) * 5):
+    """The fused op's outputs (loss, packed metrics, dh, dW, db, shift, total, ratio, d(loss)/dℓ, d(loss)/dH):
+    the gradients of one pass, or what the recompute of the backward needs; each absent one empty."""
+    return (loss, packed) + tuple(hidden.new_empty(EMPTY) if t is None else t for t in (*grads, *recompute))
 
 
 def fused_policy_loss_impl(
@@ -1306,22 +1220,17 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprob
       neg_logprobs, rollout_weights, epsilon_low, epsilon_high, normaliser, config, needs, *options):
     cfg = LossConfig.from_key(config)
     loss, packed = _fake_outputs(hidden, cfg, ref_logprobs is not None, True, rollout_logprobs is not None)
-    empty = hidden.new_empty(EMPTY)
     if any(needs) and one_pass(cfg, old_logprobs is None, rollout_logprobs is not None):
-        grads = tuple(torch.empty_like(t) if n and t is not None else empty.clone()
-                      for t, n in zip((hidden, weight, bias), needs))
-        return (loss, packed, *grads) + tuple(empty.clone() for _ in range(5))
-    n = hidden.shape[0]
-    stats = tuple(hidden.new_empty((n,), dtype=compute_dtype(hidden.dtype)) for _ in range(3))
-    grad_ent = torch.empty(mask.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device) \
-        if cfg.entropy_coef != 0.0 else empty.clone()
-    grad = torch.empty(mask.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device)
-    return (loss, packed, empty.clone(), empty.clone(), empty.clone(), *stats, grad, grad_ent)
+        return _fused_outputs(hidden, loss, packed, grads=tuple(
+            torch.empty_like(t) if n and t is not None else None for t, n in zip((hidden, weight, bias), needs)))
+    cd = compute_dtype(hidden.dtype)
+    stats = tuple(hidden.new_empty((hidden.shape[0],), dtype=cd) for _ in range(3))
+    grad_ent = hidden.new_empty(mask.shape, dtype=cd) if cfg.entropy_coef != 0.0 else None
+    return _fused_outputs(hidden, loss, packed, recompute=(*stats, hidden.new_empty(mask.shape, dtype=cd), grad_ent))
 
 
 def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
-    hidden, weight, bias, targets = inputs[:4]
     ctx.options = inputs[17:]
     ctx.needs = inputs[16]
     ctx.fused = output[2].shape != (0,) or output[3].shape != (0,) or output[4].shape != (0,)
@@ -1329,7 +1238,7 @@ def _fused_setup(ctx, inputs, output):
     if ctx.fused:
         ctx.save_for_backward(*output[2:5])
     else:
-        ctx.save_for_backward(hidden, weight, bias, targets, *output[5:10])
+        ctx.save_for_backward(*inputs[:4], *output[5:10])  # hidden, weight, bias, targets
     ctx.set_materialize_grads(False)
 
 
@@ -1383,11 +1292,10 @@ def fused_policy_loss(
     entropy straight from the lm_head, never [tokens × vocab] logits) fused with :func:`policy_loss`, whose
     argument order it keeps with ``logprobs`` replaced by (``hidden``, ``weight``, ``targets``).
 
-    For token-level losses (every preset but GSPO's and those of geo_mean, clip_cov, kl_cov and vespo, which need
-    a whole sequence's or batch's log-probs first: statistics, then one recompute) the whole forward and backward
-    is one chunked pass: each chunk's logits are one GEMM, its statistics give the log-probs, the loss gradient
-    of each token is formed at once, and the two gradient GEMMs follow — 6·N·D·V FLOPs, as a naive
-    implementation, at a bounded memory (docs/design/logprobs.md). The value and gradients equal
+    Token-level losses run forward and backward as one chunked pass (6·N·D·V FLOPs, as a naive implementation, at a
+    bounded memory); those that need a whole sequence's or batch's log-probs first (GSPO, geo_mean, clip_cov,
+    kl_cov, vespo, the selection options) take statistics, then one recompute (8·N·D·V): docs/design/logprobs.md.
+    The value and gradients equal
     ``policy_loss(token_logprobs(hidden, weight, targets, ...).logprobs, old_logprobs, advantages, mask, ...)``.
 
     Args:
@@ -1419,9 +1327,6 @@ def fused_policy_loss(
             0/1, tensor counts finite and > 0). With False the call never synchronises with the host.
         backend: "triton", "torch" or "reference"; default from ``RLLOSS_BACKEND`` or the device.
 
-    The selection options (``config.token_select``, ``config.off_policy_mask_threshold``) need the whole
-    batch first and take the two-pass route (statistics, then one recompute: 8·N·D·V).
-
     Returns:
         :class:`PolicyLossOutput` (loss, metrics); the metrics include the mean entropy (free here).
         The loss is differentiable w.r.t. hidden, weight and bias.
@@ -1443,21 +1348,15 @@ def fused_policy_loss(
     shape = hidden.shape[:2]
     if targets.shape != shape:
         raise ValueError(f"targets must be [B, T] = {tuple(shape)}, got {tuple(targets.shape)}")
-    old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs = check_policy_inputs(
-        shape, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, config, check
-    )
-    pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
-    rollout_weights = check_rollout_inputs(shape, rollout_weights, rollout_logprobs, config)
+    inputs = _check_loss_inputs(shape, config, check, old_logprobs, advantages, mask, ref_logprobs,
+                                rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low,
+                                epsilon_high, hidden=hidden, targets=targets)
     if old_logprobs is None and (config.rollout_rs is not None or config.rollout_is_batch_normalize):
         option = "rollout_rs" if config.rollout_rs is not None else "rollout_is_batch_normalize"
         raise ValueError(f"fused_policy_loss needs old_logprobs with config.{option} (on-policy the rejection and "
                          "normalisation depend on the log-probs this call computes); use token_logprobs and "
                          "policy_loss, or pass old_logprobs")
-    epsilon_low, epsilon_high = check_clip_range(shape, epsilon_low, epsilon_high, config, check)
-    _checks.same_device(hidden=hidden, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
-                        mask=mask, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-                        pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs, rollout_weights=rollout_weights,
-                        epsilon_low=epsilon_low, epsilon_high=epsilon_high)
+    mask = inputs["mask"]
     linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=_NOT_COUNTED, backend=backend, max_scratch_bytes=max_scratch_bytes,
                                  batch_invariant=batch_invariant, check_range=False)
@@ -1469,10 +1368,9 @@ def fused_policy_loss(
         layout = distributed.vocab_layout(V, process_group, hidden.device)
         V = layout.vocab
     if check:  # targets where they count (one host sync)
-        counted_targets = torch.where(mask, linear.targets, torch.zeros_like(linear.targets))
-        _checks.targets_in_range(counted_targets, V, ignore_index=None)
+        _checks.targets_in_range(torch.where(mask, linear.targets, 0), V, ignore_index=None)
     # Positions outside the mask become ignored tokens: their hidden rows are never read.
-    kernel_targets = torch.where(mask, linear.targets, torch.full_like(linear.targets, _NOT_COUNTED))
+    kernel_targets = torch.where(mask, linear.targets, _NOT_COUNTED)
     linear = linear._replace(targets=kernel_targets)
     options = linear.options
 
@@ -1481,27 +1379,21 @@ def fused_policy_loss(
             linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
             softcap=options.softcap, ignore_index=_NOT_COUNTED,
         )
-        return _reference_policy_loss(logprobs, old_logprobs, advantages, mask, config, ref_logprobs, entropy,
-                                      rollout_logprobs, num_items_in_batch, num_sequences_in_batch, pos_logprobs,
-                                      neg_logprobs, rollout_weights, epsilon_low, epsilon_high, check)
+        return _reference_policy_loss(logprobs, entropy, inputs, config, num_items_in_batch, num_sequences_in_batch)
 
     hidden_rows, weight, bias, flat_targets = prepare_linear(linear)
-    mask, rollout_weights = apply_rollout_rs_and_normalise(config, mask, old_logprobs, rollout_logprobs,
-                                                           rollout_weights)
-    normaliser = aggregation_normaliser(config, mask, num_items_in_batch, num_sequences_in_batch, check)
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and linear.hidden.requires_grad, grad_on and linear.weight.requires_grad,
-             grad_on and bias is not None and linear.bias.requires_grad)
+    inputs["mask"], inputs["rollout_weights"] = apply_rollout_rs_and_normalise(
+        config, mask, inputs["old_logprobs"], inputs["rollout_logprobs"], inputs["rollout_weights"])
+    normaliser = aggregation_normaliser(config, inputs["mask"], num_items_in_batch, num_sequences_in_batch, check)
+    needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
+             for t in (linear.hidden, linear.weight, linear.bias)]
     if process_group is not None:
-        loss, packed = distributed.vocab_parallel_fused_loss(
-            hidden_rows, weight, bias, flat_targets, (old_logprobs, advantages, mask, ref_logprobs,
-            rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high),
-            normaliser, config.key, list(needs), options, process_group, layout)
+        loss, packed = distributed.vocab_parallel_fused_loss(hidden_rows, weight, bias, flat_targets,
+                                                             tuple(inputs.values()), normaliser, config.key,
+                                                             needs, options, process_group, layout)
     else:
-        loss, packed, *_ = _fused_policy_loss_op(
-            hidden_rows, weight, bias, flat_targets, old_logprobs, advantages, mask, ref_logprobs,
-            rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
-            normaliser, config.key, list(needs), *options)
+        loss, packed, *_ = _fused_policy_loss_op(hidden_rows, weight, bias, flat_targets, *inputs.values(),
+                                                 normaliser, config.key, needs, *options)
     names = metric_names(config, ref_logprobs is not None, True, rollout_logprobs is not None)
     return PolicyLossOutput(loss, dict(zip(names, packed.unbind(0))))
 
@@ -1510,9 +1402,8 @@ class FusedPolicyLoss(torch.nn.Module):
     """:func:`fused_policy_loss` as a module holding the config and the options of the logits: the loss of a
     trainer whose temperature, soft-cap, backend … are fixed, called each step with the batch.
 
-    ``forward`` keeps its own argument order, (hidden, weight, targets, mask, advantages, *, old_logprobs=…),
-    unchanged since the first release (mask and advantages may both be [B, T], so a reordering would go
-    unnoticed); :func:`fused_policy_loss` is the one with :func:`policy_loss`'s order.
+    ``forward`` keeps its first release's argument order, (hidden, weight, targets, mask, advantages, *,
+    old_logprobs=…), not :func:`policy_loss`'s (docs/api/fused_policy_loss.md).
 
     Args:
         config: the :class:`LossConfig` (e.g. ``LossConfig.preset("dapo")``).

@@ -40,14 +40,12 @@ def logprobs_from_logits(
     Rows whose target is ``ignore_index`` give 0 for both and pass no gradient, whatever they hold.
     """
     valid = targets != ignore_index
-    logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype))
+    logits = torch.where(valid.unsqueeze(-1), logits, 0.0)
     logp = torch.log_softmax(logits, dim=-1)
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    token_logp = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    token_logp = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     p = logp.exp()  # a −inf logit has p = 0 and contributes 0 (never 0·(−inf))
-    entropy = -(p * torch.where(p == 0, torch.zeros((), dtype=logits.dtype), logp)).sum(-1)
-    zero = torch.zeros((), dtype=logits.dtype)
-    return torch.where(valid, token_logp, zero), torch.where(valid, entropy, zero)
+    entropy = -(p * torch.where(p == 0, 0.0, logp)).sum(-1)
+    return torch.where(valid, token_logp, 0.0), torch.where(valid, entropy, 0.0)
 
 
 def token_logprobs(
@@ -63,7 +61,7 @@ def token_logprobs(
     """Log-probs and entropy from hidden states ``[..., D]`` through the full ``[..., V]`` logits."""
     valid = (targets != ignore_index).unsqueeze(-1)
     # Zero ignored rows before the matmul so inf/NaN there cannot reach any gradient.
-    hidden = torch.where(valid, hidden, torch.zeros((), dtype=hidden.dtype))
+    hidden = torch.where(valid, hidden, 0.0)
     logits = logits_from_hidden(hidden, weight, bias, temperature=temperature, softcap=softcap)
     return logprobs_from_logits(logits, targets, ignore_index=ignore_index)
 
@@ -161,11 +159,9 @@ def policy_loss(
     m, rollout_weights = policy.apply_rollout_rs_and_normalise(
         config, m, logprobs.detach().to(torch.float64) if old is None else old, rollout, wide(rollout_weights))
     normaliser = policy.aggregation_normaliser(config, m, num_items_in_batch, num_sequences_in_batch)
-    logp, ent, rollout, tokens, n_safe = policy.loss_inputs(
+    loss_t, stats = policy._loss_rows(
         wide(logprobs), wide(entropy), old, wide(advantages), m, wide(ref_logprobs), rollout, config, normaliser,
-        wide(pos_logprobs), wide(neg_logprobs), rollout_weights, (wide(epsilon_low), wide(epsilon_high)),
-        torch.float64)
-    loss_t, stats = policy._loss_rows(config, logp, ent, tokens, n_safe, rollout)
+        wide(pos_logprobs), wide(neg_logprobs), rollout_weights, (wide(epsilon_low), wide(epsilon_high)))
     names = policy.metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     metrics = policy._metrics_from_stats(stats, names)
     dt = logprobs.dtype
@@ -210,12 +206,11 @@ def contrastive_credit(
     from .credit import credit_advantage  # rlloss.credit imports this module
 
     m = mask if mask.dtype == torch.bool else mask != 0
-    B, T = m.shape
     zero = torch.zeros((), dtype=torch.float64, device=m.device)
 
     def clean(x):
         return torch.where(m, x.detach().to(torch.float64), zero)
 
-    A = clean(advantages[:, None].expand(B, T) if advantages.ndim == 1 else advantages)
+    A = clean(advantages[:, None] if advantages.ndim == 1 else advantages)
     other = neg_logprobs if mode == "cepo" else base_logprobs
     return credit_advantage(A, clean(pos_logprobs) - clean(other), lam, eps_w)

@@ -218,15 +218,14 @@ def test_reference_backend_checks_its_inputs_once(monkeypatch):
     import rlloss.policy as policy
 
     calls = []
-    for name in ("check_policy_inputs", "check_credit_inputs", "check_rollout_inputs", "check_clip_range"):
+    for name in ("_check_loss_inputs", "check_credit_inputs", "check_clip_range"):
         def counted(*args, _f=getattr(policy, name), _name=name, **kwargs):
             calls.append(_name)
             return _f(*args, **kwargs)
 
         monkeypatch.setattr(policy, name, counted)
     _run(FusedPolicyLoss(LossConfig.preset("grpo"), backend="reference"), _batch(torch.float64, seed=7))
-    assert sorted(calls) == sorted(["check_policy_inputs", "check_credit_inputs", "check_rollout_inputs",
-                                    "check_clip_range"])
+    assert sorted(calls) == sorted(["_check_loss_inputs", "check_credit_inputs", "check_clip_range"])
 
 
 def test_zero_advantages_give_zero_gradient():
