@@ -1,9 +1,8 @@
 """Token log-probs and entropy (docs/math.md §1): from hidden states and the lm_head weight without ever holding
 [tokens × vocab] logits, or from logits a trainer already holds in one streaming pass.
 
-Layout of this module: the per-token statistics and their exact merge (shared by every backend), the
-chunked ``torch`` backend, the autograd functions, and the public API. The Triton kernels live in
-``rlloss.kernels.logprobs``; the naive oracle in ``rlloss.reference``.
+The per-token statistics, the chunked executor, the autograd functions and the public API; the Triton kernels
+are in ``rlloss.kernels.logprobs``, the naive oracle in ``rlloss.reference``.
 """
 from __future__ import annotations
 
@@ -124,13 +123,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str, softcap: Optional[float]) -> int:
+def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str) -> int:
     """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus the gradient in the input
     dtype on the kernels when that is 16-bit (the torch executor's block buffers are a fixed ~1 MiB more)."""
     size = compute_dtype(dtype).itemsize
-    if not uses_kernels(backend):
-        return size
-    return size + (dtype.itemsize if dtype.itemsize < size else 0)
+    return size + (dtype.itemsize if uses_kernels(backend) and dtype.itemsize < size else 0)
 
 
 def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, options: LinearOptions) -> int:
@@ -138,7 +135,7 @@ def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, options: LinearOpt
     BATCH_INVARIANT_ROWS in batch-invariant mode."""
     if options.batch_invariant:
         return BATCH_INVARIANT_ROWS
-    per_row = vocab * _scratch_bytes_per_logit(dtype, options.backend, options.softcap)
+    per_row = vocab * _scratch_bytes_per_logit(dtype, options.backend)
     return max(1, min(n_tokens, options.max_scratch_bytes // per_row))
 
 
@@ -157,18 +154,13 @@ def _cuda_out_dtype_gemm(device: torch.device) -> bool:
 
 def _mm(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
     """out (+)= a @ b with float32 accumulation; ``out`` may be float32 while a and b are 16-bit."""
-    if a.dtype != out.dtype:
-        if a.is_cuda and _cuda_out_dtype_gemm(a.device):
-            if accumulate:
-                torch.addmm(out, a, b, out.dtype, out=out)
-            else:
-                torch.mm(a, b, out.dtype, out=out)
-            return
+    if a.dtype != out.dtype and not (a.is_cuda and _cuda_out_dtype_gemm(a.device)):
         a, b = a.to(out.dtype), b.to(out.dtype)
+    out_dtype = (out.dtype,) if a.dtype != out.dtype else ()  # cuBLAS's float32 output of 16-bit operands
     if accumulate:
-        torch.addmm(out, a, b, out=out)  # beta = 1 into the accumulator itself
+        torch.addmm(out, a, b, *out_dtype, out=out)  # beta = 1 into the accumulator itself
     else:
-        torch.mm(a, b, out=out)
+        torch.mm(a, b, *out_dtype, out=out)
 
 
 # The torch executor runs its elementwise passes over cache-sized blocks of rows of the chunk, so the several
@@ -302,8 +294,7 @@ def run_pass(
     wants_grad = upstream is not None
     floor = bias is not None or not linear  # a GEMM of finite rows gives finite logits
 
-    out_logp = out_ent = None
-    parts = None
+    out_logp = out_ent = parts = None
     if stats is None:
         out_logp = torch.zeros(N, dtype=cd, device=device)
         out_ent = torch.zeros(N, dtype=cd, device=device)
@@ -311,9 +302,9 @@ def run_pass(
     grad_x = grad_w = grad_b = None
     if wants_grad and needs[0]:
         grad_x = grad_out if grad_out is not None else torch.empty_like(x)
-    accumulate_dtype = torch.float32 if linear and weight.dtype.itemsize < 4 else (weight.dtype if linear else cd)
-    if wants_grad and linear and needs[1]:
-        grad_w = torch.zeros(weight.shape, dtype=accumulate_dtype, device=device)
+    if wants_grad and linear and needs[1]:  # accumulated in float32 for 16-bit weights
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype.itemsize < 4 else weight.dtype,
+                             device=device)
     if wants_grad and bias is not None and needs[2]:
         grad_b = torch.zeros(V, dtype=cd, device=device)
     if N == 0:
@@ -336,6 +327,7 @@ def run_pass(
     if linear and options.batch_invariant:
         h_buf = torch.zeros((rows, x.shape[1]), dtype=w_gemm.dtype, device=device)
     zero = torch.zeros((), dtype=cd, device=device)
+    x_zero = torch.zeros((), dtype=x.dtype, device=device)  # ignored tokens' rows count as 0, even inf or NaN
 
     for begin in range(0, N, rows):
         end = min(N, begin + rows)
@@ -344,8 +336,7 @@ def run_pass(
         # -- logits of the chunk, float32 (compute dtype) -------------------------------------------------
         z = scratch[:n]
         if linear:
-            h = torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device))
-            h = h.to(w_gemm.dtype)
+            h = torch.where(live_c[:, None], x[begin:end], x_zero).to(w_gemm.dtype)
             if h_buf is not None:  # batch-invariant: every GEMM has exactly `rows` rows
                 h_buf[:n].copy_(h)
                 h_buf[n:].zero_()
@@ -355,7 +346,7 @@ def run_pass(
         elif kernel_path:
             z = x[begin:end]  # the kernels read the trainer's logits directly
         else:
-            z.copy_(torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device)))
+            z.copy_(torch.where(live_c[:, None], x[begin:end], x_zero))
         # -- statistics ---------------------------------------------------------------------------------
         if stats is not None:
             chunk_stats = RowStats(*(t[begin:end] for t in stats))
@@ -437,10 +428,8 @@ _token_logprobs_op = torch.library.custom_op("rlloss::token_logprobs", token_log
 
 
 @_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, softcap, ignore_index, backend, max_scratch_bytes,
-      batch_invariant):
-    n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=compute_dtype(hidden.dtype)) for _ in range(5))
+def _(hidden, weight, bias, targets, *options):
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=compute_dtype(hidden.dtype)) for _ in range(5))
 
 
 def token_logprobs_backward_impl(g_logp: Optional[Tensor], g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
@@ -499,8 +488,7 @@ class _LogitsLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, options, inplace_backward):
         result = run_pass(logits, None, None, targets, options)
         ctx.save_for_backward(logits, targets, *result.stats[:3])
-        ctx.options = options
-        ctx.inplace_backward = inplace_backward
+        ctx.options, ctx.inplace_backward = options, inplace_backward
         ctx.set_materialize_grads(False)
         return result.logprobs, result.entropy
 
@@ -511,9 +499,8 @@ class _LogitsLogprobs(torch.autograd.Function):
         out = logits if ctx.inplace_backward else torch.empty_like(logits)
         if g_logp is None and g_ent is None:
             return out.zero_(), None, None, None
-        stats = RowStats(shift, total, ratio, shift)
-        run_pass(logits, None, None, targets, ctx.options, stats=stats, upstream=(g_logp, g_ent),
-                 needs=(True, False, False), grad_out=out)
+        run_pass(logits, None, None, targets, ctx.options, stats=RowStats(shift, total, ratio, shift),
+                 upstream=(g_logp, g_ent), needs=(True, False, False), grad_out=out)
         return out, None, None, None
 
 
@@ -525,9 +512,8 @@ def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> T
     if targets.dtype != torch.int64:
         raise TypeError(f"targets must be int64 token ids, got {str(targets.dtype).replace('torch.', '')}")
     if targets.shape != lead_shape:
-        raise ValueError(
-            f"targets must have {lead_name}'s leading shape {tuple(lead_shape)}, got {tuple(targets.shape)}"
-        )
+        raise ValueError(f"targets must have {lead_name}'s leading shape {tuple(lead_shape)}, "
+                         f"got {tuple(targets.shape)}")
     return targets
 
 
@@ -540,10 +526,6 @@ def masked_targets(mask: object, targets: Tensor, ignore_index: int, check_value
         raise ValueError(f"mask must have targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
     _checks.same_device(targets=targets, mask=mask)
     return targets.masked_fill(~_checks.mask(mask, targets.shape, check_values), ignore_index)
-
-
-def _needs_graph(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _rows(x: Tensor, width: int) -> Tensor:
@@ -638,10 +620,9 @@ def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, 
 
 def prepare_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """(hidden [N, D], weight, bias, targets [N]) with the unit strides the passes and GEMMs want."""
-    D = inputs.weight.shape[1]
     weight = inputs.weight if inputs.weight.stride(1) == 1 else inputs.weight.contiguous()
     bias = inputs.bias.contiguous() if inputs.bias is not None else None  # the kernels index bias with unit stride
-    return _rows(inputs.hidden, D), weight, bias, inputs.targets.reshape(-1)
+    return _rows(inputs.hidden, weight.shape[1]), weight, bias, inputs.targets.reshape(-1)
 
 
 def token_logprobs(
@@ -839,12 +820,9 @@ def _reference_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
 
 def _chunked_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
                     inplace_backward: bool) -> Tuple[Tensor, Tensor]:
-    rows, flat_targets = _rows(logits, logits.shape[-1]), targets.reshape(-1)
-    if _needs_graph(logits):
-        logprobs, entropy = _LogitsLogprobs.apply(rows, flat_targets, options, inplace_backward)
-    else:
-        result = run_pass(rows, None, None, flat_targets, options)
-        logprobs, entropy = result.logprobs, result.entropy
+    # Without a gradient to form (no_grad, or logits that need none) apply builds no node and saves nothing.
+    logprobs, entropy = _LogitsLogprobs.apply(_rows(logits, logits.shape[-1]), targets.reshape(-1), options,
+                                              inplace_backward)
     return logprobs.view(targets.shape), entropy.view(targets.shape)
 
 
