@@ -13,8 +13,8 @@ and apply the same transform on load: z = max(cap(x + b)/T, −1e30), cap(x) = c
   formed once per row by ``rlloss.logprobs.dz_coefficients``. The output may alias the input when their
   dtypes agree (each element is read before it is written by the same program).
 
-The logit floor (``LOGIT_FLOOR`` of rlloss.logprobs) keeps masked vocabularies (−inf logits) exact: e = 0 and s·e = 0 there, never −inf·0.
-This module imports nothing from rlloss: it takes tensors and returns tensors.
+The logit floor (``LOGIT_FLOOR`` of rlloss.logprobs) keeps masked vocabularies (−inf logits) exact: e = 0 and
+s·e = 0 there, never −inf·0. This module imports nothing from rlloss: it takes tensors and returns tensors.
 """
 from __future__ import annotations
 

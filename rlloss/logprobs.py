@@ -85,10 +85,11 @@ def merge_stats(stats: Tensor) -> RowStats:
 
 def dz_coefficients(stats: RowStats, g_logp: Optional[Tensor], g_ent: Optional[Tensor], live: Tensor,
                     inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M: a = −g_H/A,
-    b = (g_H·C/A − g_ℓ)/A, g = g_ℓ, each times 1/T (derived in docs/design/logprobs.md; the soft-cap factor is
-    applied per element by the passes), and exactly 0 on rows that are not live whatever the upstream gradients
-    hold. The one place this formula is written; both executors consume it.
+    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M: the dz of
+    docs/math.md §1 with p_v = e^{s_v}/A and z_v − Σp·z = s_v − C/A gives a = −g_H/A, b = (g_H·C/A − g_ℓ)/A,
+    g = g_ℓ, each times 1/T (the soft-cap factor is applied per element by the passes), and exactly 0 on rows
+    that are not live whatever the upstream gradients hold. The one place this formula is written; both
+    executors consume it.
     """
     zero = torch.zeros((), dtype=stats.total.dtype, device=stats.total.device)
     inv_total = inv_temperature / stats.total
@@ -803,8 +804,7 @@ def logprobs_from_logits(
     if check_inputs:
         _checks.targets_in_range(targets, V, options.ignore_index)
 
-    impl = implementation(_LOGITS_IMPLEMENTATIONS, name)
-    logprobs, entropy = impl(logits, targets, options, bool(inplace_backward))
+    logprobs, entropy = implementation(_LOGITS_IMPLEMENTATIONS, name)(logits, targets, options, bool(inplace_backward))
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
 
 
