@@ -3,21 +3,18 @@ logits. The heavy products (logits = h·Wᵀ, dh = dz·W, dW += dzᵀ·h) are ve
 ``rlloss.logprobs`` on a bounded chunk of tokens; these kernels are what runs between them.
 
 Both kernels read raw logits x [N, V] (a GEMM's float32 output, or logits a trainer holds, any float dtype)
-and apply the same transform on load: z = max(cap(x + b)/T, LOGIT_FLOOR), cap(x) = c·tanh(x/c).
+and apply the same transform on load: z = max(cap(x + b)/T, −1e30), cap(x) = c·tanh(x/c).
 
-- ``_stats_kernel``: grid (token blocks, vocabulary splits); each program folds its tiles into online
-  statistics shifted by the running max M, exact at large logits:
-
-      M = max_v z_v,   A = Σ_v e^{z_v − M},   C = Σ_v (z_v − M)·e^{z_v − M},   z_y (the target's logit)
-
-  Partial statistics of disjoint splits merge exactly (``rlloss.logprobs.merge_stats``).
+- ``_stats_kernel``: grid (token blocks, vocabulary splits); each program folds its tiles into the online
+  statistics M, A, C, z_y of docs/math.md §1, shifted by the running max M (exact at large logits). Partial
+  statistics of disjoint splits merge exactly (``rlloss.logprobs.merge_stats``).
 - ``_dlogits_kernel``: dz_v = e_v·(a·s_v + b) + g·1[v = y] with s = z − M and e = e^s, then through the
   soft-cap. The per-row coefficients a, b, g (the log-prob and entropy gradients, 1/A and 1/T folded in) are
   formed once per row by ``rlloss.logprobs.dz_coefficients``. The output may alias the input when their
   dtypes agree (each element is read before it is written by the same program).
 
-The logit floor keeps masked vocabularies (−inf logits) exact: e = 0 and s·e = 0 there, never −inf·0.
-This module imports nothing from rlloss: it takes tensors and returns tensors.
+The logit floor (``LOGIT_FLOOR`` of rlloss.logprobs) keeps masked vocabularies (−inf logits) exact: e = 0 and
+s·e = 0 there, never −inf·0. This module imports nothing from rlloss: it takes tensors and returns tensors.
 """
 from __future__ import annotations
 
@@ -27,11 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Row order of the statistics tensor written by the statistics kernel.
-STAT_MAX, STAT_SUMEXP, STAT_SHIFTED_SUM, STAT_TARGET = 0, 1, 2, 3
-NUM_STATS = 4
-# Logits below this are treated as this (e^{floor − M} = 0 exactly); rlloss.logprobs uses the same value.
-LOGIT_FLOOR = -1e30
+NUM_STATS = 4  # planes of the statistics tensor, in the order M, A, C, z_y
 
 
 @triton.jit
@@ -129,13 +122,6 @@ def _dlogits_kernel(
 # --- launch helpers -----------------------------------------------------------------------------------
 
 
-def _num_programs_target(device: torch.device) -> int:
-    """Programs that fill the device: two waves of its SMs (a nominal 4 under the interpreter)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def blocks(device: torch.device) -> dict:
     """Block shape of both kernels: few rows, a wide vocabulary tile (they stream; nothing is reused)."""
     if device.type != "cuda":
@@ -143,15 +129,18 @@ def blocks(device: torch.device) -> dict:
     return dict(BLOCK_N=4, BLOCK_V=1024, num_warps=8)
 
 
-def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device, fixed: bool) -> tuple:
-    """(splits, tiles_per_split): split the vocabulary when the token blocks alone cannot fill the device.
+def vocab_splits(n_row_blocks: int, n_tiles: int, device: torch.device, fixed: bool,
+                 splits: Optional[int] = None) -> tuple:
+    """(splits, tiles_per_split): split the vocabulary when the token blocks alone cannot fill the device (two
+    waves of its SMs, a nominal 4 programs under the interpreter).
 
-    ``fixed`` (batch-invariant mode) makes the split depend on V alone, never on the number of tokens.
+    ``fixed`` (batch-invariant mode) makes the split depend on V alone, never on the number of tokens;
+    ``splits`` overrides the automatic number.
     """
-    target = _num_programs_target(device)
-    wanted = target if fixed else triton.cdiv(target, n_row_blocks)
-    splits = min(n_tiles, max(1, wanted))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
+    if splits is None:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        splits = target if fixed else triton.cdiv(target, n_row_blocks)
+    tiles_per_split = triton.cdiv(n_tiles, min(n_tiles, max(1, splits)))
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
 
 
@@ -174,11 +163,7 @@ def logits_stats(
     cfg = blocks(x.device)
     n_row_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    if splits is None:
-        splits, tiles_per_split = vocab_splits(n_row_blocks, n_tiles, x.device, batch_invariant)
-    else:
-        tiles_per_split = triton.cdiv(n_tiles, max(1, min(splits, n_tiles)))
-        splits = triton.cdiv(n_tiles, tiles_per_split)
+    splits, tiles_per_split = vocab_splits(n_row_blocks, n_tiles, x.device, batch_invariant, splits)
     stats = torch.empty((NUM_STATS, splits, N), dtype=torch.float32, device=x.device)
     _stats_kernel[(n_row_blocks, splits)](
         x, bias if bias is not None else x, targets, stats, N, V, x.stride(0), tiles_per_split, ignore_index,

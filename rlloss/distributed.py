@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._backend import is_reference
-from .logprobs import LinearOptions, RowStats, VocabShard, _needs_graph, merge_stats, run_pass
+from .logprobs import LinearOptions, RowStats, VocabShard, merge_stats, run_pass
 
 __all__ = ["GlobalCounts", "global_counts"]
 
@@ -88,13 +88,15 @@ def vocab_shard(group, layout: VocabLayout) -> VocabShard:
     return VocabShard(layout.largest, merge)
 
 
-def _recompute(hidden, weight, bias, targets, shift, total, ratio, g_logp, g_ent, needs, options, shard, group):
-    """(dh, dW, db) of one recompute pass with the global statistics; dh summed over the ranks (Megatron's
-    column-parallel input region), dW and db this shard's own."""
-    result = run_pass(hidden, weight, bias, targets, options, stats=RowStats(shift, total, ratio, shift),
-                      upstream=(g_logp, g_ent), needs=needs, shard=shard)
+def _recompute(ctx, g_logp, g_ent, needs) -> Tuple[Optional[Tensor], ...]:
+    """(dh, dW, db), the needed ones, of one recompute pass from the saved (hidden, weight, bias, targets, M, A,
+    C/A) with the global statistics; dh summed over the ranks (Megatron's column-parallel input region), dW and
+    db this shard's own."""
+    hidden, weight, bias, targets, shift, total, ratio = ctx.saved_tensors[:7]
+    result = run_pass(hidden, weight, bias, targets, ctx.options, stats=RowStats(shift, total, ratio, shift),
+                      upstream=(g_logp, g_ent), needs=tuple(needs), shard=ctx.shard)
     if result.grad_input is not None:
-        dist.all_reduce(result.grad_input, group=group)
+        dist.all_reduce(result.grad_input, group=ctx.group)
     return result.grad_input, result.grad_weight, result.grad_bias
 
 
@@ -112,13 +114,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_ent):
-        hidden, weight, bias, targets, shift, total, ratio = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
         if g_logp is None and g_ent is None:
             return (None,) * 7
-        grads = _recompute(hidden, weight, bias, targets, shift, total, ratio, g_logp, g_ent, needs, ctx.options,
-                           ctx.shard, ctx.group)
-        return (*grads, None, None, None, None)
+        return (*_recompute(ctx, g_logp, g_ent, ctx.needs_input_grad[:3]), None, None, None, None)
 
 
 def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
@@ -131,10 +129,7 @@ def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
         _checks.targets_in_range(targets, layout.vocab, options.ignore_index)
     shard = vocab_shard(group, layout)
     ids = local_targets(targets, layout, options.ignore_index)
-    if _needs_graph(hidden, weight, bias):
-        return _VocabParallelLogprobs.apply(hidden, weight, bias, ids, options, shard, group)
-    result = run_pass(hidden, weight, bias, ids, options, shard=shard)
-    return result.logprobs, result.entropy
+    return _VocabParallelLogprobs.apply(hidden, weight, bias, ids, options, shard, group)  # no node without grads
 
 
 class _VocabParallelFusedLoss(torch.autograd.Function):
@@ -168,12 +163,10 @@ class _VocabParallelFusedLoss(torch.autograd.Function):
             if grads[0] is not None:
                 dist.all_reduce(grads[0], group=ctx.group)
             return (*grads, *rest)
-        hidden, weight, bias, targets, shift, total, ratio, grad, grad_ent = ctx.saved_tensors
+        grad, grad_ent = ctx.saved_tensors[7:]
         g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
         g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if ctx.has_grad_ent else None
-        grads = _recompute(hidden, weight, bias, targets, shift, total, ratio, g_logp, g_ent, tuple(ctx.needs),
-                           ctx.options, ctx.shard, ctx.group)
-        return (*(g if n else None for g, n in zip(grads, ctx.needs)), *rest)
+        return (*_recompute(ctx, g_logp, g_ent, ctx.needs), *rest)
 
 
 def vocab_parallel_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,

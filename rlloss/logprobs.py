@@ -1,12 +1,12 @@
 """Token log-probs and entropy (docs/math.md §1): from hidden states and the lm_head weight without ever holding
 [tokens × vocab] logits, or from logits a trainer already holds in one streaming pass.
 
-Layout of this module: the per-token statistics and their exact merge (shared by every backend), the
-chunked ``torch`` backend, the autograd functions, and the public API. The Triton kernels live in
-``rlloss.kernels.logprobs``; the naive oracle in ``rlloss.reference``.
+The per-token statistics, the chunked executor, the autograd functions and the public API; the Triton kernels
+are in ``rlloss.kernels.logprobs``, the naive oracle in ``rlloss.reference``.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -26,11 +26,6 @@ __all__ = ["TokenLogprobs", "token_logprobs", "logprobs_from_logits", "merge_sta
 # benchmark shape: 64 MiB was as fast as 256 MiB, docs/design/logprobs.md).
 DEFAULT_MAX_SCRATCH_BYTES = 256 << 20
 CPU_MAX_SCRATCH_BYTES = 64 << 20
-
-
-def default_scratch_bytes(device: torch.device) -> int:
-    """The default ``max_scratch_bytes`` for tensors on ``device``."""
-    return DEFAULT_MAX_SCRATCH_BYTES if device.type == "cuda" else CPU_MAX_SCRATCH_BYTES
 # Tokens per chunk in batch-invariant mode: a constant, so every GEMM and pass has the same shape whatever N
 # is (wide enough that the GEMMs stay compute-bound).
 BATCH_INVARIANT_ROWS = 256
@@ -90,12 +85,11 @@ def merge_stats(stats: Tensor) -> RowStats:
 
 def dz_coefficients(stats: RowStats, g_logp: Optional[Tensor], g_ent: Optional[Tensor], live: Tensor,
                     inv_temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M (docs/math.md §1).
-
-    From dℓ_y/dz_v = 1[v=y] − p_v and dH/dz_v = −p_v·(z_v − Σp·z) with p_v = e^{s_v}/A and
-    z_v − Σp·z = s_v − C/A: a = −g_H/A, b = (g_H·C/A − g_ℓ)/A, g = g_ℓ, each times 1/T (the soft-cap factor
-    is applied per element by the passes), and exactly 0 on rows that are not live whatever the upstream
-    gradients hold. The one place this formula is written; both executors consume it.
+    """Per-row (a, b, g) with d(loss)/dx_v = e^{s_v}·(a·s_v + b) + g·1[v = y] for s = z − M: the dz of
+    docs/math.md §1 with p_v = e^{s_v}/A and z_v − Σp·z = s_v − C/A gives a = −g_H/A, b = (g_H·C/A − g_ℓ)/A,
+    g = g_ℓ, each times 1/T (the soft-cap factor is applied per element by the passes), and exactly 0 on rows
+    that are not live whatever the upstream gradients hold. The one place this formula is written; both
+    executors consume it.
     """
     zero = torch.zeros((), dtype=stats.total.dtype, device=stats.total.device)
     inv_total = inv_temperature / stats.total
@@ -130,13 +124,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str, softcap: Optional[float]) -> int:
+def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str) -> int:
     """Bytes of scratch per logit of a chunk: the logits in the compute dtype, plus the gradient in the input
     dtype on the kernels when that is 16-bit (the torch executor's block buffers are a fixed ~1 MiB more)."""
     size = compute_dtype(dtype).itemsize
-    if not uses_kernels(backend):
-        return size
-    return size + (dtype.itemsize if dtype.itemsize < size else 0)
+    return size + (dtype.itemsize if uses_kernels(backend) and dtype.itemsize < size else 0)
 
 
 def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, options: LinearOptions) -> int:
@@ -144,42 +136,32 @@ def chunk_rows(n_tokens: int, vocab: int, dtype: torch.dtype, options: LinearOpt
     BATCH_INVARIANT_ROWS in batch-invariant mode."""
     if options.batch_invariant:
         return BATCH_INVARIANT_ROWS
-    per_row = vocab * _scratch_bytes_per_logit(dtype, options.backend, options.softcap)
+    per_row = vocab * _scratch_bytes_per_logit(dtype, options.backend)
     return max(1, min(n_tokens, options.max_scratch_bytes // per_row))
 
 
-_OUT_DTYPE_GEMM: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _cuda_out_dtype_gemm(device: torch.device) -> bool:
     """Whether cuBLAS 16-bit GEMMs with float32 output (``torch.mm(..., out_dtype=)``, torch ≥ 2.8) work here."""
-    key = str(device)
-    if key not in _OUT_DTYPE_GEMM:
-        try:
-            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
-            acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
-            torch.mm(a, a, torch.float32, out=acc)
-            torch.addmm(acc, a, a, torch.float32, out=acc)
-            _OUT_DTYPE_GEMM[key] = True  # no value read back: the probe never synchronises
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_GEMM[key] = False
-    return _OUT_DTYPE_GEMM[key]
+    try:
+        a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+        acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
+        torch.mm(a, a, torch.float32, out=acc)
+        torch.addmm(acc, a, a, torch.float32, out=acc)
+        return True  # no value read back: the probe never synchronises
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
     """out (+)= a @ b with float32 accumulation; ``out`` may be float32 while a and b are 16-bit."""
-    if a.dtype != out.dtype:
-        if a.is_cuda and _cuda_out_dtype_gemm(a.device):
-            if accumulate:
-                torch.addmm(out, a, b, out.dtype, out=out)
-            else:
-                torch.mm(a, b, out.dtype, out=out)
-            return
+    if a.dtype != out.dtype and not (a.is_cuda and _cuda_out_dtype_gemm(a.device)):
         a, b = a.to(out.dtype), b.to(out.dtype)
+    out_dtype = (out.dtype,) if a.dtype != out.dtype else ()  # cuBLAS's float32 output of 16-bit operands
     if accumulate:
-        torch.addmm(out, a, b, out=out)  # beta = 1 into the accumulator itself
+        torch.addmm(out, a, b, *out_dtype, out=out)  # beta = 1 into the accumulator itself
     else:
-        torch.mm(a, b, out=out)
+        torch.mm(a, b, *out_dtype, out=out)
 
 
 # The torch executor runs its elementwise passes over cache-sized blocks of rows of the chunk, so the several
@@ -286,13 +268,9 @@ def run_pass(
     grad_out: Optional[Tensor] = None,
     shard: Optional[VocabShard] = None,
 ) -> PassResult:
-    """The one chunked algorithm behind every log-prob job (docs/design/logprobs.md).
-
-    ``x`` is hidden [N, D] with ``weight`` [V, D] (logits z = h·Wᵀ per chunk, a GEMM), or logits [N, V] with
-    ``weight`` None. For each chunk of C tokens (C from :func:`chunk_rows`): the chunk's float32 logits go to
-    a bounded scratch; one elementwise pass (Triton kernel, or torch on the ``torch`` backend) forms the
-    statistics and, when upstream gradients are known, d(loss)/dz in place; then dh_c = dz·W and
-    dW += dzᵀ·h_c (GEMMs, float32 accumulation) or, for logits, dz is the gradient.
+    """The one chunked algorithm behind every log-prob job, chunk by chunk (C tokens from :func:`chunk_rows`):
+    logits GEMM, one elementwise pass, gradient GEMMs (docs/design/logprobs.md). ``x`` is hidden [N, D] with
+    ``weight`` [V, D], or logits [N, V] with ``weight`` None (dz is then the gradient).
 
     Jobs:
       - ``stats`` None: compute the statistics (log-probs and entropy come back).
@@ -317,8 +295,7 @@ def run_pass(
     wants_grad = upstream is not None
     floor = bias is not None or not linear  # a GEMM of finite rows gives finite logits
 
-    out_logp = out_ent = None
-    parts = None
+    out_logp = out_ent = parts = None
     if stats is None:
         out_logp = torch.zeros(N, dtype=cd, device=device)
         out_ent = torch.zeros(N, dtype=cd, device=device)
@@ -326,9 +303,9 @@ def run_pass(
     grad_x = grad_w = grad_b = None
     if wants_grad and needs[0]:
         grad_x = grad_out if grad_out is not None else torch.empty_like(x)
-    accumulate_dtype = torch.float32 if linear and weight.dtype.itemsize < 4 else (weight.dtype if linear else cd)
-    if wants_grad and linear and needs[1]:
-        grad_w = torch.zeros(weight.shape, dtype=accumulate_dtype, device=device)
+    if wants_grad and linear and needs[1]:  # accumulated in float32 for 16-bit weights
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype.itemsize < 4 else weight.dtype,
+                             device=device)
     if wants_grad and bias is not None and needs[2]:
         grad_b = torch.zeros(V, dtype=cd, device=device)
     if N == 0:
@@ -344,34 +321,33 @@ def run_pass(
     e_buf = None
     if not kernel_path:
         e_buf = torch.empty((min(rows, _torch_blocks(rows, V, cd.itemsize)[1]), V), dtype=cd, device=device)
-    dz_buf = None
+    dz_buf = scratch  # where the kernels write the linear path's dz: over the logits when the dtypes agree
     if kernel_path and wants_grad and linear and x.dtype != cd:
         dz_buf = torch.empty((rows, V), dtype=x.dtype, device=device)  # the gradient GEMMs' 16-bit operand
     h_buf = None
     if linear and options.batch_invariant:
         h_buf = torch.zeros((rows, x.shape[1]), dtype=w_gemm.dtype, device=device)
+    zero = torch.zeros((), dtype=cd, device=device)
+    x_zero = torch.zeros((), dtype=x.dtype, device=device)  # ignored tokens' rows count as 0, even inf or NaN
 
     for begin in range(0, N, rows):
         end = min(N, begin + rows)
         n = end - begin
         live_c, tgt_c, safe_c = live[begin:end], targets[begin:end], safe_targets[begin:end]
         # -- logits of the chunk, float32 (compute dtype) -------------------------------------------------
+        z = scratch[:n]
         if linear:
-            h = torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device))
-            h = h.to(w_gemm.dtype)
+            h = torch.where(live_c[:, None], x[begin:end], x_zero).to(w_gemm.dtype)
             if h_buf is not None:  # batch-invariant: every GEMM has exactly `rows` rows
                 h_buf[:n].copy_(h)
                 h_buf[n:].zero_()
                 _mm(h_buf, w_gemm.T, scratch)
-                z = scratch[:n]
             else:
-                z = scratch[:n]
                 _mm(h, w_gemm.T, z)
         elif kernel_path:
             z = x[begin:end]  # the kernels read the trainer's logits directly
         else:
-            z = scratch[:n]
-            z.copy_(torch.where(live_c[:, None], x[begin:end], torch.zeros((), dtype=x.dtype, device=device)))
+            z.copy_(torch.where(live_c[:, None], x[begin:end], x_zero))
         # -- statistics ---------------------------------------------------------------------------------
         if stats is not None:
             chunk_stats = RowStats(*(t[begin:end] for t in stats))
@@ -388,29 +364,23 @@ def run_pass(
         if stats is None:
             for part, value in zip(parts, chunk_stats):
                 part[begin:end] = value
-            logp_c = torch.where(live_c, chunk_stats.logprobs(), torch.zeros((), dtype=cd, device=device))
-            ent_c = torch.where(live_c, chunk_stats.entropy(), torch.zeros((), dtype=cd, device=device))
-            out_logp[begin:end] = logp_c
-            out_ent[begin:end] = ent_c
+            logp_c = out_logp[begin:end] = torch.where(live_c, chunk_stats.logprobs(), zero)
+            ent_c = out_ent[begin:end] = torch.where(live_c, chunk_stats.entropy(), zero)
         if not wants_grad:
             continue
         # -- gradient of the chunk's logits, then the two products ---------------------------------------
         if callable(upstream):
             g_logp, g_ent = upstream(begin, end, logp_c, ent_c)
         else:
-            g_logp = upstream[0][begin:end] if upstream[0] is not None else None
-            g_ent = upstream[1][begin:end] if upstream[1] is not None else None
+            g_logp, g_ent = (None if g is None else g[begin:end] for g in upstream)
         coef = dz_coefficients(chunk_stats, g_logp, g_ent, live_c, inv_t)
         if shard is not None:  # the 1[v = y] term belongs to the shard that holds y
-            coef = (*coef[:2], torch.where(owned[begin:end], coef[2], torch.zeros((), dtype=cd, device=device)))
+            coef = (*coef[:2], torch.where(owned[begin:end], coef[2], zero))
         if kernel_path:
-            if linear:
-                target_buf = dz_buf[:n] if dz_buf is not None else z
-            else:
-                target_buf = grad_x[begin:end]
             dz = kernels("logprobs").dlogits(z, bias, tgt_c, chunk_stats.shift.float(), *(c.float() for c in coef),
                                              ignore_index=options.ignore_index, temperature=options.temperature,
-                                             softcap=options.softcap, out=target_buf)
+                                             softcap=options.softcap,
+                                             out=dz_buf[:n] if linear else grad_x[begin:end])
         else:
             if shard is not None and stats is None:  # z holds z − M of this shard: shift it by the global M
                 z.sub_((chunk_stats.shift - local_shift)[:, None])
@@ -432,15 +402,9 @@ def run_pass(
 
 
 def _pass_result(out_logp, out_ent, stats, parts, grad_x, grad_w, grad_b, x, weight, bias) -> PassResult:
-    if stats is None:
-        stats = RowStats(*parts)
-    if grad_w is not None and grad_w.dtype != weight.dtype:
-        grad_w = grad_w.to(weight.dtype)
-    if grad_b is not None and grad_b.dtype != bias.dtype:
-        grad_b = grad_b.to(bias.dtype)
-    if grad_x is not None and grad_x.dtype != x.dtype:
-        grad_x = grad_x.to(x.dtype)
-    return PassResult(out_logp, out_ent, stats, grad_x, grad_w, grad_b)
+    """The pass's outputs, each gradient in its input's dtype (a no-op ``to`` where it already is)."""
+    grads = (g if g is None else g.to(like.dtype) for g, like in zip((grad_x, grad_w, grad_b), (x, weight, bias)))
+    return PassResult(out_logp, out_ent, RowStats(*parts) if stats is None else stats, *grads)
 
 
 # --- autograd -----------------------------------------------------------------------------------------
@@ -465,10 +429,8 @@ _token_logprobs_op = torch.library.custom_op("rlloss::token_logprobs", token_log
 
 
 @_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, softcap, ignore_index, backend, max_scratch_bytes,
-      batch_invariant):
-    n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=compute_dtype(hidden.dtype)) for _ in range(5))
+def _(hidden, weight, bias, targets, *options):
+    return tuple(hidden.new_empty(hidden.shape[:1], dtype=compute_dtype(hidden.dtype)) for _ in range(5))
 
 
 def token_logprobs_backward_impl(g_logp: Optional[Tensor], g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
@@ -527,8 +489,7 @@ class _LogitsLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, options, inplace_backward):
         result = run_pass(logits, None, None, targets, options)
         ctx.save_for_backward(logits, targets, *result.stats[:3])
-        ctx.options = options
-        ctx.inplace_backward = inplace_backward
+        ctx.options, ctx.inplace_backward = options, inplace_backward
         ctx.set_materialize_grads(False)
         return result.logprobs, result.entropy
 
@@ -539,9 +500,8 @@ class _LogitsLogprobs(torch.autograd.Function):
         out = logits if ctx.inplace_backward else torch.empty_like(logits)
         if g_logp is None and g_ent is None:
             return out.zero_(), None, None, None
-        stats = RowStats(shift, total, ratio, shift)
-        run_pass(logits, None, None, targets, ctx.options, stats=stats, upstream=(g_logp, g_ent),
-                 needs=(True, False, False), grad_out=out)
+        run_pass(logits, None, None, targets, ctx.options, stats=RowStats(shift, total, ratio, shift),
+                 upstream=(g_logp, g_ent), needs=(True, False, False), grad_out=out)
         return out, None, None, None
 
 
@@ -553,9 +513,8 @@ def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> T
     if targets.dtype != torch.int64:
         raise TypeError(f"targets must be int64 token ids, got {str(targets.dtype).replace('torch.', '')}")
     if targets.shape != lead_shape:
-        raise ValueError(
-            f"targets must have {lead_name}'s leading shape {tuple(lead_shape)}, got {tuple(targets.shape)}"
-        )
+        raise ValueError(f"targets must have {lead_name}'s leading shape {tuple(lead_shape)}, "
+                         f"got {tuple(targets.shape)}")
     return targets
 
 
@@ -568,10 +527,6 @@ def masked_targets(mask: object, targets: Tensor, ignore_index: int, check_value
         raise ValueError(f"mask must have targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
     _checks.same_device(targets=targets, mask=mask)
     return targets.masked_fill(~_checks.mask(mask, targets.shape, check_values), ignore_index)
-
-
-def _needs_graph(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _rows(x: Tensor, width: int) -> Tensor:
@@ -599,7 +554,7 @@ def check_options(temperature, softcap, ignore_index, backend_name: str, max_scr
         softcap = _checks.positive_finite("softcap", softcap)
     ignore_index = _checks.integer("ignore_index", ignore_index)
     if max_scratch_bytes is None:
-        max_scratch_bytes = default_scratch_bytes(device)
+        max_scratch_bytes = DEFAULT_MAX_SCRATCH_BYTES if device.type == "cuda" else CPU_MAX_SCRATCH_BYTES
     max_scratch_bytes = _checks.integer("max_scratch_bytes", max_scratch_bytes)
     if max_scratch_bytes <= 0:
         raise ValueError(f"max_scratch_bytes must be a positive number of bytes, got {max_scratch_bytes}")
@@ -666,10 +621,9 @@ def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, 
 
 def prepare_linear(inputs: LinearInputs) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """(hidden [N, D], weight, bias, targets [N]) with the unit strides the passes and GEMMs want."""
-    D = inputs.weight.shape[1]
     weight = inputs.weight if inputs.weight.stride(1) == 1 else inputs.weight.contiguous()
     bias = inputs.bias.contiguous() if inputs.bias is not None else None  # the kernels index bias with unit stride
-    return _rows(inputs.hidden, D), weight, bias, inputs.targets.reshape(-1)
+    return _rows(inputs.hidden, weight.shape[1]), weight, bias, inputs.targets.reshape(-1)
 
 
 def token_logprobs(
@@ -695,10 +649,8 @@ def token_logprobs(
     With z = cap(h·Wᵀ + b)/T, cap(x) = c·tanh(x/c) when ``softcap`` is c (docs/math.md §1):
     ``logprobs = z_y − logsumexp(z)`` and ``entropy = logsumexp(z) − Σ_v softmax(z)_v·z_v``.
 
-    The tokens are processed in chunks whose float32 logits fit ``max_scratch_bytes``: each chunk's logits
-    are one GEMM (cuBLAS / the CPU BLAS), followed by one elementwise pass; the backward recomputes the
-    chunk's logits once and issues the two gradient GEMMs (8·N·D·V FLOPs for forward and backward; see
-    docs/design/logprobs.md).
+    The tokens are processed in chunks whose float32 logits fit ``max_scratch_bytes``: one GEMM and one
+    elementwise pass per chunk, one recompute in the backward (8·N·D·V FLOPs in all; docs/design/logprobs.md).
 
     Args:
         hidden: [..., D] float16, bfloat16 or float32 (float64 too on the ``torch``/``reference`` backends).
@@ -752,17 +704,15 @@ def token_logprobs(
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
     _checks.boolean("check_inputs", check_inputs)
-    check_range = check_inputs and process_group is None
     inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
-                                 batch_invariant=batch_invariant, check_range=check_range and mask is None)
-    if mask is not None:
-        inputs = inputs._replace(targets=masked_targets(mask, inputs.targets, inputs.options.ignore_index,
-                                                        check_inputs))
-        if check_range:
-            _checks.targets_in_range(inputs.targets, inputs.weight.shape[0], inputs.options.ignore_index)
+                                 batch_invariant=batch_invariant, check_range=False)
     options = inputs.options
+    if mask is not None:
+        inputs = inputs._replace(targets=masked_targets(mask, inputs.targets, options.ignore_index, check_inputs))
     targets = inputs.targets
+    if check_inputs and process_group is None:  # a shard's range check needs the global V (distributed.py)
+        _checks.targets_in_range(targets, inputs.weight.shape[0], options.ignore_index)
     if process_group is not None:
         from .distributed import vocab_parallel_logprobs
 
@@ -854,8 +804,7 @@ def logprobs_from_logits(
     if check_inputs:
         _checks.targets_in_range(targets, V, options.ignore_index)
 
-    impl = implementation(_LOGITS_IMPLEMENTATIONS, name)
-    logprobs, entropy = impl(logits, targets, options, bool(inplace_backward))
+    logprobs, entropy = implementation(_LOGITS_IMPLEMENTATIONS, name)(logits, targets, options, bool(inplace_backward))
     return TokenLogprobs(logprobs, entropy if return_entropy else None)
 
 
@@ -871,12 +820,9 @@ def _reference_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
 
 def _chunked_logits(logits: Tensor, targets: Tensor, options: LinearOptions,
                     inplace_backward: bool) -> Tuple[Tensor, Tensor]:
-    rows, flat_targets = _rows(logits, logits.shape[-1]), targets.reshape(-1)
-    if _needs_graph(logits):
-        logprobs, entropy = _LogitsLogprobs.apply(rows, flat_targets, options, inplace_backward)
-    else:
-        result = run_pass(rows, None, None, flat_targets, options)
-        logprobs, entropy = result.logprobs, result.entropy
+    # Without a gradient to form (no_grad, or logits that need none) apply builds no node and saves nothing.
+    logprobs, entropy = _LogitsLogprobs.apply(_rows(logits, logits.shape[-1]), targets.reshape(-1), options,
+                                              inplace_backward)
     return logprobs.view(targets.shape), entropy.view(targets.shape)
 
 

@@ -39,7 +39,7 @@ def _flops(fn) -> int:
 
 def _options(backend, rows=7):
     """A scratch bound of `rows` tokens per chunk: several chunks, the last one short."""
-    per_row = V * lp._scratch_bytes_per_logit(torch.float32, backend, None)
+    per_row = V * lp._scratch_bytes_per_logit(torch.float32, backend)
     return lp.LinearOptions(1.0, None, -100, backend, rows * per_row, False)
 
 

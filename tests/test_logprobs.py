@@ -244,7 +244,7 @@ def test_chunks_of_tokens(backend, dtype, rows):
     """A scratch bound of a few rows forces many chunks (one GEMM and one pass each); the last one is short.
     float16 on the kernels keeps the gradient in a separate 16-bit buffer for the gradient GEMMs."""
     V = 300
-    per_row = V * api._scratch_bytes_per_logit(dtype, backend, 4.0)
+    per_row = V * api._scratch_bytes_per_logit(dtype, backend)
     hidden, weight, bias, targets = _inputs(77, V, 24, dtype)
     targets[::5] = -100
     check_against_reference(hidden, weight, bias, targets, "both", backend, temperature=0.8, softcap=4.0,
