@@ -3,6 +3,7 @@ naive torch; GPU: 1M rewards and the fraction of the copy bandwidth (issue: ≥ 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -38,12 +39,9 @@ def group_sizes(num_rewards: int, grouping: str, gen: torch.Generator) -> Tensor
     return sizes + torch.minimum(room, (rest - torch.cumsum(room, 0) + room).clamp(min=0))
 
 
-def rlloss_advantages(backend: str):
-    def run(rewards: Tensor, sizes: Tensor, equal: bool, mode: str) -> Tensor:
-        groups = {"group_size": GROUP_SIZE} if equal else {"group_sizes": sizes}
-        return rlloss.group_advantages(rewards, **groups, mode=mode, eps=EPS, backend=backend)
-
-    return run
+def rlloss_advantages(rewards: Tensor, sizes: Tensor, equal: bool, mode: str, backend: str) -> Tensor:
+    groups = {"group_size": GROUP_SIZE} if equal else {"group_sizes": sizes}
+    return rlloss.group_advantages(rewards, **groups, mode=mode, eps=EPS, backend=backend)
 
 
 def _rows(x: Tensor, valid: Tensor, n: Tensor, mode: str, batch_std: Optional[Tensor]) -> Tensor:
@@ -88,7 +86,7 @@ def compare(num_rewards: int, device: str, backend: str, timer, progress,
             copy_bandwidth: Optional[float] = None) -> List[Dict[str, Any]]:
     """Every implementation, mode and grouping, each checked against the float64 reference and rlloss's."""
     impls = [core.Case(f"rlloss-{backend}", "subject", f"rlloss.group_advantages, backend={backend!r}",
-                       rlloss_advantages(backend)),
+                       functools.partial(rlloss_advantages, backend=backend)),
              core.Case("naive", "baseline", "torch view(-1, G) mean/std/median (padded gather for varying sizes)",
                        naive_advantages)]
     records: List[Dict[str, Any]] = []
@@ -102,10 +100,9 @@ def compare(num_rewards: int, device: str, backend: str, timer, progress,
         for mode in ADVANTAGE_MODES:
             expected = reference.group_advantages(rewards.cpu(), sizes.tolist(), mode=mode, eps=EPS)
             calls = {impl.name: (lambda impl=impl: impl.make(rewards, sizes, equal, mode)) for impl in impls}
-            rows = {impl.name: {"impl": impl.name, "role": impl.role, "label": impl.label, "mode": mode,
-                                "grouping": grouping, "rewards": num_rewards, "groups": sizes.numel(),
-                                "dtype": "float32", "device": device, "bytes_moved": moved, "status": "ok",
-                                "error": None} for impl in impls}
+            rows = {impl.name: core.record(impl, mode=mode, grouping=grouping, rewards=num_rewards,
+                                           groups=sizes.numel(), dtype="float32", device=device, bytes_moved=moved)
+                    for impl in impls}
             outputs, timings, subject = {}, {}, impls[0].name
             for name, call in calls.items():
                 try:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import time
 from pathlib import Path
@@ -98,21 +97,15 @@ def reward(digits: List[int], completion: List[int]) -> float:
 
 def left_pad(rows: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """TRL's prompt layout: ids [B, P] and mask [B, P], padding on the left."""
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), P), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(r)
-        mask[i, P - len(r):] = 1
-    return ids, mask
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r[::-1]) for r in rows], batch_first=True,
+                                          padding_value=PAD).flip(1)  # the reversed rows padded on the right
+    return ids, (ids != PAD).long()
 
 
 def completion_mask_of(completion_ids: torch.Tensor) -> torch.Tensor:
     """TRL's completion mask: every token up to and including the first <eos> (all of them without one)."""
-    is_eos = completion_ids == EOS
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], 10**6,
-                                                                                      dtype=torch.long))
-    return (torch.arange(completion_ids.shape[1])[None] <= first_eos[:, None]).long()
+    is_eos = (completion_ids == EOS).long()
+    return (is_eos.cumsum(1) - is_eos == 0).long()  # no <eos> before the token
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -190,11 +183,8 @@ def warmup(model, optimizer, rng, args) -> None:
     for _ in range(args.warmup_steps):
         prompts = sample_prompts(rng, args.prompts * args.group_size, args.min_digits, args.max_digits)
         prompt_ids, prompt_mask = left_pad([[BOS, *p, SEP] for p in prompts])
-        answers = [[*p[::-1], EOS] for p in prompts]
-        C = max(len(a) for a in answers)
-        completion_ids = torch.full((len(answers), C), PAD, dtype=torch.long)
-        for i, a in enumerate(answers):
-            completion_ids[i, : len(a)] = torch.tensor(a)
+        completion_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor([*p[::-1], EOS]) for p in prompts],
+                                                         batch_first=True, padding_value=PAD)
         batch = PaddedBatch.from_trl(prompt_ids, prompt_mask, completion_ids, completion_ids != PAD)
         hidden = completion_hidden(model, batch)
         logp = rlloss.token_logprobs(hidden, model.lm_head.weight, batch.targets).logprobs
