@@ -353,7 +353,6 @@ MATMUL_REFERENCE_SIZE = 8192  # square bf16 matmul whose rate is the GPU's refer
 
 
 def reference_matmul_tflops(ctx: RunContext, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Measured TFLOP/s of a large ``torch.matmul`` on this GPU."""
     a, b = (torch.randn(MATMUL_REFERENCE_SIZE, MATMUL_REFERENCE_SIZE, device="cuda", dtype=dtype) for _ in "ab")
     tflops = 2 * MATMUL_REFERENCE_SIZE**3 / (cuda_time(lambda: torch.matmul(a, b))["time_ms"] * 1e-3) / 1e12
     ctx.progress(f"bf16 torch.matmul {MATMUL_REFERENCE_SIZE}³: {tflops:.0f} TFLOP/s (reference peak)")
@@ -668,7 +667,6 @@ def progress_line(suite: str, keys: Sequence[str], index: int, total: int, recor
 
 
 def counter(suite: str, keys: Sequence[str], total: int, progress: Callable[[str], None]) -> Callable[[Record], None]:
-    """A progress callback numbering the records it is handed."""
     count = iter(range(1, 1 << 30))
     return lambda record: progress(progress_line(suite, keys, next(count), total, record))
 

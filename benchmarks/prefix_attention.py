@@ -65,7 +65,6 @@ def layout_of(shape: Shape, device) -> rlloss.SharedPrefixLayout:
 
 
 def ideal_attention_ratio(s: Shape) -> float:
-    """FLOPs of the repeated batch over the shared layout's: G(P+S)² / (P² + G·S(2P+S))."""
     return s.G * (s.P + s.S) ** 2 / (s.P**2 + s.G * s.S * (2 * s.P + s.S))
 
 
