@@ -142,7 +142,7 @@ def columns(gpu: bool):
     ]
 
 
-def report(ctx: core.RunContext, mode: str, title: str, records, config, notes) -> core.Report:
+def report(mode: str, title: str, records, config, notes) -> core.Report:
     n = records[0]["rewards"]
     return core.Report("advantages", mode, f"advantages — {title}: group_advantages over {n} float32 rewards" + (
         ", torch backend vs naive" if mode == "cpu-default" else ", every mode"), {
@@ -172,7 +172,7 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
     ctx.progress(f"float32 copy of {COPY_ELEMENTS} elements: {copy_bandwidth / 1e9:.0f} GB/s (reference bandwidth)")
     records = compare(REWARDS["gpu-quick" if ctx.quick else "gpu"], device, GPU_BACKEND,
                       lambda fns: {name: time(fn) for name, fn in fns.items()}, ctx.progress, copy_bandwidth)
-    return report(ctx, "gpu", ctx.device.name, records,
+    return report("gpu", ctx.device.name, records,
                   {"copy_elements": COPY_ELEMENTS, "copy_bandwidth_bytes_per_s": copy_bandwidth}, [
         core.CUDA_TIME_NOTE,
         f"% of copy bandwidth: GB/s over the copy bandwidth measured in the same run ({copy_bandwidth / 1e9:.0f} "
@@ -188,7 +188,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                           lambda fns: core.cpu_times_interleaved(fns, CPU_WARMUP_CALLS, CPU_TIMED_CALLS), ctx.progress)
     finally:
         torch.set_num_threads(threads)
-    return report(ctx, "cpu-default", "CPU default", records, {
+    return report("cpu-default", "CPU default", records, {
         "torch_threads": CPU_THREADS, "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS}, [
         core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS, "in the benchmark's process", CPU_THREADS)
         + " One thread: the work per call is too small to share. No memory figure (a few hundred KiB). The GPU run "

@@ -202,7 +202,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     done = core.counter("grpo_loss", ("B", "T", "V"), len(rows), ctx.progress)
     for record in rows:
         done(record)
-    return report(ctx, "cpu-default", "CPU default", shape, rows, skips, cases, False,
+    return report("cpu-default", "CPU default", shape, rows, skips, cases, False,
                   {"rounds": rounds, "calls": calls, "logits_bytes": shape.N * shape.V * 4}, [
         core.cpu_memory_note("one full-size untimed call has run (thread pools started, CCE's graph "
                              "compiled; the input gradients dropped)"),
@@ -223,12 +223,12 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         lambda record, out: {"loss": float(out["loss"])})
     core.add_floor_ratios(records, floor)
     finish(records, shape)
-    return report(ctx, "gpu-peers", ctx.device.name, shape, records, skips, cases, True, {
+    return report("gpu-peers", ctx.device.name, shape, records, skips, cases, True, {
         "logits_bytes": shape.N * shape.V * 4, "floor_gemms": list(core.FUSED_LOSS_FLOOR_GEMMS)}, [
         core.CUDA_CASE_NOTE, core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE, core.GEMM_FLOOR_NOTE])
 
 
-def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -> core.Report:
+def report(mode, where, shape, records, skips, cases, gpu, config, notes) -> core.Report:
     eps, logits_bytes = CONFIG.epsilon_low, shape.N * shape.V * 4
     return core.Report(
         "grpo_loss", mode, f"grpo_loss — {where}: {shape}, float32, preset {PRESET!r}"
