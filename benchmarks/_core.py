@@ -353,7 +353,6 @@ MATMUL_REFERENCE_SIZE = 8192  # square bf16 matmul whose rate is the GPU's refer
 
 
 def reference_matmul_tflops(ctx: RunContext, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Measured TFLOP/s of a large ``torch.matmul`` on this GPU."""
     a, b = (torch.randn(MATMUL_REFERENCE_SIZE, MATMUL_REFERENCE_SIZE, device="cuda", dtype=dtype) for _ in "ab")
     tflops = 2 * MATMUL_REFERENCE_SIZE**3 / (cuda_time(lambda: torch.matmul(a, b))["time_ms"] * 1e-3) / 1e12
     ctx.progress(f"bf16 torch.matmul {MATMUL_REFERENCE_SIZE}³: {tflops:.0f} TFLOP/s (reference peak)")
@@ -567,6 +566,11 @@ class Case:
     note: str = ""
 
 
+def record(case: Case, **fields: Any) -> Record:
+    """``case``'s record before it is measured: its name, role and label, then ``fields``, status "ok"."""
+    return {"impl": case.name, "role": case.role, "label": case.label, **fields, "status": "ok", "error": None}
+
+
 def lm_head_inputs(lead: Tuple[int, ...], D: int, V: int, dtype: torch.dtype, device: str, logit_std: float,
                    hidden_grad: bool = True, seed: int = 0):
     """Hidden states [*lead, D], an lm_head weight [V, D] scaled for logits of std ``logit_std`` (peaked, as a
@@ -591,7 +595,7 @@ def loss_step(loss_fn: Callable[[Record], torch.Tensor], x: Record) -> Callable[
 
 
 def floor_row(record: Record, N: int, D: int, V: int, dtype: torch.dtype, device: str, gemms: Sequence[str],
-              matmul_tflops: Optional[float] = None) -> Record:
+              progress: Callable[[Record], None], matmul_tflops: Optional[float] = None) -> Record:
     """``record`` with :func:`gemm_floor`, measured first and alone (freed before the inputs are built)."""
     try:
         record.update(gemm_floor(N, D, V, dtype, device, gemms, CUDA_PROBES.time))
@@ -600,6 +604,7 @@ def floor_row(record: Record, N: int, D: int, V: int, dtype: torch.dtype, device
     except Exception as exc:
         failure(record, exc)
     free(device)
+    progress(record)
     return record
 
 
@@ -662,7 +667,6 @@ def progress_line(suite: str, keys: Sequence[str], index: int, total: int, recor
 
 
 def counter(suite: str, keys: Sequence[str], total: int, progress: Callable[[str], None]) -> Callable[[Record], None]:
-    """A progress callback numbering the records it is handed."""
     count = iter(range(1, 1 << 30))
     return lambda record: progress(progress_line(suite, keys, next(count), total, record))
 
@@ -737,20 +741,25 @@ def measure_memory(module: str, records: Dict[str, Record], payload: Record,
 
 
 def measure_cpu_isolated(module: str, records: Dict[str, Record], payload: Record, progress: Callable[[str], None],
-                         warmup: int, calls: int) -> None:
+                         warmup: int, calls: int, keys: Sequence[str]) -> List[Record]:
     """The CPU default of a suite whose cases differ in memory: :func:`measure_memory`, then every time in one
-    more fresh process (:func:`times_worker`), merged into ``records``."""
-    saved = measure_memory(module, records, payload, progress)
-    timed = [name for name in records if records[name]["status"] == "ok"]
-    progress(f"{module.rpartition('.')[2]} {', '.join(timed)}: {calls} interleaved timed calls each in one "
-             "fresh process")
-    try:
-        results = run_isolated(f"{__name__}:times_worker", {**payload, "module": module, "impls": timed,
-                                                            "outputs_paths": saved, "warmup": warmup, "calls": calls})
-    except RuntimeError as exc:
-        results = {name: failure(records[name], exc) for name in timed}
-    for name in timed:
-        records[name].update(results[name])
+    more fresh process (:func:`times_worker`), merged into ``records``; each record's progress line by ``keys``."""
+    suite = module.rpartition(".")[2]
+    with tempfile.TemporaryDirectory(prefix=f"rlloss-bench-{suite}-") as tmp:
+        saved = measure_memory(module, records, {**payload, "tmp": tmp}, progress)
+        timed = [name for name in records if records[name]["status"] == "ok"]
+        progress(f"{suite} {', '.join(timed)}: {calls} interleaved timed calls each in one fresh process")
+        try:
+            results = run_isolated(f"{__name__}:times_worker", {**payload, "module": module, "impls": timed,
+                                                                "outputs_paths": saved, "warmup": warmup,
+                                                                "calls": calls})
+        except RuntimeError as exc:
+            results = {name: failure(records[name], exc) for name in timed}
+    done = counter(suite, keys, len(records), progress)
+    for name, record in records.items():
+        record.update(results.get(name, {}))
+        done(record)
+    return list(records.values())
 
 
 def _worker_main(argv: List[str]) -> int:

@@ -3,6 +3,7 @@ naive torch; GPU: 1M rewards and the fraction of the copy bandwidth (issue: ≥ 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -38,12 +39,9 @@ def group_sizes(num_rewards: int, grouping: str, gen: torch.Generator) -> Tensor
     return sizes + torch.minimum(room, (rest - torch.cumsum(room, 0) + room).clamp(min=0))
 
 
-def rlloss_advantages(backend: str):
-    def run(rewards: Tensor, sizes: Tensor, equal: bool, mode: str) -> Tensor:
-        groups = {"group_size": GROUP_SIZE} if equal else {"group_sizes": sizes}
-        return rlloss.group_advantages(rewards, **groups, mode=mode, eps=EPS, backend=backend)
-
-    return run
+def rlloss_advantages(rewards: Tensor, sizes: Tensor, equal: bool, mode: str, backend: str) -> Tensor:
+    groups = {"group_size": GROUP_SIZE} if equal else {"group_sizes": sizes}
+    return rlloss.group_advantages(rewards, **groups, mode=mode, eps=EPS, backend=backend)
 
 
 def _rows(x: Tensor, valid: Tensor, n: Tensor, mode: str, batch_std: Optional[Tensor]) -> Tensor:
@@ -88,7 +86,7 @@ def compare(num_rewards: int, device: str, backend: str, timer, progress,
             copy_bandwidth: Optional[float] = None) -> List[Dict[str, Any]]:
     """Every implementation, mode and grouping, each checked against the float64 reference and rlloss's."""
     impls = [core.Case(f"rlloss-{backend}", "subject", f"rlloss.group_advantages, backend={backend!r}",
-                       rlloss_advantages(backend)),
+                       functools.partial(rlloss_advantages, backend=backend)),
              core.Case("naive", "baseline", "torch view(-1, G) mean/std/median (padded gather for varying sizes)",
                        naive_advantages)]
     records: List[Dict[str, Any]] = []
@@ -102,10 +100,9 @@ def compare(num_rewards: int, device: str, backend: str, timer, progress,
         for mode in ADVANTAGE_MODES:
             expected = reference.group_advantages(rewards.cpu(), sizes.tolist(), mode=mode, eps=EPS)
             calls = {impl.name: (lambda impl=impl: impl.make(rewards, sizes, equal, mode)) for impl in impls}
-            rows = {impl.name: {"impl": impl.name, "role": impl.role, "label": impl.label, "mode": mode,
-                                "grouping": grouping, "rewards": num_rewards, "groups": sizes.numel(),
-                                "dtype": "float32", "device": device, "bytes_moved": moved, "status": "ok",
-                                "error": None} for impl in impls}
+            rows = {impl.name: core.record(impl, mode=mode, grouping=grouping, rewards=num_rewards,
+                                           groups=sizes.numel(), dtype="float32", device=device, bytes_moved=moved)
+                    for impl in impls}
             outputs, timings, subject = {}, {}, impls[0].name
             for name, call in calls.items():
                 try:
@@ -145,7 +142,7 @@ def columns(gpu: bool):
     ]
 
 
-def report(ctx: core.RunContext, mode: str, title: str, records, config, notes) -> core.Report:
+def report(mode: str, title: str, records, config, notes) -> core.Report:
     n = records[0]["rewards"]
     return core.Report("advantages", mode, f"advantages — {title}: group_advantages over {n} float32 rewards" + (
         ", torch backend vs naive" if mode == "cpu-default" else ", every mode"), {
@@ -175,7 +172,7 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
     ctx.progress(f"float32 copy of {COPY_ELEMENTS} elements: {copy_bandwidth / 1e9:.0f} GB/s (reference bandwidth)")
     records = compare(REWARDS["gpu-quick" if ctx.quick else "gpu"], device, GPU_BACKEND,
                       lambda fns: {name: time(fn) for name, fn in fns.items()}, ctx.progress, copy_bandwidth)
-    return report(ctx, "gpu", ctx.device.name, records,
+    return report("gpu", ctx.device.name, records,
                   {"copy_elements": COPY_ELEMENTS, "copy_bandwidth_bytes_per_s": copy_bandwidth}, [
         core.CUDA_TIME_NOTE,
         f"% of copy bandwidth: GB/s over the copy bandwidth measured in the same run ({copy_bandwidth / 1e9:.0f} "
@@ -191,7 +188,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                           lambda fns: core.cpu_times_interleaved(fns, CPU_WARMUP_CALLS, CPU_TIMED_CALLS), ctx.progress)
     finally:
         torch.set_num_threads(threads)
-    return report(ctx, "cpu-default", "CPU default", records, {
+    return report("cpu-default", "CPU default", records, {
         "torch_threads": CPU_THREADS, "warmup_calls": CPU_WARMUP_CALLS, "timed_calls": CPU_TIMED_CALLS}, [
         core.cpu_time_note(CPU_WARMUP_CALLS, CPU_TIMED_CALLS, "in the benchmark's process", CPU_THREADS)
         + " One thread: the work per call is too small to share. No memory figure (a few hundred KiB). The GPU run "

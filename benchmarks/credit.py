@@ -25,11 +25,11 @@ GPU_DTYPE = torch.bfloat16
 GPU_BACKEND, GPU_REFERENCE_ROWS = "triton", 256  # teacher rows checked against float64 log-probs of the inputs
 LOGIT_STD, TEACHER_SPREAD, SEED = 2.0, 0.5, 0  # std of ℓ± − ℓ°: the clip is hit on some tokens
 LOSS_PRESET = "verl_dapo"  # the CEPO setting of docs/math.md §7: ε 0.2 / 0.28, dual clip 3, token-mean, no KL
-TEACHER = {"rlloss": ("subject", "token_logprobs under no_grad (streaming, no [N, V] tensor, no graph)"),
-           "naive": ("baseline", "no_grad: logits = h·Wᵀ, float32 log_softmax, gather")}
-LOSS = {"fused-credit": ("subject", "FusedPolicyLoss(credit='cepo'): Â formed inside the loss kernel"),
-        "credit-then-fused": ("peer", "contrastive_credit → [B, T] Â → FusedPolicyLoss without credit"),
-        "fused-no-credit": ("baseline", "FusedPolicyLoss without credit (plain GRPO advantages)")}
+TEACHER = (core.Case("rlloss", "subject", "token_logprobs under no_grad (streaming, no [N, V] tensor, no graph)"),
+           core.Case("naive", "baseline", "no_grad: logits = h·Wᵀ, float32 log_softmax, gather"))
+LOSS = (core.Case("fused-credit", "subject", "FusedPolicyLoss(credit='cepo'): Â formed inside the loss kernel"),
+        core.Case("credit-then-fused", "peer", "contrastive_credit → [B, T] Â → FusedPolicyLoss without credit"),
+        core.Case("fused-no-credit", "baseline", "FusedPolicyLoss without credit (plain GRPO advantages)"))
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, backend=None) -> Dict[str, torch.Tensor]:
@@ -98,9 +98,12 @@ def reference_loss(x) -> float:
                                            pos_logprobs=d["pos"], neg_logprobs=d["neg"])[0])
 
 
-def base_record(case: str, impl: str, role: str, label: str, shape: Shape, dtype, device: str) -> Dict[str, Any]:
-    return {"case": case, "impl": impl, "role": role, "label": label, **vars(shape), "N": shape.N,
-            "dtype": core.dtype_name(dtype), "device": device, "status": "ok", "error": None}
+def base_record(case: core.Case, part: str, backend: str, shape: Shape, dtype, device: str) -> Dict[str, Any]:
+    """A record of the teacher or the loss ``part``: the teacher's rlloss named for its backend, a loss's label
+    naming it."""
+    return {"case": part, "impl": f"rlloss-{backend}" if case.name == "rlloss" else case.name, "role": case.role,
+            "label": case.label if part == "teacher" else f"{case.label}, backend={backend!r}", **vars(shape),
+            "N": shape.N, "dtype": core.dtype_name(dtype), "device": device, "status": "ok", "error": None}
 
 
 TEACHER_NOTE = ("Teacher pass: final hidden states of the completion tokens (as after `TeacherInputs.gather_hidden`) → "
@@ -130,13 +133,13 @@ def cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
     """In a fresh process: the interleaved times of the teacher cases, then of the loss cases, their loss values,
     and the teacher log-probs the memory processes saved against the float64 reference."""
     results = {f"teacher/{k}": v for k, v in core.cpu_times_interleaved(
-        {impl: cpu_step({"impl": impl, "shape": payload["shape"]}) for impl in TEACHER},
+        {c.name: cpu_step({"impl": c.name, "shape": payload["shape"]}) for c in TEACHER},
         CPU_WARMUP_CALLS, CPU_TIMED_CALLS).items()}
     expected = teacher_reference(make_inputs(Shape(**payload["shape"]), torch.float32, "cpu"))
     for impl, path in payload["outputs_paths"].items():
         results[f"teacher/{impl}"]["diff_reference"] = core.max_abs_diff(torch.load(path), expected)
     x = make_inputs(Shape(**payload["loss_shape"]), torch.float32, "cpu", "torch")
-    steps = {impl: loss_step(impl, x, "torch") for impl in LOSS}
+    steps = {c.name: loss_step(c.name, x, "torch") for c in LOSS}
     expected = reference_loss(x)
     for impl, timed in core.cpu_times_interleaved(steps, CPU_WARMUP_CALLS, CPU_TIMED_CALLS).items():
         timed["loss"] = float(steps[impl]())
@@ -149,12 +152,10 @@ def cpu_times(payload: Dict[str, Any]) -> Dict[str, Any]:
 def run_cpu(ctx: core.RunContext) -> core.Report:
     shape, loss_shape = (CPU_QUICK_TEACHER_SHAPE, CPU_QUICK_LOSS_SHAPE) if ctx.quick else (CPU_TEACHER_SHAPE,
                                                                                            CPU_LOSS_SHAPE)
-    records = {f"teacher/{impl}": base_record("teacher", "rlloss-torch" if impl == "rlloss" else impl, role, label,
-                                              shape, torch.float32, "cpu") for impl, (role, label) in TEACHER.items()}
-    records.update({f"loss/{impl}": base_record("loss", impl, role, label + ", backend='torch'", loss_shape,
-                                                torch.float32, "cpu") for impl, (role, label) in LOSS.items()})
+    records = {f"{part}/{c.name}": base_record(c, part, "torch", s, torch.float32, "cpu")
+               for part, cases, s in (("teacher", TEACHER, shape), ("loss", LOSS, loss_shape)) for c in cases}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-credit-") as tmp:
-        teacher = {impl: records[f"teacher/{impl}"] for impl in TEACHER}
+        teacher = {c.name: records[f"teacher/{c.name}"] for c in TEACHER}
         saved = core.measure_memory(__name__, teacher, {"shape": vars(shape), "tmp": tmp}, ctx.progress)
         try:
             times = core.run_isolated(f"{__name__}:cpu_times", {"shape": vars(shape), "loss_shape": vars(loss_shape),
@@ -200,15 +201,12 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         return x
 
     records = core.measure_cases(
-        [core.Case(impl, role, label) for impl, (role, label) in TEACHER.items()],
-        lambda c: base_record("teacher", f"rlloss-{GPU_BACKEND}" if c.name == "rlloss" else c.name, c.role,
-                              c.label, shape, GPU_DTYPE, device),
-        teacher_inputs, lambda c, x: teacher_step(c.name, x, GPU_BACKEND),
-        probes, device, done, lambda record, out, anchor: record.update(diff_rlloss=core.max_abs_diff(out, anchor)),
+        TEACHER, lambda c: base_record(c, "teacher", GPU_BACKEND, shape, GPU_DTYPE, device), teacher_inputs,
+        lambda c, x: teacher_step(c.name, x, GPU_BACKEND), probes, device, done,
+        lambda record, out, anchor: record.update(diff_rlloss=core.max_abs_diff(out, anchor)),
         lambda record, out: {"diff_reference": core.max_abs_diff(out[:GPU_REFERENCE_ROWS], expected[0])})
     records += core.measure_cases(
-        [core.Case(impl, role, label) for impl, (role, label) in LOSS.items()],
-        lambda c: base_record("loss", c.name, c.role, c.label + f", backend={GPU_BACKEND!r}", shape, GPU_DTYPE, device),
+        LOSS, lambda c: base_record(c, "loss", GPU_BACKEND, shape, GPU_DTYPE, device),
         lambda: make_inputs(shape, GPU_DTYPE, device, GPU_BACKEND), lambda c, x: loss_step(c.name, x, GPU_BACKEND),
         probes, device, done, lambda record, out, anchor: record.update(diff_fused_credit=core.max_abs_diff(
             out, anchor)) if record["impl"] == "credit-then-fused" else None, lambda record, out: {"loss": float(out)})

@@ -139,9 +139,8 @@ GEMM_FLOOR = core.Case("gemm-floor", "floor", "bare cuBLAS GEMMs h·Wᵀ, dz·W,
 
 
 def base_record(case: core.Case, shape: core.BatchShape, device: str) -> Dict[str, Any]:
-    return {"impl": case.name, "role": case.role, "label": case.label, "note": case.note, "preset": PRESET,
-            **vars(shape), "N": shape.N, "tokens": shape.N, "dtype": core.dtype_name(DTYPE), "device": device,
-            "status": "ok", "error": None}
+    return core.record(case, note=case.note, preset=PRESET, **vars(shape), N=shape.N, tokens=shape.N,
+                       dtype=core.dtype_name(DTYPE), device=device)
 
 
 def finish(records: List[Dict[str, Any]], shape: core.BatchShape) -> None:
@@ -173,7 +172,6 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     rounds, calls = (QUICK_TIMING_ROUNDS if ctx.quick else TIMING_ROUNDS), CALLS_PER_ROUND
     cases, skips = core.split_available(CPU_CASES, ctx.progress)
     records = {c.name: base_record(c, shape, "cpu") for c in cases}
-    samples: Dict[str, List[float]] = {c.name: [] for c in cases}
     payload = {"shape": vars(shape), "threads": THREADS, "warm": True}
     with tempfile.TemporaryDirectory(prefix="rlloss-bench-grpo-") as tmp:
         saved = core.measure_memory(__name__, records, {**payload, "tmp": tmp}, ctx.progress)
@@ -185,16 +183,16 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
                 except RuntimeError as exc:
                     core.failure(records[name], exc)
                     continue
-                samples[name] += done
+                records[name].setdefault("time_samples_ms", []).extend(done)
                 records[name].setdefault("round_medians_ms", []).append(statistics.median(done))
                 ctx.progress(f"grpo_loss round {round_index}/{rounds} {name}: "
                              + ", ".join(f"{ms:.0f}" for ms in done) + " ms")
         method = (f"time.perf_counter in {rounds} fresh processes per implementation, the processes interleaved "
                   f"round by round; each: {WARMUP_CALLS} untimed call, then {calls} timed; median and min–max of "
                   "all timed calls")
-        for name, record in records.items():
-            if record["status"] == "ok" and samples[name]:
-                record.update(core.timing(samples[name], method), time_samples_ms=samples[name])
+        for record in records.values():
+            if record["status"] == "ok" and record.get("time_samples_ms"):
+                record.update(core.timing(record["time_samples_ms"], method))
         anchor = torch.load(saved["rlloss"]) if "rlloss" in saved else None
         for name, path in saved.items():
             if anchor is not None and name != "rlloss":
@@ -204,7 +202,7 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
     done = core.counter("grpo_loss", ("B", "T", "V"), len(rows), ctx.progress)
     for record in rows:
         done(record)
-    return report(ctx, "cpu-default", "CPU default", shape, rows, skips, cases, False,
+    return report("cpu-default", "CPU default", shape, rows, skips, cases, False,
                   {"rounds": rounds, "calls": calls, "logits_bytes": shape.N * shape.V * 4}, [
         core.cpu_memory_note("one full-size untimed call has run (thread pools started, CCE's graph "
                              "compiled; the input gradients dropped)"),
@@ -217,8 +215,7 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
     cases, skips = core.split_available(GPU_CASES, ctx.progress)
     done = core.counter("grpo_loss", ("B", "T", "V"), len(cases) + 1, ctx.progress)
     floor = core.floor_row(base_record(GEMM_FLOOR, shape, device), shape.N, shape.D, shape.V, DTYPE, device,
-                           core.FUSED_LOSS_FLOOR_GEMMS)
-    done(floor)
+                           core.FUSED_LOSS_FLOOR_GEMMS, done)
     records = [floor] + core.measure_cases(
         cases, lambda c: base_record(c, shape, device), lambda: make_inputs(shape, DTYPE, device),
         lambda c, x: core.loss_step(c.make(), x), probes, device, done,
@@ -226,12 +223,12 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         lambda record, out: {"loss": float(out["loss"])})
     core.add_floor_ratios(records, floor)
     finish(records, shape)
-    return report(ctx, "gpu-peers", ctx.device.name, shape, records, skips, cases, True, {
+    return report("gpu-peers", ctx.device.name, shape, records, skips, cases, True, {
         "logits_bytes": shape.N * shape.V * 4, "floor_gemms": list(core.FUSED_LOSS_FLOOR_GEMMS)}, [
         core.CUDA_CASE_NOTE, core.CUDA_MEMORY_METHOD, core.CUDA_TIME_NOTE, core.GEMM_FLOOR_NOTE])
 
 
-def report(ctx, mode, where, shape, records, skips, cases, gpu, config, notes) -> core.Report:
+def report(mode, where, shape, records, skips, cases, gpu, config, notes) -> core.Report:
     eps, logits_bytes = CONFIG.epsilon_low, shape.N * shape.V * 4
     return core.Report(
         "grpo_loss", mode, f"grpo_loss — {where}: {shape}, float32, preset {PRESET!r}"

@@ -5,8 +5,7 @@ TFLOP/s against the measured bf16 matmul and a floor row per shape (the four bar
 from __future__ import annotations
 
 import itertools
-import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
@@ -131,11 +130,10 @@ GPU_CASES = (
 
 
 def base_record(case: core.Case, shape: Dict[str, int], dtype: torch.dtype, device: str) -> Dict[str, Any]:
-    return {"impl": case.name, "role": case.role, "label": case.label, "note": case.note, **shape,
-            "dtype": core.dtype_name(dtype), "device": device,
-            "outputs": "logprobs only" if case.name in NO_ENTROPY else "logprobs+entropy",
-            "upstream_grad": "uniform (nll.sum())" if case.name in UNIFORM_UPSTREAM else "random",
-            "flops": FLOPS_PER_NDV * shape["N"] * shape["D"] * shape["V"], "status": "ok", "error": None}
+    return core.record(case, note=case.note, **shape, dtype=core.dtype_name(dtype), device=device,
+                       outputs="logprobs only" if case.name in NO_ENTROPY else "logprobs+entropy",
+                       upstream_grad="uniform (nll.sum())" if case.name in UNIFORM_UPSTREAM else "random",
+                       flops=FLOPS_PER_NDV * shape["N"] * shape["D"] * shape["V"])
 
 
 # --- CPU default: memory per case in fresh processes, times in one more -------------------------------------
@@ -164,16 +162,11 @@ def cpu_check(payload: Dict[str, Any], results: Dict[str, Any]) -> None:
 def run_cpu(ctx: core.RunContext) -> core.Report:
     shape = CPU_QUICK_SHAPE if ctx.quick else CPU_SHAPE
     N, D, V = shape["N"], shape["D"], shape["V"]
-    records = {case.name: base_record(case, shape, CPU_DTYPE, "cpu") for case in CPU_CASES}
-    with tempfile.TemporaryDirectory(prefix="rlloss-bench-logprobs-") as tmp:
-        core.measure_cpu_isolated(__name__, records, {"shape": shape, "tmp": tmp}, ctx.progress,
-                                  CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
-    rows = list(records.values())
-    done = core.counter("logprobs", ("N", "D", "V"), len(rows), ctx.progress)
+    rows = core.measure_cpu_isolated(__name__, {c.name: base_record(c, shape, CPU_DTYPE, "cpu") for c in CPU_CASES},
+                                     {"shape": shape}, ctx.progress, CPU_WARMUP_CALLS, CPU_TIMED_CALLS, ("N", "D", "V"))
     for record in rows:
         if record.get("time_ms"):
             record["gflops_per_s"] = record["flops"] / (record["time_ms"] * 1e-3) / 1e9
-        done(record)
     logits_bytes, grad_bytes = N * V * 4, (N + V) * D * 4
     core.add_memory_in_logits_tensors(rows, logits_bytes)
     return core.Report(
@@ -219,15 +212,13 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
         nonlocal reference_rows
         x = make_inputs(shape, GPU_DTYPE, device)
         with torch.no_grad():  # float32 logits of the first rows of the (rounded) inputs
-            logp = torch.log_softmax(x["hidden"][:rows].float() @ x["weight"].float().T, dim=-1)
-            reference_rows = (logp.gather(1, x["targets"][:rows, None]).squeeze(1), -(logp.exp() * logp).sum(-1))
+            reference_rows = naive(x["hidden"][:rows].float(), x["weight"].float(), x["targets"][:rows])
         return x
 
     for shape in shapes:
         reference_rows = None
         floor = core.floor_row({**base_record(GEMM_FLOOR, shape, GPU_DTYPE, device), "outputs": "GEMMs only"},
-                               *shape.values(), GPU_DTYPE, device, core.LOGPROBS_FLOOR_GEMMS, matmul_tflops)
-        done(floor)
+                               *shape.values(), GPU_DTYPE, device, core.LOGPROBS_FLOOR_GEMMS, done, matmul_tflops)
         measured = core.measure_cases(
             cases, lambda case: base_record(case, shape, GPU_DTYPE, device), inputs,
             lambda case, x: fwd_bwd(case, x, with_grads=False), core.CUDA_PROBES, device, done,

@@ -116,13 +116,9 @@ def _draw_bars(ax, records, series: Sequence[str], category: Optional[str], metr
                        fontsize=8)  # bars stay on a linear scale: a log-scale bar has no meaningful base
 
 
-def plot_report(json_path: Path, png_path: Optional[Path] = None) -> Tuple[Optional[Path], Optional[str]]:
-    """Draw ``json_path``'s report into ``png_path`` (default: beside it). Returns (path, None), or (None, why
-    nothing was drawn)."""
-    plt, why = _matplotlib()
-    if plt is None:
-        return None, why
-    json_path = Path(json_path)
+def plot_report(plt, json_path: Path) -> Tuple[Optional[Path], Optional[str]]:
+    """Draw ``json_path``'s report with pyplot ``plt`` into the .png beside it. Returns (path, None), or (None,
+    why nothing was drawn)."""
     report = json.loads(json_path.read_text())
     records, facet, series, category, axes, metrics = _plan(report)
     if not records or not metrics:
@@ -161,7 +157,7 @@ def plot_report(json_path: Path, png_path: Optional[Path] = None) -> Tuple[Optio
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 0.95))
-    png_path = Path(png_path) if png_path is not None else json_path.with_suffix(".png")
+    png_path = json_path.with_suffix(".png")
     fig.savefig(png_path, dpi=90)
     plt.close(fig)
     return png_path, None
@@ -179,7 +175,7 @@ def plot_reports(paths: Sequence[Path], log: Callable[[str], None] = print) -> L
         path = Path(path)
         for json_path in sorted(path.glob("*.json")) if path.is_dir() else [path]:
             try:
-                png, reason = plot_report(json_path)
+                png, reason = plot_report(plt, json_path)
             except Exception as exc:  # a malformed report must not stop the others
                 png, reason = None, f"{json_path.name}: {type(exc).__name__}: {exc}"
             if png is None:

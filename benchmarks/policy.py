@@ -4,8 +4,8 @@ alone and the three bare GEMMs (GPU); ``dapo`` and ``gspo``, plain and with KL +
 """
 from __future__ import annotations
 
+import functools
 import inspect
-import tempfile
 from typing import Any, Dict, List
 
 import torch
@@ -173,12 +173,11 @@ GEMM_FLOOR = core.Case("gemm-floor", "floor", "bare cuBLAS GEMMs: h·Wᵀ, dz·W
 
 def base_record(case: core.Case, shape: Shape, dtype, device: str, preset=None, variant=None) -> Dict[str, Any]:
     config = loss_config(preset, variant) if preset else None
-    return {"impl": case.name, "role": case.role, "label": case.label, "note": case.note, "preset": preset,
-            "variant": variant and variant["name"], "beta": variant and variant["beta"],
-            "entropy_coef": variant and variant["entropy_coef"], **vars(shape), "N": shape.N, "tokens": shape.N,
-            "dtype": core.dtype_name(dtype), "device": device, "flops": FLOPS_PER_NDV * shape.N * shape.D * shape.V,
-            "differs": "; ".join(liger_settings(config)[1]) if config and case.name == "liger" else "",
-            "status": "ok", "error": None}
+    return core.record(
+        case, note=case.note, preset=preset, variant=variant and variant["name"], beta=variant and variant["beta"],
+        entropy_coef=variant and variant["entropy_coef"], **vars(shape), N=shape.N, tokens=shape.N,
+        dtype=core.dtype_name(dtype), device=device, flops=FLOPS_PER_NDV * shape.N * shape.D * shape.V,
+        differs="; ".join(liger_settings(config)[1]) if config and case.name == "liger" else "")
 
 
 def add_ratios(records: List[Dict[str, Any]]) -> None:
@@ -218,17 +217,11 @@ def cpu_check(payload: Dict[str, Any], results: Dict[str, Any]) -> None:
 def run_cpu(ctx: core.RunContext) -> core.Report:
     shape = CPU_QUICK_SHAPE if ctx.quick else CPU_SHAPE
     records = {c.name: base_record(c, shape, torch.float32, "cpu", CPU_PRESET, CPU_VARIANT) for c in CPU_CASES}
-    with tempfile.TemporaryDirectory(prefix="rlloss-bench-policy-") as tmp:
-        core.measure_cpu_isolated(__name__, records, {"shape": vars(shape), "tmp": tmp}, ctx.progress,
-                                  CPU_WARMUP_CALLS, CPU_TIMED_CALLS)
-    rows = list(records.values())
+    rows = core.measure_cpu_isolated(__name__, records, {"shape": vars(shape)}, ctx.progress, CPU_WARMUP_CALLS,
+                                     CPU_TIMED_CALLS, ("B", "T", "preset", "variant"))
     logits_bytes, grad_bytes = shape.N * shape.V * 4, (shape.N + shape.V) * shape.D * 4
     core.add_memory_in_logits_tensors(rows, logits_bytes)
     add_ratios(rows)
-    done = core.counter("policy", ("B", "T", "preset", "variant"), len(rows), ctx.progress)
-    for record in rows:
-        done(record)
-    fmt = core.ERR
     return core.Report(
         "policy", "cpu-default", f"policy — CPU default: {shape}, float32, {CPU_PRESET} with KL and entropy, "
         "forward + backward", {
@@ -238,12 +231,12 @@ def run_cpu(ctx: core.RunContext) -> core.Report:
             "ref_spread": REF_SPREAD, "logits_tensor_bytes": logits_bytes, "input_grad_bytes": grad_bytes,
             "diff_reference": "FusedPolicyLoss(backend='reference') on float64 copies of the inputs"},
         rows, [core.IMPL, core.BTDV, core.STATUS, *core.CPU_TIME_MEMORY_COLUMNS,
-               core.col("|Δloss| vs fused", "diff_fused_loss", fmt),
-               core.col("max abs Δ d hidden vs fused", "diff_fused_grad_hidden", fmt),
-               core.col("d weight vs fused", "diff_fused_grad_weight", fmt),
-               core.col("|Δloss| vs float64", "diff_reference_loss", fmt),
-               core.col("d hidden vs float64", "diff_reference_grad_hidden", fmt),
-               core.col("d weight vs float64", "diff_reference_grad_weight", fmt)],
+               core.col("|Δloss| vs fused", "diff_fused_loss", core.ERR),
+               core.col("max abs Δ d hidden vs fused", "diff_fused_grad_hidden", core.ERR),
+               core.col("d weight vs fused", "diff_fused_grad_weight", core.ERR),
+               core.col("|Δloss| vs float64", "diff_reference_loss", core.ERR),
+               core.col("d hidden vs float64", "diff_reference_grad_hidden", core.ERR),
+               core.col("d weight vs float64", "diff_reference_grad_weight", core.ERR)],
         notes=[
             f"`{CPU_PRESET}` with β = {CPU_VARIANT['beta']} (k3 KL) and entropy bonus c_H = "
             f"{CPU_VARIANT['entropy_coef']}; " + INPUTS_NOTE + " `fused` and `unfused` are the chunked torch backend "
@@ -297,14 +290,9 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
 
     for shape in shapes:
         floor = core.floor_row(base_record(GEMM_FLOOR, shape, GPU_DTYPE, device), shape.N, shape.D, shape.V,
-                               GPU_DTYPE, device, core.FUSED_LOSS_FLOOR_GEMMS, matmul_tflops)
-        done(floor)
-        shape_records, inputs = [floor], {}
-
-        def build():
-            inputs.setdefault("x", make_inputs(shape, GPU_DTYPE, device, GPU_BACKEND))
-            return inputs["x"]
-
+                               GPU_DTYPE, device, core.FUSED_LOSS_FLOOR_GEMMS, done, matmul_tflops)
+        # The inputs of the shape, built once (a failure is recorded by measure_cases) and shared by its cases.
+        build, shape_records = functools.cache(lambda: make_inputs(shape, GPU_DTYPE, device, GPU_BACKEND)), [floor]
         shape_records += core.measure_cases([LOGPROBS_ONLY], lambda c: base_record(c, shape, GPU_DTYPE, device),
                                             build, lambda c, x: logprobs_step(x, GPU_BACKEND), probes, device, done,
                                             lambda *args: None, timed)
@@ -320,7 +308,7 @@ def run_gpu(ctx: core.RunContext) -> core.Report:
                 if measured[0]["impl"] == "fused" and measured[0].get("time_ms") and token_ms:
                     measured[0]["time_vs_token_logprobs"] = measured[0]["time_ms"] / token_ms
                 shape_records += measured
-        inputs.clear()
+        build.cache_clear()
         core.free(device)
         core.add_floor_ratios(shape_records, floor)
         records += shape_records

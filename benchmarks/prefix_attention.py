@@ -65,7 +65,6 @@ def layout_of(shape: Shape, device) -> rlloss.SharedPrefixLayout:
 
 
 def ideal_attention_ratio(s: Shape) -> float:
-    """FLOPs of the repeated batch over the shared layout's: G(P+S)² / (P² + G·S(2P+S))."""
     return s.G * (s.P + s.S) ** 2 / (s.P**2 + s.G * s.S * (2 * s.P + s.S))
 
 
@@ -141,7 +140,7 @@ def rlloss_case(backend: str, deterministic: bool = True) -> core.Case:
         q, k, v = leaves(x)
         setup_ms, layout = _timed_ms(lambda: layout_of(x["shape"], q.device))
         info = None
-        if backend in ("triton", "interpret"):  # the tables of every block size the kernels may choose
+        if backend == "triton":  # the tables of every block size the kernels may choose
             from rlloss.kernels import prefix_attention as kernels
 
             for tuned, tiled in ((kernels._fwd, "BLOCK_M"), (kernels._dq, "BLOCK_M"), (kernels._dkdv, "BLOCK_N")):
@@ -280,10 +279,9 @@ GPU_CASES = (
 
 
 def base_record(case: core.Case, s: Shape, dtype: torch.dtype, device: str) -> Dict[str, Any]:
-    return {"impl": case.name, "role": case.role, "label": case.label, "note": case.note, **vars(s), "T": s.T,
-            "dtype": core.dtype_name(dtype), "device": device,
-            "useful_flops": FWD_BWD_FLOP_FACTOR * layout_of(s, "cpu").attention_flops(s.d, s.Hq),
-            "ideal_attention_ratio": ideal_attention_ratio(s), "status": "ok", "error": None}
+    return core.record(case, note=case.note, **vars(s), T=s.T, dtype=core.dtype_name(dtype), device=device,
+                       useful_flops=FWD_BWD_FLOP_FACTOR * layout_of(s, "cpu").attention_flops(s.d, s.Hq),
+                       ideal_attention_ratio=ideal_attention_ratio(s))
 
 
 def add_speedups(records: List[Dict[str, Any]]) -> None:

@@ -110,11 +110,11 @@ def measure(ctx: core.RunContext, m, group, dtype, device: str, cases, probes) -
 
     def base(case):
         packed, backend, checkpointing = case.make
-        return {"impl": case.name, "role": case.role, "label": case.label, "backend": backend,
-                "checkpointing": checkpointing, "model": m["name"], **group,
-                "tokens": packed_tokens if packed else repeated_tokens, "completion_tokens": group["G"] * group["S"],
-                "ideal_tokenwise_speedup": repeated_tokens / packed_tokens, "dtype": core.dtype_name(dtype),
-                "device": device, "status": "ok", "error": None}
+        return core.record(case, backend=backend, checkpointing=checkpointing, model=m["name"], **group,
+                           tokens=packed_tokens if packed else repeated_tokens,
+                           completion_tokens=group["G"] * group["S"],
+                           ideal_tokenwise_speedup=repeated_tokens / packed_tokens, dtype=core.dtype_name(dtype),
+                           device=device)
 
     records = core.measure_cases(
         cases, base, lambda: build(m, group, dtype, device), lambda c, shared: prepare(c, shared, device), probes,

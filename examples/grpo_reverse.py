@@ -4,33 +4,15 @@ Task: the prompt is ``<bos> d_1 … d_n <sep>`` (n = 3 or 4 random digits), the 
 The reward is verifiable, with partial credit: the fraction of the n + 1 answer positions (the reversed digits,
 then ``<eos>``) that hold the right token; 1 for an exact answer.
 
-One step of the loop:
-
-1. sample G completions of each of ``--prompts`` prompts with ``model.generate`` (temperature 1);
-2. score them, and turn the rewards into group-relative advantages with :func:`rlloss.group_advantages`;
-3. old log-probs: :func:`rlloss.token_logprobs` of the sampling policy under ``torch.no_grad()``, from the
-   hidden states :class:`rlloss.PaddedBatch` gathers (the positions that predict each completion token);
-4. ``--inner-steps`` optimiser steps on ``rlloss.FusedPolicyLoss(LossConfig.preset("dapo"))`` (clipped ratio,
-   ε = 0.2/0.28, token-mean) from the same gathered hidden states and the lm_head weight: no logits tensor.
-
-With ``--shared-prefix`` the training forwards run on a :class:`rlloss.SharedPrefixBatch` — each prompt once,
-its G completions after it — through ``rlloss.integrations.transformers.enable_shared_prefix``; ``model.generate``
-(no layout) keeps running the model's own attention and KV cache.
-
-Warm-up: from random init, pure RL is too slow for a minutes-long demo — the policy first has to hit the
-answer format (n digits, then ``<eos>``) by chance (a pure-RL run went from 0.03 to about 0.15 mean reward in
-160 steps and stayed there). So ``--warmup-steps`` (default 20) supervised steps on correct answers come
-first; they leave the policy far from solved (mean reward 0.28, nothing fully reversed), and everything after
-that is GRPO. ``--warmup-steps 0`` runs pure RL.
-
-``--credit cepo`` adds contrastive-teacher token credit (CEPO, docs/api/credit.md): per step, two forward
-passes of the policy without backward, shown the right answer or a rejected rollout's answer before the
-completion (``rlloss.teacher.build_teacher_inputs``), spread each rollout's advantage over its tokens inside
-the fused loss (λ from 0.5 to 0 over 25 steps). The model never saw an answer in its context before, so in
-this toy the teacher's signal is weak; the switch shows the wiring.
-
-Run (about 70 s on one CPU core, 3 minutes on a busy shared 2-core machine; mean reward 0.32 → 0.67 over the
-150 GRPO steps; docs/examples.md has the measured curve)::
+One step samples G completions of each prompt with ``model.generate``, turns the rewards into advantages with
+:func:`rlloss.group_advantages`, takes the sampling policy's log-probs with :func:`rlloss.token_logprobs` under
+``no_grad`` from the hidden states :class:`rlloss.PaddedBatch` gathers, then runs ``--inner-steps`` optimiser
+steps on ``FusedPolicyLoss(LossConfig.preset("dapo"))`` from the same hidden states and the lm_head weight (no
+logits tensor). ``--shared-prefix`` trains on a :class:`rlloss.SharedPrefixBatch` (each prompt once);
+``--credit cepo`` adds contrastive-teacher token credit; ``--warmup-steps`` supervised steps on correct answers
+come first (``0``: pure RL, too slow from random init for a minutes-long demo). docs/examples.md walks through
+the loop, the flags and the measured curve (mean reward 0.32 → 0.67 over the 150 GRPO steps, about 70 s on one
+CPU core)::
 
     python examples/grpo_reverse.py --out runs/grpo_reverse
     python examples/grpo_reverse.py --shared-prefix --out runs/grpo_reverse_packed
@@ -42,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import time
 from pathlib import Path
@@ -98,21 +79,15 @@ def reward(digits: List[int], completion: List[int]) -> float:
 
 def left_pad(rows: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """TRL's prompt layout: ids [B, P] and mask [B, P], padding on the left."""
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), P), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, P - len(r):] = torch.tensor(r)
-        mask[i, P - len(r):] = 1
-    return ids, mask
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r[::-1]) for r in rows], batch_first=True,
+                                          padding_value=PAD).flip(1)  # the reversed rows padded on the right
+    return ids, (ids != PAD).long()
 
 
 def completion_mask_of(completion_ids: torch.Tensor) -> torch.Tensor:
     """TRL's completion mask: every token up to and including the first <eos> (all of them without one)."""
-    is_eos = completion_ids == EOS
-    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], 10**6,
-                                                                                      dtype=torch.long))
-    return (torch.arange(completion_ids.shape[1])[None] <= first_eos[:, None]).long()
+    is_eos = (completion_ids == EOS).long()
+    return (is_eos.cumsum(1) - is_eos == 0).long()  # no <eos> before the token
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -190,11 +165,8 @@ def warmup(model, optimizer, rng, args) -> None:
     for _ in range(args.warmup_steps):
         prompts = sample_prompts(rng, args.prompts * args.group_size, args.min_digits, args.max_digits)
         prompt_ids, prompt_mask = left_pad([[BOS, *p, SEP] for p in prompts])
-        answers = [[*p[::-1], EOS] for p in prompts]
-        C = max(len(a) for a in answers)
-        completion_ids = torch.full((len(answers), C), PAD, dtype=torch.long)
-        for i, a in enumerate(answers):
-            completion_ids[i, : len(a)] = torch.tensor(a)
+        completion_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor([*p[::-1], EOS]) for p in prompts],
+                                                         batch_first=True, padding_value=PAD)
         batch = PaddedBatch.from_trl(prompt_ids, prompt_mask, completion_ids, completion_ids != PAD)
         hidden = completion_hidden(model, batch)
         logp = rlloss.token_logprobs(hidden, model.lm_head.weight, batch.targets).logprobs
@@ -217,15 +189,13 @@ def main(argv=None) -> List[dict]:
         # call, model.generate included, runs the model's own attention: nothing to switch around sampling.
         enable_shared_prefix(model)
     print(f"model: Llama, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {VOCAB}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.warmup_lr, weight_decay=0.0)  # args.lr after warm-up
     base_config = LossConfig.preset("dapo", credit=None if args.credit == "none" else args.credit)
     credit_lambda = rlloss.LinearDecay(0.5, 25)  # CEPO's reference schedule: λ 0.5 → 0 over 25 steps
     loss_fn = FusedPolicyLoss(base_config)
     G = args.group_size
 
     start = time.perf_counter()
-    for group in optimizer.param_groups:
-        group["lr"] = args.warmup_lr
     warmup(model, optimizer, rng, args)
     for group in optimizer.param_groups:
         group["lr"] = args.lr
