@@ -10,10 +10,16 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Target id of padding (PyTorch's cross-entropy default), in PaddedBatch's and SharedPrefixBatch's targets.
+IGNORE_INDEX = -100
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    return ", ".join(dtype_name(d) for d in dtypes)
 
 
 def tensor(name: str, x: object) -> Tensor:
@@ -24,7 +30,7 @@ def tensor(name: str, x: object) -> Tensor:
 
 def dtype_in(name: str, x: Tensor, allowed: Sequence[torch.dtype]) -> None:
     if x.dtype not in allowed:
-        raise TypeError(f"{name} must have dtype in ({_names(allowed)}), got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have dtype in ({_names(allowed)}), got {dtype_name(x.dtype)}")
 
 
 def floating(name: str, x: object) -> Tensor:
@@ -39,6 +45,19 @@ def ndim(name: str, x: Tensor, expected: int, shape_doc: str) -> None:
         raise ValueError(f"{name} must be {expected}-D {shape_doc}, got shape {tuple(x.shape)}")
 
 
+def shape(name: str, x: Tensor, expected: Sequence[int], shape_doc: str, note: str = "") -> None:
+    """``x`` exactly of shape ``expected``, documented as ``shape_doc`` (e.g. "[B, T]") in the error."""
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must be {shape_doc} = {tuple(expected)}{note}, got {tuple(x.shape)}")
+
+
+def same_shape(name: str, x: Tensor, shape: torch.Size, like: str, shape_doc: str = "") -> None:
+    """``x`` exactly of ``shape``, the shape of the argument ``like`` names in the possessive ("rewards'")."""
+    if x.shape != shape:
+        doc = f" ({shape_doc})" if shape_doc else ""
+        raise ValueError(f"{name} must have {like} shape {tuple(shape)}{doc}, got {tuple(x.shape)}")
+
+
 def same_device(**tensors: Optional[Tensor]) -> None:
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in present.values()}
@@ -47,12 +66,20 @@ def same_device(**tensors: Optional[Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device, got {where}")
 
 
-def positive_finite(name: str, value: float) -> float:
+def number(name: str, value: object, kind: str = "a number", finite: bool = False) -> float:
+    """``value``, an int or a float (never a bool), as a float; with ``finite``, checked finite too."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def positive_finite(name: str, value: float) -> float:
+    value = number(name, value, "a float")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return value
 
 
 def device(value: object) -> torch.device:
@@ -64,10 +91,17 @@ def device(value: object) -> torch.device:
         raise error(f"device must be a torch.device or a device string such as 'cuda:0', got {value!r}") from None
 
 
-def integer(name: str, value: object) -> int:
+def integer(name: str, value: object, minimum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def integer_dtype(name: str, x: Tensor) -> None:
+    if x.dtype == torch.bool or x.dtype.is_floating_point or x.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {dtype_name(x.dtype)}")
 
 
 def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: Optional[int]) -> None:
@@ -84,8 +118,7 @@ def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: Optional[in
 def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
     """A floating tensor of exactly ``shape`` (the shape of the argument named ``like``)."""
     x = floating(name, x)
-    if x.shape != shape:
-        raise ValueError(f"{name} must have {like}'s shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
+    same_shape(name, x, shape, f"{like}'s", "[B, T]")
     return x
 
 
@@ -99,8 +132,7 @@ def mask(x: object, shape: torch.Size, check_values: bool = True) -> Tensor:
     """The [B, T] loss mask as bool: bool, or a real tensor of 0/1 (checked with one host read when
     ``check_values``), of exactly ``shape`` (the log-probs' shape)."""
     x = tensor("mask", x)
-    if x.shape != shape:
-        raise ValueError(f"mask must have logprobs' shape {tuple(shape)} ([B, T]), got {tuple(x.shape)}")
+    same_shape("mask", x, shape, "logprobs'", "[B, T]")
     if x.dtype == torch.bool:
         return x
     if x.is_complex():

@@ -53,11 +53,7 @@ VERL_GSPO_LOG_RATIO_MAX = 10.0
 
 
 def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"LossConfig.{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"LossConfig.{name} must be finite, got {value}")
-    return float(value)
+    return _checks.number(f"LossConfig.{name}", value, finite=True)
 
 
 def _choice(name: str, value: object, allowed) -> None:
@@ -231,8 +227,7 @@ class LossConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         for name in ("kl_aggregation", "entropy_aggregation"):
             _choice(name, getattr(self, name), (None,) + TERM_AGGREGATIONS)
-        if _checks.integer("LossConfig.dp_size", self.dp_size) < 1:
-            raise ValueError(f"LossConfig.dp_size must be >= 1, got {self.dp_size}")
+        _checks.integer("LossConfig.dp_size", self.dp_size, minimum=1)
         _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
         for name in ("kl_ratio_weighted", "kl_clamp", "rollout_is_batch_normalize"):
             _checks.boolean(f"LossConfig.{name}", getattr(self, name))

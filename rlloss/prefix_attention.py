@@ -182,12 +182,6 @@ class SharedPrefixLayout:
             raise ValueError(f"segment must lie in [0, {self.num_segments}), got {segment}")
         return segment
 
-    @staticmethod
-    def _positive(name: str, value: object) -> int:
-        if _checks.integer(name, value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-        return value
-
     def ancestors(self, segment: int) -> List[int]:
         """Ancestors of ``segment``, root first."""
         chain = []
@@ -235,7 +229,8 @@ class SharedPrefixLayout:
 
     def attention_flops(self, head_dim: int, num_heads: int) -> int:
         """Forward FLOPs of the visible (query, key) pairs: 4·d·H per pair (QKᵀ and PV)."""
-        head_dim, num_heads = self._positive("head_dim", head_dim), self._positive("num_heads", num_heads)
+        head_dim = _checks.integer("head_dim", head_dim, minimum=1)
+        num_heads = _checks.integer("num_heads", num_heads, minimum=1)
         pairs = sum(n * a + n * (n + 1) // 2 for a, n in zip(self._context_lengths(), self.lengths))
         return 4 * head_dim * num_heads * pairs
 
@@ -249,7 +244,7 @@ class SharedPrefixLayout:
         ``query_block_order`` / ``key_block_order`` [num_blocks], the blocks heaviest first by the keys a query
         block sees / the queries that see a key block (docs/api/shared_prefix_attention.md, "Kernel design").
         """
-        key = (self._positive("block", block), str(self.device))
+        key = (_checks.integer("block", block, minimum=1), str(self.device))
         if key not in self._cache:
             ancestors = [self.ancestors(s) for s in range(self.num_segments)]
             context = self._context_lengths()
@@ -289,7 +284,7 @@ class SharedPrefixLayout:
         whose entry b is where the b-token blocks start in the orders; ``num_blocks``, a dict {b: number of
         b-token blocks} of host ints (the launch grid).
         """
-        sizes = tuple(sorted({self._positive("block", b) for b in blocks}))
+        sizes = tuple(sorted({_checks.integer("block", b, minimum=1) for b in blocks}))
         key = ("kernel", sizes, str(self.device))
         if key not in self._cache:
             parts = [self.tables(b) for b in sizes]
