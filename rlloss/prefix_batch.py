@@ -20,8 +20,6 @@ from .prefix_attention import SharedPrefixLayout
 
 __all__ = ["SharedPrefixBatch"]
 
-# Target id of the padding in ``SharedPrefixBatch.targets``: ignored by token_logprobs and cross-entropy.
-IGNORE_INDEX = -100
 # SharedPrefixBatch.packing_pays's default: below this token ratio the packed run was no faster on CPU.
 PACKING_MIN_TOKEN_RATIO = 1.25
 
@@ -32,7 +30,7 @@ def _token_ids(name: str, x: object) -> Tensor:
     if x.ndim != 1:
         raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(x.shape)}")
     if x.dtype != torch.int64:
-        raise TypeError(f"{name} must have dtype int64, got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have dtype int64, got {_checks.dtype_name(x.dtype)}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty; every prompt and completion needs at least one token")
     return x
@@ -194,7 +192,7 @@ class SharedPrefixBatch:
                            inner_rows=predictor.flatten()[valid], first_slots=empty, group_slots=empty,
                            parent_last=empty, max_group=1)
         targets = input_ids.flatten().index_select(0, token.flatten().to(device)).view(token.shape)
-        targets = targets.masked_fill(~mask.to(device), IGNORE_INDEX)
+        targets = targets.masked_fill(~mask.to(device), _checks.IGNORE_INDEX)
         return cls(input_ids=input_ids, position_ids=position_ids.to(device), layout=None,
                    prompt_lengths=tuple(prompt_lengths), completion_lengths=tuple(completion_lengths),
                    predictor_index=predictor.to(device), token_index=token.to(device), targets=targets,
@@ -277,7 +275,7 @@ class SharedPrefixBatch:
             root_of.append(s if p == -1 else root_of[p])
         predictor, token, mask, plan = _gather_tables(layout, rows, width)
         predictor, token, mask, plan = predictor.to(device), token.to(device), mask.to(device), plan.to(device)
-        targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
+        targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, _checks.IGNORE_INDEX)
         return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
                    prompt_lengths=tuple(lengths[r] for r in roots),
                    completion_lengths=tuple(tuple(lengths[s] for s in rows if s is not None and root_of[s] == r)

@@ -57,9 +57,7 @@ class _TeacherRows:
         logprobs = _checks.tensor("logprobs", logprobs)
         R, T = self.targets.shape
         B = self.skipped.shape[0]
-        if logprobs.shape != (R, T):
-            raise ValueError(f"logprobs must be [R, T] = [{R}, {T}] (one row per teacher context), "
-                             f"got {tuple(logprobs.shape)}")
+        _checks.shape("logprobs", logprobs, (R, T), "[R, T]", " (one row per teacher context)")
         device = logprobs.device
         rollout, positive = self.rollout.to(device), self.positive.to(device)
         pos = torch.zeros((B, T), dtype=logprobs.dtype, device=device)
@@ -72,8 +70,7 @@ class _TeacherRows:
                 raise ValueError(f"rollouts {rows[:8]} use RLSD (no wrong answer in their group, or credit='rlsd'): "
                                  "pass base_logprobs=[B, T] policy log-probs for their ℓ⁻")
             base_logprobs = _checks.tensor("base_logprobs", base_logprobs)
-            if base_logprobs.shape != (B, T):
-                raise ValueError(f"base_logprobs must be [B, T] = [{B}, {T}], got {tuple(base_logprobs.shape)}")
+            _checks.shape("base_logprobs", base_logprobs, (B, T), "[B, T]")
             rlsd = self.rlsd.to(device)
             neg[rlsd] = base_logprobs.detach().to(device=device, dtype=logprobs.dtype)[rlsd]
         return pos, neg
@@ -189,7 +186,7 @@ def _ids(name: str, x: object, alternative: str = "") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a 1-D int64 tensor{alternative}, got {type(x).__name__}")
     if x.dtype != torch.int64 or x.ndim != 1:
-        raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
+        raise TypeError(f"{name} must be a 1-D int64 tensor, got {_checks.dtype_name(x.dtype)} of shape "
                         f"{tuple(x.shape)}")
     x = x.detach().cpu()
     if x.numel() and bool((x < 0).any()):
@@ -294,10 +291,9 @@ def build_teacher_inputs(
         wrong = [None] * B
     if advantages is not None:
         advantages = _checks.tensor("advantages", advantages)
-        if advantages.shape != (B,):
-            raise ValueError(f"advantages must be [B] = ({B},), got {tuple(advantages.shape)}")
+        _checks.shape("advantages", advantages, (B,), "[B]")
         advantages = advantages.detach().cpu()
-    if isinstance(reject_below, bool) or not isinstance(reject_below, (int, float)) or not math.isfinite(reject_below):
+    if not math.isfinite(_checks.number("reject_below", reject_below, "a finite number")):
         raise TypeError(f"reject_below must be a finite number, got {reject_below!r}")
     prefix, suffix = (torch.zeros(0, dtype=torch.int64) if x is None else _ids(name, x, " or None")
                       for name, x in (("answer_prefix_ids", answer_prefix_ids),
