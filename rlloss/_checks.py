@@ -122,6 +122,13 @@ def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
     return x
 
 
+def choice(name: str, value: object, allowed: Sequence) -> object:
+    """``value``, one of ``allowed`` (strings, and None where allowed names it)."""
+    if not isinstance(value, (str, type(None))) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

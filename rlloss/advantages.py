@@ -126,12 +126,6 @@ def check_grouping(rewards: Tensor, group_size: object, group_sizes: object, gro
     return None, None, None
 
 
-def _check_mode(mode: object) -> str:
-    if not isinstance(mode, str) or mode not in ALL_MODES:
-        raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
-    return mode
-
-
 def _check_eps(eps: object, mode: str) -> float:
     if eps is None:
         return default_eps(mode)
@@ -142,8 +136,7 @@ def _check_eps(eps: object, mode: str) -> float:
 
 
 def _check_singleton(singleton: object, mode: str) -> None:
-    if not isinstance(singleton, str) or singleton not in SINGLETON_RULES:
-        raise ValueError(f"singleton must be one of {SINGLETON_RULES}, got {singleton!r}")
+    _checks.choice("singleton", singleton, SINGLETON_RULES)
     if singleton == "verl" and mode not in _VERL_SINGLETON_MODES:
         raise ValueError(
             f"singleton='verl' applies to the modes where verl gives a group of one mean 0 and std 1, "
@@ -478,7 +471,7 @@ def group_advantages(
     """
     _checks.boolean("check_inputs", check_inputs)
     rewards = _check_rewards(rewards, check_inputs).detach()
-    mode = _check_mode(mode)
+    mode = _checks.choice("mode", mode, ALL_MODES)
     grouped = mode not in _UNGROUPED_MODES
     group_size, sizes, group_ids = check_grouping(rewards, group_size, group_sizes, group_ids, grouped, check_inputs)
     sizes_on_host = sizes is not None and sizes.device.type == "cpu" and (

@@ -57,8 +57,7 @@ def _finite(name: str, value: object) -> float:
 
 
 def _choice(name: str, value: object, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+    _checks.choice(f"LossConfig.{name}", value, allowed)
 
 
 # The numeric fields: (names, the test each passes, the range the error states); each must be a finite number, and

@@ -53,9 +53,7 @@ def check_credit_params(credit_lambda: object, credit_eps_w: object, where: str 
 def check_credit_mode(credit: object, where: str = "") -> str:
     """``credit`` one of CREDIT_MODES ("cepo", "rlsd"): for :func:`contrastive_credit`, the teacher builder and
     ``LossConfig`` (whose None, no credit, it checks itself)."""
-    if credit not in CREDIT_MODES:
-        raise ValueError(f"{where}credit must be one of {CREDIT_MODES}, got {credit!r}")
-    return credit
+    return _checks.choice(f"{where}credit", credit, CREDIT_MODES)
 
 
 # --- contrastive_credit -----------------------------------------------------------------------------------

@@ -264,8 +264,7 @@ def build_teacher_inputs(
     """
     _checks.boolean("packed", packed)
     mode = check_credit_mode(credit)
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    _checks.choice("fallback", fallback, FALLBACKS)
     from .advantages import _check_group_sizes, _check_rewards
 
     if not isinstance(rewards, Tensor):
