@@ -115,6 +115,15 @@ def targets_in_range(targets: Tensor, vocab_size: int, ignore_index: Optional[in
         raise ValueError(f"targets must lie in [0, {vocab_size}){allowed}; {int(bad.sum())} do not, e.g. {first}")
 
 
+def token_ids(name: str, x: Tensor) -> None:
+    """Every id of ``x`` (1-D) >= 0: they index an embedding; -100 and the like are padding. One host sync."""
+    negative = x < 0
+    if bool(negative.any()):
+        position = int(negative.nonzero()[0, 0])
+        raise ValueError(f"{name} must hold token ids >= 0 (no padding or ignore_index values), got "
+                         f"{int(x[position])} at position {position}")
+
+
 def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
     """A floating tensor of exactly ``shape`` (the shape of the argument named ``like``)."""
     x = floating(name, x)

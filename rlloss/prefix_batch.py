@@ -42,10 +42,7 @@ def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor], joined: Ten
     if not bool((joined < 0).any()):
         return
     for name, x in zip(names, pieces):
-        negative = x < 0
-        if bool(negative.any()):
-            raise ValueError(f"{name} must hold token ids >= 0 (no padding or ignore_index values), got "
-                             f"{int(x[negative][0])} at position {int(negative.nonzero()[0, 0])}")
+        _checks.token_ids(name, x)
 
 
 def _sequence(name: str, x: object) -> Sequence:
@@ -239,9 +236,7 @@ class SharedPrefixBatch:
         elif len(scored) != len(pieces):
             raise ValueError(f"scored must hold one entry per segment: {len(pieces)} segments, got {len(scored)}")
         for i, flag in enumerate(scored):
-            if not isinstance(flag, bool):
-                raise TypeError(f"scored[{i}] must be a bool, got {type(flag).__name__} {flag!r}")
-            if flag and parents[i] == -1:
+            if _checks.boolean(f"scored[{i}]", flag) and parents[i] == -1:
                 raise ValueError(f"scored[{i}] is True but segment {i} is a root (parents[{i}] = -1): nothing "
                                  "predicts its first token; put the context it follows in a parent segment")
         if not any(scored):
@@ -367,8 +362,7 @@ class SharedPrefixBatch:
         """Split per-completion results ``[C, S_max, ...]`` (e.g. per-token log-probs of the gathered hidden
         states) into one list per prompt (per tree for :meth:`pack_tree`: its scored segments) of ``[S_c, ...]``
         views, padding dropped."""
-        if not isinstance(values, Tensor):
-            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        values = _checks.tensor("values", values)
         if values.ndim < 2 or tuple(values.shape[:2]) != tuple(self.mask.shape):
             raise ValueError(f"values must be [C, S_max, ...] = {list(self.mask.shape)} + [...], got shape "
                              f"{tuple(values.shape)}")
@@ -383,8 +377,7 @@ def gather_predictors(hidden: Tensor, plan: "_GatherPlan", shape: Tuple[int, ...
                       hint: str) -> Tensor:
     """``hidden`` [1, T, ...] or [T, ...] of a packed stream → [*shape, ...], the rows ``plan`` names (see
     :meth:`SharedPrefixBatch.gather_hidden`); ``hint`` says how to move the index tables to another device."""
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    hidden = _checks.tensor("hidden", hidden)
     T = total_tokens
     if hidden.ndim >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == T:
         hidden = hidden[0]

@@ -189,9 +189,7 @@ def _ids(name: str, x: object, alternative: str = "") -> Tensor:
         raise TypeError(f"{name} must be a 1-D int64 tensor, got {_checks.dtype_name(x.dtype)} of shape "
                         f"{tuple(x.shape)}")
     x = x.detach().cpu()
-    if x.numel() and bool((x < 0).any()):
-        position = int((x < 0).nonzero()[0, 0])
-        raise ValueError(f"{name} must hold token ids >= 0, got {int(x[position])} at position {position}")
+    _checks.token_ids(name, x)
     return x
 
 
