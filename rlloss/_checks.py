@@ -66,9 +66,18 @@ def same_device(**tensors: Optional[Tensor]) -> None:
         raise ValueError(f"all tensors must be on one device, got {where}")
 
 
+def is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def is_list(x: object) -> bool:
+    """A list, tuple or other sequence; not a str, bytes or tensor."""
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes, Tensor))
+
+
 def number(name: str, value: object, kind: str = "a number", finite: bool = False) -> float:
     """``value``, an int or a float (never a bool), as a float; with ``finite``, checked finite too."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
     if finite and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

@@ -84,7 +84,7 @@ def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -
         if not check_inputs:
             return group_sizes.detach().to(torch.int64)
         sizes = group_sizes.detach().to("cpu", torch.int64)
-    elif isinstance(group_sizes, Sequence) and not isinstance(group_sizes, (str, bytes)):
+    elif _checks.is_list(group_sizes):
         for s in group_sizes:
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"group_sizes must hold ints, got an element of type {type(s).__name__}")

@@ -324,7 +324,7 @@ class LossConfig:
         spec = self.rollout_rs_threshold
         if spec is None:
             raise ValueError(f"LossConfig.rollout_rs_threshold is required when rollout_rs={self.rollout_rs!r}")
-        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        if not (_checks.is_number(spec) or isinstance(spec, str)):
             raise TypeError(f"LossConfig.rollout_rs_threshold must be a number or a str, got {type(spec).__name__}")
         parts = [str(spec)] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
         if len(parts) not in (1, len(options)):

@@ -80,7 +80,7 @@ class SharedPrefixLayout:
         """``values`` as a tuple of ints: a list or tuple of ints (NumPy or 0-d integer tensor scalars too), or a
         1-D integer tensor or NumPy array; never a float rounded to an int. Each ≥ ``minimum`` when given."""
         array = hasattr(values, "tolist") and hasattr(values, "ndim")  # a tensor or a NumPy array
-        if isinstance(values, (str, bytes)) or not (array or isinstance(values, Sequence)):
+        if not (array or _checks.is_list(values)):
             raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
         if array:
             if values.ndim != 1:
@@ -145,7 +145,7 @@ class SharedPrefixLayout:
         """
         at_least_one = "every prompt needs at least one token"
         prompt_lengths = cls._ints("prompt_lengths", prompt_lengths, minimum=1, why=at_least_one)
-        if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence):
+        if not _checks.is_list(completion_lengths):
             raise TypeError(f"completion_lengths must be a sequence of sequences of ints, got "
                             f"{type(completion_lengths).__name__}")
         if len(prompt_lengths) != len(completion_lengths):

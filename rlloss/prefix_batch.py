@@ -145,8 +145,7 @@ class SharedPrefixBatch:
         :meth:`SharedPrefixLayout.from_groups`. That ratio is the ideal speed-up of every token-wise layer; the
         default 1.25 was measured (docs/api/shared_prefix_batch.md, "When packing pays")."""
         prompts = SharedPrefixLayout._ints("prompt_lengths", prompt_lengths, minimum=1, why="≥ 1 token")
-        if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence) \
-                or len(completion_lengths) != len(prompts) or not prompts:
+        if not _checks.is_list(completion_lengths) or len(completion_lengths) != len(prompts) or not prompts:
             raise ValueError("completion_lengths must hold one list of lengths per prompt (and there must be at "
                              "least one prompt)")
         groups = [SharedPrefixLayout._ints(f"completion_lengths[{g}]", c, minimum=1, why="≥ 1 token")
@@ -231,7 +230,7 @@ class SharedPrefixBatch:
             raise ValueError(f"parents must hold one entry per segment: {len(pieces)} segments, got {len(parents)}")
         if scored is None:
             scored = [p != -1 for p in parents]
-        elif isinstance(scored, (str, bytes, Tensor)) or not isinstance(scored, Sequence):
+        elif not _checks.is_list(scored):
             raise TypeError(f"scored must be a list of bools, got {type(scored).__name__}")
         elif len(scored) != len(pieces):
             raise ValueError(f"scored must hold one entry per segment: {len(pieces)} segments, got {len(scored)}")

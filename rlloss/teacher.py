@@ -173,7 +173,7 @@ class PackedTeacherInputs(_TeacherRows):
 
 def _token_list(name: str, values: object, length: int, *, optional: bool = False) -> List[Optional[Tensor]]:
     """A list of ``length`` 1-D int64 tensors (None entries allowed when ``optional``)."""
-    if isinstance(values, Tensor) or not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+    if not _checks.is_list(values):
         raise TypeError(f"{name} must be a list of 1-D int64 tensors, got {type(values).__name__}")
     if len(values) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(values)}")
@@ -266,8 +266,7 @@ def build_teacher_inputs(
     from .advantages import _check_group_sizes, _check_rewards
 
     if not isinstance(rewards, Tensor):
-        if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)) or not all(
-                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+        if not _checks.is_list(rewards) or not all(_checks.is_number(r) for r in rewards):
             raise TypeError(f"rewards must be a [B] float tensor or a list of numbers, got {type(rewards).__name__}")
         rewards = torch.tensor(list(rewards), dtype=torch.float64)
     rewards = _check_rewards(rewards, True).detach().to("cpu", torch.float64)
