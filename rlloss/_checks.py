@@ -22,10 +22,14 @@ def _names(dtypes: Iterable[torch.dtype]) -> str:
     return ", ".join(dtype_name(d) for d in dtypes)
 
 
+def instance(name: str, value: object, cls: type, what: str):
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
 def tensor(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
+    return instance(name, x, Tensor, "a torch.Tensor")
 
 
 def dtype_in(name: str, x: Tensor, allowed: Sequence[torch.dtype]) -> None:
@@ -133,6 +137,14 @@ def token_ids(name: str, x: Tensor) -> None:
                          f"{int(x[position])} at position {position}")
 
 
+def advantages(x: object, shape: torch.Size) -> Tensor:
+    """The advantages: a floating tensor, [B] (one per sequence) or [B, T] = ``shape``."""
+    x = floating("advantages", x)
+    if x.shape != shape[:1] and x.shape != shape:
+        raise ValueError(f"advantages must be [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
 def float_like(name: str, x: object, shape: torch.Size, like: str) -> Tensor:
     """A floating tensor of exactly ``shape`` (the shape of the argument named ``like``)."""
     x = floating(name, x)
@@ -148,9 +160,7 @@ def choice(name: str, value: object, allowed: Sequence) -> object:
 
 
 def boolean(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    return instance(name, value, bool, "a bool")
 
 
 def mask(x: object, shape: torch.Size, check_values: bool = True) -> Tensor:

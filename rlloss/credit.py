@@ -110,11 +110,7 @@ def contrastive_credit(
     _checks.ndim("mask", mask, 2, "[B, T]")
     shape = mask.shape
     mask = _checks.mask(mask, shape)
-    advantages = _checks.tensor("advantages", advantages)
-    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
-    if advantages.shape != shape[:1] and advantages.shape != shape:
-        raise ValueError(f"advantages must be [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, "
-                         f"got {tuple(advantages.shape)}")
+    advantages = _checks.advantages(advantages, shape)
     pos_logprobs = _checks.float_like("pos_logprobs", pos_logprobs, shape, "mask")
     if mode == "cepo":
         if neg_logprobs is None:

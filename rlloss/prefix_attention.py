@@ -635,8 +635,7 @@ def shared_prefix_attention(
         [T, Hq, d] in q's dtype, differentiable w.r.t. q, k and v.
     """
     q, k, v = (_checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-    if not isinstance(layout, SharedPrefixLayout):
-        raise TypeError(f"layout must be a rlloss.SharedPrefixLayout, got {type(layout).__name__}")
+    _checks.instance("layout", layout, SharedPrefixLayout, "a rlloss.SharedPrefixLayout")
     for n, x, shape in (("q", q, "[T, Hq, d]"), ("k", k, "[T, Hkv, d]"), ("v", v, "[T, Hkv, d]")):
         _checks.ndim(n, x, 3, shape)
     T, Hq, d = q.shape
