@@ -55,6 +55,13 @@ def shape(name: str, x: Tensor, expected: Sequence[int], shape_doc: str, note: s
         raise ValueError(f"{name} must be {shape_doc} = {tuple(expected)}{note}, got {tuple(x.shape)}")
 
 
+def leading(name: str, x: Tensor, lead: Sequence[int], shape_doc: str) -> None:
+    """``x`` of shape ``[*lead, ...]``, documented as ``shape_doc`` (e.g. "[B, T, ...]") in the error."""
+    if tuple(x.shape[:len(lead)]) != tuple(lead):
+        raise ValueError(f"{name} must be {shape_doc} = [{', '.join(map(str, lead))}, ...], got shape "
+                         f"{tuple(x.shape)}")
+
+
 def same_shape(name: str, x: Tensor, shape: torch.Size, like: str, shape_doc: str = "") -> None:
     """``x`` exactly of ``shape``, the shape of the argument ``like`` names in the possessive ("rewards'")."""
     if x.shape != shape:

@@ -129,8 +129,7 @@ class PaddedBatch:
         """
         hidden = _checks.tensor("hidden", hidden)
         B, T = self.input_ids.shape
-        if hidden.ndim < 2 or tuple(hidden.shape[:2]) != (B, T):
-            raise ValueError(f"hidden must be [B, P + C, ...] = [{B}, {T}, ...], got shape {tuple(hidden.shape)}")
+        _checks.leading("hidden", hidden, (B, T), "[B, P + C, ...]")
         if hidden.device != self.input_ids.device:
             raise ValueError(f"hidden is on {hidden.device}, the batch on {self.input_ids.device}")
         P = self.prompt_length

@@ -362,9 +362,7 @@ class SharedPrefixBatch:
         states) into one list per prompt (per tree for :meth:`pack_tree`: its scored segments) of ``[S_c, ...]``
         views, padding dropped."""
         values = _checks.tensor("values", values)
-        if values.ndim < 2 or tuple(values.shape[:2]) != tuple(self.mask.shape):
-            raise ValueError(f"values must be [C, S_max, ...] = {list(self.mask.shape)} + [...], got shape "
-                             f"{tuple(values.shape)}")
+        _checks.leading("values", values, self.mask.shape, "[C, S_max, ...]")
         out, c = [], 0
         for lengths in self.completion_lengths:
             out.append([values[c + i, :n] for i, n in enumerate(lengths)])

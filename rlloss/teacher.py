@@ -111,8 +111,8 @@ class TeacherInputs(_TeacherRows):
         with :attr:`targets` to :func:`rlloss.token_logprobs`."""
         hidden = _checks.tensor("hidden", hidden)
         R, L = self.input_ids.shape
-        if hidden.ndim != 3 or hidden.shape[:2] != (R, L):
-            raise ValueError(f"hidden must be [R, L, D] = [{R}, {L}, D], got {tuple(hidden.shape)}")
+        _checks.ndim("hidden", hidden, 3, "[R, L, D]")
+        _checks.leading("hidden", hidden, (R, L), "[R, L, D]")
         index = self.logprob_positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2])
         return hidden.gather(1, index)
 
