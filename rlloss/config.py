@@ -314,8 +314,7 @@ class LossConfig:
         exp(−k1) … (lower, upper > 0); the others bound the divergence from above (lower None)."""
         if self.rollout_rs is None:
             return ()
-        if not isinstance(self.rollout_rs, str):
-            raise TypeError(f"LossConfig.rollout_rs must be a str, got {type(self.rollout_rs).__name__}")
+        _checks.instance("LossConfig.rollout_rs", self.rollout_rs, str, "a str")
         options = list(dict.fromkeys(o.strip() for o in self.rollout_rs.split(",") if o.strip()))
         if not options:
             raise ValueError(f"LossConfig.rollout_rs must name at least one option, got {self.rollout_rs!r}")
@@ -394,8 +393,7 @@ class LossConfig:
         "verl_gspo", "verl_cispo", "verl_sapo", "verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "verl_dppo_tv",
         "verl_dppo_kl", "verl_dro" (needs ``dro_beta=``).
         """
-        if not isinstance(name, str):
-            raise TypeError(f"preset name must be a str, got {type(name).__name__}")
+        _checks.instance("preset name", name, str, "a str")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}

@@ -25,8 +25,7 @@ PACKING_MIN_TOKEN_RATIO = 1.25
 
 
 def _token_ids(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a 1-D torch.Tensor of token ids, got {type(x).__name__}")
+    _checks.instance(name, x, Tensor, "a 1-D torch.Tensor of token ids")
     if x.ndim != 1:
         raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(x.shape)}")
     if x.dtype != torch.int64:

@@ -183,8 +183,7 @@ def _token_list(name: str, values: object, length: int, *, optional: bool = Fals
 
 def _ids(name: str, x: object, alternative: str = "") -> Tensor:
     """The host copy of a 1-D int64 tensor of token ids, each >= 0 (they index an embedding)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a 1-D int64 tensor{alternative}, got {type(x).__name__}")
+    _checks.instance(name, x, Tensor, f"a 1-D int64 tensor{alternative}")
     if x.dtype != torch.int64 or x.ndim != 1:
         raise TypeError(f"{name} must be a 1-D int64 tensor, got {_checks.dtype_name(x.dtype)} of shape "
                         f"{tuple(x.shape)}")
