@@ -95,8 +95,8 @@ def number(name: str, value: object, kind: str = "a number", finite: bool = Fals
     return float(value)
 
 
-def positive_finite(name: str, value: float) -> float:
-    value = number(name, value, "a float")
+def positive_finite(name: str, value: float, kind: str = "a float") -> float:
+    value = number(name, value, kind)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
