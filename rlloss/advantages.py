@@ -64,17 +64,10 @@ def _check_finite(name: str, x: Tensor) -> None:
 
 
 def _check_group_size(group_size: object, B: int) -> int:
-    group_size = _checks.integer("group_size", group_size)
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    group_size = _checks.integer("group_size", group_size, minimum=1)
     if B % group_size:
         raise ValueError(f"rewards' length B = {B} must be a multiple of group_size = {group_size}")
     return group_size
-
-
-def _check_integer_dtype(name: str, x: Tensor) -> None:
-    if x.dtype == torch.bool or x.dtype.is_floating_point or x.is_complex():
-        raise TypeError(f"{name} must hold integers, got dtype {str(x.dtype).replace('torch.', '')}")
 
 
 def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -> Tensor:
@@ -84,14 +77,14 @@ def _check_group_sizes(group_sizes: object, B: int, check_inputs: bool = True) -
     tensor) only with check_inputs; without, it stays where it is, checked for dtype and rank only.
     """
     if isinstance(group_sizes, Tensor):
-        _check_integer_dtype("group_sizes", group_sizes)
+        _checks.integer_dtype("group_sizes", group_sizes)
         _checks.ndim("group_sizes", group_sizes, 1, "[num_groups]")
         if group_sizes.numel() == 0 and B > 0:
             raise ValueError(f"group_sizes must sum to rewards' length B = {B}, got no groups")
         if not check_inputs:
             return group_sizes.detach().to(torch.int64)
         sizes = group_sizes.detach().to("cpu", torch.int64)
-    elif isinstance(group_sizes, Sequence) and not isinstance(group_sizes, (str, bytes)):
+    elif _checks.is_list(group_sizes):
         for s in group_sizes:
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"group_sizes must hold ints, got an element of type {type(s).__name__}")
@@ -123,7 +116,7 @@ def check_grouping(rewards: Tensor, group_size: object, group_sizes: object, gro
     B = rewards.shape[0]
     if group_ids is not None:  # any integer values, in any order
         group_ids = _checks.tensor("group_ids", group_ids)
-        _check_integer_dtype("group_ids", group_ids)
+        _checks.integer_dtype("group_ids", group_ids)
         _per_completion("group_ids", group_ids, rewards)
         return None, None, group_ids.detach()
     if group_size is not None:
@@ -133,25 +126,17 @@ def check_grouping(rewards: Tensor, group_size: object, group_sizes: object, gro
     return None, None, None
 
 
-def _check_mode(mode: object) -> str:
-    if not isinstance(mode, str) or mode not in ALL_MODES:
-        raise ValueError(f"mode must be one of {ALL_MODES}, got {mode!r}")
-    return mode
-
-
 def _check_eps(eps: object, mode: str) -> float:
     if eps is None:
         return default_eps(mode)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = _checks.number("eps", eps, "a float")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    return float(eps)
+    return eps
 
 
 def _check_singleton(singleton: object, mode: str) -> None:
-    if not isinstance(singleton, str) or singleton not in SINGLETON_RULES:
-        raise ValueError(f"singleton must be one of {SINGLETON_RULES}, got {singleton!r}")
+    _checks.choice("singleton", singleton, SINGLETON_RULES)
     if singleton == "verl" and mode not in _VERL_SINGLETON_MODES:
         raise ValueError(
             f"singleton='verl' applies to the modes where verl gives a group of one mean 0 and std 1, "
@@ -169,8 +154,7 @@ def _check_response_lengths(lengths: object, mode: str, rewards: Tensor, check_i
             f"mode={mode!r} needs response_lengths: [B] token counts of the completions (mask.sum(-1))")
     lengths = _checks.tensor("response_lengths", lengths)
     if lengths.dtype == torch.bool or lengths.is_complex():
-        raise TypeError(f"response_lengths must hold integers or floats, got dtype "
-                        f"{str(lengths.dtype).replace('torch.', '')}")
+        raise TypeError(f"response_lengths must hold integers or floats, got dtype {_checks.dtype_name(lengths.dtype)}")
     _per_completion("response_lengths", lengths, rewards)
     if check_inputs:
         if lengths.dtype.is_floating_point:
@@ -196,8 +180,7 @@ def _check_baselines(baselines: object, mode: str, rewards: Tensor, check_inputs
 
 
 def _per_completion(name: str, x: Tensor, rewards: Tensor) -> None:
-    if x.shape != rewards.shape:
-        raise ValueError(f"{name} must have rewards' shape {tuple(rewards.shape)} ([B]), got {tuple(x.shape)}")
+    _checks.same_shape(name, x, rewards.shape, "rewards'", "[B]")
     _checks.same_device(rewards=rewards, **{name: x})
 
 
@@ -488,7 +471,7 @@ def group_advantages(
     """
     _checks.boolean("check_inputs", check_inputs)
     rewards = _check_rewards(rewards, check_inputs).detach()
-    mode = _check_mode(mode)
+    mode = _checks.choice("mode", mode, ALL_MODES)
     grouped = mode not in _UNGROUPED_MODES
     group_size, sizes, group_ids = check_grouping(rewards, group_size, group_sizes, group_ids, grouped, check_inputs)
     sizes_on_host = sizes is not None and sizes.device.type == "cpu" and (

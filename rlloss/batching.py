@@ -12,8 +12,6 @@ from torch import Tensor
 
 from . import _checks
 
-IGNORE_INDEX = -100
-
 __all__ = ["PaddedBatch"]
 
 
@@ -21,18 +19,17 @@ def _ids(name: str, x: object) -> Tensor:
     x = _checks.tensor(name, x)
     _checks.ndim(name, x, 2, "[B, length]")
     if x.dtype != torch.int64:
-        raise TypeError(f"{name} must be int64 token ids, got dtype {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must be int64 token ids, got dtype {_checks.dtype_name(x.dtype)}")
     return x
 
 
 def _mask(name: str, x: object, ids_name: str, ids: Tensor) -> Tensor:
     x = _checks.tensor(name, x)
-    if x.shape != ids.shape:
-        raise ValueError(f"{name} must have {ids_name}'s shape {tuple(ids.shape)}, got {tuple(x.shape)}")
+    _checks.same_shape(name, x, ids.shape, f"{ids_name}'s")
     if x.dtype == torch.bool:
         return x
     if x.is_floating_point() or x.is_complex():
-        raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got dtype {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got dtype {_checks.dtype_name(x.dtype)}")
     if bool(((x != 0) & (x != 1)).any()):  # one host sync
         raise ValueError(f"{name} must hold only 0 and 1, got values {sorted(set(x.unique().tolist()))[:6]}")
     return x.bool()
@@ -101,7 +98,7 @@ class PaddedBatch:
                              f"TRL pads them); rows {rows[:8]} end in padding")
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        targets = completion_ids.masked_fill(~completion_mask, IGNORE_INDEX)
+        targets = completion_ids.masked_fill(~completion_mask, _checks.IGNORE_INDEX)
         return cls(input_ids=torch.cat([prompt_ids, completion_ids], dim=1), attention_mask=attention_mask,
                    position_ids=position_ids, targets=targets, mask=completion_mask,
                    prompt_length=prompt_ids.shape[1])
@@ -132,8 +129,7 @@ class PaddedBatch:
         """
         hidden = _checks.tensor("hidden", hidden)
         B, T = self.input_ids.shape
-        if hidden.ndim < 2 or tuple(hidden.shape[:2]) != (B, T):
-            raise ValueError(f"hidden must be [B, P + C, ...] = [{B}, {T}, ...], got shape {tuple(hidden.shape)}")
+        _checks.leading("hidden", hidden, (B, T), "[B, P + C, ...]")
         if hidden.device != self.input_ids.device:
             raise ValueError(f"hidden is on {hidden.device}, the batch on {self.input_ids.device}")
         P = self.prompt_length

@@ -53,16 +53,11 @@ VERL_GSPO_LOG_RATIO_MAX = 10.0
 
 
 def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"LossConfig.{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"LossConfig.{name} must be finite, got {value}")
-    return float(value)
+    return _checks.number(f"LossConfig.{name}", value, finite=True)
 
 
 def _choice(name: str, value: object, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"LossConfig.{name} must be one of {allowed}, got {value!r}")
+    _checks.choice(f"LossConfig.{name}", value, allowed)
 
 
 # The numeric fields: (names, the test each passes, the range the error states); each must be a finite number, and
@@ -231,8 +226,7 @@ class LossConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         for name in ("kl_aggregation", "entropy_aggregation"):
             _choice(name, getattr(self, name), (None,) + TERM_AGGREGATIONS)
-        if _checks.integer("LossConfig.dp_size", self.dp_size) < 1:
-            raise ValueError(f"LossConfig.dp_size must be >= 1, got {self.dp_size}")
+        _checks.integer("LossConfig.dp_size", self.dp_size, minimum=1)
         _choice("rollout_correction", self.rollout_correction, (None,) + ROLLOUT_CORRECTIONS)
         for name in ("kl_ratio_weighted", "kl_clamp", "rollout_is_batch_normalize"):
             _checks.boolean(f"LossConfig.{name}", getattr(self, name))
@@ -320,8 +314,7 @@ class LossConfig:
         exp(−k1) … (lower, upper > 0); the others bound the divergence from above (lower None)."""
         if self.rollout_rs is None:
             return ()
-        if not isinstance(self.rollout_rs, str):
-            raise TypeError(f"LossConfig.rollout_rs must be a str, got {type(self.rollout_rs).__name__}")
+        _checks.instance("LossConfig.rollout_rs", self.rollout_rs, str, "a str")
         options = list(dict.fromkeys(o.strip() for o in self.rollout_rs.split(",") if o.strip()))
         if not options:
             raise ValueError(f"LossConfig.rollout_rs must name at least one option, got {self.rollout_rs!r}")
@@ -330,7 +323,7 @@ class LossConfig:
         spec = self.rollout_rs_threshold
         if spec is None:
             raise ValueError(f"LossConfig.rollout_rs_threshold is required when rollout_rs={self.rollout_rs!r}")
-        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        if not (_checks.is_number(spec) or isinstance(spec, str)):
             raise TypeError(f"LossConfig.rollout_rs_threshold must be a number or a str, got {type(spec).__name__}")
         parts = [str(spec)] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
         if len(parts) not in (1, len(options)):
@@ -400,8 +393,7 @@ class LossConfig:
         "verl_gspo", "verl_cispo", "verl_sapo", "verl_geo_mean", "verl_clip_cov", "verl_kl_cov", "verl_dppo_tv",
         "verl_dppo_kl", "verl_dro" (needs ``dro_beta=``).
         """
-        if not isinstance(name, str):
-            raise TypeError(f"preset name must be a str, got {type(name).__name__}")
+        _checks.instance("preset name", name, str, "a str")
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}

@@ -41,14 +41,8 @@ def credit_advantage(adv: Tensor, delta: Tensor, lam: float, eps_w: float) -> Te
 def check_credit_params(credit_lambda: object, credit_eps_w: object, where: str = "") -> Tuple[float, float]:
     """λ ∈ [0, 1] and ε_w ∈ [0, 1) as floats (so the multiplier stays in [1 − λε_w, 1 + λε_w] ⊂ (0, 2)): the one
     check of both, for :func:`contrastive_credit` and ``LossConfig`` (``where="LossConfig."`` prefixes the names)."""
-    values = []
-    for name, value in (("credit_lambda", credit_lambda), ("credit_eps_w", credit_eps_w)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}{name} must be a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{where}{name} must be finite, got {value}")
-        values.append(float(value))
-    credit_lambda, credit_eps_w = values
+    credit_lambda = _checks.number(f"{where}credit_lambda", credit_lambda, finite=True)
+    credit_eps_w = _checks.number(f"{where}credit_eps_w", credit_eps_w, finite=True)
     if not 0.0 <= credit_lambda <= 1.0:
         raise ValueError(f"{where}credit_lambda must lie in [0, 1], got {credit_lambda}")
     if not 0.0 <= credit_eps_w < 1.0:
@@ -59,9 +53,7 @@ def check_credit_params(credit_lambda: object, credit_eps_w: object, where: str 
 def check_credit_mode(credit: object, where: str = "") -> str:
     """``credit`` one of CREDIT_MODES ("cepo", "rlsd"): for :func:`contrastive_credit`, the teacher builder and
     ``LossConfig`` (whose None, no credit, it checks itself)."""
-    if credit not in CREDIT_MODES:
-        raise ValueError(f"{where}credit must be one of {CREDIT_MODES}, got {credit!r}")
-    return credit
+    return _checks.choice(f"{where}credit", credit, CREDIT_MODES)
 
 
 # --- contrastive_credit -----------------------------------------------------------------------------------
@@ -118,11 +110,7 @@ def contrastive_credit(
     _checks.ndim("mask", mask, 2, "[B, T]")
     shape = mask.shape
     mask = _checks.mask(mask, shape)
-    advantages = _checks.tensor("advantages", advantages)
-    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
-    if advantages.shape != shape[:1] and advantages.shape != shape:
-        raise ValueError(f"advantages must be [B] = ({shape[0]},) or [B, T] = {tuple(shape)}, "
-                         f"got {tuple(advantages.shape)}")
+    advantages = _checks.advantages(advantages, shape)
     pos_logprobs = _checks.float_like("pos_logprobs", pos_logprobs, shape, "mask")
     if mode == "cepo":
         if neg_logprobs is None:
@@ -199,19 +187,13 @@ class LinearDecay:
     steps: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.start, bool) or not isinstance(self.start, (int, float)):
-            raise TypeError(f"LinearDecay.start must be a number, got {type(self.start).__name__}")
-        if not (math.isfinite(self.start) and 0.0 <= self.start <= 1.0):
+        if not (math.isfinite(_checks.number("LinearDecay.start", self.start)) and 0.0 <= self.start <= 1.0):
             raise ValueError(f"LinearDecay.start must lie in [0, 1], got {self.start}")
-        _checks.integer("LinearDecay.steps", self.steps)
-        if self.steps < 0:
-            raise ValueError(f"LinearDecay.steps must be >= 0, got {self.steps}")
+        _checks.integer("LinearDecay.steps", self.steps, minimum=0)
 
     def __call__(self, step: int) -> float:
         """λ at optimizer step ``step`` (an int ≥ 0): start·(1 − step/steps) before ``steps``, then 0."""
-        _checks.integer("step", step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        _checks.integer("step", step, minimum=0)
         if step >= self.steps:
             return 0.0
         return float(self.start) * (1.0 - step / self.steps)

@@ -85,9 +85,7 @@ def d3s_sample_mask(advantages: Tensor, keep: int, *, group_size: Optional[int] 
         [B] bool, True for the kept completions.
     """
     advantages = _checks.floating("advantages", advantages)
-    keep = _checks.integer("keep", keep)
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
+    keep = _checks.integer("keep", keep, minimum=1)
     index = _group_index(advantages, group_size, group_sizes, group_ids).cpu()
     values = advantages.detach().double().cpu()
     out = torch.zeros(values.shape, dtype=torch.bool)
@@ -120,12 +118,8 @@ def discounted_returns(rewards: Tensor, trajectory_ids: Tensor, gamma: float) ->
     """
     rewards = _checks.floating("rewards", rewards)
     trajectory_ids = _checks.tensor("trajectory_ids", trajectory_ids)
-    if trajectory_ids.shape != rewards.shape:
-        raise ValueError(f"trajectory_ids must have rewards' shape {tuple(rewards.shape)}, got "
-                         f"{tuple(trajectory_ids.shape)}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a float, got {type(gamma).__name__}")
-    if not 0.0 <= gamma <= 1.0:
+    _checks.same_shape("trajectory_ids", trajectory_ids, rewards.shape, "rewards'")
+    if not 0.0 <= _checks.number("gamma", gamma, "a float") <= 1.0:
         raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
     r = rewards.detach().double().cpu().tolist()
     ids = trajectory_ids.cpu().tolist()
@@ -159,9 +153,7 @@ def gigpo_advantages(episode_rewards: Tensor, step_returns: Tensor, episode_ids:
     """
     episode_ids = _checks.tensor("episode_ids", episode_ids)
     anchor_ids = _checks.tensor("anchor_ids", anchor_ids)
-    if anchor_ids.shape != episode_ids.shape:
-        raise ValueError(f"anchor_ids must have episode_ids' shape {tuple(episode_ids.shape)}, got "
-                         f"{tuple(anchor_ids.shape)}")
+    _checks.same_shape("anchor_ids", anchor_ids, episode_ids.shape, "episode_ids'")
     mode = "grpo" if normalize_std else "no_std"
     episode = group_advantages(episode_rewards, group_ids=episode_ids, mode=mode, eps=eps, singleton="verl")
     # The anchor-state groups: one per distinct (episode group, anchor state) pair.
@@ -193,8 +185,7 @@ def pairwise_advantages(rewards: Tensor, pair_weights: Optional[Tensor] = None, 
     w = torch.ones_like(same, dtype=torch.float64)
     if pair_weights is not None:
         pair_weights = _checks.floating("pair_weights", pair_weights)
-        if pair_weights.shape != same.shape:
-            raise ValueError(f"pair_weights must be [B, B] = {tuple(same.shape)}, got {tuple(pair_weights.shape)}")
+        _checks.shape("pair_weights", pair_weights, same.shape, "[B, B]")
         w = pair_weights.detach().double()
     gaps = torch.where(same, w * (r[:, None] - r[None, :]), torch.zeros((), dtype=torch.float64, device=r.device))
     return gaps.sum(1) / same.sum(1).clamp(min=1).double()

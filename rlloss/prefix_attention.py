@@ -80,7 +80,7 @@ class SharedPrefixLayout:
         """``values`` as a tuple of ints: a list or tuple of ints (NumPy or 0-d integer tensor scalars too), or a
         1-D integer tensor or NumPy array; never a float rounded to an int. Each ≥ ``minimum`` when given."""
         array = hasattr(values, "tolist") and hasattr(values, "ndim")  # a tensor or a NumPy array
-        if isinstance(values, (str, bytes)) or not (array or isinstance(values, Sequence)):
+        if not (array or _checks.is_list(values)):
             raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
         if array:
             if values.ndim != 1:
@@ -145,7 +145,7 @@ class SharedPrefixLayout:
         """
         at_least_one = "every prompt needs at least one token"
         prompt_lengths = cls._ints("prompt_lengths", prompt_lengths, minimum=1, why=at_least_one)
-        if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence):
+        if not _checks.is_list(completion_lengths):
             raise TypeError(f"completion_lengths must be a sequence of sequences of ints, got "
                             f"{type(completion_lengths).__name__}")
         if len(prompt_lengths) != len(completion_lengths):
@@ -181,12 +181,6 @@ class SharedPrefixLayout:
         if not 0 <= _checks.integer("segment", segment) < self.num_segments:
             raise ValueError(f"segment must lie in [0, {self.num_segments}), got {segment}")
         return segment
-
-    @staticmethod
-    def _positive(name: str, value: object) -> int:
-        if _checks.integer(name, value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-        return value
 
     def ancestors(self, segment: int) -> List[int]:
         """Ancestors of ``segment``, root first."""
@@ -235,7 +229,8 @@ class SharedPrefixLayout:
 
     def attention_flops(self, head_dim: int, num_heads: int) -> int:
         """Forward FLOPs of the visible (query, key) pairs: 4·d·H per pair (QKᵀ and PV)."""
-        head_dim, num_heads = self._positive("head_dim", head_dim), self._positive("num_heads", num_heads)
+        head_dim = _checks.integer("head_dim", head_dim, minimum=1)
+        num_heads = _checks.integer("num_heads", num_heads, minimum=1)
         pairs = sum(n * a + n * (n + 1) // 2 for a, n in zip(self._context_lengths(), self.lengths))
         return 4 * head_dim * num_heads * pairs
 
@@ -249,7 +244,7 @@ class SharedPrefixLayout:
         ``query_block_order`` / ``key_block_order`` [num_blocks], the blocks heaviest first by the keys a query
         block sees / the queries that see a key block (docs/api/shared_prefix_attention.md, "Kernel design").
         """
-        key = (self._positive("block", block), str(self.device))
+        key = (_checks.integer("block", block, minimum=1), str(self.device))
         if key not in self._cache:
             ancestors = [self.ancestors(s) for s in range(self.num_segments)]
             context = self._context_lengths()
@@ -289,7 +284,7 @@ class SharedPrefixLayout:
         whose entry b is where the b-token blocks start in the orders; ``num_blocks``, a dict {b: number of
         b-token blocks} of host ints (the launch grid).
         """
-        sizes = tuple(sorted({self._positive("block", b) for b in blocks}))
+        sizes = tuple(sorted({_checks.integer("block", b, minimum=1) for b in blocks}))
         key = ("kernel", sizes, str(self.device))
         if key not in self._cache:
             parts = [self.tables(b) for b in sizes]
@@ -640,8 +635,7 @@ def shared_prefix_attention(
         [T, Hq, d] in q's dtype, differentiable w.r.t. q, k and v.
     """
     q, k, v = (_checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-    if not isinstance(layout, SharedPrefixLayout):
-        raise TypeError(f"layout must be a rlloss.SharedPrefixLayout, got {type(layout).__name__}")
+    _checks.instance("layout", layout, SharedPrefixLayout, "a rlloss.SharedPrefixLayout")
     for n, x, shape in (("q", q, "[T, Hq, d]"), ("k", k, "[T, Hkv, d]"), ("v", v, "[T, Hkv, d]")):
         _checks.ndim(n, x, 3, shape)
     T, Hq, d = q.shape

@@ -20,19 +20,16 @@ from .prefix_attention import SharedPrefixLayout
 
 __all__ = ["SharedPrefixBatch"]
 
-# Target id of the padding in ``SharedPrefixBatch.targets``: ignored by token_logprobs and cross-entropy.
-IGNORE_INDEX = -100
 # SharedPrefixBatch.packing_pays's default: below this token ratio the packed run was no faster on CPU.
 PACKING_MIN_TOKEN_RATIO = 1.25
 
 
 def _token_ids(name: str, x: object) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a 1-D torch.Tensor of token ids, got {type(x).__name__}")
+    _checks.instance(name, x, Tensor, "a 1-D torch.Tensor of token ids")
     if x.ndim != 1:
         raise ValueError(f"{name} must be a 1-D tensor of token ids, got shape {tuple(x.shape)}")
     if x.dtype != torch.int64:
-        raise TypeError(f"{name} must have dtype int64, got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must have dtype int64, got {_checks.dtype_name(x.dtype)}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty; every prompt and completion needs at least one token")
     return x
@@ -44,10 +41,7 @@ def _no_negative_ids(names: Sequence[str], pieces: Sequence[Tensor], joined: Ten
     if not bool((joined < 0).any()):
         return
     for name, x in zip(names, pieces):
-        negative = x < 0
-        if bool(negative.any()):
-            raise ValueError(f"{name} must hold token ids >= 0 (no padding or ignore_index values), got "
-                             f"{int(x[negative][0])} at position {int(negative.nonzero()[0, 0])}")
+        _checks.token_ids(name, x)
 
 
 def _sequence(name: str, x: object) -> Sequence:
@@ -150,8 +144,7 @@ class SharedPrefixBatch:
         :meth:`SharedPrefixLayout.from_groups`. That ratio is the ideal speed-up of every token-wise layer; the
         default 1.25 was measured (docs/api/shared_prefix_batch.md, "When packing pays")."""
         prompts = SharedPrefixLayout._ints("prompt_lengths", prompt_lengths, minimum=1, why="≥ 1 token")
-        if isinstance(completion_lengths, (str, bytes, Tensor)) or not isinstance(completion_lengths, Sequence) \
-                or len(completion_lengths) != len(prompts) or not prompts:
+        if not _checks.is_list(completion_lengths) or len(completion_lengths) != len(prompts) or not prompts:
             raise ValueError("completion_lengths must hold one list of lengths per prompt (and there must be at "
                              "least one prompt)")
         groups = [SharedPrefixLayout._ints(f"completion_lengths[{g}]", c, minimum=1, why="≥ 1 token")
@@ -194,7 +187,7 @@ class SharedPrefixBatch:
                            inner_rows=predictor.flatten()[valid], first_slots=empty, group_slots=empty,
                            parent_last=empty, max_group=1)
         targets = input_ids.flatten().index_select(0, token.flatten().to(device)).view(token.shape)
-        targets = targets.masked_fill(~mask.to(device), IGNORE_INDEX)
+        targets = targets.masked_fill(~mask.to(device), _checks.IGNORE_INDEX)
         return cls(input_ids=input_ids, position_ids=position_ids.to(device), layout=None,
                    prompt_lengths=tuple(prompt_lengths), completion_lengths=tuple(completion_lengths),
                    predictor_index=predictor.to(device), token_index=token.to(device), targets=targets,
@@ -236,14 +229,12 @@ class SharedPrefixBatch:
             raise ValueError(f"parents must hold one entry per segment: {len(pieces)} segments, got {len(parents)}")
         if scored is None:
             scored = [p != -1 for p in parents]
-        elif isinstance(scored, (str, bytes, Tensor)) or not isinstance(scored, Sequence):
+        elif not _checks.is_list(scored):
             raise TypeError(f"scored must be a list of bools, got {type(scored).__name__}")
         elif len(scored) != len(pieces):
             raise ValueError(f"scored must hold one entry per segment: {len(pieces)} segments, got {len(scored)}")
         for i, flag in enumerate(scored):
-            if not isinstance(flag, bool):
-                raise TypeError(f"scored[{i}] must be a bool, got {type(flag).__name__} {flag!r}")
-            if flag and parents[i] == -1:
+            if _checks.boolean(f"scored[{i}]", flag) and parents[i] == -1:
                 raise ValueError(f"scored[{i}] is True but segment {i} is a root (parents[{i}] = -1): nothing "
                                  "predicts its first token; put the context it follows in a parent segment")
         if not any(scored):
@@ -277,7 +268,7 @@ class SharedPrefixBatch:
             root_of.append(s if p == -1 else root_of[p])
         predictor, token, mask, plan = _gather_tables(layout, rows, width)
         predictor, token, mask, plan = predictor.to(device), token.to(device), mask.to(device), plan.to(device)
-        targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, IGNORE_INDEX)
+        targets = input_ids.index_select(0, token.flatten()).view(token.shape).masked_fill(~mask, _checks.IGNORE_INDEX)
         return cls(input_ids=input_ids[None], position_ids=layout.position_ids()[None], layout=layout,
                    prompt_lengths=tuple(lengths[r] for r in roots),
                    completion_lengths=tuple(tuple(lengths[s] for s in rows if s is not None and root_of[s] == r)
@@ -369,11 +360,8 @@ class SharedPrefixBatch:
         """Split per-completion results ``[C, S_max, ...]`` (e.g. per-token log-probs of the gathered hidden
         states) into one list per prompt (per tree for :meth:`pack_tree`: its scored segments) of ``[S_c, ...]``
         views, padding dropped."""
-        if not isinstance(values, Tensor):
-            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
-        if values.ndim < 2 or tuple(values.shape[:2]) != tuple(self.mask.shape):
-            raise ValueError(f"values must be [C, S_max, ...] = {list(self.mask.shape)} + [...], got shape "
-                             f"{tuple(values.shape)}")
+        values = _checks.tensor("values", values)
+        _checks.leading("values", values, self.mask.shape, "[C, S_max, ...]")
         out, c = [], 0
         for lengths in self.completion_lengths:
             out.append([values[c + i, :n] for i, n in enumerate(lengths)])
@@ -385,8 +373,7 @@ def gather_predictors(hidden: Tensor, plan: "_GatherPlan", shape: Tuple[int, ...
                       hint: str) -> Tensor:
     """``hidden`` [1, T, ...] or [T, ...] of a packed stream → [*shape, ...], the rows ``plan`` names (see
     :meth:`SharedPrefixBatch.gather_hidden`); ``hint`` says how to move the index tables to another device."""
-    if not isinstance(hidden, Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    hidden = _checks.tensor("hidden", hidden)
     T = total_tokens
     if hidden.ndim >= 2 and hidden.shape[0] == 1 and hidden.shape[1] == T:
         hidden = hidden[0]

@@ -57,9 +57,7 @@ class _TeacherRows:
         logprobs = _checks.tensor("logprobs", logprobs)
         R, T = self.targets.shape
         B = self.skipped.shape[0]
-        if logprobs.shape != (R, T):
-            raise ValueError(f"logprobs must be [R, T] = [{R}, {T}] (one row per teacher context), "
-                             f"got {tuple(logprobs.shape)}")
+        _checks.shape("logprobs", logprobs, (R, T), "[R, T]", " (one row per teacher context)")
         device = logprobs.device
         rollout, positive = self.rollout.to(device), self.positive.to(device)
         pos = torch.zeros((B, T), dtype=logprobs.dtype, device=device)
@@ -72,8 +70,7 @@ class _TeacherRows:
                 raise ValueError(f"rollouts {rows[:8]} use RLSD (no wrong answer in their group, or credit='rlsd'): "
                                  "pass base_logprobs=[B, T] policy log-probs for their ℓ⁻")
             base_logprobs = _checks.tensor("base_logprobs", base_logprobs)
-            if base_logprobs.shape != (B, T):
-                raise ValueError(f"base_logprobs must be [B, T] = [{B}, {T}], got {tuple(base_logprobs.shape)}")
+            _checks.shape("base_logprobs", base_logprobs, (B, T), "[B, T]")
             rlsd = self.rlsd.to(device)
             neg[rlsd] = base_logprobs.detach().to(device=device, dtype=logprobs.dtype)[rlsd]
         return pos, neg
@@ -114,8 +111,8 @@ class TeacherInputs(_TeacherRows):
         with :attr:`targets` to :func:`rlloss.token_logprobs`."""
         hidden = _checks.tensor("hidden", hidden)
         R, L = self.input_ids.shape
-        if hidden.ndim != 3 or hidden.shape[:2] != (R, L):
-            raise ValueError(f"hidden must be [R, L, D] = [{R}, {L}, D], got {tuple(hidden.shape)}")
+        _checks.ndim("hidden", hidden, 3, "[R, L, D]")
+        _checks.leading("hidden", hidden, (R, L), "[R, L, D]")
         index = self.logprob_positions.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[2])
         return hidden.gather(1, index)
 
@@ -176,7 +173,7 @@ class PackedTeacherInputs(_TeacherRows):
 
 def _token_list(name: str, values: object, length: int, *, optional: bool = False) -> List[Optional[Tensor]]:
     """A list of ``length`` 1-D int64 tensors (None entries allowed when ``optional``)."""
-    if isinstance(values, Tensor) or not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+    if not _checks.is_list(values):
         raise TypeError(f"{name} must be a list of 1-D int64 tensors, got {type(values).__name__}")
     if len(values) != length:
         raise ValueError(f"{name} must have {length} entries, got {len(values)}")
@@ -186,15 +183,12 @@ def _token_list(name: str, values: object, length: int, *, optional: bool = Fals
 
 def _ids(name: str, x: object, alternative: str = "") -> Tensor:
     """The host copy of a 1-D int64 tensor of token ids, each >= 0 (they index an embedding)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a 1-D int64 tensor{alternative}, got {type(x).__name__}")
+    _checks.instance(name, x, Tensor, f"a 1-D int64 tensor{alternative}")
     if x.dtype != torch.int64 or x.ndim != 1:
-        raise TypeError(f"{name} must be a 1-D int64 tensor, got {str(x.dtype).replace('torch.', '')} of shape "
+        raise TypeError(f"{name} must be a 1-D int64 tensor, got {_checks.dtype_name(x.dtype)} of shape "
                         f"{tuple(x.shape)}")
     x = x.detach().cpu()
-    if x.numel() and bool((x < 0).any()):
-        position = int((x < 0).nonzero()[0, 0])
-        raise ValueError(f"{name} must hold token ids >= 0, got {int(x[position])} at position {position}")
+    _checks.token_ids(name, x)
     return x
 
 
@@ -267,13 +261,11 @@ def build_teacher_inputs(
     """
     _checks.boolean("packed", packed)
     mode = check_credit_mode(credit)
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    _checks.choice("fallback", fallback, FALLBACKS)
     from .advantages import _check_group_sizes, _check_rewards
 
     if not isinstance(rewards, Tensor):
-        if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)) or not all(
-                isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+        if not _checks.is_list(rewards) or not all(_checks.is_number(r) for r in rewards):
             raise TypeError(f"rewards must be a [B] float tensor or a list of numbers, got {type(rewards).__name__}")
         rewards = torch.tensor(list(rewards), dtype=torch.float64)
     rewards = _check_rewards(rewards, True).detach().to("cpu", torch.float64)
@@ -294,10 +286,9 @@ def build_teacher_inputs(
         wrong = [None] * B
     if advantages is not None:
         advantages = _checks.tensor("advantages", advantages)
-        if advantages.shape != (B,):
-            raise ValueError(f"advantages must be [B] = ({B},), got {tuple(advantages.shape)}")
+        _checks.shape("advantages", advantages, (B,), "[B]")
         advantages = advantages.detach().cpu()
-    if isinstance(reject_below, bool) or not isinstance(reject_below, (int, float)) or not math.isfinite(reject_below):
+    if not math.isfinite(_checks.number("reject_below", reject_below, "a finite number")):
         raise TypeError(f"reject_below must be a finite number, got {reject_below!r}")
     prefix, suffix = (torch.zeros(0, dtype=torch.int64) if x is None else _ids(name, x, " or None")
                       for name, x in (("answer_prefix_ids", answer_prefix_ids),

@@ -85,10 +85,8 @@ def _layout_from(kwargs: Dict[str, Any]) -> Optional[SharedPrefixLayout]:
         return None
     if isinstance(layout, SharedPrefixBatch):
         layout = layout.layout
-    if not isinstance(layout, SharedPrefixLayout):
-        raise TypeError(f"{LAYOUT_KWARG}= must be a rlloss.SharedPrefixLayout or SharedPrefixBatch, got "
-                        f"{type(layout).__name__}")
-    return layout
+    return _checks.instance(f"{LAYOUT_KWARG}=", layout, SharedPrefixLayout,
+                            "a rlloss.SharedPrefixLayout or SharedPrefixBatch")
 
 
 def _check_call(module: torch.nn.Module, query: Tensor, key: Tensor, attention_mask: Optional[Tensor],

@@ -17,7 +17,7 @@ import functools
 import math
 import types
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
