@@ -381,30 +381,30 @@ def _bound(x: Optional[float], default: float) -> float:
     return default if x is None else float(x)
 
 
-def kernel_constexprs(*, loss_mode: str, credit: Optional[str], importance_sampling_level: str, kl_estimator: str,
-                      kl_ratio_weighted: bool, kl_clamp: bool, rollout_correction: Optional[str],
-                      per_sequence_mean: bool, write_grad_entropy: bool, has_old: bool, adv_per_token: bool,
-                      has_delta: bool, has_dual: bool, has_ref: bool, has_entropy: bool, has_rollout: bool,
-                      block_t: int) -> dict:
-    """The constexprs of ``_policy_loss_kernel`` for one launch of :func:`policy_loss_rows` (which inputs are
-    given and the options); tests/compile_kernels.py compiles its variants from the same mapping."""
-    token_rollout = rollout_correction in ("token_truncate", "token_mask")
-    seq_rollout = rollout_correction in ("sequence_truncate", "sequence_mask")
+def kernel_constexprs(config, *, has_old: bool, adv_per_token: bool, has_ref: bool, has_entropy: bool,
+                      has_rollout: bool, block_t: int) -> dict:
+    """The constexprs of ``_policy_loss_kernel`` for one launch of :func:`policy_loss_rows` (the config's modes
+    and which inputs are given); tests/compile_kernels.py compiles its variants from the same mapping."""
+    rollout = config.rollout_correction
+    token_rollout = rollout in ("token_truncate", "token_mask")
+    seq_rollout = rollout in ("sequence_truncate", "sequence_mask")
+    per_sequence_mean = config.aggregation == "seq_mean_token_mean"
     return dict(
-        LOSS_MODE=KERNEL_LOSS_MODES.index(loss_mode), CREDIT=_CREDIT.index(credit),
-        IS_LEVEL=IS_LEVELS.index(importance_sampling_level), HAS_OLD=bool(has_old),
-        ADV_PER_TOKEN=bool(adv_per_token), HAS_DELTA=bool(has_delta), HAS_DUAL=bool(has_dual),
-        HAS_REF=bool(has_ref), KL_ESTIMATOR=KERNEL_KL_ESTIMATORS.index(kl_estimator),
-        KL_WEIGHTED=bool(kl_ratio_weighted), KL_CLAMP=bool(kl_clamp), HAS_ENTROPY=bool(has_entropy),
-        WRITE_GRAD_ENT=bool(write_grad_entropy), HAS_ROLLOUT=bool(has_rollout), TOKEN_ROLLOUT=token_rollout,
-        SEQ_ROLLOUT=seq_rollout, TRUNCATE=rollout_correction is not None and rollout_correction.endswith("truncate"),
-        PER_SEQUENCE_MEAN=bool(per_sequence_mean),
-        ROW_PASS=importance_sampling_level != "token" or seq_rollout or bool(per_sequence_mean),
+        LOSS_MODE=KERNEL_LOSS_MODES.index(config.loss_mode), CREDIT=_CREDIT.index(config.credit),
+        IS_LEVEL=IS_LEVELS.index(config.importance_sampling_level), HAS_OLD=bool(has_old),
+        ADV_PER_TOKEN=bool(adv_per_token), HAS_DELTA=config.delta is not None, HAS_DUAL=config.dual_clip is not None,
+        HAS_REF=bool(has_ref), KL_ESTIMATOR=KERNEL_KL_ESTIMATORS.index(config.kl_estimator),
+        KL_WEIGHTED=bool(config.kl_ratio_weighted), KL_CLAMP=bool(config.kl_clamp), HAS_ENTROPY=bool(has_entropy),
+        WRITE_GRAD_ENT=bool(has_entropy) and config.entropy_coef != 0.0, HAS_ROLLOUT=bool(has_rollout),
+        TOKEN_ROLLOUT=token_rollout, SEQ_ROLLOUT=seq_rollout,
+        TRUNCATE=rollout is not None and rollout.endswith("truncate"), PER_SEQUENCE_MEAN=per_sequence_mean,
+        ROW_PASS=config.importance_sampling_level != "token" or seq_rollout or per_sequence_mean,
         N_STATS=NUM_STATS, BLOCK_T=block_t,
     )
 
 
 def policy_loss_rows(
+    config,
     logprobs: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
     advantages: torch.Tensor,
@@ -413,42 +413,23 @@ def policy_loss_rows(
     rollout_logprobs: Optional[torch.Tensor],
     entropy: Optional[torch.Tensor],
     normaliser: torch.Tensor,
-    *,
-    loss_mode: str,
-    importance_sampling_level: str,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: Optional[float],
-    dual_clip: Optional[float],
-    sapo_tau_pos: float,
-    sapo_tau_neg: float,
-    log_ratio_min: Optional[float],
-    log_ratio_max: Optional[float],
-    beta: float,
-    kl_estimator: str,
-    kl_ratio_weighted: bool,
-    kl_clamp: bool,
-    entropy_coef: float,
-    rollout_correction: Optional[str],
-    rollout_threshold_low: Optional[float],
-    rollout_threshold_high: float,
-    per_sequence_mean: bool,
     clip_metric_low: float,
     clip_metric_high: float,
-    write_grad_entropy: bool,
-    credit: Optional[str] = None,
-    credit_lambda: float = 0.0,
-    credit_eps_w: float = 0.0,
     pos_logprobs: Optional[torch.Tensor] = None,
     neg_logprobs: Optional[torch.Tensor] = None,
 ):
     """(stats [B, NUM_STATS], d(loss)/dℓ [B, T], d(loss)/dH [B, T] or None), all float32.
 
-    logprobs, old_logprobs, ref_logprobs, rollout_logprobs, entropy: [B, T] (any float dtype, any row stride;
-    None where absent). advantages: [B] or [B, T]. live: [B, T] bool. normaliser: 1-element tensor holding the
-    aggregation denominator D. credit: None, "cepo" (reads pos_logprobs and neg_logprobs) or "rlsd" (reads
-    pos_logprobs; the base is old_logprobs, or logprobs when that is None). The loss is ``stats[:, 0].sum()``.
+    config: any object with rlloss.LossConfig's attributes (the kernel's modes of kernels/tables.py, one
+    aggregation). logprobs, old_logprobs, ref_logprobs, rollout_logprobs, entropy: [B, T] (any float dtype, any
+    row stride; None where absent). advantages: [B] or [B, T]. live: [B, T] bool. normaliser: 1-element tensor
+    holding the aggregation denominator D. clip_metric_low / high: the ratio bounds of the clip-fraction metrics.
+    ``config.credit``: None, "cepo" (reads pos_logprobs and neg_logprobs) or "rlsd" (reads pos_logprobs; the
+    base is old_logprobs, or logprobs when that is None). d(loss)/dH is written when entropy is given and
+    ``config.entropy_coef`` ≠ 0. The loss is ``stats[:, 0].sum()``.
     """
+    c = config
+    write_grad_entropy = entropy is not None and c.entropy_coef != 0.0
     B, T = logprobs.shape
     device = logprobs.device
     stats = torch.empty((B, NUM_STATS), dtype=torch.float32, device=device)
@@ -459,26 +440,21 @@ def policy_loss_rows(
     logprobs, adv, live_u8 = _row_major(logprobs), _row_major(advantages), _row_major(live).view(torch.uint8)
     old, ref, roll, ent, pos, neg = (logprobs if x is None else _row_major(x) for x in (  # absent: never read
         old_logprobs, ref_logprobs, rollout_logprobs, entropy, pos_logprobs, neg_logprobs))
-    log_w_low, log_w_high = log_weight_bounds(credit_eps_w)
+    log_w_low, log_w_high = log_weight_bounds(c.credit_eps_w)
     norm = normaliser.reshape(1).to(torch.float32)
     block = max(MIN_BLOCK_T, min(triton.next_power_of_2(max(T, 1)), MAX_BLOCK_T))
     _policy_loss_kernel[(B,)](
         logprobs, old, adv, live_u8, ref, roll, ent, pos, neg, grad_logp, grad_ent, stats, norm,
         T, logprobs.stride(0), old.stride(0), adv.stride(0),
         live_u8.stride(0), ref.stride(0), roll.stride(0), ent.stride(0), pos.stride(0), neg.stride(0),
-        float(epsilon_low), float(epsilon_high), _bound(delta, 1.0), _bound(dual_clip, 1.0),
-        float(sapo_tau_pos), float(sapo_tau_neg), _bound(log_ratio_min, -math.inf), _bound(log_ratio_max, math.inf),
-        float(beta), float(entropy_coef), _bound(rollout_threshold_low, 0.0), float(rollout_threshold_high),
-        float(clip_metric_low), float(clip_metric_high), float(credit_lambda), log_w_low, log_w_high,
-        **kernel_constexprs(
-            loss_mode=loss_mode, credit=credit, importance_sampling_level=importance_sampling_level,
-            kl_estimator=kl_estimator, kl_ratio_weighted=kl_ratio_weighted, kl_clamp=kl_clamp,
-            rollout_correction=rollout_correction, per_sequence_mean=per_sequence_mean,
-            write_grad_entropy=write_grad_entropy, has_old=old_logprobs is not None,
-            adv_per_token=advantages.ndim == 2, has_delta=delta is not None, has_dual=dual_clip is not None,
-            has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
-            has_rollout=rollout_logprobs is not None, block_t=block,
-        ),
+        float(c.epsilon_low), float(c.epsilon_high), _bound(c.delta, 1.0), _bound(c.dual_clip, 1.0),
+        float(c.sapo_tau_pos), float(c.sapo_tau_neg), _bound(c.log_ratio_min, -math.inf),
+        _bound(c.log_ratio_max, math.inf), float(c.beta), float(c.entropy_coef), _bound(c.rollout_threshold_low, 0.0),
+        float(c.rollout_threshold_high), float(clip_metric_low), float(clip_metric_high), float(c.credit_lambda),
+        log_w_low, log_w_high,
+        **kernel_constexprs(c, has_old=old_logprobs is not None, adv_per_token=advantages.ndim == 2,
+                            has_ref=ref_logprobs is not None, has_entropy=entropy is not None,
+                            has_rollout=rollout_logprobs is not None, block_t=block),
         num_warps=4,
     )
     return stats, grad_logp, (grad_ent if write_grad_entropy else None)

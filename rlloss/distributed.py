@@ -43,25 +43,23 @@ class VocabLayout(NamedTuple):
     largest: int
 
 
-def vocab_layout(rows: int, group, device: torch.device) -> VocabLayout:
+def vocab_layout(rows: int, group, device: torch.device, backend: str) -> VocabLayout:
     """The shards' layout from one all-gather of their sizes (p integers, one host sync): rank r of ``group``
-    holds the rows that follow those of ranks 0..r−1, so no rank can be given a wrong offset."""
-    world = dist.get_world_size(group)
-    sizes = torch.empty(world, dtype=torch.int64, device=device)
-    _all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
-    sizes = sizes.tolist()
-    rank = dist.get_rank(group)
-    return VocabLayout(sum(sizes[:rank]), rows, sum(sizes), max(sizes))
-
-
-def check_process_group(group, backend: str) -> None:
-    """Reject a process group on the reference backend (the naive oracle has no sharded form)."""
+    holds the rows that follow those of ranks 0..r−1, so no rank can be given a wrong offset. A process group
+    needs torch.distributed initialised and is rejected on the reference backend (the naive oracle has no
+    sharded form)."""
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group was given but torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first, or pass process_group=None")
     if is_reference(backend):
         raise ValueError("process_group (a vocabulary-sharded lm_head) is not supported on the reference backend; "
                          "use backend='torch' or 'triton'")
+    world = dist.get_world_size(group)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    _all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
+    sizes = sizes.tolist()
+    rank = dist.get_rank(group)
+    return VocabLayout(sum(sizes[:rank]), rows, sum(sizes), max(sizes))
 
 
 def local_targets(targets: Tensor, layout: VocabLayout, ignore_index: int) -> Tensor:
@@ -123,8 +121,7 @@ def vocab_parallel_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tenso
                             options: LinearOptions, group, check_range: bool) -> Tuple[Tensor, Tensor]:
     """(logprobs, entropy) [N] of ``token_logprobs(..., process_group=group)`` from hidden [N, D], this rank's
     weight rows and global targets [N]."""
-    check_process_group(group, options.backend)
-    layout = vocab_layout(weight.shape[0], group, hidden.device)
+    layout = vocab_layout(weight.shape[0], group, hidden.device, options.backend)
     if check_range:
         _checks.targets_in_range(targets, layout.vocab, options.ignore_index)
     shard = vocab_shard(group, layout)
@@ -137,46 +134,34 @@ class _VocabParallelFusedLoss(torch.autograd.Function):
     the statistics merged per chunk, so the one-pass losses stay one pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tokens, normaliser, config, needs, options, shard, group):
-        from .policy import fused_pass
+    def forward(ctx, hidden, weight, bias, targets, inputs, normaliser, config, needs, options, shard, group):
+        from .policy import fused_pass, save_fused
 
-        out = fused_pass(hidden, weight, bias, targets, *tokens, normaliser, config, needs, options, shard)
-        ctx.fused = any(out[k].shape != (0,) for k in (2, 3, 4))  # gradients formed in the pass (one pass)
-        if ctx.fused:
-            ctx.save_for_backward(*out[2:5])
-        else:
-            ctx.save_for_backward(hidden, weight, bias, targets, *out[5:10])
-            ctx.has_grad_ent = out[9].numel() > 0
-        ctx.needs, ctx.options, ctx.shard, ctx.group = needs, options, shard, group
+        out = fused_pass(hidden, weight, bias, targets, *inputs.values(), normaliser, config, needs, options, shard)
+        save_fused(ctx, (hidden, weight, bias, targets), out, needs)
+        ctx.options, ctx.shard, ctx.group = options, shard, group
         ctx.mark_non_differentiable(out[1])
-        ctx.set_materialize_grads(False)
         return out[0], out[1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, _):
-        rest = (None,) * 8
-        if g_loss is None or not any(ctx.needs):
-            return (None,) * 3 + rest
-        if ctx.fused:  # formed in the forward: scale, and sum dh over the ranks
-            grads = [g * g_loss.to(g.dtype) if n else None for g, n in zip(ctx.saved_tensors, ctx.needs)]
-            if grads[0] is not None:
-                dist.all_reduce(grads[0], group=ctx.group)
-            return (*grads, *rest)
-        grad, grad_ent = ctx.saved_tensors[7:]
-        g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
-        g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if ctx.has_grad_ent else None
-        return (*_recompute(ctx, g_logp, g_ent, ctx.needs), *rest)
+        from .policy import fused_grads
+
+        grads = fused_grads(ctx, g_loss, lambda g_logp, g_ent: _recompute(ctx, g_logp, g_ent, ctx.needs))
+        if ctx.fused and grads[0] is not None:  # formed in the forward: sum dh over the ranks
+            dist.all_reduce(grads[0], group=ctx.group)
+        return (*grads, *(None,) * 8)
 
 
 def vocab_parallel_fused_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                              tokens: tuple, normaliser: Tensor, config: str, needs: List[bool],
+                              inputs: dict, normaliser: Tensor, config: str, needs: List[bool],
                               options: LinearOptions, group, layout: VocabLayout) -> Tuple[Tensor, Tensor]:
     """(loss, packed metrics) of ``FusedPolicyLoss(..., process_group=group)``: hidden [N, D], this rank's weight
-    rows, global targets [N] (``options.ignore_index`` where not counted) and the [B, T] token inputs
-    (old, advantages, mask, ref, rollout, pos, neg logprobs, rollout weights, ε_lo, ε_hi) of ``fused_pass``."""
+    rows, global targets [N] (``options.ignore_index`` where not counted) and the checked [B, T] token inputs of
+    ``rlloss.policy._check_loss_inputs``."""
     ids = local_targets(targets, layout, options.ignore_index)
-    return _VocabParallelFusedLoss.apply(hidden, weight, bias, ids, tokens, normaliser, config, needs, options,
+    return _VocabParallelFusedLoss.apply(hidden, weight, bias, ids, inputs, normaliser, config, needs, options,
                                          vocab_shard(group, layout), group)
 
 

@@ -579,13 +579,9 @@ def _reject_dtensor(**tensors) -> None:
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, ignore_index, backend,
-                        max_scratch_bytes=None, batch_invariant=False,
-                        check_range: bool = True) -> LinearInputs:
-    """Check the arguments of :func:`token_logprobs` (host side, before any launch) and resolve the backend.
-
-    ``check_range=False`` skips the one check that reads device values (targets within [0, V)): no host
-    synchronisation, for ``check_inputs=False`` and for callers that check the targets themselves.
-    """
+                        max_scratch_bytes=None, batch_invariant=False) -> LinearInputs:
+    """Check the arguments of :func:`token_logprobs` on the host (no device value read: the callers check the
+    targets' range themselves, where they count) and resolve the backend."""
     hidden = _checks.tensor("hidden", hidden)
     weight = _checks.tensor("weight", weight)
     _reject_dtensor(hidden=hidden, weight=weight, bias=bias)
@@ -614,8 +610,6 @@ def check_linear_inputs(hidden, weight, targets, bias, *, temperature, softcap, 
             raise ValueError(f"bias must be [V] with V = {V}, got shape {tuple(bias.shape)}")
     options = check_options(temperature, softcap, ignore_index, name, max_scratch_bytes, batch_invariant,
                             hidden.device)
-    if check_range:
-        _checks.targets_in_range(targets, V, options.ignore_index)
     return LinearInputs(hidden, weight, targets, bias, options)
 
 
@@ -706,7 +700,7 @@ def token_logprobs(
     _checks.boolean("check_inputs", check_inputs)
     inputs = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=ignore_index, backend=backend, max_scratch_bytes=max_scratch_bytes,
-                                 batch_invariant=batch_invariant, check_range=False)
+                                 batch_invariant=batch_invariant)
     options = inputs.options
     if mask is not None:
         inputs = inputs._replace(targets=masked_targets(mask, inputs.targets, options.ignore_index, check_inputs))

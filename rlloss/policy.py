@@ -773,13 +773,6 @@ def _kernel_supports(config: LossConfig) -> bool:
             and config.loss_mode in KERNEL_LOSS_MODES and not config.selects)
 
 
-# The LossConfig fields kernels/policy.py's policy_loss_rows takes under their own names.
-_KERNEL_CONFIG_FIELDS = ("loss_mode", "importance_sampling_level", "epsilon_low", "epsilon_high", "delta", "dual_clip",
-                         "sapo_tau_pos", "sapo_tau_neg", "log_ratio_min", "log_ratio_max", "beta", "kl_estimator",
-                         "kl_ratio_weighted", "kl_clamp", "entropy_coef", "rollout_correction",
-                         "rollout_threshold_low", "rollout_threshold_high", "credit", "credit_lambda", "credit_eps_w")
-
-
 def policy_loss_and_grads(
     logprobs: Tensor,
     entropy: Optional[Tensor],
@@ -823,13 +816,9 @@ def policy_loss_and_grads(
                                             advantages, mask, ref_logprobs, rollout_logprobs, config, normaliser,
                                             pos_logprobs, neg_logprobs, rollout_weights, clip_range)
     else:
-        low, high = clip_metric_bounds(config)
         stats, grad, grad_ent = kernels("policy").policy_loss_rows(
-            logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy,
-            normaliser.reshape(-1)[:1], per_sequence_mean=config.aggregation == "seq_mean_token_mean",
-            clip_metric_low=low, clip_metric_high=high, write_grad_entropy=write_grad_entropy,
-            pos_logprobs=pos_logprobs, neg_logprobs=neg_logprobs,
-            **{field: getattr(config, field) for field in _KERNEL_CONFIG_FIELDS})
+            config, logprobs, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, entropy,
+            normaliser.reshape(-1)[:1], *clip_metric_bounds(config), pos_logprobs, neg_logprobs)
     names = metric_names(config, ref_logprobs is not None, entropy is not None, rollout_logprobs is not None)
     metrics = _metrics_from_stats(stats, names)
     loss = stats[:, _S["loss"]].sum()
@@ -905,6 +894,18 @@ _policy_loss_op.register_autograd(_policy_loss_backward, setup_context=_policy_l
 # --- public API ---------------------------------------------------------------------------------------
 
 
+def _optional_logprobs(name: str, x, shape, config: LossConfig, *needed_when: Tuple[str, str]) -> Optional[Tensor]:
+    """``x`` checked as [B, T] = ``shape`` floating like logprobs, or None, which is an error while a config field
+    of ``needed_when`` ((field, why) pairs) is set (neither None nor 0)."""
+    if x is not None:
+        return _checks.float_like(name, x, shape, "logprobs")
+    for field, why in needed_when:
+        value = getattr(config, field)
+        if value is not None and value != 0.0:
+            raise ValueError(f"{name} is required when config.{field} = {value!r}{why}, got None")
+    return None
+
+
 def _check_loss_inputs(shape, config: LossConfig, check_values: bool, old_logprobs, advantages, mask, ref_logprobs,
                        rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low, epsilon_high,
                        **others: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
@@ -915,26 +916,16 @@ def _check_loss_inputs(shape, config: LossConfig, check_values: bool, old_logpro
     ``rollout_weights`` are final weights: they exclude ``config.rollout_correction`` (which forms weights from
     ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
     B = shape[0]
-    if old_logprobs is not None:
-        old_logprobs = _checks.float_like("old_logprobs", old_logprobs, shape, "logprobs")
+    old_logprobs = _optional_logprobs("old_logprobs", old_logprobs, shape, config)
     advantages = _checks.tensor("advantages", advantages)
     _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
     if advantages.shape != (B,) and advantages.shape != shape:
         raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}")
     mask = _checks.mask(mask, shape, check_values)
-    if ref_logprobs is not None:
-        ref_logprobs = _checks.float_like("ref_logprobs", ref_logprobs, shape, "logprobs")
-    elif config.beta != 0.0:
-        raise ValueError(f"ref_logprobs is required when config.beta = {config.beta} ≠ 0, got None")
-    if rollout_logprobs is not None:
-        rollout_logprobs = _checks.float_like("rollout_logprobs", rollout_logprobs, shape, "logprobs")
-    elif config.rollout_correction is not None:
-        raise ValueError(
-            f"rollout_logprobs is required when config.rollout_correction = {config.rollout_correction!r}, got None"
-        )
+    ref_logprobs = _optional_logprobs("ref_logprobs", ref_logprobs, shape, config, ("beta", " ≠ 0"))
+    rollout_logprobs = _optional_logprobs("rollout_logprobs", rollout_logprobs, shape, config,
+                                          ("rollout_correction", ""), ("rollout_rs", ""))
     pos_logprobs, neg_logprobs = check_credit_inputs(shape, pos_logprobs, neg_logprobs, config)
-    if config.rollout_rs is not None and rollout_logprobs is None:
-        raise ValueError(f"rollout_logprobs is required when config.rollout_rs = {config.rollout_rs!r}, got None")
     if rollout_weights is not None:
         if config.rollout_correction is not None:
             raise ValueError(f"rollout_weights and config.rollout_correction = {config.rollout_correction!r} were "
@@ -1101,13 +1092,8 @@ def policy_loss(
     logprobs = _checks.tensor("logprobs", logprobs)
     _checks.ndim("logprobs", logprobs, 2, "[B, T]")
     shape = logprobs.shape
-    if entropy is not None:
-        entropy = _checks.float_like("entropy", entropy, shape, "logprobs")
-    elif config.entropy_coef != 0.0:
-        raise ValueError(f"entropy is required when config.entropy_coef = {config.entropy_coef} ≠ 0, got None")
-    elif config.token_select is not None:
-        raise ValueError(f"entropy is required when config.token_select = {config.token_select!r} (its score "
-                         "needs H), got None")
+    entropy = _optional_logprobs("entropy", entropy, shape, config, ("entropy_coef", " ≠ 0"),
+                                 ("token_select", " (its score needs H)"))
     inputs = _check_loss_inputs(shape, config, check_inputs, old_logprobs, advantages, mask, ref_logprobs,
                                 rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low,
                                 epsilon_high, logprobs=logprobs, entropy=entropy)
@@ -1229,33 +1215,45 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprob
     return _fused_outputs(hidden, loss, packed, recompute=(*stats, hidden.new_empty(mask.shape, dtype=cd), grad_ent))
 
 
-def _fused_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.options = inputs[17:]
-    ctx.needs = inputs[16]
-    ctx.fused = output[2].shape != (0,) or output[3].shape != (0,) or output[4].shape != (0,)
+def save_fused(ctx, linear: tuple, output: tuple, needs) -> None:
+    """Save for :func:`fused_grads` from the outputs of :func:`fused_pass`: the gradients of one pass, or
+    ``linear`` (hidden, weight, bias, targets), the statistics and the loss gradients for the recompute."""
+    ctx.needs = needs
+    ctx.fused = any(output[k].shape != (0,) for k in (2, 3, 4))  # gradients formed in the pass (one pass)
     ctx.has_grad_ent = output[9].numel() > 0
     if ctx.fused:
         ctx.save_for_backward(*output[2:5])
     else:
-        ctx.save_for_backward(*inputs[:4], *output[5:10])  # hidden, weight, bias, targets
+        ctx.save_for_backward(*linear, *output[5:10])
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, g_loss, *_):
-    none = (None,) * 19
+def fused_grads(ctx, g_loss, recompute) -> tuple:
+    """(dh, dW, db) of the fused loss for the upstream ``g_loss``: the one-pass gradients scaled, or
+    ``recompute(g_logp [N], g_ent [N] or None)`` from what :func:`save_fused` saved."""
     if g_loss is None or not any(ctx.needs):
-        return (None,) * 4 + none
+        return (None,) * 3
     if ctx.fused:
-        grads = tuple(g * g_loss.to(g.dtype) if n else None for g, n in zip(ctx.saved_tensors, ctx.needs))
-        return (*grads, None) + none
-    hidden, weight, bias, targets, shift, total, ratio, grad, grad_ent = ctx.saved_tensors
+        return tuple(g * g_loss.to(g.dtype) if n else None for g, n in zip(ctx.saved_tensors, ctx.needs))
+    grad, grad_ent = ctx.saved_tensors[7:]
     g_logp = (grad * g_loss.to(grad.dtype)).reshape(-1)
     g_ent = (grad_ent * g_loss.to(grad_ent.dtype)).reshape(-1) if ctx.has_grad_ent else None
-    needs = [bool(n) for n in ctx.needs]
-    grads = torch.ops.rlloss.token_logprobs_backward(g_logp, g_ent, hidden, weight, bias, targets, shift, total,
-                                                     ratio, needs, *ctx.options)
-    return (*(g if n else None for g, n in zip(grads, needs)), None) + none
+    return recompute(g_logp, g_ent)
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.options = inputs[17:]
+    save_fused(ctx, inputs[:4], output, inputs[16])
+
+
+def _fused_backward(ctx, g_loss, *_):
+    def recompute(g_logp, g_ent):
+        needs = [bool(n) for n in ctx.needs]
+        grads = torch.ops.rlloss.token_logprobs_backward(g_logp, g_ent, *ctx.saved_tensors[:7], needs, *ctx.options)
+        return tuple(g if n else None for g, n in zip(grads, needs))
+
+    return (*fused_grads(ctx, g_loss, recompute), None) + (None,) * 19
 
 
 _fused_policy_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -1359,13 +1357,12 @@ def fused_policy_loss(
     mask = inputs["mask"]
     linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                  ignore_index=_NOT_COUNTED, backend=backend, max_scratch_bytes=max_scratch_bytes,
-                                 batch_invariant=batch_invariant, check_range=False)
+                                 batch_invariant=batch_invariant)
     V = linear.weight.shape[0]
     if process_group is not None:
         from . import distributed
 
-        distributed.check_process_group(process_group, linear.options.backend)
-        layout = distributed.vocab_layout(V, process_group, hidden.device)
+        layout = distributed.vocab_layout(V, process_group, hidden.device, linear.options.backend)
         V = layout.vocab
     if check:  # targets where they count (one host sync)
         _checks.targets_in_range(torch.where(mask, linear.targets, 0), V, ignore_index=None)
@@ -1388,9 +1385,9 @@ def fused_policy_loss(
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad
              for t in (linear.hidden, linear.weight, linear.bias)]
     if process_group is not None:
-        loss, packed = distributed.vocab_parallel_fused_loss(hidden_rows, weight, bias, flat_targets,
-                                                             tuple(inputs.values()), normaliser, config.key,
-                                                             needs, options, process_group, layout)
+        loss, packed = distributed.vocab_parallel_fused_loss(hidden_rows, weight, bias, flat_targets, inputs,
+                                                             normaliser, config.key, needs, options, process_group,
+                                                             layout)
     else:
         loss, packed, *_ = _fused_policy_loss_op(hidden_rows, weight, bias, flat_targets, *inputs.values(),
                                                  normaliser, config.key, needs, *options)

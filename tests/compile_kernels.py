@@ -41,6 +41,7 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -197,21 +198,24 @@ def logprobs_cases() -> List[Case]:
 def policy_cases() -> List[Case]:
     """A covering set: every loss mode, IS level, KL estimator (with and without verl's clamp and ratio
     weighting), credit mode and rollout correction appears at least once, with the block sizes' extremes. Each
-    variant is the launcher's options (kernels.policy.kernel_constexprs maps them to constexprs, as it does for
-    policy_loss_rows), the log-prob dtype and the block size; kl=None: no reference log-probs."""
+    variant is the launcher's config fields and given inputs (kernels.policy.kernel_constexprs maps them to
+    constexprs, as it does for policy_loss_rows), the log-prob dtype and the block size; kl=None: no reference
+    log-probs."""
     P = pol_k
-    off = dict(credit=None, rollout_correction=None, per_sequence_mean=False, adv_per_token=False, has_old=True,
-               has_delta=False, has_dual=False, has_entropy=False, kl_ratio_weighted=False, kl_clamp=False)
+    seq_mean = "seq_mean_token_mean"
+    off = dict(credit=None, rollout_correction=None, aggregation="token_mean", adv_per_token=False, has_old=True,
+               delta=None, dual_clip=None, has_entropy=False, entropy_coef=0.01, kl_ratio_weighted=False,
+               kl_clamp=False)
     variants = [
-        dict(off, loss_mode="ppo_clip", importance_sampling_level="token", kl="k1", has_delta=True, has_dual=True,
+        dict(off, loss_mode="ppo_clip", importance_sampling_level="token", kl="k1", delta=3.0, dual_clip=3.0,
              has_entropy=True, block_t=P.MAX_BLOCK_T, dt="fp32"),
         dict(off, loss_mode="ppo_clip", importance_sampling_level="sequence", kl="k3", credit="cepo",
-             rollout_correction="sequence_truncate", per_sequence_mean=True, adv_per_token=True,
+             rollout_correction="sequence_truncate", aggregation=seq_mean, adv_per_token=True,
              kl_ratio_weighted=True, kl_clamp=True, block_t=P.MIN_BLOCK_T, dt="bf16"),
         dict(off, loss_mode="cispo_trl", importance_sampling_level="sequence_token", kl="k2", credit="rlsd",
              rollout_correction="token_mask", has_entropy=True, block_t=256, dt="fp32"),
         dict(off, loss_mode="cispo_verl", importance_sampling_level="token", kl="abs",
-             rollout_correction="token_truncate", per_sequence_mean=True, adv_per_token=True, has_delta=True,
+             rollout_correction="token_truncate", aggregation=seq_mean, adv_per_token=True, delta=3.0,
              kl_ratio_weighted=True, block_t=P.MAX_BLOCK_T, dt="bf16"),
         dict(off, loss_mode="gpg", importance_sampling_level="token", kl="k3+", credit="rlsd", has_old=False,
              has_entropy=True, kl_clamp=True, block_t=64, dt="fp32"),
@@ -220,8 +224,8 @@ def policy_cases() -> List[Case]:
         dict(off, loss_mode="sapo", importance_sampling_level="token", kl=None, credit="cepo", block_t=P.MAX_BLOCK_T,
              dt="fp16"),
         dict(off, loss_mode="ppo_clip", importance_sampling_level="sequence_token", kl="k3+",
-             rollout_correction="token_mask", per_sequence_mean=True, adv_per_token=True, has_delta=True,
-             has_dual=True, has_entropy=True, kl_ratio_weighted=True, block_t=128, dt="fp32"),
+             rollout_correction="token_mask", aggregation=seq_mean, adv_per_token=True, delta=3.0,
+             dual_clip=3.0, has_entropy=True, kl_ratio_weighted=True, block_t=128, dt="fp32"),
     ]
     covered = {k: {v[k] for v in variants} for k in ("loss_mode", "importance_sampling_level", "kl", "credit")}
     assert covered["loss_mode"] >= set(tables.KERNEL_LOSS_MODES)
@@ -231,13 +235,14 @@ def policy_cases() -> List[Case]:
     for v in variants:
         v = dict(v)
         dt, kl = v.pop("dt"), v.pop("kl")
-        const = P.kernel_constexprs(kl_estimator=kl or "k3", has_ref=kl is not None, has_rollout=v[
-            "rollout_correction"] is not None, write_grad_entropy=v["has_entropy"], **v)
+        given = {k: v.pop(k) for k in ("has_old", "adv_per_token", "has_entropy", "block_t")}
+        const = P.kernel_constexprs(SimpleNamespace(kl_estimator=kl or "k3", **v), has_ref=kl is not None,
+                                    has_rollout=v["rollout_correction"] is not None, **given)
         name = (f"policy[{v['loss_mode']},{v['importance_sampling_level']},kl={kl},credit={v['credit']},"
-                f"rollout={v['rollout_correction']},{dt},BLOCK_T={v['block_t']}]")
+                f"rollout={v['rollout_correction']},{dt},BLOCK_T={given['block_t']}]")
         # A [B] advantage vector is contiguous: Triton specialises its stride of 1 into a constexpr.
         args = {"adv_ptr": "fp32", "live_ptr": "u8", "grad_*_ptr": "fp32", "stats_ptr": "fp32", "norm_ptr": "fp32",
-                "*_ptr": dt, "stride_adv": INT if v["adv_per_token"] else 1}
+                "*_ptr": dt, "stride_adv": INT if given["adv_per_token"] else 1}
         cases.append(make_case(name, P._policy_loss_kernel, args=args, const=const))
     return cases
 
