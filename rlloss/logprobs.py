@@ -511,10 +511,8 @@ class _LogitsLogprobs(torch.autograd.Function):
 def _check_targets(targets: object, lead_shape: torch.Size, lead_name: str) -> Tensor:
     targets = _checks.tensor("targets", targets)
     if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64 token ids, got {str(targets.dtype).replace('torch.', '')}")
-    if targets.shape != lead_shape:
-        raise ValueError(f"targets must have {lead_name}'s leading shape {tuple(lead_shape)}, "
-                         f"got {tuple(targets.shape)}")
+        raise TypeError(f"targets must be int64 token ids, got {_checks.dtype_name(targets.dtype)}")
+    _checks.same_shape("targets", targets, lead_shape, f"{lead_name}'s leading")
     return targets
 
 
@@ -523,8 +521,7 @@ def masked_targets(mask: object, targets: Tensor, ignore_index: int, check_value
     give 0 and exactly zero gradient on every backend, as ignored ones do (one host read for a non-bool mask
     when ``check_values``)."""
     mask = _checks.tensor("mask", mask)
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask must have targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    _checks.same_shape("mask", mask, targets.shape, "targets'")
     _checks.same_device(targets=targets, mask=mask)
     return targets.masked_fill(~_checks.mask(mask, targets.shape, check_values), ignore_index)
 

@@ -25,9 +25,6 @@ from .kernels.tables import (KERNEL_KL_ESTIMATORS, KERNEL_LOSS_MODES, STAT_NAMES
 from .logprobs import (EMPTY, LinearOptions, VocabShard, compute_dtype, check_linear_inputs, check_options,
                        prepare_linear, run_pass)
 
-# Target id given to the tokens outside the mask inside fused_policy_loss (never a vocabulary row).
-_NOT_COUNTED = -100
-
 __all__ = ["FusedPolicyLoss", "PolicyLossOutput", "fused_policy_loss", "policy_loss", "policy_loss_and_grads",
            "aggregation_normaliser", "metric_names", "check_credit_inputs", "check_clip_range"]
 
@@ -88,11 +85,8 @@ def _positive_count(name: str, value, device: torch.device, check_values: bool =
         if check_values and not bool(torch.isfinite(count) & (count > 0)):  # one host sync
             raise ValueError(f"{name} must be a finite number > 0, got {count.item()}")
         return count
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+    value = _checks.positive_finite(name, value, "an int or a 0-d tensor")
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def _term_normaliser(agg: str, config: LossConfig, live: Tensor, num_items_in_batch, num_sequences_in_batch,
@@ -917,10 +911,7 @@ def _check_loss_inputs(shape, config: LossConfig, check_values: bool, old_logpro
     ``rollout_logprobs``); ``config.rollout_rs`` needs ``rollout_logprobs``."""
     B = shape[0]
     old_logprobs = _optional_logprobs("old_logprobs", old_logprobs, shape, config)
-    advantages = _checks.tensor("advantages", advantages)
-    _checks.dtype_in("advantages", advantages, _checks.FLOAT_DTYPES)
-    if advantages.shape != (B,) and advantages.shape != shape:
-        raise ValueError(f"advantages must be [B] = ({B},) or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}")
+    advantages = _checks.advantages(advantages, shape)
     mask = _checks.mask(mask, shape, check_values)
     ref_logprobs = _optional_logprobs("ref_logprobs", ref_logprobs, shape, config, ("beta", " ≠ 0"))
     rollout_logprobs = _optional_logprobs("rollout_logprobs", rollout_logprobs, shape, config,
@@ -1086,8 +1077,7 @@ def policy_loss(
             neg_logprobs the config needs (or teacher log-probs given without ``config.credit``), a non-0/1
             mask, non-positive global counts, tensors on different devices, an unusable backend.
     """
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+    _checks.instance("config", config, LossConfig, "a rlloss.LossConfig")
     _checks.boolean("check_inputs", check_inputs)
     logprobs = _checks.tensor("logprobs", logprobs)
     _checks.ndim("logprobs", logprobs, 2, "[B, T]")
@@ -1337,15 +1327,13 @@ def fused_policy_loss(
         ...                         completion_mask, config=LossConfig.preset("dapo"))
         >>> out.loss.backward()
     """
-    if not isinstance(config, LossConfig):
-        raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
+    _checks.instance("config", config, LossConfig, "a rlloss.LossConfig")
     check = _checks.boolean("check_inputs", check_inputs)
     hidden = _checks.tensor("hidden", hidden)
     _checks.ndim("hidden", hidden, 3, "[B, T, D]")
     targets = _checks.tensor("targets", targets)
     shape = hidden.shape[:2]
-    if targets.shape != shape:
-        raise ValueError(f"targets must be [B, T] = {tuple(shape)}, got {tuple(targets.shape)}")
+    _checks.shape("targets", targets, shape, "[B, T]")
     inputs = _check_loss_inputs(shape, config, check, old_logprobs, advantages, mask, ref_logprobs,
                                 rollout_logprobs, pos_logprobs, neg_logprobs, rollout_weights, epsilon_low,
                                 epsilon_high, hidden=hidden, targets=targets)
@@ -1356,7 +1344,7 @@ def fused_policy_loss(
                          "policy_loss, or pass old_logprobs")
     mask = inputs["mask"]
     linear = check_linear_inputs(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
-                                 ignore_index=_NOT_COUNTED, backend=backend, max_scratch_bytes=max_scratch_bytes,
+                                 ignore_index=_checks.IGNORE_INDEX, backend=backend, max_scratch_bytes=max_scratch_bytes,
                                  batch_invariant=batch_invariant)
     V = linear.weight.shape[0]
     if process_group is not None:
@@ -1367,14 +1355,14 @@ def fused_policy_loss(
     if check:  # targets where they count (one host sync)
         _checks.targets_in_range(torch.where(mask, linear.targets, 0), V, ignore_index=None)
     # Positions outside the mask become ignored tokens: their hidden rows are never read.
-    kernel_targets = torch.where(mask, linear.targets, _NOT_COUNTED)
+    kernel_targets = torch.where(mask, linear.targets, _checks.IGNORE_INDEX)
     linear = linear._replace(targets=kernel_targets)
     options = linear.options
 
     if is_reference(options.backend):
         logprobs, entropy = reference.token_logprobs(
             linear.hidden, linear.weight, kernel_targets, bias=linear.bias, temperature=options.temperature,
-            softcap=options.softcap, ignore_index=_NOT_COUNTED,
+            softcap=options.softcap, ignore_index=_checks.IGNORE_INDEX,
         )
         return _reference_policy_loss(logprobs, entropy, inputs, config, num_items_in_batch, num_sequences_in_batch)
 
@@ -1425,9 +1413,8 @@ class FusedPolicyLoss(torch.nn.Module):
                  max_scratch_bytes: Optional[int] = None, batch_invariant: bool = False,
                  check_inputs: bool = True, backend: Optional[str] = None, process_group=None):
         super().__init__()
-        if not isinstance(config, LossConfig):
-            raise TypeError(f"config must be a rlloss.LossConfig, got {type(config).__name__}")
-        options = check_options(temperature, softcap, _NOT_COUNTED, TORCH, max_scratch_bytes, batch_invariant)
+        _checks.instance("config", config, LossConfig, "a rlloss.LossConfig")
+        options = check_options(temperature, softcap, _checks.IGNORE_INDEX, TORCH, max_scratch_bytes, batch_invariant)
         check_name(backend)
         _checks.boolean("check_inputs", check_inputs)
         self.config = config
