@@ -14,6 +14,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IGNORE_INDEX = -100
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics, losses and accumulators use for inputs of ``dtype``: float64 or float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

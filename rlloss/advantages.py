@@ -482,7 +482,7 @@ def group_advantages(
     baselines = _check_baselines(baselines, mode, rewards, check_inputs)
     name = resolve_backend(backend, rewards.device)
     impl = _backend.implementation(_IMPLEMENTATIONS, name)
-    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    out_dtype = _checks.compute_dtype(rewards.dtype)
 
     if rewards.shape[0] == 0:
         return torch.empty((0,), dtype=out_dtype, device=rewards.device)

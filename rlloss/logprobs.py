@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks
+from ._checks import compute_dtype
 from ._backend import accepted_dtypes, implementation, kernels, resolve_backend, uses_kernels
 from . import reference
 
@@ -117,11 +118,6 @@ class LinearOptions(NamedTuple):
     backend: str
     max_scratch_bytes: int = DEFAULT_MAX_SCRATCH_BYTES
     batch_invariant: bool = False
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics, losses and accumulators use for inputs of ``dtype``: float64 or float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _scratch_bytes_per_logit(dtype: torch.dtype, backend: str) -> int:

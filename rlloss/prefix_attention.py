@@ -468,7 +468,7 @@ def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, plan: dict, scale: float
     ([n, Hkv, group·block, d]), so K/V are gathered once per kv head, never repeated per q head. One gather
     of K, V and of the query blocks for all buckets: autograd sums a prompt key's gradient over every block
     that gathered it in one index_put with accumulation (deterministic)."""
-    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cd = _checks.compute_dtype(q.dtype)
     T, Hq, d = q.shape
     Hkv = k.shape[1]
     group, block = Hq // Hkv, plan["block"]
